@@ -1,0 +1,122 @@
+"""Entry point: ``python -m mlxd_worker --transport shm --segment NAME``.
+
+Lifeline: the worker exits when its stdin reaches EOF, so a dead daemon never
+leaves it orphaned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+from . import frames
+from .engine import Engine
+from .stats import blas_library, rss_bytes
+from .transport import ShmTransport, StdioTransport, Transport
+
+log = logging.getLogger("mlxd_worker")
+
+
+def _private_stdout() -> int:
+    """Keep the real stdout for the protocol and point fd 1 at stderr, so a stray
+    print() from any library can never corrupt a frame."""
+    out = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def _stats_loop(engine: Engine, transport: Transport) -> None:
+    import mlx.core as mx
+
+    while True:
+        time.sleep(1.0)
+        c = engine.counters
+        with c.lock:
+            counts = {
+                "active_sequences": c.active,
+                "queued_sequences": c.queued,
+                "completed_total": c.completed,
+                "cancelled_total": c.cancelled,
+            }
+        transport.send(
+            frames.STATS,
+            frames.json_payload(
+                {
+                    "active_memory": mx.get_active_memory(),
+                    "peak_memory": mx.get_peak_memory(),
+                    "cache_memory": mx.get_cache_memory(),
+                    "rss": rss_bytes(),
+                    **counts,
+                }
+            ),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mlxd_worker")
+    ap.add_argument("--transport", choices=["shm", "stdio"], default="stdio")
+    ap.add_argument("--segment", help="shared-memory segment name (shm transport)")
+    ap.add_argument("--engine", choices=["mlx"], default="mlx")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("MLXD_WORKER_LOG", "INFO"),
+        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    out_fd = _private_stdout()
+    transport: Transport
+    if args.transport == "shm":
+        transport = ShmTransport(args.segment, 0, out_fd)
+    else:
+        transport = StdioTransport(0, out_fd)
+
+    import mlx.core as mx
+
+    transport.send(
+        frames.HELLO,
+        frames.json_payload(
+            {
+                "protocol_version": frames.PROTOCOL_VERSION,
+                "pid": os.getpid(),
+                "engine": args.engine,
+                "device": "gpu" if mx.default_device() == mx.gpu else "cpu",
+                "blas": blas_library(),
+                "native_protocol": transport.native,
+            }
+        ),
+    )
+    engine = Engine(transport)
+    engine_thread = threading.Thread(target=engine.run, name="engine", daemon=True)
+    engine_thread.start()
+    threading.Thread(target=_stats_loop, args=(engine, transport), name="stats", daemon=True).start()
+
+    while True:
+        frame = transport.recv()
+        if frame is None:
+            log.info("stdin closed: the daemon is gone, exiting")
+            break
+        kind, _flags, payload = frame
+        if kind == frames.CANCEL:
+            engine.cancel(frames.decode_cancel(payload))
+        elif kind in (frames.LOAD, frames.GENERATE):
+            engine.submit(kind, payload)
+        elif kind == frames.SHUTDOWN:
+            log.info("shutdown requested")
+            break
+        else:
+            log.warning("ignoring frame kind %d: %s", kind, json.dumps(payload[:64].hex()))
+        if not engine_thread.is_alive():
+            log.error("engine thread died (model failed to load)")
+            return 1
+    # Exit without joining the engine: MLX work in flight is abandoned on purpose.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

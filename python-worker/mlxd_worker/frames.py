@@ -1,0 +1,111 @@
+"""Pure-Python codec of the worker protocol's frames, for the stdio transport.
+
+The Rust crate ``worker-protocol`` is the one definition; ``tests/test_drift.py``
+compares these constants with the extension module's and prints a fix on mismatch.
+Wire layout: ``[len u32][kind u16][flags u16][payload]``, little-endian.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Iterable
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<IHH")
+MAX_FRAME = 64 << 20
+
+PADDING = 0
+HELLO = 1
+LOAD = 2
+READY = 3
+GENERATE = 4
+CANCEL = 5
+TOKEN_BATCH = 6
+DONE = 7
+ERROR = 8
+STATS = 9
+SHUTDOWN = 10
+
+KINDS: dict[str, int] = {
+    "PADDING": PADDING,
+    "HELLO": HELLO,
+    "LOAD": LOAD,
+    "READY": READY,
+    "GENERATE": GENERATE,
+    "CANCEL": CANCEL,
+    "TOKEN_BATCH": TOKEN_BATCH,
+    "DONE": DONE,
+    "ERROR": ERROR,
+    "STATS": STATS,
+    "SHUTDOWN": SHUTDOWN,
+}
+
+_ENTRY = struct.Struct("<QII")
+
+
+def encode(kind: int, payload: bytes, flags: int = 0) -> bytes:
+    """Header + payload, as written on the stdio transport."""
+    return HEADER.pack(len(payload), kind, flags) + payload
+
+
+def json_payload(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def encode_token_batch(entries: Iterable[tuple[int, int, str]]) -> bytes:
+    """TokenBatch payload: [count u32][reserved u32] then [id u64][token u32][len u32][text]."""
+    parts = [b""]
+    count = 0
+    for rid, token, text in entries:
+        raw = text.encode()
+        parts.append(_ENTRY.pack(rid, token, len(raw)))
+        parts.append(raw)
+        count += 1
+    parts[0] = struct.pack("<II", count, 0)
+    return b"".join(parts)
+
+
+def decode_token_batch(payload: bytes) -> list[tuple[int, int, str]]:
+    (count,) = struct.unpack_from("<I", payload, 0)
+    at = 8
+    out = []
+    for _ in range(count):
+        rid, token, n = _ENTRY.unpack_from(payload, at)
+        at += _ENTRY.size
+        if at + n > len(payload):
+            raise ValueError("truncated TokenBatch text")
+        out.append((rid, token, payload[at : at + n].decode()))
+        at += n
+    return out
+
+
+def decode_cancel(payload: bytes) -> int:
+    (rid,) = struct.unpack_from("<Q", payload, 0)
+    return rid
+
+
+class StdioDecoder:
+    """Incremental decoder: feed bytes, take whole frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_frame(self) -> tuple[int, int, bytes] | None:
+        if len(self._buf) < HEADER.size:
+            return None
+        length, kind, flags = HEADER.unpack_from(self._buf, 0)
+        if length > MAX_FRAME:
+            raise ValueError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+        end = HEADER.size + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[HEADER.size : end])
+        del self._buf[:end]
+        return kind, flags, payload
+
+    def pending(self) -> int:
+        return len(self._buf)

@@ -1,0 +1,514 @@
+//! The frames the daemon and a worker exchange: ONE definition, used by the shm
+//! ring, the stdio codec and (through the extension module) the Python worker.
+//!
+//! Wire layout of every frame: `[len u32][kind u16][flags u16][payload; len]`,
+//! little-endian. In the shm ring each frame is padded to 8 bytes; on stdio it is not.
+//! Hot frames (TokenBatch, Cancel) have fixed binary layouts; cold frames carry JSON
+//! whose field names follow mlx-lm (`finish_reason`, `prompt_tps`, ...).
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change; the Hello frame carries it and the daemon
+/// refuses a worker that speaks another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 8;
+
+/// Frame kinds. `Padding` only ever appears inside the shm ring (it fills the tail
+/// end of the data area so that no frame straddles the wrap point).
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Padding = 0,
+    Hello = 1,
+    Load = 2,
+    Ready = 3,
+    Generate = 4,
+    Cancel = 5,
+    TokenBatch = 6,
+    Done = 7,
+    Error = 8,
+    Stats = 9,
+    Shutdown = 10,
+}
+
+impl Kind {
+    /// Every kind, for drift checks against the pure-Python codec.
+    pub const ALL: [Kind; 11] = [
+        Kind::Padding,
+        Kind::Hello,
+        Kind::Load,
+        Kind::Ready,
+        Kind::Generate,
+        Kind::Cancel,
+        Kind::TokenBatch,
+        Kind::Done,
+        Kind::Error,
+        Kind::Stats,
+        Kind::Shutdown,
+    ];
+
+    pub fn from_u16(v: u16) -> Option<Kind> {
+        Kind::ALL.get(v as usize).copied()
+    }
+
+    /// The name the Python side uses for this kind (`frames.py` constants).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Padding => "PADDING",
+            Kind::Hello => "HELLO",
+            Kind::Load => "LOAD",
+            Kind::Ready => "READY",
+            Kind::Generate => "GENERATE",
+            Kind::Cancel => "CANCEL",
+            Kind::TokenBatch => "TOKEN_BATCH",
+            Kind::Done => "DONE",
+            Kind::Error => "ERROR",
+            Kind::Stats => "STATS",
+            Kind::Shutdown => "SHUTDOWN",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    #[error("truncated {kind:?} frame: {detail}")]
+    Truncated { kind: Kind, detail: &'static str },
+    #[error("invalid JSON in {kind:?} frame: {message}")]
+    Json { kind: Kind, message: String },
+    #[error("token text is not UTF-8 in TokenBatch for request {0}")]
+    Utf8(u64),
+    #[error("frame kind {0:?} is not valid here")]
+    Unexpected(Kind),
+}
+
+/// Worker → daemon, first frame: who is speaking.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub pid: u32,
+    /// "mlx" or "replay".
+    pub engine: String,
+    /// Where MLX runs: "cpu" or "gpu".
+    #[serde(default)]
+    pub device: String,
+    /// The BLAS library the worker process has loaded (Linux CPU), if known.
+    #[serde(default)]
+    pub blas: Option<String>,
+    /// Whether the worker uses the Rust extension module (false: pure-Python stdio).
+    #[serde(default)]
+    pub native_protocol: bool,
+}
+
+/// Daemon → worker: load this model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    pub model_path: String,
+    /// The name clients use, for the worker's logs.
+    pub model_name: String,
+    /// Engine options from the preset, passed through (e.g. replay text).
+    #[serde(default)]
+    pub options: serde_json::Value,
+}
+
+/// Worker → daemon: the model is loaded and warmed up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ready {
+    pub load_seconds: f64,
+    #[serde(default)]
+    pub context_length: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Daemon → worker: start generating for request `id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Generate {
+    pub id: u64,
+    /// Chat messages (the worker applies the model's chat template) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// ... or a raw prompt (completions API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// One token of one sequence inside a TokenBatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub id: u64,
+    pub token: u32,
+    /// The text this token completes (may be empty while the detokenizer waits
+    /// for the rest of a multi-byte character or a possible stop string).
+    pub text: String,
+}
+
+/// Worker → daemon: one step's tokens for every sequence that advanced.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenBatch {
+    pub entries: Vec<TokenEntry>,
+}
+
+/// Worker → daemon: request `id` is finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    pub id: u64,
+    /// "stop", "length" or "cancelled".
+    pub finish_reason: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    #[serde(default)]
+    pub prompt_tps: f64,
+    #[serde(default)]
+    pub generation_tps: f64,
+}
+
+/// Worker → daemon: something failed, for one request (`id`) or the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    #[serde(default)]
+    pub id: Option<u64>,
+    pub message: String,
+    /// "invalid_request" (the client's fault) or "worker" (ours).
+    #[serde(default = "worker_code")]
+    pub code: String,
+}
+
+fn worker_code() -> String {
+    "worker".to_string()
+}
+
+/// Worker → daemon, every second: memory and load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Stats {
+    #[serde(default)]
+    pub active_memory: u64,
+    #[serde(default)]
+    pub peak_memory: u64,
+    #[serde(default)]
+    pub cache_memory: u64,
+    #[serde(default)]
+    pub rss: u64,
+    /// Sequences generating right now.
+    #[serde(default)]
+    pub active_sequences: u32,
+    /// Generate frames received but not yet started.
+    #[serde(default)]
+    pub queued_sequences: u32,
+    #[serde(default)]
+    pub completed_total: u64,
+    #[serde(default)]
+    pub cancelled_total: u64,
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Hello(Hello),
+    Load(Load),
+    Ready(Ready),
+    Generate(Generate),
+    Cancel { id: u64 },
+    TokenBatch(TokenBatch),
+    Done(Done),
+    Error(ErrorFrame),
+    Stats(Stats),
+    Shutdown,
+}
+
+impl Frame {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Frame::Hello(_) => Kind::Hello,
+            Frame::Load(_) => Kind::Load,
+            Frame::Ready(_) => Kind::Ready,
+            Frame::Generate(_) => Kind::Generate,
+            Frame::Cancel { .. } => Kind::Cancel,
+            Frame::TokenBatch(_) => Kind::TokenBatch,
+            Frame::Done(_) => Kind::Done,
+            Frame::Error(_) => Kind::Error,
+            Frame::Stats(_) => Kind::Stats,
+            Frame::Shutdown => Kind::Shutdown,
+        }
+    }
+
+    /// Appends this frame's payload (not the header) to `out`.
+    pub fn encode_payload(&self, out: &mut Vec<u8>) {
+        // serde_json cannot fail on these plain structs (string keys, no maps with
+        // non-string keys), so the expects below document an invariant.
+        let json = |out: &mut Vec<u8>, v: &dyn erased::Json| v.write(out);
+        match self {
+            Frame::Hello(v) => json(out, v),
+            Frame::Load(v) => json(out, v),
+            Frame::Ready(v) => json(out, v),
+            Frame::Generate(v) => json(out, v),
+            Frame::Done(v) => json(out, v),
+            Frame::Error(v) => json(out, v),
+            Frame::Stats(v) => json(out, v),
+            Frame::Cancel { id } => out.extend_from_slice(&id.to_le_bytes()),
+            Frame::TokenBatch(b) => encode_token_batch(b.entries.iter(), out),
+            Frame::Shutdown => {}
+        }
+    }
+
+    /// Header + payload, as written on the stdio transport.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; HEADER_LEN];
+        self.encode_payload(&mut out);
+        let len = (out.len() - HEADER_LEN) as u32;
+        write_header(&mut out[..HEADER_LEN], len, self.kind() as u16, 0);
+        out
+    }
+
+    pub fn decode(kind: u16, _flags: u16, payload: &[u8]) -> Result<Frame, FrameError> {
+        let kind = Kind::from_u16(kind).ok_or(FrameError::UnknownKind(kind))?;
+        fn json<T: for<'a> Deserialize<'a>>(kind: Kind, p: &[u8]) -> Result<T, FrameError> {
+            serde_json::from_slice(p).map_err(|e| FrameError::Json {
+                kind,
+                message: e.to_string(),
+            })
+        }
+        Ok(match kind {
+            Kind::Hello => Frame::Hello(json(kind, payload)?),
+            Kind::Load => Frame::Load(json(kind, payload)?),
+            Kind::Ready => Frame::Ready(json(kind, payload)?),
+            Kind::Generate => Frame::Generate(json(kind, payload)?),
+            Kind::Done => Frame::Done(json(kind, payload)?),
+            Kind::Error => Frame::Error(json(kind, payload)?),
+            Kind::Stats => Frame::Stats(json(kind, payload)?),
+            Kind::Cancel => {
+                let id = payload
+                    .get(..8)
+                    .ok_or(FrameError::Truncated {
+                        kind,
+                        detail: "cancel id",
+                    })?
+                    .try_into()
+                    .map(u64::from_le_bytes)
+                    .expect("slice of 8");
+                Frame::Cancel { id }
+            }
+            Kind::TokenBatch => Frame::TokenBatch(decode_token_batch(payload)?),
+            Kind::Shutdown => Frame::Shutdown,
+            Kind::Padding => return Err(FrameError::Unexpected(kind)),
+        })
+    }
+}
+
+mod erased {
+    /// Object-safe "serialize as JSON into a Vec" so `encode_payload` has one arm shape.
+    pub trait Json {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            serde_json::to_writer(out, self).expect("plain structs always serialize");
+        }
+    }
+}
+
+/// Writes the 8-byte frame header.
+pub fn write_header(dst: &mut [u8], len: u32, kind: u16, flags: u16) {
+    dst[0..4].copy_from_slice(&len.to_le_bytes());
+    dst[4..6].copy_from_slice(&kind.to_le_bytes());
+    dst[6..8].copy_from_slice(&flags.to_le_bytes());
+}
+
+/// Reads an 8-byte frame header: (payload len, kind, flags).
+pub fn read_header(src: &[u8; HEADER_LEN]) -> (u32, u16, u16) {
+    (
+        u32::from_le_bytes([src[0], src[1], src[2], src[3]]),
+        u16::from_le_bytes([src[4], src[5]]),
+        u16::from_le_bytes([src[6], src[7]]),
+    )
+}
+
+/// TokenBatch payload: `[count u32][reserved u32]` then per entry
+/// `[id u64][token u32][text_len u32][text bytes]` (entries are not padded).
+pub fn encode_token_batch<'a>(entries: impl Iterator<Item = &'a TokenEntry>, out: &mut Vec<u8>) {
+    let count_at = out.len();
+    out.extend_from_slice(&[0u8; 8]);
+    let mut count = 0u32;
+    for e in entries {
+        push_token_entry(out, e.id, e.token, e.text.as_bytes());
+        count += 1;
+    }
+    out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+}
+
+/// Appends one TokenBatch entry (used by encoders that do not hold `TokenEntry`s).
+pub fn push_token_entry(out: &mut Vec<u8>, id: u64, token: u32, text: &[u8]) {
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&token.to_le_bytes());
+    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    out.extend_from_slice(text);
+}
+
+/// Decodes a TokenBatch payload; every length is bounds-checked because frames
+/// from a worker are untrusted.
+pub fn decode_token_batch(p: &[u8]) -> Result<TokenBatch, FrameError> {
+    let truncated = |detail| FrameError::Truncated {
+        kind: Kind::TokenBatch,
+        detail,
+    };
+    let count = p
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .ok_or_else(|| truncated("count"))?;
+    let mut at = 8usize;
+    if p.len() < at {
+        return Err(truncated("header"));
+    }
+    // Each entry needs at least 16 bytes: refuse counts the payload cannot hold
+    // before allocating for them.
+    if (count as usize) > (p.len() - at) / 16 {
+        return Err(truncated("count larger than payload"));
+    }
+    let mut entries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let head = p.get(at..at + 16).ok_or_else(|| truncated("entry header"))?;
+        let id = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
+        let token = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+        let text_len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
+        at += 16;
+        let text = p
+            .get(at..at.checked_add(text_len).ok_or_else(|| truncated("text"))?)
+            .ok_or_else(|| truncated("text"))?;
+        at += text_len;
+        let text = std::str::from_utf8(text)
+            .map_err(|_| FrameError::Utf8(id))?
+            .to_owned();
+        entries.push(TokenEntry { id, token, text });
+    }
+    Ok(TokenBatch { entries })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(f: Frame) {
+        let bytes = f.encode();
+        let (len, kind, flags) = read_header(bytes[..8].try_into().unwrap());
+        assert_eq!(len as usize, bytes.len() - 8);
+        assert_eq!(Frame::decode(kind, flags, &bytes[8..]).unwrap(), f);
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        roundtrip(Frame::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            pid: 42,
+            engine: "mlx".into(),
+            device: "cpu".into(),
+            blas: Some("openblas".into()),
+            native_protocol: true,
+        }));
+        roundtrip(Frame::Generate(Generate {
+            id: 7,
+            messages: Some(vec![ChatMessage {
+                role: "user".into(),
+                content: "héllo \"quoted\"".into(),
+            }]),
+            max_tokens: 16,
+            stop: vec!["\n".into()],
+            seed: Some(3),
+            ..Default::default()
+        }));
+        roundtrip(Frame::Cancel { id: u64::MAX });
+        roundtrip(Frame::TokenBatch(TokenBatch {
+            entries: vec![
+                TokenEntry {
+                    id: 1,
+                    token: 5,
+                    text: "Par".into(),
+                },
+                TokenEntry {
+                    id: 2,
+                    token: 9,
+                    text: String::new(),
+                },
+                TokenEntry {
+                    id: 1,
+                    token: 6,
+                    text: "is 🇫🇷".into(),
+                },
+            ],
+        }));
+        roundtrip(Frame::Done(Done {
+            id: 1,
+            finish_reason: "length".into(),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            prompt_tps: 1.5,
+            generation_tps: 2.5,
+        }));
+        roundtrip(Frame::Stats(Stats {
+            rss: 1 << 30,
+            ..Default::default()
+        }));
+        roundtrip(Frame::Shutdown);
+    }
+
+    #[test]
+    fn hostile_token_batches_are_refused_not_trusted() {
+        // count claims a million entries in a 16-byte payload
+        let mut p = vec![0u8; 16];
+        p[..4].copy_from_slice(&1_000_000u32.to_le_bytes());
+        assert!(matches!(
+            decode_token_batch(&p),
+            Err(FrameError::Truncated { .. })
+        ));
+        // text_len runs past the end
+        let mut p = Vec::new();
+        encode_token_batch(
+            [TokenEntry {
+                id: 1,
+                token: 1,
+                text: "abc".into(),
+            }]
+            .iter(),
+            &mut p,
+        );
+        let n = p.len();
+        p[n - 7..n - 3].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_token_batch(&p).is_err());
+        // invalid UTF-8
+        let mut p = Vec::new();
+        encode_token_batch(std::iter::empty(), &mut p);
+        p[..4].copy_from_slice(&1u32.to_le_bytes());
+        push_token_entry(&mut p, 9, 1, &[0xff, 0xfe]);
+        assert_eq!(decode_token_batch(&p), Err(FrameError::Utf8(9)));
+        assert_eq!(Frame::decode(99, 0, &[]), Err(FrameError::UnknownKind(99)));
+        assert!(Frame::decode(Kind::Cancel as u16, 0, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn kinds_are_dense_and_named() {
+        for (i, k) in Kind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+            assert_eq!(Kind::from_u16(i as u16), Some(*k));
+        }
+        assert_eq!(Kind::from_u16(Kind::ALL.len() as u16), None);
+    }
+}

@@ -1,0 +1,22 @@
+//! mlxd's worker protocol: ONE definition of the frames the daemon and its mlx-lm
+//! workers exchange, the lock-free SPSC shared-memory rings that carry them, and the
+//! stdio framing used as fallback.
+//!
+//! - [`frame`]: frame kinds, JSON cold frames, binary hot frames (TokenBatch, Cancel).
+//! - [`ring`]: `Producer`/`Consumer` over one ring, with the eventcount doorbell;
+//!   all `unsafe` code is in `ring::raw`.
+//! - [`segment`]: create/open/unlink a segment holding both rings; stale cleanup.
+//! - [`stdio`]: incremental decoder for length-prefixed frames on pipes.
+//! - `python` (feature): the PyO3 bindings the Python worker imports.
+
+pub mod frame;
+pub mod ring;
+pub mod segment;
+pub mod stdio;
+
+#[cfg(feature = "python")]
+pub mod python;
+
+pub use frame::{Frame, Kind, PROTOCOL_VERSION};
+pub use ring::{Consumer, Producer, Pushed, RingError};
+pub use segment::{Direction, Segment, SegmentError};

@@ -1,0 +1,151 @@
+//! PyO3 bindings: the worker's end of a segment, and frame helpers, so the Python
+//! worker uses exactly this crate's ring code (Release/Acquire ordering included).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::frame::{push_token_entry, Kind, PROTOCOL_VERSION};
+use crate::ring::{Consumer, Producer, Pushed};
+use crate::segment::{Direction, Segment};
+
+fn os_err(e: impl std::fmt::Display) -> PyErr {
+    PyOSError::new_err(e.to_string())
+}
+
+/// The worker's end of a segment: it consumes requests and produces events.
+#[pyclass(frozen)]
+struct WorkerRings {
+    requests: Mutex<Consumer>,
+    events: Mutex<Producer>,
+    // Keeps the segment (and its mapping) alive as long as the rings.
+    _segment: Segment,
+}
+
+impl WorkerRings {
+    /// Pushes with bounded waiting while the daemon drains the ring.
+    fn push_blocking(
+        &self,
+        kind: u16,
+        flags: u16,
+        len: usize,
+        fill: impl Fn(&mut [u8]),
+        timeout: Duration,
+    ) -> PyResult<bool> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        let mut tx = self.events.lock().map_err(os_err)?;
+        loop {
+            match tx.try_push_with(kind, flags, len, &fill).map_err(|e| PyValueError::new_err(e.to_string()))? {
+                Pushed::Yes { wake } => return Ok(wake),
+                Pushed::Full if Instant::now() >= deadline => {
+                    return Err(PyTimeoutError::new_err("events ring full: daemon is not draining"))
+                }
+                Pushed::Full => {
+                    spins += 1;
+                    if spins < 64 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl WorkerRings {
+    #[new]
+    fn new(name: &str) -> PyResult<Self> {
+        let segment = Segment::open(name).map_err(os_err)?;
+        let requests = segment.consumer(Direction::ToWorker).map_err(os_err)?;
+        let events = segment.producer(Direction::ToDaemon).map_err(os_err)?;
+        Ok(WorkerRings {
+            requests: Mutex::new(requests),
+            events: Mutex::new(events),
+            _segment: segment,
+        })
+    }
+
+    /// Next request frame as (kind, flags, payload), or None if the ring is empty.
+    fn pop<'py>(&self, py: Python<'py>) -> PyResult<Option<(u16, u16, Bound<'py, PyBytes>)>> {
+        let mut rx = self.requests.lock().map_err(os_err)?;
+        rx.pop_with(|k, f, p| (k, f, PyBytes::new(py, p)))
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Publishes one event frame. Returns True if the daemon is asleep and the caller
+    /// must write one byte to the doorbell pipe. Waits (GIL released) up to
+    /// `timeout_s` while the ring is full.
+    #[pyo3(signature = (kind, payload, flags=0, timeout_s=30.0))]
+    fn push(&self, py: Python<'_>, kind: u16, payload: &[u8], flags: u16, timeout_s: f64) -> PyResult<bool> {
+        let timeout = Duration::from_secs_f64(timeout_s);
+        py.detach(|| self.push_blocking(kind, flags, payload.len(), |d| d.copy_from_slice(payload), timeout))
+    }
+
+    /// Publishes one TokenBatch frame built from (id, token, text) entries, encoded
+    /// straight into the ring. Returns True if the doorbell must be rung.
+    #[pyo3(signature = (entries, timeout_s=30.0))]
+    fn push_token_batch(&self, py: Python<'_>, entries: Vec<(u64, u32, String)>, timeout_s: f64) -> PyResult<bool> {
+        let payload = encode_entries(&entries);
+        let timeout = Duration::from_secs_f64(timeout_s);
+        py.detach(|| {
+            self.push_blocking(
+                Kind::TokenBatch as u16,
+                0,
+                payload.len(),
+                |d| d.copy_from_slice(&payload),
+                timeout,
+            )
+        })
+    }
+
+    /// Announce sleep; True means the ring is still empty and the caller should block
+    /// on its doorbell pipe now.
+    fn prepare_sleep(&self) -> PyResult<bool> {
+        Ok(self.requests.lock().map_err(os_err)?.prepare_sleep())
+    }
+
+    fn finish_sleep(&self) -> PyResult<()> {
+        self.requests.lock().map_err(os_err)?.finish_sleep();
+        Ok(())
+    }
+
+    fn max_payload(&self) -> PyResult<usize> {
+        Ok(self.events.lock().map_err(os_err)?.max_payload())
+    }
+}
+
+fn encode_entries(entries: &[(u64, u32, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + entries.iter().map(|e| 16 + e.2.len()).sum::<usize>());
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    for (id, token, text) in entries {
+        push_token_entry(&mut out, *id, *token, text.as_bytes());
+    }
+    out
+}
+
+/// TokenBatch payload for (id, token, text) entries (the stdio path uses it too).
+#[pyfunction]
+fn encode_token_batch<'py>(py: Python<'py>, entries: Vec<(u64, u32, String)>) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, &encode_entries(&entries))
+}
+
+/// {name: value} of every frame kind, for the drift test against frames.py.
+#[pyfunction]
+fn frame_kinds() -> Vec<(&'static str, u16)> {
+    Kind::ALL.iter().map(|k| (k.name(), *k as u16)).collect()
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
+    m.add_class::<WorkerRings>()?;
+    m.add_function(wrap_pyfunction!(encode_token_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(frame_kinds, m)?)?;
+    Ok(())
+}
