@@ -1,0 +1,428 @@
+//! OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
+//! SSE chunks follow the shapes the official `openai` Python client parses.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use worker_protocol::frame::{ChatMessage, Done, Generate};
+
+use super::{unix_now, AppState};
+use crate::error::{Error, Source};
+use crate::supervisor::{GenEvent, GenStream};
+
+/// The OpenAI error shape: `{"error": {"message", "type", "param", "code"}}`.
+pub fn error_body(e: &Error) -> Value {
+    let kind = match e.source_of() {
+        Source::Client => "invalid_request_error",
+        Source::Worker | Source::Daemon => "server_error",
+    };
+    json!({"error": {"message": e.to_string(), "type": kind, "param": e.param(), "code": e.code()}})
+}
+
+pub struct ApiError(pub Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.0.status(), axum::Json(error_body(&self.0))).into_response();
+        if self.0.status() == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+/// Parses a JSON body into `T`, with OpenAI-shaped 400s for bad JSON or fields.
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Error> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid(format!("could not parse the JSON body of the request: {e}"), None))?;
+    if !value.is_object() {
+        return Err(Error::invalid("the request body must be a JSON object", None));
+    }
+    serde_json::from_value(value).map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Fields shared by both generation endpoints.
+#[derive(Debug, Deserialize)]
+struct Sampling {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<InMessage>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: PromptInput,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// Largest max_tokens accepted; the worker also refuses prompts past the context.
+const MAX_TOKENS_LIMIT: u32 = 131_072;
+
+impl Sampling {
+    fn to_generate(&self, default_max_tokens: u32) -> Result<Generate, Error> {
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(Error::invalid("only n = 1 is supported", Some("n")));
+            }
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max_tokens);
+        if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
+            return Err(Error::invalid(
+                format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"),
+                Some("max_tokens"),
+            ));
+        }
+        let temperature = self.temperature.unwrap_or(0.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(Error::invalid("temperature must be between 0 and 2", Some("temperature")));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Error::invalid("top_p must be in (0, 1]", Some("top_p")));
+        }
+        let stop = match &self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
+            Some(Stop::Many(_)) => return Err(Error::invalid("at most 4 stop sequences", Some("stop"))),
+        };
+        Ok(Generate {
+            id: 0,
+            messages: None,
+            prompt: None,
+            max_tokens,
+            temperature,
+            top_p,
+            stop,
+            seed: self.seed,
+        })
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+}
+
+fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
+    if messages.is_empty() {
+        return Err(Error::invalid("messages must not be empty", Some("messages")));
+    }
+    messages
+        .into_iter()
+        .map(|m| {
+            let role = match m.role.as_str() {
+                "developer" => "system".to_string(),
+                "system" | "user" | "assistant" | "tool" => m.role,
+                other => return Err(Error::invalid(format!("unknown role '{other}'"), Some("messages"))),
+            };
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(Error::invalid(
+                                    format!("content part type '{kind}' is not supported"),
+                                    Some("messages"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+fn usage(d: &Done) -> Value {
+    json!({
+        "prompt_tokens": d.prompt_tokens,
+        "completion_tokens": d.completion_tokens,
+        "total_tokens": d.prompt_tokens + d.completion_tokens,
+    })
+}
+
+fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{prefix}-{:x}{:04x}", nanos, COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff)
+}
+
+/// Which endpoint a response is for: the shapes differ, the flow does not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Chat,
+    Completion,
+}
+
+struct Meta {
+    dialect: Dialect,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+}
+
+impl Meta {
+    fn chunk(&self, delta_or_text: Value, finish: Option<&str>) -> Value {
+        let choice = match self.dialect {
+            Dialect::Chat => json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish}),
+            Dialect::Completion => {
+                json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        let mut c = json!({
+            "id": self.id,
+            "object": if self.dialect == Dialect::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    fn text_piece(&self, text: &str) -> Value {
+        match self.dialect {
+            Dialect::Chat => json!({"content": text}),
+            Dialect::Completion => json!(text),
+        }
+    }
+
+    fn full(&self, text: String, done: &Done) -> Value {
+        let choice = match self.dialect {
+            Dialect::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": done.finish_reason,
+            }),
+            Dialect::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": done.finish_reason})
+            }
+        };
+        json!({
+            "id": self.id,
+            "object": if self.dialect == Dialect::Chat { "chat.completion" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(done),
+        })
+    }
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+async fn run(state: AppState, sampling: Sampling, gen: Generate, dialect: Dialect) -> Result<Response, ApiError> {
+    let worker = state.supervisor.ensure(&sampling.model).await?;
+    let meta = Meta {
+        dialect,
+        id: new_id(if dialect == Dialect::Chat { "chatcmpl" } else { "cmpl" }),
+        model: sampling.model.clone(),
+        created: unix_now(),
+        include_usage: sampling.include_usage(),
+    };
+    let stream = worker.generate(gen).await?;
+    if sampling.stream {
+        Ok(stream_response(meta, stream))
+    } else {
+        collect_response(meta, stream).await
+    }
+}
+
+async fn collect_response(meta: Meta, mut stream: GenStream) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            GenEvent::Token { text: t, .. } => text.push_str(&t),
+            GenEvent::Done(done) => return Ok(axum::Json(meta.full(text, &done)).into_response()),
+            GenEvent::Error(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Internal("generation ended without a result".into()).into())
+}
+
+/// SSE: a role chunk, one chunk per text delta, a finish chunk, an optional usage
+/// chunk, then `[DONE]`. An error mid-stream is sent as `data: {"error": ...}` and
+/// the stream ends without `[DONE]`. A client that goes away cancels the generation.
+fn stream_response(meta: Meta, mut stream: GenStream) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        if meta.dialect == Dialect::Chat {
+            let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
+            if tx.send(Ok(sse(&first))).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                // Client gone: dropping `stream` sends Cancel to the worker.
+                _ = tx.closed() => return,
+            };
+            let Some(ev) = ev else { return };
+            let out = match ev {
+                GenEvent::Token { text, .. } if text.is_empty() => continue,
+                GenEvent::Token { text, .. } => sse(&meta.chunk(meta.text_piece(&text), None)),
+                GenEvent::Done(done) => {
+                    let empty = if meta.dialect == Dialect::Chat { json!({}) } else { json!("") };
+                    let mut tail = sse(&meta.chunk(empty, Some(&done.finish_reason))).to_vec();
+                    if meta.include_usage {
+                        let mut u = meta.chunk(Value::Null, None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(&done);
+                        tail.extend_from_slice(&sse(&u));
+                    }
+                    tail.extend_from_slice(b"data: [DONE]\n\n");
+                    let _ = tx.send(Ok(Bytes::from(tail))).await;
+                    return;
+                }
+                GenEvent::Error(e) => {
+                    let _ = tx.send(Ok(sse(&error_body(&e)))).await;
+                    return;
+                }
+            };
+            if tx.send(Ok(out)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .expect("static headers are valid")
+}
+
+pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body)?;
+    let preset_max = default_max_tokens(&state, &req.sampling.model)?;
+    let mut gen = req.sampling.to_generate(preset_max)?;
+    gen.messages = Some(chat_messages(req.messages)?);
+    run(state, req.sampling, gen, Dialect::Chat).await
+}
+
+pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body)?;
+    let preset_max = default_max_tokens(&state, &req.sampling.model)?;
+    let mut gen = req.sampling.to_generate(preset_max)?;
+    gen.prompt = Some(match req.prompt {
+        PromptInput::One(p) => p,
+        PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptInput::Many(_) => return Err(Error::invalid("only one prompt per request is supported", Some("prompt")).into()),
+    });
+    run(state, req.sampling, gen, Dialect::Completion).await
+}
+
+fn default_max_tokens(state: &AppState, model: &str) -> Result<u32, Error> {
+    state
+        .supervisor
+        .presets()
+        .resolve(model)
+        .map(|p| p.max_tokens)
+        .ok_or_else(|| Error::ModelNotFound(model.to_string()))
+}
+
+pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
+    let created = unix_now();
+    let data: Vec<Value> = state
+        .supervisor
+        .presets()
+        .iter()
+        .map(|p| json!({"id": p.name, "object": "model", "created": created, "owned_by": "mlxd"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data}))
+}

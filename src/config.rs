@@ -1,0 +1,140 @@
+//! Daemon configuration: `$MLXD_HOME/config.toml` (optional), then environment,
+//! then command-line flags. Every field's doc comment is the reference.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default port: clear of Ollama (11434), LM Studio (1234) and mlx_lm.server (8080).
+pub const DEFAULT_PORT: u16 = 11411;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address to bind; loopback by default.
+    pub host: Option<String>,
+    /// Port to bind (env MLXD_PORT, flag --port override it).
+    pub port: Option<u16>,
+    /// Where imported models live (env MLXD_MODELS_DIR overrides).
+    pub models_dir: Option<PathBuf>,
+    /// Extra directories of preset TOML files, searched after the shipped ones.
+    #[serde(default)]
+    pub presets_dirs: Vec<PathBuf>,
+    /// Python interpreter with mlx-lm installed (env MLXD_PYTHON overrides).
+    pub python: Option<PathBuf>,
+    /// Directory holding the `mlxd_worker` package (env MLXD_WORKER_DIR overrides).
+    pub worker_dir: Option<PathBuf>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub home: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub models_dir: PathBuf,
+    /// Searched in order; a later directory's preset of the same name wins.
+    pub presets_dirs: Vec<PathBuf>,
+    pub python: PathBuf,
+    pub worker_dir: PathBuf,
+}
+
+/// The source tree this binary was built from: shipped presets, the worker
+/// package and the project venv are found there unless configured otherwise.
+fn source_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn home_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("MLXD_HOME") {
+        return PathBuf::from(h);
+    }
+    let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    user_home.join(".mlxd")
+}
+
+impl Config {
+    /// Loads `$MLXD_HOME/config.toml` if present, then applies the environment.
+    pub fn load() -> anyhow::Result<Config> {
+        let home = home_dir();
+        let path = home.join("config.toml");
+        let file: FileConfig = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
+            Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
+        };
+        Config::resolve(home, file, |k| std::env::var_os(k))
+    }
+
+    pub fn resolve(
+        home: PathBuf,
+        file: FileConfig,
+        env: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> anyhow::Result<Config> {
+        let port = match env("MLXD_PORT") {
+            Some(p) => p
+                .to_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("MLXD_PORT={p:?} is not a port number"))?,
+            None => file.port.unwrap_or(DEFAULT_PORT),
+        };
+        let models_dir = env("MLXD_MODELS_DIR")
+            .map(PathBuf::from)
+            .or(file.models_dir)
+            .unwrap_or_else(|| home.join("models"));
+        let mut presets_dirs = vec![source_root().join("presets"), home.join("presets")];
+        presets_dirs.extend(file.presets_dirs);
+        let venv_python = source_root().join(".venv/bin/python");
+        let python = env("MLXD_PYTHON")
+            .map(PathBuf::from)
+            .or(file.python)
+            .unwrap_or_else(|| {
+                if venv_python.exists() {
+                    venv_python
+                } else {
+                    PathBuf::from("python3")
+                }
+            });
+        let worker_dir = env("MLXD_WORKER_DIR")
+            .map(PathBuf::from)
+            .or(file.worker_dir)
+            .unwrap_or_else(|| source_root().join("python-worker"));
+        Ok(Config {
+            host: file.host.unwrap_or_else(|| "127.0.0.1".into()),
+            port,
+            models_dir,
+            presets_dirs,
+            python,
+            worker_dir,
+            home,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}:{}", self.host, self.port)
+    }
+}
+
+/// True if `p` exists and is a directory holding an mlx-lm model.
+pub fn is_model_dir(p: &Path) -> bool {
+    p.join("config.json").is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_beats_file_beats_default() {
+        let file: FileConfig = toml::from_str("port = 9000\nmodels_dir = \"/m\"").unwrap();
+        let c = Config::resolve("/h".into(), file.clone(), |_| None).unwrap();
+        assert_eq!((c.port, c.models_dir.as_path()), (9000, Path::new("/m")));
+        let c = Config::resolve("/h".into(), file, |k| (k == "MLXD_PORT").then(|| "9100".into())).unwrap();
+        assert_eq!(c.port, 9100);
+        let c = Config::resolve("/h".into(), FileConfig::default(), |_| None).unwrap();
+        assert_eq!((c.port, c.host.as_str()), (DEFAULT_PORT, "127.0.0.1"));
+        assert_eq!(c.models_dir, Path::new("/h/models"));
+        assert!(Config::resolve("/h".into(), FileConfig::default(), |_| Some("x".into())).is_err());
+        assert!(toml::from_str::<FileConfig>("prot = 1").is_err(), "typos are refused");
+    }
+}

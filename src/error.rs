@@ -1,0 +1,80 @@
+//! The daemon's error type. Every error carries its source, which decides the
+//! HTTP status; `api/` renders it in each client's dialect in one place.
+
+use axum::http::StatusCode;
+
+/// Who is at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The request is wrong: 4xx.
+    Client,
+    /// A worker failed or is unavailable: 502/503.
+    Worker,
+    /// The daemon itself failed: 500.
+    Daemon,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("the model '{0}' does not exist")]
+    ModelNotFound(String),
+    #[error("worker for '{model}' is unavailable: {reason}")]
+    WorkerUnavailable { model: String, reason: String },
+    #[error("worker for '{model}' failed: {reason}")]
+    WorkerFailed { model: String, reason: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Error {
+        Error::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_owned),
+        }
+    }
+
+    pub fn source_of(&self) -> Source {
+        match self {
+            Error::InvalidRequest { .. } | Error::ModelNotFound(_) => Source::Client,
+            Error::WorkerUnavailable { .. } | Error::WorkerFailed { .. } => Source::Worker,
+            Error::Internal(_) => Source::Daemon,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Error::WorkerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A machine-readable code (OpenAI's `error.code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest { .. } => "invalid_request",
+            Error::ModelNotFound(_) => "model_not_found",
+            Error::WorkerUnavailable { .. } => "worker_unavailable",
+            Error::WorkerFailed { .. } => "worker_failed",
+            Error::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Error::InvalidRequest { param, .. } => param.as_deref(),
+            Error::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

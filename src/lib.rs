@@ -1,0 +1,28 @@
+//! mlxd: a Rust daemon that supervises per-model mlx-lm worker processes and
+//! serves them over HTTP.
+//!
+//! ```text
+//! client ──HTTP──▶ api/ (OpenAI dialect → worker_protocol::Generate)
+//!                   │
+//!                   ▼
+//!                supervisor ── model name → WorkerHandle (spawned on demand)
+//!                   │  Generate frame ──▶ shm ring (or stdio) ──▶ python-worker (mlx-lm)
+//!                   │  TokenBatch/Done ◀── events ring ◀────────┘
+//!                   ▼
+//!                per-request channel → api/ renders SSE / JSON
+//! ```
+//!
+//! - [`config`]: daemon configuration; [`presets`]: model presets.
+//! - [`api`]: HTTP routes; [`error`]: errors with a source → status.
+//! - [`supervisor`]: worker processes, their state, and request routing by id.
+//! - [`transport`]: the daemon's end of the shm and stdio transports.
+//! - [`serve`]: the daemon's main loop; [`cli`]: the thin clients of its admin API.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod presets;
+pub mod serve;
+pub mod supervisor;
+pub mod transport;

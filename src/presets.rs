@@ -1,0 +1,163 @@
+//! Model presets: one TOML file per model, shipped in `presets/` and added by
+//! users in `$MLXD_HOME/presets/`. A preset names the model directory and how to
+//! serve it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// Shared-memory rings (stdio pipes only ring the doorbell).
+    #[default]
+    Shm,
+    /// Length-prefixed frames on the worker's pipes.
+    Stdio,
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportKind::Shm => "shm",
+            TransportKind::Stdio => "stdio",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    /// The name clients use; defaults to the file name without `.toml`.
+    #[serde(default)]
+    pub name: String,
+    /// An imported model's name (a directory under the models dir) or an absolute path.
+    pub model: String,
+    /// Other names that route to this preset.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// How the daemon talks to the worker.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// Completion length when a request names none.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// One line for `mlxd list`.
+    #[serde(default)]
+    pub description: String,
+}
+
+fn default_max_tokens() -> u32 {
+    512
+}
+
+/// A model name a client may send: letters, digits, `._:-`, not starting with a dot.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+}
+
+impl Preset {
+    pub fn parse(text: &str, file_stem: &str) -> anyhow::Result<Preset> {
+        let mut p: Preset = toml::from_str(text)?;
+        if p.name.is_empty() {
+            p.name = file_stem.to_string();
+        }
+        for n in std::iter::once(&p.name).chain(&p.aliases) {
+            anyhow::ensure!(valid_name(n), "invalid model name {n:?}");
+        }
+        anyhow::ensure!(p.max_tokens > 0, "max_tokens must be positive");
+        Ok(p)
+    }
+
+    /// The model directory: absolute paths are taken as they are; names resolve
+    /// under the models dir (and must not escape it).
+    pub fn model_path(&self, models_dir: &Path) -> anyhow::Result<PathBuf> {
+        let p = Path::new(&self.model);
+        if p.is_absolute() {
+            return Ok(p.to_path_buf());
+        }
+        anyhow::ensure!(valid_name(&self.model), "model {:?} is not a valid model name", self.model);
+        Ok(models_dir.join(&self.model))
+    }
+}
+
+/// All presets by name, with aliases.
+#[derive(Debug, Clone, Default)]
+pub struct Presets {
+    by_name: BTreeMap<String, Preset>,
+    aliases: BTreeMap<String, String>,
+}
+
+impl Presets {
+    /// Loads every `*.toml` in `dirs` (missing dirs are skipped; a later dir wins).
+    pub fn load(dirs: &[PathBuf]) -> anyhow::Result<Presets> {
+        let mut out = Presets::default();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let mut files: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            files.sort();
+            for f in files {
+                let text = std::fs::read_to_string(&f)?;
+                let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+                let p = Preset::parse(&text, stem).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                out.insert(p);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn insert(&mut self, p: Preset) {
+        for a in &p.aliases {
+            self.aliases.insert(a.clone(), p.name.clone());
+        }
+        self.by_name.insert(p.name.clone(), p);
+    }
+
+    /// Exact name first, then alias.
+    pub fn resolve(&self, name: &str) -> Option<&Preset> {
+        self.by_name
+            .get(name)
+            .or_else(|| self.aliases.get(name).and_then(|n| self.by_name.get(n)))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Preset> {
+        self.by_name.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_presets_parse() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets");
+        let presets = Presets::load(&[dir]).unwrap();
+        let p = presets.resolve("smollm2-135m").expect("the default model is shipped");
+        assert_eq!(p.transport, TransportKind::Shm);
+    }
+
+    #[test]
+    fn names_aliases_transport_and_validation() {
+        let p = Preset::parse("model = \"m\"\naliases = [\"a\"]\ntransport = \"stdio\"", "stem").unwrap();
+        assert_eq!((p.name.as_str(), p.transport, p.max_tokens), ("stem", TransportKind::Stdio, 512));
+        let mut ps = Presets::default();
+        ps.insert(p);
+        assert_eq!(ps.resolve("a").unwrap().name, "stem");
+        assert!(ps.resolve("b").is_none());
+        assert!(Preset::parse("model = \"m\"\nbogus = 1", "x").is_err());
+        assert!(Preset::parse("model = \"m\"", "../evil").is_err());
+        let traversal = Preset::parse("model = \"../../etc\"", "x").unwrap();
+        assert!(traversal.model_path(Path::new("/models")).is_err());
+    }
+}

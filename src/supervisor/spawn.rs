@@ -1,0 +1,73 @@
+//! Building a worker's process: interpreter, arguments, a scrubbed environment,
+//! its own process group, and the pipes that are its lifeline.
+//!
+//! Kill steps (see `WorkerHandle::stop`): Shutdown frame and stdin EOF, a grace
+//! period, then SIGKILL to the whole process group, then reap.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+use crate::config::Config;
+use crate::presets::TransportKind;
+
+/// Environment variables a worker may inherit; everything else is scrubbed so
+/// that secrets in the daemon's environment never reach model code.
+const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "MLXD_WORKER_LOG"];
+
+/// Debian/Ubuntu's OpenBLAS, which MLX's Linux CPU wheel runs 14x faster than the
+/// reference BLAS it links.
+pub fn openblas_path() -> Option<PathBuf> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let arch = std::env::consts::ARCH;
+    let p = PathBuf::from(format!("/usr/lib/{arch}-linux-gnu/openblas-pthread/libblas.so.3"));
+    p.exists().then_some(p)
+}
+
+pub fn command(cfg: &Config, transport: TransportKind, segment: Option<&str>) -> Command {
+    let mut cmd = Command::new(&cfg.python);
+    cmd.arg("-m").arg("mlxd_worker").arg("--transport").arg(transport.to_string());
+    if let Some(name) = segment {
+        cmd.arg("--segment").arg(name);
+    }
+    cmd.env_clear();
+    for key in INHERITED_ENV {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+    cmd.env("PYTHONPATH", python_path(&cfg.worker_dir))
+        .env("PYTHONUNBUFFERED", "1")
+        // Never reach for a model hub: every model is local.
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .env("TOKENIZERS_PARALLELISM", "false");
+    if let Some(blas) = openblas_path() {
+        cmd.env("LD_PRELOAD", blas);
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
+fn python_path(worker_dir: &Path) -> std::ffi::OsString {
+    let mut p = worker_dir.as_os_str().to_owned();
+    if let Some(existing) = std::env::var_os("PYTHONPATH") {
+        p.push(":");
+        p.push(existing);
+    }
+    p
+}
+
+/// SIGKILL to the worker's whole process group (it leads its own group).
+pub fn kill_group(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}

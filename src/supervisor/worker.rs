@@ -1,0 +1,450 @@
+//! One worker process: its handle, the frames it sends, and the generation
+//! streams of requests in flight on it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{mpsc, watch};
+use worker_protocol::frame::{Done, Generate, Hello, Load, Stats};
+use worker_protocol::segment::{new_name, Direction, Segment};
+use worker_protocol::{Frame, PROTOCOL_VERSION};
+
+use super::spawn;
+use crate::config::{is_model_dir, Config};
+use crate::error::{Error, Result};
+use crate::presets::{Preset, TransportKind};
+use crate::transport::{Inbound, Outbound};
+
+/// Ring sizes: requests may carry long prompts (a frame may use half its ring);
+/// events are small and drained continuously.
+const REQUEST_RING: u64 = 16 << 20;
+const EVENT_RING: u64 = 4 << 20;
+/// How long `stop` waits after EOF/Shutdown before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Lines of worker stderr kept for error messages.
+const STDERR_TAIL: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerState {
+    Starting,
+    Ready,
+    Stopping,
+    Stopped,
+    Failed(String),
+}
+
+impl WorkerState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Stopped => "stopped",
+            WorkerState::Failed(_) => "failed",
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, WorkerState::Stopped | WorkerState::Failed(_))
+    }
+}
+
+/// What a request's stream receives.
+#[derive(Debug)]
+pub enum GenEvent {
+    Token { token: u32, text: String },
+    Done(Done),
+    Error(Error),
+}
+
+pub struct WorkerHandle {
+    pub preset: Preset,
+    pub pid: u32,
+    pub transport: TransportKind,
+    pub started_at: Instant,
+    state: watch::Sender<WorkerState>,
+    outbound: Outbound,
+    /// Each in-flight request's channel, by request id: where the reader routes tokens.
+    inflight: Mutex<HashMap<u64, mpsc::UnboundedSender<GenEvent>>>,
+    next_id: AtomicU64,
+    /// Latest Stats frame.
+    stats: Mutex<Stats>,
+    hello: Mutex<Option<Hello>>,
+    /// Held until the worker's Hello proves it has mapped the segment, then unlinked.
+    segment: Mutex<Option<Segment>>,
+    stderr_tail: Mutex<VecDeque<String>>,
+}
+
+/// A snapshot for `mlxd ps`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WorkerInfo {
+    pub model: String,
+    pub pid: u32,
+    pub transport: String,
+    pub state: String,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub uptime_s: f64,
+    pub device: Option<String>,
+    pub blas: Option<String>,
+    pub native_protocol: Option<bool>,
+    pub stats: Stats,
+    pub inflight: usize,
+}
+
+impl WorkerHandle {
+    /// Spawns the worker process and asks it to load the model. Returns at once
+    /// with the worker Starting; `wait_ready` waits for the outcome.
+    pub async fn spawn(preset: Preset, cfg: &Config) -> Result<Arc<WorkerHandle>> {
+        let unavailable = |reason: String| Error::WorkerUnavailable {
+            model: preset.name.clone(),
+            reason,
+        };
+        let model_path = preset.model_path(&cfg.models_dir).map_err(|e| unavailable(e.to_string()))?;
+        if !is_model_dir(&model_path) {
+            return Err(unavailable(format!(
+                "no model at {} (import one with `mlxd import <file.gguf> --name {}`)",
+                model_path.display(),
+                preset.model
+            )));
+        }
+        let segment = match preset.transport {
+            TransportKind::Shm => match Segment::create(&new_name(), [REQUEST_RING, EVENT_RING], 0) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(model = %preset.name, "shared memory unavailable ({e}); falling back to stdio");
+                    None
+                }
+            },
+            TransportKind::Stdio => None,
+        };
+        let transport = if segment.is_some() { TransportKind::Shm } else { TransportKind::Stdio };
+        let mut child = spawn::command(cfg, transport, segment.as_ref().map(|s| s.name()))
+            .spawn()
+            .map_err(|e| unavailable(format!("cannot start {}: {e}", cfg.python.display())))?;
+        let pid = child.id().unwrap_or_default();
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (outbound, inbound) = match &segment {
+            Some(seg) => {
+                let ends = seg
+                    .producer(Direction::ToWorker)
+                    .and_then(|p| Ok((p, seg.consumer(Direction::ToDaemon)?)))
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                (Outbound::new(stdin, Some(ends.0)), Inbound::Shm { events: ends.1, bell: stdout })
+            }
+            None => (Outbound::new(stdin, None), Inbound::Stdio { stdout }),
+        };
+        let handle = Arc::new(WorkerHandle {
+            preset: preset.clone(),
+            pid,
+            transport,
+            started_at: Instant::now(),
+            state: watch::channel(WorkerState::Starting).0,
+            outbound,
+            inflight: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            stats: Mutex::new(Stats::default()),
+            hello: Mutex::new(None),
+            segment: Mutex::new(segment),
+            stderr_tail: Mutex::new(VecDeque::new()),
+        });
+        tracing::info!(model = %preset.name, pid, %transport, "worker spawned");
+
+        let h = handle.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(target: "worker", model = %h.preset.name, "{line}");
+                let mut tail = h.stderr_tail.lock().expect("lock");
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        });
+        let h = handle.clone();
+        let reader = tokio::spawn(async move {
+            let result = inbound.run(|frame| h.on_frame(frame)).await;
+            if let Err(e) = result {
+                tracing::error!(model = %h.preset.name, "{e}; killing the worker");
+                h.fail(format!("{e}"));
+                spawn::kill_group(h.pid);
+            }
+        });
+        let h = handle.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            // Let the reader deliver what the worker published before it died.
+            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+            h.on_exit(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
+        });
+
+        let load = Frame::Load(Load {
+            model_path: model_path.to_string_lossy().into_owned(),
+            model_name: preset.name.clone(),
+            options: serde_json::Value::Null,
+        });
+        if let Err(e) = handle.outbound.send(&load).await {
+            spawn::kill_group(pid);
+            return Err(unavailable(format!("cannot send Load: {e}")));
+        }
+        Ok(handle)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.preset.name
+    }
+
+    pub fn state(&self) -> WorkerState {
+        self.state.borrow().clone()
+    }
+
+    fn set_state(&self, new: WorkerState) {
+        self.state.send_if_modified(|s| {
+            // Terminal states are final; Failed is not overwritten by a later Stopped.
+            if s.is_terminal() || *s == new {
+                return false;
+            }
+            *s = new;
+            true
+        });
+    }
+
+    fn fail(&self, reason: String) {
+        self.set_state(WorkerState::Failed(reason));
+    }
+
+    fn stderr_tail(&self) -> String {
+        let tail = self.stderr_tail.lock().expect("lock");
+        tail.iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Waits until the worker is Ready, or reports why it never will be.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let mut rx = self.state.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                WorkerState::Ready => return Ok(()),
+                WorkerState::Failed(reason) => {
+                    return Err(Error::WorkerUnavailable {
+                        model: self.name().to_string(),
+                        reason: reason.clone(),
+                    })
+                }
+                WorkerState::Stopping | WorkerState::Stopped => {
+                    return Err(Error::WorkerUnavailable {
+                        model: self.name().to_string(),
+                        reason: "the worker is stopping".into(),
+                    })
+                }
+                WorkerState::Starting => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Internal("worker state channel closed".into()));
+            }
+        }
+    }
+
+    /// Routes one frame from the worker (called by the reader task, in order).
+    fn on_frame(&self, frame: Frame) {
+        match frame {
+            Frame::TokenBatch(batch) => {
+                let inflight = self.inflight.lock().expect("lock");
+                for e in batch.entries {
+                    if let Some(tx) = inflight.get(&e.id) {
+                        let _ = tx.send(GenEvent::Token {
+                            token: e.token,
+                            text: e.text,
+                        });
+                    }
+                }
+            }
+            Frame::Done(done) => {
+                if let Some(tx) = self.inflight.lock().expect("lock").remove(&done.id) {
+                    let _ = tx.send(GenEvent::Done(done));
+                }
+            }
+            Frame::Stats(stats) => *self.stats.lock().expect("lock") = stats,
+            Frame::Hello(hello) => {
+                if hello.protocol_version != PROTOCOL_VERSION {
+                    self.fail(format!(
+                        "worker speaks protocol {}, the daemon {PROTOCOL_VERSION}",
+                        hello.protocol_version
+                    ));
+                    spawn::kill_group(self.pid);
+                }
+                // The worker has mapped the segment: its name is no longer needed.
+                if let Some(seg) = self.segment.lock().expect("lock").take() {
+                    if let Err(e) = seg.unlink() {
+                        tracing::warn!("{e}");
+                    }
+                }
+                tracing::info!(model = %self.name(), device = %hello.device, blas = ?hello.blas, "worker says hello");
+                *self.hello.lock().expect("lock") = Some(hello);
+            }
+            Frame::Ready(ready) => {
+                tracing::info!(model = %self.name(), load_seconds = ready.load_seconds, "worker ready");
+                self.set_state(WorkerState::Ready);
+            }
+            Frame::Error(err) => match err.id {
+                Some(id) => {
+                    if let Some(tx) = self.inflight.lock().expect("lock").remove(&id) {
+                        let e = if err.code == "invalid_request" {
+                            Error::invalid(err.message, None)
+                        } else {
+                            Error::WorkerFailed {
+                                model: self.name().to_string(),
+                                reason: err.message,
+                            }
+                        };
+                        let _ = tx.send(GenEvent::Error(e));
+                    }
+                }
+                None if self.state() == WorkerState::Starting => {
+                    self.fail(format!("loading failed: {}", err.message))
+                }
+                None => tracing::warn!(model = %self.name(), "worker error: {}", err.message),
+            },
+            other => tracing::warn!(model = %self.name(), kind = ?other.kind(), "unexpected frame from worker"),
+        }
+    }
+
+    /// The process has exited: settle the state and fail every request in flight.
+    fn on_exit(&self, status: String) {
+        let reason = match self.state() {
+            WorkerState::Stopping => {
+                self.set_state(WorkerState::Stopped);
+                "the worker was stopped".to_string()
+            }
+            _ => {
+                let tail = self.stderr_tail();
+                let reason = format!("worker exited ({status}){}{tail}", if tail.is_empty() { "" } else { ": " });
+                self.fail(reason.clone());
+                reason
+            }
+        };
+        tracing::info!(model = %self.name(), pid = self.pid, %status, "worker exited");
+        let orphans: Vec<_> = self.inflight.lock().expect("lock").drain().collect();
+        for (_, tx) in orphans {
+            let _ = tx.send(GenEvent::Error(Error::WorkerFailed {
+                model: self.name().to_string(),
+                reason: reason.clone(),
+            }));
+        }
+    }
+
+    /// Starts a generation. The returned stream cancels it in the worker if
+    /// dropped before the end (a client that disconnects).
+    pub async fn generate(self: &Arc<Self>, mut req: Generate) -> Result<GenStream> {
+        self.wait_ready().await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        req.id = id;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.inflight.lock().expect("lock").insert(id, tx);
+        if let Err(e) = self.outbound.send(&Frame::Generate(req)).await {
+            self.inflight.lock().expect("lock").remove(&id);
+            return Err(Error::WorkerFailed {
+                model: self.name().to_string(),
+                reason: e.to_string(),
+            });
+        }
+        Ok(GenStream {
+            worker: self.clone(),
+            id,
+            rx,
+            finished: false,
+        })
+    }
+
+    fn cancel(self: &Arc<Self>, id: u64) {
+        self.inflight.lock().expect("lock").remove(&id);
+        let worker = self.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = worker.outbound.send(&Frame::Cancel { id }).await {
+                    tracing::debug!("cancel {id}: {e}");
+                }
+            });
+        }
+    }
+
+    /// Shutdown frame and EOF, a grace period, then SIGKILL to the group.
+    pub async fn stop(&self) {
+        self.set_state(WorkerState::Stopping);
+        let _ = self.outbound.send(&Frame::Shutdown).await;
+        self.outbound.close().await;
+        let mut rx = self.state.subscribe();
+        let settled = tokio::time::timeout(STOP_GRACE, rx.wait_for(|s| s.is_terminal()))
+            .await
+            .is_ok();
+        if !settled {
+            tracing::warn!(model = %self.name(), pid = self.pid, "worker ignored shutdown; killing its group");
+            spawn::kill_group(self.pid);
+            let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| s.is_terminal())).await;
+        }
+    }
+
+    pub fn info(&self) -> WorkerInfo {
+        let state = self.state();
+        let hello = self.hello.lock().expect("lock").clone();
+        WorkerInfo {
+            model: self.name().to_string(),
+            pid: self.pid,
+            transport: self.transport.to_string(),
+            state: state.label().to_string(),
+            error: match state {
+                WorkerState::Failed(r) => Some(r),
+                _ => None,
+            },
+            uptime_s: self.started_at.elapsed().as_secs_f64(),
+            device: hello.as_ref().map(|h| h.device.clone()),
+            blas: hello.as_ref().and_then(|h| h.blas.clone()),
+            native_protocol: hello.as_ref().map(|h| h.native_protocol),
+            stats: self.stats.lock().expect("lock").clone(),
+            inflight: self.inflight.lock().expect("lock").len(),
+        }
+    }
+}
+
+/// The events of one generation, in order. Dropping it early cancels the
+/// generation in the worker.
+pub struct GenStream {
+    worker: Arc<WorkerHandle>,
+    id: u64,
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+    finished: bool,
+}
+
+impl GenStream {
+    pub async fn next(&mut self) -> Option<GenEvent> {
+        if self.finished {
+            return None;
+        }
+        let ev = self.rx.recv().await;
+        match &ev {
+            Some(GenEvent::Token { .. }) => {}
+            Some(_) => self.finished = true,
+            None => {
+                self.finished = true;
+                return Some(GenEvent::Error(Error::WorkerFailed {
+                    model: self.worker.name().to_string(),
+                    reason: "the worker dropped the request".into(),
+                }));
+            }
+        }
+        ev
+    }
+}
+
+impl Drop for GenStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.worker.cancel(self.id);
+        }
+    }
+}
