@@ -1,0 +1,59 @@
+//! `mlxd start|ps|stop|list` against a running daemon.
+
+mod common;
+
+use common::{daemon, mlxd};
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = mlxd()
+        .arg("--port")
+        .arg(daemon().port.to_string())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+const MODEL: &str = "smollm2-135m-lifecycle";
+
+#[test]
+fn start_ps_stop_a_worker() {
+    let (ok, out) = run(&["start", MODEL]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ready"), "{out}");
+
+    let (ok, out) = run(&["ps"]);
+    assert!(ok, "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(MODEL))
+        .unwrap_or_else(|| panic!("{MODEL} missing from ps:\n{out}"));
+    let cols: Vec<_> = row.split_whitespace().collect();
+    let pid: i32 = cols[1].parse().unwrap();
+    assert_eq!(cols[2], "shm");
+    assert_eq!(cols[3], "ready");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker pid {pid} is running");
+
+    let (ok, out) = run(&["stop", MODEL]);
+    assert!(ok && out.contains("stopped"), "{out}");
+    let (_, out) = run(&["ps"]);
+    assert!(!out.lines().any(|l| l.starts_with(MODEL)), "{out}");
+    // The process is gone (reaped by the daemon, not a zombie).
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} still exists");
+}
+
+#[test]
+fn unknown_model_is_a_clear_cli_error() {
+    let (ok, out) = run(&["start", "no-such-model"]);
+    assert!(!ok);
+    assert!(out.contains("does not exist"), "{out}");
+}
+
+#[test]
+fn list_shows_presets_and_whether_they_are_imported() {
+    let (ok, out) = run(&["list"]);
+    assert!(ok, "{out}");
+    let row = out.lines().find(|l| l.starts_with("smollm2-135m ")).expect(&out);
+    assert!(row.trim_end().ends_with("yes"), "the test model is imported: {row}");
+}

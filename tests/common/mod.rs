@@ -1,0 +1,53 @@
+//! One real daemon per test binary, serving the real test model with real workers.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+pub struct Daemon {
+    pub url: String,
+    pub port: u16,
+    // Held so the daemon's stdin stays open; when the test process exits the pipe
+    // closes and the daemon (started with --exit-on-stdin-eof) shuts down.
+    _lifeline: Mutex<ChildStdin>,
+    _child: Mutex<Child>,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn mlxd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mlxd"))
+}
+
+pub fn daemon() -> &'static Daemon {
+    static DAEMON: OnceLock<Daemon> = OnceLock::new();
+    DAEMON.get_or_init(|| {
+        let mut child = mlxd()
+            .args(["serve", "--port", "0", "--presets-dir"])
+            .arg(root().join("tests/presets"))
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start mlxd serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("mlxd listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from mlxd: {line:?}"))
+            .to_string();
+        let port = url.rsplit(':').next().unwrap().parse().unwrap();
+        Daemon {
+            url,
+            port,
+            _lifeline: Mutex::new(child.stdin.take().unwrap()),
+            _child: Mutex::new(child),
+        }
+    })
+}
