@@ -20,14 +20,19 @@ async fn admin(cfg: &Config, path: &str, body: Option<Value>) -> anyhow::Result<
         Some(b) => client().post(&url).json(&b),
         None => client().get(&url),
     };
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("no mlxd daemon at {} (start one with `mlxd serve`)", cfg.base_url()))?;
+    let resp = req.send().await.with_context(|| {
+        format!(
+            "no mlxd daemon at {} (start one with `mlxd serve`)",
+            cfg.base_url()
+        )
+    })?;
     let status = resp.status();
     let v: Value = resp.json().await.context("daemon sent a non-JSON answer")?;
     if !status.is_success() {
-        bail!("{}", v["error"]["message"].as_str().unwrap_or("request failed"));
+        bail!(
+            "{}",
+            v["error"]["message"].as_str().unwrap_or("request failed")
+        );
     }
     Ok(v)
 }
@@ -35,7 +40,10 @@ async fn admin(cfg: &Config, path: &str, body: Option<Value>) -> anyhow::Result<
 pub async fn start(cfg: &Config, model: &str) -> anyhow::Result<()> {
     let v = admin(cfg, "start", Some(json!({ "model": model }))).await?;
     let info: WorkerInfo = serde_json::from_value(v["worker"].clone())?;
-    println!("{} ready (pid {}, {})", info.model, info.pid, info.transport);
+    println!(
+        "{} ready (pid {}, {})",
+        info.model, info.pid, info.transport
+    );
     Ok(())
 }
 
@@ -95,13 +103,22 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
 
 pub fn list(cfg: &Config) -> anyhow::Result<()> {
     let presets = Presets::load(&cfg.presets_dirs)?;
-    println!("{:<24} {:<24} {:<9} {:<9}", "PRESET", "MODEL", "TRANSPORT", "IMPORTED");
+    println!(
+        "{:<24} {:<24} {:<9} {:<9}",
+        "PRESET", "MODEL", "TRANSPORT", "IMPORTED"
+    );
     let mut referenced = std::collections::HashSet::new();
     for p in presets.iter() {
         let path = p.model_path(&cfg.models_dir)?;
         referenced.insert(path.clone());
         let have = if is_model_dir(&path) { "yes" } else { "no" };
-        println!("{:<24} {:<24} {:<9} {:<9}", p.name, p.model, p.transport.to_string(), have);
+        println!(
+            "{:<24} {:<24} {:<9} {:<9}",
+            p.name,
+            p.model,
+            p.transport.to_string(),
+            have
+        );
     }
     let mut others = Vec::new();
     if let Ok(dir) = std::fs::read_dir(&cfg.models_dir) {
@@ -114,7 +131,10 @@ pub fn list(cfg: &Config) -> anyhow::Result<()> {
     }
     others.sort();
     if !others.is_empty() {
-        println!("\nimported models without a preset (in {}):", cfg.models_dir.display());
+        println!(
+            "\nimported models without a preset (in {}):",
+            cfg.models_dir.display()
+        );
         for o in others {
             println!("  {o}");
         }
@@ -122,7 +142,12 @@ pub fn list(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn import(cfg: &Config, gguf: &std::path::Path, name: Option<&str>, dtype: Option<&str>) -> anyhow::Result<()> {
+pub fn import(
+    cfg: &Config,
+    gguf: &std::path::Path,
+    name: Option<&str>,
+    dtype: Option<&str>,
+) -> anyhow::Result<()> {
     let mut cmd = Command::new(&cfg.python);
     cmd.arg("-m")
         .arg("mlxd_worker.importer")

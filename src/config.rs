@@ -49,7 +49,9 @@ pub fn home_dir() -> PathBuf {
     if let Some(h) = std::env::var_os("MLXD_HOME") {
         return PathBuf::from(h);
     }
-    let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let user_home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     user_home.join(".mlxd")
 }
 
@@ -59,7 +61,9 @@ impl Config {
         let home = home_dir();
         let path = home.join("config.toml");
         let file: FileConfig = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Ok(text) => {
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
             Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
         };
@@ -129,12 +133,18 @@ mod tests {
         let file: FileConfig = toml::from_str("port = 9000\nmodels_dir = \"/m\"").unwrap();
         let c = Config::resolve("/h".into(), file.clone(), |_| None).unwrap();
         assert_eq!((c.port, c.models_dir.as_path()), (9000, Path::new("/m")));
-        let c = Config::resolve("/h".into(), file, |k| (k == "MLXD_PORT").then(|| "9100".into())).unwrap();
+        let c = Config::resolve("/h".into(), file, |k| {
+            (k == "MLXD_PORT").then(|| "9100".into())
+        })
+        .unwrap();
         assert_eq!(c.port, 9100);
         let c = Config::resolve("/h".into(), FileConfig::default(), |_| None).unwrap();
         assert_eq!((c.port, c.host.as_str()), (DEFAULT_PORT, "127.0.0.1"));
         assert_eq!(c.models_dir, Path::new("/h/models"));
         assert!(Config::resolve("/h".into(), FileConfig::default(), |_| Some("x".into())).is_err());
-        assert!(toml::from_str::<FileConfig>("prot = 1").is_err(), "typos are refused");
+        assert!(
+            toml::from_str::<FileConfig>("prot = 1").is_err(),
+            "typos are refused"
+        );
     }
 }

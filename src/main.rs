@@ -59,7 +59,8 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MLXD_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MLXD_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -94,6 +95,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Stop { model } => mlxd::cli::stop(&cfg, &model).await,
         Cmd::Ps => mlxd::cli::ps(&cfg).await,
         Cmd::List => mlxd::cli::list(&cfg),
-        Cmd::Import { gguf, name, dtype } => mlxd::cli::import(&cfg, &gguf, name.as_deref(), dtype.as_deref()),
+        Cmd::Import { gguf, name, dtype } => {
+            mlxd::cli::import(&cfg, &gguf, name.as_deref(), dtype.as_deref())
+        }
     }
 }

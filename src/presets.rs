@@ -82,7 +82,11 @@ impl Preset {
         if p.is_absolute() {
             return Ok(p.to_path_buf());
         }
-        anyhow::ensure!(valid_name(&self.model), "model {:?} is not a valid model name", self.model);
+        anyhow::ensure!(
+            valid_name(&self.model),
+            "model {:?} is not a valid model name",
+            self.model
+        );
         Ok(models_dir.join(&self.model))
     }
 }
@@ -99,7 +103,9 @@ impl Presets {
     pub fn load(dirs: &[PathBuf]) -> anyhow::Result<Presets> {
         let mut out = Presets::default();
         for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
             let mut files: Vec<PathBuf> = entries
                 .flatten()
                 .map(|e| e.path())
@@ -109,7 +115,8 @@ impl Presets {
             for f in files {
                 let text = std::fs::read_to_string(&f)?;
                 let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-                let p = Preset::parse(&text, stem).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                let p = Preset::parse(&text, stem)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
                 out.insert(p);
             }
         }
@@ -143,14 +150,23 @@ mod tests {
     fn shipped_presets_parse() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("presets");
         let presets = Presets::load(&[dir]).unwrap();
-        let p = presets.resolve("smollm2-135m").expect("the default model is shipped");
+        let p = presets
+            .resolve("smollm2-135m")
+            .expect("the default model is shipped");
         assert_eq!(p.transport, TransportKind::Shm);
     }
 
     #[test]
     fn names_aliases_transport_and_validation() {
-        let p = Preset::parse("model = \"m\"\naliases = [\"a\"]\ntransport = \"stdio\"", "stem").unwrap();
-        assert_eq!((p.name.as_str(), p.transport, p.max_tokens), ("stem", TransportKind::Stdio, 512));
+        let p = Preset::parse(
+            "model = \"m\"\naliases = [\"a\"]\ntransport = \"stdio\"",
+            "stem",
+        )
+        .unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.transport, p.max_tokens),
+            ("stem", TransportKind::Stdio, 512)
+        );
         let mut ps = Presets::default();
         ps.insert(p);
         assert_eq!(ps.resolve("a").unwrap().name, "stem");

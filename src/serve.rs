@@ -4,12 +4,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::io::AsyncReadExt;
+use std::io::Read;
 
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::presets::Presets;
 use crate::supervisor::Supervisor;
+
+/// How long open connections may take to finish after a shutdown signal.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct ServeOptions {
     /// Models to start right away (scripts/run starts the default model).
@@ -23,7 +26,10 @@ pub struct ServeOptions {
 }
 
 pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
-    let ip: IpAddr = cfg.host.parse().with_context(|| format!("bad host {}", cfg.host))?;
+    let ip: IpAddr = cfg
+        .host
+        .parse()
+        .with_context(|| format!("bad host {}", cfg.host))?;
     anyhow::ensure!(
         ip.is_loopback() || opts.allow_remote,
         "refusing to bind {ip}: mlxd has no authentication yet; pass --allow-remote to expose it anyway"
@@ -53,13 +59,23 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let app = router(AppState {
         supervisor: supervisor.clone(),
     });
-    let exit_on_eof = opts.exit_on_stdin_eof;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal(exit_on_eof).await;
-            tracing::info!("shutting down");
-        })
-        .await?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    shutdown_signal(opts.exit_on_stdin_eof).await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    // Open connections (idle keep-alives, slow clients) get a bounded drain: a client
+    // must not be able to keep the daemon, and its workers, alive.
+    match tokio::time::timeout(DRAIN_LIMIT, server).await {
+        Ok(joined) => joined??,
+        Err(_) => tracing::warn!("connections still open after {DRAIN_LIMIT:?}; closing them"),
+    }
     supervisor.shutdown().await;
     Ok(())
 }
@@ -80,9 +96,16 @@ async fn shutdown_signal(exit_on_stdin_eof: bool) {
         if !exit_on_stdin_eof {
             return std::future::pending().await;
         }
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 64];
-        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+        // A plain thread, not tokio's stdin: tokio reads stdin on its blocking pool,
+        // and the runtime would wait for that read forever when shutting down.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
     };
     tokio::select! {
         _ = ctrl_c => {},

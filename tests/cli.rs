@@ -11,7 +11,8 @@ fn run(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -33,14 +34,20 @@ fn start_ps_stop_a_worker() {
     let pid: i32 = cols[1].parse().unwrap();
     assert_eq!(cols[2], "shm");
     assert_eq!(cols[3], "ready");
-    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker pid {pid} is running");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "worker pid {pid} is running"
+    );
 
     let (ok, out) = run(&["stop", MODEL]);
     assert!(ok && out.contains("stopped"), "{out}");
     let (_, out) = run(&["ps"]);
     assert!(!out.lines().any(|l| l.starts_with(MODEL)), "{out}");
     // The process is gone (reaped by the daemon, not a zombie).
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} still exists");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "worker {pid} still exists"
+    );
 }
 
 #[test]
@@ -54,6 +61,12 @@ fn unknown_model_is_a_clear_cli_error() {
 fn list_shows_presets_and_whether_they_are_imported() {
     let (ok, out) = run(&["list"]);
     assert!(ok, "{out}");
-    let row = out.lines().find(|l| l.starts_with("smollm2-135m ")).expect(&out);
-    assert!(row.trim_end().ends_with("yes"), "the test model is imported: {row}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("smollm2-135m "))
+        .expect(&out);
+    assert!(
+        row.trim_end().ends_with("yes"),
+        "the test model is imported: {row}"
+    );
 }

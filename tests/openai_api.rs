@@ -81,7 +81,9 @@ async fn streamed_answer_names_paris(model: &str) {
     let usage_chunk = chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"], json!([]));
     assert!(usage_chunk["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
     assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
 }
 
@@ -127,7 +129,12 @@ async fn bad_requests_get_openai_errors_and_the_daemon_keeps_serving() {
     let url = format!("{}/v1/chat/completions", daemon().url);
     let cases: [(&str, u16, &str, &str); 4] = [
         ("{not json", 400, "invalid_request_error", "JSON"),
-        (r#"{"model": "smollm2-135m"}"#, 400, "invalid_request_error", "messages"),
+        (
+            r#"{"model": "smollm2-135m"}"#,
+            400,
+            "invalid_request_error",
+            "messages",
+        ),
         (
             r#"{"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}"#,
             404,
@@ -153,7 +160,10 @@ async fn bad_requests_get_openai_errors_and_the_daemon_keeps_serving() {
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["error"]["type"], kind, "{v}");
         let message = v["error"]["message"].as_str().unwrap();
-        assert!(message.contains(mentions), "{message:?} should mention {mentions}");
+        assert!(
+            message.contains(mentions),
+            "{message:?} should mention {mentions}"
+        );
     }
     // Still serving, and still generating.
     let resp = chat(json!({
@@ -178,8 +188,20 @@ async fn models_lists_presets_and_healthz_answers() {
         .json()
         .await
         .unwrap();
-    let ids: Vec<_> = v["data"].as_array().unwrap().iter().map(|m| m["id"].clone()).collect();
-    assert!(ids.contains(&json!(SHM_MODEL)) && ids.contains(&json!(STDIO_MODEL)), "{ids:?}");
-    let health = client.get(format!("{}/healthz", daemon().url)).send().await.unwrap();
+    let ids: Vec<_> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert!(
+        ids.contains(&json!(SHM_MODEL)) && ids.contains(&json!(STDIO_MODEL)),
+        "{ids:?}"
+    );
+    let health = client
+        .get(format!("{}/healthz", daemon().url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
 }

@@ -74,9 +74,7 @@ class Engine:
                 log.exception("engine error")
                 rid = json.loads(payload).get("id") if kind == frames.GENERATE else None
                 code = "invalid_request" if isinstance(e, RequestError) else "worker"
-                self.transport.send(
-                    frames.ERROR, frames.json_payload({"id": rid, "message": str(e), "code": code})
-                )
+                self.transport.send(frames.ERROR, frames.json_payload({"id": rid, "message": str(e), "code": code}))
                 if kind == frames.LOAD:
                     raise
 
@@ -89,9 +87,7 @@ class Engine:
         self._warm_up()
         self.transport.send(
             frames.READY,
-            frames.json_payload(
-                {"load_seconds": time.perf_counter() - t0, "context_length": self.context_length}
-            ),
+            frames.json_payload({"load_seconds": time.perf_counter() - t0, "context_length": self.context_length}),
         )
         log.info("loaded %s in %.1fs", req["model_name"], time.perf_counter() - t0)
 
@@ -105,9 +101,7 @@ class Engine:
 
     def _prompt_ids(self, req: dict[str, Any]) -> list[int]:
         if req.get("messages") is not None:
-            ids = self.tokenizer.apply_chat_template(
-                req["messages"], add_generation_prompt=True, tokenize=True
-            )
+            ids = self.tokenizer.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
@@ -138,18 +132,14 @@ class Engine:
                 ids = self._prompt_ids(req)
             prompt_tokens = len(ids)
             if self.context_length and prompt_tokens >= self.context_length:
-                raise RequestError(
-                    f"prompt is {prompt_tokens} tokens; the model's context is {self.context_length}"
-                )
+                raise RequestError(f"prompt is {prompt_tokens} tokens; the model's context is {self.context_length}")
             if req.get("seed") is not None:
                 mx.random.seed(int(req["seed"]))
             sampler = make_sampler(temp=float(req.get("temperature", 0.0)), top_p=float(req.get("top_p", 1.0)))
             stops = StopMatcher(list(req.get("stop") or []))
             eos = set(self.tokenizer.eos_token_ids)
             responses = (
-                stream_generate(
-                    self.model, self.tokenizer, ids, max_tokens=int(req["max_tokens"]), sampler=sampler
-                )
+                stream_generate(self.model, self.tokenizer, ids, max_tokens=int(req["max_tokens"]), sampler=sampler)
                 if finish != "cancelled"
                 else ()
             )

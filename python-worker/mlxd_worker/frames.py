@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IHH")

@@ -25,9 +25,23 @@ from typing import Any
 
 # GGUF general.file_type values, for error messages about unsupported files.
 FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
-    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 30: "BF16",
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    30: "BF16",
 }
 
 LAYER_NAMES = {
@@ -199,8 +213,7 @@ def write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
     tok.pre_tokenizer = _pre_tokenizer(str(_scalar(meta, "tokenizer.ggml.pre", "default")))
     tok.decoder = decoders.ByteLevel()
     special_ids = {
-        name: int(_scalar(meta, f"tokenizer.ggml.{name}_token_id", -1))
-        for name in ("bos", "eos", "padding", "unknown")
+        name: int(_scalar(meta, f"tokenizer.ggml.{name}_token_id", -1)) for name in ("bos", "eos", "padding", "unknown")
     }
     add_bos = bool(_scalar(meta, "tokenizer.ggml.add_bos_token", False))
     bos = tokens[special_ids["bos"]] if special_ids["bos"] >= 0 else None
@@ -214,9 +227,7 @@ def write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
     tok.add_special_tokens(
         [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
     )
-    tok.add_tokens(
-        [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
-    )
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4])
     tok.save(str(out_dir / "tokenizer.json"))
 
     def name_of(key: str) -> str | None:

@@ -46,10 +46,17 @@ impl From<Error> for ApiError {
 
 /// Parses a JSON body into `T`, with OpenAI-shaped 400s for bad JSON or fields.
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Error> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| Error::invalid(format!("could not parse the JSON body of the request: {e}"), None))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        Error::invalid(
+            format!("could not parse the JSON body of the request: {e}"),
+            None,
+        )
+    })?;
     if !value.is_object() {
-        return Err(Error::invalid("the request body must be a JSON object", None));
+        return Err(Error::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
     }
     serde_json::from_value(value).map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
 }
@@ -144,7 +151,10 @@ impl Sampling {
                 return Err(Error::invalid("only n = 1 is supported", Some("n")));
             }
         }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max_tokens);
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(default_max_tokens);
         if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
             return Err(Error::invalid(
                 format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"),
@@ -153,7 +163,10 @@ impl Sampling {
         }
         let temperature = self.temperature.unwrap_or(0.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(Error::invalid("temperature must be between 0 and 2", Some("temperature")));
+            return Err(Error::invalid(
+                "temperature must be between 0 and 2",
+                Some("temperature"),
+            ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
@@ -163,7 +176,9 @@ impl Sampling {
             None => vec![],
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
-            Some(Stop::Many(_)) => return Err(Error::invalid("at most 4 stop sequences", Some("stop"))),
+            Some(Stop::Many(_)) => {
+                return Err(Error::invalid("at most 4 stop sequences", Some("stop")))
+            }
         };
         Ok(Generate {
             id: 0,
@@ -178,13 +193,18 @@ impl Sampling {
     }
 
     fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
 fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
     if messages.is_empty() {
-        return Err(Error::invalid("messages must not be empty", Some("messages")));
+        return Err(Error::invalid(
+            "messages must not be empty",
+            Some("messages"),
+        ));
     }
     messages
         .into_iter()
@@ -192,7 +212,12 @@ fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
             let role = match m.role.as_str() {
                 "developer" => "system".to_string(),
                 "system" | "user" | "assistant" | "tool" => m.role,
-                other => return Err(Error::invalid(format!("unknown role '{other}'"), Some("messages"))),
+                other => {
+                    return Err(Error::invalid(
+                        format!("unknown role '{other}'"),
+                        Some("messages"),
+                    ))
+                }
             };
             let content = match m.content {
                 None => String::new(),
@@ -233,7 +258,11 @@ fn new_id(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    format!("{prefix}-{:x}{:04x}", nanos, COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff)
+    format!(
+        "{prefix}-{:x}{:04x}",
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
 }
 
 /// Which endpoint a response is for: the shapes differ, the flow does not.
@@ -254,7 +283,9 @@ struct Meta {
 impl Meta {
     fn chunk(&self, delta_or_text: Value, finish: Option<&str>) -> Value {
         let choice = match self.dialect {
-            Dialect::Chat => json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish}),
+            Dialect::Chat => {
+                json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish})
+            }
             Dialect::Completion => {
                 json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish})
             }
@@ -306,11 +337,20 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-async fn run(state: AppState, sampling: Sampling, gen: Generate, dialect: Dialect) -> Result<Response, ApiError> {
+async fn run(
+    state: AppState,
+    sampling: Sampling,
+    gen: Generate,
+    dialect: Dialect,
+) -> Result<Response, ApiError> {
     let worker = state.supervisor.ensure(&sampling.model).await?;
     let meta = Meta {
         dialect,
-        id: new_id(if dialect == Dialect::Chat { "chatcmpl" } else { "cmpl" }),
+        id: new_id(if dialect == Dialect::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
         model: sampling.model.clone(),
         created: unix_now(),
         include_usage: sampling.include_usage(),
@@ -358,7 +398,11 @@ fn stream_response(meta: Meta, mut stream: GenStream) -> Response {
                 GenEvent::Token { text, .. } if text.is_empty() => continue,
                 GenEvent::Token { text, .. } => sse(&meta.chunk(meta.text_piece(&text), None)),
                 GenEvent::Done(done) => {
-                    let empty = if meta.dialect == Dialect::Chat { json!({}) } else { json!("") };
+                    let empty = if meta.dialect == Dialect::Chat {
+                        json!({})
+                    } else {
+                        json!("")
+                    };
                     let mut tail = sse(&meta.chunk(empty, Some(&done.finish_reason))).to_vec();
                     if meta.include_usage {
                         let mut u = meta.chunk(Value::Null, None);
@@ -383,11 +427,16 @@ fn stream_response(meta: Meta, mut stream: GenStream) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
         .expect("static headers are valid")
 }
 
-pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
     let preset_max = default_max_tokens(&state, &req.sampling.model)?;
     let mut gen = req.sampling.to_generate(preset_max)?;
@@ -402,7 +451,11 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
     gen.prompt = Some(match req.prompt {
         PromptInput::One(p) => p,
         PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
-        PromptInput::Many(_) => return Err(Error::invalid("only one prompt per request is supported", Some("prompt")).into()),
+        PromptInput::Many(_) => {
+            return Err(
+                Error::invalid("only one prompt per request is supported", Some("prompt")).into(),
+            )
+        }
     });
     run(state, req.sampling, gen, Dialect::Completion).await
 }

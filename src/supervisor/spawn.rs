@@ -14,7 +14,15 @@ use crate::presets::TransportKind;
 
 /// Environment variables a worker may inherit; everything else is scrubbed so
 /// that secrets in the daemon's environment never reach model code.
-const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "MLXD_WORKER_LOG"];
+const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "USER",
+    "MLXD_WORKER_LOG",
+];
 
 /// Debian/Ubuntu's OpenBLAS, which MLX's Linux CPU wheel runs 14x faster than the
 /// reference BLAS it links.
@@ -23,13 +31,18 @@ pub fn openblas_path() -> Option<PathBuf> {
         return None;
     }
     let arch = std::env::consts::ARCH;
-    let p = PathBuf::from(format!("/usr/lib/{arch}-linux-gnu/openblas-pthread/libblas.so.3"));
+    let p = PathBuf::from(format!(
+        "/usr/lib/{arch}-linux-gnu/openblas-pthread/libblas.so.3"
+    ));
     p.exists().then_some(p)
 }
 
 pub fn command(cfg: &Config, transport: TransportKind, segment: Option<&str>) -> Command {
     let mut cmd = Command::new(&cfg.python);
-    cmd.arg("-m").arg("mlxd_worker").arg("--transport").arg(transport.to_string());
+    cmd.arg("-m")
+        .arg("mlxd_worker")
+        .arg("--transport")
+        .arg(transport.to_string());
     if let Some(name) = segment {
         cmd.arg("--segment").arg(name);
     }
@@ -68,6 +81,9 @@ fn python_path(worker_dir: &Path) -> std::ffi::OsString {
 /// SIGKILL to the worker's whole process group (it leads its own group).
 pub fn kill_group(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }

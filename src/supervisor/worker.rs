@@ -103,7 +103,9 @@ impl WorkerHandle {
             model: preset.name.clone(),
             reason,
         };
-        let model_path = preset.model_path(&cfg.models_dir).map_err(|e| unavailable(e.to_string()))?;
+        let model_path = preset
+            .model_path(&cfg.models_dir)
+            .map_err(|e| unavailable(e.to_string()))?;
         if !is_model_dir(&model_path) {
             return Err(unavailable(format!(
                 "no model at {} (import one with `mlxd import <file.gguf> --name {}`)",
@@ -112,7 +114,8 @@ impl WorkerHandle {
             )));
         }
         let segment = match preset.transport {
-            TransportKind::Shm => match Segment::create(&new_name(), [REQUEST_RING, EVENT_RING], 0) {
+            TransportKind::Shm => match Segment::create(&new_name(), [REQUEST_RING, EVENT_RING], 0)
+            {
                 Ok(s) => Some(s),
                 Err(e) => {
                     tracing::warn!(model = %preset.name, "shared memory unavailable ({e}); falling back to stdio");
@@ -121,7 +124,11 @@ impl WorkerHandle {
             },
             TransportKind::Stdio => None,
         };
-        let transport = if segment.is_some() { TransportKind::Shm } else { TransportKind::Stdio };
+        let transport = if segment.is_some() {
+            TransportKind::Shm
+        } else {
+            TransportKind::Stdio
+        };
         let mut child = spawn::command(cfg, transport, segment.as_ref().map(|s| s.name()))
             .spawn()
             .map_err(|e| unavailable(format!("cannot start {}: {e}", cfg.python.display())))?;
@@ -135,7 +142,13 @@ impl WorkerHandle {
                     .producer(Direction::ToWorker)
                     .and_then(|p| Ok((p, seg.consumer(Direction::ToDaemon)?)))
                     .map_err(|e| Error::Internal(e.to_string()))?;
-                (Outbound::new(stdin, Some(ends.0)), Inbound::Shm { events: ends.1, bell: stdout })
+                (
+                    Outbound::new(stdin, Some(ends.0)),
+                    Inbound::Shm {
+                        events: ends.1,
+                        bell: stdout,
+                    },
+                )
             }
             None => (Outbound::new(stdin, None), Inbound::Stdio { stdout }),
         };
@@ -181,7 +194,11 @@ impl WorkerHandle {
             let status = child.wait().await;
             // Let the reader deliver what the worker published before it died.
             let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
-            h.on_exit(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
+            h.on_exit(
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
+            );
         });
 
         let load = Frame::Load(Load {
@@ -221,7 +238,13 @@ impl WorkerHandle {
 
     fn stderr_tail(&self) -> String {
         let tail = self.stderr_tail.lock().expect("lock");
-        tail.iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join("\n")
+        tail.iter()
+            .rev()
+            .take(5)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Waits until the worker is Ready, or reports why it never will be.
@@ -310,7 +333,9 @@ impl WorkerHandle {
                 }
                 None => tracing::warn!(model = %self.name(), "worker error: {}", err.message),
             },
-            other => tracing::warn!(model = %self.name(), kind = ?other.kind(), "unexpected frame from worker"),
+            other => {
+                tracing::warn!(model = %self.name(), kind = ?other.kind(), "unexpected frame from worker")
+            }
         }
     }
 
@@ -323,7 +348,10 @@ impl WorkerHandle {
             }
             _ => {
                 let tail = self.stderr_tail();
-                let reason = format!("worker exited ({status}){}{tail}", if tail.is_empty() { "" } else { ": " });
+                let reason = format!(
+                    "worker exited ({status}){}{tail}",
+                    if tail.is_empty() { "" } else { ": " }
+                );
                 self.fail(reason.clone());
                 reason
             }
@@ -385,7 +413,8 @@ impl WorkerHandle {
         if !settled {
             tracing::warn!(model = %self.name(), pid = self.pid, "worker ignored shutdown; killing its group");
             spawn::kill_group(self.pid);
-            let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| s.is_terminal())).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| s.is_terminal()))
+                .await;
         }
     }
 

@@ -12,6 +12,15 @@ use super::TransportError;
 /// burn a core on an idle one.
 const SPINS_BEFORE_SLEEP: u32 = 32;
 
+/// The next frame in the ring, decoded; a corrupt ring or frame is a protocol error.
+fn next_frame(events: &mut Consumer) -> Result<Option<Frame>, TransportError> {
+    let protocol = |e: &dyn std::fmt::Display| TransportError::Protocol(e.to_string());
+    match events.pop_with(Frame::decode).map_err(|e| protocol(&e))? {
+        Some(frame) => frame.map(Some).map_err(|e| protocol(&e)),
+        None => Ok(None),
+    }
+}
+
 pub async fn read_events(
     mut events: Consumer,
     mut bell: ChildStdout,
@@ -20,39 +29,26 @@ pub async fn read_events(
     let mut scratch = [0u8; 256];
     let mut idle = 0u32;
     loop {
-        match events
-            .pop_with(|kind, flags, payload| Frame::decode(kind, flags, payload))
-            .map_err(|e| TransportError::Protocol(e.to_string()))?
-        {
-            Some(frame) => {
-                on_frame(frame.map_err(|e| TransportError::Protocol(e.to_string()))?);
-                idle = 0;
-                continue;
-            }
-            None if idle < SPINS_BEFORE_SLEEP => {
-                idle += 1;
-                tokio::task::yield_now().await;
-                continue;
-            }
-            None => {}
+        if let Some(frame) = next_frame(&mut events)? {
+            on_frame(frame);
+            idle = 0;
+            continue;
+        }
+        if idle < SPINS_BEFORE_SLEEP {
+            idle += 1;
+            tokio::task::yield_now().await;
+            continue;
         }
         idle = 0;
         if events.prepare_sleep() {
             let n = bell.read(&mut scratch).await;
             events.finish_sleep();
-            match n {
-                Ok(0) => {
-                    // EOF: the worker is gone. Take whatever it published last.
-                    while let Some(frame) = events
-                        .pop_with(|k, f, p| Frame::decode(k, f, p))
-                        .map_err(|e| TransportError::Protocol(e.to_string()))?
-                    {
-                        on_frame(frame.map_err(|e| TransportError::Protocol(e.to_string()))?);
-                    }
-                    return Ok(());
+            if n? == 0 {
+                // EOF: the worker is gone. Take whatever it published last.
+                while let Some(frame) = next_frame(&mut events)? {
+                    on_frame(frame);
                 }
-                Ok(_) => {}
-                Err(e) => return Err(e.into()),
+                return Ok(());
             }
         }
     }

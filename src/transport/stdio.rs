@@ -7,13 +7,18 @@ use worker_protocol::Frame;
 
 use super::TransportError;
 
-pub async fn read_frames(mut stdout: ChildStdout, mut on_frame: impl FnMut(Frame)) -> Result<(), TransportError> {
+pub async fn read_frames(
+    mut stdout: ChildStdout,
+    mut on_frame: impl FnMut(Frame),
+) -> Result<(), TransportError> {
     let mut decoder = StdioDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = stdout.read(&mut buf).await?;
         if n == 0 {
-            return decoder.finish().map_err(|e| TransportError::Protocol(e.to_string()));
+            return decoder
+                .finish()
+                .map_err(|e| TransportError::Protocol(e.to_string()));
         }
         decoder.feed(&buf[..n]);
         while let Some(frame) = decoder

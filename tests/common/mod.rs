@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
+#[allow(dead_code)] // each test binary uses its own subset of the fields
 pub struct Daemon {
     pub url: String,
     pub port: u16,

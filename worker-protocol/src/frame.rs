@@ -386,7 +386,9 @@ pub fn decode_token_batch(p: &[u8]) -> Result<TokenBatch, FrameError> {
     }
     let mut entries = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let head = p.get(at..at + 16).ok_or_else(|| truncated("entry header"))?;
+        let head = p
+            .get(at..at + 16)
+            .ok_or_else(|| truncated("entry header"))?;
         let id = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
         let token = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
         let text_len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;

@@ -39,10 +39,15 @@ impl WorkerRings {
         let mut spins = 0u32;
         let mut tx = self.events.lock().map_err(os_err)?;
         loop {
-            match tx.try_push_with(kind, flags, len, &fill).map_err(|e| PyValueError::new_err(e.to_string()))? {
+            match tx
+                .try_push_with(kind, flags, len, &fill)
+                .map_err(|e| PyValueError::new_err(e.to_string()))?
+            {
                 Pushed::Yes { wake } => return Ok(wake),
                 Pushed::Full if Instant::now() >= deadline => {
-                    return Err(PyTimeoutError::new_err("events ring full: daemon is not draining"))
+                    return Err(PyTimeoutError::new_err(
+                        "events ring full: daemon is not draining",
+                    ))
                 }
                 Pushed::Full => {
                     spins += 1;
@@ -82,15 +87,35 @@ impl WorkerRings {
     /// must write one byte to the doorbell pipe. Waits (GIL released) up to
     /// `timeout_s` while the ring is full.
     #[pyo3(signature = (kind, payload, flags=0, timeout_s=30.0))]
-    fn push(&self, py: Python<'_>, kind: u16, payload: &[u8], flags: u16, timeout_s: f64) -> PyResult<bool> {
+    fn push(
+        &self,
+        py: Python<'_>,
+        kind: u16,
+        payload: &[u8],
+        flags: u16,
+        timeout_s: f64,
+    ) -> PyResult<bool> {
         let timeout = Duration::from_secs_f64(timeout_s);
-        py.detach(|| self.push_blocking(kind, flags, payload.len(), |d| d.copy_from_slice(payload), timeout))
+        py.detach(|| {
+            self.push_blocking(
+                kind,
+                flags,
+                payload.len(),
+                |d| d.copy_from_slice(payload),
+                timeout,
+            )
+        })
     }
 
     /// Publishes one TokenBatch frame built from (id, token, text) entries, encoded
     /// straight into the ring. Returns True if the doorbell must be rung.
     #[pyo3(signature = (entries, timeout_s=30.0))]
-    fn push_token_batch(&self, py: Python<'_>, entries: Vec<(u64, u32, String)>, timeout_s: f64) -> PyResult<bool> {
+    fn push_token_batch(
+        &self,
+        py: Python<'_>,
+        entries: Vec<(u64, u32, String)>,
+        timeout_s: f64,
+    ) -> PyResult<bool> {
         let payload = encode_entries(&entries);
         let timeout = Duration::from_secs_f64(timeout_s);
         py.detach(|| {
@@ -132,7 +157,10 @@ fn encode_entries(entries: &[(u64, u32, String)]) -> Vec<u8> {
 
 /// TokenBatch payload for (id, token, text) entries (the stdio path uses it too).
 #[pyfunction]
-fn encode_token_batch<'py>(py: Python<'py>, entries: Vec<(u64, u32, String)>) -> Bound<'py, PyBytes> {
+fn encode_token_batch<'py>(
+    py: Python<'py>,
+    entries: Vec<(u64, u32, String)>,
+) -> Bound<'py, PyBytes> {
     PyBytes::new(py, &encode_entries(&entries))
 }
 

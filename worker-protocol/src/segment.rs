@@ -53,7 +53,11 @@ pub enum SegmentError {
         expected: u32,
     },
     #[error("segment {name} is {size} bytes, its header needs {needed}")]
-    Truncated { name: String, size: u64, needed: u64 },
+    Truncated {
+        name: String,
+        size: u64,
+        needed: u64,
+    },
     #[error("segment {0} is not private to this user (mode or owner wrong)")]
     NotPrivate(String),
     #[error("the {0:?} end of this segment was already taken")]
@@ -75,7 +79,10 @@ pub fn new_name() -> String {
 
 /// The pid of the process that created segment `name`, if it is one of ours.
 pub fn owner_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix('/').unwrap_or(name).strip_prefix(NAME_PREFIX)?;
+    let rest = name
+        .strip_prefix('/')
+        .unwrap_or(name)
+        .strip_prefix(NAME_PREFIX)?;
     let (pid, n) = rest.split_once('_')?;
     n.parse::<u32>().ok()?;
     pid.parse().ok()
@@ -220,7 +227,12 @@ impl Segment {
     }
 
     fn data_offset(&self, d: Direction) -> usize {
-        DATA_OFFSET + if d == Direction::ToDaemon { self.caps[0] as usize } else { 0 }
+        DATA_OFFSET
+            + if d == Direction::ToDaemon {
+                self.caps[0] as usize
+            } else {
+                0
+            }
     }
 
     fn take(&self, slot: usize, what: &'static str) -> Result<(), SegmentError> {
@@ -233,13 +245,23 @@ impl Segment {
     /// The write end of ring `d`; can be taken once.
     pub fn producer(&self, d: Direction) -> Result<Producer, SegmentError> {
         self.take(d as usize * 2, "producer")?;
-        Ok(Producer::new(self.map.clone(), d as usize, self.data_offset(d), self.caps[d as usize]))
+        Ok(Producer::new(
+            self.map.clone(),
+            d as usize,
+            self.data_offset(d),
+            self.caps[d as usize],
+        ))
     }
 
     /// The read end of ring `d`; can be taken once.
     pub fn consumer(&self, d: Direction) -> Result<Consumer, SegmentError> {
         self.take(d as usize * 2 + 1, "consumer")?;
-        Ok(Consumer::new(self.map.clone(), d as usize, self.data_offset(d), self.caps[d as usize]))
+        Ok(Consumer::new(
+            self.map.clone(),
+            d as usize,
+            self.data_offset(d),
+            self.caps[d as usize],
+        ))
     }
 
     /// Removes the name (the mapping stays valid for everyone who has it).
@@ -263,8 +285,13 @@ pub fn remove_stale() -> Vec<String> {
     };
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = owner_pid(&name) else { continue };
-        if pid != std::process::id() && !process_alive(pid) && shm_unlink(format!("/{name}").as_str()).is_ok() {
+        let Some(pid) = owner_pid(&name) else {
+            continue;
+        };
+        if pid != std::process::id()
+            && !process_alive(pid)
+            && shm_unlink(format!("/{name}").as_str()).is_ok()
+        {
             removed.push(name);
         }
     }
@@ -273,7 +300,9 @@ pub fn remove_stale() -> Vec<String> {
 
 /// True unless `kill(pid, 0)` says there is no such process.
 pub fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
     !matches!(
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
         Err(nix::errno::Errno::ESRCH)
@@ -302,7 +331,10 @@ mod tests {
         assert_eq!(other.generation(), 3);
         assert_eq!(other.owner_pid(), std::process::id());
         let _p = seg.producer(Direction::ToWorker).unwrap();
-        assert!(matches!(seg.producer(Direction::ToWorker), Err(SegmentError::AlreadyTaken(_))));
+        assert!(matches!(
+            seg.producer(Direction::ToWorker),
+            Err(SegmentError::AlreadyTaken(_))
+        ));
         seg.unlink().unwrap();
         assert!(Segment::open(&name).is_err(), "unlinked name must be gone");
         assert!(Segment::create(&new_name(), [1000, 4096], 0).is_err());

@@ -18,6 +18,9 @@ pub enum StdioError {
     Frame(#[from] FrameError),
 }
 
+/// A frame as (kind, flags, payload) borrowed from the decoder's buffer.
+pub type RawFrame<'a> = (u16, u16, &'a [u8]);
+
 /// Accumulates bytes and yields whole frames.
 #[derive(Default)]
 pub struct StdioDecoder {
@@ -39,7 +42,7 @@ impl StdioDecoder {
     }
 
     /// The next whole frame as (kind, flags, payload), or None if more bytes are needed.
-    pub fn next_raw(&mut self) -> Result<Option<(u16, u16, &[u8])>, StdioError> {
+    pub fn next_raw(&mut self) -> Result<Option<RawFrame<'_>>, StdioError> {
         let pending = &self.buf[self.start..];
         let Some(header) = pending.get(..HEADER_LEN) else {
             return Ok(None);

@@ -28,7 +28,7 @@ fn python() -> PathBuf {
 /// Frame `i`'s size: mostly small like tokens, sometimes large like prompts.
 fn size(i: u64) -> usize {
     let r = i.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-    if i % 997 == 0 {
+    if i.is_multiple_of(997) {
         (r % 60_000) as usize
     } else {
         (r % 300) as usize
@@ -67,7 +67,11 @@ fn python_peer_echoes_two_million_frames_intact() {
         let mut buf = vec![0u8; 64 * 1024];
         let mut wakes = 0u64;
         for i in 0..=FRAMES {
-            let (kind, len) = if i == FRAMES { (SHUTDOWN, 0) } else { (4, size(i)) };
+            let (kind, len) = if i == FRAMES {
+                (SHUTDOWN, 0)
+            } else {
+                (4, size(i))
+            };
             fill(i, &mut buf[..len]);
             loop {
                 match tx.try_push(kind, 0, &buf[..len]).unwrap() {
@@ -114,5 +118,7 @@ fn python_peer_echoes_two_million_frames_intact() {
     let wakes = sender.join().unwrap();
     assert!(child.wait().unwrap().success());
     let _ = seg.unlink();
-    eprintln!("{FRAMES} frames echoed; daemon side slept {sleeps} times, woke the peer {wakes} times");
+    eprintln!(
+        "{FRAMES} frames echoed; daemon side slept {sleeps} times, woke the peer {wakes} times"
+    );
 }

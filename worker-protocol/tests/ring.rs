@@ -33,11 +33,14 @@ fn frames_wrap_around_the_end_many_times_intact() {
     // Sizes chosen so frames land on every alignment relative to the wrap point.
     for round in 0..20_000u64 {
         let len = ((round * 37) % 600) as usize;
-        match tx.try_push(7, (sent % 3) as u16, &payload(sent, len)).unwrap() {
+        match tx
+            .try_push(7, (sent % 3) as u16, &payload(sent, len))
+            .unwrap()
+        {
             Pushed::Yes { .. } => sent += 1,
             Pushed::Full => {}
         }
-        if round % 3 != 0 {
+        if !round.is_multiple_of(3) {
             while let Some((kind, flags, p)) = rx.pop().unwrap() {
                 assert_eq!(kind, 7);
                 assert_eq!(flags as u64, got % 3);
@@ -64,11 +67,17 @@ fn a_full_ring_refuses_without_writing_and_recovers() {
         n += 1;
     }
     assert_eq!(n, 4096 / 112, "100-byte frames take 112 bytes each");
-    assert!(tx.try_push(1, 0, &[1; 2041]).is_err(), "more than half the ring is refused");
+    assert!(
+        tx.try_push(1, 0, &[1; 2041]).is_err(),
+        "more than half the ring is refused"
+    );
     // 36 frames fill 4032 bytes; the next one must wrap and needs 64 bytes of
     // padding plus 112 for itself: exactly what freeing one frame gives.
     assert_eq!(rx.pop().unwrap().unwrap().2, payload(0, 100));
-    assert!(matches!(tx.try_push(1, 0, &payload(n, 100)).unwrap(), Pushed::Yes { .. }));
+    assert!(matches!(
+        tx.try_push(1, 0, &payload(n, 100)).unwrap(),
+        Pushed::Yes { .. }
+    ));
     assert_eq!(tx.try_push(1, 0, &[]).unwrap(), Pushed::Full);
     for i in 1..=n {
         assert_eq!(rx.pop().unwrap().unwrap().2, payload(i, 100));
@@ -81,9 +90,15 @@ fn the_doorbell_rings_only_for_a_sleeping_consumer() {
     let seg = segment(4096);
     let mut tx = seg.producer(Direction::ToWorker).unwrap();
     let mut rx = seg.consumer(Direction::ToWorker).unwrap();
-    assert_eq!(tx.try_push(1, 0, b"a").unwrap(), Pushed::Yes { wake: false });
+    assert_eq!(
+        tx.try_push(1, 0, b"a").unwrap(),
+        Pushed::Yes { wake: false }
+    );
     assert!(!rx.prepare_sleep(), "a pending frame means: don't sleep");
-    assert_eq!(tx.try_push(1, 0, b"b").unwrap(), Pushed::Yes { wake: false });
+    assert_eq!(
+        tx.try_push(1, 0, b"b").unwrap(),
+        Pushed::Yes { wake: false }
+    );
     rx.pop().unwrap();
     rx.pop().unwrap();
     assert!(rx.prepare_sleep(), "empty ring: sleep");

@@ -118,7 +118,12 @@ impl Producer {
         }
         let mut header = [0u8; HEADER_LEN];
         if pad > 0 {
-            write_header(&mut header, (pad as usize - HEADER_LEN) as u32, Kind::Padding as u16, 0);
+            write_header(
+                &mut header,
+                (pad as usize - HEADER_LEN) as u32,
+                Kind::Padding as u16,
+                0,
+            );
             // SAFETY: `pad` bytes from tail are free (checked above) and end exactly at
             // the end of the data area; we are the only producer.
             unsafe { self.data.write(self.tail, &header) };
@@ -148,7 +153,9 @@ impl Producer {
 
     /// Publishes one frame with the given payload.
     pub fn try_push(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<Pushed, RingError> {
-        self.try_push_with(kind, flags, payload.len(), |dst| dst.copy_from_slice(payload))
+        self.try_push_with(kind, flags, payload.len(), |dst| {
+            dst.copy_from_slice(payload)
+        })
     }
 }
 
@@ -182,13 +189,16 @@ impl Consumer {
     /// Takes the next frame, lending its payload to `f` straight from shared memory.
     /// Returns `Ok(None)` when the ring is empty. A frame whose header contradicts
     /// the ring's state is `Corrupt`: the peer is broken or hostile.
-    pub fn pop_with<R>(&mut self, f: impl FnOnce(u16, u16, &[u8]) -> R) -> Result<Option<R>, RingError> {
+    pub fn pop_with<R>(
+        &mut self,
+        f: impl FnOnce(u16, u16, &[u8]) -> R,
+    ) -> Result<Option<R>, RingError> {
         loop {
             if self.is_empty() {
                 return Ok(None);
             }
             let avail = self.tail_cache.wrapping_sub(self.head);
-            if avail > self.cap || avail < HEADER_LEN as u64 || avail % 8 != 0 {
+            if avail > self.cap || avail < HEADER_LEN as u64 || !avail.is_multiple_of(8) {
                 return Err(RingError::Corrupt("tail is not a valid frame boundary"));
             }
             let to_end = self.cap - (self.head & (self.cap - 1));
@@ -200,7 +210,9 @@ impl Consumer {
             let (len, kind, flags) = read_header(&header);
             let stride = align8(HEADER_LEN as u64 + len as u64);
             if stride > avail || stride > to_end {
-                return Err(RingError::Corrupt("frame length runs past the published data"));
+                return Err(RingError::Corrupt(
+                    "frame length runs past the published data",
+                ));
             }
             if kind == Kind::Padding as u16 {
                 if stride != to_end {
@@ -228,7 +240,11 @@ impl Consumer {
         self.head += stride;
         // SYNC POINT: Release tells the producer we are done reading these bytes;
         // pairs with its Acquire load of head.
-        self.map.control(self.ring).head.0.store(self.head, Ordering::Release);
+        self.map
+            .control(self.ring)
+            .head
+            .0
+            .store(self.head, Ordering::Release);
     }
 
     /// Announces that we are about to block on the doorbell. Returns true if the

@@ -66,7 +66,8 @@ const _: () = assert!(std::mem::size_of::<SegmentHeader>() <= CONTROL_OFFSETS[0]
 const _: () = assert!(std::mem::size_of::<RingControl>() == 384);
 const _: () = assert!(CONTROL_OFFSETS[0] + 384 <= CONTROL_OFFSETS[1]);
 const _: () = assert!(CONTROL_OFFSETS[1] + 384 <= DATA_OFFSET);
-const _: () = assert!(CONTROL_OFFSETS[0] % 128 == 0 && CONTROL_OFFSETS[1] % 128 == 0);
+const _: () =
+    assert!(CONTROL_OFFSETS[0].is_multiple_of(128) && CONTROL_OFFSETS[1].is_multiple_of(128));
 
 /// One `mmap` of a shared-memory segment, unmapped on drop.
 pub struct Mapping {
@@ -116,7 +117,13 @@ impl Mapping {
     pub fn control(&self, ring: usize) -> &RingControl {
         // SAFETY: CONTROL_OFFSETS are 128-aligned offsets inside the first
         // DATA_OFFSET bytes (const-asserted above); RingControl holds only atomics.
-        unsafe { &*self.ptr.as_ptr().add(CONTROL_OFFSETS[ring]).cast::<RingControl>() }
+        unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(CONTROL_OFFSETS[ring])
+                .cast::<RingControl>()
+        }
     }
 
     /// Base pointer of ring `ring`'s data area. The caller must have checked that
