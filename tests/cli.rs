@@ -70,3 +70,53 @@ fn list_shows_presets_and_whether_they_are_imported() {
         "the test model is imported: {row}"
     );
 }
+
+/// A daemon killed with SIGKILL leaves no worker behind: the worker's stdin (its
+/// lifeline) reaches EOF and it exits.
+#[test]
+fn workers_exit_when_their_daemon_is_killed() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let mut own = mlxd()
+        .args(["serve", "--port", "0", "--presets-dir"])
+        .arg(common::root().join("tests/presets"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(own.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let out = mlxd()
+        .args(["--port", &port, "start", MODEL])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ps = mlxd().args(["--port", &port, "ps"]).output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout).into_owned();
+    let pid: u32 = ps
+        .lines()
+        .find(|l| l.starts_with(MODEL))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no worker in ps:\n{ps}"));
+
+    own.kill().unwrap(); // SIGKILL: no chance to stop its workers
+    own.wait().unwrap();
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!alive(), "worker {pid} outlived its daemon");
+}

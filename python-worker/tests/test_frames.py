@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlxd_protocol
+
 from mlxd_worker import frames
 
 

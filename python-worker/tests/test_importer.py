@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from mlxd_worker import importer
 
 ROOT = Path(__file__).resolve().parents[2]
