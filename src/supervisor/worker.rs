@@ -329,7 +329,10 @@ impl WorkerHandle {
                     }
                 }
                 None if self.state() == WorkerState::Starting => {
-                    self.fail(format!("loading failed: {}", err.message))
+                    // A worker that cannot load is of no use and would hold its
+                    // memory: fail it and kill its group (its exit settles the rest).
+                    self.fail(format!("loading failed: {}", err.message));
+                    spawn::kill_group(self.pid);
                 }
                 None => tracing::warn!(model = %self.name(), "worker error: {}", err.message),
             },

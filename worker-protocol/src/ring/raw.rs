@@ -25,7 +25,11 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::{Pushed, RingError};
+use crate::frame::{read_header, write_header, Kind, HEADER_LEN};
 
 /// "MLXDRING", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MLXDRING");
@@ -145,7 +149,7 @@ impl Drop for Mapping {
 
 /// Raw access to one ring's data area. Safe to construct; the byte accessors are
 /// `unsafe` because only the SPSC discipline makes them sound.
-pub struct RawData {
+struct RawData {
     base: *mut u8,
     cap: u64,
 }
@@ -157,7 +161,7 @@ unsafe impl Send for RawData {}
 
 impl RawData {
     /// `base` must point to `cap` bytes inside a mapping kept alive by the caller.
-    pub fn new(base: *mut u8, cap: u64) -> RawData {
+    fn new(base: *mut u8, cap: u64) -> RawData {
         RawData { base, cap }
     }
 
@@ -170,7 +174,7 @@ impl RawData {
     /// - the range does not cross the end of the data area
     ///   (`(pos & (cap-1)) + src.len() <= cap`);
     /// - only the single producer calls this.
-    pub unsafe fn write(&self, pos: u64, src: &[u8]) {
+    unsafe fn write(&self, pos: u64, src: &[u8]) {
         let off = (pos & (self.cap - 1)) as usize;
         debug_assert!(off + src.len() <= self.cap as usize);
         // SAFETY: in bounds by the second condition; nobody reads these bytes until
@@ -184,7 +188,7 @@ impl RawData {
     /// Same conditions as [`RawData::write`]; in addition the slice must be dropped
     /// before `tail` is published past it.
     #[allow(clippy::mut_from_ref)] // the SPSC discipline, not &mut self, gives exclusivity
-    pub unsafe fn write_in_place(&self, pos: u64, len: usize) -> &mut [u8] {
+    unsafe fn write_in_place(&self, pos: u64, len: usize) -> &mut [u8] {
         let off = (pos & (self.cap - 1)) as usize;
         debug_assert!(off + len <= self.cap as usize);
         // SAFETY: in bounds by the caller's conditions; only the single producer
@@ -200,12 +204,259 @@ impl RawData {
     ///   `tail` loaded with Acquire;
     /// - the range does not cross the end of the data area;
     /// - the slice is dropped before `head` is advanced past it.
-    pub unsafe fn read(&self, pos: u64, len: usize) -> &[u8] {
+    unsafe fn read(&self, pos: u64, len: usize) -> &[u8] {
         let off = (pos & (self.cap - 1)) as usize;
         debug_assert!(off + len <= self.cap as usize);
         // SAFETY: in bounds by the second condition; the producer does not write
         // this range until the consumer publishes `head` past it (first and third
         // conditions), so the bytes are stable while borrowed.
         unsafe { std::slice::from_raw_parts(self.base.add(off), len) }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The two ring ends. They are the only callers of RawData's unsafe accessors, and
+// `Segment` hands each end out once, which is what makes those calls sound.
+// ---------------------------------------------------------------------------
+
+const fn align8(n: u64) -> u64 {
+    (n + 7) & !7
+}
+
+/// The write end of one ring. Exactly one exists per ring (see `Segment`).
+pub struct Producer {
+    map: Arc<Mapping>,
+    ring: usize,
+    data: RawData,
+    cap: u64,
+    /// Our own tail: only we write it, so no need to load it back.
+    tail: u64,
+    /// Last head seen; reloaded (Acquire) only when the ring looks full.
+    head_cache: u64,
+}
+
+/// The read end of one ring. Exactly one exists per ring (see `Segment`).
+pub struct Consumer {
+    map: Arc<Mapping>,
+    ring: usize,
+    data: RawData,
+    cap: u64,
+    /// Our own head: only we write it.
+    head: u64,
+    /// Last tail seen; reloaded (Acquire) only when we have caught up with it.
+    tail_cache: u64,
+}
+
+impl Producer {
+    pub(crate) fn new(map: Arc<Mapping>, ring: usize, data_offset: usize, cap: u64) -> Producer {
+        let ctl = map.control(ring);
+        // SYNC POINT: Acquire pairs with the consumer's Release of head.
+        let head = ctl.head.0.load(Ordering::Acquire);
+        let tail = ctl.tail.0.load(Ordering::Relaxed);
+        let data = RawData::new(map.data_ptr(data_offset), cap);
+        Producer {
+            map,
+            ring,
+            data,
+            cap,
+            tail,
+            head_cache: head,
+        }
+    }
+
+    /// The largest payload one frame may carry. Half the ring: a frame that must wrap
+    /// needs padding plus itself to fit, which half the ring always allows once the
+    /// consumer has caught up.
+    pub fn max_payload(&self) -> usize {
+        (self.cap / 2) as usize - HEADER_LEN
+    }
+
+    fn free_at_least(&mut self, need: u64) -> bool {
+        if self.cap - (self.tail - self.head_cache) >= need {
+            return true;
+        }
+        // SYNC POINT: Acquire pairs with the consumer's Release of head: the bytes
+        // it has released are no longer being read when we overwrite them.
+        self.head_cache = self.map.control(self.ring).head.0.load(Ordering::Acquire);
+        self.cap - (self.tail - self.head_cache) >= need
+    }
+
+    /// Publishes one frame whose payload `fill` writes in place (no intermediate
+    /// buffer). `fill` receives exactly `len` bytes and must initialize all of them.
+    pub fn try_push_with(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<Pushed, RingError> {
+        if len > self.max_payload() {
+            return Err(RingError::TooLarge {
+                size: len,
+                max: self.max_payload(),
+            });
+        }
+        let stride = align8((HEADER_LEN + len) as u64);
+        let to_end = self.cap - (self.tail & (self.cap - 1));
+        let pad = if stride > to_end { to_end } else { 0 };
+        if !self.free_at_least(pad + stride) {
+            return Ok(Pushed::Full);
+        }
+        let mut header = [0u8; HEADER_LEN];
+        if pad > 0 {
+            write_header(
+                &mut header,
+                (pad as usize - HEADER_LEN) as u32,
+                Kind::Padding as u16,
+                0,
+            );
+            // SAFETY: `pad` bytes from tail are free (checked above) and end exactly at
+            // the end of the data area; we are the only producer.
+            unsafe { self.data.write(self.tail, &header) };
+            self.tail += pad;
+        }
+        write_header(&mut header, len as u32, kind, flags);
+        // SAFETY: `stride` bytes from tail are free and do not cross the end (either
+        // stride <= to_end, or we just padded to offset 0 and stride <= cap/2).
+        unsafe { self.data.write(self.tail, &header) };
+        // SAFETY: the payload range [tail + 8, tail + 8 + len) is inside the same
+        // free, non-wrapping range; the borrow ends when `fill` returns, before tail
+        // is published.
+        fill(unsafe { self.data.write_in_place(self.tail + HEADER_LEN as u64, len) });
+        self.tail += stride;
+        let ctl = self.map.control(self.ring);
+        // SYNC POINT: Release publishes the padding, header and payload written above;
+        // pairs with the consumer's Acquire load of tail.
+        ctl.tail.0.store(self.tail, Ordering::Release);
+        // SYNC POINT: SeqCst fence orders our tail store before the load of
+        // `consumer_sleeping` (Dekker with the consumer's store-fence-load in
+        // `prepare_sleep`): either it sees our tail or we see its flag.
+        fence(Ordering::SeqCst);
+        let wake = ctl.consumer_sleeping.0.load(Ordering::Relaxed) == 1
+            && ctl.consumer_sleeping.0.swap(0, Ordering::AcqRel) == 1;
+        Ok(Pushed::Yes { wake })
+    }
+
+    /// Publishes one frame with the given payload.
+    pub fn try_push(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<Pushed, RingError> {
+        self.try_push_with(kind, flags, payload.len(), |dst| {
+            dst.copy_from_slice(payload)
+        })
+    }
+}
+
+impl Consumer {
+    pub(crate) fn new(map: Arc<Mapping>, ring: usize, data_offset: usize, cap: u64) -> Consumer {
+        let ctl = map.control(ring);
+        let head = ctl.head.0.load(Ordering::Relaxed);
+        // SYNC POINT: Acquire pairs with the producer's Release of tail.
+        let tail = ctl.tail.0.load(Ordering::Acquire);
+        let data = RawData::new(map.data_ptr(data_offset), cap);
+        Consumer {
+            map,
+            ring,
+            data,
+            cap,
+            head,
+            tail_cache: tail,
+        }
+    }
+
+    /// True if no published frame is waiting.
+    pub fn is_empty(&mut self) -> bool {
+        if self.head != self.tail_cache {
+            return false;
+        }
+        // SYNC POINT: Acquire pairs with the producer's Release of tail.
+        self.tail_cache = self.map.control(self.ring).tail.0.load(Ordering::Acquire);
+        self.head == self.tail_cache
+    }
+
+    /// Takes the next frame, lending its payload to `f` straight from shared memory.
+    /// Returns `Ok(None)` when the ring is empty. A frame whose header contradicts
+    /// the ring's state is `Corrupt`: the peer is broken or hostile.
+    pub fn pop_with<R>(
+        &mut self,
+        f: impl FnOnce(u16, u16, &[u8]) -> R,
+    ) -> Result<Option<R>, RingError> {
+        loop {
+            if self.is_empty() {
+                return Ok(None);
+            }
+            let avail = self.tail_cache.wrapping_sub(self.head);
+            if avail > self.cap || avail < HEADER_LEN as u64 || !avail.is_multiple_of(8) {
+                return Err(RingError::Corrupt("tail is not a valid frame boundary"));
+            }
+            let to_end = self.cap - (self.head & (self.cap - 1));
+            // SAFETY: avail >= 8 and head is 8-aligned, so the header lies in
+            // [head, tail) and, since to_end is a multiple of 8, before the end.
+            let header: [u8; HEADER_LEN] = unsafe { self.data.read(self.head, HEADER_LEN) }
+                .try_into()
+                .expect("8 bytes");
+            let (len, kind, flags) = read_header(&header);
+            let stride = align8(HEADER_LEN as u64 + len as u64);
+            if stride > avail || stride > to_end {
+                return Err(RingError::Corrupt(
+                    "frame length runs past the published data",
+                ));
+            }
+            if kind == Kind::Padding as u16 {
+                if stride != to_end {
+                    return Err(RingError::Corrupt("padding does not end at the wrap point"));
+                }
+                self.release(stride);
+                continue;
+            }
+            // SAFETY: [head + 8, head + 8 + len) lies inside [head, tail) and before
+            // the end (stride checks above); the slice is dropped when `f` returns,
+            // before `release` moves head past it.
+            let payload = unsafe { self.data.read(self.head + HEADER_LEN as u64, len as usize) };
+            let out = f(kind, flags, payload);
+            self.release(stride);
+            return Ok(Some(out));
+        }
+    }
+
+    /// Takes the next frame, copying its payload out.
+    pub fn pop(&mut self) -> Result<Option<(u16, u16, Vec<u8>)>, RingError> {
+        self.pop_with(|k, f, p| (k, f, p.to_vec()))
+    }
+
+    fn release(&mut self, stride: u64) {
+        self.head += stride;
+        // SYNC POINT: Release tells the producer we are done reading these bytes;
+        // pairs with its Acquire load of head.
+        self.map
+            .control(self.ring)
+            .head
+            .0
+            .store(self.head, Ordering::Release);
+    }
+
+    /// Announces that we are about to block on the doorbell. Returns true if the
+    /// caller should block now (the ring is still empty after the announcement);
+    /// false if a frame arrived meanwhile (the announcement is withdrawn).
+    pub fn prepare_sleep(&mut self) -> bool {
+        let map = self.map.clone();
+        let sleeping = &map.control(self.ring).consumer_sleeping.0;
+        sleeping.store(1, Ordering::Relaxed);
+        // SYNC POINT: SeqCst fence orders the flag store before the tail re-check;
+        // pairs with the producer's fence between its tail store and flag load.
+        fence(Ordering::SeqCst);
+        if self.is_empty() {
+            true
+        } else {
+            sleeping.store(0, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Withdraws the sleep announcement after waking (the producer may already have).
+    pub fn finish_sleep(&mut self) {
+        self.map
+            .control(self.ring)
+            .consumer_sleeping
+            .0
+            .store(0, Ordering::Relaxed);
     }
 }
