@@ -72,3 +72,20 @@ def test_unknown_model_is_an_openai_not_found(client: OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="no-such-model", messages=QUESTION, max_tokens=2)
     assert err.value.code == "model_not_found"
+
+
+def test_same_seed_same_sample_at_temperature_one(client: OpenAI) -> None:
+    def sample(seed: int) -> str:
+        resp = client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "Name a color."}],
+            max_tokens=8,
+            temperature=1.0,
+            seed=seed,
+        )
+        return resp.choices[0].message.content or ""
+
+    first = sample(1234)
+    assert first and sample(1234) == first
+    # Sampling is really at temperature 1 (greedy would ignore the seed).
+    assert sample(1) != first
