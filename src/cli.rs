@@ -80,7 +80,7 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
     let workers: Vec<WorkerInfo> = serde_json::from_value(v["workers"].clone())?;
     println!(
         "{:<24} {:>8} {:<9} {:<9} {:>9} {:>8} {:<9} {:>7}",
-        "MODEL", "PID", "TRANSPORT", "STATE", "MEMORY", "UPTIME", "BLAS", "ACTIVE"
+        "MODEL", "PID", "TRANSPORT", "STATE", "MEMORY", "UPTIME", "BLAS", "INFLIGHT"
     );
     for w in workers {
         println!(
@@ -92,7 +92,7 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
             human_bytes(w.stats.rss),
             human_duration(w.uptime_s),
             w.blas.as_deref().unwrap_or("-"),
-            w.stats.active_sequences,
+            w.inflight,
         );
         if let Some(e) = w.error {
             println!("    error: {e}");
