@@ -266,7 +266,7 @@ impl Frame {
             Frame::Error(v) => json(out, v),
             Frame::Stats(v) => json(out, v),
             Frame::Cancel { id } => out.extend_from_slice(&id.to_le_bytes()),
-            Frame::TokenBatch(b) => encode_token_batch(b.entries.iter(), out),
+            Frame::TokenBatch(b) => encode_token_batch(&b.entries, out),
             Frame::Shutdown => {}
         }
     }
@@ -345,15 +345,33 @@ pub fn read_header(src: &[u8; HEADER_LEN]) -> (u32, u16, u16) {
 
 /// TokenBatch payload: `[count u32][reserved u32]` then per entry
 /// `[id u64][token u32][text_len u32][text bytes]` (entries are not padded).
-pub fn encode_token_batch<'a>(entries: impl Iterator<Item = &'a TokenEntry>, out: &mut Vec<u8>) {
-    let count_at = out.len();
-    out.extend_from_slice(&[0u8; 8]);
+pub fn encode_token_batch(entries: &[TokenEntry], out: &mut Vec<u8>) {
+    let parts = || entries.iter().map(|e| (e.id, e.token, e.text.as_bytes()));
+    let at = out.len();
+    out.resize(at + token_batch_len(parts().map(|p| p.2)), 0);
+    write_token_batch(parts(), &mut out[at..]);
+}
+
+/// The size of a TokenBatch payload holding entries with these texts.
+pub fn token_batch_len<'a>(texts: impl Iterator<Item = &'a [u8]>) -> usize {
+    8 + texts.map(|t| 16 + t.len()).sum::<usize>()
+}
+
+/// Writes a TokenBatch payload into `dst`, which must be exactly `token_batch_len`
+/// bytes: the worker writes straight into its ring slot, with no buffer between.
+pub fn write_token_batch<'a>(entries: impl Iterator<Item = (u64, u32, &'a [u8])>, dst: &mut [u8]) {
+    let mut at = 8;
     let mut count = 0u32;
-    for e in entries {
-        push_token_entry(out, e.id, e.token, e.text.as_bytes());
+    for (id, token, text) in entries {
+        dst[at..at + 8].copy_from_slice(&id.to_le_bytes());
+        dst[at + 8..at + 12].copy_from_slice(&token.to_le_bytes());
+        dst[at + 12..at + 16].copy_from_slice(&(text.len() as u32).to_le_bytes());
+        dst[at + 16..at + 16 + text.len()].copy_from_slice(text);
+        at += 16 + text.len();
         count += 1;
     }
-    out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    dst[0..4].copy_from_slice(&count.to_le_bytes());
+    dst[4..8].fill(0);
 }
 
 /// Appends one TokenBatch entry (used by encoders that do not hold `TokenEntry`s).
@@ -484,12 +502,11 @@ mod tests {
         // text_len runs past the end
         let mut p = Vec::new();
         encode_token_batch(
-            [TokenEntry {
+            &[TokenEntry {
                 id: 1,
                 token: 1,
                 text: "abc".into(),
-            }]
-            .iter(),
+            }],
             &mut p,
         );
         let n = p.len();
@@ -497,7 +514,7 @@ mod tests {
         assert!(decode_token_batch(&p).is_err());
         // invalid UTF-8
         let mut p = Vec::new();
-        encode_token_batch(std::iter::empty(), &mut p);
+        encode_token_batch(&[], &mut p);
         p[..4].copy_from_slice(&1u32.to_le_bytes());
         push_token_entry(&mut p, 9, 1, &[0xff, 0xfe]);
         assert_eq!(decode_token_batch(&p), Err(FrameError::Utf8(9)));

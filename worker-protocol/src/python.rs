@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::frame::{push_token_entry, Kind, PROTOCOL_VERSION};
+use crate::frame::{token_batch_len, write_token_batch, Kind, PROTOCOL_VERSION};
 use crate::ring::{Consumer, Producer, Pushed};
 use crate::segment::{Direction, Segment};
 
@@ -116,14 +116,19 @@ impl WorkerRings {
         entries: Vec<(u64, u32, String)>,
         timeout_s: f64,
     ) -> PyResult<bool> {
-        let payload = encode_entries(&entries);
+        let parts = || {
+            entries
+                .iter()
+                .map(|(id, token, text)| (*id, *token, text.as_bytes()))
+        };
+        let len = token_batch_len(parts().map(|p| p.2));
         let timeout = Duration::from_secs_f64(timeout_s);
         py.detach(|| {
             self.push_blocking(
                 Kind::TokenBatch as u16,
                 0,
-                payload.len(),
-                |d| d.copy_from_slice(&payload),
+                len,
+                |dst| write_token_batch(parts(), dst),
                 timeout,
             )
         })
@@ -145,23 +150,20 @@ impl WorkerRings {
     }
 }
 
-fn encode_entries(entries: &[(u64, u32, String)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + entries.iter().map(|e| 16 + e.2.len()).sum::<usize>());
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    out.extend_from_slice(&[0u8; 4]);
-    for (id, token, text) in entries {
-        push_token_entry(&mut out, *id, *token, text.as_bytes());
-    }
-    out
-}
-
 /// TokenBatch payload for (id, token, text) entries (the stdio path uses it too).
 #[pyfunction]
 fn encode_token_batch<'py>(
     py: Python<'py>,
     entries: Vec<(u64, u32, String)>,
 ) -> Bound<'py, PyBytes> {
-    PyBytes::new(py, &encode_entries(&entries))
+    let parts = || {
+        entries
+            .iter()
+            .map(|(id, token, text)| (*id, *token, text.as_bytes()))
+    };
+    let mut out = vec![0u8; token_batch_len(parts().map(|p| p.2))];
+    write_token_batch(parts(), &mut out);
+    PyBytes::new(py, &out)
 }
 
 /// {name: value} of every frame kind, for the drift test against frames.py.
