@@ -374,14 +374,6 @@ pub fn write_token_batch<'a>(entries: impl Iterator<Item = (u64, u32, &'a [u8])>
     dst[4..8].fill(0);
 }
 
-/// Appends one TokenBatch entry (used by encoders that do not hold `TokenEntry`s).
-pub fn push_token_entry(out: &mut Vec<u8>, id: u64, token: u32, text: &[u8]) {
-    out.extend_from_slice(&id.to_le_bytes());
-    out.extend_from_slice(&token.to_le_bytes());
-    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
-    out.extend_from_slice(text);
-}
-
 /// Decodes a TokenBatch payload; every length is bounds-checked because frames
 /// from a worker are untrusted.
 pub fn decode_token_batch(p: &[u8]) -> Result<TokenBatch, FrameError> {
@@ -513,10 +505,9 @@ mod tests {
         p[n - 7..n - 3].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_token_batch(&p).is_err());
         // invalid UTF-8
-        let mut p = Vec::new();
-        encode_token_batch(&[], &mut p);
-        p[..4].copy_from_slice(&1u32.to_le_bytes());
-        push_token_entry(&mut p, 9, 1, &[0xff, 0xfe]);
+        let bad: &[u8] = &[0xff, 0xfe];
+        let mut p = vec![0u8; token_batch_len(std::iter::once(bad))];
+        write_token_batch(std::iter::once((9, 1, bad)), &mut p);
         assert_eq!(decode_token_batch(&p), Err(FrameError::Utf8(9)));
         assert_eq!(Frame::decode(99, 0, &[]), Err(FrameError::UnknownKind(99)));
         assert!(Frame::decode(Kind::Cancel as u16, 0, &[1, 2]).is_err());
