@@ -27,6 +27,8 @@ pub enum Error {
     WorkerUnavailable { model: String, reason: String },
     #[error("worker for '{model}' failed: {reason}")]
     WorkerFailed { model: String, reason: String },
+    #[error("'{model}' is at capacity: {queued} requests are already waiting; retry shortly")]
+    Overloaded { model: String, queued: usize },
     #[error("{0}")]
     Internal(String),
 }
@@ -42,7 +44,9 @@ impl Error {
     pub fn source_of(&self) -> Source {
         match self {
             Error::InvalidRequest { .. } | Error::ModelNotFound(_) => Source::Client,
-            Error::WorkerUnavailable { .. } | Error::WorkerFailed { .. } => Source::Worker,
+            Error::WorkerUnavailable { .. }
+            | Error::WorkerFailed { .. }
+            | Error::Overloaded { .. } => Source::Worker,
             Error::Internal(_) => Source::Daemon,
         }
     }
@@ -51,7 +55,9 @@ impl Error {
         match self {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
-            Error::WorkerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::WorkerUnavailable { .. } | Error::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -64,6 +70,7 @@ impl Error {
             Error::ModelNotFound(_) => "model_not_found",
             Error::WorkerUnavailable { .. } => "worker_unavailable",
             Error::WorkerFailed { .. } => "worker_failed",
+            Error::Overloaded { .. } => "model_overloaded",
             Error::Internal(_) => "internal_error",
         }
     }

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! - [`config`]: daemon configuration; [`presets`]: model presets.
-//! - [`api`]: HTTP routes; [`error`]: errors with a source → status.
+//! - [`api`]: HTTP routes; [`error`]: errors with a source → status; [`metrics`]: /metrics.
 //! - [`supervisor`]: worker processes, their state, and request routing by id.
 //! - [`transport`]: the daemon's end of the shm and stdio transports.
 //! - [`serve`]: the daemon's main loop; [`cli`]: the thin clients of its admin API.
@@ -22,6 +22,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod presets;
 pub mod serve;
 pub mod supervisor;

@@ -15,6 +15,86 @@ pub enum TransportKind {
     Shm,
     /// Length-prefixed frames on the worker's pipes.
     Stdio,
+    /// The worker serves OpenAI HTTP on 127.0.0.1 and the daemon proxies to it
+    /// (the llama-swap/Ollama design), for comparing against the rings.
+    Http,
+}
+
+/// What produces the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// mlx-lm with continuous batching.
+    #[default]
+    Mlx,
+    /// A fixed text's tokens as fast as the protocol allows: measures the token path.
+    Replay,
+}
+
+impl EngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Mlx => "mlx",
+            EngineKind::Replay => "replay",
+        }
+    }
+}
+
+/// When the worker sends the tokens it has: after every decode step (the
+/// default, lowest latency), once N tokens are waiting, or once the oldest
+/// has waited T ms. Written `"step"`, `"8 tokens"` or `"20 ms"`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum FlushPolicy {
+    #[default]
+    Step,
+    Tokens(u32),
+    Millis(f64),
+}
+
+impl TryFrom<String> for FlushPolicy {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "step" {
+            return Ok(FlushPolicy::Step);
+        }
+        let bad = || format!("flush must be \"step\", \"N tokens\" or \"T ms\", not {s:?}");
+        let (num, unit) = s.split_once(' ').ok_or_else(bad)?;
+        match unit.trim() {
+            "tokens" | "token" => match num.parse::<u32>() {
+                Ok(n) if n > 0 => Ok(FlushPolicy::Tokens(n)),
+                _ => Err(bad()),
+            },
+            "ms" => match num.parse::<f64>() {
+                Ok(t) if t.is_finite() && t >= 0.0 => Ok(FlushPolicy::Millis(t)),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl From<FlushPolicy> for String {
+    fn from(p: FlushPolicy) -> String {
+        match p {
+            FlushPolicy::Step => "step".into(),
+            FlushPolicy::Tokens(n) => format!("{n} tokens"),
+            FlushPolicy::Millis(t) => format!("{t} ms"),
+        }
+    }
+}
+
+impl FlushPolicy {
+    /// The worker's view (its Load options).
+    pub fn to_options(self) -> serde_json::Value {
+        match self {
+            FlushPolicy::Step => serde_json::json!({"every": "step"}),
+            FlushPolicy::Tokens(n) => serde_json::json!({"every": "tokens", "tokens": n}),
+            FlushPolicy::Millis(t) => serde_json::json!({"every": "ms", "ms": t}),
+        }
+    }
 }
 
 impl std::fmt::Display for TransportKind {
@@ -22,6 +102,7 @@ impl std::fmt::Display for TransportKind {
         f.write_str(match self {
             TransportKind::Shm => "shm",
             TransportKind::Stdio => "stdio",
+            TransportKind::Http => "http",
         })
     }
 }
@@ -46,9 +127,37 @@ pub struct Preset {
     /// One line for `mlxd list`.
     #[serde(default)]
     pub description: String,
+    /// What produces the tokens (`replay` is for benchmarks).
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// Requests generating at once (the batch size); more wait in the queue.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: u32,
+    /// Requests that may wait for a slot; beyond that the answer is 503.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+    /// When the worker sends tokens: "step" (default), "N tokens" or "T ms".
+    #[serde(default)]
+    pub flush: FlushPolicy,
+    /// Prompt tokens prefilled per step, so a long prompt does not stall the
+    /// other sequences' tokens for its whole prefill.
+    #[serde(default = "default_prefill_step")]
+    pub prefill_step: u32,
 }
 
 fn default_max_tokens() -> u32 {
+    512
+}
+
+fn default_max_concurrent() -> u32 {
+    16
+}
+
+fn default_max_queue() -> u32 {
+    64
+}
+
+fn default_prefill_step() -> u32 {
     512
 }
 
@@ -72,7 +181,18 @@ impl Preset {
             anyhow::ensure!(valid_name(n), "invalid model name {n:?}");
         }
         anyhow::ensure!(p.max_tokens > 0, "max_tokens must be positive");
+        anyhow::ensure!(p.max_concurrent > 0, "max_concurrent must be positive");
+        anyhow::ensure!(p.prefill_step > 0, "prefill_step must be positive");
         Ok(p)
+    }
+
+    /// The engine options the worker receives in its Load frame.
+    pub fn worker_options(&self) -> serde_json::Value {
+        serde_json::json!({
+            "max_batch": self.max_concurrent,
+            "prefill_step": self.prefill_step,
+            "flush": self.flush.to_options(),
+        })
     }
 
     /// The model directory: absolute paths are taken as they are; names resolve
@@ -175,5 +295,33 @@ mod tests {
         assert!(Preset::parse("model = \"m\"", "../evil").is_err());
         let traversal = Preset::parse("model = \"../../etc\"", "x").unwrap();
         assert!(traversal.model_path(Path::new("/models")).is_err());
+    }
+
+    #[test]
+    fn flush_policies_and_limits() {
+        let p = Preset::parse("model = \"m\"", "x").unwrap();
+        assert_eq!(
+            (p.flush, p.max_concurrent, p.max_queue, p.engine),
+            (FlushPolicy::Step, 16, 64, EngineKind::Mlx)
+        );
+        let p = Preset::parse(
+            "model = \"m\"\nflush = \"8 tokens\"\nengine = \"replay\"\nmax_concurrent = 2",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            (p.flush, p.engine, p.max_concurrent),
+            (FlushPolicy::Tokens(8), EngineKind::Replay, 2)
+        );
+        assert_eq!(p.worker_options()["flush"]["tokens"], 8);
+        let p = Preset::parse("model = \"m\"\nflush = \"2.5 ms\"", "x").unwrap();
+        assert_eq!(p.flush, FlushPolicy::Millis(2.5));
+        for bad in ["\"0 tokens\"", "\"fast\"", "\"-1 ms\"", "\"3 parsecs\""] {
+            assert!(
+                Preset::parse(&format!("model = \"m\"\nflush = {bad}"), "x").is_err(),
+                "{bad}"
+            );
+        }
+        assert!(Preset::parse("model = \"m\"\nmax_concurrent = 0", "x").is_err());
     }
 }

@@ -34,6 +34,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         ip.is_loopback() || opts.allow_remote,
         "refusing to bind {ip}: mlxd has no authentication yet; pass --allow-remote to expose it anyway"
     );
+    let metrics = crate::metrics::install();
     cfg.presets_dirs.extend(opts.presets_dirs);
     let presets = Presets::load(&cfg.presets_dirs)?;
     let removed = worker_protocol::segment::remove_stale();
@@ -58,6 +59,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     }
     let app = router(AppState {
         supervisor: supervisor.clone(),
+        metrics: metrics.clone(),
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {

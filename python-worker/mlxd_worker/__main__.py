@@ -15,7 +15,7 @@ import threading
 import time
 
 from . import frames
-from .engine import Engine
+from .engine import Engine, make_backend
 from .stats import blas_library, rss_bytes
 from .transport import ShmTransport, StdioTransport, Transport
 
@@ -36,14 +36,7 @@ def _stats_loop(engine: Engine, transport: Transport) -> None:
 
     while True:
         time.sleep(1.0)
-        c = engine.counters
-        with c.lock:
-            counts = {
-                "active_sequences": c.active,
-                "queued_sequences": c.queued,
-                "completed_total": c.completed,
-                "cancelled_total": c.cancelled,
-            }
+        counts = engine.counters.snapshot()
         transport.send(
             frames.STATS,
             frames.json_payload(
@@ -62,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mlxd_worker")
     ap.add_argument("--transport", choices=["shm", "stdio"], default="stdio")
     ap.add_argument("--segment", help="shared-memory segment name (shm transport)")
-    ap.add_argument("--engine", choices=["mlx"], default="mlx")
+    ap.add_argument("--engine", choices=["mlx", "replay"], default="mlx")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("MLXD_WORKER_LOG", "INFO"),
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         ),
     )
-    engine = Engine(transport)
+    engine = Engine(transport, make_backend(args.engine))
     engine_thread = threading.Thread(target=engine.run, name="engine", daemon=True)
     engine_thread.start()
     threading.Thread(target=_stats_loop, args=(engine, transport), name="stats", daemon=True).start()
@@ -102,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("stdin closed: the daemon is gone, exiting")
             break
         kind, _flags, payload = frame
-        if kind == frames.CANCEL:
-            engine.cancel(frames.decode_cancel(payload))
-        elif kind in (frames.LOAD, frames.GENERATE):
+        if kind in (frames.LOAD, frames.GENERATE, frames.CANCEL):
             engine.submit(kind, payload)
         elif kind == frames.SHUTDOWN:
             log.info("shutdown requested")

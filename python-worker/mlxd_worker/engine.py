@@ -1,7 +1,8 @@
-"""The mlx-lm engine: one thread owns MLX, loads the model and generates.
+"""The scheduler: one thread owns the backend (and MLX), admits requests into the
+running batch at any step, and flushes the tokens of each step as one TokenBatch.
 
-Requests arrive on a queue from the reader thread; cancellation is a flag the
-reader sets and the engine checks every token.
+The reader thread only enqueues frames (Load, Generate, Cancel) on the inbox, so
+their order is kept; the engine drains the inbox between steps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import frames
+from .backend import Backend, Detokenizer, MlxBackend
+from .flush import FlushPolicy
+from .sampling import SamplerCache
 from .stops import StopMatcher
 from .transport import Transport
 
@@ -29,23 +33,62 @@ class Counters:
     queued: int = 0
     completed: int = 0
     cancelled: int = 0
+    steps: int = 0
+    step_tokens: int = 0
+    frames: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "active_sequences": self.active,
+                "queued_sequences": self.queued,
+                "completed_total": self.completed,
+                "cancelled_total": self.cancelled,
+                "batch_steps_total": self.steps,
+                "batch_tokens_total": self.step_tokens,
+                "token_frames_total": self.frames,
+            }
 
 
 class RequestError(Exception):
     """The request itself is bad (reported with code invalid_request)."""
 
 
+@dataclass
+class Sequence:
+    rid: int
+    uid: int
+    detok: Detokenizer
+    stops: StopMatcher
+    prompt_tokens: int
+    started: float
+    completion_tokens: int = 0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+
+
+def make_backend(engine: str) -> Backend:
+    if engine == "replay":
+        from .replay import ReplayBackend
+
+        return ReplayBackend()
+    return MlxBackend()
+
+
 class Engine:
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, backend: Backend) -> None:
         self.transport = transport
+        self.backend = backend
         self.inbox: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
-        self.cancelled: set[int] = set()
-        self.cancel_lock = threading.Lock()
         self.counters = Counters()
-        self.model: Any = None
-        self.tokenizer: Any = None
-        self.context_length: int | None = None
+        self.flush_policy = FlushPolicy()
+        self._samplers = SamplerCache()
+        self._by_uid: dict[int, Sequence] = {}
+        self._by_rid: dict[int, Sequence] = {}
+        self._pending: list[tuple[int, int, str]] = []
+        self._pending_since = 0.0
+        self._running = True
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
@@ -54,142 +97,190 @@ class Engine:
                 self.counters.queued += 1
         self.inbox.put((kind, payload))
 
-    def cancel(self, rid: int) -> None:
-        with self.cancel_lock:
-            self.cancelled.add(rid)
-
     def stop(self) -> None:
         self.inbox.put(None)
 
     # -- the engine thread ---------------------------------------------------
     def run(self) -> None:
-        while (item := self.inbox.get()) is not None:
-            kind, payload = item
+        while self._running:
+            self._drain_inbox(block=not self._by_uid)
+            if self._by_uid:
+                self._step()
+
+    def _drain_inbox(self, block: bool) -> None:
+        if block:
+            self._flush()
+        while True:
             try:
-                if kind == frames.LOAD:
-                    self._load(json.loads(payload))
-                elif kind == frames.GENERATE:
-                    self._generate(json.loads(payload))
-            except Exception as e:  # a worker error must reach the daemon, not kill us
-                log.exception("engine error")
-                rid = json.loads(payload).get("id") if kind == frames.GENERATE else None
-                code = "invalid_request" if isinstance(e, RequestError) else "worker"
-                self.transport.send(frames.ERROR, frames.json_payload({"id": rid, "message": str(e), "code": code}))
-                if kind == frames.LOAD:
-                    raise
+                item = self.inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                self._running = False
+                return
+            self._handle(*item)
+
+    def _handle(self, kind: int, payload: bytes) -> None:
+        if kind == frames.CANCEL:
+            self._cancel(frames.decode_cancel(payload))
+            return
+        req = json.loads(payload)
+        try:
+            if kind == frames.LOAD:
+                self._load(req)
+            elif kind == frames.GENERATE:
+                self._admit(req)
+        except Exception as e:  # a worker error must reach the daemon, not kill us
+            log.exception("engine error")
+            rid = req.get("id") if kind == frames.GENERATE else None
+            code = "invalid_request" if isinstance(e, RequestError) else "worker"
+            self.transport.send(frames.ERROR, frames.json_payload({"id": rid, "message": str(e), "code": code}))
+            if kind == frames.LOAD:
+                raise
 
     def _load(self, req: dict[str, Any]) -> None:
-        import mlx_lm
-
         t0 = time.perf_counter()
-        self.model, self.tokenizer = mlx_lm.load(req["model_path"])
-        self.context_length = _context_length(req["model_path"])
+        options = req.get("options") or {}
+        self.flush_policy = FlushPolicy.from_options(options)
+        self.backend.load(req["model_path"], options)
         self._warm_up()
         self.transport.send(
             frames.READY,
-            frames.json_payload({"load_seconds": time.perf_counter() - t0, "context_length": self.context_length}),
+            frames.json_payload(
+                {"load_seconds": time.perf_counter() - t0, "context_length": self.backend.context_length}
+            ),
         )
-        log.info("loaded %s in %.1fs", req["model_name"], time.perf_counter() - t0)
+        log.info("loaded %s in %.1fs (flush %s)", req["model_name"], time.perf_counter() - t0, self.flush_policy)
 
     def _warm_up(self) -> None:
         """Compile kernels on our time, not on a user's first request."""
-        from mlx_lm import stream_generate
-
-        ids = self._prompt_ids({"messages": [{"role": "user", "content": "Hi"}]})
-        for _ in stream_generate(self.model, self.tokenizer, ids, max_tokens=2):
-            pass
+        uid = self.backend.insert(self._prompt_ids({"messages": [{"role": "user", "content": "Hi"}]}), 2, None)
+        while True:
+            results = self.backend.step()
+            if any(u == uid and finish for u, _, finish in results):
+                return
 
     def _prompt_ids(self, req: dict[str, Any]) -> list[int]:
+        tok = self.backend.tokenizer
         if req.get("messages") is not None:
-            ids = self.tokenizer.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=True)
+            ids = tok.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
-            return list(ids)
-        return list(self.tokenizer.encode(req.get("prompt") or ""))
+            ids = list(ids)
+        else:
+            ids = list(tok.encode(req.get("prompt") or ""))
+        if not ids:  # an empty completion prompt: start from BOS
+            ids = [tok.bos_token_id if tok.bos_token_id is not None else min(self.backend.eos)]
+        return ids
 
-    def _is_cancelled(self, rid: int) -> bool:
-        with self.cancel_lock:
-            return rid in self.cancelled
-
-    def _generate(self, req: dict[str, Any]) -> None:
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
-
+    def _admit(self, req: dict[str, Any]) -> None:
         rid = int(req["id"])
         with self.counters.lock:
             self.counters.queued -= 1
+        ids = self._prompt_ids(req)
+        limit = self.backend.context_length
+        if limit and len(ids) >= limit:
+            raise RequestError(f"prompt is {len(ids)} tokens; the model's context is {limit}")
+        seed = req.get("seed")
+        sampler = self._samplers.get(
+            float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)), None if seed is None else int(seed)
+        )
+        uid = self.backend.insert(ids, int(req["max_tokens"]), sampler)
+        seq = Sequence(
+            rid=rid,
+            uid=uid,
+            detok=self.backend.detokenizer(),
+            stops=StopMatcher(list(req.get("stop") or [])),
+            prompt_tokens=len(ids),
+            started=time.perf_counter(),
+        )
+        self._by_uid[uid] = seq
+        self._by_rid[rid] = seq
+        with self.counters.lock:
             self.counters.active += 1
-        prompt_tokens = 0
-        completion_tokens = 0
-        finish = "length"
-        prompt_tps = generation_tps = 0.0
-        try:
-            if self._is_cancelled(rid):
-                finish = "cancelled"
-                ids = []
+
+    def _cancel(self, rid: int) -> None:
+        seq = self._by_rid.get(rid)
+        if seq is None:  # finished already, or never admitted
+            return
+        self.backend.remove(seq.uid)
+        self._finish(seq, "cancelled")
+
+    def _step(self) -> None:
+        results = self.backend.step()
+        now = time.perf_counter()
+        eos = self.backend.eos
+        ended: list[tuple[Sequence, str]] = []
+        for uid, token, finish in results:
+            seq = self._by_uid.get(uid)
+            if seq is None:
+                continue
+            if not seq.first_token_at:
+                seq.first_token_at = now
+            seq.last_token_at = now
+            if token in eos:
+                text = ""
             else:
-                ids = self._prompt_ids(req)
-            prompt_tokens = len(ids)
-            if self.context_length and prompt_tokens >= self.context_length:
-                raise RequestError(f"prompt is {prompt_tokens} tokens; the model's context is {self.context_length}")
-            if req.get("seed") is not None:
-                mx.random.seed(int(req["seed"]))
-            sampler = make_sampler(temp=float(req.get("temperature", 0.0)), top_p=float(req.get("top_p", 1.0)))
-            stops = StopMatcher(list(req.get("stop") or []))
-            eos = set(self.tokenizer.eos_token_ids)
-            responses = (
-                stream_generate(self.model, self.tokenizer, ids, max_tokens=int(req["max_tokens"]), sampler=sampler)
-                if finish != "cancelled"
-                else ()
-            )
-            for resp in responses:
-                prompt_tps, generation_tps = resp.prompt_tps, resp.generation_tps
-                if self._is_cancelled(rid):
-                    finish = "cancelled"
-                    break
-                is_eos = resp.token in eos
-                if not is_eos:
-                    completion_tokens += 1
-                text, hit = stops.feed(resp.text)
-                if resp.finish_reason is not None and not hit:
-                    text += stops.flush()
-                if text or not is_eos:
-                    self.transport.send_tokens([(rid, int(resp.token), text)])
-                if hit:
-                    finish = "stop"
-                    break
-                if resp.finish_reason is not None:
-                    finish = resp.finish_reason
-        finally:
+                seq.completion_tokens += 1
+                seq.detok.add_token(token)
+                text = seq.detok.last_segment
+            if finish is not None:
+                seq.detok.finalize()
+                text += seq.detok.last_segment
+            text, hit = seq.stops.feed(text)
+            if hit:
+                if finish is None:
+                    self.backend.remove(uid)
+                finish = "stop"
+            elif finish is not None:
+                text += seq.stops.flush()
+            if text or token not in eos:
+                if not self._pending:
+                    self._pending_since = now
+                self._pending.append((seq.rid, int(token), text))
+            if finish is not None:
+                ended.append((seq, finish))
+        with self.counters.lock:
+            self.counters.steps += 1
+            self.counters.step_tokens += len(results)
+        if ended:
+            self._flush()  # a sequence's tokens precede its Done
+            for seq, finish in ended:
+                self._finish(seq, finish)
+        elif self.flush_policy.due(len(self._pending), self._pending_since):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.transport.send_tokens(self._pending)
+            self._pending = []
             with self.counters.lock:
-                self.counters.active -= 1
-                if finish == "cancelled":
-                    self.counters.cancelled += 1
-                else:
-                    self.counters.completed += 1
-            with self.cancel_lock:
-                self.cancelled.discard(rid)
+                self.counters.frames += 1
+
+    def _finish(self, seq: Sequence, finish: str) -> None:
+        self._flush()
+        del self._by_uid[seq.uid]
+        del self._by_rid[seq.rid]
+        with self.counters.lock:
+            self.counters.active -= 1
+            if finish == "cancelled":
+                self.counters.cancelled += 1
+            else:
+                self.counters.completed += 1
+        first, last = seq.first_token_at, seq.last_token_at
+        prompt_s = (first - seq.started) if first else 0.0
+        gen_s = last - first
         self.transport.send(
             frames.DONE,
             frames.json_payload(
                 {
-                    "id": rid,
+                    "id": seq.rid,
                     "finish_reason": finish,
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "prompt_tps": prompt_tps,
-                    "generation_tps": generation_tps,
+                    "prompt_tokens": seq.prompt_tokens,
+                    "completion_tokens": seq.completion_tokens,
+                    "prompt_tps": seq.prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
+                    "generation_tps": (seq.completion_tokens - 1) / gen_s if gen_s > 0 else 0.0,
                 }
             ),
         )
-
-
-def _context_length(model_path: str) -> int | None:
-    try:
-        with open(f"{model_path}/config.json") as f:
-            cfg = json.load(f)
-    except OSError:
-        return None
-    value = cfg.get("max_position_embeddings")
-    return int(value) if value else None

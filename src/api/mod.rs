@@ -18,6 +18,7 @@ pub const MAX_BODY: usize = 8 << 20;
 #[derive(Clone)]
 pub struct AppState {
     pub supervisor: Arc<Supervisor>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -29,11 +30,24 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/metrics", get(render_metrics))
         .route("/admin/ps", get(admin::ps))
         .route("/admin/start", post(admin::start))
         .route("/admin/stop", post(admin::stop))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+async fn render_metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 /// Seconds since the Unix epoch (OpenAI's `created`).

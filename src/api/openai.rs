@@ -14,7 +14,7 @@ use worker_protocol::frame::{ChatMessage, Done, Generate};
 
 use super::{unix_now, AppState};
 use crate::error::{Error, Source};
-use crate::supervisor::{GenEvent, GenStream};
+use crate::supervisor::{token_text, GenEvent, GenStream};
 
 /// The OpenAI error shape: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_body(e: &Error) -> Value {
@@ -367,7 +367,7 @@ async fn collect_response(meta: Meta, mut stream: GenStream) -> Result<Response,
     let mut text = String::new();
     while let Some(ev) = stream.next().await {
         match ev {
-            GenEvent::Token { text: t, .. } => text.push_str(&t),
+            GenEvent::Token { text: t, .. } => text.push_str(token_text(&t)),
             GenEvent::Done(done) => return Ok(axum::Json(meta.full(text, &done)).into_response()),
             GenEvent::Error(e) => return Err(e.into()),
         }
@@ -375,11 +375,45 @@ async fn collect_response(meta: Meta, mut stream: GenStream) -> Result<Response,
     Err(Error::Internal("generation ended without a result".into()).into())
 }
 
+/// The bytes of a text chunk around its JSON-string text, rendered once per
+/// request: a token then costs one small buffer, not a JSON tree.
+struct TextChunkFrame {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl TextChunkFrame {
+    fn new(meta: &Meta) -> TextChunkFrame {
+        // U+0001 renders as the escape below and cannot occur in the fixed parts.
+        const MARK: &str = "\"\\u0001\"";
+        let full = sse(&meta.chunk(meta.text_piece("\u{1}"), None));
+        let full = std::str::from_utf8(&full).expect("JSON is UTF-8");
+        let at = full.find(MARK).expect("the marker is rendered");
+        TextChunkFrame {
+            head: full.as_bytes()[..at].to_vec(),
+            tail: full.as_bytes()[at + MARK.len()..].to_vec(),
+        }
+    }
+
+    fn render(&self, text: &str) -> Bytes {
+        let mut out = Vec::with_capacity(self.head.len() + self.tail.len() + text.len() + 8);
+        out.extend_from_slice(&self.head);
+        serde_json::to_writer(&mut out, text).expect("a str always serializes");
+        out.extend_from_slice(&self.tail);
+        Bytes::from(out)
+    }
+}
+
 /// SSE: a role chunk, one chunk per text delta, a finish chunk, an optional usage
 /// chunk, then `[DONE]`. An error mid-stream is sent as `data: {"error": ...}` and
 /// the stream ends without `[DONE]`. A client that goes away cancels the generation.
+///
+/// Coalescing: a chunk is built only once the client's connection has room for it,
+/// and it carries every token that arrived meanwhile. A client that keeps up gets
+/// one chunk per token; one that falls behind gets fewer, larger chunks instead of
+/// an ever-growing backlog.
 fn stream_response(meta: Meta, mut stream: GenStream) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(4);
     tokio::spawn(async move {
         if meta.dialect == Dialect::Chat {
             let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
@@ -387,16 +421,44 @@ fn stream_response(meta: Meta, mut stream: GenStream) -> Response {
                 return;
             }
         }
+        let frame = TextChunkFrame::new(&meta);
+        let mut next_event = None;
         loop {
-            let ev = tokio::select! {
-                ev = stream.next() => ev,
-                // Client gone: dropping `stream` sends Cancel to the worker.
-                _ = tx.closed() => return,
+            let ev = match next_event.take() {
+                Some(ev) => ev,
+                None => {
+                    let ev = tokio::select! {
+                        ev = stream.next() => ev,
+                        // Client gone: dropping `stream` sends Cancel to the worker.
+                        _ = tx.closed() => return,
+                    };
+                    let Some(ev) = ev else { return };
+                    ev
+                }
             };
-            let Some(ev) = ev else { return };
-            let out = match ev {
-                GenEvent::Token { text, .. } if text.is_empty() => continue,
-                GenEvent::Token { text, .. } => sse(&meta.chunk(meta.text_piece(&text), None)),
+            let end = match ev {
+                GenEvent::Token { text, .. } => {
+                    let Ok(permit) = tx.reserve().await else {
+                        return;
+                    };
+                    let mut joined: Option<String> = None;
+                    while let Some(more) = stream.try_next() {
+                        match more {
+                            GenEvent::Token { text: t, .. } => joined
+                                .get_or_insert_with(|| token_text(&text).to_owned())
+                                .push_str(token_text(&t)),
+                            other => {
+                                next_event = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    let text = joined.as_deref().unwrap_or(token_text(&text));
+                    if !text.is_empty() {
+                        permit.send(Ok(frame.render(text)));
+                    }
+                    continue;
+                }
                 GenEvent::Done(done) => {
                     let empty = if meta.dialect == Dialect::Chat {
                         json!({})
@@ -411,17 +473,12 @@ fn stream_response(meta: Meta, mut stream: GenStream) -> Response {
                         tail.extend_from_slice(&sse(&u));
                     }
                     tail.extend_from_slice(b"data: [DONE]\n\n");
-                    let _ = tx.send(Ok(Bytes::from(tail))).await;
-                    return;
+                    Bytes::from(tail)
                 }
-                GenEvent::Error(e) => {
-                    let _ = tx.send(Ok(sse(&error_body(&e)))).await;
-                    return;
-                }
+                GenEvent::Error(e) => sse(&error_body(&e)),
             };
-            if tx.send(Ok(out)).await.is_err() {
-                return;
-            }
+            let _ = tx.send(Ok(end)).await;
+            return;
         }
     });
     Response::builder()

@@ -1,6 +1,7 @@
 //! Worker lifecycle: one worker per model, started on demand or by `mlxd start`,
 //! stopped by `mlxd stop` or daemon shutdown.
 
+mod admission;
 mod spawn;
 mod worker;
 
@@ -8,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use spawn::openblas_path;
-pub use worker::{GenEvent, GenStream, WorkerHandle, WorkerInfo, WorkerState};
+pub use worker::{token_text, GenEvent, GenStream, WorkerHandle, WorkerInfo, WorkerState};
 
 use crate::config::Config;
 use crate::error::{Error, Result};

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 use crate::config::Config;
-use crate::presets::TransportKind;
+use crate::presets::{EngineKind, TransportKind};
 
 /// Environment variables a worker may inherit; everything else is scrubbed so
 /// that secrets in the daemon's environment never reach model code.
@@ -37,12 +37,19 @@ pub fn openblas_path() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-pub fn command(cfg: &Config, transport: TransportKind, segment: Option<&str>) -> Command {
+pub fn command(
+    cfg: &Config,
+    transport: TransportKind,
+    engine: EngineKind,
+    segment: Option<&str>,
+) -> Command {
     let mut cmd = Command::new(&cfg.python);
     cmd.arg("-m")
         .arg("mlxd_worker")
         .arg("--transport")
-        .arg(transport.to_string());
+        .arg(transport.to_string())
+        .arg("--engine")
+        .arg(engine.as_str());
     if let Some(name) = segment {
         cmd.arg("--segment").arg(name);
     }

@@ -6,17 +6,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use metrics::Counter;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, watch};
-use worker_protocol::frame::{Done, Generate, Hello, Load, Stats};
+use worker_protocol::frame::{token_batch_entries, Done, Generate, Hello, Load, Stats};
 use worker_protocol::segment::{new_name, Direction, Segment};
 use worker_protocol::{Frame, PROTOCOL_VERSION};
 
+use super::admission::{Admission, Slot};
 use super::spawn;
 use crate::config::{is_model_dir, Config};
 use crate::error::{Error, Result};
 use crate::presets::{Preset, TransportKind};
-use crate::transport::{Inbound, Outbound};
+use crate::transport::{Inbound, Incoming, Outbound, WireCounters};
 
 /// Ring sizes: requests may carry long prompts (a frame may use half its ring);
 /// events are small and drained continuously.
@@ -52,10 +55,11 @@ impl WorkerState {
     }
 }
 
-/// What a request's stream receives.
+/// What a request's stream receives. A token's text is a slice of the frame it
+/// arrived in (valid UTF-8, checked when the frame was read): no copy per token.
 #[derive(Debug)]
 pub enum GenEvent {
-    Token { token: u32, text: String },
+    Token { token: u32, text: Bytes },
     Done(Done),
     Error(Error),
 }
@@ -76,6 +80,14 @@ pub struct WorkerHandle {
     /// Held until the worker's Hello proves it has mapped the segment, then unlinked.
     segment: Mutex<Option<Segment>>,
     stderr_tail: Mutex<VecDeque<String>>,
+    admission: Admission,
+    wire: WireCounters,
+    tokens_routed: Counter,
+}
+
+/// A token's text as a `&str` (checked UTF-8 when its frame was read).
+pub fn token_text(text: &Bytes) -> &str {
+    std::str::from_utf8(text).unwrap_or_default()
 }
 
 /// A snapshot for `mlxd ps`.
@@ -93,6 +105,9 @@ pub struct WorkerInfo {
     pub native_protocol: Option<bool>,
     pub stats: Stats,
     pub inflight: usize,
+    /// Requests waiting for a generation slot.
+    #[serde(default)]
+    pub queued: usize,
 }
 
 impl WorkerHandle {
@@ -122,20 +137,26 @@ impl WorkerHandle {
                     None
                 }
             },
-            TransportKind::Stdio => None,
+            TransportKind::Stdio | TransportKind::Http => None,
         };
         let transport = if segment.is_some() {
             TransportKind::Shm
         } else {
             TransportKind::Stdio
         };
-        let mut child = spawn::command(cfg, transport, segment.as_ref().map(|s| s.name()))
-            .spawn()
-            .map_err(|e| unavailable(format!("cannot start {}: {e}", cfg.python.display())))?;
+        let mut child = spawn::command(
+            cfg,
+            transport,
+            preset.engine,
+            segment.as_ref().map(|s| s.name()),
+        )
+        .spawn()
+        .map_err(|e| unavailable(format!("cannot start {}: {e}", cfg.python.display())))?;
         let pid = child.id().unwrap_or_default();
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
+        let wire = WireCounters::new(&preset.name);
         let (outbound, inbound) = match &segment {
             Some(seg) => {
                 let ends = seg
@@ -143,14 +164,17 @@ impl WorkerHandle {
                     .and_then(|p| Ok((p, seg.consumer(Direction::ToDaemon)?)))
                     .map_err(|e| Error::Internal(e.to_string()))?;
                 (
-                    Outbound::new(stdin, Some(ends.0)),
+                    Outbound::new(stdin, Some(ends.0), wire.clone()),
                     Inbound::Shm {
                         events: ends.1,
                         bell: stdout,
                     },
                 )
             }
-            None => (Outbound::new(stdin, None), Inbound::Stdio { stdout }),
+            None => (
+                Outbound::new(stdin, None, wire.clone()),
+                Inbound::Stdio { stdout },
+            ),
         };
         let handle = Arc::new(WorkerHandle {
             preset: preset.clone(),
@@ -165,6 +189,9 @@ impl WorkerHandle {
             hello: Mutex::new(None),
             segment: Mutex::new(segment),
             stderr_tail: Mutex::new(VecDeque::new()),
+            admission: Admission::new(&preset.name, preset.max_concurrent, preset.max_queue),
+            wire: wire.clone(),
+            tokens_routed: metrics::counter!("mlxd_tokens_total", "model" => preset.name.clone()),
         });
         tracing::info!(model = %preset.name, pid, %transport, "worker spawned");
 
@@ -182,7 +209,7 @@ impl WorkerHandle {
         });
         let h = handle.clone();
         let reader = tokio::spawn(async move {
-            let result = inbound.run(|frame| h.on_frame(frame)).await;
+            let result = inbound.run(h.wire.clone(), |frame| h.on_frame(frame)).await;
             if let Err(e) = result {
                 tracing::error!(model = %h.preset.name, "{e}; killing the worker");
                 h.fail(format!("{e}"));
@@ -204,7 +231,7 @@ impl WorkerHandle {
         let load = Frame::Load(Load {
             model_path: model_path.to_string_lossy().into_owned(),
             model_name: preset.name.clone(),
-            options: serde_json::Value::Null,
+            options: preset.worker_options(),
         });
         if let Err(e) = handle.outbound.send(&load).await {
             spawn::kill_group(pid);
@@ -273,26 +300,49 @@ impl WorkerHandle {
         }
     }
 
-    /// Routes one frame from the worker (called by the reader task, in order).
-    fn on_frame(&self, frame: Frame) {
-        match frame {
-            Frame::TokenBatch(batch) => {
-                let inflight = self.inflight.lock().expect("lock");
-                for e in batch.entries {
-                    if let Some(tx) = inflight.get(&e.id) {
-                        let _ = tx.send(GenEvent::Token {
-                            token: e.token,
-                            text: e.text,
-                        });
-                    }
+    /// Routes a step's tokens to their requests: each text is a slice of `batch`.
+    fn route_tokens(&self, batch: Bytes) {
+        let Ok(entries) = token_batch_entries(&batch) else {
+            return; // checked by the reader
+        };
+        let count = entries.remaining() as u64;
+        let inflight = self.inflight.lock().expect("lock");
+        for entry in entries {
+            let e = match entry {
+                Ok(e) => e,
+                Err(err) => {
+                    tracing::warn!(model = %self.name(), "bad token batch: {err}");
+                    break;
                 }
+            };
+            // A request already cancelled or failed has no sender: its tokens drop.
+            if let Some(tx) = inflight.get(&e.id) {
+                let _ = tx.send(GenEvent::Token {
+                    token: e.token,
+                    text: batch.slice_ref(e.text.as_bytes()),
+                });
             }
+        }
+        self.tokens_routed.increment(count);
+    }
+
+    /// Routes one frame from the worker (called by the reader task, in order).
+    fn on_frame(&self, incoming: Incoming) {
+        let frame = match incoming {
+            Incoming::Tokens(batch) => return self.route_tokens(batch),
+            Incoming::Frame(frame) => frame,
+        };
+        match frame {
+            Frame::TokenBatch(_) => unreachable!("token batches arrive raw"),
             Frame::Done(done) => {
                 if let Some(tx) = self.inflight.lock().expect("lock").remove(&done.id) {
                     let _ = tx.send(GenEvent::Done(done));
                 }
             }
-            Frame::Stats(stats) => *self.stats.lock().expect("lock") = stats,
+            Frame::Stats(stats) => {
+                crate::metrics::record_worker_stats(self.name(), &stats);
+                *self.stats.lock().expect("lock") = stats;
+            }
             Frame::Hello(hello) => {
                 if hello.protocol_version != PROTOCOL_VERSION {
                     self.fail(format!(
@@ -371,8 +421,10 @@ impl WorkerHandle {
 
     /// Starts a generation. The returned stream cancels it in the worker if
     /// dropped before the end (a client that disconnects).
+    /// Waits in the model's queue for a slot first (503 when the queue is full).
     pub async fn generate(self: &Arc<Self>, mut req: Generate) -> Result<GenStream> {
         self.wait_ready().await?;
+        let slot = self.admission.enter().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         req.id = id;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -389,6 +441,7 @@ impl WorkerHandle {
             id,
             rx,
             finished: false,
+            _slot: slot,
         })
     }
 
@@ -439,6 +492,7 @@ impl WorkerHandle {
             native_protocol: hello.as_ref().map(|h| h.native_protocol),
             stats: self.stats.lock().expect("lock").clone(),
             inflight: self.inflight.lock().expect("lock").len(),
+            queued: self.admission.waiting(),
         }
     }
 }
@@ -450,6 +504,7 @@ pub struct GenStream {
     id: u64,
     rx: mpsc::UnboundedReceiver<GenEvent>,
     finished: bool,
+    _slot: Slot,
 }
 
 impl GenStream {
@@ -470,6 +525,19 @@ impl GenStream {
             }
         }
         ev
+    }
+
+    /// The next event if one is already waiting: lets a slow client's pending
+    /// tokens be coalesced into one SSE chunk.
+    pub fn try_next(&mut self) -> Option<GenEvent> {
+        if self.finished {
+            return None;
+        }
+        let ev = self.rx.try_recv().ok()?;
+        if !matches!(ev, GenEvent::Token { .. }) {
+            self.finished = true;
+        }
+        Some(ev)
     }
 }
 

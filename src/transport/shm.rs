@@ -1,11 +1,11 @@
 //! Draining the events ring, sleeping on the doorbell pipe only when it is empty.
 
+use metrics::Counter;
 use tokio::io::AsyncReadExt;
 use tokio::process::ChildStdout;
 use worker_protocol::ring::Consumer;
-use worker_protocol::Frame;
 
-use super::TransportError;
+use super::{Incoming, TransportError};
 
 /// Empty polls (with a task yield between them) before announcing sleep: enough to
 /// catch the next token of a fast worker without a system call, short enough not to
@@ -13,9 +13,12 @@ use super::TransportError;
 const SPINS_BEFORE_SLEEP: u32 = 32;
 
 /// The next frame in the ring, decoded; a corrupt ring or frame is a protocol error.
-fn next_frame(events: &mut Consumer) -> Result<Option<Frame>, TransportError> {
+fn next_frame(events: &mut Consumer) -> Result<Option<Incoming>, TransportError> {
     let protocol = |e: &dyn std::fmt::Display| TransportError::Protocol(e.to_string());
-    match events.pop_with(Frame::decode).map_err(|e| protocol(&e))? {
+    match events
+        .pop_with(Incoming::decode)
+        .map_err(|e| protocol(&e))?
+    {
         Some(frame) => frame.map(Some).map_err(|e| protocol(&e)),
         None => Ok(None),
     }
@@ -24,7 +27,8 @@ fn next_frame(events: &mut Consumer) -> Result<Option<Frame>, TransportError> {
 pub async fn read_events(
     mut events: Consumer,
     mut bell: ChildStdout,
-    mut on_frame: impl FnMut(Frame),
+    bells: Counter,
+    mut on_frame: impl FnMut(Incoming),
 ) -> Result<(), TransportError> {
     let mut scratch = [0u8; 256];
     let mut idle = 0u32;
@@ -43,7 +47,9 @@ pub async fn read_events(
         if events.prepare_sleep() {
             let n = bell.read(&mut scratch).await;
             events.finish_sleep();
-            if n? == 0 {
+            let n = n?;
+            bells.increment(n as u64);
+            if n == 0 {
                 // EOF: the worker is gone. Take whatever it published last.
                 while let Some(frame) = next_frame(&mut events)? {
                     on_frame(frame);

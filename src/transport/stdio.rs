@@ -1,15 +1,13 @@
 //! Length-prefixed frames on the worker's stdout.
 
+use super::{Incoming, TransportError};
 use tokio::io::AsyncReadExt;
 use tokio::process::ChildStdout;
 use worker_protocol::stdio::StdioDecoder;
-use worker_protocol::Frame;
-
-use super::TransportError;
 
 pub async fn read_frames(
     mut stdout: ChildStdout,
-    mut on_frame: impl FnMut(Frame),
+    mut on_frame: impl FnMut(Incoming),
 ) -> Result<(), TransportError> {
     let mut decoder = StdioDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -21,11 +19,9 @@ pub async fn read_frames(
                 .map_err(|e| TransportError::Protocol(e.to_string()));
         }
         decoder.feed(&buf[..n]);
-        while let Some(frame) = decoder
-            .next_frame()
-            .map_err(|e| TransportError::Protocol(e.to_string()))?
-        {
-            on_frame(frame);
+        let protocol = |e: &dyn std::fmt::Display| TransportError::Protocol(e.to_string());
+        while let Some((kind, flags, payload)) = decoder.next_raw().map_err(|e| protocol(&e))? {
+            on_frame(Incoming::decode(kind, flags, payload).map_err(|e| protocol(&e))?);
         }
     }
 }

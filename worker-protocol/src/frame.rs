@@ -219,6 +219,14 @@ pub struct Stats {
     pub completed_total: u64,
     #[serde(default)]
     pub cancelled_total: u64,
+    /// Decode steps run, and tokens they produced (their ratio is the mean batch).
+    #[serde(default)]
+    pub batch_steps_total: u64,
+    #[serde(default)]
+    pub batch_tokens_total: u64,
+    /// TokenBatch frames sent (fewer than steps under a "N tokens"/"T ms" flush policy).
+    #[serde(default)]
+    pub token_frames_total: u64,
 }
 
 /// A decoded frame.
@@ -377,42 +385,104 @@ pub fn write_token_batch<'a>(entries: impl Iterator<Item = (u64, u32, &'a [u8])>
 /// Decodes a TokenBatch payload; every length is bounds-checked because frames
 /// from a worker are untrusted.
 pub fn decode_token_batch(p: &[u8]) -> Result<TokenBatch, FrameError> {
-    let truncated = |detail| FrameError::Truncated {
-        kind: Kind::TokenBatch,
-        detail,
-    };
+    let entries = token_batch_entries(p)?
+        .map(|e| {
+            e.map(|e| TokenEntry {
+                id: e.id,
+                token: e.token,
+                text: e.text.to_owned(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(TokenBatch { entries })
+}
+
+/// One entry of a TokenBatch, borrowed from the payload (no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenRef<'a> {
+    pub id: u64,
+    pub token: u32,
+    pub text: &'a str,
+}
+
+/// The entries of a TokenBatch payload, bounds- and UTF-8-checked one by one.
+pub struct TokenBatchEntries<'a> {
+    payload: &'a [u8],
+    at: usize,
+    left: u32,
+}
+
+/// Checks a TokenBatch's header and iterates its entries without allocating: the
+/// daemon's hot path routes each entry as a slice of the frame it arrived in.
+pub fn token_batch_entries(p: &[u8]) -> Result<TokenBatchEntries<'_>, FrameError> {
     let count = p
         .get(..4)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .ok_or_else(|| truncated("count"))?;
-    let mut at = 8usize;
-    if p.len() < at {
-        return Err(truncated("header"));
+        .ok_or_else(|| batch_truncated("count"))?;
+    if p.len() < 8 {
+        return Err(batch_truncated("header"));
     }
     // Each entry needs at least 16 bytes: refuse counts the payload cannot hold
-    // before allocating for them.
-    if (count as usize) > (p.len() - at) / 16 {
-        return Err(truncated("count larger than payload"));
+    // (a caller may size a buffer by it).
+    if (count as usize) > (p.len() - 8) / 16 {
+        return Err(batch_truncated("count larger than payload"));
     }
-    let mut entries = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let head = p
-            .get(at..at + 16)
-            .ok_or_else(|| truncated("entry header"))?;
-        let id = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
-        let token = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-        let text_len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
-        at += 16;
-        let text = p
-            .get(at..at.checked_add(text_len).ok_or_else(|| truncated("text"))?)
-            .ok_or_else(|| truncated("text"))?;
-        at += text_len;
-        let text = std::str::from_utf8(text)
-            .map_err(|_| FrameError::Utf8(id))?
-            .to_owned();
-        entries.push(TokenEntry { id, token, text });
+    Ok(TokenBatchEntries {
+        payload: p,
+        at: 8,
+        left: count,
+    })
+}
+
+fn batch_truncated(detail: &'static str) -> FrameError {
+    FrameError::Truncated {
+        kind: Kind::TokenBatch,
+        detail,
     }
-    Ok(TokenBatch { entries })
+}
+
+impl TokenBatchEntries<'_> {
+    /// Entries not yet read.
+    pub fn remaining(&self) -> usize {
+        self.left as usize
+    }
+}
+
+impl<'a> Iterator for TokenBatchEntries<'a> {
+    type Item = Result<TokenRef<'a>, FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let p = self.payload;
+        let at = self.at;
+        let entry = (|| {
+            let head = p
+                .get(at..at + 16)
+                .ok_or_else(|| batch_truncated("entry header"))?;
+            let id = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
+            let token = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+            let text_len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
+            let end = (at + 16)
+                .checked_add(text_len)
+                .ok_or_else(|| batch_truncated("text"))?;
+            let text = p.get(at + 16..end).ok_or_else(|| batch_truncated("text"))?;
+            let text = std::str::from_utf8(text).map_err(|_| FrameError::Utf8(id))?;
+            Ok((TokenRef { id, token, text }, end))
+        })();
+        match entry {
+            Ok((e, end)) => {
+                self.at = end;
+                Some(Ok(e))
+            }
+            Err(e) => {
+                self.left = 0; // a broken entry ends the batch
+                Some(Err(e))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,101 @@
+"""The `replay` engine: streams a fixed text's tokens as fast as the protocol
+allows, through the same scheduler, batching and framing as the mlx-lm engine.
+
+It measures the token path (worker framing, transport, daemon fan-out, SSE)
+without a model in the way. Selected by a preset's `engine = "replay"`; never the
+default. Only the model directory's tokenizer is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import Detokenizer, StepResult, context_length
+from .sampling import Sampler
+
+# Public-domain text (Moby-Dick, chapter 1), replayed in a loop.
+REPLAY_TEXT = (
+    "Call me Ishmael. Some years ago—never mind how long precisely—having little or no money in my "
+    "purse, and nothing particular to interest me on shore, I thought I would sail about a little and "
+    "see the watery part of the world. It is a way I have of driving off the spleen and regulating the "
+    "circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly "
+    "November in my soul; whenever I find myself involuntarily pausing before coffin warehouses, and "
+    "bringing up the rear of every funeral I meet; and especially whenever my hypos get such an upper "
+    "hand of me, that it requires a strong moral principle to prevent me from deliberately stepping "
+    "into the street, and methodically knocking people's hats off—then, I account it high time to get "
+    "to sea as soon as I can. "
+)
+
+
+class _ReplayDetokenizer:
+    """The text pieces were decoded once at load; a sequence's n-th token is piece n."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self._pieces = pieces
+        self._next = 0
+        self.last_segment = ""
+
+    def add_token(self, token: int) -> None:
+        self.last_segment = self._pieces[self._next % len(self._pieces)]
+        self._next += 1
+
+    def finalize(self) -> None:
+        self.last_segment = ""
+
+
+class ReplayBackend:
+    def __init__(self) -> None:
+        self.tokenizer: Any = None
+        self.eos: frozenset[int] = frozenset()
+        self.context_length: int | None = None
+        self._ids: list[int] = []
+        self._pieces: list[str] = []
+        # uid -> [position, tokens left]
+        self._live: dict[int, list[int]] = {}
+        self._next_uid = 0
+
+    def load(self, model_path: str, options: dict[str, Any]) -> None:
+        from pathlib import Path
+
+        from mlx_lm.utils import load_tokenizer
+
+        self.tokenizer = load_tokenizer(Path(model_path))
+        self.context_length = context_length(model_path)
+        text = str(options.get("replay_text") or REPLAY_TEXT)
+        self._ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        detok = self.tokenizer.detokenizer
+        for t in self._ids:
+            detok.add_token(t)
+            self._pieces.append(detok.last_segment)
+        detok.finalize()
+        self._pieces[-1] += detok.last_segment
+
+    def insert(self, ids: list[int], max_tokens: int, sampler: Sampler | None) -> int:
+        uid = self._next_uid
+        self._next_uid += 1
+        self._live[uid] = [0, max_tokens]
+        return uid
+
+    def remove(self, uid: int) -> None:
+        self._live.pop(uid, None)
+
+    def step(self) -> list[StepResult]:
+        out: list[StepResult] = []
+        ids = self._ids
+        n = len(ids)
+        done = []
+        for uid, state in self._live.items():
+            pos, left = state
+            state[0] = pos + 1
+            state[1] = left - 1
+            finish = None
+            if left <= 1:
+                finish = "length"
+                done.append(uid)
+            out.append((uid, ids[pos % n], finish))
+        for uid in done:
+            del self._live[uid]
+        return out
+
+    def detokenizer(self) -> Detokenizer:
+        return _ReplayDetokenizer(self._pieces)

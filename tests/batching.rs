@@ -1,0 +1,273 @@
+//! Continuous batching through a real daemon and real workers: concurrent
+//! streams keep their own tokens, a cancel leaves the rest of the batch alone,
+//! the queue limit answers 503, and the replay engine's flush policy batches frames.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon;
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+const MODEL: &str = "smollm2-135m";
+
+/// Eight raw prompts whose greedy continuations differ from each other, each with
+/// its own length.
+const PROMPTS: [&str; 8] = [
+    "1, 2, 3, 4, 5,",
+    "Monday, Tuesday, Wednesday,",
+    "The capital of France is",
+    "a b c d e f",
+    "January, February, March,",
+    "Roses are red, violets are",
+    "10, 20, 30, 40,",
+    "The opposite of hot is",
+];
+
+struct Completion {
+    text: String,
+    completion_tokens: u64,
+    finish_reason: String,
+}
+
+/// A streamed /v1/completions request, read to the end.
+async fn stream_completion(model: &str, prompt: &str, max_tokens: u32) -> Completion {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", daemon().url))
+        .json(&json!({
+            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": true, "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    parse_stream(&resp.text().await.unwrap())
+}
+
+fn parse_stream(body: &str) -> Completion {
+    let mut out = Completion {
+        text: String::new(),
+        completion_tokens: 0,
+        finish_reason: String::new(),
+    };
+    for event in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+        if event == "[DONE]" {
+            return out;
+        }
+        let v: Value = serde_json::from_str(event).unwrap();
+        assert!(v.get("error").is_none(), "stream error: {v}");
+        if let Some(choice) = v["choices"].get(0) {
+            out.text += choice["text"].as_str().unwrap_or_default();
+            if let Some(f) = choice["finish_reason"].as_str() {
+                out.finish_reason = f.to_string();
+            }
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            out.completion_tokens = n;
+        }
+    }
+    panic!("stream ended without [DONE]: {body}");
+}
+
+async fn metrics() -> String {
+    reqwest::get(format!("{}/metrics", daemon().url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of a metric line `name{...model="<model>"...} value`.
+fn metric(text: &str, name: &str, model: &str) -> f64 {
+    let label = format!("model=\"{model}\"");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Each of 8 concurrent streams must get exactly the text and token count it gets
+/// when run alone. The prompts' greedy continuations all differ, so a token routed
+/// to the wrong request, or a sequence fed another's KV cache, changes some text.
+/// Batched numerics could in principle flip a near-tie argmax; the model runs in
+/// float32 here and these prompts' continuations are far from ties (the test has
+/// matched exactly run after run), so any difference is a bug, not noise.
+#[tokio::test]
+async fn concurrent_streams_keep_their_own_tokens() {
+    let lengths: Vec<u32> = (0..8).map(|i| 5 + i).collect();
+    let mut alone = Vec::new();
+    for (p, n) in PROMPTS.iter().zip(&lengths) {
+        alone.push(stream_completion(MODEL, p, *n).await);
+    }
+    let distinct: std::collections::HashSet<_> = alone.iter().map(|c| c.text.clone()).collect();
+    assert_eq!(
+        distinct.len(),
+        PROMPTS.len(),
+        "the prompts must continue differently"
+    );
+
+    let before = metrics().await;
+    let together = join_all(
+        PROMPTS
+            .iter()
+            .zip(&lengths)
+            .map(|(p, n)| stream_completion(MODEL, p, *n)),
+    )
+    .await;
+    for ((solo, batched), prompt) in alone.iter().zip(&together).zip(PROMPTS) {
+        assert_eq!(batched.text, solo.text, "prompt {prompt:?}");
+        assert_eq!(
+            batched.completion_tokens, solo.completion_tokens,
+            "prompt {prompt:?}"
+        );
+        assert_eq!(
+            batched.finish_reason, solo.finish_reason,
+            "prompt {prompt:?}"
+        );
+    }
+    // And they really shared decode steps: more than one token per step on average.
+    tokio::time::sleep(Duration::from_millis(1200)).await; // one Stats period
+    let after = metrics().await;
+    let steps = metric(&after, "mlxd_worker_batch_steps_total", MODEL)
+        - metric(&before, "mlxd_worker_batch_steps_total", MODEL);
+    let tokens = metric(&after, "mlxd_worker_batch_tokens_total", MODEL)
+        - metric(&before, "mlxd_worker_batch_tokens_total", MODEL);
+    assert!(
+        steps > 0.0 && tokens / steps > 2.0,
+        "mean batch {tokens}/{steps}"
+    );
+}
+
+/// Dropping one stream mid-generation cancels it in the worker; the others in
+/// the same batch finish with exactly the text they get alone.
+#[tokio::test]
+async fn cancelling_one_stream_leaves_the_batch_intact() {
+    let prompts = &PROMPTS[..4];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(stream_completion(MODEL, p, 12).await);
+    }
+    let cancelled_before = metric(&metrics().await, "mlxd_worker_cancelled_total", MODEL);
+    let victim = async {
+        let mut resp = reqwest::Client::new()
+            .post(format!("{}/v1/completions", daemon().url))
+            .json(&json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        // Read until the first text arrives, then hang up.
+        let mut seen = String::new();
+        while !seen.contains("\"text\":\"") || seen.contains("\"text\":\"\"") {
+            seen = String::from_utf8_lossy(&resp.chunk().await.unwrap().unwrap()).into_owned();
+        }
+        drop(resp);
+    };
+    let others = join_all(prompts.iter().map(|p| stream_completion(MODEL, p, 12)));
+    let ((), together) = tokio::join!(victim, others);
+    for ((solo, batched), prompt) in alone.iter().zip(&together).zip(prompts) {
+        assert_eq!(batched.text, solo.text, "prompt {prompt:?}");
+        assert_eq!(batched.completion_tokens, solo.completion_tokens);
+    }
+    // The worker counted the cancel (its Stats arrive every second).
+    let mut cancelled = cancelled_before;
+    for _ in 0..50 {
+        cancelled = metric(&metrics().await, "mlxd_worker_cancelled_total", MODEL);
+        if cancelled > cancelled_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cancelled, cancelled_before + 1.0);
+}
+
+/// With one slot and a queue of one, a third concurrent request is refused at
+/// once with 503, Retry-After and an OpenAI-shaped error; the queued one still
+/// completes.
+#[tokio::test]
+async fn a_full_queue_answers_503() {
+    let model = "smollm2-135m-queue";
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/completions", daemon().url);
+    let body = |n: u32| json!({"model": model, "prompt": "Once upon a time", "max_tokens": n, "stream": true});
+    // The first request takes the slot: wait until its first chunk arrives.
+    let mut first = client.post(&url).json(&body(40)).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    first.chunk().await.unwrap();
+    // The second waits in the queue.
+    let second = tokio::spawn(client.post(&url).json(&body(2)).send());
+    let ps_url = format!("{}/admin/ps", daemon().url);
+    let mut queued = 0;
+    for _ in 0..100 {
+        let ps: Value = client
+            .get(&ps_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        queued = ps["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["model"] == model)
+            .and_then(|w| w["queued"].as_u64())
+            .unwrap_or(0);
+        if queued == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(queued, 1, "the second request should be queued");
+    // The third finds the queue full.
+    let third = client.post(&url).json(&body(2)).send().await.unwrap();
+    assert_eq!(third.status(), 503);
+    assert_eq!(third.headers()["retry-after"], "1");
+    let v: Value = third.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_overloaded", "{v}");
+    assert_eq!(v["error"]["type"], "server_error");
+    // Nothing was lost: the first and the queued second both finish.
+    let rest = first.text().await.unwrap();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), 200);
+    assert!(second.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+}
+
+/// The replay engine streams its fixed text; under a "4 tokens" flush policy
+/// the worker sends fewer TokenBatch frames than it runs steps, and 8 concurrent
+/// streams each still get every token of their own length.
+#[tokio::test]
+async fn replay_streams_and_flush_policy_batches_frames() {
+    let model = "replay";
+    let solo = stream_completion(model, "hi", 64).await;
+    assert!(solo.text.starts_with("Call me Ishmael."), "{:?}", solo.text);
+    assert_eq!(solo.completion_tokens, 64);
+    let before = metrics().await;
+    let lengths: Vec<u32> = (0..8).map(|i| 16 + 8 * i).collect();
+    let together = join_all(lengths.iter().map(|n| stream_completion(model, "hi", *n))).await;
+    for (c, n) in together.iter().zip(&lengths) {
+        assert_eq!(c.completion_tokens, *n as u64);
+        assert_eq!(c.finish_reason, "length");
+        assert!(solo.text.starts_with(&c.text) || c.text.starts_with(&solo.text));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let after = metrics().await;
+    let delta = |name| metric(&after, name, model) - metric(&before, name, model);
+    let (steps, frames) = (
+        delta("mlxd_worker_batch_steps_total"),
+        delta("mlxd_worker_token_frames_total"),
+    );
+    assert!(
+        steps > 0.0 && frames < steps,
+        "{frames} frames for {steps} steps"
+    );
+    // The daemon counted the frames it read, and the doorbell rang for fewer.
+    assert!(metric(&after, "mlxd_worker_frames_total", model) > 0.0);
+    assert!(
+        metric(&after, "mlxd_tokens_total", model) >= lengths.iter().sum::<u32>() as f64 + 64.0
+    );
+}
