@@ -60,6 +60,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let app = router(AppState {
         supervisor: supervisor.clone(),
         metrics: metrics.clone(),
+        http: reqwest::Client::builder().no_proxy().build()?,
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {

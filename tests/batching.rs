@@ -271,3 +271,14 @@ async fn replay_streams_and_flush_policy_batches_frames() {
         metric(&after, "mlxd_tokens_total", model) >= lengths.iter().sum::<u32>() as f64 + 64.0
     );
 }
+
+/// The loopback-HTTP proxy path (the worker serves SSE, the daemon forwards it)
+/// streams the same tokens as the ring path.
+#[tokio::test]
+async fn the_http_proxy_path_streams_the_same_tokens() {
+    let over_ring = stream_completion("replay", "hi", 40).await;
+    let proxied = stream_completion("replay-http", "hi", 40).await;
+    assert_eq!(proxied.text, over_ring.text);
+    assert_eq!(proxied.completion_tokens, 40);
+    assert_eq!(proxied.finish_reason, "length");
+}

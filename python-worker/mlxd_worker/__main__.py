@@ -53,7 +53,7 @@ def _stats_loop(engine: Engine, transport: Transport) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mlxd_worker")
-    ap.add_argument("--transport", choices=["shm", "stdio"], default="stdio")
+    ap.add_argument("--transport", choices=["shm", "stdio", "http"], default="stdio")
     ap.add_argument("--segment", help="shared-memory segment name (shm transport)")
     ap.add_argument("--engine", choices=["mlx", "replay"], default="mlx")
     args = ap.parse_args(argv)
@@ -69,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         transport = StdioTransport(0, out_fd)
 
+    engine = Engine(transport, make_backend(args.engine))
+    http_port = None
+    if args.transport == "http":
+        from .http_server import HttpFanout, serve
+
+        fanout = HttpFanout(transport)
+        engine.transport = fanout
+        http_port = serve(fanout, engine.submit)
+
     import mlx.core as mx
 
     transport.send(
@@ -81,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                 "device": "gpu" if mx.default_device() == mx.gpu else "cpu",
                 "blas": blas_library(),
                 "native_protocol": transport.native,
+                "http_port": http_port,
             }
         ),
     )
-    engine = Engine(transport, make_backend(args.engine))
     engine_thread = threading.Thread(target=engine.run, name="engine", daemon=True)
     engine_thread.start()
     threading.Thread(target=_stats_loop, args=(engine, transport), name="stats", daemon=True).start()

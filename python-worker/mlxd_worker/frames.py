@@ -81,6 +81,10 @@ def decode_token_batch(payload: bytes) -> list[tuple[int, int, str]]:
     return out
 
 
+def encode_cancel(rid: int) -> bytes:
+    return struct.pack("<Q", rid)
+
+
 def decode_cancel(payload: bytes) -> int:
     (rid,) = struct.unpack_from("<Q", payload, 0)
     return rid

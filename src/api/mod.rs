@@ -19,6 +19,8 @@ pub const MAX_BODY: usize = 8 << 20;
 pub struct AppState {
     pub supervisor: Arc<Supervisor>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// For the `http` transport's proxy route to workers on loopback.
+    pub http: reqwest::Client,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -3,6 +3,8 @@
 
 use std::convert::Infallible;
 
+use futures::StreamExt;
+
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -14,7 +16,8 @@ use worker_protocol::frame::{ChatMessage, Done, Generate};
 
 use super::{unix_now, AppState};
 use crate::error::{Error, Source};
-use crate::supervisor::{token_text, GenEvent, GenStream};
+use crate::presets::TransportKind;
+use crate::supervisor::{token_text, GenEvent, GenStream, WorkerHandle};
 
 /// The OpenAI error shape: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_body(e: &Error) -> Value {
@@ -355,12 +358,61 @@ async fn run(
         created: unix_now(),
         include_usage: sampling.include_usage(),
     };
+    if worker.transport == TransportKind::Http {
+        return proxy(&state, &worker, &meta, sampling.stream, gen).await;
+    }
     let stream = worker.generate(gen).await?;
     if sampling.stream {
         Ok(stream_response(meta, stream))
     } else {
         collect_response(meta, stream).await
     }
+}
+
+/// The `http` transport: forward the request to the worker's own HTTP server on
+/// loopback and stream its response back unchanged, as llama-swap and Ollama do.
+/// Kept for the benchmark that measures what the rings save.
+async fn proxy(
+    state: &AppState,
+    worker: &WorkerHandle,
+    meta: &Meta,
+    stream: bool,
+    gen: Generate,
+) -> Result<Response, ApiError> {
+    let (slot, port) = worker.http_slot().await?;
+    let mut body = serde_json::to_value(&gen).map_err(|e| Error::Internal(e.to_string()))?;
+    body["chunk_id"] = json!(meta.id);
+    body["model"] = json!(meta.model);
+    body["created"] = json!(meta.created);
+    body["chat"] = json!(meta.dialect == Dialect::Chat);
+    body["include_usage"] = json!(meta.include_usage);
+    body["stream"] = json!(stream);
+    let upstream = state
+        .http
+        .post(format!("http://127.0.0.1:{port}/generate"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| Error::WorkerFailed {
+            model: worker.name().to_string(),
+            reason: e.to_string(),
+        })?;
+    let status = upstream.status().as_u16();
+    let content_type = upstream
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(header::HeaderValue::from_static("application/json"));
+    // The slot is held until the body is fully forwarded (or the client leaves).
+    let body = upstream.bytes_stream().map(move |chunk| {
+        let _held = &slot;
+        chunk
+    });
+    Ok(Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from_stream(body))
+        .expect("valid response parts"))
 }
 
 async fn collect_response(meta: Meta, mut stream: GenStream) -> Result<Response, ApiError> {

@@ -139,10 +139,10 @@ impl WorkerHandle {
             },
             TransportKind::Stdio | TransportKind::Http => None,
         };
-        let transport = if segment.is_some() {
-            TransportKind::Shm
-        } else {
-            TransportKind::Stdio
+        let transport = match (preset.transport, &segment) {
+            (TransportKind::Http, _) => TransportKind::Http,
+            (_, Some(_)) => TransportKind::Shm,
+            (_, None) => TransportKind::Stdio,
         };
         let mut child = spawn::command(
             cfg,
@@ -421,6 +421,23 @@ impl WorkerHandle {
 
     /// Starts a generation. The returned stream cancels it in the worker if
     /// dropped before the end (a client that disconnects).
+    /// For the `http` transport: waits for a generation slot (as `generate` does)
+    /// and returns it with the port the worker serves on.
+    pub async fn http_slot(&self) -> Result<(Slot, u16)> {
+        self.wait_ready().await?;
+        let port = self
+            .hello
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .and_then(|h| h.http_port)
+            .ok_or_else(|| Error::WorkerUnavailable {
+                model: self.name().to_string(),
+                reason: "the worker serves no HTTP port".into(),
+            })?;
+        Ok((self.admission.enter().await?, port))
+    }
+
     /// Waits in the model's queue for a slot first (503 when the queue is full).
     pub async fn generate(self: &Arc<Self>, mut req: Generate) -> Result<GenStream> {
         self.wait_ready().await?;

@@ -101,6 +101,9 @@ pub struct Hello {
     /// Whether the worker uses the Rust extension module (false: pure-Python stdio).
     #[serde(default)]
     pub native_protocol: bool,
+    /// The loopback port the worker serves generations on (`http` transport only).
+    #[serde(default)]
+    pub http_port: Option<u16>,
 }
 
 /// Daemon → worker: load this model.
