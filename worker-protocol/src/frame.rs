@@ -508,6 +508,7 @@ mod tests {
             device: "cpu".into(),
             blas: Some("openblas".into()),
             native_protocol: true,
+            http_port: Some(8080),
         }));
         roundtrip(Frame::Generate(Generate {
             id: 7,
