@@ -158,7 +158,9 @@ fn default_max_queue() -> u32 {
 }
 
 fn default_prefill_step() -> u32 {
-    512
+    // mlx_lm.server's default: a prompt up to this long prefills in one pass (no
+    // TTFT cost); longer ones yield to the running batch between chunks.
+    2048
 }
 
 /// A model name a client may send: letters, digits, `._:-`, not starting with a dot.

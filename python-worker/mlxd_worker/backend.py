@@ -66,7 +66,7 @@ class MlxBackend:
             stop_tokens=[[t] for t in sorted(self.eos)],
             completion_batch_size=max_batch,
             prefill_batch_size=min(max_batch, 8),
-            prefill_step_size=int(options.get("prefill_step", 512)),
+            prefill_step_size=int(options.get("prefill_step", 2048)),
         )
 
     def insert(self, ids: list[int], max_tokens: int, sampler: Sampler | None) -> int:
