@@ -22,6 +22,9 @@ const INHERITED_ENV: &[&str] = &[
     "TMPDIR",
     "USER",
     "MLXD_WORKER_LOG",
+    // GPU hosts: which device, and where CUDA's libraries are.
+    "CUDA_VISIBLE_DEVICES",
+    "LD_LIBRARY_PATH",
 ];
 
 /// Debian/Ubuntu's OpenBLAS, which MLX's Linux CPU wheel runs 14x faster than the
