@@ -179,9 +179,11 @@ def start_mlx_lm_server(model_path: str) -> tuple[subprocess.Popen, str]:
 
 
 def single_figures(r: dict[str, Any]) -> dict[str, float]:
-    s = r["stamps"]
+    # Tokens from the usage count: a client that falls behind may get several
+    # tokens in one SSE chunk, so chunks under-count them.
+    s, n = r["stamps"], r["tokens"]
     return {
-        "tps": (len(s) - 1) / (s[-1] - s[0]) if len(s) > 1 else 0.0,
+        "tps": (n - 1) / (s[-1] - s[0]) if len(s) > 1 else 0.0,
         "ttft_ms": (s[0] - r["t0"]) * 1000 if s else float("nan"),
         "tokens": r["tokens"],
     }

@@ -282,3 +282,37 @@ async fn the_http_proxy_path_streams_the_same_tokens() {
     assert_eq!(proxied.completion_tokens, 40);
     assert_eq!(proxied.finish_reason, "length");
 }
+
+/// A stream decoding alone (the fast single-sequence path) hands its KV cache to
+/// the batch when a second request arrives mid-generation; neither text changes.
+#[tokio::test]
+async fn a_lone_stream_joins_the_batch_mid_generation_intact() {
+    let (first, second) = (PROMPTS[4], PROMPTS[6]);
+    let first_alone = stream_completion(MODEL, first, 16).await;
+    let second_alone = stream_completion(MODEL, second, 8).await;
+    let mut resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", daemon().url))
+        .json(&json!({
+            "model": MODEL, "prompt": first, "max_tokens": 16, "temperature": 0,
+            "stream": true, "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    // Wait until the first has produced text, so it is decoding when the second comes.
+    let mut body = String::new();
+    while !body.contains("\"text\":\"") || body.matches("\"text\":").count() < 2 {
+        body += &String::from_utf8_lossy(&resp.chunk().await.unwrap().unwrap());
+    }
+    let second_joined = stream_completion(MODEL, second, 8).await;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        body += &String::from_utf8_lossy(&chunk);
+    }
+    let first_joined = parse_stream(&body);
+    assert_eq!(first_joined.text, first_alone.text);
+    assert_eq!(
+        first_joined.completion_tokens,
+        first_alone.completion_tokens
+    );
+    assert_eq!(second_joined.text, second_alone.text);
+}

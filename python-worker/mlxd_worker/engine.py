@@ -154,12 +154,16 @@ class Engine:
         log.info("loaded %s in %.1fs (flush %s)", req["model_name"], time.perf_counter() - t0, self.flush_policy)
 
     def _warm_up(self) -> None:
-        """Compile kernels on our time, not on a user's first request."""
-        uid = self.backend.insert(self._prompt_ids({"messages": [{"role": "user", "content": "Hi"}]}), 2, None)
-        while True:
-            results = self.backend.step()
-            if any(u == uid and finish for u, _, finish in results):
-                return
+        """Compile kernels on our time, not on a user's first request: one sequence
+        alone, then a second joining it (the solo path, the handover, the batch)."""
+        ids = self._prompt_ids({"messages": [{"role": "user", "content": "Hi"}]})
+        live = {self.backend.insert(ids, 4, None)}
+        self.backend.step()
+        live.add(self.backend.insert(ids, 3, None))
+        while live:
+            for uid, _, finish in self.backend.step():
+                if finish is not None:
+                    live.discard(uid)
 
     def _prompt_ids(self, req: dict[str, Any]) -> list[int]:
         tok = self.backend.tokenizer
