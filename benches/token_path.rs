@@ -203,6 +203,10 @@ struct Sample {
     doorbells: f64,
 }
 
+async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 async fn measure(
     client: &reqwest::Client,
     daemon: &Daemon,
@@ -211,39 +215,18 @@ async fn measure(
     tokens: u32,
     worker_pid: u32,
 ) -> Sample {
-    let before = client
-        .get(format!("{}/metrics", daemon.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
     let me = std::process::id();
-    let (d0, w0, c0) = (
-        cpu_seconds(daemon.child.id()),
-        cpu_seconds(worker_pid),
-        cpu_seconds(me),
-    );
+    let cpu = || [daemon.child.id(), worker_pid, me].map(cpu_seconds);
+    let before = get_text(client, &format!("{}/metrics", daemon.url)).await;
+    let [d0, w0, c0] = cpu();
     let t0 = Instant::now();
     let outcomes = futures::future::join_all(
         (0..clients).map(|_| one_stream(client, &daemon.url, model, tokens)),
     )
     .await;
     let wall = t0.elapsed().as_secs_f64();
-    let (d1, w1, c1) = (
-        cpu_seconds(daemon.child.id()),
-        cpu_seconds(worker_pid),
-        cpu_seconds(me),
-    );
-    let after = client
-        .get(format!("{}/metrics", daemon.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let [d1, w1, c1] = cpu();
+    let after = get_text(client, &format!("{}/metrics", daemon.url)).await;
     let total: u64 = outcomes.iter().map(|o| o.tokens).sum();
     let chunks: u64 = outcomes.iter().map(|o| o.chunks).sum();
     let delta = |name: &str, filter: &str| {
@@ -292,8 +275,16 @@ fn main() {
         }
         let mut report = serde_json::Map::new();
         println!(
-            "\n{:<8} {:<11} {:>22} {:>9} {:>14} {:>14} {:>12} {:>16}",
-            "clients", "path", "tokens/s (median)", "ratio", "daemon µs/tok", "worker µs/tok", "chunks/tok", "doorbells/frames"
+            "\n{:<8} {:<11} {:>22} {:>9} {:>14} {:>14} {:>14} {:>11} {:>16}",
+            "clients",
+            "path",
+            "tokens/s (median)",
+            "ratio",
+            "daemon µs/tok",
+            "worker µs/tok",
+            "client µs/tok",
+            "chunks/tok",
+            "doorbells/frames"
         );
         for &c in &args.clients {
             // The same total per measurement at every concurrency: long enough
