@@ -59,15 +59,17 @@ _nonce = itertools.count(1)
 
 def messages(topic: str, long: bool = False, tokenizer: Any = None) -> list[dict[str, str]]:
     """A fresh prompt (its nonce defeats prompt caches); `long` makes it ~500 tokens."""
-    head = f"Request {next(_nonce)}. "
+    # The nonce opens the system message: chat templates put a fixed system prompt
+    # first otherwise, which a prefix cache would share across requests.
+    system = {"role": "system", "content": f"Request {next(_nonce)}. You are a helpful storyteller."}
     if not long:
-        return [{"role": "user", "content": f"{head}Write a long story about {topic}."}]
-    body = head
+        return [system, {"role": "user", "content": f"Write a long story about {topic}."}]
+    body = ""
     while tokenizer is None or len(tokenizer.encode(body)) < 470:
         body += PARAGRAPH
         if tokenizer is None and len(body) > 2400:
             break
-    return [{"role": "user", "content": f"{body}\nContinue this story at length."}]
+    return [system, {"role": "user", "content": f"{body}\nContinue this story at length."}]
 
 
 # -- one request, each side ---------------------------------------------------------
@@ -215,6 +217,7 @@ def main() -> None:
     ap.add_argument("--sides", default="native,mlxd-shm,mlxd-stdio,mlx_lm.server")
     ap.add_argument("--json-out")
     ap.add_argument("--quick", action="store_true", help="2 runs, concurrency 1 and 8")
+    ap.add_argument("--skip-single", action="store_true", help="only the concurrency scenarios")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.concurrency = 2, "1,8"
@@ -271,7 +274,8 @@ def main() -> None:
             print(f"warmed up {name}", flush=True)
 
         report: dict[str, Any] = {}
-        for label, long in (("single-short", False), ("single-long", True)):
+        singles = () if args.skip_single else (("single-short", False), ("single-long", True))
+        for label, long in singles:
             got: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
             for _ in range(args.runs):
                 for name, (single, _) in sides.items():

@@ -39,6 +39,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf", ".bin")
+# Files that describe the source's weights, not the tokenizer.
+NOT_COPIED = {"config.json", "mlxd-import.json", "model.safetensors.index.json"}
 
 
 def eos_ids(src_config: dict[str, Any]) -> list[int]:
@@ -94,7 +96,7 @@ def build(args: argparse.Namespace) -> None:
     save_model(tmp, model)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for f in src.iterdir():
-        if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
+        if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy(f, tmp / f.name)
     if out.exists():
         shutil.rmtree(out)

@@ -1,8 +1,9 @@
 """The scheduler: one thread owns the backend (and MLX), admits requests into the
 running batch at any step, and flushes the tokens of each step as one TokenBatch.
 
-The reader thread only enqueues frames (Load, Generate, Cancel) on the inbox, so
-their order is kept; the engine drains the inbox between steps.
+The reader thread enqueues frames (Load, Generate, Cancel) on the inbox in order,
+tokenizing each Generate's prompt on the way; the engine drains the inbox between
+steps.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class Engine:
     def __init__(self, transport: Transport, backend: Backend) -> None:
         self.transport = transport
         self.backend = backend
-        self.inbox: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        # (kind, payload), or (GENERATE, the parsed request with its prompt_ids)
+        self.inbox: queue.Queue[tuple[int, Any] | None] = queue.Queue()
         self.counters = Counters()
         self.flush_policy = FlushPolicy()
         self._samplers = SamplerCache()
@@ -92,10 +94,21 @@ class Engine:
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
-        if kind == frames.GENERATE:
-            with self.counters.lock:
-                self.counters.queued += 1
-        self.inbox.put((kind, payload))
+        """A Generate's chat template and tokenization run here, on the reader
+        thread, so that this CPU work overlaps the engine's model steps instead
+        of stalling the batch (MLX releases the GIL while it computes)."""
+        if kind != frames.GENERATE:
+            self.inbox.put((kind, payload))
+            return
+        req = json.loads(payload)
+        try:
+            req["prompt_ids"] = self._prompt_ids(req)
+        except Exception as e:
+            self._report(kind, req, e)
+            return
+        with self.counters.lock:
+            self.counters.queued += 1
+        self.inbox.put((kind, req))
 
     def stop(self) -> None:
         self.inbox.put(None)
@@ -121,23 +134,27 @@ class Engine:
                 return
             self._handle(*item)
 
-    def _handle(self, kind: int, payload: bytes) -> None:
+    def _handle(self, kind: int, item: Any) -> None:
         if kind == frames.CANCEL:
-            self._cancel(frames.decode_cancel(payload))
+            self._cancel(frames.decode_cancel(item))
             return
-        req = json.loads(payload)
+        req = item if kind == frames.GENERATE else json.loads(item)
         try:
             if kind == frames.LOAD:
                 self._load(req)
             elif kind == frames.GENERATE:
                 self._admit(req)
-        except Exception as e:  # a worker error must reach the daemon, not kill us
-            log.exception("engine error")
-            rid = req.get("id") if kind == frames.GENERATE else None
-            code = "invalid_request" if isinstance(e, RequestError) else "worker"
-            self.transport.send(frames.ERROR, frames.json_payload({"id": rid, "message": str(e), "code": code}))
+        except Exception as e:
+            self._report(kind, req, e)
             if kind == frames.LOAD:
                 raise
+
+    def _report(self, kind: int, req: dict[str, Any], e: Exception) -> None:
+        """A worker error must reach the daemon, not kill us."""
+        log.exception("engine error")
+        rid = req.get("id") if kind == frames.GENERATE else None
+        code = "invalid_request" if isinstance(e, RequestError) else "worker"
+        self.transport.send(frames.ERROR, frames.json_payload({"id": rid, "message": str(e), "code": code}))
 
     def _load(self, req: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -182,7 +199,7 @@ class Engine:
         rid = int(req["id"])
         with self.counters.lock:
             self.counters.queued -= 1
-        ids = self._prompt_ids(req)
+        ids = req["prompt_ids"]
         limit = self.backend.context_length
         if limit and len(ids) >= limit:
             raise RequestError(f"prompt is {len(ids)} tokens; the model's context is {limit}")
