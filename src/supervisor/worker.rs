@@ -302,19 +302,12 @@ impl WorkerHandle {
 
     /// Routes a step's tokens to their requests: each text is a slice of `batch`.
     fn route_tokens(&self, batch: Bytes) {
-        let Ok(entries) = token_batch_entries(&batch) else {
-            return; // checked by the reader
-        };
-        let count = entries.remaining() as u64;
+        // Every entry was checked when the frame was read (`Incoming::decode`).
+        let entries = token_batch_entries(&batch).into_iter().flatten().flatten();
+        let mut count = 0;
         let inflight = self.inflight.lock().expect("lock");
-        for entry in entries {
-            let e = match entry {
-                Ok(e) => e,
-                Err(err) => {
-                    tracing::warn!(model = %self.name(), "bad token batch: {err}");
-                    break;
-                }
-            };
+        for e in entries {
+            count += 1;
             // A request already cancelled or failed has no sender: its tokens drop.
             if let Some(tx) = inflight.get(&e.id) {
                 let _ = tx.send(GenEvent::Token {

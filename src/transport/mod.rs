@@ -28,7 +28,11 @@ pub enum Incoming {
 impl Incoming {
     pub fn decode(kind: u16, flags: u16, payload: &[u8]) -> Result<Incoming, FrameError> {
         if kind == Kind::TokenBatch as u16 {
-            worker_protocol::frame::token_batch_entries(payload)?;
+            // Check every entry here, so a broken batch is a protocol error (the
+            // worker is killed) rather than tokens dropped later during routing.
+            for entry in worker_protocol::frame::token_batch_entries(payload)? {
+                entry?;
+            }
             return Ok(Incoming::Tokens(Bytes::copy_from_slice(payload)));
         }
         Frame::decode(kind, flags, payload).map(Incoming::Frame)
