@@ -316,3 +316,34 @@ async fn a_lone_stream_joins_the_batch_mid_generation_intact() {
     );
     assert_eq!(second_joined.text, second_alone.text);
 }
+
+/// A client that reads slower than tokens arrive gets them coalesced into fewer,
+/// larger SSE chunks, every token still delivered in order.
+#[tokio::test]
+async fn a_slow_client_gets_coalesced_chunks() {
+    let tokens = 20_000;
+    let fast = stream_completion("replay", "hi", tokens).await;
+    let mut resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", daemon().url))
+        .json(&json!({
+            "model": "replay", "prompt": "hi", "max_tokens": tokens, "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    // Stall: the socket buffers fill, and tokens pile up behind them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut body = String::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        body += &String::from_utf8_lossy(&chunk);
+    }
+    let slow = parse_stream(&body);
+    assert_eq!(slow.completion_tokens, tokens as u64);
+    assert_eq!(slow.text, fast.text, "every token, in order");
+    let events = body.matches("data: ").count();
+    assert!(
+        events < tokens as usize / 2,
+        "{events} SSE chunks for {tokens} tokens"
+    );
+}
