@@ -11,7 +11,6 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use worker_protocol::frame::{ChatMessage, Done, Generate};
 
 use super::{unix_now, AppState};
@@ -458,60 +457,64 @@ impl TextChunkFrame {
 
 /// SSE: a role chunk, one chunk per text delta, a finish chunk, an optional usage
 /// chunk, then `[DONE]`. An error mid-stream is sent as `data: {"error": ...}` and
-/// the stream ends without `[DONE]`. A client that goes away cancels the generation.
+/// the stream ends without `[DONE]`. A client that goes away cancels the generation
+/// (hyper drops the body, and with it the `GenStream`).
 ///
-/// Coalescing: a chunk is built only once the client's connection has room for it,
-/// and it carries every token that arrived meanwhile. A client that keeps up gets
-/// one chunk per token; one that falls behind gets fewer, larger chunks instead of
-/// an ever-growing backlog.
-fn stream_response(meta: Meta, mut stream: GenStream) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(4);
-    tokio::spawn(async move {
-        if meta.dialect == Dialect::Chat {
-            let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
-            if tx.send(Ok(sse(&first))).await.is_err() {
-                return;
-            }
+/// The body polls the generation directly: a token wakes the connection's own task,
+/// which renders and writes it (no task or channel in between). Coalescing: hyper
+/// polls the body only when it can write, so tokens that arrive while a slow
+/// client's socket is full wait in the stream and leave together in one chunk.
+fn stream_response(meta: Meta, stream: GenStream) -> Response {
+    struct Sse {
+        meta: Meta,
+        frame: TextChunkFrame,
+        stream: GenStream,
+        first: Option<Bytes>,
+        held: Option<GenEvent>,
+        ended: bool,
+    }
+    let first = (meta.dialect == Dialect::Chat)
+        .then(|| sse(&meta.chunk(json!({"role": "assistant", "content": ""}), None)));
+    let state = Sse {
+        frame: TextChunkFrame::new(&meta),
+        meta,
+        stream,
+        first,
+        held: None,
+        ended: false,
+    };
+    let body = futures::stream::unfold(state, |mut st| async move {
+        if let Some(first) = st.first.take() {
+            return Some((Ok::<_, Infallible>(first), st));
         }
-        let frame = TextChunkFrame::new(&meta);
-        let mut next_event = None;
-        loop {
-            let ev = match next_event.take() {
+        while !st.ended {
+            let ev = match st.held.take() {
                 Some(ev) => ev,
-                None => {
-                    let ev = tokio::select! {
-                        ev = stream.next() => ev,
-                        // Client gone: dropping `stream` sends Cancel to the worker.
-                        _ = tx.closed() => return,
-                    };
-                    let Some(ev) = ev else { return };
-                    ev
-                }
+                None => st.stream.next().await?,
             };
-            let end = match ev {
+            let out = match ev {
                 GenEvent::Token { text, .. } => {
-                    let Ok(permit) = tx.reserve().await else {
-                        return;
-                    };
                     let mut joined: Option<String> = None;
-                    while let Some(more) = stream.try_next() {
+                    while let Some(more) = st.stream.try_next() {
                         match more {
                             GenEvent::Token { text: t, .. } => joined
                                 .get_or_insert_with(|| token_text(&text).to_owned())
                                 .push_str(token_text(&t)),
                             other => {
-                                next_event = Some(other);
+                                st.held = Some(other);
                                 break;
                             }
                         }
                     }
                     let text = joined.as_deref().unwrap_or(token_text(&text));
-                    if !text.is_empty() {
-                        permit.send(Ok(frame.render(text)));
+                    if text.is_empty() {
+                        continue;
                     }
-                    continue;
+                    st.frame.render(text)
                 }
                 GenEvent::Done(done) => {
+                    st.ended = true;
+                    let meta = &st.meta;
                     let empty = if meta.dialect == Dialect::Chat {
                         json!({})
                     } else {
@@ -527,18 +530,19 @@ fn stream_response(meta: Meta, mut stream: GenStream) -> Response {
                     tail.extend_from_slice(b"data: [DONE]\n\n");
                     Bytes::from(tail)
                 }
-                GenEvent::Error(e) => sse(&error_body(&e)),
+                GenEvent::Error(e) => {
+                    st.ended = true;
+                    sse(&error_body(&e))
+                }
             };
-            let _ = tx.send(Ok(end)).await;
-            return;
+            return Some((Ok(out), st));
         }
+        None
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
+        .body(Body::from_stream(body))
         .expect("static headers are valid")
 }
 
