@@ -100,9 +100,7 @@ fn start_daemon(args: &Args, max_concurrent: usize) -> Daemon {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("mlxd listening on ")
+    let url = mlxd::serve::listening_url(&line)
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
     Daemon {

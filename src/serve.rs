@@ -25,6 +25,15 @@ pub struct ServeOptions {
     pub allow_remote: bool,
 }
 
+/// The first line `mlxd serve` prints on stdout, before the URL it serves on;
+/// scripts and tests that start a daemon on port 0 read the URL from it.
+pub const LISTENING: &str = "mlxd listening on ";
+
+/// The URL in the line `serve` prints first, if `line` is that line.
+pub fn listening_url(line: &str) -> Option<&str> {
+    line.trim().strip_prefix(LISTENING)
+}
+
 pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let ip: IpAddr = cfg
         .host
@@ -47,7 +56,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let supervisor = Arc::new(Supervisor::new(cfg, presets));
     // Tests and scripts read this line to learn the port (with --port 0).
-    println!("mlxd listening on http://{addr}");
+    println!("{LISTENING}http://{addr}");
     for model in opts.preload {
         let sup = supervisor.clone();
         tokio::spawn(async move {

@@ -11,15 +11,13 @@ pub async fn read_frames(
 ) -> Result<(), TransportError> {
     let mut decoder = StdioDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let protocol = |e: &dyn std::fmt::Display| TransportError::Protocol(e.to_string());
     loop {
         let n = stdout.read(&mut buf).await?;
         if n == 0 {
-            return decoder
-                .finish()
-                .map_err(|e| TransportError::Protocol(e.to_string()));
+            return decoder.finish().map_err(|e| protocol(&e));
         }
         decoder.feed(&buf[..n]);
-        let protocol = |e: &dyn std::fmt::Display| TransportError::Protocol(e.to_string());
         while let Some((kind, flags, payload)) = decoder.next_raw().map_err(|e| protocol(&e))? {
             on_frame(Incoming::decode(kind, flags, payload).map_err(|e| protocol(&e))?);
         }

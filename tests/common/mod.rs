@@ -38,9 +38,7 @@ pub fn daemon() -> &'static Daemon {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("mlxd listening on ")
+        let url = mlxd::serve::listening_url(&line)
             .unwrap_or_else(|| panic!("unexpected first line from mlxd: {line:?}"))
             .to_string();
         let port = url.rsplit(':').next().unwrap().parse().unwrap();

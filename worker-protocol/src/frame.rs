@@ -444,13 +444,6 @@ fn batch_truncated(detail: &'static str) -> FrameError {
     }
 }
 
-impl TokenBatchEntries<'_> {
-    /// Entries not yet read.
-    pub fn remaining(&self) -> usize {
-        self.left as usize
-    }
-}
-
 impl<'a> Iterator for TokenBatchEntries<'a> {
     type Item = Result<TokenRef<'a>, FrameError>;
 
