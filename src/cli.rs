@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::config::{is_model_dir, Config};
 use crate::presets::Presets;
-use crate::supervisor::WorkerInfo;
+use crate::supervisor::SlotInfo;
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -37,14 +37,79 @@ async fn admin(cfg: &Config, path: &str, body: Option<Value>) -> anyhow::Result<
     Ok(v)
 }
 
-pub async fn start(cfg: &Config, model: &str) -> anyhow::Result<()> {
-    let v = admin(cfg, "start", Some(json!({ "model": model }))).await?;
-    let info: WorkerInfo = serde_json::from_value(v["worker"].clone())?;
+/// `mlxd start [--pin] <model>`: waits until the model is Ready, showing the load's
+/// progress (elapsed time and the worker's memory) on a terminal.
+pub async fn start(cfg: &Config, model: &str, pin: bool) -> anyhow::Result<()> {
+    let body = json!({ "model": model, "pin": pin });
+    let v = with_progress(cfg, model, admin(cfg, "start", Some(body))).await?;
+    let info: SlotInfo = serde_json::from_value(v["worker"].clone())?;
     println!(
-        "{} ready (pid {}, {})",
-        info.model, info.pid, info.transport
+        "{} ready (pid {}, {}, incarnation {}{})",
+        info.model,
+        info.pid.map_or("-".into(), |p| p.to_string()),
+        info.transport,
+        info.incarnation,
+        if info.pinned { ", pinned" } else { "" }
     );
     Ok(())
+}
+
+/// `mlxd restart <model>`: a fresh worker (also clears a failed model).
+pub async fn restart(cfg: &Config, model: &str) -> anyhow::Result<()> {
+    let v = with_progress(
+        cfg,
+        model,
+        admin(cfg, "restart", Some(json!({ "model": model }))),
+    )
+    .await?;
+    let info: SlotInfo = serde_json::from_value(v["worker"].clone())?;
+    println!(
+        "{} ready (pid {}, incarnation {})",
+        info.model,
+        info.pid.map_or("-".into(), |p| p.to_string()),
+        info.incarnation
+    );
+    Ok(())
+}
+
+/// Runs `request` while a spinner on stderr shows the model's state, the time
+/// since the command began and the worker's memory (only on a terminal).
+async fn with_progress(
+    cfg: &Config,
+    model: &str,
+    request: impl std::future::Future<Output = anyhow::Result<Value>>,
+) -> anyhow::Result<Value> {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return request.await;
+    }
+    const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let began = std::time::Instant::now();
+    tokio::pin!(request);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let mut frame = 0;
+    let result = loop {
+        tokio::select! {
+            r = &mut request => break r,
+            _ = tick.tick() => {
+                let row = admin(cfg, "ps", None).await.ok().and_then(|v| {
+                    let rows: Vec<SlotInfo> = serde_json::from_value(v["workers"].clone()).ok()?;
+                    rows.into_iter().find(|w| w.model == model)
+                });
+                let (state, rss) = row.map_or(("waiting".to_string(), 0), |w| (w.state, w.stats.rss));
+                eprint!(
+                    "\r{} {model}: {state}  {:.1} s  {}   ",
+                    FRAMES[frame % FRAMES.len()],
+                    began.elapsed().as_secs_f64(),
+                    human_bytes(rss)
+                );
+                let _ = std::io::stderr().flush();
+                frame += 1;
+            }
+        }
+    };
+    eprint!("\r\x1b[2K");
+    result
 }
 
 pub async fn stop(cfg: &Config, model: &str) -> anyhow::Result<()> {
@@ -77,25 +142,41 @@ fn human_duration(s: f64) -> String {
 
 pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
     let v = admin(cfg, "ps", None).await?;
-    let workers: Vec<WorkerInfo> = serde_json::from_value(v["workers"].clone())?;
+    let workers: Vec<SlotInfo> = serde_json::from_value(v["workers"].clone())?;
     println!(
-        "{:<24} {:>8} {:<9} {:<9} {:>9} {:>8} {:<9} {:>7}",
-        "MODEL", "PID", "TRANSPORT", "STATE", "MEMORY", "UPTIME", "BLAS", "INFLIGHT"
+        "{:<24} {:>8} {:<9} {:<9} {:>9} {:>8} {:<9} {:>8} {:>6} {:>4} {:>8}",
+        "MODEL",
+        "PID",
+        "TRANSPORT",
+        "STATE",
+        "MEMORY",
+        "UPTIME",
+        "BLAS",
+        "INFLIGHT",
+        "QUEUED",
+        "INC",
+        "RESTARTS"
     );
     for w in workers {
         println!(
-            "{:<24} {:>8} {:<9} {:<9} {:>9} {:>8} {:<9} {:>7}",
+            "{:<24} {:>8} {:<9} {:<9} {:>9} {:>8} {:<9} {:>8} {:>6} {:>4} {:>8}",
             w.model,
-            w.pid,
+            w.pid.map_or("-".into(), |p| p.to_string()),
             w.transport,
             w.state,
             human_bytes(w.stats.rss),
             human_duration(w.uptime_s),
             w.blas.as_deref().unwrap_or("-"),
             w.inflight,
+            w.queued,
+            w.incarnation,
+            w.restarts,
         );
-        if let Some(e) = w.error {
+        if let Some(e) = &w.error {
             println!("    error: {e}");
+        }
+        if let Some(last) = w.last_exit.as_ref().filter(|_| w.error.is_none()) {
+            println!("    last exit: {last}");
         }
     }
     Ok(())

@@ -24,6 +24,9 @@ pub struct FileConfig {
     pub python: Option<PathBuf>,
     /// Directory holding the `mlxd_worker` package (env MLXD_WORKER_DIR overrides).
     pub worker_dir: Option<PathBuf>,
+    /// Models (preset names) that a request may load. Absent: any preset. Others
+    /// are served only while `mlxd start` keeps them running.
+    pub allow_models: Option<Vec<String>>,
 }
 
 /// The resolved configuration.
@@ -37,6 +40,8 @@ pub struct Config {
     pub presets_dirs: Vec<PathBuf>,
     pub python: PathBuf,
     pub worker_dir: PathBuf,
+    /// See `FileConfig::allow_models`.
+    pub allow_models: Option<Vec<String>>,
 }
 
 /// The source tree this binary was built from: shipped presets, the worker
@@ -110,8 +115,16 @@ impl Config {
             presets_dirs,
             python,
             worker_dir,
+            allow_models: file.allow_models,
             home,
         })
+    }
+
+    /// Whether a request may load model `name` (`allow_models`).
+    pub fn may_start(&self, name: &str) -> bool {
+        self.allow_models
+            .as_ref()
+            .is_none_or(|allowed| allowed.iter().any(|m| m == name))
     }
 
     pub fn base_url(&self) -> String {
@@ -146,5 +159,9 @@ mod tests {
             toml::from_str::<FileConfig>("prot = 1").is_err(),
             "typos are refused"
         );
+        assert!(c.may_start("anything"), "no allow-list: every preset");
+        let file: FileConfig = toml::from_str("allow_models = [\"a\"]").unwrap();
+        let c = Config::resolve("/h".into(), file, |_| None).unwrap();
+        assert!(c.may_start("a") && !c.may_start("b"));
     }
 }

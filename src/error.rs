@@ -27,6 +27,8 @@ pub enum Error {
     WorkerUnavailable { model: String, reason: String },
     #[error("worker for '{model}' failed: {reason}")]
     WorkerFailed { model: String, reason: String },
+    #[error("'{0}' is not running, and allow_models does not let requests start it (start it with `mlxd start {0}`)")]
+    NotAllowed(String),
     #[error("'{model}' is at capacity: {queued} requests are already waiting; retry shortly")]
     Overloaded { model: String, queued: usize },
     #[error("{0}")]
@@ -43,7 +45,9 @@ impl Error {
 
     pub fn source_of(&self) -> Source {
         match self {
-            Error::InvalidRequest { .. } | Error::ModelNotFound(_) => Source::Client,
+            Error::InvalidRequest { .. } | Error::ModelNotFound(_) | Error::NotAllowed(_) => {
+                Source::Client
+            }
             Error::WorkerUnavailable { .. }
             | Error::WorkerFailed { .. }
             | Error::Overloaded { .. } => Source::Worker,
@@ -55,6 +59,7 @@ impl Error {
         match self {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Error::NotAllowed(_) => StatusCode::FORBIDDEN,
             Error::WorkerUnavailable { .. } | Error::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -68,6 +73,7 @@ impl Error {
         match self {
             Error::InvalidRequest { .. } => "invalid_request",
             Error::ModelNotFound(_) => "model_not_found",
+            Error::NotAllowed(_) => "model_not_allowed",
             Error::WorkerUnavailable { .. } => "worker_unavailable",
             Error::WorkerFailed { .. } => "worker_failed",
             Error::Overloaded { .. } => "model_overloaded",
@@ -78,7 +84,7 @@ impl Error {
     pub fn param(&self) -> Option<&str> {
         match self {
             Error::InvalidRequest { param, .. } => param.as_deref(),
-            Error::ModelNotFound(_) => Some("model"),
+            Error::ModelNotFound(_) | Error::NotAllowed(_) => Some("model"),
             _ => None,
         }
     }

@@ -35,8 +35,15 @@ enum Cmd {
         #[arg(long, hide = true)]
         exit_on_stdin_eof: bool,
     },
-    /// Start a model's worker in the running daemon.
-    Start { model: String },
+    /// Start a model's worker in the running daemon (waits until it is ready).
+    Start {
+        model: String,
+        /// Keep it loaded: never unloaded for keep-alive.
+        #[arg(long)]
+        pin: bool,
+    },
+    /// Replace a model's worker with a fresh one (also clears a failed model).
+    Restart { model: String },
     /// Stop a model's worker.
     Stop { model: String },
     /// Show running workers.
@@ -91,7 +98,8 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
-        Cmd::Start { model } => mlxd::cli::start(&cfg, &model).await,
+        Cmd::Start { model, pin } => mlxd::cli::start(&cfg, &model, pin).await,
+        Cmd::Restart { model } => mlxd::cli::restart(&cfg, &model).await,
         Cmd::Stop { model } => mlxd::cli::stop(&cfg, &model).await,
         Cmd::Ps => mlxd::cli::ps(&cfg).await,
         Cmd::List => mlxd::cli::list(&cfg),

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::supervisor::state::{KeepAlive, Policy};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
@@ -143,6 +145,40 @@ pub struct Preset {
     /// other sequences' tokens for its whole prefill.
     #[serde(default = "default_prefill_step")]
     pub prefill_step: u32,
+    /// How long the model stays loaded without requests: "5m" (default), "-1"
+    /// forever, "0" unload as soon as idle. A request's `keep_alive` overrides it.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: String,
+    /// A worker with requests in flight that makes no progress this long is hung:
+    /// it is killed and restarted.
+    #[serde(default = "default_hang_timeout")]
+    pub hang_timeout: String,
+    /// A load that makes no progress this long (or takes twice this) fails.
+    #[serde(default = "default_load_timeout")]
+    pub load_timeout: String,
+    /// Test-only fault injection passed to the worker (see mlxd_worker/faults.py).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<toml::Table>,
+}
+
+fn default_keep_alive() -> String {
+    "5m".into()
+}
+
+fn default_hang_timeout() -> String {
+    "60s".into()
+}
+
+fn default_load_timeout() -> String {
+    "300s".into()
+}
+
+/// A positive duration written like "60s", "5m" or "1h30m".
+fn parse_timeout(what: &str, s: &str) -> anyhow::Result<std::time::Duration> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| anyhow::anyhow!("{what} {s:?}: {e} (write e.g. \"60s\" or \"5m\")"))?;
+    anyhow::ensure!(!d.is_zero(), "{what} must be longer than zero");
+    Ok(d)
 }
 
 fn default_max_tokens() -> u32 {
@@ -185,16 +221,34 @@ impl Preset {
         anyhow::ensure!(p.max_tokens > 0, "max_tokens must be positive");
         anyhow::ensure!(p.max_concurrent > 0, "max_concurrent must be positive");
         anyhow::ensure!(p.prefill_step > 0, "prefill_step must be positive");
+        KeepAlive::parse(&p.keep_alive).map_err(|e| anyhow::anyhow!(e))?;
+        parse_timeout("hang_timeout", &p.hang_timeout)?;
+        parse_timeout("load_timeout", &p.load_timeout)?;
         Ok(p)
+    }
+
+    /// The slot's restart policy and timeouts (fields validated by `parse`).
+    pub fn policy(&self) -> Policy {
+        let defaults = Policy::default();
+        Policy {
+            keep_alive: KeepAlive::parse(&self.keep_alive).unwrap_or(defaults.keep_alive),
+            hang_timeout: parse_timeout("", &self.hang_timeout).unwrap_or(defaults.hang_timeout),
+            load_timeout: parse_timeout("", &self.load_timeout).unwrap_or(defaults.load_timeout),
+            ..defaults
+        }
     }
 
     /// The engine options the worker receives in its Load frame.
     pub fn worker_options(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut options = serde_json::json!({
             "max_batch": self.max_concurrent,
             "prefill_step": self.prefill_step,
             "flush": self.flush.to_options(),
-        })
+        });
+        if let Some(faults) = &self.faults {
+            options["faults"] = serde_json::to_value(faults).unwrap_or_default();
+        }
+        options
     }
 
     /// The model directory: absolute paths are taken as they are; names resolve
@@ -325,5 +379,35 @@ mod tests {
             );
         }
         assert!(Preset::parse("model = \"m\"\nmax_concurrent = 0", "x").is_err());
+    }
+
+    #[test]
+    fn lifecycle_settings_parse_and_bad_ones_are_refused() {
+        let p = Preset::parse("model = \"m\"", "x").unwrap();
+        let policy = p.policy();
+        assert_eq!(
+            policy.keep_alive,
+            KeepAlive::For(std::time::Duration::from_secs(300))
+        );
+        assert_eq!(policy.hang_timeout.as_secs(), 60);
+        assert_eq!(policy.load_timeout.as_secs(), 300);
+        let p = Preset::parse(
+            "model = \"m\"\nkeep_alive = \"-1\"\nhang_timeout = \"3s\"\n[faults]\nstep_delay_ms = 5",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(p.policy().keep_alive, KeepAlive::Forever);
+        assert_eq!(p.policy().hang_timeout.as_secs(), 3);
+        assert_eq!(p.worker_options()["faults"]["step_delay_ms"], 5);
+        for bad in [
+            "keep_alive = \"soon\"",
+            "hang_timeout = \"0s\"",
+            "load_timeout = \"x\"",
+        ] {
+            assert!(
+                Preset::parse(&format!("model = \"m\"\n{bad}"), "x").is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::io::Read;
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::presets::Presets;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{ShmRegistry, Supervisor};
 
 /// How long open connections may take to finish after a shutdown signal.
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -46,21 +46,25 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
     cfg.presets_dirs.extend(opts.presets_dirs);
     let presets = Presets::load(&cfg.presets_dirs)?;
-    let removed = worker_protocol::segment::remove_stale();
+    // Segments left by daemons that died: first from their records (the only way
+    // on macOS), then by name and owner pid in /dev/shm (Linux).
+    let mut removed = ShmRegistry::clean_stale(&cfg.home);
+    removed.extend(worker_protocol::segment::remove_stale());
     if !removed.is_empty() {
         tracing::info!(?removed, "removed stale shared-memory segments");
     }
+    let registry = ShmRegistry::open(&cfg.home);
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, cfg.port))
         .await
         .with_context(|| format!("cannot bind {ip}:{}", cfg.port))?;
     let addr = listener.local_addr()?;
-    let supervisor = Arc::new(Supervisor::new(cfg, presets));
+    let supervisor = Arc::new(Supervisor::new(cfg, presets, registry));
     // Tests and scripts read this line to learn the port (with --port 0).
     println!("{LISTENING}http://{addr}");
     for model in opts.preload {
         let sup = supervisor.clone();
         tokio::spawn(async move {
-            match sup.ensure(&model).await {
+            match sup.start(&model, false).await {
                 Ok(_) => tracing::info!(%model, "ready"),
                 Err(e) => tracing::error!(%model, "could not start: {e}"),
             }

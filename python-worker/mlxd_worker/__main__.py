@@ -45,6 +45,8 @@ def _stats_loop(engine: Engine, transport: Transport) -> None:
                     "peak_memory": mx.get_peak_memory(),
                     "cache_memory": mx.get_cache_memory(),
                     "rss": rss_bytes(),
+                    "heartbeat": engine.heartbeat,
+                    "engine_failed": engine.failed,
                     **counts,
                 }
             ),
@@ -55,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mlxd_worker")
     ap.add_argument("--transport", choices=["shm", "stdio", "http"], default="stdio")
     ap.add_argument("--segment", help="shared-memory segment name (shm transport)")
+    ap.add_argument("--generation", type=int, help="the incarnation the segment must belong to")
     ap.add_argument("--engine", choices=["mlx", "replay"], default="mlx")
+    ap.add_argument("--model", help="the model's name (so that ps and logs tell whose worker this is)")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("MLXD_WORKER_LOG", "INFO"),
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     out_fd = _private_stdout()
     transport: Transport
     if args.transport == "shm":
-        transport = ShmTransport(args.segment, 0, out_fd)
+        transport = ShmTransport(args.segment, args.generation, 0, out_fd)
     else:
         transport = StdioTransport(0, out_fd)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import frames
 from .backend import Backend, Detokenizer, MlxBackend
+from .faults import GARBAGE_KIND, Faults
 from .flush import FlushPolicy
 from .sampling import SamplerCache
 from .stops import StopMatcher
@@ -91,6 +93,12 @@ class Engine:
         self._pending: list[tuple[int, int, str]] = []
         self._pending_since = 0.0
         self._running = True
+        self.faults = Faults()
+        # Advanced on every loop iteration (one decode step or prefill chunk): the
+        # daemon's hang detector watches it while requests are in flight.
+        self.heartbeat = 0
+        # Set when the engine can no longer serve; the process exits right after.
+        self.failed = False
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
@@ -115,10 +123,37 @@ class Engine:
 
     # -- the engine thread ---------------------------------------------------
     def run(self) -> None:
-        while self._running:
-            self._drain_inbox(block=not self._by_uid)
-            if self._by_uid:
-                self._step()
+        try:
+            while self._running:
+                self._beat()
+                self._drain_inbox(block=not self._by_uid)
+                if self._by_uid:
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - whatever it was, we cannot serve
+            self._die(e)
+
+    def _beat(self) -> None:
+        self.heartbeat += 1
+        self.transport.beat()
+
+    def _die(self, e: BaseException) -> None:
+        """The engine failed in a way that leaves its state unknown (an exception in
+        a decode step, or a failed load): the sequences that already streamed tokens
+        get an Error frame with the cause, then the process exits non-zero. Sequences
+        that produced nothing yet get no frame: the daemon hands them to the next
+        incarnation."""
+        self.failed = True
+        log.error("engine failed: %r; exiting", e, exc_info=e)
+        try:
+            self._flush()
+            for seq in list(self._by_rid.values()):
+                if seq.first_token_at:
+                    message = f"the worker's engine failed: {type(e).__name__}: {e}"
+                    self.transport.send(
+                        frames.ERROR, frames.json_payload({"id": seq.rid, "message": message, "code": "worker"})
+                    )
+        finally:
+            os._exit(70)  # EX_SOFTWARE
 
     def _drain_inbox(self, block: bool) -> None:
         if block:
@@ -160,6 +195,8 @@ class Engine:
         t0 = time.perf_counter()
         options = req.get("options") or {}
         self.flush_policy = FlushPolicy.from_options(options)
+        self.faults = Faults.from_options(options)
+        self.faults.in_load()
         self.backend.load(req["model_path"], options)
         self._warm_up()
         self.transport.send(
@@ -178,6 +215,7 @@ class Engine:
         self.backend.step()
         live.add(self.backend.insert(ids, 3, None))
         while live:
+            self._beat()  # a load that warms up is making progress
             for uid, _, finish in self.backend.step():
                 if finish is not None:
                     live.discard(uid)
@@ -229,6 +267,7 @@ class Engine:
         self._finish(seq, "cancelled")
 
     def _step(self) -> None:
+        self.faults.before_step(self.counters.steps + 1)
         results = self.backend.step()
         now = time.perf_counter()
         eos = self.backend.eos
@@ -265,6 +304,8 @@ class Engine:
         with self.counters.lock:
             self.counters.steps += 1
             self.counters.step_tokens += len(results)
+        if self.faults.garbage_due(self.counters.steps):
+            self.transport.send(GARBAGE_KIND, b"\xde\xad\xbe\xef")
         if ended:
             self._flush()  # a sequence's tokens precede its Done
             for seq, finish in ended:

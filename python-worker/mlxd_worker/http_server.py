@@ -46,6 +46,9 @@ class HttpFanout:
         with self._lock:
             self._queues.pop(rid, None)
 
+    def beat(self) -> None:
+        self.control.beat()
+
     def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
         with self._lock:
             for rid, _token, text in entries:

@@ -21,6 +21,7 @@ class Transport(Protocol):
     native: bool
 
     def send(self, kind: int, payload: bytes) -> None: ...
+    def beat(self) -> None: ...
     def send_tokens(self, entries: list[tuple[int, int, str]]) -> None: ...
     def recv(self) -> tuple[int, int, bytes] | None: ...
 
@@ -56,6 +57,9 @@ class StdioTransport:
         with self._lock:
             _write_all(self._out, data)
 
+    def beat(self) -> None:
+        """Over stdio the heartbeat rides on Stats frames (see __main__)."""
+
     def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
         self.send(frames.TOKEN_BATCH, self._encode_batch(entries))
 
@@ -76,10 +80,10 @@ class ShmTransport:
     name = "shm"
     native = True
 
-    def __init__(self, segment: str, in_fd: int, out_fd: int) -> None:
+    def __init__(self, segment: str, generation: int | None, in_fd: int, out_fd: int) -> None:
         import mlxd_protocol
 
-        self._rings = mlxd_protocol.WorkerRings(segment)
+        self._rings = mlxd_protocol.WorkerRings(segment, generation)
         self._in = in_fd
         self._out = out_fd
         self._bell_lock = threading.Lock()
@@ -91,6 +95,9 @@ class ShmTransport:
 
     def send(self, kind: int, payload: bytes) -> None:
         self._ring(self._rings.push(kind, payload))
+
+    def beat(self) -> None:
+        self._rings.beat()
 
     def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
         self._ring(self._rings.push_token_batch(entries))

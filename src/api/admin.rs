@@ -1,4 +1,4 @@
-//! Admin API used by `mlxd start|stop|ps` (loopback only, like the rest).
+//! Admin API used by `mlxd start|restart|stop|ps` (loopback only, like the rest).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -10,8 +10,12 @@ use super::AppState;
 use crate::error::Error;
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ModelRequest {
     model: String,
+    /// `start` only: never unload it for keep-alive.
+    #[serde(default)]
+    pin: bool,
 }
 
 fn parse(body: &Bytes) -> Result<ModelRequest, Error> {
@@ -20,7 +24,10 @@ fn parse(body: &Bytes) -> Result<ModelRequest, Error> {
 }
 
 pub async fn ps(State(state): State<AppState>) -> axum::Json<Value> {
-    axum::Json(json!({"workers": state.supervisor.ps().await}))
+    axum::Json(json!({
+        "workers": state.supervisor.ps().await,
+        "segments": state.supervisor.live_segments(),
+    }))
 }
 
 pub async fn start(
@@ -28,8 +35,17 @@ pub async fn start(
     body: Bytes,
 ) -> Result<axum::Json<Value>, ApiError> {
     let req = parse(&body)?;
-    let worker = state.supervisor.ensure(&req.model).await?;
-    Ok(axum::Json(json!({"worker": worker.info()})))
+    let info = state.supervisor.start(&req.model, req.pin).await?;
+    Ok(axum::Json(json!({"worker": info})))
+}
+
+pub async fn restart(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let req = parse(&body)?;
+    let info = state.supervisor.restart(&req.model).await?;
+    Ok(axum::Json(json!({"worker": info})))
 }
 
 pub async fn stop(

@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/admin/ps", get(admin::ps))
         .route("/admin/start", post(admin::start))
+        .route("/admin/restart", post(admin::restart))
         .route("/admin/stop", post(admin::stop))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)

@@ -16,7 +16,7 @@ use worker_protocol::frame::{ChatMessage, Done, Generate};
 use super::{unix_now, AppState};
 use crate::error::{Error, Source};
 use crate::presets::TransportKind;
-use crate::supervisor::{token_text, GenEvent, GenStream, WorkerHandle};
+use crate::supervisor::{token_text, GenEvent, GenStream, KeepAlive};
 
 /// The OpenAI error shape: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_body(e: &Error) -> Value {
@@ -120,6 +120,10 @@ struct Sampling {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// How long the model stays loaded after this request (Ollama's field):
+    /// "5m", "0", "-1" or a number of seconds.
+    #[serde(default)]
+    keep_alive: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +196,18 @@ impl Sampling {
             stop,
             seed: self.seed,
         })
+    }
+
+    fn keep_alive(&self) -> Result<Option<KeepAlive>, Error> {
+        let parsed = match &self.keep_alive {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(s)) => KeepAlive::parse(s),
+            Some(Value::Number(n)) => KeepAlive::from_seconds(n.as_f64().unwrap_or(f64::NAN)),
+            Some(_) => Err("keep_alive must be a duration string or a number of seconds".into()),
+        };
+        parsed
+            .map(Some)
+            .map_err(|e| Error::invalid(e, Some("keep_alive")))
     }
 
     fn include_usage(&self) -> bool {
@@ -345,7 +361,7 @@ async fn run(
     gen: Generate,
     dialect: Dialect,
 ) -> Result<Response, ApiError> {
-    let worker = state.supervisor.ensure(&sampling.model).await?;
+    let keep_alive = sampling.keep_alive()?;
     let meta = Meta {
         dialect,
         id: new_id(if dialect == Dialect::Chat {
@@ -357,14 +373,28 @@ async fn run(
         created: unix_now(),
         include_usage: sampling.include_usage(),
     };
-    if worker.transport == TransportKind::Http {
-        return proxy(&state, &worker, &meta, sampling.stream, gen).await;
+    let preset = state
+        .supervisor
+        .presets()
+        .resolve(&sampling.model)
+        .ok_or_else(|| Error::ModelNotFound(sampling.model.clone()))?;
+    if preset.transport == TransportKind::Http {
+        return proxy(&state, &meta, sampling.stream, gen, keep_alive).await;
     }
-    let stream = worker.generate(gen).await?;
+    let mut stream = state
+        .supervisor
+        .generate(&sampling.model, gen, keep_alive)?;
+    // Nothing is sent before the worker's first event: a request refused, or one
+    // whose worker dies before starting it, still gets a plain HTTP error status.
+    let first = match stream.next().await {
+        Some(GenEvent::Error(e)) => return Err(e.into()),
+        Some(ev) => ev,
+        None => return Err(Error::Internal("generation ended without a result".into()).into()),
+    };
     if sampling.stream {
-        Ok(stream_response(meta, stream))
+        Ok(stream_response(meta, first, stream))
     } else {
-        collect_response(meta, stream).await
+        collect_response(meta, first, stream).await
     }
 }
 
@@ -373,12 +403,12 @@ async fn run(
 /// Kept for the benchmark that measures what the rings save.
 async fn proxy(
     state: &AppState,
-    worker: &WorkerHandle,
     meta: &Meta,
     stream: bool,
     gen: Generate,
+    keep_alive: Option<KeepAlive>,
 ) -> Result<Response, ApiError> {
-    let (slot, port) = worker.http_slot().await?;
+    let lease = state.supervisor.lease(&meta.model, keep_alive).await?;
     let mut body = serde_json::to_value(&gen).map_err(|e| Error::Internal(e.to_string()))?;
     body["chunk_id"] = json!(meta.id);
     body["model"] = json!(meta.model);
@@ -388,12 +418,12 @@ async fn proxy(
     body["stream"] = json!(stream);
     let upstream = state
         .http
-        .post(format!("http://127.0.0.1:{port}/generate"))
+        .post(format!("http://127.0.0.1:{}/generate", lease.port))
         .json(&body)
         .send()
         .await
         .map_err(|e| Error::WorkerFailed {
-            model: worker.name().to_string(),
+            model: meta.model.clone(),
             reason: e.to_string(),
         })?;
     let status = upstream.status().as_u16();
@@ -402,9 +432,9 @@ async fn proxy(
         .get(header::CONTENT_TYPE)
         .cloned()
         .unwrap_or(header::HeaderValue::from_static("application/json"));
-    // The slot is held until the body is fully forwarded (or the client leaves).
+    // The lease is held until the body is fully forwarded (or the client leaves).
     let body = upstream.bytes_stream().map(move |chunk| {
-        let _held = &slot;
+        let _held = &lease;
         chunk
     });
     Ok(Response::builder()
@@ -414,9 +444,21 @@ async fn proxy(
         .expect("valid response parts"))
 }
 
-async fn collect_response(meta: Meta, mut stream: GenStream) -> Result<Response, ApiError> {
+async fn collect_response(
+    meta: Meta,
+    first: GenEvent,
+    mut stream: GenStream,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
-    while let Some(ev) = stream.next().await {
+    let mut held = Some(first);
+    loop {
+        let ev = match held.take() {
+            Some(ev) => ev,
+            None => match stream.next().await {
+                Some(ev) => ev,
+                None => break,
+            },
+        };
         match ev {
             GenEvent::Token { text: t, .. } => text.push_str(token_text(&t)),
             GenEvent::Done(done) => return Ok(axum::Json(meta.full(text, &done)).into_response()),
@@ -464,7 +506,7 @@ impl TextChunkFrame {
 /// which renders and writes it (no task or channel in between). Coalescing: hyper
 /// polls the body only when it can write, so tokens that arrive while a slow
 /// client's socket is full wait in the stream and leave together in one chunk.
-fn stream_response(meta: Meta, stream: GenStream) -> Response {
+fn stream_response(meta: Meta, first_event: GenEvent, stream: GenStream) -> Response {
     struct Sse {
         meta: Meta,
         frame: TextChunkFrame,
@@ -480,7 +522,7 @@ fn stream_response(meta: Meta, stream: GenStream) -> Response {
         meta,
         stream,
         first,
-        held: None,
+        held: Some(first_event),
         ended: false,
     };
     let body = futures::stream::unfold(state, |mut st| async move {

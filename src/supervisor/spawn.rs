@@ -1,8 +1,9 @@
 //! Building a worker's process: interpreter, arguments, a scrubbed environment,
 //! its own process group, and the pipes that are its lifeline.
 //!
-//! Kill steps (see `WorkerHandle::stop`): Shutdown frame and stdin EOF, a grace
-//! period, then SIGKILL to the whole process group, then reap.
+//! Kill steps (the slot's Shutdown and Kill effects): Shutdown frame and stdin EOF;
+//! after the stop grace, or at once for a faulty worker, SIGTERM to the whole process
+//! group, SIGKILL 2 s later; the exit watcher reaps.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -42,19 +43,26 @@ pub fn openblas_path() -> Option<PathBuf> {
 
 pub fn command(
     cfg: &Config,
+    model: &str,
     transport: TransportKind,
     engine: EngineKind,
-    segment: Option<&str>,
+    segment: Option<(&str, u64)>,
 ) -> Command {
     let mut cmd = Command::new(&cfg.python);
     cmd.arg("-m")
         .arg("mlxd_worker")
+        // Only so that `ps` and logs tell whose worker a process is.
+        .arg("--model")
+        .arg(model)
         .arg("--transport")
         .arg(transport.to_string())
         .arg("--engine")
         .arg(engine.as_str());
-    if let Some(name) = segment {
-        cmd.arg("--segment").arg(name);
+    if let Some((name, generation)) = segment {
+        cmd.arg("--segment")
+            .arg(name)
+            .arg("--generation")
+            .arg(generation.to_string());
     }
     cmd.env_clear();
     for key in INHERITED_ENV {
@@ -88,12 +96,11 @@ fn python_path(worker_dir: &Path) -> std::ffi::OsString {
     p
 }
 
-/// SIGKILL to the worker's whole process group (it leads its own group).
-pub fn kill_group(pid: u32) {
+/// A signal to the worker's whole process group (it leads its own group).
+pub fn kill_group(pid: u32, signal: nix::sys::signal::Signal) {
     if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        if pid > 0 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
+        }
     }
 }

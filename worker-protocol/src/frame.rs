@@ -230,6 +230,14 @@ pub struct Stats {
     /// TokenBatch frames sent (fewer than steps under a "N tokens"/"T ms" flush policy).
     #[serde(default)]
     pub token_frames_total: u64,
+    /// The engine's progress counter (advanced every loop iteration and prefill
+    /// chunk). Over shm the daemon reads it from the segment header instead.
+    #[serde(default)]
+    pub heartbeat: u64,
+    /// True once the engine can no longer serve (its thread died); the worker then
+    /// exits, and the daemon never takes such a worker for healthy.
+    #[serde(default)]
+    pub engine_failed: bool,
 }
 
 /// A decoded frame.

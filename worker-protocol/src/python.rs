@@ -10,7 +10,7 @@ use pyo3::types::PyBytes;
 
 use crate::frame::{token_batch_len, write_token_batch, Kind, PROTOCOL_VERSION};
 use crate::ring::{Consumer, Producer, Pushed};
-use crate::segment::{Direction, Segment};
+use crate::segment::{Direction, Heartbeat, Segment};
 
 fn os_err(e: impl std::fmt::Display) -> PyErr {
     PyOSError::new_err(e.to_string())
@@ -21,6 +21,7 @@ fn os_err(e: impl std::fmt::Display) -> PyErr {
 struct WorkerRings {
     requests: Mutex<Consumer>,
     events: Mutex<Producer>,
+    heartbeat: Heartbeat,
     // Keeps the segment (and its mapping) alive as long as the rings.
     _segment: Segment,
 }
@@ -64,16 +65,33 @@ impl WorkerRings {
 
 #[pymethods]
 impl WorkerRings {
+    /// Opens segment `name`, which must belong to incarnation `generation`: a
+    /// worker never talks over a ring meant for another start of its model.
     #[new]
-    fn new(name: &str) -> PyResult<Self> {
+    #[pyo3(signature = (name, generation=None))]
+    fn new(name: &str, generation: Option<u64>) -> PyResult<Self> {
         let segment = Segment::open(name).map_err(os_err)?;
+        if let Some(want) = generation {
+            if segment.generation() != want {
+                return Err(PyValueError::new_err(format!(
+                    "segment {name} belongs to generation {}, not {want}",
+                    segment.generation()
+                )));
+            }
+        }
         let requests = segment.consumer(Direction::ToWorker).map_err(os_err)?;
         let events = segment.producer(Direction::ToDaemon).map_err(os_err)?;
         Ok(WorkerRings {
             requests: Mutex::new(requests),
             events: Mutex::new(events),
+            heartbeat: segment.heartbeat(),
             _segment: segment,
         })
+    }
+
+    /// Advances the heartbeat counter the daemon watches for progress.
+    fn beat(&self) {
+        self.heartbeat.beat();
     }
 
     /// Next request frame as (kind, flags, payload), or None if the ring is empty.

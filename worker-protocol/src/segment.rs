@@ -226,6 +226,11 @@ impl Segment {
         self.map.header().generation.load(Ordering::Relaxed)
     }
 
+    /// The worker's progress counter; it stays valid after the name is unlinked.
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat(self.map.clone())
+    }
+
     fn data_offset(&self, d: Direction) -> usize {
         DATA_OFFSET
             + if d == Direction::ToDaemon {
@@ -266,18 +271,38 @@ impl Segment {
 
     /// Removes the name (the mapping stays valid for everyone who has it).
     pub fn unlink(&self) -> Result<(), SegmentError> {
-        let os = os_name(&self.name)?;
-        shm_unlink(os.as_str()).map_err(|source| SegmentError::Os {
-            op: "shm_unlink",
-            name: os,
-            source,
-        })
+        unlink_name(&self.name)
     }
 }
 
+/// The heartbeat counter in a segment's header: the worker advances it on every
+/// engine loop iteration; the daemon reads it to tell a hung worker from a busy one.
+#[derive(Clone)]
+pub struct Heartbeat(Arc<Mapping>);
+
+impl Heartbeat {
+    pub fn load(&self) -> u64 {
+        self.0.header().heartbeat.load(Ordering::Relaxed)
+    }
+
+    pub fn beat(&self) {
+        self.0.header().heartbeat.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Unlinks segment `name` (one of ours by its name), e.g. from a dead daemon's record.
+pub fn unlink_name(name: &str) -> Result<(), SegmentError> {
+    let os = os_name(name)?;
+    shm_unlink(os.as_str()).map_err(|source| SegmentError::Os {
+        op: "shm_unlink",
+        name: os,
+        source,
+    })
+}
+
 /// Unlinks every `mlxd_*` segment whose creating process is gone (a crashed
-/// daemon's leftovers). Linux lists segments in /dev/shm; macOS cannot list them, and
-/// there the daemon's unlink-after-Hello keeps names from lingering.
+/// daemon's leftovers). Linux lists segments in /dev/shm; macOS cannot list them:
+/// there the daemon's registry of the segments it created finds them.
 pub fn remove_stale() -> Vec<String> {
     let mut removed = Vec::new();
     let Ok(dir) = std::fs::read_dir("/dev/shm") else {

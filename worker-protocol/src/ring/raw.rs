@@ -34,7 +34,7 @@ use crate::frame::{read_header, write_header, Kind, HEADER_LEN};
 /// "MLXDRING", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MLXDRING");
 /// Version of the segment layout described above.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 pub const HEADER_OFFSET: usize = 0;
 pub const CONTROL_OFFSETS: [usize; 2] = [128, 512];
@@ -52,8 +52,13 @@ pub struct SegmentHeader {
     pub layout_version: AtomicU32,
     pub owner_pid: AtomicU32,
     pub capacity: [AtomicU64; 2],
-    /// Which incarnation of the worker this segment belongs to (one ring per start).
+    /// Which incarnation of the worker this segment belongs to (one ring per start);
+    /// the worker refuses a segment whose generation is not the one it was given.
     pub generation: AtomicU64,
+    /// Advanced by the worker on every engine loop iteration and prefill chunk; the
+    /// daemon declares a worker with requests in flight hung when it stops moving.
+    /// A plain counter: only the worker writes it, and its value orders nothing.
+    pub heartbeat: AtomicU64,
 }
 
 #[repr(C)]
@@ -245,6 +250,10 @@ pub struct Consumer {
     head: u64,
     /// Last tail seen; reloaded (Acquire) only when we have caught up with it.
     tail_cache: u64,
+    /// Each payload is copied here before anyone looks at it: the producer is another
+    /// process, and validating bytes it can still change would let it pass a check
+    /// with one value and be read with another.
+    scratch: Vec<u8>,
 }
 
 impl Producer {
@@ -277,7 +286,12 @@ impl Producer {
         }
         // SYNC POINT: Acquire pairs with the consumer's Release of head: the bytes
         // it has released are no longer being read when we overwrite them.
-        self.head_cache = self.map.control(self.ring).head.0.load(Ordering::Acquire);
+        let head = self.map.control(self.ring).head.0.load(Ordering::Acquire);
+        // The consumer is the other process: a head outside [tail - cap, tail] is a
+        // lie (broken or hostile peer). Clamp it so the free-space arithmetic below
+        // can neither underflow nor claim more than the whole ring; all writes are
+        // masked into the data area, so a lying peer only garbles its own frames.
+        self.head_cache = head.clamp(self.tail.saturating_sub(self.cap), self.tail);
         self.cap - (self.tail - self.head_cache) >= need
     }
 
@@ -359,6 +373,7 @@ impl Consumer {
             cap,
             head,
             tail_cache: tail,
+            scratch: Vec::new(),
         }
     }
 
@@ -372,9 +387,10 @@ impl Consumer {
         self.head == self.tail_cache
     }
 
-    /// Takes the next frame, lending its payload to `f` straight from shared memory.
-    /// Returns `Ok(None)` when the ring is empty. A frame whose header contradicts
-    /// the ring's state is `Corrupt`: the peer is broken or hostile.
+    /// Takes the next frame and lends `f` a private copy of its payload (copied out
+    /// of shared memory before `f` validates it). Returns `Ok(None)` when the ring is
+    /// empty. A frame whose header contradicts the ring's state is `Corrupt`: the
+    /// peer is broken or hostile.
     pub fn pop_with<R>(
         &mut self,
         f: impl FnOnce(u16, u16, &[u8]) -> R,
@@ -408,12 +424,13 @@ impl Consumer {
                 continue;
             }
             // SAFETY: [head + 8, head + 8 + len) lies inside [head, tail) and before
-            // the end (stride checks above); the slice is dropped when `f` returns,
-            // before `release` moves head past it.
+            // the end (stride checks above); the borrow ends with the copy, before
+            // `release` moves head past it.
             let payload = unsafe { self.data.read(self.head + HEADER_LEN as u64, len as usize) };
-            let out = f(kind, flags, payload);
+            self.scratch.clear();
+            self.scratch.extend_from_slice(payload);
             self.release(stride);
-            return Ok(Some(out));
+            return Ok(Some(f(kind, flags, &self.scratch)));
         }
     }
 

@@ -1,0 +1,489 @@
+//! One incarnation of a model's worker: its process, transport and segment, the
+//! routes of the requests it runs, and the tasks that read, write and reap it.
+//!
+//! An incarnation decides nothing. It routes tokens to requests (the hot path) and
+//! reports what happens to it (Ready, a load error, a finished request, a protocol
+//! violation, its exit) to its slot, tagged with its number, so that a report from
+//! a previous incarnation can never be mistaken for one from the current.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use metrics::Counter;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use worker_protocol::frame::{token_batch_entries, Hello, Load, Stats};
+use worker_protocol::segment::{new_name, Direction, Heartbeat, Segment};
+use worker_protocol::{Frame, PROTOCOL_VERSION};
+
+use super::registry::ShmRegistry;
+use super::spawn;
+use crate::config::{is_model_dir, Config};
+use crate::error::Error;
+use crate::presets::{Preset, TransportKind};
+use crate::transport::{Inbound, Incoming, Outbound, WireCounters};
+
+/// Ring sizes: requests may carry long prompts (a frame may use half its ring);
+/// events are small and drained continuously.
+const REQUEST_RING: u64 = 16 << 20;
+const EVENT_RING: u64 = 4 << 20;
+/// Lines of worker stderr kept for error messages.
+const STDERR_TAIL: usize = 20;
+/// How long a killed worker gets between SIGTERM and SIGKILL of its group.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// What a request's stream receives. A token's text is a slice of the frame it
+/// arrived in (valid UTF-8, checked when the frame was read): no copy per token.
+#[derive(Debug)]
+pub enum GenEvent {
+    Token { token: u32, text: Bytes },
+    Done(worker_protocol::frame::Done),
+    Error(Error),
+}
+
+/// A token's text as a `&str` (checked UTF-8 when its frame was read).
+pub fn token_text(text: &Bytes) -> &str {
+    std::str::from_utf8(text).unwrap_or_default()
+}
+
+/// What an incarnation tells its slot.
+#[derive(Debug)]
+pub enum Report {
+    Ready,
+    /// The worker's own message: it cannot load the model.
+    LoadFailed(String),
+    /// A request ended (Done or its Error was delivered): its concurrency slot is free.
+    Finished(u64),
+    /// The worker broke the protocol; it must be killed.
+    Misbehaved(String),
+    /// The process is gone (reaped), with how it ended and its last stderr lines.
+    Exited(String),
+}
+
+/// Where one request's events go.
+pub struct Route {
+    pub tx: mpsc::UnboundedSender<GenEvent>,
+    /// A token has been routed: the client may have seen output, so the request
+    /// cannot move to another incarnation if this one dies.
+    pub started: bool,
+}
+
+/// State shared by the incarnation's tasks and its slot.
+pub struct Shared {
+    model: String,
+    /// The routes of the requests this incarnation runs, by request id.
+    pub routes: Mutex<HashMap<u64, Route>>,
+    /// Latest Stats frame.
+    stats: Mutex<Stats>,
+    /// Memory went up between the last two Stats: a SIGKILL now is likely the OOM killer.
+    growing: AtomicBool,
+    /// The process has been reaped: its pid may belong to someone else now.
+    exited: AtomicBool,
+    hello: Mutex<Option<Hello>>,
+    /// Held until the worker's Hello proves it has mapped the segment, then unlinked;
+    /// unlinked on exit if the worker never got that far.
+    segment: Mutex<Option<Segment>>,
+    registry: Arc<ShmRegistry>,
+    stderr_tail: Mutex<VecDeque<String>>,
+    tokens_routed: Counter,
+}
+
+/// A frame for the writer task, or the end of the worker's stdin (its lifeline).
+enum Outgoing {
+    Frame(Frame),
+    Close,
+}
+
+pub struct Incarnation {
+    pub n: u64,
+    pub pid: u32,
+    pub transport: TransportKind,
+    pub started_at: Instant,
+    pub shared: Arc<Shared>,
+    writer: mpsc::UnboundedSender<Outgoing>,
+    /// The shm header's progress counter (None over stdio: Stats carry it).
+    heartbeat: Option<Heartbeat>,
+}
+
+/// A slot's message from incarnation `n`.
+pub type ReportTx = mpsc::UnboundedSender<(u64, Report)>;
+
+impl Incarnation {
+    /// Spawns incarnation `n` and sends it Load. Its reports go to `reports`; the
+    /// last one is always `Exited` (unless this returns an error: then no process
+    /// exists and nothing is left behind).
+    pub fn spawn(
+        n: u64,
+        preset: &Preset,
+        cfg: &Config,
+        registry: Arc<ShmRegistry>,
+        reports: ReportTx,
+    ) -> Result<Incarnation, String> {
+        let model_path = preset
+            .model_path(&cfg.models_dir)
+            .map_err(|e| e.to_string())?;
+        if !is_model_dir(&model_path) {
+            return Err(format!(
+                "no model at {} (import one with `mlxd import <file.gguf> --name {}`)",
+                model_path.display(),
+                preset.model
+            ));
+        }
+        let segment = match preset.transport {
+            TransportKind::Shm => {
+                match Segment::create(&new_name(), [REQUEST_RING, EVENT_RING], n) {
+                    Ok(s) => {
+                        registry.add(s.name());
+                        Some(s)
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = %preset.name, "shared memory unavailable ({e}); falling back to stdio");
+                        None
+                    }
+                }
+            }
+            TransportKind::Stdio | TransportKind::Http => None,
+        };
+        // The daemon's ends of the rings, taken before any process exists.
+        let (rings, heartbeat) = match &segment {
+            Some(seg) => {
+                let ends = seg
+                    .producer(Direction::ToWorker)
+                    .and_then(|p| Ok((p, seg.consumer(Direction::ToDaemon)?)));
+                match ends {
+                    Ok(ends) => (Some(ends), Some(seg.heartbeat())),
+                    Err(e) => {
+                        let _ = seg.unlink();
+                        registry.remove(seg.name());
+                        return Err(e.to_string());
+                    }
+                }
+            }
+            None => (None, None),
+        };
+        let transport = match (preset.transport, &segment) {
+            (TransportKind::Http, _) => TransportKind::Http,
+            (_, Some(_)) => TransportKind::Shm,
+            (_, None) => TransportKind::Stdio,
+        };
+        let shared = Arc::new(Shared {
+            model: preset.name.clone(),
+            routes: Mutex::new(HashMap::new()),
+            stats: Mutex::new(Stats::default()),
+            growing: Default::default(),
+            exited: Default::default(),
+            hello: Mutex::new(None),
+            segment: Mutex::new(segment),
+            registry,
+            stderr_tail: Mutex::new(VecDeque::new()),
+            tokens_routed: metrics::counter!("mlxd_tokens_total", "model" => preset.name.clone()),
+        });
+        let segment_name = shared.segment_name();
+        let mut child = spawn::command(
+            cfg,
+            &preset.name,
+            transport,
+            preset.engine,
+            segment_name.as_deref().map(|s| (s, n)),
+        )
+        .spawn()
+        .map_err(|e| {
+            shared.unlink_segment();
+            format!("cannot start {}: {e}", cfg.python.display())
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let wire = WireCounters::new(&preset.name);
+        let (outbound, inbound) = match rings {
+            Some((tx, rx)) => (
+                Outbound::new(stdin, Some(tx), wire.clone()),
+                Inbound::Shm {
+                    events: rx,
+                    bell: stdout,
+                },
+            ),
+            None => (
+                Outbound::new(stdin, None, wire.clone()),
+                Inbound::Stdio { stdout },
+            ),
+        };
+        tracing::info!(model = %preset.name, incarnation = n, pid, %transport, "worker spawned");
+
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(target: "worker", model = %sh.model, "{line}");
+                let mut tail = sh.stderr_tail.lock().expect("lock");
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        });
+
+        let sh = shared.clone();
+        let tx = reports.clone();
+        let reader = tokio::spawn(async move {
+            let result = inbound
+                .run(wire, |frame| {
+                    if let Err(why) = sh.on_frame(frame, n, &tx) {
+                        let _ = tx.send((n, Report::Misbehaved(why)));
+                    }
+                })
+                .await;
+            if let Err(e) = result {
+                let _ = tx.send((n, Report::Misbehaved(e.to_string())));
+            }
+        });
+
+        let (writer, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
+        let model = preset.name.clone();
+        // One writer keeps frames in order (a Generate before its Cancel) and keeps
+        // a full request ring from ever blocking the slot.
+        tokio::spawn(async move {
+            while let Some(out) = outgoing.recv().await {
+                match out {
+                    Outgoing::Frame(frame) => {
+                        if let Err(e) = outbound.send(&frame).await {
+                            tracing::warn!(%model, incarnation = n, "sending {:?}: {e}", frame.kind());
+                        }
+                    }
+                    Outgoing::Close => outbound.close().await,
+                }
+            }
+            // The slot dropped us: close the lifeline too.
+            outbound.close().await;
+        });
+
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            sh.exited.store(true, Ordering::Release);
+            // Let the reader deliver what the worker published before it died.
+            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+            sh.unlink_segment();
+            let how = match status {
+                Ok(s) => describe_exit(s, sh.growing.load(Ordering::Relaxed)),
+                Err(e) => format!("could not be reaped: {e}"),
+            };
+            let tail = sh.stderr_tail(5);
+            let how = if tail.is_empty() {
+                how
+            } else {
+                format!("{how}; its last words: {tail}")
+            };
+            tracing::info!(model = %sh.model, incarnation = n, pid, "worker {how}");
+            let _ = reports.send((n, Report::Exited(how)));
+        });
+
+        let inc = Incarnation {
+            n,
+            pid,
+            transport,
+            started_at: Instant::now(),
+            shared,
+            writer,
+            heartbeat,
+        };
+        inc.send(Frame::Load(Load {
+            model_path: model_path.to_string_lossy().into_owned(),
+            model_name: preset.name.clone(),
+            options: preset.worker_options(),
+        }));
+        Ok(inc)
+    }
+
+    /// Queues a frame for the worker (in order; never blocks).
+    pub fn send(&self, frame: Frame) {
+        let _ = self.writer.send(Outgoing::Frame(frame));
+    }
+
+    /// Shutdown frame, then EOF on stdin: the worker exits by itself.
+    pub fn shutdown(&self) {
+        self.send(Frame::Shutdown);
+        let _ = self.writer.send(Outgoing::Close);
+    }
+
+    /// SIGTERM to the worker's process group, and SIGKILL if it is still there
+    /// after a short grace (a stopped or wedged process ignores SIGTERM).
+    pub fn kill(&self) {
+        let pid = self.pid;
+        if self.shared.exited.load(Ordering::Acquire) {
+            return;
+        }
+        spawn::kill_group(pid, nix::sys::signal::Signal::SIGTERM);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(TERM_GRACE).await;
+            if !shared.exited.load(Ordering::Acquire) {
+                spawn::kill_group(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        });
+    }
+
+    /// The worker's progress counter and its memory: (heartbeat, rss).
+    pub fn progress(&self) -> (u64, u64) {
+        let stats = self.shared.stats.lock().expect("lock");
+        let beat = match &self.heartbeat {
+            Some(h) => h.load(),
+            None => stats.heartbeat,
+        };
+        (beat, stats.rss)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats.lock().expect("lock").clone()
+    }
+
+    pub fn hello(&self) -> Option<Hello> {
+        self.shared.hello.lock().expect("lock").clone()
+    }
+}
+
+/// "exited with status 1", "killed by signal 9 (SIGKILL): likely out of memory".
+fn describe_exit(status: std::process::ExitStatus, growing: bool) -> String {
+    if let Some(sig) = status.signal() {
+        let name = nix::sys::signal::Signal::try_from(sig)
+            .map(|s| s.as_str())
+            .unwrap_or("?");
+        let oom = matches!(sig, libc::SIGKILL | libc::SIGABRT) && growing;
+        return format!(
+            "killed by signal {sig} ({name}){}",
+            if oom { ": likely out of memory" } else { "" }
+        );
+    }
+    match status.code() {
+        Some(code) => format!("exited with status {code}"),
+        None => format!("exited ({status})"),
+    }
+}
+
+impl Shared {
+    fn segment_name(&self) -> Option<String> {
+        self.segment
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|s| s.name().to_string())
+    }
+
+    /// Removes the segment's name (once) and its registry entry.
+    fn unlink_segment(&self) {
+        if let Some(seg) = self.segment.lock().expect("lock").take() {
+            if let Err(e) = seg.unlink() {
+                tracing::warn!("{e}");
+            }
+            self.registry.remove(seg.name());
+        }
+    }
+
+    /// The worker's last stderr lines that are not routine log lines (a traceback,
+    /// an abort message), joined for an error message.
+    fn stderr_tail(&self, lines: usize) -> String {
+        let tail = self.stderr_tail.lock().expect("lock");
+        let telling: Vec<&str> = tail
+            .iter()
+            .map(String::as_str)
+            .filter(|l| !l.contains(" INFO ") && !l.contains(" DEBUG ") && !l.trim().is_empty())
+            .collect();
+        telling[telling.len().saturating_sub(lines)..].join(" | ")
+    }
+
+    /// Routes a step's tokens to their requests: each text is a slice of `batch`.
+    fn route_tokens(&self, batch: Bytes) {
+        // Every entry was checked when the frame was read (`Incoming::decode`).
+        let entries = token_batch_entries(&batch).into_iter().flatten().flatten();
+        let mut count = 0;
+        let mut routes = self.routes.lock().expect("lock");
+        for e in entries {
+            count += 1;
+            // A request already cancelled or failed has no route: its tokens drop.
+            if let Some(route) = routes.get_mut(&e.id) {
+                route.started = true;
+                let _ = route.tx.send(GenEvent::Token {
+                    token: e.token,
+                    text: batch.slice_ref(e.text.as_bytes()),
+                });
+            }
+        }
+        self.tokens_routed.increment(count);
+    }
+
+    /// Ends request `id` with `event` and tells the slot its place is free.
+    fn finish(&self, id: u64, event: GenEvent, n: u64, reports: &ReportTx) {
+        if let Some(route) = self.routes.lock().expect("lock").remove(&id) {
+            let _ = route.tx.send(event);
+            let _ = reports.send((n, Report::Finished(id)));
+        }
+    }
+
+    /// Handles one frame from the worker (called by the reader task, in order).
+    /// An error means the worker broke the protocol.
+    fn on_frame(&self, incoming: Incoming, n: u64, reports: &ReportTx) -> Result<(), String> {
+        let frame = match incoming {
+            Incoming::Tokens(batch) => {
+                self.route_tokens(batch);
+                return Ok(());
+            }
+            Incoming::Frame(frame) => frame,
+        };
+        match frame {
+            Frame::Done(done) => self.finish(done.id, GenEvent::Done(done), n, reports),
+            Frame::Stats(stats) => {
+                crate::metrics::record_worker_stats(&self.model, &stats);
+                let mut last = self.stats.lock().expect("lock");
+                self.growing.store(stats.rss > last.rss, Ordering::Relaxed);
+                *last = stats;
+                if last.engine_failed {
+                    return Err("the worker reports that its engine has failed".into());
+                }
+            }
+            Frame::Hello(hello) => {
+                if hello.protocol_version != PROTOCOL_VERSION {
+                    return Err(format!(
+                        "worker speaks protocol {}, the daemon {PROTOCOL_VERSION}",
+                        hello.protocol_version
+                    ));
+                }
+                // The worker has mapped the segment: its name is no longer needed.
+                self.unlink_segment();
+                tracing::info!(model = %self.model, incarnation = n, device = %hello.device, blas = ?hello.blas, "worker says hello");
+                *self.hello.lock().expect("lock") = Some(hello);
+            }
+            Frame::Ready(ready) => {
+                tracing::info!(model = %self.model, incarnation = n, load_seconds = ready.load_seconds, "worker ready");
+                let _ = reports.send((n, Report::Ready));
+            }
+            Frame::Error(err) => match err.id {
+                Some(id) => {
+                    let e = if err.code == "invalid_request" {
+                        Error::invalid(err.message, None)
+                    } else {
+                        Error::WorkerFailed {
+                            model: self.model.clone(),
+                            reason: err.message,
+                        }
+                    };
+                    self.finish(id, GenEvent::Error(e), n, reports);
+                }
+                None => {
+                    let _ = reports.send((n, Report::LoadFailed(err.message)));
+                }
+            },
+            other => {
+                return Err(format!(
+                    "unexpected {:?} frame from the worker",
+                    other.kind()
+                ))
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,527 @@
+//! The model slot: one task per model that owns its queue, its current worker
+//! incarnation, the restart policy, keep-alive and pin (ARCHITECTURE.md, "One owner
+//! per model"). Everyone else sends it commands; it decides with the pure machine in
+//! `state.rs` and carries out the effects. The queue outlives incarnations: when a
+//! worker dies, what it had not started goes to the next one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use worker_protocol::frame::{Generate, Stats};
+use worker_protocol::Frame;
+
+use super::incarnation::{GenEvent, Incarnation, Report, Route};
+use super::registry::ShmRegistry;
+use super::request::{Job, Lease, Pending};
+use super::state::{Effect, Event, Machine, Policy, State, Work};
+use crate::config::Config;
+use crate::error::Error;
+use crate::presets::Preset;
+
+/// How often the slot checks deadlines and the worker's progress.
+const TICK: Duration = Duration::from_millis(250);
+/// A request handed to a worker that died before starting it goes to the next
+/// incarnation this many times; after that it fails (it may be what kills them).
+const MAX_RETRIES: u8 = 1;
+
+pub enum Command {
+    Submit(Pending),
+    /// A request's client went away.
+    Cancel(u64),
+    /// A lease of incarnation `n` ended.
+    Release(u64),
+    Start {
+        pin: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Restart {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Replies whether a worker was running.
+    Stop {
+        reply: oneshot::Sender<bool>,
+    },
+    Info(oneshot::Sender<SlotInfo>),
+    /// Daemon shutdown: refuse everything, stop the worker, end the task.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A snapshot of one slot, for `mlxd ps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlotInfo {
+    pub model: String,
+    pub state: String,
+    /// Why the model is failed or crashed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The current (or last) incarnation's number.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// Incarnations started after a crash.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How the last incarnation ended.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    pub transport: String,
+    /// Seconds since the current incarnation was spawned.
+    pub uptime_s: f64,
+    pub device: Option<String>,
+    pub blas: Option<String>,
+    pub native_protocol: Option<bool>,
+    pub stats: Stats,
+    pub inflight: usize,
+    /// Requests waiting for a place.
+    #[serde(default)]
+    pub queued: usize,
+    #[serde(default)]
+    pub pinned: bool,
+    #[serde(default)]
+    pub keep_alive: String,
+}
+
+/// What the slot tells `/metrics` about itself.
+struct SlotMetrics {
+    queue_depth: Gauge,
+    rejected: Counter,
+    restarts: Counter,
+    ready: Gauge,
+}
+
+/// A request the current incarnation was given, kept so that it can be handed to
+/// the next one if this one dies before starting it.
+struct Sent {
+    gen: Generate,
+    retries: u8,
+}
+
+pub struct Slot {
+    preset: Preset,
+    cfg: Arc<Config>,
+    registry: Arc<ShmRegistry>,
+    machine: Machine,
+    queue: VecDeque<Pending>,
+    current: Option<Incarnation>,
+    /// The incarnation that just exited, while its exit is being handled.
+    dead: Option<Incarnation>,
+    sent: HashMap<u64, Sent>,
+    /// Leases held on the current incarnation (`http` transport).
+    leases: usize,
+    start_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    stop_waiters: Vec<oneshot::Sender<bool>>,
+    /// The worker's (heartbeat, rss) at the last tick.
+    mark: (u64, u64),
+    commands: mpsc::UnboundedReceiver<Command>,
+    me: mpsc::UnboundedSender<Command>,
+    reports: mpsc::UnboundedReceiver<(u64, Report)>,
+    report_tx: mpsc::UnboundedSender<(u64, Report)>,
+    metrics: SlotMetrics,
+    /// Set by Shutdown: answered, and the task ends, once the worker is gone.
+    closing: Option<oneshot::Sender<()>>,
+}
+
+impl Slot {
+    /// Starts the slot's task; returns the sender its commands go to.
+    pub fn spawn(
+        preset: Preset,
+        policy: Policy,
+        cfg: Arc<Config>,
+        registry: Arc<ShmRegistry>,
+    ) -> mpsc::UnboundedSender<Command> {
+        let (me, commands) = mpsc::unbounded_channel();
+        let (report_tx, reports) = mpsc::unbounded_channel();
+        let label = preset.name.clone();
+        let slot = Slot {
+            metrics: SlotMetrics {
+                queue_depth: metrics::gauge!("mlxd_queue_depth", "model" => label.clone()),
+                rejected: metrics::counter!("mlxd_requests_rejected_total", "model" => label.clone()),
+                restarts: metrics::counter!("mlxd_worker_restarts_total", "model" => label.clone()),
+                ready: metrics::gauge!("mlxd_worker_ready", "model" => label),
+            },
+            preset,
+            cfg,
+            registry,
+            machine: Machine::new(policy),
+            queue: VecDeque::new(),
+            current: None,
+            dead: None,
+            sent: HashMap::new(),
+            leases: 0,
+            start_waiters: vec![],
+            stop_waiters: vec![],
+            mark: (0, 0),
+            commands,
+            me: me.clone(),
+            reports,
+            report_tx,
+            closing: None,
+        };
+        tokio::spawn(slot.run());
+        me
+    }
+
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                Some((n, report)) = self.reports.recv() => self.on_report(n, report),
+                _ = tick.tick() => self.on_tick(),
+            }
+            if self.closing.is_some() && self.machine.state == State::Stopped {
+                if let Some(done) = self.closing.take() {
+                    let _ = done.send(());
+                }
+                break;
+            }
+        }
+        tracing::debug!(model = %self.preset.name, "slot closed");
+    }
+
+    fn name(&self) -> &str {
+        &self.preset.name
+    }
+
+    fn work(&self) -> Work {
+        Work {
+            queued: self.queue.len(),
+            inflight: self.sent.len() + self.leases,
+        }
+    }
+
+    fn feed(&mut self, event: Event) {
+        let restarts = self.machine.restarts;
+        let effects = self.machine.handle(event, Instant::now(), self.work());
+        for effect in effects {
+            self.apply(effect);
+        }
+        if self.machine.restarts > restarts {
+            self.metrics
+                .restarts
+                .increment(u64::from(self.machine.restarts - restarts));
+        }
+        self.metrics.queue_depth.set(self.queue.len() as f64);
+        self.metrics
+            .ready
+            .set(if self.machine.serving() { 1.0 } else { 0.0 });
+    }
+
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::Spawn(n) => {
+                let spawned = Incarnation::spawn(
+                    n,
+                    &self.preset,
+                    &self.cfg,
+                    self.registry.clone(),
+                    self.report_tx.clone(),
+                );
+                match spawned {
+                    Ok(inc) => {
+                        self.current = Some(inc);
+                        self.mark = (0, 0);
+                    }
+                    Err(why) => {
+                        tracing::error!(model = %self.name(), "cannot start a worker: {why}");
+                        self.feed(Event::LoadFailed(why));
+                        self.feed(Event::Exited("no worker process was started".into()));
+                    }
+                }
+            }
+            Effect::Shutdown => {
+                if let Some(inc) = &self.current {
+                    inc.shutdown();
+                }
+            }
+            Effect::Kill => {
+                if let Some(inc) = &self.current {
+                    tracing::warn!(model = %self.name(), incarnation = inc.n, pid = inc.pid, "killing the worker");
+                    inc.kill();
+                }
+            }
+            Effect::Dispatch => self.dispatch(),
+            Effect::Orphan(reason) => self.orphan(&reason),
+            Effect::RejectQueued(reason) => {
+                for p in self.queue.drain(..) {
+                    p.fail(Error::WorkerUnavailable {
+                        model: self.preset.name.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            Effect::Started(result) => {
+                for w in self.start_waiters.drain(..) {
+                    let _ = w.send(result.clone());
+                }
+            }
+            Effect::Stopped => {
+                for w in self.stop_waiters.drain(..) {
+                    let _ = w.send(true);
+                }
+            }
+        }
+    }
+
+    /// Hands queued requests to the worker while there is room.
+    fn dispatch(&mut self) {
+        while self.machine.serving() {
+            let Some(inc) = &self.current else { break };
+            if self.sent.len() + self.leases >= self.preset.max_concurrent as usize {
+                break;
+            }
+            let Some(p) = self.queue.pop_front() else {
+                break;
+            };
+            if p.abandoned() {
+                continue;
+            }
+            if let Some(k) = p.keep_alive {
+                self.machine.keep_alive = k;
+            }
+            match p.job {
+                Job::Generate { gen, tx } => {
+                    inc.shared
+                        .routes
+                        .lock()
+                        .expect("lock")
+                        .insert(p.id, Route { tx, started: false });
+                    inc.send(Frame::Generate(gen.clone()));
+                    self.sent.insert(
+                        p.id,
+                        Sent {
+                            gen,
+                            retries: p.retries,
+                        },
+                    );
+                }
+                Job::Lease { reply } => {
+                    let Some(port) = inc.hello().and_then(|h| h.http_port) else {
+                        let _ = reply.send(Err(Error::WorkerUnavailable {
+                            model: self.preset.name.clone(),
+                            reason: "the worker serves no HTTP port".into(),
+                        }));
+                        continue;
+                    };
+                    // Counted before it is handed out: a lease nobody takes is
+                    // dropped right here, and its Release evens the count.
+                    self.leases += 1;
+                    let _ = reply.send(Ok(Lease {
+                        port,
+                        incarnation: inc.n,
+                        slot: self.me.clone(),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The incarnation died: requests it had started fail with `reason`; those it
+    /// had not started (no token yet) go back to the head of the queue.
+    fn orphan(&mut self, reason: &str) {
+        let Some(dead) = self.dead.as_ref().or(self.current.as_ref()) else {
+            return;
+        };
+        let mut routes: Vec<(u64, Route)> =
+            dead.shared.routes.lock().expect("lock").drain().collect();
+        routes.sort_by_key(|(id, _)| *id);
+        let mut again = Vec::new();
+        for (id, route) in routes {
+            match self.sent.remove(&id) {
+                Some(sent) if !route.started && sent.retries < MAX_RETRIES => again.push(Pending {
+                    id,
+                    job: Job::Generate {
+                        gen: sent.gen,
+                        tx: route.tx,
+                    },
+                    may_start: true,
+                    keep_alive: None,
+                    retries: sent.retries + 1,
+                }),
+                _ => {
+                    let _ = route.tx.send(GenEvent::Error(Error::WorkerFailed {
+                        model: self.preset.name.clone(),
+                        reason: reason.to_string(),
+                    }));
+                }
+            }
+        }
+        if !again.is_empty() {
+            tracing::info!(model = %self.name(), count = again.len(), "requests the worker had not started go to the next incarnation");
+        }
+        for p in again.into_iter().rev() {
+            self.queue.push_front(p);
+        }
+        self.sent.clear();
+        self.leases = 0;
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(p) => self.submit(p),
+            Command::Cancel(id) => {
+                if let Some(at) = self.queue.iter().position(|p| p.id == id) {
+                    self.queue.remove(at);
+                    self.metrics.queue_depth.set(self.queue.len() as f64);
+                } else if self.sent.remove(&id).is_some() {
+                    if let Some(inc) = &self.current {
+                        inc.shared.routes.lock().expect("lock").remove(&id);
+                        inc.send(Frame::Cancel { id });
+                    }
+                    self.dispatch();
+                }
+            }
+            Command::Release(n) => {
+                if self.current.as_ref().is_some_and(|inc| inc.n == n) && self.leases > 0 {
+                    self.leases -= 1;
+                    self.dispatch();
+                }
+            }
+            Command::Start { pin, reply } => {
+                if pin {
+                    self.machine.pinned = true;
+                }
+                self.start_waiters.push(reply);
+                self.feed(Event::Start);
+            }
+            Command::Restart { reply } => {
+                self.start_waiters.push(reply);
+                self.feed(Event::Restart);
+            }
+            Command::Stop { reply } => {
+                if self.machine.state == State::Stopped {
+                    let _ = reply.send(false);
+                    return;
+                }
+                self.stop_waiters.push(reply);
+                self.feed(Event::Stop);
+            }
+            Command::Info(reply) => {
+                let _ = reply.send(self.info());
+            }
+            Command::Shutdown(done) => {
+                self.closing = Some(done);
+                for p in self.queue.drain(..) {
+                    p.fail(Error::WorkerUnavailable {
+                        model: self.preset.name.clone(),
+                        reason: "the daemon is shutting down".into(),
+                    });
+                }
+                self.feed(Event::Stop);
+            }
+        }
+    }
+
+    fn submit(&mut self, p: Pending) {
+        let model = self.preset.name.clone();
+        if self.closing.is_some() {
+            return p.fail(Error::WorkerUnavailable {
+                model,
+                reason: "the daemon is shutting down".into(),
+            });
+        }
+        if let Err(reason) = self.machine.admits(Instant::now()) {
+            return p.fail(Error::WorkerUnavailable { model, reason });
+        }
+        if !p.may_start
+            && matches!(
+                self.machine.state,
+                State::Stopped | State::Draining { .. } | State::Backoff { .. }
+            )
+        {
+            return p.fail(Error::NotAllowed(model));
+        }
+        let active = self.sent.len() + self.leases;
+        let room = self.preset.max_queue as usize
+            + (self.preset.max_concurrent as usize).saturating_sub(active);
+        if self.queue.len() >= room {
+            self.metrics.rejected.increment(1);
+            return p.fail(Error::Overloaded {
+                model,
+                queued: self.queue.len(),
+            });
+        }
+        self.queue.push_back(p);
+        self.feed(Event::Demand);
+    }
+
+    fn on_report(&mut self, n: u64, report: Report) {
+        if self.current.as_ref().map(|inc| inc.n) != Some(n) {
+            return; // from an incarnation already handled
+        }
+        match report {
+            Report::Ready => self.feed(Event::Ready),
+            Report::LoadFailed(message) => self.feed(Event::LoadFailed(message)),
+            Report::Misbehaved(why) => {
+                tracing::error!(model = %self.name(), incarnation = n, "{why}");
+                self.feed(Event::Misbehaved(why));
+            }
+            Report::Finished(id) => {
+                self.sent.remove(&id);
+                self.dispatch();
+                if matches!(self.machine.state, State::Draining { .. }) {
+                    self.on_tick();
+                }
+            }
+            Report::Exited(how) => {
+                // Taken out first: an effect of this exit may spawn the next one.
+                self.dead = self.current.take();
+                self.feed(Event::Exited(how));
+                self.dead = None;
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let (beat, grew) = match &self.current {
+            Some(inc) => {
+                let (b, rss) = inc.progress();
+                let moved = (b != self.mark.0, rss != self.mark.1);
+                self.mark = (b, rss);
+                moved
+            }
+            None => (false, false),
+        };
+        self.feed(Event::Tick { beat, grew });
+    }
+
+    fn info(&self) -> SlotInfo {
+        let inc = self.current.as_ref();
+        let hello = inc.and_then(|i| i.hello());
+        let error = match &self.machine.state {
+            State::Failed { reason } | State::Crashed { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        SlotInfo {
+            model: self.preset.name.clone(),
+            state: self.machine.state.label().to_string(),
+            error,
+            incarnation: self.machine.incarnation,
+            restarts: self.machine.restarts,
+            last_exit: self.machine.last_exit.clone(),
+            pid: inc.map(|i| i.pid),
+            transport: inc
+                .map(|i| i.transport)
+                .unwrap_or(self.preset.transport)
+                .to_string(),
+            uptime_s: inc.map_or(0.0, |i| i.started_at.elapsed().as_secs_f64()),
+            device: hello.as_ref().map(|h| h.device.clone()),
+            blas: hello.as_ref().and_then(|h| h.blas.clone()),
+            native_protocol: hello.as_ref().map(|h| h.native_protocol),
+            stats: inc.map(|i| i.stats()).unwrap_or_default(),
+            inflight: self.sent.len() + self.leases,
+            queued: self.queue.len(),
+            pinned: self.machine.pinned,
+            keep_alive: self.machine.keep_alive.describe(),
+        }
+    }
+}

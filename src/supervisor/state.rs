@@ -1,0 +1,1099 @@
+//! The model slot's lifecycle as a pure function: `(state, event, now, work) →
+//! (state', effects)`. No clocks, processes or channels here: the slot task feeds
+//! events in and carries effects out, so every transition is tested synchronously.
+//!
+//! ```text
+//!  Stopped ──demand/start──▶ Starting ──Ready──▶ Ready ──stop/keep-alive──▶ Draining ──exit──▶ Stopped
+//!     ▲                        │  load failed,      │ exit, hang, bad frame      │
+//!     │                        │  stalled, exit     ▼                            │
+//!     │                        └──────────────▶ Crashed ──exit──▶ Backoff ──▶ Starting …
+//!     └──────────── stop ───────────────────────────────────────── Failed ◀── (> 5 crashes in 60 s)
+//! ```
+//!
+//! At most one incarnation exists at a time: a new one is spawned only from
+//! Stopped or Backoff, which are reached only after the previous one has exited.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How long an idle model stays loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Until stopped.
+    Forever,
+    /// Unloaded after this long without requests (zero: as soon as it is idle).
+    For(Duration),
+}
+
+impl KeepAlive {
+    /// Ollama's forms: `"5m"`, `"1h30m"`, `"30s"`, `"0"`, a negative number for
+    /// forever, or a bare number of seconds.
+    pub fn parse(s: &str) -> Result<KeepAlive, String> {
+        let s = s.trim();
+        if let Ok(secs) = s.parse::<f64>() {
+            return KeepAlive::from_seconds(secs);
+        }
+        if s.starts_with('-') {
+            return Ok(KeepAlive::Forever);
+        }
+        humantime::parse_duration(s)
+            .map(KeepAlive::For)
+            .map_err(|e| format!("keep_alive {s:?}: {e} (use e.g. \"5m\", \"0\" or \"-1\")"))
+    }
+
+    pub fn from_seconds(secs: f64) -> Result<KeepAlive, String> {
+        if secs.is_nan() {
+            return Err("keep_alive must be a number of seconds or a duration".into());
+        }
+        if secs < 0.0 {
+            return Ok(KeepAlive::Forever);
+        }
+        Duration::try_from_secs_f64(secs)
+            .map(KeepAlive::For)
+            .map_err(|e| format!("keep_alive {secs}: {e}"))
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            KeepAlive::Forever => "forever".into(),
+            KeepAlive::For(d) => humantime::format_duration(d).to_string(),
+        }
+    }
+}
+
+/// The restart policy and timeouts of one model.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// First wait before restarting a crashed worker; doubles per consecutive crash.
+    pub backoff_first: Duration,
+    pub backoff_max: Duration,
+    /// More than `max_crashes` within `crash_window` puts the model in Failed.
+    pub max_crashes: usize,
+    pub crash_window: Duration,
+    /// How long a stop waits for in-flight requests and the worker's own exit.
+    pub stop_grace: Duration,
+    /// No progress for this long with requests in flight: the worker is hung.
+    pub hang_timeout: Duration,
+    /// No progress for this long while loading (or twice this in all): stalled.
+    pub load_timeout: Duration,
+    /// The preset's keep-alive; a request may override it.
+    pub keep_alive: KeepAlive,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            backoff_first: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            max_crashes: 5,
+            crash_window: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(10),
+            hang_timeout: Duration::from_secs(60),
+            load_timeout: Duration::from_secs(300),
+            keep_alive: KeepAlive::For(Duration::from_secs(300)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    /// No worker. A request or `mlxd start` spawns one.
+    Stopped,
+    /// A worker is loading the model.
+    Starting { since: Instant },
+    /// Serving requests.
+    Ready { since: Instant },
+    /// Stopping: no new request starts; in-flight ones may finish; the worker gets
+    /// Shutdown once idle and is killed at `deadline`.
+    Draining { deadline: Instant },
+    /// Killed after a fault (hang, bad frame, failed or stalled load); waiting for
+    /// the process to exit.
+    Crashed { reason: String },
+    /// Waiting before the next start. After a failed load, requests are refused
+    /// meanwhile (the load would likely fail again); after a crash in service they
+    /// wait for the restart.
+    Backoff {
+        until: Instant,
+        after_load_failure: bool,
+    },
+    /// Crashed too often: refused until `mlxd start` or `mlxd restart`.
+    Failed { reason: String },
+}
+
+impl State {
+    pub fn label(&self) -> &'static str {
+        match self {
+            State::Stopped => "stopped",
+            State::Starting { .. } => "starting",
+            State::Ready { .. } => "ready",
+            State::Draining { .. } => "draining",
+            State::Crashed { .. } => "crashed",
+            State::Backoff { .. } => "backoff",
+            State::Failed { .. } => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Requests are waiting in the queue.
+    Demand,
+    /// `mlxd start`: be Ready (clears Failed).
+    Start,
+    /// `mlxd restart`: a fresh incarnation now (clears Failed).
+    Restart,
+    /// `mlxd stop`.
+    Stop,
+    /// The worker finished loading.
+    Ready,
+    /// The worker reported that it cannot load (its own message), or it could not
+    /// be spawned at all.
+    LoadFailed(String),
+    /// The worker broke the protocol (a garbage frame, a bad ring).
+    Misbehaved(String),
+    /// The worker process has exited; the text describes how.
+    Exited(String),
+    /// Time passed. `beat`: the worker's heartbeat advanced since the last tick;
+    /// `grew`: its memory changed (a load reading weights makes progress).
+    Tick { beat: bool, grew: bool },
+}
+
+/// What the slot is carrying right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    /// Requests waiting in the slot's queue.
+    pub queued: usize,
+    /// Requests handed to the worker and not yet finished.
+    pub inflight: usize,
+}
+
+impl Work {
+    fn idle(self) -> bool {
+        self.queued == 0 && self.inflight == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Start incarnation `n` (process, transport, Load).
+    Spawn(u64),
+    /// Graceful: Shutdown frame and stdin EOF.
+    Shutdown,
+    /// SIGTERM, then SIGKILL of the worker's process group.
+    Kill,
+    /// Start queued requests, up to the concurrency limit.
+    Dispatch,
+    /// The worker is gone: requests it had started fail with this reason; those it
+    /// had not started go back to the head of the queue.
+    Orphan(String),
+    /// Every queued request fails with this reason (503).
+    RejectQueued(String),
+    /// Answer those waiting on `mlxd start`.
+    Started(Result<(), String>),
+    /// Answer those waiting on `mlxd stop`.
+    Stopped,
+}
+
+/// The slot's lifecycle and restart bookkeeping.
+#[derive(Debug)]
+pub struct Machine {
+    pub state: State,
+    /// Number of the current (or last) incarnation; 0 before the first.
+    pub incarnation: u64,
+    /// Incarnations started after a crash.
+    pub restarts: u32,
+    /// How the last incarnation ended, for `mlxd ps`.
+    pub last_exit: Option<String>,
+    /// Never unloaded by keep-alive (`mlxd start --pin`).
+    pub pinned: bool,
+    /// The keep-alive in force: the preset's, or the latest request's.
+    pub keep_alive: KeepAlive,
+    policy: Policy,
+    /// Crash times within the window, oldest first.
+    crashes: VecDeque<Instant>,
+    /// Crashes since the last stable run: sets the backoff.
+    consecutive: u32,
+    /// Why we killed the worker, when we did: the crash reason its exit reports.
+    fault: Option<String>,
+    /// The exit we are waiting for was asked for (stop or keep-alive).
+    stopping: bool,
+    shutdown_sent: bool,
+    kill_sent: bool,
+    /// `mlxd start`/`restart` wants a worker as soon as the current one is gone.
+    start_wanted: bool,
+    /// The incarnation being waited on reached Ready (a crash, not a failed load).
+    served: bool,
+    /// When the incarnation being waited on became Ready.
+    ready_at: Option<Instant>,
+    last_progress: Option<Instant>,
+    idle_since: Option<Instant>,
+}
+
+impl Machine {
+    pub fn new(policy: Policy) -> Machine {
+        Machine {
+            state: State::Stopped,
+            incarnation: 0,
+            restarts: 0,
+            last_exit: None,
+            pinned: false,
+            keep_alive: policy.keep_alive,
+            policy,
+            crashes: VecDeque::new(),
+            consecutive: 0,
+            fault: None,
+            stopping: false,
+            shutdown_sent: false,
+            kill_sent: false,
+            start_wanted: false,
+            served: false,
+            ready_at: None,
+            last_progress: None,
+            idle_since: None,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// True while requests may be handed to the worker.
+    pub fn serving(&self) -> bool {
+        matches!(self.state, State::Ready { .. })
+    }
+
+    /// Whether a request arriving now may wait in the queue, or why not.
+    pub fn admits(&self, now: Instant) -> Result<(), String> {
+        match &self.state {
+            State::Failed { reason } => Err(format!(
+                "{reason} (the model is marked failed; `mlxd start` or `mlxd restart` resets it)"
+            )),
+            State::Backoff {
+                until,
+                after_load_failure: true,
+            } => Err(format!(
+                "{}; next try in {:.0} s",
+                self.last_exit.as_deref().unwrap_or("the last load failed"),
+                until.saturating_duration_since(now).as_secs_f64().ceil()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn spawn(&mut self, now: Instant, after_crash: bool) -> Effect {
+        self.incarnation += 1;
+        if after_crash {
+            self.restarts += 1;
+        }
+        self.state = State::Starting { since: now };
+        self.fault = None;
+        self.stopping = false;
+        self.shutdown_sent = false;
+        self.kill_sent = false;
+        self.served = false;
+        self.ready_at = None;
+        self.last_progress = Some(now);
+        self.idle_since = None;
+        Effect::Spawn(self.incarnation)
+    }
+
+    fn kill(&mut self, reason: String) -> Vec<Effect> {
+        if self.fault.is_none() {
+            self.fault = Some(reason.clone());
+        }
+        self.state = State::Crashed { reason };
+        self.kill_sent = true;
+        vec![Effect::Kill]
+    }
+
+    fn backoff(&self) -> Duration {
+        let doublings = self.consecutive.saturating_sub(1).min(16);
+        (self.policy.backoff_first * 2u32.pow(doublings)).min(self.policy.backoff_max)
+    }
+
+    pub fn handle(&mut self, event: Event, now: Instant, work: Work) -> Vec<Effect> {
+        use Effect as E;
+        match (event, &self.state) {
+            (Event::Demand, State::Stopped) => vec![self.spawn(now, false)],
+            (Event::Demand, State::Ready { .. }) => {
+                self.idle_since = None;
+                vec![E::Dispatch]
+            }
+            (Event::Demand, State::Failed { .. } | State::Backoff { .. }) => {
+                match self.admits(now) {
+                    Err(reason) => vec![E::RejectQueued(reason)],
+                    Ok(()) => vec![],
+                }
+            }
+            (Event::Demand, _) => vec![],
+
+            (Event::Start, State::Stopped | State::Backoff { .. }) => {
+                self.start_wanted = true;
+                vec![self.spawn(now, false)]
+            }
+            (Event::Start, State::Failed { .. }) => {
+                self.reset_crashes();
+                self.start_wanted = true;
+                vec![self.spawn(now, false)]
+            }
+            (Event::Start, State::Ready { .. }) => vec![E::Started(Ok(()))],
+            (Event::Start, _) => {
+                self.start_wanted = true;
+                vec![]
+            }
+
+            (Event::Restart, State::Ready { .. } | State::Starting { .. }) => {
+                self.reset_crashes();
+                self.start_wanted = true;
+                let mut out = self.begin_stop(now, work);
+                out.retain(|e| !matches!(e, E::RejectQueued(_)));
+                out
+            }
+            (Event::Restart, State::Draining { .. } | State::Crashed { .. }) => {
+                self.reset_crashes();
+                self.start_wanted = true;
+                vec![]
+            }
+            (Event::Restart, _) => {
+                self.reset_crashes();
+                self.start_wanted = true;
+                vec![self.spawn(now, false)]
+            }
+
+            (Event::Stop, State::Stopped) => vec![E::Stopped],
+            (Event::Stop, State::Backoff { .. } | State::Failed { .. }) => {
+                self.state = State::Stopped;
+                self.start_wanted = false;
+                self.pinned = false;
+                vec![E::RejectQueued("the model was stopped".into()), E::Stopped]
+            }
+            (Event::Stop, State::Crashed { .. }) => {
+                self.stopping = true;
+                self.start_wanted = false;
+                self.pinned = false;
+                vec![E::RejectQueued("the model was stopped".into())]
+            }
+            (Event::Stop, State::Draining { .. }) => {
+                self.start_wanted = false;
+                self.pinned = false;
+                vec![]
+            }
+            (Event::Stop, State::Starting { .. } | State::Ready { .. }) => {
+                self.start_wanted = false;
+                self.pinned = false;
+                let mut out = self.begin_stop(now, work);
+                out.push(E::Started(Err("the model was stopped".into())));
+                out
+            }
+
+            (Event::Ready, State::Starting { .. }) => {
+                self.state = State::Ready { since: now };
+                self.served = true;
+                self.ready_at = Some(now);
+                self.idle_since = Some(now);
+                self.start_wanted = false;
+                self.last_progress = Some(now);
+                vec![E::Started(Ok(())), E::Dispatch]
+            }
+            (Event::Ready, _) => vec![],
+
+            (Event::LoadFailed(message), State::Starting { .. }) => {
+                let reason = format!("loading failed: {message}");
+                let mut out = vec![
+                    E::RejectQueued(reason.clone()),
+                    E::Started(Err(reason.clone())),
+                ];
+                out.extend(self.kill(reason));
+                out
+            }
+            (Event::LoadFailed(_), _) => vec![],
+
+            (
+                Event::Misbehaved(reason),
+                State::Starting { .. } | State::Ready { .. } | State::Draining { .. },
+            ) => self.kill(reason),
+            (Event::Misbehaved(_), _) => vec![],
+
+            (
+                Event::Exited(how),
+                State::Starting { .. }
+                | State::Ready { .. }
+                | State::Draining { .. }
+                | State::Crashed { .. },
+            ) => self.on_exit(how, now, work),
+            (Event::Exited(_), _) => vec![],
+
+            (Event::Tick { beat, grew }, _) => self.on_tick(beat, grew, now, work),
+        }
+    }
+
+    fn reset_crashes(&mut self) {
+        self.crashes.clear();
+        self.consecutive = 0;
+    }
+
+    /// Stop the current worker: drain what it runs, then Shutdown (or kill a load).
+    fn begin_stop(&mut self, now: Instant, work: Work) -> Vec<Effect> {
+        let loading = matches!(self.state, State::Starting { .. });
+        self.stopping = true;
+        self.state = State::Draining {
+            deadline: now + self.policy.stop_grace,
+        };
+        let mut out = vec![Effect::RejectQueued("the model was stopped".into())];
+        if loading {
+            // Nothing to drain and nothing worth waiting for.
+            self.kill_sent = true;
+            out.push(Effect::Kill);
+        } else if work.inflight == 0 {
+            self.shutdown_sent = true;
+            out.push(Effect::Shutdown);
+        }
+        out
+    }
+
+    fn on_exit(&mut self, how: String, now: Instant, work: Work) -> Vec<Effect> {
+        let reason = match self.fault.take() {
+            Some(fault) => format!("{fault} ({how})"),
+            None => how,
+        };
+        self.last_exit = Some(reason.clone());
+        if self.stopping {
+            self.state = State::Stopped;
+            self.stopping = false;
+            let mut out = vec![
+                Effect::Orphan("the worker was stopped".into()),
+                Effect::Stopped,
+            ];
+            if work.queued > 0 || self.start_wanted || self.pinned {
+                out.push(self.spawn(now, false));
+            }
+            return out;
+        }
+        let mut out = vec![Effect::Orphan(reason.clone())];
+        if !self.served {
+            out.push(Effect::RejectQueued(reason.clone()));
+            out.push(Effect::Started(Err(reason.clone())));
+        }
+        // A worker that served a whole window before dying starts a fresh count.
+        if let Some(since) = self.ready_at {
+            if now.duration_since(since) >= self.policy.crash_window {
+                self.consecutive = 0;
+            }
+        }
+        while self
+            .crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.policy.crash_window)
+        {
+            self.crashes.pop_front();
+        }
+        self.crashes.push_back(now);
+        self.consecutive += 1;
+        if self.crashes.len() > self.policy.max_crashes {
+            let reason = format!(
+                "crashed {} times within {} s; last: {reason}",
+                self.crashes.len(),
+                self.policy.crash_window.as_secs()
+            );
+            self.state = State::Failed {
+                reason: reason.clone(),
+            };
+            self.start_wanted = false;
+            out.push(Effect::RejectQueued(reason.clone()));
+            out.push(Effect::Started(Err(reason)));
+            return out;
+        }
+        self.state = State::Backoff {
+            until: now + self.backoff(),
+            after_load_failure: !self.served,
+        };
+        out
+    }
+
+    fn on_tick(&mut self, beat: bool, grew: bool, now: Instant, work: Work) -> Vec<Effect> {
+        match self.state.clone() {
+            State::Starting { since } => {
+                if beat || grew {
+                    self.last_progress = Some(now);
+                }
+                let quiet = now.duration_since(self.last_progress.unwrap_or(since));
+                let limit = self.policy.load_timeout;
+                if quiet >= limit {
+                    return self.stall(format!(
+                        "the load made no progress for {} s",
+                        quiet.as_secs()
+                    ));
+                }
+                if now.duration_since(since) >= limit * 2 {
+                    return self.stall(format!(
+                        "the load took longer than {} s",
+                        (limit * 2).as_secs()
+                    ));
+                }
+                vec![]
+            }
+            State::Ready { .. } => {
+                if work.inflight == 0 || beat {
+                    self.last_progress = Some(now);
+                }
+                let quiet = now.duration_since(self.last_progress.unwrap_or(now));
+                if work.inflight > 0 && quiet >= self.policy.hang_timeout {
+                    return self.kill(format!(
+                        "hung: no progress for {} s with {} requests in flight",
+                        quiet.as_secs(),
+                        work.inflight
+                    ));
+                }
+                if !work.idle() {
+                    self.idle_since = None;
+                    return vec![];
+                }
+                let idle_since = *self.idle_since.get_or_insert(now);
+                match self.keep_alive {
+                    KeepAlive::For(d) if !self.pinned && now.duration_since(idle_since) >= d => {
+                        self.begin_stop(now, work)
+                            .into_iter()
+                            .filter(|e| !matches!(e, Effect::RejectQueued(_)))
+                            .collect()
+                    }
+                    _ => vec![],
+                }
+            }
+            State::Draining { deadline } => {
+                let mut out = vec![];
+                if !self.shutdown_sent && !self.kill_sent && work.inflight == 0 {
+                    self.shutdown_sent = true;
+                    out.push(Effect::Shutdown);
+                }
+                if !self.kill_sent && now >= deadline {
+                    self.kill_sent = true;
+                    out.push(Effect::Kill);
+                }
+                out
+            }
+            State::Backoff {
+                until,
+                after_load_failure,
+            } if now >= until => {
+                if work.queued > 0 || !after_load_failure || self.pinned || self.start_wanted {
+                    vec![self.spawn(now, true)]
+                } else {
+                    self.state = State::Stopped;
+                    vec![]
+                }
+            }
+            _ => vec![],
+        }
+    }
+
+    fn stall(&mut self, reason: String) -> Vec<Effect> {
+        let mut out = vec![
+            Effect::RejectQueued(reason.clone()),
+            Effect::Started(Err(reason.clone())),
+        ];
+        out.extend(self.kill(reason));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives a Machine with a fake clock and records every effect; it also plays
+    /// the process: it checks that no second incarnation is ever spawned while one
+    /// is alive (the slot's central promise).
+    struct Harness {
+        m: Machine,
+        t0: Instant,
+        now: Instant,
+        work: Work,
+        alive: bool,
+        log: Vec<Effect>,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            Harness::with(Policy::default())
+        }
+
+        fn with(policy: Policy) -> Harness {
+            let t0 = Instant::now();
+            Harness {
+                m: Machine::new(policy),
+                t0,
+                now: t0,
+                work: Work::default(),
+                alive: false,
+                log: vec![],
+            }
+        }
+
+        fn at(&mut self, secs: f64) -> &mut Harness {
+            self.now = self.t0 + Duration::from_secs_f64(secs);
+            self
+        }
+
+        fn send(&mut self, ev: Event) -> Vec<Effect> {
+            if matches!(ev, Event::Exited(_)) {
+                assert!(self.alive, "exit of a worker that is not running");
+                self.alive = false;
+            }
+            let out = self.m.handle(ev, self.now, self.work);
+            for e in &out {
+                if let Effect::Spawn(_) = e {
+                    assert!(!self.alive, "a second incarnation while one is alive");
+                    self.alive = true;
+                }
+            }
+            self.log.extend(out.clone());
+            out
+        }
+
+        fn tick(&mut self, beat: bool) -> Vec<Effect> {
+            self.send(Event::Tick { beat, grew: false })
+        }
+
+        fn ready(&mut self) {
+            let out = self.send(Event::Ready);
+            assert_eq!(out, vec![Effect::Started(Ok(())), Effect::Dispatch]);
+        }
+
+        /// Spawned and Ready, at time `at`.
+        fn running(at: f64) -> Harness {
+            let mut h = Harness::new();
+            h.at(at);
+            assert_eq!(h.send(Event::Start), vec![Effect::Spawn(1)]);
+            h.ready();
+            h
+        }
+    }
+
+    fn is_reject(e: &Effect) -> bool {
+        matches!(e, Effect::RejectQueued(_))
+    }
+
+    #[test]
+    fn concurrent_requests_share_one_load() {
+        let mut h = Harness::new();
+        h.work.queued = 1;
+        assert_eq!(h.send(Event::Demand), vec![Effect::Spawn(1)]);
+        h.work.queued = 3;
+        assert_eq!(h.send(Event::Demand), vec![]);
+        assert_eq!(
+            h.send(Event::Start),
+            vec![],
+            "start waits for the same load"
+        );
+        h.ready();
+        assert_eq!(h.m.incarnation, 1);
+        assert_eq!(h.send(Event::Demand), vec![Effect::Dispatch]);
+    }
+
+    #[test]
+    fn a_crash_in_service_orphans_started_work_and_restarts_after_backoff() {
+        let mut h = Harness::running(0.0);
+        h.work = Work {
+            queued: 3,
+            inflight: 1,
+        };
+        h.at(5.0);
+        let out = h.send(Event::Exited("killed by signal 9 (SIGKILL)".into()));
+        assert_eq!(
+            out,
+            vec![Effect::Orphan("killed by signal 9 (SIGKILL)".into())],
+            "queued requests are kept for the next incarnation"
+        );
+        assert!(matches!(
+            h.m.state,
+            State::Backoff {
+                after_load_failure: false,
+                ..
+            }
+        ));
+        assert_eq!(h.m.admits(h.now), Ok(()), "requests wait for the restart");
+        h.work.inflight = 0;
+        assert_eq!(h.at(5.9).tick(false), vec![]);
+        assert_eq!(h.at(6.0).tick(false), vec![Effect::Spawn(2)]);
+        assert_eq!(h.m.restarts, 1);
+        h.ready();
+        assert_eq!(
+            h.m.last_exit.as_deref(),
+            Some("killed by signal 9 (SIGKILL)")
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_more_than_five_crashes_in_a_minute_fail_the_model() {
+        let mut h = Harness::running(0.0);
+        let mut t = 0.0;
+        let mut waits = vec![];
+        for _ in 0..5 {
+            h.at(t);
+            h.send(Event::Exited("exit status 1".into()));
+            let State::Backoff { until, .. } = h.m.state else {
+                panic!("{:?}", h.m.state)
+            };
+            let wait = until.duration_since(h.now).as_secs_f64();
+            waits.push(wait);
+            t += wait;
+            let next = h.m.incarnation + 1;
+            assert_eq!(h.at(t).tick(false), vec![Effect::Spawn(next)]);
+            h.ready();
+        }
+        assert_eq!(waits, vec![1.0, 2.0, 4.0, 8.0, 16.0]);
+        h.work.queued = 2;
+        let out = h.at(t).send(Event::Exited("exit status 1".into()));
+        assert!(matches!(h.m.state, State::Failed { .. }), "{:?}", h.m.state);
+        assert!(out.iter().any(is_reject), "{out:?}");
+        let State::Failed { reason } = &h.m.state else {
+            unreachable!()
+        };
+        assert!(
+            reason.contains("crashed 6 times within 60 s; last: exit status 1"),
+            "{reason}"
+        );
+        // Requests are refused with the reason until `mlxd start` resets it.
+        let out = h.send(Event::Demand);
+        assert!(
+            matches!(&out[..], [Effect::RejectQueued(r)] if r.contains("mlxd start")),
+            "{out:?}"
+        );
+        assert_eq!(h.at(t + 100.0).tick(false), vec![], "failed stays failed");
+        assert_eq!(h.send(Event::Start), vec![Effect::Spawn(7)]);
+        h.ready();
+        h.send(Event::Exited("exit status 1".into()));
+        let State::Backoff { until, .. } = h.m.state else {
+            panic!()
+        };
+        assert_eq!(
+            until.duration_since(h.now),
+            Duration::from_secs(1),
+            "count reset"
+        );
+    }
+
+    #[test]
+    fn backoff_is_capped_and_a_stable_run_resets_it() {
+        let mut h = Harness::with(Policy {
+            max_crashes: 100,
+            ..Policy::default()
+        });
+        h.send(Event::Start);
+        h.ready();
+        let mut t = 0.0;
+        for _ in 0..8 {
+            h.at(t).send(Event::Exited("x".into()));
+            let State::Backoff { until, .. } = h.m.state else {
+                panic!()
+            };
+            t += until.duration_since(h.now).as_secs_f64();
+            h.at(t).tick(false);
+            h.ready();
+        }
+        h.at(t).send(Event::Exited("x".into()));
+        let State::Backoff { until, .. } = h.m.state else {
+            panic!()
+        };
+        assert_eq!(until.duration_since(h.now), Duration::from_secs(30));
+        t += 30.0;
+        h.at(t).tick(false);
+        h.ready();
+        // Ready for a whole crash window: the next crash waits 1 s again.
+        t += 61.0;
+        h.at(t).send(Event::Exited("x".into()));
+        let State::Backoff { until, .. } = h.m.state else {
+            panic!()
+        };
+        assert_eq!(until.duration_since(h.now), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_failed_load_fails_its_waiters_with_the_workers_message() {
+        let mut h = Harness::new();
+        h.work.queued = 2;
+        h.send(Event::Demand);
+        let out = h
+            .at(0.5)
+            .send(Event::LoadFailed("No safetensors found in /m".into()));
+        let reason = "loading failed: No safetensors found in /m".to_string();
+        assert_eq!(
+            out,
+            vec![
+                Effect::RejectQueued(reason.clone()),
+                Effect::Started(Err(reason.clone())),
+                Effect::Kill
+            ]
+        );
+        h.work.queued = 0;
+        h.at(0.6).send(Event::Exited("exit status 70".into()));
+        assert!(matches!(
+            h.m.state,
+            State::Backoff {
+                after_load_failure: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            h.m.last_exit.as_deref(),
+            Some("loading failed: No safetensors found in /m (exit status 70)")
+        );
+        // Meanwhile new requests are refused at once with the cause, not queued.
+        let err = h.m.admits(h.now).unwrap_err();
+        assert!(
+            err.contains("No safetensors") && err.contains("next try in 1 s"),
+            "{err}"
+        );
+        // With nobody waiting, the model is not reloaded by itself after a failed load.
+        assert_eq!(h.at(2.0).tick(false), vec![]);
+        assert_eq!(h.m.state, State::Stopped);
+        h.work.queued = 1;
+        assert_eq!(h.send(Event::Demand), vec![Effect::Spawn(2)]);
+    }
+
+    #[test]
+    fn a_hung_worker_is_killed_but_an_idle_or_progressing_one_is_not() {
+        let mut h = Harness::running(0.0);
+        // Idle for ten minutes with no heartbeat: fine (nothing in flight).
+        let mut t = 0.0;
+        while t < 600.0 {
+            h.work = Work {
+                queued: 0,
+                inflight: 0,
+            };
+            h.m.pinned = true;
+            assert_eq!(h.at(t).tick(false), vec![]);
+            t += 0.25;
+        }
+        // Busy and progressing (a long prefill beats per chunk): never killed.
+        h.work.inflight = 3;
+        while t < 900.0 {
+            assert_eq!(h.at(t).tick(true), vec![]);
+            t += 0.25;
+        }
+        // Stopped (SIGSTOP): killed once the hang timeout has passed, not before.
+        let last_beat = t - 0.25;
+        loop {
+            let out = h.at(t).tick(false);
+            if !out.is_empty() {
+                assert_eq!(out, vec![Effect::Kill]);
+                break;
+            }
+            t += 0.25;
+        }
+        assert_eq!(t - last_beat, 60.0);
+        assert!(matches!(&h.m.state, State::Crashed { reason } if reason.contains("hung")));
+        let out = h
+            .at(t + 2.0)
+            .send(Event::Exited("killed by signal 9 (SIGKILL)".into()));
+        assert!(
+            matches!(&out[0], Effect::Orphan(r) if r.starts_with("hung: no progress for 60 s"))
+        );
+        assert!(matches!(h.m.state, State::Backoff { .. }));
+    }
+
+    #[test]
+    fn a_load_without_progress_is_failed_and_one_reading_weights_is_not() {
+        let mut h = Harness::with(Policy {
+            load_timeout: Duration::from_secs(10),
+            ..Policy::default()
+        });
+        h.work.queued = 1;
+        h.send(Event::Demand);
+        // Memory grows while weights are read: progress.
+        for i in 1..=15 {
+            let out = h.at(i as f64).send(Event::Tick {
+                beat: false,
+                grew: true,
+            });
+            assert_eq!(out, vec![]);
+        }
+        // Then nothing moves for 10 s.
+        let out = h.at(25.0).tick(false);
+        assert!(
+            matches!(&out[0], Effect::RejectQueued(r) if r.contains("no progress for 10 s")),
+            "{out:?}"
+        );
+        assert_eq!(out.last(), Some(&Effect::Kill));
+        // And an absolute cap of twice the timeout, progress or not.
+        let mut h = Harness::with(Policy {
+            load_timeout: Duration::from_secs(10),
+            ..Policy::default()
+        });
+        h.send(Event::Start);
+        for i in 1..20 {
+            assert_eq!(
+                h.at(i as f64).send(Event::Tick {
+                    beat: true,
+                    grew: true
+                }),
+                vec![]
+            );
+        }
+        assert_eq!(
+            h.at(20.0)
+                .send(Event::Tick {
+                    beat: true,
+                    grew: true
+                })
+                .last(),
+            Some(&Effect::Kill)
+        );
+    }
+
+    #[test]
+    fn stop_drains_then_shuts_down_and_no_second_copy_starts_during_the_grace() {
+        let mut h = Harness::running(0.0);
+        h.work = Work {
+            queued: 1,
+            inflight: 2,
+        };
+        let out = h.at(1.0).send(Event::Stop);
+        assert_eq!(
+            out,
+            vec![
+                Effect::RejectQueued("the model was stopped".into()),
+                Effect::Started(Err("the model was stopped".into()))
+            ],
+            "in-flight requests may finish: no Shutdown yet"
+        );
+        assert!(matches!(h.m.state, State::Draining { .. }));
+        // A request arriving during the grace period waits; nothing is spawned.
+        h.work = Work {
+            queued: 1,
+            inflight: 2,
+        };
+        assert_eq!(h.send(Event::Demand), vec![]);
+        assert_eq!(h.m.incarnation, 1);
+        h.work.inflight = 0;
+        assert_eq!(h.at(2.0).tick(false), vec![Effect::Shutdown]);
+        assert_eq!(h.at(2.5).tick(false), vec![]);
+        // Once the old worker is gone, the waiting request loads a fresh one.
+        let out = h.at(3.0).send(Event::Exited("exit status 0".into()));
+        assert_eq!(
+            out,
+            vec![
+                Effect::Orphan("the worker was stopped".into()),
+                Effect::Stopped,
+                Effect::Spawn(2)
+            ]
+        );
+        assert_eq!(h.m.restarts, 0, "a stop is not a crash");
+    }
+
+    #[test]
+    fn a_stop_that_cannot_drain_kills_at_the_grace_deadline() {
+        let mut h = Harness::running(0.0);
+        h.work.inflight = 1;
+        h.at(0.0).send(Event::Stop);
+        assert_eq!(h.at(9.9).tick(false), vec![]);
+        assert_eq!(h.at(10.0).tick(false), vec![Effect::Kill]);
+        assert_eq!(h.at(10.5).tick(false), vec![]);
+        let out = h
+            .at(10.6)
+            .send(Event::Exited("killed by signal 9 (SIGKILL)".into()));
+        assert_eq!(
+            out,
+            vec![
+                Effect::Orphan("the worker was stopped".into()),
+                Effect::Stopped
+            ]
+        );
+        assert_eq!(h.m.state, State::Stopped);
+        // A stop while loading kills the load at once.
+        let mut h = Harness::new();
+        h.send(Event::Start);
+        let out = h.send(Event::Stop);
+        assert!(out.contains(&Effect::Kill), "{out:?}");
+    }
+
+    #[test]
+    fn keep_alive_unloads_an_idle_model_unless_pinned_or_forever() {
+        let mut h = Harness::running(0.0);
+        assert_eq!(h.at(299.0).tick(false), vec![]);
+        assert_eq!(h.at(300.0).tick(false), vec![Effect::Shutdown]);
+
+        // A request resets the idle clock.
+        let mut h = Harness::running(0.0);
+        h.work.inflight = 1;
+        h.at(200.0).tick(true);
+        h.work.inflight = 0;
+        assert_eq!(h.at(200.25).tick(false), vec![], "idle from here");
+        assert_eq!(h.at(500.0).tick(false), vec![]);
+        assert_eq!(h.at(500.25).tick(false), vec![Effect::Shutdown]);
+
+        let mut h = Harness::running(0.0);
+        h.m.pinned = true;
+        assert_eq!(h.at(1e6).tick(false), vec![]);
+
+        let mut h = Harness::running(0.0);
+        h.m.keep_alive = KeepAlive::Forever;
+        assert_eq!(h.at(1e6).tick(false), vec![]);
+
+        let mut h = Harness::running(0.0);
+        h.m.keep_alive = KeepAlive::For(Duration::ZERO);
+        assert_eq!(h.at(0.25).tick(false), vec![Effect::Shutdown]);
+        let out = h.send(Event::Exited("exit status 0".into()));
+        assert_eq!(
+            out,
+            vec![
+                Effect::Orphan("the worker was stopped".into()),
+                Effect::Stopped
+            ]
+        );
+    }
+
+    #[test]
+    fn restart_replaces_a_ready_worker_and_keeps_the_queue() {
+        let mut h = Harness::running(0.0);
+        h.work.queued = 2;
+        let out = h.send(Event::Restart);
+        assert!(!out.iter().any(is_reject), "{out:?}");
+        assert!(matches!(h.m.state, State::Draining { .. }));
+        h.work.inflight = 0;
+        h.at(1.0).tick(false);
+        let out = h.at(1.5).send(Event::Exited("exit status 0".into()));
+        assert_eq!(out.last(), Some(&Effect::Spawn(2)));
+    }
+
+    #[test]
+    fn a_misbehaving_worker_is_killed_and_counts_as_a_crash() {
+        let mut h = Harness::running(0.0);
+        let out = h.send(Event::Misbehaved(
+            "worker sent a bad frame: unknown kind 32767".into(),
+        ));
+        assert_eq!(out, vec![Effect::Kill]);
+        h.send(Event::Exited("killed by signal 15 (SIGTERM)".into()));
+        assert_eq!(
+            h.m.last_exit.as_deref(),
+            Some("worker sent a bad frame: unknown kind 32767 (killed by signal 15 (SIGTERM))")
+        );
+        assert!(matches!(
+            h.m.state,
+            State::Backoff {
+                after_load_failure: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn keep_alive_parses_ollama_forms() {
+        assert_eq!(KeepAlive::parse("-1"), Ok(KeepAlive::Forever));
+        assert_eq!(KeepAlive::parse("-5m"), Ok(KeepAlive::Forever));
+        assert_eq!(KeepAlive::parse("0"), Ok(KeepAlive::For(Duration::ZERO)));
+        assert_eq!(
+            KeepAlive::parse("5m"),
+            Ok(KeepAlive::For(Duration::from_secs(300)))
+        );
+        assert_eq!(
+            KeepAlive::parse("1h30m"),
+            Ok(KeepAlive::For(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            KeepAlive::parse("90"),
+            Ok(KeepAlive::For(Duration::from_secs(90)))
+        );
+        assert!(KeepAlive::parse("soon").is_err());
+    }
+}
