@@ -24,6 +24,8 @@ use crate::presets::Preset;
 
 /// How often the slot checks deadlines and the worker's progress.
 const TICK: Duration = Duration::from_millis(250);
+/// Memory growth that counts as a load's progress (weights being read).
+const GROWTH: u64 = 1 << 20;
 /// A request handed to a worker that died before starting it goes to the next
 /// incarnation this many times; after that it fails (it may be what kills them).
 const MAX_RETRIES: u8 = 1;
@@ -115,7 +117,8 @@ pub struct Slot {
     leases: usize,
     start_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     stop_waiters: Vec<oneshot::Sender<bool>>,
-    /// The worker's (heartbeat, rss) at the last tick.
+    /// The worker's heartbeat at the last tick, and the most memory it has had:
+    /// a load is progressing while memory climbs (small wobbles do not count).
     mark: (u64, u64),
     commands: mpsc::UnboundedReceiver<Command>,
     me: mpsc::UnboundedSender<Command>,
@@ -485,8 +488,9 @@ impl Slot {
         let (beat, grew) = match &self.current {
             Some(inc) => {
                 let (b, rss) = inc.progress();
-                let moved = (b != self.mark.0, rss != self.mark.1);
-                self.mark = (b, rss);
+                let grew = rss > self.mark.1 + GROWTH;
+                let moved = (b != self.mark.0, grew);
+                self.mark = (b, if grew { rss } else { self.mark.1 });
                 moved
             }
             None => (false, false),

@@ -292,18 +292,25 @@ impl Machine {
         self.kill_sent = false;
         self.served = false;
         self.ready_at = None;
+        // A request's keep-alive lasts for the incarnation it was served by.
+        self.keep_alive = self.policy.keep_alive;
         self.last_progress = Some(now);
         self.idle_since = None;
         Effect::Spawn(self.incarnation)
     }
 
+    /// Kills a faulty worker. Its started requests are told now, not when the
+    /// process is finally gone (a stopped process dies only at SIGKILL); what it
+    /// had not started waits for the next incarnation.
     fn kill(&mut self, reason: String) -> Vec<Effect> {
         if self.fault.is_none() {
             self.fault = Some(reason.clone());
         }
-        self.state = State::Crashed { reason };
+        self.state = State::Crashed {
+            reason: reason.clone(),
+        };
         self.kill_sent = true;
-        vec![Effect::Kill]
+        vec![Effect::Orphan(reason), Effect::Kill]
     }
 
     fn backoff(&self) -> Duration {
@@ -822,6 +829,7 @@ mod tests {
             vec![
                 Effect::RejectQueued(reason.clone()),
                 Effect::Started(Err(reason.clone())),
+                Effect::Orphan(reason.clone()),
                 Effect::Kill
             ]
         );
@@ -876,7 +884,10 @@ mod tests {
         loop {
             let out = h.at(t).tick(false);
             if !out.is_empty() {
-                assert_eq!(out, vec![Effect::Kill]);
+                assert!(
+                    matches!(&out[..], [Effect::Orphan(r), Effect::Kill] if r.starts_with("hung")),
+                    "{out:?}"
+                );
                 break;
             }
             t += 0.25;
@@ -1062,7 +1073,14 @@ mod tests {
         let out = h.send(Event::Misbehaved(
             "worker sent a bad frame: unknown kind 32767".into(),
         ));
-        assert_eq!(out, vec![Effect::Kill]);
+        assert_eq!(
+            out,
+            vec![
+                Effect::Orphan("worker sent a bad frame: unknown kind 32767".into()),
+                Effect::Kill
+            ],
+            "started requests are told at once"
+        );
         h.send(Event::Exited("killed by signal 15 (SIGTERM)".into()));
         assert_eq!(
             h.m.last_exit.as_deref(),

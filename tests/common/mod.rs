@@ -9,10 +9,20 @@ use std::sync::{Mutex, OnceLock};
 pub struct Daemon {
     pub url: String,
     pub port: u16,
+    pub pid: u32,
     // Held so the daemon's stdin stays open; when the test process exits the pipe
     // closes and the daemon (started with --exit-on-stdin-eof) shuts down.
     _lifeline: Mutex<ChildStdin>,
-    _child: Mutex<Child>,
+    child: Mutex<Child>,
+}
+
+#[allow(dead_code)]
+impl Daemon {
+    /// Closes the daemon's stdin (its lifeline) and waits for it to exit.
+    pub fn shut_down(self) -> std::process::ExitStatus {
+        drop(self._lifeline);
+        self.child.into_inner().unwrap().wait().unwrap()
+    }
 }
 
 pub fn root() -> PathBuf {
@@ -23,30 +33,37 @@ pub fn mlxd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mlxd"))
 }
 
+/// A daemon of its own on a free port with the test presets, with `env` added.
+#[allow(dead_code)]
+pub fn spawn_daemon(env: &[(&str, &str)]) -> Daemon {
+    let mut cmd = mlxd();
+    cmd.args(["serve", "--port", "0", "--presets-dir"])
+        .arg(root().join("tests/presets"))
+        .arg("--exit-on-stdin-eof")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start mlxd serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = mlxd::serve::listening_url(&line)
+        .unwrap_or_else(|| panic!("unexpected first line from mlxd: {line:?}"))
+        .to_string();
+    let port = url.rsplit(':').next().unwrap().parse().unwrap();
+    Daemon {
+        url,
+        port,
+        pid: child.id(),
+        _lifeline: Mutex::new(child.stdin.take().unwrap()),
+        child: Mutex::new(child),
+    }
+}
+
 pub fn daemon() -> &'static Daemon {
     static DAEMON: OnceLock<Daemon> = OnceLock::new();
-    DAEMON.get_or_init(|| {
-        let mut child = mlxd()
-            .args(["serve", "--port", "0", "--presets-dir"])
-            .arg(root().join("tests/presets"))
-            .arg("--exit-on-stdin-eof")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start mlxd serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = mlxd::serve::listening_url(&line)
-            .unwrap_or_else(|| panic!("unexpected first line from mlxd: {line:?}"))
-            .to_string();
-        let port = url.rsplit(':').next().unwrap().parse().unwrap();
-        Daemon {
-            url,
-            port,
-            _lifeline: Mutex::new(child.stdin.take().unwrap()),
-            _child: Mutex::new(child),
-        }
-    })
+    DAEMON.get_or_init(|| spawn_daemon(&[]))
 }
