@@ -588,6 +588,24 @@ fn stream_response(meta: Meta, first_event: GenEvent, stream: GenStream) -> Resp
         .expect("static headers are valid")
 }
 
+/// Fuzz target (`fuzz/` and tests/fuzz_requests.rs): any body sent to either
+/// generation endpoint ends as a 400 or a well-formed Generate, never a panic.
+pub fn fuzz_request(body: &[u8]) {
+    let body = Bytes::copy_from_slice(body);
+    if let Ok(req) = parse::<ChatRequest>(&body) {
+        if let Ok(gen) = req.sampling.to_generate(512) {
+            assert!((1..=MAX_TOKENS_LIMIT).contains(&gen.max_tokens));
+            assert!(gen.stop.len() <= 4 && gen.top_p > 0.0 && gen.top_p <= 1.0);
+        }
+        let _ = req.sampling.keep_alive();
+        let _ = chat_messages(req.messages);
+    }
+    if let Ok(req) = parse::<CompletionRequest>(&body) {
+        let _ = req.sampling.to_generate(512);
+        let _ = req.sampling.keep_alive();
+    }
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,

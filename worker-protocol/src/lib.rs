@@ -7,16 +7,21 @@
 //!   all `unsafe` code is in `ring::raw`.
 //! - [`segment`]: create/open/unlink a segment holding both rings; stale cleanup.
 //! - [`stdio`]: incremental decoder for length-prefixed frames on pipes.
+//! - [`fuzz`]: the fuzz targets (cargo-fuzz and the bounded proptests share them).
 //! - `python` (feature): the PyO3 bindings the Python worker imports.
 
 pub mod frame;
+pub mod fuzz;
 pub mod ring;
+// Real shared memory; under loom the rings run on a heap model instead.
+#[cfg(not(loom))]
 pub mod segment;
 pub mod stdio;
 
-#[cfg(feature = "python")]
+#[cfg(all(feature = "python", not(loom)))]
 pub mod python;
 
 pub use frame::{Frame, Kind, PROTOCOL_VERSION};
 pub use ring::{Consumer, Producer, Pushed, RingError};
+#[cfg(not(loom))]
 pub use segment::{Direction, Segment, SegmentError};

@@ -122,3 +122,33 @@ fn python_peer_echoes_two_million_frames_intact() {
         "{FRAMES} frames echoed; daemon side slept {sleeps} times, woke the peer {wakes} times"
     );
 }
+
+/// A worker opens only the segment of its own incarnation: one left from another
+/// start (a generation it was not given) is refused before any frame is read.
+#[test]
+fn a_worker_refuses_a_segment_of_another_generation() {
+    let name = new_name();
+    let seg = Segment::create(&name, [1 << 12, 1 << 12], 5).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/echo_worker.py");
+    let run = |generation: &str| {
+        Command::new(python())
+            .arg(&script)
+            .arg(&name)
+            .arg(generation)
+            .stdin(Stdio::null())
+            .output()
+            .expect("start the Python peer")
+    };
+    let wrong = run("4");
+    assert!(!wrong.status.success());
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(said.contains("belongs to generation 5, not 4"), "{said}");
+    // The right generation opens it (stdin is empty: it exits at once on EOF).
+    let right = run("5");
+    assert!(
+        right.status.success(),
+        "{}",
+        String::from_utf8_lossy(&right.stderr)
+    );
+    seg.unlink().unwrap();
+}

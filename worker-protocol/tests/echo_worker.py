@@ -12,7 +12,8 @@ SHUTDOWN = 10
 
 
 def main() -> None:
-    transport = ShmTransport(sys.argv[1], 0, 1)
+    generation = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    transport = ShmTransport(sys.argv[1], generation, 0, 1)
     while (frame := transport.recv()) is not None:
         kind, _flags, payload = frame
         if kind == SHUTDOWN:

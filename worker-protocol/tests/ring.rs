@@ -151,3 +151,52 @@ fn two_threads_move_a_million_frames_in_order() {
     }
     producer.join().unwrap();
 }
+
+/// The consumer is another process: a head index it publishes outside
+/// `[tail - cap, tail]` is clamped, never trusted. Ahead of the tail it cannot make
+/// the producer's free-space arithmetic underflow; far behind, it reads as a full
+/// ring, never as room to overwrite unread frames.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_lying_consumer_head_is_clamped() {
+    use std::os::unix::fs::FileExt;
+    let name = new_name();
+    let seg = Segment::create(&name, [4096, 4096], 0).unwrap();
+    // The raw bytes of the segment, as a hostile peer would write them: ring 0's
+    // head sits at control offset 128 + its own 128-byte line.
+    let raw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/dev/shm/{name}"))
+        .unwrap();
+    let write_head = |v: u64| raw.write_all_at(&v.to_le_bytes(), 128 + 128).unwrap();
+    let mut tx = seg.producer(Direction::ToWorker).unwrap();
+    let mut rx = seg.consumer(Direction::ToWorker).unwrap();
+    let frame = payload(1, 1000);
+    // Move the tail well past one capacity, legitimately.
+    for _ in 0..10 {
+        assert!(matches!(
+            tx.try_push(4, 0, &frame).unwrap(),
+            Pushed::Yes { .. }
+        ));
+        assert!(rx.pop().unwrap().is_some());
+    }
+    // Far behind the tail: the producer fills what the last honest head freed
+    // (4 frames of 1008 bytes in 4096) and then sees a full ring: it never laps.
+    write_head(0);
+    let mut pushed = 0;
+    while let Pushed::Yes { .. } = tx.try_push(4, 0, &frame).unwrap() {
+        pushed += 1;
+        assert!(
+            pushed <= 4,
+            "a head more than a ring behind let the producer lap it"
+        );
+    }
+    assert!(matches!(tx.try_push(4, 0, &frame).unwrap(), Pushed::Full));
+    // Ahead of the tail: clamped to the tail (an empty ring), no overflow panic.
+    write_head(u64::MAX);
+    assert!(matches!(
+        tx.try_push(4, 0, &frame).unwrap(),
+        Pushed::Yes { .. }
+    ));
+    seg.unlink().unwrap();
+}

@@ -11,6 +11,8 @@
 
 pub(crate) mod raw;
 
+#[cfg(loom)]
+pub use raw::model_ring;
 pub use raw::{Consumer, Producer};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -22,9 +22,18 @@
 //! consumer stores `head` with Release after it has finished reading, and the producer
 //! loads `head` with Acquire before overwriting that space.
 
+// Under `--cfg loom` (worker-protocol/tests/loom.rs) the same ring code runs on
+// loom's atomics and on a heap model of the segment whose data bytes are loom cells,
+// so the model checker sees every ordering the ring relies on.
+#[cfg(loom)]
+use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+#[cfg(not(loom))]
 use std::io;
+#[cfg(not(loom))]
 use std::os::fd::{AsFd, OwnedFd};
+#[cfg(not(loom))]
 use std::ptr::NonNull;
+#[cfg(not(loom))]
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -36,6 +45,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"MLXDRING");
 /// Version of the segment layout described above.
 pub const LAYOUT_VERSION: u32 = 2;
 
+#[cfg_attr(loom, allow(dead_code))]
 pub const HEADER_OFFSET: usize = 0;
 pub const CONTROL_OFFSETS: [usize; 2] = [128, 512];
 pub const DATA_OFFSET: usize = 1024;
@@ -71,7 +81,9 @@ pub struct RingControl {
     pub consumer_sleeping: Padded<AtomicU32>,
 }
 
+#[cfg(not(loom))]
 const _: () = assert!(std::mem::size_of::<SegmentHeader>() <= CONTROL_OFFSETS[0]);
+#[cfg(not(loom))]
 const _: () = assert!(std::mem::size_of::<RingControl>() == 384);
 const _: () = assert!(CONTROL_OFFSETS[0] + 384 <= CONTROL_OFFSETS[1]);
 const _: () = assert!(CONTROL_OFFSETS[1] + 384 <= DATA_OFFSET);
@@ -79,6 +91,7 @@ const _: () =
     assert!(CONTROL_OFFSETS[0].is_multiple_of(128) && CONTROL_OFFSETS[1].is_multiple_of(128));
 
 /// One `mmap` of a shared-memory segment, unmapped on drop.
+#[cfg(not(loom))]
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
@@ -87,10 +100,13 @@ pub struct Mapping {
 // SAFETY: the mapping is plain shared memory; all access to it goes through atomics
 // (control words) or through the SPSC ownership discipline documented at the top of
 // this module, never through unsynchronized aliasing Rust references.
+#[cfg(not(loom))]
 unsafe impl Send for Mapping {}
 // SAFETY: as above; `&Mapping` only hands out atomics and the raw base pointer.
+#[cfg(not(loom))]
 unsafe impl Sync for Mapping {}
 
+#[cfg(not(loom))]
 impl Mapping {
     /// Maps `len` bytes of `fd` shared and read-write.
     pub fn map(fd: &OwnedFd, len: usize) -> io::Result<Mapping> {
@@ -144,12 +160,83 @@ impl Mapping {
     }
 }
 
+#[cfg(not(loom))]
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` came from a successful mmap and are unmapped once;
         // every Producer/Consumer holds an Arc<Mapping>, so no ring access outlives it.
         let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// The loom model of a segment: the same header and control blocks (on loom's
+/// atomics) and data areas made of loom cells, which report any read of a byte
+/// that is not ordered after its write.
+#[cfg(loom)]
+#[allow(dead_code)] // the header is modelled for completeness; the rings never read it
+pub struct Mapping {
+    header: SegmentHeader,
+    controls: [RingControl; 2],
+    data: Box<[loom::cell::UnsafeCell<u8>]>,
+}
+
+// SAFETY: the data cells are only reached through RawData under the SPSC discipline,
+// and loom checks every access to them; everything else is atomics.
+#[cfg(loom)]
+unsafe impl Sync for Mapping {}
+// SAFETY: as above.
+#[cfg(loom)]
+unsafe impl Send for Mapping {}
+
+#[cfg(loom)]
+impl Mapping {
+    /// A model segment with `data_len` bytes of ring data after `DATA_OFFSET`.
+    pub fn model(data_len: usize) -> Mapping {
+        let control = || RingControl {
+            tail: Padded(AtomicU64::new(0)),
+            head: Padded(AtomicU64::new(0)),
+            consumer_sleeping: Padded(AtomicU32::new(0)),
+        };
+        Mapping {
+            header: SegmentHeader {
+                magic: AtomicU64::new(MAGIC),
+                layout_version: AtomicU32::new(LAYOUT_VERSION),
+                owner_pid: AtomicU32::new(0),
+                capacity: [AtomicU64::new(0), AtomicU64::new(0)],
+                generation: AtomicU64::new(0),
+                heartbeat: AtomicU64::new(0),
+            },
+            controls: [control(), control()],
+            data: (0..data_len)
+                .map(|_| loom::cell::UnsafeCell::new(0))
+                .collect(),
+        }
+    }
+
+    #[allow(dead_code)]
+    pub fn header(&self) -> &SegmentHeader {
+        &self.header
+    }
+
+    pub fn control(&self, ring: usize) -> &RingControl {
+        &self.controls[ring]
+    }
+
+    /// The cells of the data area at segment offset `offset` (as a byte pointer,
+    /// which RawData turns back into cells).
+    pub fn data_ptr(&self, offset: usize) -> *mut u8 {
+        self.data.as_ptr().wrapping_add(offset - DATA_OFFSET) as *mut u8
+    }
+}
+
+/// A producer and a consumer over ring 0 of a fresh model segment (loom tests).
+#[cfg(loom)]
+pub fn model_ring(cap: u64) -> (Producer, Consumer) {
+    let map = Arc::new(Mapping::model(cap as usize));
+    (
+        Producer::new(map.clone(), 0, DATA_OFFSET, cap),
+        Consumer::new(map, 0, DATA_OFFSET, cap),
+    )
 }
 
 /// Raw access to one ring's data area. Safe to construct; the byte accessors are
@@ -182,40 +269,67 @@ impl RawData {
     unsafe fn write(&self, pos: u64, src: &[u8]) {
         let off = (pos & (self.cap - 1)) as usize;
         debug_assert!(off + src.len() <= self.cap as usize);
+        #[cfg(not(loom))]
         // SAFETY: in bounds by the second condition; nobody reads these bytes until
         // `tail` is published past them (first condition), so there is no data race.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(off), src.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(off), src.len())
+        }
+        #[cfg(loom)]
+        for (i, byte) in src.iter().enumerate() {
+            // SAFETY: in bounds as above; loom checks the access is race-free.
+            unsafe { (*self.cell(off + i)).with_mut(|p| *p = *byte) }
+        }
     }
 
-    /// Lends the producer-owned bytes `[pos, pos + len)` for writing in place.
+    /// Lets `fill` write the producer-owned bytes `[pos, pos + len)` (in place, in
+    /// shared memory: no intermediate buffer).
     ///
     /// # Safety
-    /// Same conditions as [`RawData::write`]; in addition the slice must be dropped
-    /// before `tail` is published past it.
-    #[allow(clippy::mut_from_ref)] // the SPSC discipline, not &mut self, gives exclusivity
-    unsafe fn write_in_place(&self, pos: u64, len: usize) -> &mut [u8] {
+    /// Same conditions as [`RawData::write`].
+    unsafe fn fill(&self, pos: u64, len: usize, fill: impl FnOnce(&mut [u8])) {
         let off = (pos & (self.cap - 1)) as usize;
         debug_assert!(off + len <= self.cap as usize);
+        #[cfg(not(loom))]
         // SAFETY: in bounds by the caller's conditions; only the single producer
         // touches producer-owned bytes, and the consumer does not read them until
-        // tail is published, after this borrow ends.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(off), len) }
+        // tail is published, after this borrow ends (when `fill` returns).
+        fill(unsafe { std::slice::from_raw_parts_mut(self.base.add(off), len) });
+        #[cfg(loom)]
+        {
+            let mut staged = vec![0u8; len];
+            fill(&mut staged);
+            // SAFETY: the caller's conditions are ours.
+            unsafe { self.write(pos, &staged) };
+        }
     }
 
-    /// Lends the bytes `[pos, pos + len)` to the consumer.
+    /// Copies the consumer-owned bytes `[pos, pos + dst.len())` out to `dst`.
     ///
     /// # Safety
-    /// - `[pos, pos + len)` belongs to the consumer: at or after `head` and before a
-    ///   `tail` loaded with Acquire;
-    /// - the range does not cross the end of the data area;
-    /// - the slice is dropped before `head` is advanced past it.
-    unsafe fn read(&self, pos: u64, len: usize) -> &[u8] {
+    /// - the range belongs to the consumer: at or after `head` and before a `tail`
+    ///   loaded with Acquire (so the producer does not write it until `head` is
+    ///   published past it, after this copy);
+    /// - the range does not cross the end of the data area.
+    unsafe fn read_into(&self, pos: u64, dst: &mut [u8]) {
         let off = (pos & (self.cap - 1)) as usize;
-        debug_assert!(off + len <= self.cap as usize);
-        // SAFETY: in bounds by the second condition; the producer does not write
-        // this range until the consumer publishes `head` past it (first and third
-        // conditions), so the bytes are stable while borrowed.
-        unsafe { std::slice::from_raw_parts(self.base.add(off), len) }
+        debug_assert!(off + dst.len() <= self.cap as usize);
+        #[cfg(not(loom))]
+        // SAFETY: in bounds by the second condition; stable by the first.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(off), dst.as_mut_ptr(), dst.len())
+        }
+        #[cfg(loom)]
+        for (i, byte) in dst.iter_mut().enumerate() {
+            // SAFETY: in bounds as above; loom checks the access is race-free.
+            *byte = unsafe { (*self.cell(off + i)).with(|p| *p) };
+        }
+    }
+
+    /// The loom cell of data byte `off` (see `Mapping::data_ptr`).
+    #[cfg(loom)]
+    fn cell(&self, off: usize) -> *const loom::cell::UnsafeCell<u8> {
+        (self.base as *const loom::cell::UnsafeCell<u8>).wrapping_add(off)
     }
 }
 
@@ -334,9 +448,8 @@ impl Producer {
         // stride <= to_end, or we just padded to offset 0 and stride <= cap/2).
         unsafe { self.data.write(self.tail, &header) };
         // SAFETY: the payload range [tail + 8, tail + 8 + len) is inside the same
-        // free, non-wrapping range; the borrow ends when `fill` returns, before tail
-        // is published.
-        fill(unsafe { self.data.write_in_place(self.tail + HEADER_LEN as u64, len) });
+        // free, non-wrapping range; `fill` returns before tail is published.
+        unsafe { self.data.fill(self.tail + HEADER_LEN as u64, len, fill) };
         self.tail += stride;
         let ctl = self.map.control(self.ring);
         // SYNC POINT: Release publishes the padding, header and payload written above;
@@ -404,11 +517,10 @@ impl Consumer {
                 return Err(RingError::Corrupt("tail is not a valid frame boundary"));
             }
             let to_end = self.cap - (self.head & (self.cap - 1));
+            let mut header = [0u8; HEADER_LEN];
             // SAFETY: avail >= 8 and head is 8-aligned, so the header lies in
             // [head, tail) and, since to_end is a multiple of 8, before the end.
-            let header: [u8; HEADER_LEN] = unsafe { self.data.read(self.head, HEADER_LEN) }
-                .try_into()
-                .expect("8 bytes");
+            unsafe { self.data.read_into(self.head, &mut header) };
             let (len, kind, flags) = read_header(&header);
             let stride = align8(HEADER_LEN as u64 + len as u64);
             if stride > avail || stride > to_end {
@@ -423,12 +535,15 @@ impl Consumer {
                 self.release(stride);
                 continue;
             }
-            // SAFETY: [head + 8, head + 8 + len) lies inside [head, tail) and before
-            // the end (stride checks above); the borrow ends with the copy, before
-            // `release` moves head past it.
-            let payload = unsafe { self.data.read(self.head + HEADER_LEN as u64, len as usize) };
             self.scratch.clear();
-            self.scratch.extend_from_slice(payload);
+            self.scratch.resize(len as usize, 0);
+            // SAFETY: [head + 8, head + 8 + len) lies inside [head, tail) and before
+            // the end (stride checks above); the copy is done before `release` moves
+            // head past it.
+            unsafe {
+                self.data
+                    .read_into(self.head + HEADER_LEN as u64, &mut self.scratch)
+            };
             self.release(stride);
             return Ok(Some(f(kind, flags, &self.scratch)));
         }
