@@ -33,6 +33,8 @@ const REQUEST_RING: u64 = 16 << 20;
 const EVENT_RING: u64 = 4 << 20;
 /// Lines of worker stderr kept for error messages.
 const STDERR_TAIL: usize = 20;
+/// How long a worker whose output reached EOF has to exit before it is killed.
+const EOF_GRACE: Duration = Duration::from_millis(500);
 /// How long a killed worker gets between SIGTERM and SIGKILL of its group.
 const TERM_GRACE: Duration = Duration::from_secs(2);
 
@@ -238,8 +240,22 @@ impl Incarnation {
                     }
                 })
                 .await;
-            if let Err(e) = result {
-                let _ = tx.send((n, Report::Misbehaved(e.to_string())));
+            match result {
+                Err(e) => {
+                    let _ = tx.send((n, Report::Misbehaved(e.to_string())));
+                }
+                Ok(()) => {
+                    // EOF normally means the process is exiting; one that closed its
+                    // output and lives on can no longer serve. (Checked aside: the
+                    // reaper waits for this task before it reports the exit.)
+                    tokio::spawn(async move {
+                        tokio::time::sleep(EOF_GRACE).await;
+                        if !sh.exited.load(Ordering::Acquire) {
+                            let why = "the worker closed its output but did not exit";
+                            let _ = tx.send((n, Report::Misbehaved(why.into())));
+                        }
+                    });
+                }
             }
         });
 
