@@ -201,14 +201,7 @@ async fn a_full_queue_answers_503() {
     let ps_url = format!("{}/admin/ps", daemon().url);
     let mut queued = 0;
     for _ in 0..100 {
-        let ps: Value = client
-            .get(&ps_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let ps = common::get_json(&ps_url).await;
         queued = ps["workers"]
             .as_array()
             .into_iter()

@@ -120,3 +120,39 @@ fn workers_exit_when_their_daemon_is_killed() {
     }
     assert!(!alive(), "worker {pid} outlived its daemon");
 }
+
+/// On a terminal, `mlxd start` shows the load's progress (state, elapsed time,
+/// memory) until the model is ready; `mlxd restart` replaces the worker.
+#[test]
+fn start_shows_progress_on_a_terminal_and_restart_replaces_the_worker() {
+    let model = "replay-slow";
+    let command = format!(
+        "{} --port {} start {model}",
+        env!("CARGO_BIN_EXE_mlxd"),
+        daemon().port
+    );
+    // `script` gives the command a pseudo-terminal, as a person's shell would.
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("script(1) from util-linux");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{model}: starting")),
+        "no progress line: {text:?}"
+    );
+    assert!(text.contains(&format!("{model} ready")), "{text:?}");
+    let (ok, out) = run(&["restart", model]);
+    assert!(ok && out.contains("incarnation 2"), "{out}");
+    let (ok, out) = run(&["ps"]);
+    assert!(ok, "{out}");
+    let row = out.lines().find(|l| l.starts_with(model)).expect(&out);
+    let cols: Vec<_> = row.split_whitespace().collect();
+    assert_eq!(
+        &cols[cols.len() - 2..],
+        ["2", "0"],
+        "a restart is not a crash: {out}"
+    );
+    assert!(run(&["stop", model]).0);
+}

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{daemon, mlxd, Daemon};
+use common::{daemon, get_json, mlxd, post_json, Daemon};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -17,13 +17,7 @@ fn client() -> reqwest::Client {
 }
 
 async fn admin(d: &Daemon, what: &str, body: Value) -> (u16, Value) {
-    let resp = client()
-        .post(format!("{}/admin/{what}", d.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
+    post_json(&format!("{}/admin/{what}", d.url), &body).await
 }
 
 async fn start(d: &Daemon, model: &str) -> Value {
@@ -34,14 +28,7 @@ async fn start(d: &Daemon, model: &str) -> Value {
 
 /// The model's row in `/admin/ps` (None when it is stopped).
 async fn slot(d: &Daemon, model: &str) -> Option<Value> {
-    let v: Value = client()
-        .get(format!("{}/admin/ps", d.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&format!("{}/admin/ps", d.url)).await;
     v["workers"]
         .as_array()
         .unwrap()
@@ -132,16 +119,7 @@ fn short(model: &str, i: usize) -> Value {
 }
 
 async fn chat(d: &Daemon, body: Value) -> (u16, Value) {
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", d.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let v = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }));
-    (status, v)
+    post_json(&format!("{}/v1/chat/completions", d.url), &body).await
 }
 
 /// An SSE response read event by event.
@@ -266,14 +244,7 @@ async fn a_killed_worker_fails_its_stream_and_serves_its_queue(model: &str) {
 async fn sigkill_over_shm_fails_the_stream_and_the_queue_completes() {
     a_killed_worker_fails_its_stream_and_serves_its_queue("smollm2-135m-crash").await;
     // Every segment is unlinked once its worker said Hello: none is left over.
-    let v: Value = client()
-        .get(format!("{}/admin/ps", daemon().url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&format!("{}/admin/ps", daemon().url)).await;
     assert_eq!(v["segments"], 0, "{v}");
     // `mlxd ps` shows the incarnation, the restart and how the last one ended.
     let out = mlxd()

@@ -67,3 +67,25 @@ pub fn daemon() -> &'static Daemon {
     static DAEMON: OnceLock<Daemon> = OnceLock::new();
     DAEMON.get_or_init(|| spawn_daemon(&[]))
 }
+
+/// GET `url` and parse its JSON body.
+#[allow(dead_code)]
+pub async fn get_json(url: &str) -> serde_json::Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// POST `body` to `url`: the status and the JSON body (`{"raw": text}` if the body
+/// is not JSON).
+#[allow(dead_code)]
+pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "raw": text }));
+    (status, v)
+}
