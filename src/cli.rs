@@ -123,12 +123,7 @@ pub async fn stop(cfg: &Config, model: &str) -> anyhow::Result<()> {
 }
 
 fn human_bytes(b: u64) -> String {
-    let mib = b as f64 / (1024.0 * 1024.0);
-    if mib >= 1024.0 {
-        format!("{:.1} GiB", mib / 1024.0)
-    } else {
-        format!("{mib:.0} MiB")
-    }
+    crate::memory::human(b)
 }
 
 fn human_duration(s: f64) -> String {
@@ -143,6 +138,17 @@ fn human_duration(s: f64) -> String {
 pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
     let v = admin(cfg, "ps", None).await?;
     let workers: Vec<SlotInfo> = serde_json::from_value(v["workers"].clone())?;
+    if let Ok(m) = admin(cfg, "memory", None).await {
+        let b = |k: &str| human_bytes(m[k].as_u64().unwrap_or(0));
+        println!(
+            "memory: workers use {} of the {} cap (requests refused above {}); machine {}, {} available",
+            b("used_bytes"),
+            b("cap_bytes"),
+            b("shed_bytes"),
+            b("total_bytes"),
+            b("available_bytes"),
+        );
+    }
     println!(
         "{:<24} {:>8} {:<9} {:<9} {:>9} {:>8} {:<9} {:>8} {:>6} {:>4} {:>8}",
         "MODEL",
@@ -164,7 +170,11 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
             w.pid.map_or("-".into(), |p| p.to_string()),
             w.transport,
             w.state,
-            human_bytes(w.stats.rss),
+            human_bytes(if w.footprint_bytes > 0 {
+                w.footprint_bytes
+            } else {
+                w.stats.rss
+            }),
             human_duration(w.uptime_s),
             w.blas.as_deref().unwrap_or("-"),
             w.inflight,

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::memory::Limit;
+
 /// Default port: clear of Ollama (11434), LM Studio (1234) and mlx_lm.server (8080).
 pub const DEFAULT_PORT: u16 = 11411;
 
@@ -27,6 +29,12 @@ pub struct FileConfig {
     /// Models (preset names) that a request may load. Absent: any preset. Others
     /// are served only while `mlxd start` keeps them running.
     pub allow_models: Option<Vec<String>>,
+    /// What all workers together may use: a share of physical memory ("90%", the
+    /// default) or a size ("48GiB"). Env MLXD_MEMORY_CAP overrides.
+    pub memory_cap: Option<String>,
+    /// Above this total, new generation requests are refused (503) until memory
+    /// falls ("95%" by default). Env MLXD_MEMORY_SHED overrides.
+    pub memory_shed: Option<String>,
 }
 
 /// The resolved configuration.
@@ -42,6 +50,10 @@ pub struct Config {
     pub worker_dir: PathBuf,
     /// See `FileConfig::allow_models`.
     pub allow_models: Option<Vec<String>>,
+    /// See `FileConfig::memory_cap`.
+    pub memory_cap: Limit,
+    /// See `FileConfig::memory_shed`.
+    pub memory_shed: Limit,
 }
 
 /// The source tree this binary was built from: shipped presets, the worker
@@ -108,7 +120,18 @@ impl Config {
             .map(PathBuf::from)
             .or(file.worker_dir)
             .unwrap_or_else(|| source_root().join("python-worker"));
+        let limit = |key: &str, file: Option<String>, default: &str| -> anyhow::Result<Limit> {
+            let text = env(key)
+                .map(|v| v.to_string_lossy().into_owned())
+                .or(file)
+                .unwrap_or_else(|| default.to_string());
+            Limit::parse(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))
+        };
+        let memory_cap = limit("MLXD_MEMORY_CAP", file.memory_cap, "90%")?;
+        let memory_shed = limit("MLXD_MEMORY_SHED", file.memory_shed, "95%")?;
         Ok(Config {
+            memory_cap,
+            memory_shed,
             host: file.host.unwrap_or_else(|| "127.0.0.1".into()),
             port,
             models_dir,
@@ -163,5 +186,18 @@ mod tests {
         let file: FileConfig = toml::from_str("allow_models = [\"a\"]").unwrap();
         let c = Config::resolve("/h".into(), file, |_| None).unwrap();
         assert!(c.may_start("a") && !c.may_start("b"));
+        assert_eq!(c.memory_cap, Limit::Fraction(0.9));
+        assert_eq!(c.memory_shed, Limit::Fraction(0.95));
+        let file: FileConfig = toml::from_str("memory_cap = \"48GiB\"").unwrap();
+        let c = Config::resolve("/h".into(), file, |k| {
+            (k == "MLXD_MEMORY_SHED").then(|| "80%".into())
+        })
+        .unwrap();
+        assert_eq!(
+            (c.memory_cap, c.memory_shed),
+            (Limit::Bytes(48 << 30), Limit::Fraction(0.8))
+        );
+        let bad: FileConfig = toml::from_str("memory_cap = \"lots\"").unwrap();
+        assert!(Config::resolve("/h".into(), bad, |_| None).is_err());
     }
 }

@@ -14,7 +14,9 @@
 //!
 //! - [`config`]: daemon configuration; [`presets`]: model presets.
 //! - [`api`]: HTTP routes; [`error`]: errors with a source → status; [`metrics`]: /metrics.
-//! - [`supervisor`]: worker processes, their state, and request routing by id.
+//! - [`supervisor`]: one slot per model (queue, worker incarnation, restarts,
+//!   keep-alive), the memory arbiter, request routing by id.
+//! - [`memory`]: the memory budget: limits, footprints, estimates, eviction plans.
 //! - [`transport`]: the daemon's end of the shm and stdio transports.
 //! - [`serve`]: the daemon's main loop; [`cli`]: the thin clients of its admin API.
 
@@ -22,6 +24,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod presets;
 pub mod serve;

@@ -156,6 +156,11 @@ pub struct Preset {
     /// A load that makes no progress this long (or takes twice this) fails.
     #[serde(default = "default_load_timeout")]
     pub load_timeout: String,
+    /// What the loaded model needs ("700MiB", "12GiB"); without it the daemon
+    /// estimates: weights on disk + runtime + full-context KV cache for
+    /// `max_concurrent` sequences (README, "Memory").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_estimate: Option<String>,
     /// Test-only fault injection passed to the worker (see mlxd_worker/faults.py).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<toml::Table>,
@@ -224,7 +229,24 @@ impl Preset {
         KeepAlive::parse(&p.keep_alive).map_err(|e| anyhow::anyhow!(e))?;
         parse_timeout("hang_timeout", &p.hang_timeout)?;
         parse_timeout("load_timeout", &p.load_timeout)?;
+        if let Some(m) = &p.memory_estimate {
+            crate::memory::parse_bytes(m).map_err(|e| anyhow::anyhow!("memory_estimate {e}"))?;
+        }
         Ok(p)
+    }
+
+    /// What loading this model is expected to take, in bytes.
+    pub fn memory_need(&self, models_dir: &Path) -> u64 {
+        if let Some(m) = self.memory_estimate.as_deref() {
+            return crate::memory::parse_bytes(m).unwrap_or(0);
+        }
+        if self.engine == EngineKind::Replay {
+            return crate::memory::RUNTIME_OVERHEAD;
+        }
+        self.model_path(models_dir)
+            .ok()
+            .and_then(|dir| crate::memory::estimate(&dir, self.max_concurrent))
+            .unwrap_or(0)
     }
 
     /// The slot's restart policy and timeouts (fields validated by `parse`).

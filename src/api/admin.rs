@@ -30,6 +30,10 @@ pub async fn ps(State(state): State<AppState>) -> axum::Json<Value> {
     }))
 }
 
+pub async fn memory(State(state): State<AppState>) -> axum::Json<Value> {
+    axum::Json(json!(state.supervisor.memory().await))
+}
+
 pub async fn start(
     State(state): State<AppState>,
     body: Bytes,

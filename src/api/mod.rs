@@ -34,6 +34,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/metrics", get(render_metrics))
         .route("/admin/ps", get(admin::ps))
+        .route("/admin/memory", get(admin::memory))
         .route("/admin/start", post(admin::start))
         .route("/admin/restart", post(admin::restart))
         .route("/admin/stop", post(admin::stop))

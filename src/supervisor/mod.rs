@@ -6,6 +6,7 @@
 //!   ◀── GenStream ◀───── tokens routed straight from the worker's frames
 //! ```
 
+mod budget;
 mod incarnation;
 mod registry;
 mod request;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use worker_protocol::frame::Generate;
 
+pub use budget::MemoryReport;
 pub use incarnation::{token_text, GenEvent};
 pub use registry::ShmRegistry;
 pub use request::{GenStream, Lease};
@@ -30,7 +32,9 @@ pub use state::KeepAlive;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::memory::{OsProbe, Probe};
 use crate::presets::{Preset, Presets};
+use budget::{Admit, Budget};
 use request::{Job, Pending};
 use slot::{Command, Slot};
 
@@ -41,21 +45,43 @@ pub struct Supervisor {
     cfg: Arc<Config>,
     presets: Presets,
     /// Each model's slot, created the first time the model is asked for. The lock
-    /// is held only to look up or insert.
-    slots: Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>,
+    /// is held only to look up or insert (the memory arbiter reads it too).
+    slots: budget::Slots,
     next_id: AtomicU64,
     registry: Arc<ShmRegistry>,
+    budget: Budget,
+    /// Loads ask the arbiter for memory; started lazily (it needs the runtime).
+    arbiter: std::sync::OnceLock<mpsc::UnboundedSender<Admit>>,
 }
 
 impl Supervisor {
     pub fn new(cfg: Config, presets: Presets, registry: ShmRegistry) -> Supervisor {
+        Supervisor::with_probe(cfg, presets, registry, Arc::new(OsProbe))
+    }
+
+    /// With a memory probe of the caller's (tests).
+    pub fn with_probe(
+        cfg: Config,
+        presets: Presets,
+        registry: ShmRegistry,
+        probe: Arc<dyn Probe>,
+    ) -> Supervisor {
+        let cfg = Arc::new(cfg);
+        let slots: budget::Slots = Arc::new(Mutex::new(HashMap::new()));
         Supervisor {
-            cfg: Arc::new(cfg),
+            budget: Budget::new(cfg.clone(), probe, slots.clone()),
+            cfg,
             presets,
-            slots: Default::default(),
+            slots,
             next_id: AtomicU64::new(1),
             registry: Arc::new(registry),
+            arbiter: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The memory budget: cap, shed mark, machine, and what each model holds.
+    pub async fn memory(&self) -> MemoryReport {
+        self.budget.report().await
     }
 
     pub fn presets(&self) -> &Presets {
@@ -69,6 +95,7 @@ impl Supervisor {
     }
 
     fn slot(&self, preset: &Preset) -> mpsc::UnboundedSender<Command> {
+        let arbiter = self.arbiter.get_or_init(|| self.budget.spawn()).clone();
         let mut slots = self.slots.lock().expect("lock");
         slots
             .entry(preset.name.clone())
@@ -78,6 +105,8 @@ impl Supervisor {
                     preset.policy(),
                     self.cfg.clone(),
                     self.registry.clone(),
+                    self.budget.probe().clone(),
+                    Some(arbiter),
                 )
             })
             .clone()

@@ -14,12 +14,14 @@ use tokio::sync::{mpsc, oneshot};
 use worker_protocol::frame::{Generate, Stats};
 use worker_protocol::Frame;
 
+use super::budget::Admit;
 use super::incarnation::{GenEvent, Incarnation, Report, Route};
 use super::registry::ShmRegistry;
 use super::request::{Job, Lease, Pending};
 use super::state::{Effect, Event, Machine, Policy, State, Work};
 use crate::config::Config;
 use crate::error::Error;
+use crate::memory::Probe;
 use crate::presets::Preset;
 
 /// How often the slot checks deadlines and the worker's progress.
@@ -46,6 +48,17 @@ pub enum Command {
     /// Replies whether a worker was running.
     Stop {
         reply: oneshot::Sender<bool>,
+    },
+    /// The memory arbiter needs the room: drain (never cut off) and stop; replies
+    /// once the worker is gone.
+    Evict {
+        reason: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// The arbiter's answer to incarnation `n`'s load.
+    Admitted {
+        n: u64,
+        result: Result<(), String>,
     },
     Info(oneshot::Sender<SlotInfo>),
     /// Daemon shutdown: refuse everything, stop the worker, end the task.
@@ -86,10 +99,22 @@ pub struct SlotInfo {
     pub pinned: bool,
     #[serde(default)]
     pub keep_alive: String,
+    /// The worker's measured footprint (PSS on Linux, phys_footprint on macOS).
+    #[serde(default)]
+    pub footprint_bytes: u64,
+    /// What the model is expected to need (preset, or the estimate formula).
+    #[serde(default)]
+    pub estimate_bytes: u64,
+    /// Unix time of its last request, and seconds since.
+    #[serde(default)]
+    pub last_used: Option<u64>,
+    #[serde(default)]
+    pub idle_s: f64,
 }
 
 /// What the slot tells `/metrics` about itself.
 struct SlotMetrics {
+    footprint: Gauge,
     queue_depth: Gauge,
     rejected: Counter,
     restarts: Counter,
@@ -127,6 +152,17 @@ pub struct Slot {
     metrics: SlotMetrics,
     /// Set by Shutdown: answered, and the task ends, once the worker is gone.
     closing: Option<oneshot::Sender<()>>,
+    /// Where loads ask for memory (None: no budget, e.g. unit setups).
+    arbiter: Option<mpsc::UnboundedSender<Admit>>,
+    /// The incarnation waiting for the arbiter's answer.
+    awaiting: Option<u64>,
+    probe: Arc<dyn Probe>,
+    /// The worker's footprint at the last measurement.
+    footprint: u64,
+    /// What a load of this model needs (computed when it asks).
+    need: u64,
+    last_used: Option<(Instant, std::time::SystemTime)>,
+    ticks: u64,
 }
 
 impl Slot {
@@ -136,12 +172,15 @@ impl Slot {
         policy: Policy,
         cfg: Arc<Config>,
         registry: Arc<ShmRegistry>,
+        probe: Arc<dyn Probe>,
+        arbiter: Option<mpsc::UnboundedSender<Admit>>,
     ) -> mpsc::UnboundedSender<Command> {
         let (me, commands) = mpsc::unbounded_channel();
         let (report_tx, reports) = mpsc::unbounded_channel();
         let label = preset.name.clone();
         let slot = Slot {
             metrics: SlotMetrics {
+                footprint: metrics::gauge!("mlxd_worker_footprint_bytes", "model" => label.clone()),
                 queue_depth: metrics::gauge!("mlxd_queue_depth", "model" => label.clone()),
                 rejected: metrics::counter!("mlxd_requests_rejected_total", "model" => label.clone()),
                 restarts: metrics::counter!("mlxd_worker_restarts_total", "model" => label.clone()),
@@ -164,6 +203,13 @@ impl Slot {
             reports,
             report_tx,
             closing: None,
+            arbiter,
+            awaiting: None,
+            probe,
+            footprint: 0,
+            need: 0,
+            last_used: None,
+            ticks: 0,
         };
         tokio::spawn(slot.run());
         me
@@ -222,24 +268,40 @@ impl Slot {
     fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::Spawn(n) => {
-                let spawned = Incarnation::spawn(
-                    n,
-                    &self.preset,
-                    &self.cfg,
-                    self.registry.clone(),
-                    self.report_tx.clone(),
-                );
-                match spawned {
-                    Ok(inc) => {
-                        self.current = Some(inc);
-                        self.mark = (0, 0);
+                self.need = self.preset.memory_need(&self.cfg.models_dir);
+                match &self.arbiter {
+                    Some(arbiter) => {
+                        // The load waits for the arbiter (which may first have to
+                        // drain and stop other models); its answer comes back as a
+                        // command, so this loop never blocks.
+                        self.awaiting = Some(n);
+                        let (reply, answer) = oneshot::channel();
+                        let admit = Admit {
+                            model: self.preset.name.clone(),
+                            need: self.need,
+                            reply,
+                        };
+                        let me = self.me.clone();
+                        if arbiter.send(admit).is_ok() {
+                            tokio::spawn(async move {
+                                let result = answer
+                                    .await
+                                    .unwrap_or_else(|_| Err("the memory arbiter is gone".into()));
+                                let _ = me.send(Command::Admitted { n, result });
+                            });
+                        } else {
+                            let _ = me.send(Command::Admitted { n, result: Ok(()) });
+                        }
                     }
-                    Err(why) => {
-                        tracing::error!(model = %self.name(), "cannot start a worker: {why}");
-                        self.feed(Event::LoadFailed(why));
-                        self.feed(Event::Exited("no worker process was started".into()));
-                    }
+                    None => self.start_incarnation(n),
                 }
+            }
+            Effect::Shutdown | Effect::Kill
+                if self.current.is_none() && self.awaiting.is_some() =>
+            {
+                // Stopped while waiting for memory: there is no process to end.
+                self.awaiting = None;
+                self.feed(Event::Exited("stopped before its load began".into()));
             }
             Effect::Shutdown => {
                 if let Some(inc) = &self.current {
@@ -275,6 +337,29 @@ impl Slot {
         }
     }
 
+    /// Spawns incarnation `n` (memory admitted).
+    fn start_incarnation(&mut self, n: u64) {
+        let spawned = Incarnation::spawn(
+            n,
+            &self.preset,
+            &self.cfg,
+            self.registry.clone(),
+            self.report_tx.clone(),
+        );
+        match spawned {
+            Ok(inc) => {
+                self.current = Some(inc);
+                self.mark = (0, 0);
+                self.footprint = 0;
+            }
+            Err(why) => {
+                tracing::error!(model = %self.name(), "cannot start a worker: {why}");
+                self.feed(Event::LoadFailed(why));
+                self.feed(Event::Exited("no worker process was started".into()));
+            }
+        }
+    }
+
     /// Hands queued requests to the worker while there is room.
     fn dispatch(&mut self) {
         while self.machine.serving() {
@@ -291,6 +376,7 @@ impl Slot {
             if let Some(k) = p.keep_alive {
                 self.machine.keep_alive = k;
             }
+            self.last_used = Some((Instant::now(), std::time::SystemTime::now()));
             match p.job {
                 Job::Generate { gen, tx } => {
                     inc.shared
@@ -408,7 +494,27 @@ impl Slot {
                 self.stop_waiters.push(reply);
                 self.feed(Event::Stop);
             }
+            Command::Evict { reason, reply } => {
+                if self.machine.state == State::Stopped {
+                    let _ = reply.send(false);
+                    return;
+                }
+                tracing::info!(model = %self.name(), "{reason}");
+                self.stop_waiters.push(reply);
+                self.feed(Event::Evict(reason));
+            }
+            Command::Admitted { n, result } => {
+                if self.awaiting != Some(n) {
+                    return; // stopped meanwhile
+                }
+                self.awaiting = None;
+                match result {
+                    Ok(()) => self.start_incarnation(n),
+                    Err(why) => self.feed(Event::Refused(why)),
+                }
+            }
             Command::Info(reply) => {
+                self.measure();
                 let _ = reply.send(self.info());
             }
             Command::Shutdown(done) => {
@@ -485,6 +591,12 @@ impl Slot {
     }
 
     fn on_tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(4) {
+            self.measure();
+        }
+        // Waiting for memory (another model draining) is not a stalled load.
+        let waiting = self.awaiting.is_some();
         let (beat, grew) = match &self.current {
             Some(inc) => {
                 let (b, rss) = inc.progress();
@@ -493,9 +605,28 @@ impl Slot {
                 self.mark = (b, if grew { rss } else { self.mark.1 });
                 moved
             }
-            None => (false, false),
+            None => (waiting, false),
         };
         self.feed(Event::Tick { beat, grew });
+    }
+
+    /// The worker's true footprint: what the OS charges the process, plus, on a
+    /// Linux GPU, what MLX holds in device memory outside the process's pages.
+    fn measure(&mut self) {
+        self.footprint = match &self.current {
+            Some(inc) => {
+                let own = self.probe.footprint(inc.pid).unwrap_or(0);
+                let gpu = inc.hello().is_some_and(|h| h.device == "gpu");
+                if gpu && !cfg!(target_os = "macos") {
+                    let stats = inc.stats();
+                    own + stats.active_memory + stats.cache_memory
+                } else {
+                    own
+                }
+            }
+            None => 0,
+        };
+        self.metrics.footprint.set(self.footprint as f64);
     }
 
     fn info(&self) -> SlotInfo {
@@ -526,6 +657,16 @@ impl Slot {
             queued: self.queue.len(),
             pinned: self.machine.pinned,
             keep_alive: self.machine.keep_alive.describe(),
+            footprint_bytes: self.footprint,
+            estimate_bytes: self.need,
+            last_used: self.last_used.and_then(|(_, wall)| {
+                wall.duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs())
+            }),
+            idle_s: self
+                .last_used
+                .map_or(1e9, |(at, _)| at.elapsed().as_secs_f64()),
         }
     }
 }

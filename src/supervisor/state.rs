@@ -104,8 +104,9 @@ pub enum State {
     /// Serving requests.
     Ready { since: Instant },
     /// Stopping: no new request starts; in-flight ones may finish; the worker gets
-    /// Shutdown once idle and is killed at `deadline`.
-    Draining { deadline: Instant },
+    /// Shutdown once idle and is killed at `deadline` (never, for an eviction:
+    /// requests in flight are not cut off to make room).
+    Draining { deadline: Option<Instant> },
     /// Killed after a fault (hang, bad frame, failed or stalled load); waiting for
     /// the process to exit.
     Crashed { reason: String },
@@ -144,6 +145,11 @@ pub enum Event {
     Restart,
     /// `mlxd stop`.
     Stop,
+    /// Make room for another model: like Stop, but in-flight requests always finish.
+    Evict(String),
+    /// The memory budget has no room for the load that Spawn asked for (no process
+    /// was started).
+    Refused(String),
     /// The worker finished loading.
     Ready,
     /// The worker reported that it cannot load (its own message), or it could not
@@ -367,6 +373,30 @@ impl Machine {
                 vec![self.spawn(now, false)]
             }
 
+            (Event::Evict(reason), State::Ready { .. }) => {
+                self.pinned = false;
+                self.start_wanted = false;
+                let mut out = self.begin_stop(now, work);
+                if let State::Draining { deadline } = &mut self.state {
+                    *deadline = None;
+                }
+                for e in &mut out {
+                    if let E::RejectQueued(r) = e {
+                        *r = reason.clone();
+                    }
+                }
+                out
+            }
+            (Event::Evict(_), State::Draining { .. } | State::Crashed { .. }) => vec![],
+            (Event::Evict(_), _) => self.handle(Event::Stop, now, work),
+
+            (Event::Refused(reason), State::Starting { .. }) => {
+                self.state = State::Stopped;
+                self.start_wanted = false;
+                vec![E::RejectQueued(reason.clone()), E::Started(Err(reason))]
+            }
+            (Event::Refused(_), _) => vec![],
+
             (Event::Stop, State::Stopped) => vec![E::Stopped],
             (Event::Stop, State::Backoff { .. } | State::Failed { .. }) => {
                 self.state = State::Stopped;
@@ -444,7 +474,7 @@ impl Machine {
         let loading = matches!(self.state, State::Starting { .. });
         self.stopping = true;
         self.state = State::Draining {
-            deadline: now + self.policy.stop_grace,
+            deadline: Some(now + self.policy.stop_grace),
         };
         let mut out = vec![Effect::RejectQueued("the model was stopped".into())];
         if loading {
@@ -572,7 +602,7 @@ impl Machine {
                     self.shutdown_sent = true;
                     out.push(Effect::Shutdown);
                 }
-                if !self.kill_sent && now >= deadline {
+                if !self.kill_sent && deadline.is_some_and(|d| now >= d) {
                     self.kill_sent = true;
                     out.push(Effect::Kill);
                 }
@@ -642,7 +672,7 @@ mod tests {
         }
 
         fn send(&mut self, ev: Event) -> Vec<Effect> {
-            if matches!(ev, Event::Exited(_)) {
+            if matches!(ev, Event::Exited(_) | Event::Refused(_)) {
                 assert!(self.alive, "exit of a worker that is not running");
                 self.alive = false;
             }
@@ -1093,6 +1123,46 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn an_eviction_drains_without_a_deadline_and_a_refusal_is_no_crash() {
+        let mut h = Harness::running(0.0);
+        h.work = Work {
+            queued: 1,
+            inflight: 1,
+        };
+        let out = h.send(Event::Evict("evicted to make room for 'b'".into()));
+        assert_eq!(
+            out,
+            vec![Effect::RejectQueued("evicted to make room for 'b'".into())]
+        );
+        h.work.queued = 0;
+        assert_eq!(h.at(3600.0).tick(true), vec![], "in flight: never killed");
+        h.work.inflight = 0;
+        assert_eq!(h.at(3601.0).tick(false), vec![Effect::Shutdown]);
+        let out = h.send(Event::Exited("exited with status 0".into()));
+        assert_eq!(
+            out,
+            vec![
+                Effect::Orphan("the worker was stopped".into()),
+                Effect::Stopped
+            ]
+        );
+
+        let mut h = Harness::new();
+        h.work.queued = 1;
+        h.send(Event::Demand);
+        let out = h.send(Event::Refused("not enough memory".into()));
+        assert_eq!(
+            out,
+            vec![
+                Effect::RejectQueued("not enough memory".into()),
+                Effect::Started(Err("not enough memory".into()))
+            ]
+        );
+        assert_eq!((h.m.state.clone(), h.m.restarts), (State::Stopped, 0));
+        assert_eq!(h.m.admits(h.now), Ok(()), "the next request may try again");
     }
 
     #[test]

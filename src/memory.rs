@@ -1,0 +1,467 @@
+//! The memory budget: what the machine has, what each worker really uses, what a
+//! model is expected to need, and which idle models to evict to make room. The
+//! arithmetic (`plan`) is pure; the operating system is behind `Probe`.
+
+use std::path::Path;
+use std::time::Duration;
+
+/// A size in the config: a share of physical memory (`"90%"`) or bytes (`"48GiB"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    Fraction(f64),
+    Bytes(u64),
+}
+
+impl Limit {
+    pub fn parse(s: &str) -> Result<Limit, String> {
+        let s = s.trim();
+        if let Some(pct) = s.strip_suffix('%') {
+            return match pct.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(Limit::Fraction(p / 100.0)),
+                _ => Err(format!("{s:?}: a percentage must be in (0, 100]")),
+            };
+        }
+        parse_bytes(s).map(Limit::Bytes)
+    }
+
+    /// The limit in bytes on a machine with `total` bytes of memory.
+    pub fn resolve(self, total: u64) -> u64 {
+        match self {
+            Limit::Fraction(f) => (total as f64 * f) as u64,
+            Limit::Bytes(b) => b,
+        }
+    }
+}
+
+/// `"700MiB"`, `"48GiB"`, `"1.5GB"`, `"123456"` (bytes).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let at = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(at);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (write e.g. \"700MiB\" or \"48GiB\")"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        other => return Err(format!("{s:?}: unknown unit {other:?}")),
+    };
+    if !n.is_finite() || n <= 0.0 {
+        return Err(format!("{s:?} must be a positive size"));
+    }
+    Ok((n * mult) as u64)
+}
+
+/// "681 MiB", "6.3 GiB".
+pub fn human(bytes: u64) -> String {
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    if mib >= 1024.0 {
+        format!("{:.1} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.0} MiB")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SystemMemory {
+    /// Physical memory, lowered by a cgroup limit when one applies.
+    pub total: u64,
+    /// Memory the kernel says can be had without swapping.
+    pub available: u64,
+}
+
+/// What the budget needs from the operating system.
+pub trait Probe: Send + Sync {
+    fn system(&self) -> SystemMemory;
+    /// A worker's true footprint (None if the process cannot be read).
+    fn footprint(&self, pid: u32) -> Option<u64>;
+}
+
+/// The real machine.
+pub struct OsProbe;
+
+impl Probe for OsProbe {
+    fn system(&self) -> SystemMemory {
+        os::system()
+    }
+
+    fn footprint(&self, pid: u32) -> Option<u64> {
+        os::footprint(pid)
+    }
+}
+
+/// Which footprint the daemon measures on this OS (for `GET /admin/memory`).
+pub const FOOTPRINT_SOURCE: &str = if cfg!(target_os = "macos") {
+    "proc_pid_rusage ri_phys_footprint"
+} else {
+    "/proc/<pid>/smaps_rollup Pss"
+};
+
+#[cfg(target_os = "linux")]
+mod os {
+    use super::SystemMemory;
+
+    pub fn system() -> SystemMemory {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mut m = super::parse_meminfo(&meminfo);
+        if let Some(limit) = cgroup_limit() {
+            if limit < m.total {
+                let used = cgroup_usage().unwrap_or(0);
+                m.total = limit;
+                m.available = m.available.min(limit.saturating_sub(used));
+            }
+        }
+        m
+    }
+
+    /// This process's cgroup v2 directory.
+    fn cgroup_dir() -> Option<std::path::PathBuf> {
+        let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Some(std::path::Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/')))
+    }
+
+    fn cgroup_limit() -> Option<u64> {
+        let text = std::fs::read_to_string(cgroup_dir()?.join("memory.max")).ok()?;
+        text.trim().parse().ok() // "max" (no limit) does not parse
+    }
+
+    fn cgroup_usage() -> Option<u64> {
+        let text = std::fs::read_to_string(cgroup_dir()?.join("memory.current")).ok()?;
+        text.trim().parse().ok()
+    }
+
+    pub fn footprint(pid: u32) -> Option<u64> {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+            if let Some(pss) = super::kib_field(&text, "Pss:") {
+                return Some(pss);
+            }
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        super::kib_field(&status, "VmRSS:")
+    }
+}
+
+#[cfg(target_os = "macos")]
+mod os {
+    use super::SystemMemory;
+
+    pub fn system() -> SystemMemory {
+        let mut total: u64 = 0;
+        let mut len = std::mem::size_of::<u64>();
+        // SAFETY: "hw.memsize" is a NUL-terminated name; `total` is a u64 and `len`
+        // says so; no new value is set (null, 0).
+        let rc = unsafe {
+            libc::sysctlbyname(
+                c"hw.memsize".as_ptr(),
+                (&mut total as *mut u64).cast(),
+                &mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        if rc != 0 {
+            total = 0;
+        }
+        SystemMemory {
+            total,
+            available: available().unwrap_or(0),
+        }
+    }
+
+    /// Free + inactive + purgeable pages (what can be had without swapping).
+    fn available() -> Option<u64> {
+        // SAFETY: zeroed is a valid vm_statistics64 (plain integers).
+        let mut stats: libc::vm_statistics64 = unsafe { std::mem::zeroed() };
+        let mut count = libc::HOST_VM_INFO64_COUNT;
+        // SAFETY: `stats` is large enough for HOST_VM_INFO64_COUNT integers, which
+        // `count` says; mach_host_self() needs no cleanup for this use.
+        let rc = unsafe {
+            libc::host_statistics64(
+                libc::mach_host_self(),
+                libc::HOST_VM_INFO64,
+                (&mut stats as *mut libc::vm_statistics64).cast(),
+                &mut count,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+        let pages =
+            stats.free_count as u64 + stats.inactive_count as u64 + stats.purgeable_count as u64;
+        Some(pages * page)
+    }
+
+    pub fn footprint(pid: u32) -> Option<u64> {
+        // SAFETY: zeroed is a valid rusage_info_v4 (plain integers).
+        let mut info: libc::rusage_info_v4 = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a rusage_info_v4, which RUSAGE_INFO_V4 asks the kernel to
+        // fill; the pointer cast is the documented calling convention.
+        let rc = unsafe {
+            libc::proc_pid_rusage(
+                pid as i32,
+                libc::RUSAGE_INFO_V4,
+                (&mut info as *mut libc::rusage_info_v4).cast(),
+            )
+        };
+        (rc == 0).then_some(info.ri_phys_footprint)
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+mod os {
+    pub fn system() -> super::SystemMemory {
+        super::SystemMemory::default()
+    }
+
+    pub fn footprint(_pid: u32) -> Option<u64> {
+        None
+    }
+}
+
+/// MemTotal and MemAvailable from /proc/meminfo.
+pub fn parse_meminfo(text: &str) -> SystemMemory {
+    SystemMemory {
+        total: kib_field(text, "MemTotal:").unwrap_or(0),
+        available: kib_field(text, "MemAvailable:").unwrap_or(0),
+    }
+}
+
+/// A "Name:   123 kB" field in bytes.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Memory the MLX runtime, Python and the tokenizer take before any weight: the
+/// replay worker (tokenizer only) measures ~120 MiB of PSS here.
+pub const RUNTIME_OVERHEAD: u64 = 150 << 20;
+
+/// What a model is expected to need when loaded:
+/// weights on disk + runtime overhead + KV cache for `max_concurrent` sequences at
+/// the model's full context (2 × layers × kv_heads × head_dim × bytes per element
+/// per token). Bytes per element: 4 for a float32 model, else 2 (the activations of
+/// float16/bfloat16 and of quantized models).
+pub fn estimate(model_dir: &Path, max_concurrent: u32) -> Option<u64> {
+    let mut weights = 0u64;
+    for entry in std::fs::read_dir(model_dir).ok()?.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "safetensors") {
+            weights += entry.metadata().ok()?.len();
+        }
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).ok()?).ok()?;
+    Some(weights + RUNTIME_OVERHEAD + kv_bytes(&config, max_concurrent))
+}
+
+/// The KV cache of `sequences` full-context sequences, from a model's config.json.
+pub fn kv_bytes(config: &serde_json::Value, sequences: u32) -> u64 {
+    let get = |k: &str| config.get(k).and_then(serde_json::Value::as_u64);
+    let (Some(layers), Some(heads), Some(hidden)) = (
+        get("num_hidden_layers"),
+        get("num_attention_heads"),
+        get("hidden_size"),
+    ) else {
+        return 0;
+    };
+    let kv_heads = get("num_key_value_heads").unwrap_or(heads);
+    let head_dim = get("head_dim").unwrap_or(hidden / heads.max(1));
+    let context = get("max_position_embeddings").unwrap_or(4096);
+    let quantized = config.get("quantization").is_some();
+    let dtype = config.get("torch_dtype").and_then(|v| v.as_str());
+    let elem = if !quantized && matches!(dtype, None | Some("float32")) {
+        4
+    } else {
+        2
+    };
+    2 * layers * kv_heads * head_dim * elem * context * u64::from(sequences)
+}
+
+/// A loaded (or loading) model, as the planner sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resident {
+    pub model: String,
+    /// Measured footprint (or, while loading, the larger of that and its estimate).
+    pub bytes: u64,
+    pub pinned: bool,
+    /// Requests in flight or queued: evicting it means draining it first.
+    pub busy: bool,
+    /// Time since its last request: the least recently used goes first.
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// It fits.
+    Admit,
+    /// It fits once these models are stopped (drained first if busy), in this order.
+    Evict(Vec<String>),
+    /// It cannot fit: the message names the cap, what is loaded and what was needed.
+    Refuse(String),
+}
+
+/// Whether `model`, needing `need` bytes, fits under `cap` next to `residents`,
+/// and if not, which of them to evict: idle ones before busy ones, least recently
+/// used first, pinned never.
+pub fn plan(cap: u64, model: &str, need: u64, residents: &[Resident]) -> Plan {
+    let others: Vec<&Resident> = residents.iter().filter(|r| r.model != model).collect();
+    let used: u64 = others.iter().map(|r| r.bytes).sum();
+    if used + need <= cap {
+        return Plan::Admit;
+    }
+    let mut candidates: Vec<&&Resident> = others.iter().filter(|r| !r.pinned).collect();
+    candidates.sort_by(|a, b| a.busy.cmp(&b.busy).then(b.idle.cmp(&a.idle)));
+    let mut freed = 0;
+    let mut victims = Vec::new();
+    for r in candidates {
+        if used - freed + need <= cap {
+            break;
+        }
+        freed += r.bytes;
+        victims.push(r.model.clone());
+    }
+    if used - freed + need <= cap {
+        return Plan::Evict(victims);
+    }
+    let loaded = if others.is_empty() {
+        "nothing".to_string()
+    } else {
+        others
+            .iter()
+            .map(|r| {
+                format!(
+                    "'{}' {}{}",
+                    r.model,
+                    human(r.bytes),
+                    if r.pinned { " (pinned)" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Plan::Refuse(format!(
+        "not enough memory for '{model}': it needs {}, the cap is {}, and loaded are {loaded}",
+        human(need),
+        human(cap)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(model: &str, mib: u64, pinned: bool, busy: bool, idle_s: u64) -> Resident {
+        Resident {
+            model: model.into(),
+            bytes: mib << 20,
+            pinned,
+            busy,
+            idle: Duration::from_secs(idle_s),
+        }
+    }
+
+    #[test]
+    fn sizes_and_limits_parse() {
+        assert_eq!(Limit::parse("90%"), Ok(Limit::Fraction(0.9)));
+        assert_eq!(Limit::parse("48GiB"), Ok(Limit::Bytes(48 << 30)));
+        assert_eq!(Limit::parse("700 MiB"), Ok(Limit::Bytes(700 << 20)));
+        assert_eq!(Limit::parse("1.5GB"), Ok(Limit::Bytes(1_500_000_000)));
+        assert_eq!(Limit::parse("4096"), Ok(Limit::Bytes(4096)));
+        for bad in ["0%", "120%", "lots", "-1GiB", "3 parsecs", ""] {
+            assert!(Limit::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Limit::Fraction(0.5).resolve(1000), 500);
+    }
+
+    #[test]
+    fn meminfo_is_read_in_bytes() {
+        let m = parse_meminfo(
+            "MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   20000000 kB\n",
+        );
+        assert_eq!(m.total, 24_000_000 * 1024);
+        assert_eq!(m.available, 20_000_000 * 1024);
+    }
+
+    #[test]
+    fn it_fits_or_evicts_idle_least_recently_used_first() {
+        let cap = 1000 << 20;
+        let loaded = [r("a", 300, false, false, 10), r("b", 300, false, false, 50)];
+        assert_eq!(plan(cap, "c", 400, &loaded), Plan::Admit);
+        // 300 + 300 + 500 > 1000: one must go, the one idle longest.
+        assert_eq!(
+            plan(cap, "c", 500 << 20, &loaded),
+            Plan::Evict(vec!["b".into()])
+        );
+        assert_eq!(
+            plan(cap, "c", 900 << 20, &loaded),
+            Plan::Evict(vec!["b".into(), "a".into()])
+        );
+    }
+
+    #[test]
+    fn busy_models_go_after_idle_ones_and_pinned_never() {
+        let cap = 1000 << 20;
+        let loaded = [
+            r("busy", 300, false, true, 500),
+            r("idle", 300, false, false, 1),
+            r("pinned", 300, true, false, 900),
+        ];
+        assert_eq!(
+            plan(cap, "c", 400 << 20, &loaded),
+            Plan::Evict(vec!["idle".into()])
+        );
+        assert_eq!(
+            plan(cap, "c", 700 << 20, &loaded),
+            Plan::Evict(vec!["idle".into(), "busy".into()])
+        );
+        let Plan::Refuse(why) = plan(cap, "c", 800 << 20, &loaded) else {
+            panic!("the pinned model cannot be evicted")
+        };
+        assert!(why.contains("'pinned' 300 MiB (pinned)"), "{why}");
+        assert!(
+            why.contains("needs 800 MiB") && why.contains("the cap is 1000 MiB"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_model_larger_than_the_cap_is_refused_with_numbers() {
+        let Plan::Refuse(why) = plan(1 << 30, "huge", 2 << 30, &[]) else {
+            panic!()
+        };
+        assert_eq!(
+            why,
+            "not enough memory for 'huge': it needs 2.0 GiB, the cap is 1.0 GiB, and loaded are nothing"
+        );
+        // Its own previous footprint does not count against it.
+        assert_eq!(
+            plan(1 << 30, "m", 900 << 20, &[r("m", 900, false, false, 0)]),
+            Plan::Admit
+        );
+    }
+
+    #[test]
+    fn the_kv_estimate_follows_the_config() {
+        let smollm2 = serde_json::json!({
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "hidden_size": 576, "max_position_embeddings": 8192
+        });
+        // 2 × 30 layers × 3 heads × 64 dims × 4 bytes = 46,080 bytes per token.
+        assert_eq!(kv_bytes(&smollm2, 1), 46_080 * 8192);
+        let mut q4 = smollm2.clone();
+        q4["quantization"] = serde_json::json!({"bits": 4});
+        assert_eq!(kv_bytes(&q4, 2), 23_040 * 8192 * 2);
+    }
+}

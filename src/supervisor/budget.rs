@@ -1,0 +1,187 @@
+//! The memory arbiter: one task that admits loads against the budget, one at a
+//! time, so that two loads never count the same free memory. It asks the other
+//! slots what they hold, plans with `memory::plan`, evicts (each victim drains
+//! first, never cut off), and answers the slot that asked.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::slot::{Command, SlotInfo};
+use crate::config::Config;
+use crate::memory::{self, human, Plan, Probe, Resident};
+
+/// A slot's request to load `model`, which needs `need` bytes.
+pub struct Admit {
+    pub model: String,
+    pub need: u64,
+    pub reply: oneshot::Sender<Result<(), String>>,
+}
+
+pub type Slots = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>>;
+
+#[derive(Clone)]
+pub struct Budget {
+    cfg: Arc<Config>,
+    probe: Arc<dyn Probe>,
+    slots: Slots,
+}
+
+/// `GET /admin/memory`.
+#[derive(Debug, Serialize)]
+pub struct MemoryReport {
+    pub cap_bytes: u64,
+    pub shed_bytes: u64,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    /// What the workers use together (their footprints).
+    pub used_bytes: u64,
+    pub footprint_source: &'static str,
+    pub models: Vec<ModelMemory>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelMemory {
+    pub model: String,
+    pub state: String,
+    pub footprint_bytes: u64,
+    pub estimate_bytes: u64,
+    pub pinned: bool,
+    /// Unix time of its last request.
+    pub last_used: Option<u64>,
+    pub inflight: usize,
+}
+
+/// How many plan → evict rounds one load may take before it gives up.
+const ROUNDS: usize = 4;
+
+impl Budget {
+    pub fn new(cfg: Arc<Config>, probe: Arc<dyn Probe>, slots: Slots) -> Budget {
+        Budget { cfg, probe, slots }
+    }
+
+    pub fn probe(&self) -> &Arc<dyn Probe> {
+        &self.probe
+    }
+
+    /// Starts the arbiter; loads are admitted in the order they ask.
+    pub fn spawn(&self) -> mpsc::UnboundedSender<Admit> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Admit>();
+        let budget = self.clone();
+        tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                let result = budget.admit(&req.model, req.need).await;
+                match &result {
+                    Ok(()) => {
+                        tracing::info!(model = %req.model, need = %human(req.need), "load admitted")
+                    }
+                    Err(why) => tracing::warn!(model = %req.model, "load refused: {why}"),
+                }
+                let _ = req.reply.send(result);
+            }
+        });
+        tx
+    }
+
+    pub fn cap(&self) -> u64 {
+        self.cfg.memory_cap.resolve(self.probe.system().total)
+    }
+
+    async fn infos(&self) -> Vec<(mpsc::UnboundedSender<Command>, SlotInfo)> {
+        let slots: Vec<_> = self.slots.lock().expect("lock").values().cloned().collect();
+        let mut out = Vec::new();
+        for slot in slots {
+            let (reply, rx) = oneshot::channel();
+            if slot.send(Command::Info(reply)).is_ok() {
+                if let Ok(info) = rx.await {
+                    out.push((slot, info));
+                }
+            }
+        }
+        out
+    }
+
+    async fn admit(&self, model: &str, need: u64) -> Result<(), String> {
+        for _ in 0..ROUNDS {
+            let infos = self.infos().await;
+            let residents: Vec<Resident> = infos.iter().filter_map(|(_, i)| resident(i)).collect();
+            let victims = match memory::plan(self.cap(), model, need, &residents) {
+                Plan::Admit => return Ok(()),
+                Plan::Refuse(why) => return Err(why),
+                Plan::Evict(victims) => victims,
+            };
+            tracing::info!(%model, ?victims, "evicting to make room");
+            let mut waits = Vec::new();
+            for (slot, info) in &infos {
+                if victims.contains(&info.model) {
+                    let (reply, rx) = oneshot::channel();
+                    let reason =
+                        format!("'{}' was unloaded to make room for '{model}'", info.model);
+                    if slot.send(Command::Evict { reason, reply }).is_ok() {
+                        waits.push(rx);
+                    }
+                }
+            }
+            // A victim with requests in flight finishes them first: this may take
+            // as long as they do.
+            futures::future::join_all(waits).await;
+            // Its process is gone; the kernel may take a moment to give memory back.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!(
+            "could not make room for '{model}' ({} needed)",
+            human(need)
+        ))
+    }
+
+    pub async fn report(&self) -> MemoryReport {
+        let system = self.probe.system();
+        let models: Vec<ModelMemory> = self
+            .infos()
+            .await
+            .into_iter()
+            .map(|(_, i)| i)
+            .filter(|i| i.state != "stopped")
+            .map(|i| ModelMemory {
+                model: i.model,
+                state: i.state,
+                footprint_bytes: i.footprint_bytes,
+                estimate_bytes: i.estimate_bytes,
+                pinned: i.pinned,
+                last_used: i.last_used,
+                inflight: i.inflight,
+            })
+            .collect();
+        let used = models.iter().map(|m| m.footprint_bytes).sum();
+        metrics::gauge!("mlxd_memory_used_bytes").set(used as f64);
+        MemoryReport {
+            cap_bytes: self.cfg.memory_cap.resolve(system.total),
+            shed_bytes: self.cfg.memory_shed.resolve(system.total),
+            total_bytes: system.total,
+            available_bytes: system.available,
+            used_bytes: used,
+            footprint_source: memory::FOOTPRINT_SOURCE,
+            models,
+        }
+    }
+}
+
+/// A slot that holds (or is about to hold) memory, as the planner sees it.
+fn resident(i: &SlotInfo) -> Option<Resident> {
+    let bytes = match i.state.as_str() {
+        "stopped" | "backoff" | "failed" => return None,
+        // A load in progress will grow to its estimate.
+        "starting" => i.footprint_bytes.max(i.estimate_bytes),
+        _ => i.footprint_bytes,
+    };
+    Some(Resident {
+        model: i.model.clone(),
+        bytes,
+        pinned: i.pinned,
+        busy: i.inflight + i.queued > 0,
+        idle: Duration::from_secs_f64(i.idle_s.max(0.0)),
+    })
+}
