@@ -63,6 +63,7 @@ pub fn spawn_daemon(env: &[(&str, &str)]) -> Daemon {
     }
 }
 
+#[allow(dead_code)]
 pub fn daemon() -> &'static Daemon {
     static DAEMON: OnceLock<Daemon> = OnceLock::new();
     DAEMON.get_or_init(|| spawn_daemon(&[]))
