@@ -31,6 +31,10 @@ pub enum Error {
     NotAllowed(String),
     #[error("'{model}' is at capacity: {queued} requests are already waiting; retry shortly")]
     Overloaded { model: String, queued: usize },
+    #[error(
+        "memory is above the shed mark: '{0}' takes no new requests until it falls; retry shortly"
+    )]
+    MemoryPressure(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -50,7 +54,8 @@ impl Error {
             }
             Error::WorkerUnavailable { .. }
             | Error::WorkerFailed { .. }
-            | Error::Overloaded { .. } => Source::Worker,
+            | Error::Overloaded { .. }
+            | Error::MemoryPressure(_) => Source::Worker,
             Error::Internal(_) => Source::Daemon,
         }
     }
@@ -60,9 +65,9 @@ impl Error {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Error::NotAllowed(_) => StatusCode::FORBIDDEN,
-            Error::WorkerUnavailable { .. } | Error::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::WorkerUnavailable { .. }
+            | Error::Overloaded { .. }
+            | Error::MemoryPressure(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -77,6 +82,7 @@ impl Error {
             Error::WorkerUnavailable { .. } => "worker_unavailable",
             Error::WorkerFailed { .. } => "worker_failed",
             Error::Overloaded { .. } => "model_overloaded",
+            Error::MemoryPressure(_) => "memory_pressure",
             Error::Internal(_) => "internal_error",
         }
     }

@@ -150,3 +150,71 @@ async fn the_budget_evicts_drains_keeps_pins_and_refuses_with_numbers() {
         "{out}"
     );
 }
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Above the shed mark (MLXD_MEMORY_SHED below one model's footprint), a stream in
+/// flight carries on to its end, new requests get 503 memory_pressure with
+/// Retry-After, and the worker is told to give MLX's cache back.
+#[tokio::test(flavor = "multi_thread")]
+async fn above_the_shed_mark_new_requests_are_refused_and_streams_finish() {
+    let d = spawn_daemon(&[("MLXD_MEMORY_SHED", "300MiB")]);
+    let url = format!("{}/v1/chat/completions", d.url);
+    let mut stream = reqwest::Client::new()
+        .post(&url)
+        .json(&ask("mem-a", 30, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut body = String::from_utf8_lossy(&stream.chunk().await.unwrap().unwrap()).into_owned();
+    let metrics_url = format!("{}/metrics", d.url);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "mlxd_memory_shedding",
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "never shed with a 300 MiB mark");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&ask("mem-a", 4, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "memory_pressure", "{v}");
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        body.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        body.trim_end().ends_with("data: [DONE]"),
+        "the stream in flight was cut: {body}"
+    );
+    let text = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(&text, "mlxd_worker_cache_clears_total{model=\"mem-a\"}") >= 1.0,
+        "the worker was not asked to clear its cache"
+    );
+    assert!(d.shut_down().success());
+}

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("stdin closed: the daemon is gone, exiting")
             break
         kind, _flags, payload = frame
-        if kind in (frames.LOAD, frames.GENERATE, frames.CANCEL):
+        if kind in (frames.LOAD, frames.GENERATE, frames.CANCEL, frames.CLEAR_CACHE):
             engine.submit(kind, payload)
         elif kind == frames.SHUTDOWN:
             log.info("shutdown requested")

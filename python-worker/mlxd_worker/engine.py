@@ -173,6 +173,15 @@ class Engine:
         if kind == frames.CANCEL:
             self._cancel(frames.decode_cancel(item))
             return
+        if kind == frames.CLEAR_CACHE:
+            # The daemon is short of memory: hand MLX's buffer cache back (on the
+            # engine thread, which owns MLX); sequences in flight carry on.
+            import mlx.core as mx
+
+            before = mx.get_cache_memory()
+            mx.clear_cache()
+            log.info("cleared MLX's cache (%d MiB) at the daemon's request", before >> 20)
+            return
         req = item if kind == frames.GENERATE else json.loads(item)
         try:
             if kind == frames.LOAD:
@@ -196,6 +205,14 @@ class Engine:
         options = req.get("options") or {}
         self.flush_policy = FlushPolicy.from_options(options)
         self.faults = Faults.from_options(options)
+        limit = options.get("memory_limit")
+        if limit:
+            # This worker's share of the daemon's budget: MLX frees its cache and
+            # then fails an allocation past it instead of pushing the machine to swap.
+            import mlx.core as mx
+
+            mx.set_memory_limit(int(limit))
+            log.info("MLX memory limit %d MiB", int(limit) >> 20)
         self.faults.in_load()
         self.backend.load(req["model_path"], options)
         self._warm_up()

@@ -27,6 +27,7 @@ DONE = 7
 ERROR = 8
 STATS = 9
 SHUTDOWN = 10
+CLEAR_CACHE = 11
 
 KINDS: dict[str, int] = {
     "PADDING": PADDING,
@@ -40,6 +41,7 @@ KINDS: dict[str, int] = {
     "ERROR": ERROR,
     "STATS": STATS,
     "SHUTDOWN": SHUTDOWN,
+    "CLEAR_CACHE": CLEAR_CACHE,
 }
 
 _ENTRY = struct.Struct("<QII")

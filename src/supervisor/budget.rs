@@ -4,6 +4,7 @@
 //! first, never cut off), and answers the slot that asked.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,11 +15,12 @@ use super::slot::{Command, SlotInfo};
 use crate::config::Config;
 use crate::memory::{self, human, Plan, Probe, Resident};
 
-/// A slot's request to load `model`, which needs `need` bytes.
+/// A slot's request to load `model`, which needs `need` bytes. The answer is the
+/// share of the budget the worker may grow to (its MLX memory limit), or why not.
 pub struct Admit {
     pub model: String,
     pub need: u64,
-    pub reply: oneshot::Sender<Result<(), String>>,
+    pub reply: oneshot::Sender<Result<u64, String>>,
 }
 
 pub type Slots = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Command>>>>;
@@ -28,7 +30,12 @@ pub struct Budget {
     cfg: Arc<Config>,
     probe: Arc<dyn Probe>,
     slots: Slots,
+    /// Above the shed mark: new generation requests are refused.
+    shedding: Arc<AtomicBool>,
 }
+
+/// How often the shedding watch looks at memory.
+const WATCH: Duration = Duration::from_millis(500);
 
 /// `GET /admin/memory`.
 #[derive(Debug, Serialize)]
@@ -60,24 +67,46 @@ const ROUNDS: usize = 4;
 
 impl Budget {
     pub fn new(cfg: Arc<Config>, probe: Arc<dyn Probe>, slots: Slots) -> Budget {
-        Budget { cfg, probe, slots }
+        Budget {
+            cfg,
+            probe,
+            slots,
+            shedding: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether memory is above the shed mark right now.
+    pub fn shedding(&self) -> bool {
+        self.shedding.load(Ordering::Relaxed)
     }
 
     pub fn probe(&self) -> &Arc<dyn Probe> {
         &self.probe
     }
 
-    /// Starts the arbiter; loads are admitted in the order they ask.
+    /// Starts the arbiter (loads are admitted in the order they ask) and the
+    /// shedding watch.
     pub fn spawn(&self) -> mpsc::UnboundedSender<Admit> {
+        let watch = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(WATCH);
+            loop {
+                tick.tick().await;
+                watch.watch().await;
+            }
+        });
         let (tx, mut rx) = mpsc::unbounded_channel::<Admit>();
         let budget = self.clone();
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
                 let result = budget.admit(&req.model, req.need).await;
                 match &result {
-                    Ok(()) => {
-                        tracing::info!(model = %req.model, need = %human(req.need), "load admitted")
-                    }
+                    Ok(limit) => tracing::info!(
+                        model = %req.model,
+                        need = %human(req.need),
+                        limit = %human(*limit),
+                        "load admitted"
+                    ),
                     Err(why) => tracing::warn!(model = %req.model, "load refused: {why}"),
                 }
                 let _ = req.reply.send(result);
@@ -104,12 +133,44 @@ impl Budget {
         out
     }
 
-    async fn admit(&self, model: &str, need: u64) -> Result<(), String> {
+    /// Above the shed mark (the workers together, or the whole machine): refuse new
+    /// requests and ask every worker to give its cache back, once per episode.
+    async fn watch(&self) {
+        let report = self.report().await;
+        let machine_used = report.total_bytes.saturating_sub(report.available_bytes);
+        let over = report.used_bytes > report.shed_bytes || machine_used > report.shed_bytes;
+        let was = self.shedding.swap(over, Ordering::Relaxed);
+        metrics::gauge!("mlxd_memory_shedding").set(if over { 1.0 } else { 0.0 });
+        if over && !was {
+            tracing::warn!(
+                used = %human(report.used_bytes),
+                machine_used = %human(machine_used),
+                shed = %human(report.shed_bytes),
+                "memory above the shed mark: refusing new requests, clearing caches"
+            );
+            let slots: Vec<_> = self.slots.lock().expect("lock").values().cloned().collect();
+            for slot in slots {
+                let _ = slot.send(Command::ClearCache);
+            }
+        } else if was && !over {
+            tracing::info!("memory back under the shed mark");
+        }
+    }
+
+    async fn admit(&self, model: &str, need: u64) -> Result<u64, String> {
         for _ in 0..ROUNDS {
             let infos = self.infos().await;
             let residents: Vec<Resident> = infos.iter().filter_map(|(_, i)| resident(i)).collect();
-            let victims = match memory::plan(self.cap(), model, need, &residents) {
-                Plan::Admit => return Ok(()),
+            let cap = self.cap();
+            let victims = match memory::plan(cap, model, need, &residents) {
+                Plan::Admit => {
+                    let others: u64 = residents
+                        .iter()
+                        .filter(|r| r.model != model)
+                        .map(|r| r.bytes)
+                        .sum();
+                    return Ok(cap.saturating_sub(others));
+                }
                 Plan::Refuse(why) => return Err(why),
                 Plan::Evict(victims) => victims,
             };

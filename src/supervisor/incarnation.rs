@@ -122,6 +122,7 @@ impl Incarnation {
         n: u64,
         preset: &Preset,
         cfg: &Config,
+        memory_limit: u64,
         registry: Arc<ShmRegistry>,
         reports: ReportTx,
     ) -> Result<Incarnation, String> {
@@ -308,10 +309,14 @@ impl Incarnation {
             writer,
             heartbeat,
         };
+        let mut options = preset.worker_options();
+        if memory_limit > 0 {
+            options["memory_limit"] = memory_limit.into();
+        }
         inc.send(Frame::Load(Load {
             model_path: model_path.to_string_lossy().into_owned(),
             model_name: preset.name.clone(),
-            options: preset.worker_options(),
+            options,
         }));
         Ok(inc)
     }

@@ -79,6 +79,15 @@ impl Supervisor {
         }
     }
 
+    /// New requests are refused while memory is above the shed mark (those in
+    /// flight carry on).
+    fn check_memory(&self, model: &str) -> Result<()> {
+        if self.budget.shedding() {
+            return Err(Error::MemoryPressure(model.to_string()));
+        }
+        Ok(())
+    }
+
     /// The memory budget: cap, shed mark, machine, and what each model holds.
     pub async fn memory(&self) -> MemoryReport {
         self.budget.report().await
@@ -136,6 +145,7 @@ impl Supervisor {
         keep_alive: Option<KeepAlive>,
     ) -> Result<GenStream> {
         let preset = self.preset(model)?;
+        self.check_memory(&preset.name)?;
         let slot = self.slot(preset);
         let (tx, rx) = mpsc::unbounded_channel();
         let name = preset.name.clone();
@@ -156,6 +166,7 @@ impl Supervisor {
     /// HTTP on (the `http` transport).
     pub async fn lease(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Lease> {
         let preset = self.preset(model)?;
+        self.check_memory(&preset.name)?;
         let slot = self.slot(preset);
         let (reply, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

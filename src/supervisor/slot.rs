@@ -55,11 +55,13 @@ pub enum Command {
         reason: String,
         reply: oneshot::Sender<bool>,
     },
-    /// The arbiter's answer to incarnation `n`'s load.
+    /// The arbiter's answer to incarnation `n`'s load: its memory limit, or why not.
     Admitted {
         n: u64,
-        result: Result<(), String>,
+        result: Result<u64, String>,
     },
+    /// Memory is short: the worker gives MLX's cache back.
+    ClearCache,
     Info(oneshot::Sender<SlotInfo>),
     /// Daemon shutdown: refuse everything, stop the worker, end the task.
     Shutdown(oneshot::Sender<()>),
@@ -115,6 +117,7 @@ pub struct SlotInfo {
 /// What the slot tells `/metrics` about itself.
 struct SlotMetrics {
     footprint: Gauge,
+    cache_clears: Counter,
     queue_depth: Gauge,
     rejected: Counter,
     restarts: Counter,
@@ -181,6 +184,7 @@ impl Slot {
         let slot = Slot {
             metrics: SlotMetrics {
                 footprint: metrics::gauge!("mlxd_worker_footprint_bytes", "model" => label.clone()),
+                cache_clears: metrics::counter!("mlxd_worker_cache_clears_total", "model" => label.clone()),
                 queue_depth: metrics::gauge!("mlxd_queue_depth", "model" => label.clone()),
                 rejected: metrics::counter!("mlxd_requests_rejected_total", "model" => label.clone()),
                 restarts: metrics::counter!("mlxd_worker_restarts_total", "model" => label.clone()),
@@ -290,10 +294,10 @@ impl Slot {
                                 let _ = me.send(Command::Admitted { n, result });
                             });
                         } else {
-                            let _ = me.send(Command::Admitted { n, result: Ok(()) });
+                            let _ = me.send(Command::Admitted { n, result: Ok(0) });
                         }
                     }
-                    None => self.start_incarnation(n),
+                    None => self.start_incarnation(n, 0),
                 }
             }
             Effect::Shutdown | Effect::Kill
@@ -337,12 +341,13 @@ impl Slot {
         }
     }
 
-    /// Spawns incarnation `n` (memory admitted).
-    fn start_incarnation(&mut self, n: u64) {
+    /// Spawns incarnation `n`, memory admitted up to `limit` bytes (0: no limit).
+    fn start_incarnation(&mut self, n: u64, limit: u64) {
         let spawned = Incarnation::spawn(
             n,
             &self.preset,
             &self.cfg,
+            limit,
             self.registry.clone(),
             self.report_tx.clone(),
         );
@@ -509,8 +514,14 @@ impl Slot {
                 }
                 self.awaiting = None;
                 match result {
-                    Ok(()) => self.start_incarnation(n),
+                    Ok(limit) => self.start_incarnation(n, limit),
                     Err(why) => self.feed(Event::Refused(why)),
+                }
+            }
+            Command::ClearCache => {
+                if let Some(inc) = &self.current {
+                    inc.send(Frame::ClearCache);
+                    self.metrics.cache_clears.increment(1);
                 }
             }
             Command::Info(reply) => {

@@ -31,11 +31,13 @@ pub enum Kind {
     Error = 8,
     Stats = 9,
     Shutdown = 10,
+    /// Daemon → worker: give MLX's buffer cache back to the system (memory pressure).
+    ClearCache = 11,
 }
 
 impl Kind {
     /// Every kind, for drift checks against the pure-Python codec.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Padding,
         Kind::Hello,
         Kind::Load,
@@ -47,6 +49,7 @@ impl Kind {
         Kind::Error,
         Kind::Stats,
         Kind::Shutdown,
+        Kind::ClearCache,
     ];
 
     pub fn from_u16(v: u16) -> Option<Kind> {
@@ -67,6 +70,7 @@ impl Kind {
             Kind::Error => "ERROR",
             Kind::Stats => "STATS",
             Kind::Shutdown => "SHUTDOWN",
+            Kind::ClearCache => "CLEAR_CACHE",
         }
     }
 }
@@ -253,6 +257,7 @@ pub enum Frame {
     Error(ErrorFrame),
     Stats(Stats),
     Shutdown,
+    ClearCache,
 }
 
 impl Frame {
@@ -268,6 +273,7 @@ impl Frame {
             Frame::Error(_) => Kind::Error,
             Frame::Stats(_) => Kind::Stats,
             Frame::Shutdown => Kind::Shutdown,
+            Frame::ClearCache => Kind::ClearCache,
         }
     }
 
@@ -286,7 +292,7 @@ impl Frame {
             Frame::Stats(v) => json(out, v),
             Frame::Cancel { id } => out.extend_from_slice(&id.to_le_bytes()),
             Frame::TokenBatch(b) => encode_token_batch(&b.entries, out),
-            Frame::Shutdown => {}
+            Frame::Shutdown | Frame::ClearCache => {}
         }
     }
 
@@ -329,6 +335,7 @@ impl Frame {
             }
             Kind::TokenBatch => Frame::TokenBatch(decode_token_batch(payload)?),
             Kind::Shutdown => Frame::Shutdown,
+            Kind::ClearCache => Frame::ClearCache,
             Kind::Padding => return Err(FrameError::Unexpected(kind)),
         })
     }
@@ -555,6 +562,7 @@ mod tests {
             ..Default::default()
         }));
         roundtrip(Frame::Shutdown);
+        roundtrip(Frame::ClearCache);
     }
 
     #[test]
