@@ -29,4 +29,5 @@ pub mod metrics;
 pub mod presets;
 pub mod serve;
 pub mod supervisor;
+mod sys;
 pub mod transport;

@@ -91,11 +91,11 @@ pub struct OsProbe;
 
 impl Probe for OsProbe {
     fn system(&self) -> SystemMemory {
-        os::system()
+        crate::sys::system()
     }
 
     fn footprint(&self, pid: u32) -> Option<u64> {
-        os::footprint(pid)
+        crate::sys::footprint(pid)
     }
 }
 
@@ -106,130 +106,6 @@ pub const FOOTPRINT_SOURCE: &str = if cfg!(target_os = "macos") {
     "/proc/<pid>/smaps_rollup Pss"
 };
 
-#[cfg(target_os = "linux")]
-mod os {
-    use super::SystemMemory;
-
-    pub fn system() -> SystemMemory {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let mut m = super::parse_meminfo(&meminfo);
-        if let Some(limit) = cgroup_limit() {
-            if limit < m.total {
-                let used = cgroup_usage().unwrap_or(0);
-                m.total = limit;
-                m.available = m.available.min(limit.saturating_sub(used));
-            }
-        }
-        m
-    }
-
-    /// This process's cgroup v2 directory.
-    fn cgroup_dir() -> Option<std::path::PathBuf> {
-        let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-        Some(std::path::Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/')))
-    }
-
-    fn cgroup_limit() -> Option<u64> {
-        let text = std::fs::read_to_string(cgroup_dir()?.join("memory.max")).ok()?;
-        text.trim().parse().ok() // "max" (no limit) does not parse
-    }
-
-    fn cgroup_usage() -> Option<u64> {
-        let text = std::fs::read_to_string(cgroup_dir()?.join("memory.current")).ok()?;
-        text.trim().parse().ok()
-    }
-
-    pub fn footprint(pid: u32) -> Option<u64> {
-        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
-            if let Some(pss) = super::kib_field(&text, "Pss:") {
-                return Some(pss);
-            }
-        }
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        super::kib_field(&status, "VmRSS:")
-    }
-}
-
-#[cfg(target_os = "macos")]
-mod os {
-    use super::SystemMemory;
-
-    pub fn system() -> SystemMemory {
-        let mut total: u64 = 0;
-        let mut len = std::mem::size_of::<u64>();
-        // SAFETY: "hw.memsize" is a NUL-terminated name; `total` is a u64 and `len`
-        // says so; no new value is set (null, 0).
-        let rc = unsafe {
-            libc::sysctlbyname(
-                c"hw.memsize".as_ptr(),
-                (&mut total as *mut u64).cast(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if rc != 0 {
-            total = 0;
-        }
-        SystemMemory {
-            total,
-            available: available().unwrap_or(0),
-        }
-    }
-
-    /// Free + inactive + purgeable pages (what can be had without swapping).
-    fn available() -> Option<u64> {
-        // SAFETY: zeroed is a valid vm_statistics64 (plain integers).
-        let mut stats: libc::vm_statistics64 = unsafe { std::mem::zeroed() };
-        let mut count = libc::HOST_VM_INFO64_COUNT;
-        // SAFETY: `stats` is large enough for HOST_VM_INFO64_COUNT integers, which
-        // `count` says; mach_host_self() needs no cleanup for this use.
-        let rc = unsafe {
-            libc::host_statistics64(
-                libc::mach_host_self(),
-                libc::HOST_VM_INFO64,
-                (&mut stats as *mut libc::vm_statistics64).cast(),
-                &mut count,
-            )
-        };
-        if rc != 0 {
-            return None;
-        }
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-        let pages =
-            stats.free_count as u64 + stats.inactive_count as u64 + stats.purgeable_count as u64;
-        Some(pages * page)
-    }
-
-    pub fn footprint(pid: u32) -> Option<u64> {
-        // SAFETY: zeroed is a valid rusage_info_v4 (plain integers).
-        let mut info: libc::rusage_info_v4 = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is a rusage_info_v4, which RUSAGE_INFO_V4 asks the kernel to
-        // fill; the pointer cast is the documented calling convention.
-        let rc = unsafe {
-            libc::proc_pid_rusage(
-                pid as i32,
-                libc::RUSAGE_INFO_V4,
-                (&mut info as *mut libc::rusage_info_v4).cast(),
-            )
-        };
-        (rc == 0).then_some(info.ri_phys_footprint)
-    }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "macos")))]
-mod os {
-    pub fn system() -> super::SystemMemory {
-        super::SystemMemory::default()
-    }
-
-    pub fn footprint(_pid: u32) -> Option<u64> {
-        None
-    }
-}
-
 /// MemTotal and MemAvailable from /proc/meminfo.
 pub fn parse_meminfo(text: &str) -> SystemMemory {
     SystemMemory {
@@ -239,7 +115,7 @@ pub fn parse_meminfo(text: &str) -> SystemMemory {
 }
 
 /// A "Name:   123 kB" field in bytes.
-fn kib_field(text: &str, name: &str) -> Option<u64> {
+pub fn kib_field(text: &str, name: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(name))?;
     let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
     Some(kib * 1024)
