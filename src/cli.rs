@@ -16,10 +16,13 @@ fn client() -> reqwest::Client {
 
 async fn admin(cfg: &Config, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
     let url = format!("{}/admin/{path}", cfg.base_url());
-    let req = match body {
+    let mut req = match body {
         Some(b) => client().post(&url).json(&b),
         None => client().get(&url),
     };
+    if let Some(key) = cfg.api_keys.first() {
+        req = req.bearer_auth(key);
+    }
     let resp = req.send().await.with_context(|| {
         format!(
             "no mlxd daemon at {} (start one with `mlxd serve`)",

@@ -29,6 +29,19 @@ pub struct FileConfig {
     /// Models (preset names) that a request may load. Absent: any preset. Others
     /// are served only while `mlxd start` keeps them running.
     pub allow_models: Option<Vec<String>>,
+    /// API keys; a request must carry one (`Authorization: Bearer KEY` or
+    /// `x-api-key: KEY`) on every route but /healthz. Env MLXD_API_KEY adds one
+    /// (comma-separated for several). Required to bind beyond loopback.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Host names requests may be addressed to, besides localhost, 127.0.0.1, ::1
+    /// and the bound address (against DNS rebinding).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Origins (e.g. "http://localhost:3000") whose web pages may call the API;
+    /// empty by default. "*", "null" and "file://" are refused.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
     /// What all workers together may use: a share of physical memory ("90%", the
     /// default) or a size ("48GiB"). Env MLXD_MEMORY_CAP overrides.
     pub memory_cap: Option<String>,
@@ -50,6 +63,12 @@ pub struct Config {
     pub worker_dir: PathBuf,
     /// See `FileConfig::allow_models`.
     pub allow_models: Option<Vec<String>>,
+    /// See `FileConfig::api_keys` (with MLXD_API_KEY's).
+    pub api_keys: Vec<String>,
+    /// See `FileConfig::allowed_hosts`.
+    pub allowed_hosts: Vec<String>,
+    /// See `FileConfig::allowed_origins`.
+    pub allowed_origins: Vec<String>,
     /// See `FileConfig::memory_cap`.
     pub memory_cap: Limit,
     /// See `FileConfig::memory_shed`.
@@ -129,7 +148,31 @@ impl Config {
         };
         let memory_cap = limit("MLXD_MEMORY_CAP", file.memory_cap, "90%")?;
         let memory_shed = limit("MLXD_MEMORY_SHED", file.memory_shed, "95%")?;
+        let mut api_keys = file.api_keys;
+        if let Some(k) = env("MLXD_API_KEY") {
+            api_keys.extend(
+                k.to_string_lossy()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        anyhow::ensure!(
+            api_keys.iter().all(|k| k.len() >= 8),
+            "API keys must be at least 8 characters"
+        );
+        for origin in &file.allowed_origins {
+            let o = origin.trim().to_ascii_lowercase();
+            anyhow::ensure!(
+                o != "*" && o != "null" && !o.starts_with("file:") && o.contains("://"),
+                "allowed_origins: {origin:?} is not allowed (name each origin, e.g. \"http://localhost:3000\")"
+            );
+        }
         Ok(Config {
+            api_keys,
+            allowed_hosts: file.allowed_hosts,
+            allowed_origins: file.allowed_origins,
             memory_cap,
             memory_shed,
             host: file.host.unwrap_or_else(|| "127.0.0.1".into()),
@@ -199,5 +242,17 @@ mod tests {
         );
         let bad: FileConfig = toml::from_str("memory_cap = \"lots\"").unwrap();
         assert!(Config::resolve("/h".into(), bad, |_| None).is_err());
+        let c = Config::resolve("/h".into(), FileConfig::default(), |k| {
+            (k == "MLXD_API_KEY").then(|| "first-key, second-key".into())
+        })
+        .unwrap();
+        assert_eq!(c.api_keys, ["first-key", "second-key"]);
+        for origins in ["[\"*\"]", "[\"null\"]", "[\"file://\"]"] {
+            let f: FileConfig = toml::from_str(&format!("allowed_origins = {origins}")).unwrap();
+            assert!(
+                Config::resolve("/h".into(), f, |_| None).is_err(),
+                "{origins}"
+            );
+        }
     }
 }

@@ -19,7 +19,7 @@ struct Cli {
 enum Cmd {
     /// Run the daemon.
     Serve {
-        /// Address to bind (loopback unless --allow-remote).
+        /// Address to bind (loopback unless an API key is configured).
         #[arg(long)]
         host: Option<String>,
         /// Start these models right away.
@@ -28,9 +28,6 @@ enum Cmd {
         /// Extra directory of preset TOML files (repeatable).
         #[arg(long = "presets-dir")]
         presets_dirs: Vec<PathBuf>,
-        /// Bind a non-loopback address (there is no authentication yet).
-        #[arg(long)]
-        allow_remote: bool,
         /// Exit when stdin closes (for test harnesses).
         #[arg(long, hide = true)]
         exit_on_stdin_eof: bool,
@@ -81,7 +78,6 @@ async fn main() -> anyhow::Result<()> {
             host,
             models,
             presets_dirs,
-            allow_remote,
             exit_on_stdin_eof,
         } => {
             if let Some(h) = host {
@@ -93,7 +89,6 @@ async fn main() -> anyhow::Result<()> {
                     preload: models,
                     presets_dirs,
                     exit_on_stdin_eof,
-                    allow_remote,
                 },
             )
             .await

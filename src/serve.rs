@@ -22,7 +22,6 @@ pub struct ServeOptions {
     /// Exit when stdin closes: tests use it so that a dead test runner never leaves
     /// a daemon behind (the same lifeline the workers have).
     pub exit_on_stdin_eof: bool,
-    pub allow_remote: bool,
 }
 
 /// The first line `mlxd serve` prints on stdout, before the URL it serves on;
@@ -40,8 +39,8 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("bad host {}", cfg.host))?;
     anyhow::ensure!(
-        ip.is_loopback() || opts.allow_remote,
-        "refusing to bind {ip}: mlxd has no authentication yet; pass --allow-remote to expose it anyway"
+        ip.is_loopback() || !cfg.api_keys.is_empty(),
+        "refusing to bind {ip} without an API key: set MLXD_API_KEY or api_keys in the config"
     );
     let metrics = crate::metrics::install();
     cfg.presets_dirs.extend(opts.presets_dirs);
@@ -58,6 +57,8 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot bind {ip}:{}", cfg.port))?;
     let addr = listener.local_addr()?;
+    let guard =
+        crate::api::guard::Guard::new(ip, &cfg.allowed_hosts, &cfg.allowed_origins, &cfg.api_keys);
     let supervisor = Arc::new(Supervisor::new(cfg, presets, registry));
     // Tests and scripts read this line to learn the port (with --port 0).
     println!("{LISTENING}http://{addr}");
@@ -70,11 +71,14 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
             }
         });
     }
-    let app = router(AppState {
-        supervisor: supervisor.clone(),
-        metrics: metrics.clone(),
-        http: reqwest::Client::builder().no_proxy().build()?,
-    });
+    let app = router(
+        AppState {
+            supervisor: supervisor.clone(),
+            metrics: metrics.clone(),
+            http: reqwest::Client::builder().no_proxy().build()?,
+        },
+        guard,
+    );
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
         axum::serve(listener, app)

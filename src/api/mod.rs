@@ -2,6 +2,7 @@
 //! client's dialect and the internal request; they never decide policy.
 
 pub mod admin;
+pub mod guard;
 pub mod openai;
 
 use std::sync::Arc;
@@ -23,23 +24,51 @@ pub struct AppState {
     pub http: reqwest::Client,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::models))
-        .route("/metrics", get(render_metrics))
-        .route("/admin/ps", get(admin::ps))
-        .route("/admin/memory", get(admin::memory))
-        .route("/admin/start", post(admin::start))
-        .route("/admin/restart", post(admin::restart))
-        .route("/admin/stop", post(admin::stop))
+/// Every route the daemon serves, as (method, path). The router is built from
+/// this table and the security test walks it, so no route escapes the check that
+/// each one needs a key.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("GET", "/metrics"),
+    ("GET", "/admin/ps"),
+    ("GET", "/admin/memory"),
+    ("POST", "/admin/start"),
+    ("POST", "/admin/restart"),
+    ("POST", "/admin/stop"),
+];
+
+fn handler(path: &str) -> axum::routing::MethodRouter<AppState> {
+    match path {
+        "/healthz" => get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        "/v1/chat/completions" => post(openai::chat_completions),
+        "/v1/completions" => post(openai::completions),
+        "/v1/models" => get(openai::models),
+        "/metrics" => get(render_metrics),
+        "/admin/ps" => get(admin::ps),
+        "/admin/memory" => get(admin::memory),
+        "/admin/start" => post(admin::start),
+        "/admin/restart" => post(admin::restart),
+        "/admin/stop" => post(admin::stop),
+        other => unreachable!("route {other} in ROUTES has no handler"),
+    }
+}
+
+/// The whole API behind the guard (Host, Origin, JSON bodies, API keys).
+pub fn router(state: AppState, guard: guard::Guard) -> Router {
+    let mut router = Router::new();
+    for (_, path) in ROUTES {
+        router = router.route(path, handler(path));
+    }
+    router
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(guard),
+            guard::check,
+        ))
 }
 
 async fn render_metrics(

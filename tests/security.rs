@@ -1,0 +1,187 @@
+//! Secure defaults from outside, as a web page or a stranger on the network would
+//! try them: a foreign Host (DNS rebinding), cross-origin `text/plain` POSTs (no
+//! CORS preflight needed) to chat and to admin, and a missing or wrong API key on
+//! every route the daemon has (walked from `mlxd::api::ROUTES`, so a new route
+//! cannot be left open).
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{spawn_daemon, Daemon};
+use reqwest::{Client, Method, StatusCode};
+
+const KEY: &str = "sekret-key-for-tests";
+
+fn home() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("mlxd-security-{}", std::process::id()))
+}
+
+fn daemon() -> &'static Daemon {
+    static D: OnceLock<Daemon> = OnceLock::new();
+    D.get_or_init(|| {
+        std::fs::create_dir_all(home()).unwrap();
+        std::fs::write(
+            home().join("config.toml"),
+            "allowed_origins = [\"http://localhost:3000\"]\n",
+        )
+        .unwrap();
+        let models = std::env::var("MLXD_MODELS_DIR")
+            .unwrap_or_else(|_| format!("{}/.mlxd/models", std::env::var("HOME").unwrap()));
+        spawn_daemon(&[
+            ("MLXD_HOME", home().to_str().unwrap()),
+            ("MLXD_MODELS_DIR", &models),
+            ("MLXD_API_KEY", KEY),
+        ])
+    })
+}
+
+fn request(method: &str, path: &str) -> reqwest::RequestBuilder {
+    let m = Method::from_bytes(method.as_bytes()).unwrap();
+    let r = Client::new().request(m, format!("{}{path}", daemon().url));
+    if method == "POST" {
+        r.header("content-type", "application/json").body("{}")
+    } else {
+        r
+    }
+}
+
+#[tokio::test]
+async fn every_route_but_healthz_needs_a_key() {
+    for (method, path) in mlxd::api::ROUTES {
+        let none = request(method, path).send().await.unwrap().status();
+        let wrong = request(method, path)
+            .bearer_auth("sekret-key-for-tesTs")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        let bearer = request(method, path)
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        let x_api_key = request(method, path)
+            .header("x-api-key", KEY)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if *path == "/healthz" {
+            assert_eq!(none, StatusCode::OK);
+            continue;
+        }
+        assert_eq!(
+            none,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a key"
+        );
+        assert_eq!(
+            wrong,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with a wrong key"
+        );
+        assert_ne!(
+            bearer,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with a Bearer key"
+        );
+        assert_ne!(
+            x_api_key,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with x-api-key"
+        );
+    }
+    // A path no route has is refused before routing too.
+    let status = request("GET", "/v1/secret").send().await.unwrap().status();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The CLI sends the configured key.
+    let out = common::mlxd()
+        .args(["--port", &daemon().port.to_string(), "ps"])
+        .env("MLXD_API_KEY", KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_host_is_refused() {
+    for path in ["/v1/chat/completions", "/admin/stop"] {
+        let resp = request("POST", path)
+            .bearer_auth(KEY)
+            .header("host", "evil.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "host_not_allowed");
+    }
+}
+
+#[tokio::test]
+async fn cross_origin_posts_are_refused_and_allowed_origins_get_cors() {
+    for path in ["/v1/chat/completions", "/admin/stop"] {
+        // What any web page can send without a preflight.
+        let resp = Client::new()
+            .post(format!("{}{path}", daemon().url))
+            .header("origin", "https://evil.example")
+            .header("content-type", "text/plain")
+            .bearer_auth(KEY)
+            .body(r#"{"model": "smollm2-135m"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        // Without an Origin, a non-JSON body is still refused.
+        let resp = Client::new()
+            .post(format!("{}{path}", daemon().url))
+            .header("content-type", "text/plain")
+            .bearer_auth(KEY)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{path}");
+    }
+    let preflight = |origin: &'static str| {
+        Client::new()
+            .request(
+                Method::OPTIONS,
+                format!("{}/v1/chat/completions", daemon().url),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let ok = preflight("http://localhost:3000").await.unwrap();
+    assert_eq!(ok.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    let bad = preflight("null").await.unwrap();
+    assert_eq!(bad.status(), StatusCode::FORBIDDEN);
+    assert!(bad.headers().get("access-control-allow-origin").is_none());
+}
+
+#[test]
+fn binding_beyond_loopback_needs_a_key() {
+    let out = common::mlxd()
+        .args(["serve", "--host", "0.0.0.0", "--port", "0"])
+        .env_remove("MLXD_API_KEY")
+        .env("MLXD_HOME", home())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to bind 0.0.0.0 without an API key"),
+        "{err}"
+    );
+}
