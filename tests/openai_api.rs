@@ -127,7 +127,11 @@ async fn completions_continue_a_raw_prompt() {
 async fn bad_requests_get_openai_errors_and_the_daemon_keeps_serving() {
     let client = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", daemon().url);
-    let cases: [(&str, u16, &str, &str); 4] = [
+    let long_stop = format!(
+        r#"{{"model": "smollm2-135m", "messages": [{{"role": "user", "content": "hi"}}], "stop": ["{}"]}}"#,
+        "x".repeat(300)
+    );
+    let cases: [(&str, u16, &str, &str); 6] = [
         ("{not json", 400, "invalid_request_error", "JSON"),
         (
             r#"{"model": "smollm2-135m"}"#,
@@ -147,12 +151,20 @@ async fn bad_requests_get_openai_errors_and_the_daemon_keeps_serving() {
             "invalid_request_error",
             "max_tokens",
         ),
+        // Past the model's context (8192 for SmolLM2): the 400 names both numbers.
+        (
+            r#"{"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}"#,
+            400,
+            "invalid_request_error",
+            "max_tokens is 9000 but the prompt is",
+        ),
+        (&long_stop, 400, "invalid_request_error", "stop sequence"),
     ];
     for (body, status, kind, mentions) in cases {
         let resp = client
             .post(&url)
             .header("content-type", "application/json")
-            .body(body)
+            .body(body.to_string())
             .send()
             .await
             .unwrap();

@@ -258,6 +258,12 @@ class Engine:
         limit = self.backend.context_length
         if limit and len(ids) >= limit:
             raise RequestError(f"prompt is {len(ids)} tokens; the model's context is {limit}")
+        max_tokens = int(req["max_tokens"])
+        if limit and len(ids) + max_tokens > limit:
+            raise RequestError(
+                f"max_tokens is {max_tokens} but the prompt is {len(ids)} tokens and the model's context "
+                f"is {limit}: at most {limit - len(ids)} tokens can be generated"
+            )
         seed = req.get("seed")
         sampler = self._samplers.get(
             float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)), None if seed is None else int(seed)

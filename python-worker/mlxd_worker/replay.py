@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import Detokenizer, StepResult, context_length
+from .backend import Detokenizer, StepResult
 from .sampling import Sampler
 
 # Public-domain text (Moby-Dick, chapter 1), replayed in a loop.
@@ -60,7 +60,8 @@ class ReplayBackend:
         from mlx_lm.utils import load_tokenizer
 
         self.tokenizer = load_tokenizer(Path(model_path))
-        self.context_length = context_length(model_path)
+        # No model runs, so no context limits a replay: it streams text forever.
+        self.context_length = None
         text = str(options.get("replay_text") or REPLAY_TEXT)
         self._ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         detok = self.tokenizer.detokenizer

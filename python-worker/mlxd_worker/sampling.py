@@ -9,14 +9,19 @@ time instead, because it seeds the global generator).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 Sampler = Callable[[Any], Any]
 
+# Distinct (temperature, top_p) pairs kept: requests choose these freely, so the
+# cache must not grow with every value a client invents.
+MAX_SHARED = 64
+
 
 class SamplerCache:
     def __init__(self) -> None:
-        self._shared: dict[tuple[float, float], Sampler] = {}
+        self._shared: OrderedDict[tuple[float, float], Sampler] = OrderedDict()
 
     def get(self, temperature: float, top_p: float, seed: int | None) -> Sampler | None:
         """None means greedy: BatchGenerator's own default sampler."""
@@ -25,11 +30,19 @@ class SamplerCache:
         if seed is not None:
             return seeded_sampler(temperature, top_p, seed)
         key = (temperature, top_p)
-        if key not in self._shared:
-            from mlx_lm.sample_utils import make_sampler
+        if key in self._shared:
+            self._shared.move_to_end(key)
+            return self._shared[key]
+        from mlx_lm.sample_utils import make_sampler
 
-            self._shared[key] = make_sampler(temp=temperature, top_p=top_p)
-        return self._shared[key]
+        sampler = make_sampler(temp=temperature, top_p=top_p)
+        self._shared[key] = sampler
+        if len(self._shared) > MAX_SHARED:
+            self._shared.popitem(last=False)  # least recently used
+        return sampler
+
+    def __len__(self) -> int:
+        return len(self._shared)
 
 
 def seeded_sampler(temperature: float, top_p: float, seed: int) -> Sampler:

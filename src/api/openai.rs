@@ -147,6 +147,11 @@ struct CompletionRequest {
     sampling: Sampling,
 }
 
+/// Stop sequences per request, and the longest one (the worker holds back this
+/// much text while it checks for them).
+const MAX_STOPS: usize = 4;
+const MAX_STOP_LEN: usize = 256;
+
 /// Largest max_tokens accepted; the worker also refuses prompts past the context.
 const MAX_TOKENS_LIMIT: u32 = 131_072;
 
@@ -181,11 +186,20 @@ impl Sampling {
         let stop = match &self.stop {
             None => vec![],
             Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
+            Some(Stop::Many(v)) if v.len() <= MAX_STOPS => v.clone(),
             Some(Stop::Many(_)) => {
-                return Err(Error::invalid("at most 4 stop sequences", Some("stop")))
+                return Err(Error::invalid(
+                    format!("at most {MAX_STOPS} stop sequences"),
+                    Some("stop"),
+                ))
             }
         };
+        if stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
+            return Err(Error::invalid(
+                format!("each stop sequence must be 1 to {MAX_STOP_LEN} bytes"),
+                Some("stop"),
+            ));
+        }
         Ok(Generate {
             id: 0,
             messages: None,
