@@ -81,11 +81,10 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     );
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .await
+        serve_http(listener, app, async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        })
+        .await
     });
     shutdown_signal(opts.exit_on_stdin_eof).await;
     tracing::info!("shutting down");
@@ -93,11 +92,67 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     // Open connections (idle keep-alives, slow clients) get a bounded drain: a client
     // must not be able to keep the daemon, and its workers, alive.
     match tokio::time::timeout(DRAIN_LIMIT, server).await {
-        Ok(joined) => joined??,
+        Ok(joined) => joined?,
         Err(_) => tracing::warn!("connections still open after {DRAIN_LIMIT:?}; closing them"),
     }
     supervisor.shutdown().await;
     Ok(())
+}
+
+/// A client gets this long to send a request's headers, and an idle keep-alive
+/// connection is closed after it (slow-header clients must not pin connections).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections served at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// The HTTP server: hyper with a header-read timeout (which needs a timer: without
+/// one hyper would not enforce it), a connection cap, HTTP/1.1 and h2c, and a
+/// graceful stop that lets open requests finish.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "{MAX_CONNECTIONS} connections open; refusing another");
+            continue; // dropping the stream closes it
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    graceful.shutdown().await;
 }
 
 async fn shutdown_signal(exit_on_stdin_eof: bool) {

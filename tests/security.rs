@@ -185,3 +185,33 @@ fn binding_beyond_loopback_needs_a_key() {
         "{err}"
     );
 }
+
+/// A client that trickles its headers (slowloris) is cut off after the header-read
+/// timeout, and so is a keep-alive connection left idle after a request.
+#[test]
+fn slow_header_and_idle_keep_alive_connections_are_closed() {
+    use std::io::{Read, Write};
+    let addr = format!("127.0.0.1:{}", daemon().port);
+    let limit = mlxd::serve::HEADER_READ_TIMEOUT + std::time::Duration::from_secs(5);
+    let closed_within = |mut s: std::net::TcpStream| {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let began = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return began.elapsed(),
+                Ok(_) => continue, // a response to a finished request
+                Err(e) => panic!("still open after {:?}: {e}", began.elapsed()),
+            }
+        }
+    };
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
+    let took = closed_within(slow);
+    assert!(took >= mlxd::serve::HEADER_READ_TIMEOUT - std::time::Duration::from_secs(1));
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    closed_within(idle);
+}
