@@ -69,7 +69,10 @@ class MlxBackend:
         import mlx_lm
         from mlx_lm.generate import BatchGenerator
 
-        self._model, self.tokenizer = mlx_lm.load(model_path)
+        # Model files are untrusted: never run code shipped with them.
+        self._model, self.tokenizer = mlx_lm.load(
+            model_path, trust_remote_code=False, tokenizer_config={"trust_remote_code": False}
+        )
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         self.context_length = context_length(model_path)
         max_batch = int(options.get("max_batch", 16))

@@ -258,6 +258,13 @@ def write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
 def import_gguf(gguf: Path, out_dir: Path, dtype: str | None = None, progress: bool = True) -> Path:
     import mlx.core as mx
 
+    from .gguf_check import GGUFError, check
+
+    # The file is untrusted: its header is validated before MLX's parser sees it.
+    try:
+        check(gguf)
+    except (GGUFError, OSError) as e:
+        raise ImportError_(f"{gguf.name} is not a valid GGUF file: {e}") from e
     try:
         weights, meta = mx.load(str(gguf), return_metadata=True)
     except Exception as e:

@@ -59,7 +59,7 @@ class ReplayBackend:
 
         from mlx_lm.utils import load_tokenizer
 
-        self.tokenizer = load_tokenizer(Path(model_path))
+        self.tokenizer = load_tokenizer(Path(model_path), {"trust_remote_code": False})
         # No model runs, so no context limits a replay: it streams text forever.
         self.context_length = None
         text = str(options.get("replay_text") or REPLAY_TEXT)
