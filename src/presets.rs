@@ -226,6 +226,11 @@ impl Preset {
         anyhow::ensure!(p.max_tokens > 0, "max_tokens must be positive");
         anyhow::ensure!(p.max_concurrent > 0, "max_concurrent must be positive");
         anyhow::ensure!(p.prefill_step > 0, "prefill_step must be positive");
+        anyhow::ensure!(
+            p.transport != TransportKind::Http || cfg!(feature = "bench-http"),
+            "transport \"http\" exists only in benchmark builds (--features bench-http): it \
+             gives the worker an unauthenticated port; use \"shm\" or \"stdio\""
+        );
         KeepAlive::parse(&p.keep_alive).map_err(|e| anyhow::anyhow!(e))?;
         parse_timeout("hang_timeout", &p.hang_timeout)?;
         parse_timeout("load_timeout", &p.load_timeout)?;
@@ -401,6 +406,13 @@ mod tests {
             );
         }
         assert!(Preset::parse("model = \"m\"\nmax_concurrent = 0", "x").is_err());
+    }
+
+    #[cfg(not(feature = "bench-http"))]
+    #[test]
+    fn the_http_transport_is_refused_outside_benchmark_builds() {
+        let err = Preset::parse("model = \"m\"\ntransport = \"http\"", "x").unwrap_err();
+        assert!(err.to_string().contains("only in benchmark builds"), "{err}");
     }
 
     #[test]

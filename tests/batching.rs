@@ -267,6 +267,7 @@ async fn replay_streams_and_flush_policy_batches_frames() {
 
 /// The loopback-HTTP proxy path (the worker serves SSE, the daemon forwards it)
 /// streams the same tokens as the ring path.
+#[cfg(feature = "bench-http")]
 #[tokio::test]
 async fn the_http_proxy_path_streams_the_same_tokens() {
     let over_ring = stream_completion("replay", "hi", 40).await;

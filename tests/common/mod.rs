@@ -42,6 +42,10 @@ pub fn spawn_daemon(env: &[(&str, &str)]) -> Daemon {
         .arg("--exit-on-stdin-eof")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
+    if cfg!(feature = "bench-http") {
+        // Presets only a benchmark build accepts (the http comparison transport).
+        cmd.arg("--presets-dir").arg(root().join("tests/presets-bench"));
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
