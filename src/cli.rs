@@ -15,6 +15,53 @@ fn client() -> reqwest::Client {
 }
 
 async fn admin(cfg: &Config, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let socket = crate::config::control_socket(&cfg.home, cfg.port);
+    let (status, v) = if socket.exists() {
+        over_socket(&socket, path, body).await?
+    } else {
+        over_http(cfg, path, body).await?
+    };
+    if !(200..300).contains(&status) {
+        bail!(
+            "{}",
+            v["error"]["message"].as_str().unwrap_or("request failed")
+        );
+    }
+    Ok(v)
+}
+
+/// The control socket: HTTP/1.1 over the daemon's 0600 Unix socket.
+async fn over_socket(
+    socket: &std::path::Path,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("no mlxd daemon on {}", socket.display()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let builder = hyper::Request::builder()
+        .uri(format!("/admin/{path}"))
+        .header("host", "localhost");
+    let req = match body {
+        Some(b) => builder
+            .method("POST")
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(b.to_string())))?,
+        None => builder.method("GET").body(Full::new(bytes::Bytes::new()))?,
+    };
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let v = serde_json::from_slice(&bytes).context("daemon sent a non-JSON answer")?;
+    Ok((status, v))
+}
+
+/// The HTTP port (a daemon on another machine, or one without a socket here).
+async fn over_http(cfg: &Config, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
     let url = format!("{}/admin/{path}", cfg.base_url());
     let mut req = match body {
         Some(b) => client().post(&url).json(&b),
@@ -29,15 +76,9 @@ async fn admin(cfg: &Config, path: &str, body: Option<Value>) -> anyhow::Result<
             cfg.base_url()
         )
     })?;
-    let status = resp.status();
+    let status = resp.status().as_u16();
     let v: Value = resp.json().await.context("daemon sent a non-JSON answer")?;
-    if !status.is_success() {
-        bail!(
-            "{}",
-            v["error"]["message"].as_str().unwrap_or("request failed")
-        );
-    }
-    Ok(v)
+    Ok((status, v))
 }
 
 /// `mlxd start [--pin] <model>`: waits until the model is Ready, showing the load's

@@ -198,6 +198,17 @@ impl Config {
     }
 }
 
+/// The control socket of the daemon on `port`: `$MLXD_HOME/mlxd.sock` for the
+/// default port, `mlxd-<port>.sock` for others (so daemons on other ports, such
+/// as test daemons, never share one).
+pub fn control_socket(home: &Path, port: u16) -> PathBuf {
+    if port == DEFAULT_PORT {
+        home.join("mlxd.sock")
+    } else {
+        home.join(format!("mlxd-{port}.sock"))
+    }
+}
+
 /// True if `p` exists and is a directory holding an mlx-lm model.
 pub fn is_model_dir(p: &Path) -> bool {
     p.join("config.json").is_file()

@@ -412,7 +412,10 @@ mod tests {
     #[test]
     fn the_http_transport_is_refused_outside_benchmark_builds() {
         let err = Preset::parse("model = \"m\"\ntransport = \"http\"", "x").unwrap_err();
-        assert!(err.to_string().contains("only in benchmark builds"), "{err}");
+        assert!(
+            err.to_string().contains("only in benchmark builds"),
+            "{err}"
+        );
     }
 
     #[test]

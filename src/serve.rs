@@ -57,6 +57,9 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot bind {ip}:{}", cfg.port))?;
     let addr = listener.local_addr()?;
+    // The control plane (start/stop/restart/ps/memory) for the CLI: a 0600 socket.
+    let control_path = crate::config::control_socket(&cfg.home, addr.port());
+    let control = bind_control(&control_path)?;
     let guard =
         crate::api::guard::Guard::new(ip, &cfg.allowed_hosts, &cfg.allowed_origins, &cfg.api_keys);
     let supervisor = Arc::new(Supervisor::new(cfg, presets, registry));
@@ -71,15 +74,18 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
             }
         });
     }
-    let app = router(
-        AppState {
-            supervisor: supervisor.clone(),
-            metrics: metrics.clone(),
-            http: reqwest::Client::builder().no_proxy().build()?,
-        },
-        guard,
-    );
+    let state = AppState {
+        supervisor: supervisor.clone(),
+        metrics: metrics.clone(),
+        http: reqwest::Client::builder().no_proxy().build()?,
+    };
+    let control_app = crate::api::control_router(state.clone());
+    let app = router(state, guard);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut control_stop = stop_rx.clone();
+    let control_server = tokio::spawn(serve_http(control, control_app, async move {
+        let _ = control_stop.wait_for(|stop| *stop).await;
+    }));
     let server = tokio::spawn(async move {
         serve_http(listener, app, async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -95,6 +101,8 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         Ok(joined) => joined?,
         Err(_) => tracing::warn!("connections still open after {DRAIN_LIMIT:?}; closing them"),
     }
+    let _ = tokio::time::timeout(DRAIN_LIMIT, control_server).await;
+    let _ = std::fs::remove_file(&control_path);
     supervisor.shutdown().await;
     Ok(())
 }
@@ -105,11 +113,12 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// Connections served at once; more are closed as they arrive.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// The HTTP server: hyper with a header-read timeout (which needs a timer: without
-/// one hyper would not enforce it), a connection cap, HTTP/1.1 and h2c, and a
-/// graceful stop that lets open requests finish.
-async fn serve_http(
-    listener: tokio::net::TcpListener,
+/// The HTTP server (over TCP, or the control socket): hyper with a header-read
+/// timeout (which needs a timer: without one hyper would not enforce it), a
+/// connection cap, HTTP/1.1 and h2c, and a graceful stop that lets open requests
+/// finish.
+async fn serve_http<L: axum::serve::Listener>(
+    mut listener: L,
     app: axum::Router,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -126,20 +135,13 @@ async fn serve_http(
         .header_read_timeout(HEADER_READ_TIMEOUT);
     tokio::pin!(stop);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        // (accept errors are logged and retried by the listener)
+        let stream = tokio::select! {
+            (stream, _) = listener.accept() => stream,
             () = &mut stop => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "{MAX_CONNECTIONS} connections open; refusing another");
+            tracing::warn!("{MAX_CONNECTIONS} connections open; refusing another");
             continue; // dropping the stream closes it
         };
         let service = TowerToHyperService::new(app.clone());
@@ -153,6 +155,44 @@ async fn serve_http(
         });
     }
     graceful.shutdown().await;
+}
+
+/// Binds the control socket, owner-only (0600): its file mode is its
+/// authentication. A socket file left by a dead daemon is replaced; one a live
+/// daemon answers on is not.
+fn bind_control(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    remove_dead_sockets(path.parent());
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another mlxd daemon serves {}", path.display());
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Created 0600 from the start (no window with a wider mode).
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    bound.with_context(|| format!("cannot bind the control socket {}", path.display()))
+}
+
+/// Control sockets that no daemon answers on any more (a daemon killed with
+/// SIGKILL cannot remove its own).
+fn remove_dead_sockets(home: Option<&std::path::Path>) {
+    let Some(Ok(dir)) = home.map(std::fs::read_dir) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("mlxd") && name.ends_with(".sock") {
+            let path = entry.path();
+            if std::os::unix::net::UnixStream::connect(&path).is_err() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
 }
 
 async fn shutdown_signal(exit_on_stdin_eof: bool) {

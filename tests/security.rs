@@ -215,3 +215,32 @@ fn slow_header_and_idle_keep_alive_connections_are_closed() {
         .unwrap();
     closed_within(idle);
 }
+
+/// The control plane is a 0600 Unix socket in the mlxd home: the CLI uses it with
+/// no key, while the same admin routes over HTTP need one.
+#[tokio::test]
+async fn the_cli_uses_the_owner_only_control_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = daemon();
+    let socket = home().join(format!("mlxd-{}.sock", d.port));
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{socket:?} mode {mode:o}");
+    let out = common::mlxd()
+        .args(["--port", &d.port.to_string(), "ps"])
+        .env("MLXD_HOME", home())
+        .env_remove("MLXD_API_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("MODEL"));
+    let status = request("GET", "/admin/ps").send().await.unwrap().status();
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "over HTTP the admin routes need the key"
+    );
+}

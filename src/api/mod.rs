@@ -56,6 +56,27 @@ fn handler(path: &str) -> axum::routing::MethodRouter<AppState> {
     }
 }
 
+/// The routes of the control socket (owner-only by its file mode: no guard).
+pub const CONTROL_ROUTES: &[&str] = &[
+    "/healthz",
+    "/admin/ps",
+    "/admin/memory",
+    "/admin/start",
+    "/admin/restart",
+    "/admin/stop",
+];
+
+/// The control plane the CLI uses, served on the 0600 Unix socket.
+pub fn control_router(state: AppState) -> Router {
+    let mut router = Router::new();
+    for path in CONTROL_ROUTES {
+        router = router.route(path, handler(path));
+    }
+    router
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
 /// The whole API behind the guard (Host, Origin, JSON bodies, API keys).
 pub fn router(state: AppState, guard: guard::Guard) -> Router {
     let mut router = Router::new();

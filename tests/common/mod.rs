@@ -44,7 +44,8 @@ pub fn spawn_daemon(env: &[(&str, &str)]) -> Daemon {
         .stdout(Stdio::piped());
     if cfg!(feature = "bench-http") {
         // Presets only a benchmark build accepts (the http comparison transport).
-        cmd.arg("--presets-dir").arg(root().join("tests/presets-bench"));
+        cmd.arg("--presets-dir")
+            .arg(root().join("tests/presets-bench"));
     }
     for (k, v) in env {
         cmd.env(k, v);
