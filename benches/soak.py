@@ -27,6 +27,7 @@ import json
 import os
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,19 @@ PROMPTS = [
 ]
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the daemon's control socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
 class Daemon:
     def __init__(self, presets_dir: str) -> None:
         binary = ROOT / "target" / "release" / "mlxd"
@@ -68,9 +82,15 @@ class Daemon:
             raise SystemExit(f"daemon did not start: {line!r}")
         self.port = int(line.strip().rsplit(":", 1)[1])
         self.pid = self.proc.pid
+        home = Path(os.environ.get("MLXD_HOME") or Path.home() / ".mlxd")
+        self.socket = str(home / ("mlxd.sock" if self.port == 11411 else f"mlxd-{self.port}.sock"))
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        """Admin routes go over the control socket; the rest over HTTP."""
+        if path.startswith("/admin/"):
+            conn: http.client.HTTPConnection = _UnixConnection(self.socket, timeout)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         data = json.dumps(body).encode() if body is not None else None
         conn.request(method, path, body=data, headers={"content-type": "application/json"})
         resp = conn.getresponse()

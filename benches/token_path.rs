@@ -63,6 +63,8 @@ fn parse_args() -> Args {
 struct Daemon {
     child: Child,
     url: String,
+    /// The control socket (the admin routes).
+    socket: PathBuf,
     _presets: PathBuf,
 }
 
@@ -103,9 +105,11 @@ fn start_daemon(args: &Args, max_concurrent: usize) -> Daemon {
     let url = mlxd::serve::listening_url(&line)
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
+    let port = url.rsplit(':').next().unwrap().parse().unwrap();
     Daemon {
         child,
         url,
+        socket: mlxd::config::control_socket(&mlxd::config::home_dir(), port),
         _presets: presets,
     }
 }
@@ -261,7 +265,7 @@ fn main() {
         for (name, _) in PATHS {
             let model = format!("replay-{name}");
             one_stream(&client, &daemon.url, &model, 8).await;
-            let ps: Value = client.get(format!("{}/admin/ps", daemon.url)).send().await.unwrap().json().await.unwrap();
+            let (_, ps) = mlxd::cli::over_socket(&daemon.socket, "ps", None).await.unwrap();
             let pid = ps["workers"]
                 .as_array()
                 .unwrap()

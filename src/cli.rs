@@ -30,8 +30,9 @@ async fn admin(cfg: &Config, path: &str, body: Option<Value>) -> anyhow::Result<
     Ok(v)
 }
 
-/// The control socket: HTTP/1.1 over the daemon's 0600 Unix socket.
-async fn over_socket(
+/// The control socket: HTTP/1.1 over the daemon's 0600 Unix socket. `path` is the
+/// admin route's last part ("ps", "start"); a body makes it a POST.
+pub async fn over_socket(
     socket: &std::path::Path,
     path: &str,
     body: Option<Value>,

@@ -198,10 +198,9 @@ async fn a_full_queue_answers_503() {
     first.chunk().await.unwrap();
     // The second waits in the queue.
     let second = tokio::spawn(client.post(&url).json(&body(2)).send());
-    let ps_url = format!("{}/admin/ps", daemon().url);
     let mut queued = 0;
     for _ in 0..100 {
-        let ps = common::get_json(&ps_url).await;
+        let (_, ps) = daemon().admin("ps", None).await;
         queued = ps["workers"]
             .as_array()
             .into_iter()

@@ -156,3 +156,16 @@ fn start_shows_progress_on_a_terminal_and_restart_replaces_the_worker() {
     );
     assert!(run(&["stop", model]).0);
 }
+
+/// Without an API key the admin routes are only on the control socket: over HTTP
+/// (where any local web page could reach them) they are refused.
+#[test]
+fn keyless_admin_over_http_is_refused() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, v) = rt.block_on(common::post_json(
+        &format!("{}/admin/stop", daemon().url),
+        &serde_json::json!({"model": MODEL}),
+    ));
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["error"]["code"], "control_plane_on_socket");
+}

@@ -8,7 +8,7 @@ mod common;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{get_json, post_json, spawn_daemon, Daemon};
+use common::{post_json, spawn_daemon, Daemon};
 use serde_json::{json, Value};
 
 fn daemon() -> &'static Daemon {
@@ -17,7 +17,7 @@ fn daemon() -> &'static Daemon {
 }
 
 async fn memory() -> Value {
-    get_json(&format!("{}/admin/memory", daemon().url)).await
+    daemon().admin("memory", None).await.1
 }
 
 fn row<'a>(m: &'a Value, model: &str) -> Option<&'a Value> {
@@ -45,11 +45,7 @@ async fn chat(body: Value) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_budget_evicts_drains_keeps_pins_and_refuses_with_numbers() {
     let d = daemon();
-    let (status, v) = post_json(
-        &format!("{}/admin/start", d.url),
-        &json!({"model": "mem-a"}),
-    )
-    .await;
+    let (status, v) = d.admin("start", Some(json!({"model": "mem-a"}))).await;
     assert_eq!(status, 200, "{v}");
     let m = memory().await;
     assert_eq!(m["cap_bytes"], 1u64 << 30);
@@ -114,11 +110,9 @@ async fn the_budget_evicts_drains_keeps_pins_and_refuses_with_numbers() {
     assert!(row(&m, "mem-b").is_none(), "{m}");
 
     // 3. A pinned model is never evicted; the refusal names it and the numbers.
-    let (status, _) = post_json(
-        &format!("{}/admin/start", d.url),
-        &json!({"model": "mem-a", "pin": true}),
-    )
-    .await;
+    let (status, _) = d
+        .admin("start", Some(json!({"model": "mem-a", "pin": true})))
+        .await;
     assert_eq!(status, 200);
     let (status, v) = chat(ask("mem-b", 4, false)).await;
     assert_eq!(status, 503, "{v}");

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{daemon, get_json, mlxd, post_json, Daemon};
+use common::{daemon, mlxd, post_json, Daemon};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -17,7 +17,7 @@ fn client() -> reqwest::Client {
 }
 
 async fn admin(d: &Daemon, what: &str, body: Value) -> (u16, Value) {
-    post_json(&format!("{}/admin/{what}", d.url), &body).await
+    d.admin(what, Some(body)).await
 }
 
 async fn start(d: &Daemon, model: &str) -> Value {
@@ -28,7 +28,7 @@ async fn start(d: &Daemon, model: &str) -> Value {
 
 /// The model's row in `/admin/ps` (None when it is stopped).
 async fn slot(d: &Daemon, model: &str) -> Option<Value> {
-    let v = get_json(&format!("{}/admin/ps", d.url)).await;
+    let (_, v) = d.admin("ps", None).await;
     v["workers"]
         .as_array()
         .unwrap()
@@ -244,7 +244,7 @@ async fn a_killed_worker_fails_its_stream_and_serves_its_queue(model: &str) {
 async fn sigkill_over_shm_fails_the_stream_and_the_queue_completes() {
     a_killed_worker_fails_its_stream_and_serves_its_queue("smollm2-135m-crash").await;
     // Every segment is unlinked once its worker said Hello: none is left over.
-    let v = get_json(&format!("{}/admin/ps", daemon().url)).await;
+    let (_, v) = daemon().admin("ps", None).await;
     assert_eq!(v["segments"], 0, "{v}");
     // `mlxd ps` shows the incarnation, the restart and how the last one ended.
     let out = mlxd()

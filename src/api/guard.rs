@@ -148,6 +148,13 @@ pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
             "request bodies must be JSON (Content-Type: application/json)",
         );
     }
+    if req.uri().path().starts_with("/admin/") && guard.keys.is_empty() {
+        return deny(
+            StatusCode::FORBIDDEN,
+            "control_plane_on_socket",
+            "the admin routes are on the control socket (~/.mlxd/mlxd.sock, which the mlxd CLI uses); over HTTP they need an API key",
+        );
+    }
     if req.uri().path() != PUBLIC_PATH && !guard.key_ok(headers) {
         let mut resp = deny(
             StatusCode::UNAUTHORIZED,

@@ -10,6 +10,8 @@ pub struct Daemon {
     pub url: String,
     pub port: u16,
     pub pid: u32,
+    /// The control socket (admin routes; over HTTP they need an API key).
+    pub socket: PathBuf,
     // Held so the daemon's stdin stays open; when the test process exits the pipe
     // closes and the daemon (started with --exit-on-stdin-eof) shuts down.
     _lifeline: Mutex<ChildStdin>,
@@ -59,10 +61,16 @@ pub fn spawn_daemon(env: &[(&str, &str)]) -> Daemon {
         .unwrap_or_else(|| panic!("unexpected first line from mlxd: {line:?}"))
         .to_string();
     let port = url.rsplit(':').next().unwrap().parse().unwrap();
+    let home = env
+        .iter()
+        .find(|(k, _)| *k == "MLXD_HOME")
+        .map(|(_, v)| PathBuf::from(v))
+        .unwrap_or_else(mlxd::config::home_dir);
     Daemon {
         url,
         port,
         pid: child.id(),
+        socket: mlxd::config::control_socket(&home, port),
         _lifeline: Mutex::new(child.stdin.take().unwrap()),
         child: Mutex::new(child),
     }
@@ -94,4 +102,18 @@ pub async fn post_json(url: &str, body: &serde_json::Value) -> (u16, serde_json:
     let text = resp.text().await.unwrap();
     let v = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "raw": text }));
     (status, v)
+}
+
+#[allow(dead_code)]
+impl Daemon {
+    /// An admin call over the control socket: GET `/admin/{what}`, or POST with `body`.
+    pub async fn admin(
+        &self,
+        what: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        mlxd::cli::over_socket(&self.socket, what, body)
+            .await
+            .expect("the control socket answers")
+    }
 }

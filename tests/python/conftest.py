@@ -26,6 +26,10 @@ def daemon_url() -> Iterator[str]:
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     assert line.startswith("mlxd listening on "), line
-    yield line.removeprefix("mlxd listening on ")
+    url = line.removeprefix("mlxd listening on ")
+    port = int(url.rsplit(":", 1)[1])
+    home = Path(os.environ.get("MLXD_HOME") or Path.home() / ".mlxd")
+    os.environ["MLXD_TEST_CONTROL_SOCKET"] = str(home / f"mlxd-{port}.sock")
+    yield url
     proc.terminate()
     proc.wait(timeout=30)

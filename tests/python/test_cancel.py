@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
 
 
+def control() -> httpx.Client:
+    """The daemon's control socket, where the admin routes are."""
+    transport = httpx.HTTPTransport(uds=os.environ["MLXD_TEST_CONTROL_SOCKET"])
+    return httpx.Client(transport=transport, base_url="http://localhost", timeout=120)
+
+
 def worker_stats(url: str, model: str) -> dict:
-    workers = httpx.get(f"{url}/admin/ps").json()["workers"]
+    workers = control().get("/admin/ps").json()["workers"]
     return next(w for w in workers if w["model"] == model)
 
 
@@ -22,7 +29,7 @@ def test_disconnect_cancels_generation_in_the_worker(daemon_url: str) -> None:
         "stream": True,
     }
     # Make sure the worker is up and its stats have been reported once.
-    httpx.post(f"{daemon_url}/admin/start", json={"model": model}, timeout=120)
+    control().post("/admin/start", json={"model": model})
     time.sleep(1.2)
     before = worker_stats(daemon_url, model)["stats"]["cancelled_total"]
     with httpx.stream("POST", f"{daemon_url}/v1/chat/completions", json=body, timeout=60) as resp:
