@@ -42,6 +42,9 @@ pub struct FileConfig {
     /// empty by default. "*", "null" and "file://" are refused.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// HTTP connections served at once (1024 by default); more are closed as they
+    /// arrive. Env MLXD_MAX_CONNECTIONS overrides.
+    pub max_connections: Option<usize>,
     /// What all workers together may use: a share of physical memory ("90%", the
     /// default) or a size ("48GiB"). Env MLXD_MEMORY_CAP overrides.
     pub memory_cap: Option<String>,
@@ -69,6 +72,8 @@ pub struct Config {
     pub allowed_hosts: Vec<String>,
     /// See `FileConfig::allowed_origins`.
     pub allowed_origins: Vec<String>,
+    /// See `FileConfig::max_connections`.
+    pub max_connections: usize,
     /// See `FileConfig::memory_cap`.
     pub memory_cap: Limit,
     /// See `FileConfig::memory_shed`.
@@ -169,7 +174,18 @@ impl Config {
                 "allowed_origins: {origin:?} is not allowed (name each origin, e.g. \"http://localhost:3000\")"
             );
         }
+        let max_connections = match env("MLXD_MAX_CONNECTIONS") {
+            Some(v) => v
+                .to_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("MLXD_MAX_CONNECTIONS={v:?} is not a number"))?,
+            None => file
+                .max_connections
+                .unwrap_or(crate::serve::MAX_CONNECTIONS),
+        };
+        anyhow::ensure!(max_connections > 0, "max_connections must be positive");
         Ok(Config {
+            max_connections,
             api_keys,
             allowed_hosts: file.allowed_hosts,
             allowed_origins: file.allowed_origins,

@@ -60,6 +60,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     // The control plane (start/stop/restart/ps/memory) for the CLI: a 0600 socket.
     let control_path = crate::config::control_socket(&cfg.home, addr.port());
     let control = bind_control(&control_path)?;
+    let max_connections = cfg.max_connections;
     let guard =
         crate::api::guard::Guard::new(ip, &cfg.allowed_hosts, &cfg.allowed_origins, &cfg.api_keys);
     let supervisor = Arc::new(Supervisor::new(cfg, presets, registry));
@@ -83,11 +84,16 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let app = router(state, guard);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut control_stop = stop_rx.clone();
-    let control_server = tokio::spawn(serve_http(control, control_app, async move {
-        let _ = control_stop.wait_for(|stop| *stop).await;
-    }));
+    let control_server = tokio::spawn(serve_http(
+        control,
+        control_app,
+        MAX_CONNECTIONS,
+        async move {
+            let _ = control_stop.wait_for(|stop| *stop).await;
+        },
+    ));
     let server = tokio::spawn(async move {
-        serve_http(listener, app, async move {
+        serve_http(listener, app, max_connections, async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         })
         .await
@@ -110,7 +116,8 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
 /// A client gets this long to send a request's headers, and an idle keep-alive
 /// connection is closed after it (slow-header clients must not pin connections).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Connections served at once; more are closed as they arrive.
+/// Connections served at once by default (`max_connections`); more are closed as
+/// they arrive.
 pub const MAX_CONNECTIONS: usize = 1024;
 
 /// The HTTP server (over TCP, or the control socket): hyper with a header-read
@@ -120,13 +127,14 @@ pub const MAX_CONNECTIONS: usize = 1024;
 async fn serve_http<L: axum::serve::Listener>(
     mut listener: L,
     app: axum::Router,
+    max_connections: usize,
     stop: impl std::future::Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
 
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -141,7 +149,7 @@ async fn serve_http<L: axum::serve::Listener>(
             () = &mut stop => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("{MAX_CONNECTIONS} connections open; refusing another");
+            tracing::warn!("{max_connections} connections open; refusing another");
             continue; // dropping the stream closes it
         };
         let service = TowerToHyperService::new(app.clone());

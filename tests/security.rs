@@ -244,3 +244,39 @@ async fn the_cli_uses_the_owner_only_control_socket() {
         "over HTTP the admin routes need the key"
     );
 }
+
+/// Past `max_connections` (here 2), a new connection is closed at once, and the
+/// daemon serves again when one frees up.
+#[test]
+fn connections_beyond_the_cap_are_closed() {
+    use std::io::{Read, Write};
+    let d = spawn_daemon(&[("MLXD_MAX_CONNECTIONS", "2")]);
+    let addr = format!("127.0.0.1:{}", d.port);
+    // Two connections that hold their slots (headers not finished).
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut third = std::net::TcpStream::connect(&addr).unwrap();
+    third
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let _ = third.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut buf = [0u8; 64];
+    let n = third.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the third connection was served: {:?}", &buf[..n]);
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut again = std::net::TcpStream::connect(&addr).unwrap();
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    again.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(d.shut_down().success());
+}
