@@ -88,18 +88,9 @@ fn workers_exit_when_their_daemon_is_killed() {
     BufReader::new(own.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let port = line.trim().rsplit(':').next().unwrap().to_string();
-    let out = mlxd()
-        .args(["--port", &port, "start", MODEL])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ps = mlxd().args(["--port", &port, "ps"]).output().unwrap();
-    let ps = String::from_utf8_lossy(&ps.stdout).into_owned();
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    common::cli_ok(port, &["start", MODEL], &[]);
+    let ps = common::cli_ok(port, &["ps"], &[]);
     let pid: u32 = ps
         .lines()
         .find(|l| l.starts_with(MODEL))

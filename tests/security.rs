@@ -97,15 +97,10 @@ async fn every_route_but_healthz_needs_a_key() {
     let status = request("GET", "/v1/secret").send().await.unwrap().status();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     // The CLI sends the configured key.
-    let out = common::mlxd()
-        .args(["--port", &daemon().port.to_string(), "ps"])
-        .env("MLXD_API_KEY", KEY)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::cli_ok(
+        daemon().port,
+        &["ps"],
+        &[("MLXD_API_KEY", Some(KEY.as_ref()))],
     );
 }
 
@@ -225,18 +220,15 @@ async fn the_cli_uses_the_owner_only_control_socket() {
     let socket = home().join(format!("mlxd-{}.sock", d.port));
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{socket:?} mode {mode:o}");
-    let out = common::mlxd()
-        .args(["--port", &d.port.to_string(), "ps"])
-        .env("MLXD_HOME", home())
-        .env_remove("MLXD_API_KEY")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::cli_ok(
+        d.port,
+        &["ps"],
+        &[
+            ("MLXD_HOME", Some(home().as_os_str())),
+            ("MLXD_API_KEY", None),
+        ],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("MODEL"));
+    assert!(out.contains("MODEL"));
     let status = request("GET", "/admin/ps").send().await.unwrap().status();
     assert_eq!(
         status,

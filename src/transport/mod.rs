@@ -26,14 +26,24 @@ pub enum Incoming {
 }
 
 impl Incoming {
-    pub fn decode(kind: u16, flags: u16, payload: &[u8]) -> Result<Incoming, FrameError> {
+    /// A frame whose payload the caller already owns (the shm ring's copy): a
+    /// token batch becomes the shared buffer without another copy.
+    pub fn decode_owned(kind: u16, flags: u16, payload: Vec<u8>) -> Result<Incoming, FrameError> {
         if kind == Kind::TokenBatch as u16 {
             // Check every entry here, so a broken batch is a protocol error (the
             // worker is killed) rather than tokens dropped later during routing.
-            for entry in worker_protocol::frame::token_batch_entries(payload)? {
+            for entry in worker_protocol::frame::token_batch_entries(&payload)? {
                 entry?;
             }
-            return Ok(Incoming::Tokens(Bytes::copy_from_slice(payload)));
+            return Ok(Incoming::Tokens(Bytes::from(payload)));
+        }
+        Frame::decode(kind, flags, &payload).map(Incoming::Frame)
+    }
+
+    /// A frame borrowed from a reader's buffer (stdio).
+    pub fn decode(kind: u16, flags: u16, payload: &[u8]) -> Result<Incoming, FrameError> {
+        if kind == Kind::TokenBatch as u16 {
+            return Incoming::decode_owned(kind, flags, payload.to_vec());
         }
         Frame::decode(kind, flags, payload).map(Incoming::Frame)
     }

@@ -15,11 +15,10 @@ const SPINS_BEFORE_SLEEP: u32 = 32;
 /// The next frame in the ring, decoded; a corrupt ring or frame is a protocol error.
 fn next_frame(events: &mut Consumer) -> Result<Option<Incoming>, TransportError> {
     let protocol = |e: &dyn std::fmt::Display| TransportError::Protocol(e.to_string());
-    match events
-        .pop_with(Incoming::decode)
-        .map_err(|e| protocol(&e))?
-    {
-        Some(frame) => frame.map(Some).map_err(|e| protocol(&e)),
+    match events.pop().map_err(|e| protocol(&e))? {
+        Some((kind, flags, payload)) => Incoming::decode_owned(kind, flags, payload)
+            .map(Some)
+            .map_err(|e| protocol(&e)),
         None => Ok(None),
     }
 }

@@ -117,3 +117,24 @@ impl Daemon {
             .expect("the control socket answers")
     }
 }
+
+/// Runs the CLI against the daemon on `port` with `args`; asserts it succeeded and
+/// returns its stdout. `env` entries with a None value are removed.
+#[allow(dead_code)]
+pub fn cli_ok(port: u16, args: &[&str], env: &[(&str, Option<&std::ffi::OsStr>)]) -> String {
+    let mut cmd = mlxd();
+    cmd.arg("--port").arg(port.to_string()).args(args);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "mlxd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -508,6 +508,23 @@ impl Consumer {
         &mut self,
         f: impl FnOnce(u16, u16, &[u8]) -> R,
     ) -> Result<Option<R>, RingError> {
+        Ok(self
+            .copy_next()?
+            .map(|(kind, flags)| f(kind, flags, &self.scratch)))
+    }
+
+    /// Takes the next frame with its payload as an owned buffer: the one copy out
+    /// of shared memory, handed over (a reader that keeps the bytes copies nothing
+    /// more).
+    pub fn pop(&mut self) -> Result<Option<(u16, u16, Vec<u8>)>, RingError> {
+        Ok(self
+            .copy_next()?
+            .map(|(kind, flags)| (kind, flags, std::mem::take(&mut self.scratch))))
+    }
+
+    /// Copies the next frame's payload into `scratch` and releases its ring space;
+    /// returns its kind and flags.
+    fn copy_next(&mut self) -> Result<Option<(u16, u16)>, RingError> {
         loop {
             if self.is_empty() {
                 return Ok(None);
@@ -545,13 +562,8 @@ impl Consumer {
                     .read_into(self.head + HEADER_LEN as u64, &mut self.scratch)
             };
             self.release(stride);
-            return Ok(Some(f(kind, flags, &self.scratch)));
+            return Ok(Some((kind, flags)));
         }
-    }
-
-    /// Takes the next frame, copying its payload out.
-    pub fn pop(&mut self) -> Result<Option<(u16, u16, Vec<u8>)>, RingError> {
-        self.pop_with(|k, f, p| (k, f, p.to_vec()))
     }
 
     fn release(&mut self, stride: u64) {
