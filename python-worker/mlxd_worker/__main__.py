@@ -47,6 +47,7 @@ def _stats_loop(engine: Engine, transport: Transport) -> None:
                     "rss": rss_bytes(),
                     "heartbeat": engine.heartbeat,
                     "engine_failed": engine.failed,
+                    "speculative": engine.backend.speculative_status(),
                     **counts,
                 }
             ),

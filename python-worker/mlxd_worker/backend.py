@@ -4,10 +4,17 @@ the replay engine. Both advance every live sequence by one token per step."""
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Protocol
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Union
 
+from .drafting import DraftController
 from .sampling import Sampler
 from .solo import SoloSequence
+from .speculative import SpeculativeSequence, pair_problem
+
+log = logging.getLogger("mlxd_worker")
 
 # (uid, token, finish_reason): finish_reason is "stop" (EOS), "length" or None.
 StepResult = tuple[int, int, Optional[str]]
@@ -24,12 +31,18 @@ class Backend(Protocol):
     tokenizer: Any
     eos: frozenset[int]
     context_length: int | None
+    # The draft policy, when the preset names a draft model.
+    drafting: DraftController | None
 
     def load(self, model_path: str, options: dict[str, Any]) -> None: ...
-    def insert(self, ids: list[int], max_tokens: int, sampler: Sampler | None) -> int: ...
+    def insert(
+        self, ids: list[int], max_tokens: int, sampler: Sampler | None, speculative: bool | None = None
+    ) -> int: ...
     def remove(self, uid: int) -> None: ...
     def step(self) -> list[StepResult]: ...
     def detokenizer(self) -> Detokenizer: ...
+    def take_counts(self, uid: int) -> dict[str, int] | None: ...
+    def speculative_status(self) -> dict[str, Any] | None: ...
 
 
 def context_length(model_path: str) -> int | None:
@@ -42,37 +55,55 @@ def context_length(model_path: str) -> int | None:
     return int(value) if value else None
 
 
+@dataclass
+class Track:
+    """What the backend keeps per sequence across lanes: its tokens (prompt and
+    output, for a draft joining later), what is left, and its draft counters."""
+
+    history: list[int]
+    left: int
+    sampler: Sampler | None
+    forced: bool | None
+    drafted: int = 0
+    accepted: int = 0
+    batch_tokens: int = 0  # tokens produced since it last entered the batch
+
+
+Lane = Union[SoloSequence, SpeculativeSequence]
+
+
 class MlxBackend:
     """mlx-lm's BatchGenerator: sequences join the running batch at any step and
     leave when done; prompts are prefilled `prefill_step` tokens per step, so a
     long prompt delays the others' next token by one chunk, not by all of it.
 
-    A sequence that arrives while nothing runs decodes alone (solo.py), as fast as
-    stream_generate; the next arrival moves it into the batch, KV cache and all.
-    Our uids are our own: the batch's uids are mapped to them.
+    A sequence that arrives while nothing runs decodes alone, as fast as
+    stream_generate (solo.py), or speculatively with the preset's draft model
+    (speculative.py, the interactive lane); the next arrival moves it into the
+    batch, KV cache and all, and when the batch is down to one sequence that one
+    moves back out to draft again. Our uids are our own: the batch's are mapped.
     """
 
     def __init__(self) -> None:
         self.tokenizer: Any = None
         self.eos: frozenset[int] = frozenset()
         self.context_length: int | None = None
+        self.drafting: DraftController | None = None  # None: no draft configured
         self._model: Any = None
+        self._draft: Any = None
         self._gen: Any = None
         self._prefill_step = 2048
         self._next_uid = 0
-        self._solo: tuple[int, SoloSequence] | None = None
+        self._solo: tuple[int, Lane] | None = None
         self._batch_uid: dict[int, int] = {}  # ours -> the batch's
         self._our_uid: dict[int, int] = {}  # the batch's -> ours
-        self._waiting: list[tuple[int, list[int], int, Sampler | None]] = []
+        self._waiting: list[int] = []
+        self._tracks: dict[int, Track] = {}
 
     def load(self, model_path: str, options: dict[str, Any]) -> None:
-        import mlx_lm
         from mlx_lm.generate import BatchGenerator
 
-        # Model files are untrusted: never run code shipped with them.
-        self._model, self.tokenizer = mlx_lm.load(
-            model_path, trust_remote_code=False, tokenizer_config={"trust_remote_code": False}
-        )
+        self._model, self.tokenizer = _load(model_path)
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         self.context_length = context_length(model_path)
         max_batch = int(options.get("max_batch", 16))
@@ -84,23 +115,71 @@ class MlxBackend:
             prefill_batch_size=min(max_batch, 8),
             prefill_step_size=self._prefill_step,
         )
+        spec = options.get("speculative")
+        if spec:
+            self._load_draft(model_path, spec)
 
-    def insert(self, ids: list[int], max_tokens: int, sampler: Sampler | None) -> int:
+    def _load_draft(self, model_path: str, spec: dict[str, Any]) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        mode = str(spec.get("mode", "auto"))
+        name = str(spec.get("draft", ""))
+        problem: str | None = None
+        if mode != "off":
+            self._draft, draft_tok = _load(spec["draft_path"])
+            problem = pair_problem(
+                model_path, spec["draft_path"], self.tokenizer, draft_tok, make_prompt_cache(self._model), mode
+            )
+            if problem:
+                self._draft = None
+                if spec.get("require_supported"):
+                    raise RuntimeError(f"speculative decoding with draft '{name}' is not supported: {problem}")
+        self.drafting = DraftController(
+            draft=name, mode=mode, max_draft=int(spec.get("num_draft_tokens", 3)), unsupported=problem
+        )
+        if self.drafting.active:
+            log.info("speculative decoding: draft '%s', %d tokens, mode %s", name, self.drafting.num_draft, mode)
+        else:
+            log.warning("speculative decoding inactive (draft '%s'): %s", name, self.drafting.reason)
+
+    def insert(
+        self, ids: list[int], max_tokens: int, sampler: Sampler | None, speculative: bool | None = None
+    ) -> int:
         uid = self._next_uid
         self._next_uid += 1
+        track = Track(list(ids), max_tokens, sampler, speculative)
+        self._tracks[uid] = track
         if self._solo is None and not self._batch_uid:
-            from mlx_lm.generate import generation_stream
-
-            solo = SoloSequence(self._model, ids, max_tokens, sampler, self._prefill_step, generation_stream)
-            self._solo = (uid, solo)
+            self._solo = (uid, self._lone_lane(track))
         else:
-            self._waiting.append((uid, ids, max_tokens, sampler))
+            self._waiting.append(uid)
         return uid
 
-    def _to_batch(self, uid: int, ids: list[int], max_tokens: int, sampler: Sampler | None, cache: Any = None) -> None:
+    def _lone_lane(self, track: Track, cache: Any = None) -> Lane:
+        from mlx_lm.generate import generation_stream
+
+        d = self.drafting
+        if d is not None and self._draft is not None and d.use_draft(track.forced, time.monotonic()):
+            return SpeculativeSequence(
+                self._model,
+                self._draft,
+                track.history,
+                track.left,
+                track.sampler,
+                max(d.num_draft, 1),
+                self._prefill_step,
+                generation_stream,
+                cache,
+            )
+        stream = generation_stream
+        return SoloSequence(self._model, track.history, track.left, track.sampler, self._prefill_step, stream)
+
+    def _to_batch(self, uid: int, ids: list[int], cache: Any = None) -> None:
+        track = self._tracks[uid]
         (buid,) = self._gen.insert(
-            [ids], max_tokens=[max_tokens], samplers=[sampler], caches=None if cache is None else [cache]
+            [ids], max_tokens=[track.left], samplers=[track.sampler], caches=None if cache is None else [cache]
         )
+        track.batch_tokens = 0
         self._batch_uid[uid] = buid
         self._our_uid[buid] = uid
 
@@ -108,35 +187,46 @@ class MlxBackend:
         if self._solo is not None and self._solo[0] == uid:
             self._solo = None
             return
-        self._waiting = [w for w in self._waiting if w[0] != uid]
+        self._waiting = [w for w in self._waiting if w != uid]
         buid = self._batch_uid.pop(uid, None)
         if buid is not None:
             del self._our_uid[buid]
             self._gen.remove([buid])
 
+    def take_counts(self, uid: int) -> dict[str, int] | None:
+        """The sequence's draft counters (None without a usable draft); forgets it."""
+        track = self._tracks.pop(uid, None)
+        if track is None or self.drafting is None or not self.drafting.available:
+            return None
+        return {"drafted": track.drafted, "accepted": track.accepted, "rejected": track.drafted - track.accepted}
+
+    def _emit(self, uid: int, token: int, finish: str | None) -> StepResult:
+        track = self._tracks[uid]
+        track.history.append(token)
+        track.left -= 1
+        return (uid, token, finish)
+
+    def _finish_of(self, token: int, left: int) -> str | None:
+        return "stop" if token in self.eos else ("length" if left <= 0 else None)
+
     def step(self) -> list[StepResult]:
-        results: list[StepResult] = []
         if self._solo is not None and not self._waiting:
-            uid, solo = self._solo
-            token = solo.step()
-            if token is None:
-                return results
-            finish = "stop" if token in self.eos else ("length" if solo.left <= 0 else None)
-            if finish is not None:
-                self._solo = None
-            return [(uid, token, finish)]
+            return self._step_lone()
+        results: list[StepResult] = []
         if self._solo is not None:  # company arrived: the lone sequence joins the batch
-            uid, solo = self._solo
+            uid, lane = self._solo
             self._solo = None
-            moved = solo.handover()
+            moved = lane.handover()
             finish = None
             if moved.emitted is not None:
-                finish = "stop" if moved.emitted in self.eos else ("length" if moved.max_tokens <= 0 else None)
-                results.append((uid, moved.emitted, finish))
+                finish = self._finish_of(moved.emitted, moved.max_tokens)
+                results.append(self._emit(uid, moved.emitted, finish))
+            if isinstance(lane, SpeculativeSequence) and self.drafting is not None:
+                self.drafting.lane_switches["batch"] += 1
             if finish is None:
-                self._to_batch(uid, moved.prompt, moved.max_tokens, moved.sampler, moved.cache)
-        for uid, ids, max_tokens, sampler in self._waiting:
-            self._to_batch(uid, ids, max_tokens, sampler)
+                self._to_batch(uid, moved.prompt, moved.cache)
+        for uid in self._waiting:
+            self._to_batch(uid, self._tracks[uid].history)
         self._waiting = []
         _, responses = self._gen.next()
         for r in responses:
@@ -144,8 +234,76 @@ class MlxBackend:
             if r.finish_reason is not None:
                 del self._our_uid[r.uid]
                 del self._batch_uid[uid]
-            results.append((uid, r.token, r.finish_reason))
+            self._tracks[uid].batch_tokens += 1
+            results.append(self._emit(uid, r.token, r.finish_reason))
+        self._leave_batch_if_alone(results)
         return results
+
+    def _step_lone(self) -> list[StepResult]:
+        uid, lane = self._solo  # type: ignore[misc]
+        track = self._tracks[uid]
+        started = time.perf_counter()
+        # A plain sequence's first token carries its prompt's last pass: not decode speed.
+        first = isinstance(lane, SoloSequence) and not lane.decoding
+        out = lane.step()
+        seconds = time.perf_counter() - started
+        results: list[StepResult] = []
+        accepted = 0
+        for token, from_draft in out:
+            finish = self._finish_of(token, track.left - 1)
+            if from_draft and token not in self.eos:
+                accepted += 1
+            results.append(self._emit(uid, token, finish))
+            if finish is not None:
+                self._solo = None
+                break
+        d = self.drafting
+        if d is not None and out:
+            now = time.monotonic()
+            if isinstance(lane, SpeculativeSequence):
+                track.drafted += lane.last_drafted
+                track.accepted += accepted
+                d.on_round(lane.last_drafted, accepted, len(results), seconds, now)
+            elif not first:
+                d.on_plain(len(results), seconds, now)
+        return results
+
+    def _leave_batch_if_alone(self, results: list[StepResult]) -> None:
+        """Batch -> interactive lane: the last sequence left in the batch drafts
+        again. Its KV cache comes out of the batch (holding every token it has,
+        the last one included); rewound by one, that last token is the input of
+        its first round, as at any round boundary."""
+        if self.drafting is None or self._draft is None or self._waiting or len(self._batch_uid) != 1:
+            return
+        ((uid, buid),) = self._batch_uid.items()
+        track = self._tracks[uid]
+        if track.batch_tokens == 0 or track.left < 2 or any(r[0] == uid and r[2] for r in results):
+            return  # still prefilling in the batch, or about to end
+        if not self.drafting.use_draft(track.forced, time.monotonic()):
+            return
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        cache, _ = self._gen.remove([buid], return_prompt_caches=True)[buid]
+        del self._batch_uid[uid]
+        del self._our_uid[buid]
+        if cache[0].offset != len(track.history):  # never seen; fall back safely
+            log.warning("batch cache holds %d tokens, sequence has %d", cache[0].offset, len(track.history))
+            self._to_batch(uid, [track.history[-1]], cache)
+            return
+        trim_prompt_cache(cache, 1)
+        self._solo = (uid, self._lone_lane(track, cache))
+        if isinstance(self._solo[1], SpeculativeSequence):
+            self.drafting.lane_switches["speculative"] += 1
 
     def detokenizer(self) -> Detokenizer:
         return self.tokenizer.detokenizer
+
+    def speculative_status(self) -> dict[str, Any] | None:
+        return None if self.drafting is None else self.drafting.status()
+
+
+def _load(model_path: str) -> tuple[Any, Any]:
+    import mlx_lm
+
+    # Model files are untrusted: never run code shipped with them.
+    return mlx_lm.load(model_path, trust_remote_code=False, tokenizer_config={"trust_remote_code": False})

@@ -27,6 +27,9 @@ from .transport import Transport
 
 log = logging.getLogger("mlxd_worker")
 
+# Tokens each lone lane decodes when auto mode measures plain against drafted.
+CALIBRATION_TOKENS = 16
+
 
 @dataclass
 class Counters:
@@ -69,6 +72,7 @@ class Sequence:
     completion_tokens: int = 0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    ended: bool = False
 
 
 def make_backend(engine: str) -> Backend:
@@ -219,23 +223,44 @@ class Engine:
         self.transport.send(
             frames.READY,
             frames.json_payload(
-                {"load_seconds": time.perf_counter() - t0, "context_length": self.backend.context_length}
+                {
+                    "load_seconds": time.perf_counter() - t0,
+                    "context_length": self.backend.context_length,
+                    "speculative": self.backend.speculative_status(),
+                }
             ),
         )
         log.info("loaded %s in %.1fs (flush %s)", req["model_name"], time.perf_counter() - t0, self.flush_policy)
 
     def _warm_up(self) -> None:
         """Compile kernels on our time, not on a user's first request: one sequence
-        alone, then a second joining it (the solo path, the handover, the batch)."""
+        alone, then a second joining it (the lone lane, the handover, the batch,
+        and with a draft the way back out of the batch). With a draft, both lone
+        lanes run; in auto mode they run once more, measured, so the draft policy
+        starts from this machine's own figures for both."""
         ids = self._prompt_ids({"messages": [{"role": "user", "content": "Hi"}]})
         live = {self.backend.insert(ids, 4, None)}
         self.backend.step()
         live.add(self.backend.insert(ids, 3, None))
+        self._run_to_end(live)
+        drafting = self.backend.drafting
+        if drafting is None or not drafting.available:
+            return
+        for speculative in (False, True):
+            self._run_to_end({self.backend.insert(ids, 4, None, speculative)})
+        if drafting.mode == "auto":
+            story = self._prompt_ids({"messages": [{"role": "user", "content": "Tell me a story about a robot."}]})
+            for speculative in (False, True):
+                self._run_to_end({self.backend.insert(story, CALIBRATION_TOKENS, None, speculative)})
+            log.info("draft policy after calibration: %s", drafting.reason)
+
+    def _run_to_end(self, live: set[int]) -> None:
         while live:
             self._beat()  # a load that warms up is making progress
             for uid, _, finish in self.backend.step():
                 if finish is not None:
                     live.discard(uid)
+                    self.backend.take_counts(uid)
 
     def _prompt_ids(self, req: dict[str, Any]) -> list[int]:
         tok = self.backend.tokenizer
@@ -268,7 +293,8 @@ class Engine:
         sampler = self._samplers.get(
             float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)), None if seed is None else int(seed)
         )
-        uid = self.backend.insert(ids, int(req["max_tokens"]), sampler)
+        speculative = req.get("speculative")
+        uid = self.backend.insert(ids, max_tokens, sampler, None if speculative is None else bool(speculative))
         seq = Sequence(
             rid=rid,
             uid=uid,
@@ -297,7 +323,7 @@ class Engine:
         ended: list[tuple[Sequence, str]] = []
         for uid, token, finish in results:
             seq = self._by_uid.get(uid)
-            if seq is None:
+            if seq is None or seq.ended:  # a round's tokens after its stop string
                 continue
             if not seq.first_token_at:
                 seq.first_token_at = now
@@ -323,6 +349,7 @@ class Engine:
                     self._pending_since = now
                 self._pending.append((seq.rid, int(token), text))
             if finish is not None:
+                seq.ended = True
                 ended.append((seq, finish))
         with self.counters.lock:
             self.counters.steps += 1
@@ -356,16 +383,15 @@ class Engine:
         first, last = seq.first_token_at, seq.last_token_at
         prompt_s = (first - seq.started) if first else 0.0
         gen_s = last - first
-        self.transport.send(
-            frames.DONE,
-            frames.json_payload(
-                {
-                    "id": seq.rid,
-                    "finish_reason": finish,
-                    "prompt_tokens": seq.prompt_tokens,
-                    "completion_tokens": seq.completion_tokens,
-                    "prompt_tps": seq.prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
-                    "generation_tps": (seq.completion_tokens - 1) / gen_s if gen_s > 0 else 0.0,
-                }
-            ),
-        )
+        done = {
+            "id": seq.rid,
+            "finish_reason": finish,
+            "prompt_tokens": seq.prompt_tokens,
+            "completion_tokens": seq.completion_tokens,
+            "prompt_tps": seq.prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
+            "generation_tps": (seq.completion_tokens - 1) / gen_s if gen_s > 0 else 0.0,
+        }
+        counts = self.backend.take_counts(seq.uid)
+        if counts is not None:
+            done["speculative"] = counts
+        self.transport.send(frames.DONE, frames.json_payload(done))

@@ -48,6 +48,7 @@ class ReplayBackend:
         self.tokenizer: Any = None
         self.eos: frozenset[int] = frozenset()
         self.context_length: int | None = None
+        self.drafting: Any = None  # no draft model here
         self._ids: list[int] = []
         self._pieces: list[str] = []
         # uid -> [position, tokens left]
@@ -71,7 +72,9 @@ class ReplayBackend:
         detok.finalize()
         self._pieces[-1] += detok.last_segment
 
-    def insert(self, ids: list[int], max_tokens: int, sampler: Sampler | None) -> int:
+    def insert(
+        self, ids: list[int], max_tokens: int, sampler: Sampler | None, speculative: bool | None = None
+    ) -> int:
         uid = self._next_uid
         self._next_uid += 1
         self._live[uid] = [0, max_tokens]
@@ -97,6 +100,12 @@ class ReplayBackend:
         for uid in done:
             del self._live[uid]
         return out
+
+    def take_counts(self, uid: int) -> dict[str, int] | None:
+        return None  # no draft model here
+
+    def speculative_status(self) -> dict[str, Any] | None:
+        return None
 
     def detokenizer(self) -> Detokenizer:
         return _ReplayDetokenizer(self._pieces)

@@ -59,8 +59,8 @@ class SoloSequence:
             return mx.argmax(logprobs, axis=-1)
         return self._sampler(logprobs)
 
-    def step(self) -> int | None:
-        """One prefill chunk (returns None) or one decoded token."""
+    def step(self) -> list[tuple[int, bool]]:
+        """One prefill chunk (returns []) or one decoded token (never a draft's)."""
         import mlx.core as mx
 
         with mx.stream(self._stream):
@@ -71,7 +71,7 @@ class SoloSequence:
                     mx.eval([c.state for c in self._cache])
                     self._pending = self._pending[n:]
                     if len(self._pending) > 1:
-                        return None
+                        return []
                 self._next = self._forward(mx.array(self._pending))
                 self._pending = []
                 mx.async_eval(self._next)
@@ -80,7 +80,12 @@ class SoloSequence:
             if self._left > 0:
                 self._next = self._forward(current)
                 mx.async_eval(self._next)
-            return int(current.item())
+            return [(int(current.item()), False)]
+
+    @property
+    def decoding(self) -> bool:
+        """Past the prompt: a token is queued."""
+        return self._next is not None
 
     @property
     def left(self) -> int:
