@@ -233,8 +233,32 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
         if let Some(last) = w.last_exit.as_ref().filter(|_| w.error.is_none()) {
             println!("    last exit: {last}");
         }
+        if let Some(spec) = &w.stats.speculative {
+            println!("    {}", speculative_line(spec));
+        }
     }
     Ok(())
+}
+
+/// `ps`'s line for a model with a draft: what it does now, why, and its counters.
+pub fn speculative_line(s: &worker_protocol::frame::SpecStatus) -> String {
+    let state = if s.active {
+        format!("on, {} draft tokens", s.num_draft_tokens)
+    } else {
+        "off".to_string()
+    };
+    let rejected = s.drafted_total.saturating_sub(s.accepted_total);
+    let mut line = format!(
+        "speculative ({}, draft {}): {state} ({}); drafted {}, accepted {}, rejected {}, acceptance {:.2}",
+        s.mode, s.draft, s.reason, s.drafted_total, s.accepted_total, rejected, s.acceptance
+    );
+    if s.spec_tps > 0.0 && s.plain_tps > 0.0 {
+        line += &format!(
+            "; {:.1} tok/s drafting, {:.1} plain",
+            s.spec_tps, s.plain_tps
+        );
+    }
+    line
 }
 
 pub fn list(cfg: &Config) -> anyhow::Result<()> {

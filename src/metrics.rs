@@ -4,7 +4,7 @@
 //! made once per worker, so counting is one atomic add, never a registry lookup.
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use worker_protocol::frame::Stats;
+use worker_protocol::frame::{SpecStatus, Stats};
 
 /// Installs the global recorder (once per process) and returns its renderer.
 pub fn install() -> PrometheusHandle {
@@ -37,4 +37,40 @@ pub fn record_worker_stats(model: &str, s: &Stats) {
         .absolute(s.batch_tokens_total);
     metrics::counter!("mlxd_worker_token_frames_total", "model" => m())
         .absolute(s.token_frames_total);
+    if let Some(spec) = &s.speculative {
+        record_speculative(model, spec);
+    }
+}
+
+/// The speculative counters and the draft policy's state, per model.
+fn record_speculative(model: &str, s: &SpecStatus) {
+    let m = || model.to_string();
+    let tokens = |result: &'static str, v: u64| {
+        metrics::counter!("mlxd_spec_draft_tokens_total", "model" => m(), "result" => result)
+            .absolute(v)
+    };
+    tokens("accepted", s.accepted_total);
+    tokens("rejected", s.drafted_total.saturating_sub(s.accepted_total));
+    metrics::gauge!("mlxd_spec_acceptance_ratio", "model" => m()).set(s.acceptance);
+    metrics::gauge!("mlxd_spec_active", "model" => m()).set(f64::from(u8::from(s.active)));
+    metrics::gauge!("mlxd_spec_num_draft_tokens", "model" => m()).set(s.num_draft_tokens as f64);
+    for (lane, tps) in [("speculative", s.spec_tps), ("plain", s.plain_tps)] {
+        metrics::gauge!("mlxd_spec_decode_tokens_per_second", "model" => m(), "lane" => lane)
+            .set(tps);
+    }
+    for (what, v) in [
+        ("lowered", s.lowered_total),
+        ("raised", s.raised_total),
+        ("off", s.off_total),
+        ("on", s.on_total),
+    ] {
+        metrics::counter!("mlxd_spec_transitions_total", "model" => m(), "transition" => what)
+            .absolute(v);
+    }
+    for (to, v) in [
+        ("batch", s.to_batch_total),
+        ("speculative", s.to_speculative_total),
+    ] {
+        metrics::counter!("mlxd_spec_lane_switches_total", "model" => m(), "to" => to).absolute(v);
+    }
 }

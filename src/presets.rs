@@ -161,10 +161,64 @@ pub struct Preset {
     /// `max_concurrent` sequences (README, "Memory").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_estimate: Option<String>,
+    /// Speculative decoding with a draft model (README, "Speculative decoding").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<Speculative>,
     /// Test-only fault injection passed to the worker (see mlxd_worker/faults.py).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<toml::Table>,
 }
+
+/// Whether a preset's draft model drafts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SpecMode {
+    /// Draft while it pays: the worker lowers the draft length when acceptance
+    /// falls, and stops drafting when acceptance collapses or drafting measures
+    /// slower than plain decoding here (probing again later).
+    #[default]
+    Auto,
+    /// Always draft `num_draft_tokens` (also past the family policy).
+    On,
+    /// Never draft (the draft is not loaded).
+    Off,
+}
+
+impl SpecMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpecMode::Auto => "auto",
+            SpecMode::On => "on",
+            SpecMode::Off => "off",
+        }
+    }
+}
+
+/// A preset's `[speculative]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Speculative {
+    /// The draft model: an imported model's name or an absolute path. It must
+    /// share the target's tokenizer (checked at load).
+    pub draft: String,
+    /// Tokens the draft proposes per round (the most, in auto mode).
+    #[serde(default = "default_num_draft_tokens")]
+    pub num_draft_tokens: u32,
+    #[serde(default)]
+    pub mode: SpecMode,
+    /// Fail the load when the pair cannot draft (tokenizer, cache or family),
+    /// instead of serving without drafting.
+    #[serde(default)]
+    pub require_supported: bool,
+}
+
+fn default_num_draft_tokens() -> u32 {
+    3
+}
+
+/// The largest `num_draft_tokens` accepted: past this, a round's rejected tail
+/// costs more than a good draft saves.
+pub const MAX_DRAFT_TOKENS: u32 = 16;
 
 fn default_keep_alive() -> String {
     "5m".into()
@@ -237,6 +291,18 @@ impl Preset {
         if let Some(m) = &p.memory_estimate {
             crate::memory::parse_bytes(m).map_err(|e| anyhow::anyhow!("memory_estimate {e}"))?;
         }
+        if let Some(spec) = &p.speculative {
+            anyhow::ensure!(
+                (1..=MAX_DRAFT_TOKENS).contains(&spec.num_draft_tokens),
+                "speculative.num_draft_tokens must be 1 to {MAX_DRAFT_TOKENS}"
+            );
+            anyhow::ensure!(
+                p.engine == EngineKind::Mlx,
+                "speculative decoding needs engine \"mlx\""
+            );
+            resolve_model(&spec.draft, Path::new("/"))
+                .map_err(|e| anyhow::anyhow!("speculative.draft: {e}"))?;
+        }
         Ok(p)
     }
 
@@ -248,10 +314,26 @@ impl Preset {
         if self.engine == EngineKind::Replay {
             return crate::memory::RUNTIME_OVERHEAD;
         }
-        self.model_path(models_dir)
+        let target = self
+            .model_path(models_dir)
             .ok()
             .and_then(|dir| crate::memory::estimate(&dir, self.max_concurrent))
-            .unwrap_or(0)
+            .unwrap_or(0);
+        // A draft runs in the same worker for one sequence at a time.
+        let draft = self
+            .draft_path(models_dir)
+            .and_then(|dir| crate::memory::estimate(&dir, 1))
+            .map_or(0, |d| d.saturating_sub(crate::memory::RUNTIME_OVERHEAD));
+        target + draft
+    }
+
+    /// The draft model's directory, when the preset drafts.
+    pub fn draft_path(&self, models_dir: &Path) -> Option<PathBuf> {
+        let spec = self.speculative.as_ref()?;
+        if spec.mode == SpecMode::Off {
+            return None;
+        }
+        resolve_model(&spec.draft, models_dir).ok()
     }
 
     /// The slot's restart policy and timeouts (fields validated by `parse`).
@@ -275,23 +357,36 @@ impl Preset {
         if let Some(faults) = &self.faults {
             options["faults"] = serde_json::to_value(faults).unwrap_or_default();
         }
+        if let Some(spec) = &self.speculative {
+            options["speculative"] = serde_json::json!({
+                "draft": spec.draft,
+                "num_draft_tokens": spec.num_draft_tokens,
+                "mode": spec.mode.as_str(),
+                "require_supported": spec.require_supported,
+            });
+        }
         options
     }
 
     /// The model directory: absolute paths are taken as they are; names resolve
     /// under the models dir (and must not escape it).
     pub fn model_path(&self, models_dir: &Path) -> anyhow::Result<PathBuf> {
-        let p = Path::new(&self.model);
-        if p.is_absolute() {
-            return Ok(p.to_path_buf());
-        }
-        anyhow::ensure!(
-            valid_name(&self.model),
-            "model {:?} is not a valid model name",
-            self.model
-        );
-        Ok(models_dir.join(&self.model))
+        resolve_model(&self.model, models_dir)
     }
+}
+
+/// An imported model's name (resolved under the models dir, which it must not
+/// escape) or an absolute path.
+fn resolve_model(model: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
+    let p = Path::new(model);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    anyhow::ensure!(
+        valid_name(model),
+        "model {model:?} is not a valid model name"
+    );
+    Ok(models_dir.join(model))
 }
 
 /// All presets by name, with aliases.

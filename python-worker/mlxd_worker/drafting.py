@@ -155,6 +155,13 @@ class DraftController:
         self.transitions["on"] += 1
         self.probe_at = now  # marks "probing" until the probe holds up
 
+    def forget_warm_up(self) -> None:
+        """Counters start at the first request; measured rates and the decision
+        the calibration led to stay."""
+        self.drafted_total = self.accepted_total = 0
+        self._window.clear()
+        self.lane_switches = {k: 0 for k in self.lane_switches}
+
     def status(self) -> dict[str, Any]:
         """The Stats/Ready frames' `speculative` object."""
         return {

@@ -241,7 +241,7 @@ class Engine:
         ids = self._prompt_ids({"messages": [{"role": "user", "content": "Hi"}]})
         live = {self.backend.insert(ids, 4, None)}
         self.backend.step()
-        live.add(self.backend.insert(ids, 3, None))
+        live.add(self.backend.insert(ids, 6, None))
         self._run_to_end(live)
         drafting = self.backend.drafting
         if drafting is None or not drafting.available:
@@ -253,6 +253,7 @@ class Engine:
             for speculative in (False, True):
                 self._run_to_end({self.backend.insert(story, CALIBRATION_TOKENS, None, speculative)})
             log.info("draft policy after calibration: %s", drafting.reason)
+        drafting.forget_warm_up()
 
     def _run_to_end(self, live: set[int]) -> None:
         while live:

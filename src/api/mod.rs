@@ -2,6 +2,7 @@
 //! client's dialect and the internal request; they never decide policy.
 
 pub mod admin;
+pub mod benchmark;
 pub mod guard;
 pub mod openai;
 
@@ -38,6 +39,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/start"),
     ("POST", "/admin/restart"),
     ("POST", "/admin/stop"),
+    ("POST", "/admin/benchmark"),
 ];
 
 fn handler(path: &str) -> axum::routing::MethodRouter<AppState> {
@@ -52,6 +54,7 @@ fn handler(path: &str) -> axum::routing::MethodRouter<AppState> {
         "/admin/start" => post(admin::start),
         "/admin/restart" => post(admin::restart),
         "/admin/stop" => post(admin::stop),
+        "/admin/benchmark" => post(benchmark::benchmark),
         other => unreachable!("route {other} in ROUTES has no handler"),
     }
 }
@@ -64,6 +67,7 @@ pub const CONTROL_ROUTES: &[&str] = &[
     "/admin/start",
     "/admin/restart",
     "/admin/stop",
+    "/admin/benchmark",
 ];
 
 /// The control plane the CLI uses, served on the 0600 Unix socket.

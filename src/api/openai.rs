@@ -11,7 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use worker_protocol::frame::{ChatMessage, Done, Generate};
+use worker_protocol::frame::{ChatMessage, Done, DraftCounts, Generate};
 
 use super::{unix_now, AppState};
 use crate::error::{Error, Source};
@@ -209,6 +209,7 @@ impl Sampling {
             top_p,
             stop,
             seed: self.seed,
+            speculative: None,
         })
     }
 
@@ -276,10 +277,24 @@ fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
 }
 
 fn usage(d: &Done) -> Value {
-    json!({
+    let mut u = json!({
         "prompt_tokens": d.prompt_tokens,
         "completion_tokens": d.completion_tokens,
         "total_tokens": d.prompt_tokens + d.completion_tokens,
+    });
+    if let Some(counts) = &d.speculative {
+        u["mlxd"] = speculative_usage(counts);
+    }
+    u
+}
+
+/// A request's draft counters as every dialect reports them (`usage.mlxd`).
+pub fn speculative_usage(c: &DraftCounts) -> Value {
+    json!({
+        "draft_tokens": c.drafted,
+        "accepted_tokens": c.accepted,
+        "rejected_tokens": c.rejected,
+        "acceptance_ratio": (c.acceptance() * 1e4).round() / 1e4,
     })
 }
 
@@ -658,11 +673,32 @@ fn default_max_tokens(state: &AppState, model: &str) -> Result<u32, Error> {
 
 pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
     let created = unix_now();
+    let loaded = state.supervisor.ps().await;
     let data: Vec<Value> = state
         .supervisor
         .presets()
         .iter()
-        .map(|p| json!({"id": p.name, "object": "model", "created": created, "owned_by": "mlxd"}))
+        .map(|p| {
+            let mut m = json!({"id": p.name, "object": "model", "created": created, "owned_by": "mlxd"});
+            if let Some(spec) = &p.speculative {
+                // What the worker says once loaded; the preset's word before that.
+                let status = loaded
+                    .iter()
+                    .find(|w| w.model == p.name)
+                    .and_then(|w| w.stats.speculative.as_ref());
+                m["mlxd"] = json!({"speculative": match status {
+                    Some(s) => json!({
+                        "draft": s.draft, "mode": s.mode, "active": s.active, "reason": s.reason,
+                        "num_draft_tokens": s.num_draft_tokens, "acceptance_ratio": s.acceptance,
+                    }),
+                    None => json!({
+                        "draft": spec.draft, "mode": spec.mode.as_str(), "active": null,
+                        "reason": "not loaded", "num_draft_tokens": spec.num_draft_tokens,
+                    }),
+                }});
+            }
+            m
+        })
         .collect();
     axum::Json(json!({"object": "list", "data": data}))
 }

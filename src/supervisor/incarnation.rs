@@ -136,6 +136,16 @@ impl Incarnation {
                 preset.model
             ));
         }
+        let draft_path = preset.draft_path(&cfg.models_dir);
+        if let Some(draft) = &draft_path {
+            if !is_model_dir(draft) {
+                return Err(format!(
+                    "no draft model at {} (import one with `mlxd import <file.gguf> --name NAME` \
+                     and name it in the preset's [speculative] draft)",
+                    draft.display()
+                ));
+            }
+        }
         let segment = match preset.transport {
             TransportKind::Shm => {
                 match Segment::create(&new_name(), [REQUEST_RING, EVENT_RING], n) {
@@ -313,6 +323,9 @@ impl Incarnation {
         if memory_limit > 0 {
             options["memory_limit"] = memory_limit.into();
         }
+        if let Some(draft) = draft_path {
+            options["speculative"]["draft_path"] = draft.to_string_lossy().into_owned().into();
+        }
         inc.send(Frame::Load(Load {
             model_path: model_path.to_string_lossy().into_owned(),
             model_name: preset.name.clone(),
@@ -480,6 +493,15 @@ impl Shared {
             }
             Frame::Ready(ready) => {
                 tracing::info!(model = %self.model, incarnation = n, load_seconds = ready.load_seconds, "worker ready");
+                if let Some(spec) = ready.speculative {
+                    if spec.active {
+                        tracing::info!(model = %self.model, draft = %spec.draft, num_draft_tokens = spec.num_draft_tokens, mode = %spec.mode, "speculative decoding active: {}", spec.reason);
+                    } else {
+                        tracing::warn!(model = %self.model, draft = %spec.draft, mode = %spec.mode, "speculative decoding inactive: {}", spec.reason);
+                    }
+                    // ps and /v1/models show it before the first Stats frame.
+                    self.stats.lock().expect("lock").speculative = Some(spec);
+                }
                 let _ = reports.send((n, Report::Ready));
             }
             Frame::Error(err) => match err.id {

@@ -127,6 +127,70 @@ pub struct Ready {
     pub load_seconds: f64,
     #[serde(default)]
     pub context_length: Option<u32>,
+    /// Present when the preset names a draft model.
+    #[serde(default)]
+    pub speculative: Option<SpecStatus>,
+}
+
+/// One request's draft tokens: `drafted = accepted + rejected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DraftCounts {
+    pub drafted: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+}
+
+impl DraftCounts {
+    /// Accepted / drafted (0 when nothing was drafted).
+    pub fn acceptance(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
+}
+
+/// A worker's speculative decoding as it stands: its draft, whether it drafts
+/// now and why, and its counters (Ready and every Stats).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SpecStatus {
+    pub draft: String,
+    /// "auto", "on" or "off".
+    pub mode: String,
+    /// Whether a request alone decodes speculatively now.
+    pub active: bool,
+    /// Why it is (in)active: the pair check, the mode, or the adaptive policy.
+    pub reason: String,
+    /// Tokens drafted per round now (0 while inactive).
+    #[serde(default)]
+    pub num_draft_tokens: u32,
+    /// Accepted / drafted over the recent rounds.
+    #[serde(default)]
+    pub acceptance: f64,
+    #[serde(default)]
+    pub drafted_total: u64,
+    #[serde(default)]
+    pub accepted_total: u64,
+    /// Decode tokens/s measured drafting and plain (0 until measured).
+    #[serde(default)]
+    pub spec_tps: f64,
+    #[serde(default)]
+    pub plain_tps: f64,
+    /// Adaptive transitions: draft length lowered/raised, drafting turned off/on.
+    #[serde(default)]
+    pub lowered_total: u64,
+    #[serde(default)]
+    pub raised_total: u64,
+    #[serde(default)]
+    pub off_total: u64,
+    #[serde(default)]
+    pub on_total: u64,
+    /// Lane switches of a request in flight: into the batch, and back to drafting.
+    #[serde(default)]
+    pub to_batch_total: u64,
+    #[serde(default)]
+    pub to_speculative_total: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +218,10 @@ pub struct Generate {
     pub stop: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Force the interactive lane's drafting on or off for this request (the
+    /// benchmark compares both); None leaves it to the worker's policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<bool>,
 }
 
 fn one() -> f32 {
@@ -188,6 +256,9 @@ pub struct Done {
     pub prompt_tps: f64,
     #[serde(default)]
     pub generation_tps: f64,
+    /// Present when the model has a usable draft.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<DraftCounts>,
 }
 
 /// Worker → daemon: something failed, for one request (`id`) or the worker.
@@ -242,6 +313,9 @@ pub struct Stats {
     /// exits, and the daemon never takes such a worker for healthy.
     #[serde(default)]
     pub engine_failed: bool,
+    /// Present when the preset names a draft model.
+    #[serde(default)]
+    pub speculative: Option<SpecStatus>,
 }
 
 /// A decoded frame.
