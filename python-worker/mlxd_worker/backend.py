@@ -222,7 +222,7 @@ class MlxBackend:
                 finish = self._finish_of(moved.emitted, moved.max_tokens)
                 results.append(self._emit(uid, moved.emitted, finish))
             if isinstance(lane, SpeculativeSequence) and self.drafting is not None:
-                self.drafting.lane_switches["batch"] += 1
+                self.drafting.switched("batch")
             if finish is None:
                 self._to_batch(uid, moved.prompt, moved.cache)
         for uid in self._waiting:
@@ -293,7 +293,7 @@ class MlxBackend:
         trim_prompt_cache(cache, 1)
         self._solo = (uid, self._lone_lane(track, cache))
         if isinstance(self._solo[1], SpeculativeSequence):
-            self.drafting.lane_switches["speculative"] += 1
+            self.drafting.switched("speculative")
 
     def detokenizer(self) -> Detokenizer:
         return self.tokenizer.detokenizer

@@ -64,6 +64,7 @@ class DraftController:
         default_factory=lambda: {"lowered": 0, "raised": 0, "off": 0, "on": 0}
     )
     lane_switches: dict[str, int] = field(default_factory=lambda: {"batch": 0, "speculative": 0})
+    counting: bool = False  # not during warm-up
     probe_interval: float = FIRST_PROBE_INTERVAL
     probe_at: float | None = None
     _window: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=WINDOW_ROUNDS))
@@ -101,8 +102,9 @@ class DraftController:
         return sum(a for _, a in self._window) / drafted if drafted else 0.0
 
     def on_round(self, drafted: int, accepted: int, tokens: int, seconds: float, now: float) -> None:
-        self.drafted_total += drafted
-        self.accepted_total += accepted
+        if self.counting:
+            self.drafted_total += drafted
+            self.accepted_total += accepted
         self._window.append((drafted, accepted))
         self.spec.add(tokens, seconds)
         self._decide(now)
@@ -155,12 +157,17 @@ class DraftController:
         self.transitions["on"] += 1
         self.probe_at = now  # marks "probing" until the probe holds up
 
-    def forget_warm_up(self) -> None:
-        """Counters start at the first request; measured rates and the decision
-        the calibration led to stay."""
-        self.drafted_total = self.accepted_total = 0
+    def start_counting(self) -> None:
+        """Warm-up is over: counters start with the first request (the daemon
+        exports them as monotonic counters). Measured rates and the decision the
+        calibration led to stay."""
+        self.counting = True
         self._window.clear()
-        self.lane_switches = {k: 0 for k in self.lane_switches}
+
+    def switched(self, to: str) -> None:
+        """A sequence in flight moved lanes: to "batch" or to "speculative"."""
+        if self.counting:
+            self.lane_switches[to] += 1
 
     def status(self) -> dict[str, Any]:
         """The Stats/Ready frames' `speculative` object."""

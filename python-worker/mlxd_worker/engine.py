@@ -253,7 +253,7 @@ class Engine:
             for speculative in (False, True):
                 self._run_to_end({self.backend.insert(story, CALIBRATION_TOKENS, None, speculative)})
             log.info("draft policy after calibration: %s", drafting.reason)
-        drafting.forget_warm_up()
+        drafting.start_counting()
 
     def _run_to_end(self, live: set[int]) -> None:
         while live:

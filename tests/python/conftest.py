@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,12 +14,56 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def models_dir() -> Path:
+    home = Path(os.environ.get("MLXD_HOME") or Path.home() / ".mlxd")
+    return Path(os.environ.get("MLXD_MODELS_DIR") or home / "models")
+
+
+def other_vocab_draft(at: Path) -> Path:
+    """The 4-bit test model with one token added to its tokenizer: a draft whose
+    vocabulary is not the target's."""
+    draft = at / "smollm2-135m-q4-othervocab"
+    shutil.copytree(models_dir() / "smollm2-135m-q4", draft)
+    tokenizer = json.loads((draft / "tokenizer.json").read_text())
+    extra = dict(tokenizer["added_tokens"][-1])
+    extra.update(id=len(tokenizer["model"]["vocab"]) + len(tokenizer["added_tokens"]), content="<|mlxd_extra|>")
+    tokenizer["added_tokens"].append(extra)
+    (draft / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return draft
+
+
 @pytest.fixture(scope="session")
-def daemon_url() -> Iterator[str]:
+def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Presets made at run time: a target whose draft has another vocabulary,
+    served without drafting, and the same with require_supported."""
+    at = tmp_path_factory.mktemp("mlxd")
+    draft = other_vocab_draft(at)
+    presets = at / "presets"
+    presets.mkdir()
+    for name, required in [("smollm2-135m-spec-othervocab", False), ("smollm2-135m-spec-othervocab-required", True)]:
+        (presets / f"{name}.toml").write_text(
+            f'model = "smollm2-135m"\n[speculative]\ndraft = "{draft}"\nmode = "on"\n'
+            f"require_supported = {str(required).lower()}\n"
+        )
+    return presets
+
+
+@pytest.fixture(scope="session")
+def daemon_url(session_presets: Path) -> Iterator[str]:
     binary = ROOT / "target" / "release" / "mlxd"
     assert binary.exists(), "build first: scripts/test does (cargo build --release)"
     proc = subprocess.Popen(
-        [str(binary), "serve", "--port", "0", "--presets-dir", str(ROOT / "tests" / "presets"), "--exit-on-stdin-eof"],
+        [
+            str(binary),
+            "serve",
+            "--port",
+            "0",
+            "--presets-dir",
+            str(ROOT / "tests" / "presets"),
+            "--presets-dir",
+            str(session_presets),
+            "--exit-on-stdin-eof",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ, "MLXD_LOG": "warn"},
