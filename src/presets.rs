@@ -542,4 +542,68 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn speculative_tables_parse_and_reach_the_worker() {
+        let p = Preset::parse("model = \"m\"\n[speculative]\ndraft = \"d\"", "x").unwrap();
+        let spec = p.speculative.as_ref().unwrap();
+        assert_eq!(
+            (spec.num_draft_tokens, spec.mode, spec.require_supported),
+            (3, SpecMode::Auto, false)
+        );
+        let options = p.worker_options();
+        assert_eq!(options["speculative"]["draft"], "d");
+        assert_eq!(options["speculative"]["mode"], "auto");
+        assert_eq!(
+            p.draft_path(Path::new("/models")),
+            Some(PathBuf::from("/models/d"))
+        );
+        let p = Preset::parse(
+            "model = \"m\"\n[speculative]\ndraft = \"/abs/d\"\nnum_draft_tokens = 5\nmode = \"on\"\nrequire_supported = true",
+            "x",
+        )
+        .unwrap();
+        let spec = p.speculative.as_ref().unwrap();
+        assert_eq!((spec.num_draft_tokens, spec.mode), (5, SpecMode::On));
+        assert_eq!(p.worker_options()["speculative"]["require_supported"], true);
+        assert_eq!(
+            p.draft_path(Path::new("/models")),
+            Some(PathBuf::from("/abs/d"))
+        );
+        // mode "off" loads no draft.
+        let p = Preset::parse(
+            "model = \"m\"\n[speculative]\ndraft = \"d\"\nmode = \"off\"",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(p.draft_path(Path::new("/models")), None);
+        for bad in [
+            "[speculative]\nnum_draft_tokens = 3",
+            "[speculative]\ndraft = \"d\"\nnum_draft_tokens = 0",
+            "[speculative]\ndraft = \"d\"\nnum_draft_tokens = 99",
+            "[speculative]\ndraft = \"d\"\nmode = \"sometimes\"",
+            "[speculative]\ndraft = \"d\"\ndrafts = 2",
+            "[speculative]\ndraft = \"../../etc\"",
+            "engine = \"replay\"\n[speculative]\ndraft = \"d\"",
+        ] {
+            assert!(
+                Preset::parse(&format!("model = \"m\"\n{bad}"), "x").is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_memory_need_counts_the_draft_weights() {
+        let dir = std::env::temp_dir().join(format!("mlxd-draft-need-{}", std::process::id()));
+        for (name, bytes) in [("t", 1000usize), ("d", 300)] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("model.safetensors"), vec![0u8; bytes]).unwrap();
+            std::fs::write(dir.join(name).join("config.json"), "{}").unwrap();
+        }
+        let plain = Preset::parse("model = \"t\"", "x").unwrap();
+        let drafting = Preset::parse("model = \"t\"\n[speculative]\ndraft = \"d\"", "x").unwrap();
+        assert_eq!(drafting.memory_need(&dir) - plain.memory_need(&dir), 300);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -113,7 +113,10 @@ async fn measure(state: &AppState, model: &str, gen: Generate) -> Result<Run, Er
 }
 
 fn side(runs: &[Run], speculative: bool) -> Value {
-    let mine: Vec<&Run> = runs.iter().filter(|r| r.speculative == speculative).collect();
+    let mine: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.speculative == speculative)
+        .collect();
     let mut v = json!({
         "median_decode_tps": round2(median(mine.iter().map(|r| r.decode_tps).collect())),
         "median_ttft_ms": round2(median(mine.iter().map(|r| r.ttft_ms).collect())),

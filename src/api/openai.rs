@@ -679,7 +679,8 @@ pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
         .presets()
         .iter()
         .map(|p| {
-            let mut m = json!({"id": p.name, "object": "model", "created": created, "owned_by": "mlxd"});
+            let mut m =
+                json!({"id": p.name, "object": "model", "created": created, "owned_by": "mlxd"});
             if let Some(spec) = &p.speculative {
                 // What the worker says once loaded; the preset's word before that.
                 let status = loaded

@@ -129,7 +129,7 @@ pub struct Ready {
     pub context_length: Option<u32>,
     /// Present when the preset names a draft model.
     #[serde(default)]
-    pub speculative: Option<SpecStatus>,
+    pub speculative: Option<Box<SpecStatus>>,
 }
 
 /// One request's draft tokens: `drafted = accepted + rejected`.
@@ -315,7 +315,7 @@ pub struct Stats {
     pub engine_failed: bool,
     /// Present when the preset names a draft model.
     #[serde(default)]
-    pub speculative: Option<SpecStatus>,
+    pub speculative: Option<Box<SpecStatus>>,
 }
 
 /// A decoded frame.
@@ -630,9 +630,22 @@ mod tests {
             completion_tokens: 4,
             prompt_tps: 1.5,
             generation_tps: 2.5,
+            speculative: Some(DraftCounts {
+                drafted: 9,
+                accepted: 6,
+                rejected: 3,
+            }),
         }));
         roundtrip(Frame::Stats(Stats {
             rss: 1 << 30,
+            speculative: Some(Box::new(SpecStatus {
+                draft: "d".into(),
+                mode: "auto".into(),
+                active: false,
+                reason: "drafting measured slower".into(),
+                off_total: 1,
+                ..Default::default()
+            })),
             ..Default::default()
         }));
         roundtrip(Frame::Shutdown);

@@ -94,6 +94,7 @@ mod tests {
                 completion_tokens: 2,
                 prompt_tps: 0.0,
                 generation_tps: 0.0,
+                speculative: None,
             }),
         ];
         let wire: Vec<u8> = frames.iter().flat_map(|f| f.encode()).collect();
