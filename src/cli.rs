@@ -261,6 +261,59 @@ pub fn speculative_line(s: &worker_protocol::frame::SpecStatus) -> String {
     line
 }
 
+pub async fn benchmark(
+    cfg: &Config,
+    model: &str,
+    runs: u32,
+    max_tokens: u32,
+    prompt: Option<String>,
+) -> anyhow::Result<()> {
+    let mut body = json!({"model": model, "runs": runs, "max_tokens": max_tokens});
+    if let Some(p) = prompt {
+        body["prompt"] = p.into();
+    }
+    let v = with_progress(cfg, model, admin(cfg, "benchmark", Some(body))).await?;
+    println!(
+        "{:<12} {:>10} {:>10} {:>7} {:>8} {:>9} {:>10}",
+        "RUN", "TTFT ms", "decode t/s", "tokens", "drafted", "accepted", "acceptance"
+    );
+    for r in v["runs"].as_array().into_iter().flatten() {
+        let spec = r["speculative"].as_bool() == Some(true);
+        let c = &r["mlxd"];
+        println!(
+            "{:<12} {:>10.1} {:>10.2} {:>7} {:>8} {:>9} {:>10}",
+            if spec { "speculative" } else { "plain" },
+            r["ttft_ms"].as_f64().unwrap_or(0.0),
+            r["decode_tps"].as_f64().unwrap_or(0.0),
+            r["completion_tokens"],
+            if spec {
+                c["draft_tokens"].to_string()
+            } else {
+                "-".into()
+            },
+            if spec {
+                c["accepted_tokens"].to_string()
+            } else {
+                "-".into()
+            },
+            if spec {
+                format!("{:.2}", c["acceptance_ratio"].as_f64().unwrap_or(0.0))
+            } else {
+                "-".into()
+            },
+        );
+    }
+    let med = |side: &str, k: &str| v[side][k].as_f64().unwrap_or(0.0);
+    println!(
+        "median decode: {:.2} tok/s drafting, {:.2} plain: {:.2}x; acceptance {:.2}",
+        med("speculative", "median_decode_tps"),
+        med("plain", "median_decode_tps"),
+        v["speedup"].as_f64().unwrap_or(0.0),
+        med("speculative", "acceptance_ratio"),
+    );
+    Ok(())
+}
+
 pub fn list(cfg: &Config) -> anyhow::Result<()> {
     let presets = Presets::load(&cfg.presets_dirs)?;
     println!(

@@ -45,6 +45,18 @@ enum Cmd {
     Stop { model: String },
     /// Show running workers.
     Ps,
+    /// Measure a model's speculative decoding: N runs drafting, N plain, interleaved.
+    Benchmark {
+        model: String,
+        /// Runs per side.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// The user message (default: a short story prompt).
+        #[arg(long)]
+        prompt: Option<String>,
+    },
     /// Show presets and imported models.
     List,
     /// Import a llama GGUF file as an MLX model.
@@ -97,6 +109,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Restart { model } => mlxd::cli::restart(&cfg, &model).await,
         Cmd::Stop { model } => mlxd::cli::stop(&cfg, &model).await,
         Cmd::Ps => mlxd::cli::ps(&cfg).await,
+        Cmd::Benchmark {
+            model,
+            runs,
+            max_tokens,
+            prompt,
+        } => mlxd::cli::benchmark(&cfg, &model, runs, max_tokens, prompt).await,
         Cmd::List => mlxd::cli::list(&cfg),
         Cmd::Import { gguf, name, dtype } => {
             mlxd::cli::import(&cfg, &gguf, name.as_deref(), dtype.as_deref())

@@ -26,6 +26,7 @@ AUTO = "smollm2-135m-spec"
 PLAIN = "smollm2-135m"
 PROMPTS = ["Monday, Tuesday, Wednesday,", "The capital of France is"]
 MAX_TOKENS = 12
+MLXD = Path(__file__).parents[2] / "target" / "release" / "mlxd"
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 
 
@@ -142,7 +143,7 @@ def test_a_draft_with_another_vocabulary_is_refused_with_the_reason(daemon_url: 
     spec = next(m for m in models if m["id"] == "smollm2-135m-spec-othervocab")["mlxd"]["speculative"]
     assert spec["active"] is False and "vocabulary differs" in spec["reason"]
     ps = subprocess.run(
-        [str(Path(__file__).parents[2] / "target/release/mlxd"), "--port", daemon_url.rsplit(":", 1)[1], "ps"],
+        [str(MLXD), "--port", daemon_url.rsplit(":", 1)[1], "ps"],
         capture_output=True,
         text=True,
         check=True,
@@ -183,3 +184,13 @@ def test_the_benchmark_runs_both_sides(daemon_url: str) -> None:
     )
     assert none.status_code == 400 and "no draft model" in none.json()["error"]["message"]
     assert bad.status_code == 400 and "runs must be" in bad.json()["error"]["message"]
+    port = daemon_url.rsplit(":", 1)[1]
+    printed = subprocess.run(
+        [str(MLXD), "--port", port, "benchmark", AUTO, "--runs", "1", "--max-tokens", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert re.search(r"^speculative +[\d.]+ +[\d.]+ +\d+ +\d+ +\d+ +[\d.]+$", printed, re.M), printed
+    assert re.search(r"^plain +[\d.]+ +[\d.]+ +\d+ +- +- +-$", printed, re.M), printed
+    assert "median decode:" in printed
