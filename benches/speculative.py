@@ -125,6 +125,7 @@ def main() -> None:
                     {
                         "ttft_ms": run["ttft_ms"],
                         "decode_tps": run["decode_tps"],
+                        "worker_decode_tps": run["worker_decode_tps"],
                         "tokens": run["completion_tokens"],
                         "accepted": counts.get("accepted_tokens", 0),
                         "drafted": counts.get("draft_tokens", 0),
@@ -148,6 +149,9 @@ def main() -> None:
         acc = sum(r["accepted"] for r in v)
         toks = sum(r["tokens"] for r in v)
         print(f"{k:<16} {summary(tps[k]):>32} {ttft:10.1f} {acc:>8}/{toks:<7}")
+    for k in ("mlxd plain", "mlxd drafting"):
+        inside = [r["worker_decode_tps"] for r in results[k]]
+        print(f"{k + ' (in worker)':<16} {summary(inside):>32}")
     drafted = sum(r["drafted"] for r in results["mlxd drafting"])
     accepted = sum(r["accepted"] for r in results["mlxd drafting"])
     ratios = {

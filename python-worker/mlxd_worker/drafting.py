@@ -98,8 +98,11 @@ class DraftController:
 
     @property
     def acceptance(self) -> float:
-        drafted = sum(d for d, _ in self._window)
-        return sum(a for _, a in self._window) / drafted if drafted else 0.0
+        # A copy first (one C call, atomic under the GIL): the stats thread reads
+        # this while the engine thread appends.
+        window = tuple(self._window)
+        drafted = sum(d for d, _ in window)
+        return sum(a for _, a in window) / drafted if drafted else 0.0
 
     def on_round(self, drafted: int, accepted: int, tokens: int, seconds: float, now: float) -> None:
         if self.counting:

@@ -246,8 +246,10 @@ class Engine:
         drafting = self.backend.drafting
         if drafting is None or not drafting.available:
             return
-        for speculative in (False, True):
-            self._run_to_end({self.backend.insert(ids, 4, None, speculative)})
+        # Eight drafted tokens: a first round that accepts all three drafts leaves the
+        # draft a two-token input, so the second round compiles that shape too.
+        for speculative, n in ((False, 4), (True, 8)):
+            self._run_to_end({self.backend.insert(ids, n, None, speculative)})
         if drafting.mode == "auto":
             story = self._prompt_ids({"messages": [{"role": "user", "content": "Tell me a story about a robot."}]})
             for speculative in (False, True):

@@ -56,6 +56,9 @@ impl Run {
             "speculative": self.speculative,
             "ttft_ms": round2(self.ttft_ms),
             "decode_tps": round2(self.decode_tps),
+            // The worker's own figure (first to last token inside the worker): the
+            // difference to decode_tps is the token path's share.
+            "worker_decode_tps": round2(self.done.generation_tps),
             "completion_tokens": self.done.completion_tokens,
             "finish_reason": self.done.finish_reason,
         });
