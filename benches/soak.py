@@ -40,7 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("soak-shm", "soak-stdio")
 PRESETS = {
-    "soak-shm": 'model = "smollm2-135m"\nhang_timeout = "5s"\nkeep_alive = "-1"\nmax_concurrent = 4\n',
+    # Drafting with the 4-bit import: the faults hit the interactive lane and
+    # requests moving between lanes too.
+    "soak-shm": 'model = "smollm2-135m"\nhang_timeout = "5s"\nkeep_alive = "-1"\nmax_concurrent = 4\n'
+    '[speculative]\ndraft = "smollm2-135m-q4"\nmode = "on"\n',
     "soak-stdio": 'model = "smollm2-135m"\ntransport = "stdio"\nhang_timeout = "5s"\n'
     'keep_alive = "-1"\nmax_concurrent = 4\n',
 }
