@@ -104,13 +104,15 @@ class SpeculativeSequence:
                 mx.async_eval(dy)
                 drafted.append(dy)
             y = mx.array(self._pending, mx.uint32)
+            proposed = mx.concatenate(drafted) if drafted else mx.array([], mx.uint32)
             if drafted:
-                y = mx.concatenate([y, *drafted])
+                y = mx.concatenate([y, proposed.astype(mx.uint32)])
             logits = self._model(y[None], cache=self._cache)[0, -(num_draft + 1) :, :]
             targets = self._sample(logits)
-            mx.eval(targets, *drafted)
+            mx.eval(targets, proposed)
+            # One read-back each: on a GPU every read is a synchronisation.
             target_tokens: list[int] = targets.tolist()
-            draft_tokens = [int(d.item()) for d in drafted]
+            draft_tokens: list[int] = proposed.tolist()
 
             out: list[tuple[int, bool]] = []
             n = 0
