@@ -127,9 +127,7 @@ class MlxBackend:
         problem: str | None = None
         if mode != "off":
             self._draft, draft_tok = _load(spec["draft_path"])
-            problem = pair_problem(
-                model_path, spec["draft_path"], self.tokenizer, draft_tok, make_prompt_cache(self._model), mode
-            )
+            problem = pair_problem(model_path, self.tokenizer, draft_tok, make_prompt_cache(self._model), mode)
             if problem:
                 self._draft = None
                 if spec.get("require_supported"):

@@ -73,10 +73,10 @@ class DraftController:
 
     def __post_init__(self) -> None:
         self.num_draft = self.max_draft
+        if self.mode == "off" and not self.unsupported:
+            self.unsupported = 'mode = "off": the draft is not loaded'
         if self.unsupported:
             self.reason = self.unsupported
-        elif self.mode == "off":
-            self.reason = 'mode = "off"'
         else:
             self.active = True
             self.reason = 'mode = "on"' if self.mode == "on" else "drafting (auto)"

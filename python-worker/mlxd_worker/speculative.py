@@ -179,9 +179,7 @@ def tokenizer_mismatch(target: Any, draft: Any) -> str | None:
     return None
 
 
-def pair_problem(
-    target_path: str, draft_path: str, target_tok: Any, draft_tok: Any, target_cache: Any, mode: str
-) -> str | None:
+def pair_problem(target_path: str, target_tok: Any, draft_tok: Any, target_cache: Any, mode: str) -> str | None:
     """Why this target/draft pair cannot (or, by policy, should not) draft; None
     when it can. Tokenizer and cache problems are hard; the family policy
     (mixture-of-experts targets) yields to mode = "on"."""
