@@ -104,14 +104,24 @@ def test_a_lane_switch_mid_request_keeps_the_text(daemon_url: str) -> None:
     alone = complete(daemon_url, ON, prompt, 16)["choices"][0]["text"]
     to_batch = metric(daemon_url, "mlxd_spec_lane_switches_total", model=ON, to="batch")
     back = metric(daemon_url, "mlxd_spec_lane_switches_total", model=ON, to="speculative")
-    text, joiner = "", None
-    body = {"model": ON, "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": True}
+    text, joiner, usage = "", None, None
+    body = {
+        "model": ON,
+        "prompt": prompt,
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{daemon_url}/v1/completions", json=body, timeout=300) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if not chunk["choices"]:
+                usage = chunk["usage"]
+                continue
             text += chunk["choices"][0]["text"]
             if joiner is None and text:
                 # A second request while the first is drafting: the first moves
@@ -121,6 +131,10 @@ def test_a_lane_switch_mid_request_keeps_the_text(daemon_url: str) -> None:
     assert joiner is not None
     joiner.join()
     assert text == alone
+    # The stream's usage chunk carries the request's draft counters.
+    assert usage is not None and usage["completion_tokens"] == 16
+    counts = usage["mlxd"]
+    assert 0 < counts["accepted_tokens"] <= counts["draft_tokens"] < 16
     time.sleep(1.2)  # one Stats period
     assert metric(daemon_url, "mlxd_spec_lane_switches_total", model=ON, to="batch") > to_batch
     assert metric(daemon_url, "mlxd_spec_lane_switches_total", model=ON, to="speculative") > back
