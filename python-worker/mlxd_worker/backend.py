@@ -12,7 +12,7 @@ from typing import Any, Optional, Protocol, Union
 from .drafting import DraftController
 from .sampling import Sampler
 from .solo import SoloSequence
-from .speculative import SpeculativeSequence, pair_problem
+from .speculative import SpeculativeSequence, held, pair_problem
 
 log = logging.getLogger("mlxd_worker")
 
@@ -67,9 +67,15 @@ class Track:
     drafted: int = 0
     accepted: int = 0
     batch_tokens: int = 0  # tokens produced since it last entered the batch
+    # The draft's cache while the sequence is in the batch (it drafted before).
+    draft_cache: list[Any] | None = None
 
 
 Lane = Union[SoloSequence, SpeculativeSequence]
+
+# A sequence leaves the batch to draft again only if the draft's catch-up prefill
+# is at most this many times the tokens it has left to decode.
+CATCH_UP_PER_TOKEN_LEFT = 4
 
 
 class MlxBackend:
@@ -158,6 +164,7 @@ class MlxBackend:
 
         d = self.drafting
         if d is not None and self._draft is not None and d.use_draft(track.forced, time.monotonic()):
+            draft_cache, track.draft_cache = track.draft_cache, None
             return SpeculativeSequence(
                 self._model,
                 self._draft,
@@ -168,6 +175,7 @@ class MlxBackend:
                 self._prefill_step,
                 generation_stream,
                 cache,
+                draft_cache,
             )
         stream = generation_stream
         return SoloSequence(self._model, track.history, track.left, track.sampler, self._prefill_step, stream)
@@ -220,6 +228,7 @@ class MlxBackend:
                 finish = self._finish_of(moved.emitted, moved.max_tokens)
                 results.append(self._emit(uid, moved.emitted, finish))
             if isinstance(lane, SpeculativeSequence) and self.drafting is not None:
+                self._tracks[uid].draft_cache = lane.draft_cache
                 self.drafting.switched("batch")
             if finish is None:
                 self._to_batch(uid, moved.prompt, moved.cache)
@@ -277,6 +286,11 @@ class MlxBackend:
         track = self._tracks[uid]
         if track.batch_tokens == 0 or track.left < 2 or any(r[0] == uid and r[2] for r in results):
             return  # still prefilling in the batch, or about to end
+        # The draft must first catch up on what it has not seen (all of it, for a
+        # sequence that never drafted): worth it only with enough left to decode.
+        catch_up = len(track.history) - (held(track.draft_cache) if track.draft_cache else 0)
+        if catch_up > CATCH_UP_PER_TOKEN_LEFT * track.left:
+            return
         if not self.drafting.use_draft(track.forced, time.monotonic()):
             return
         from mlx_lm.models.cache import trim_prompt_cache
@@ -284,10 +298,8 @@ class MlxBackend:
         cache, _ = self._gen.remove([buid], return_prompt_caches=True)[buid]
         del self._batch_uid[uid]
         del self._our_uid[buid]
-        if cache[0].offset != len(track.history):  # never seen; fall back safely
-            log.warning("batch cache holds %d tokens, sequence has %d", cache[0].offset, len(track.history))
-            self._to_batch(uid, [track.history[-1]], cache)
-            return
+        if held(cache) != len(track.history):
+            raise RuntimeError(f"the batch's cache holds {held(cache)} tokens; the sequence has {len(track.history)}")
         trim_prompt_cache(cache, 1)
         self._solo = (uid, self._lone_lane(track, cache))
         if isinstance(self._solo[1], SpeculativeSequence):

@@ -239,9 +239,11 @@ class Engine:
         lanes run; in auto mode they run once more, measured, so the draft policy
         starts from this machine's own figures for both."""
         ids = self._prompt_ids({"messages": [{"role": "user", "content": "Hi"}]})
-        live = {self.backend.insert(ids, 4, None)}
+        # The first one is the longer: with a draft it started drafting, so it
+        # leaves the batch to draft again when the second ends.
+        live = {self.backend.insert(ids, 8, None)}
         self.backend.step()
-        live.add(self.backend.insert(ids, 6, None))
+        live.add(self.backend.insert(ids, 3, None))
         self._run_to_end(live)
         drafting = self.backend.drafting
         if drafting is None or not drafting.available:

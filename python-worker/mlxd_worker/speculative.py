@@ -36,18 +36,19 @@ class SpeculativeSequence:
         prefill_step: int,
         stream: Any,
         cache: list[Any] | None = None,
+        draft_cache: list[Any] | None = None,
     ) -> None:
         """`history` is every token of the sequence so far (prompt and output);
-        `cache`, when given, is the target's KV cache over a prefix of it."""
+        `cache` and `draft_cache`, when given, are the target's and the draft's KV
+        caches over prefixes of it."""
         from mlx_lm.models.cache import make_prompt_cache
 
         self._model = model
         self._draft = draft
         self._cache = cache if cache is not None else make_prompt_cache(model)
-        self._draft_cache = make_prompt_cache(draft)
-        held = self._cache[0].offset if self._cache else 0
-        self._pending = list(history[held:])  # target input not yet in its cache
-        self._draft_pending = list(history)  # draft input not yet in its cache
+        self._draft_cache = draft_cache if draft_cache is not None else make_prompt_cache(draft)
+        self._pending = list(history[held(self._cache) :])  # target input not yet in its cache
+        self._draft_pending = list(history[held(self._draft_cache) :])  # the same for the draft
         # Until the draft has prefilled the history down to its last token; after
         # that its input is one token, or two after a round accepted every draft.
         self._draft_primed = False
@@ -132,11 +133,22 @@ class SpeculativeSequence:
             trim_prompt_cache(self._draft_cache, max(num_draft - n - 1, 0))
             return out
 
+    @property
+    def draft_cache(self) -> list[Any]:
+        """The draft's cache, kept while the sequence is in the batch: coming back,
+        the draft then only catches up on the tokens the batch produced."""
+        return self._draft_cache
+
     def handover(self) -> Handover:
         """Leaves the lane at a round boundary (or mid-prefill): the target's cache
         and the tokens it has not seen yet go to the batch; the draft's cache is
         dropped."""
         return Handover(self._pending, self._cache, self._left, self._sampler, None)
+
+
+def held(cache: list[Any]) -> int:
+    """Tokens a KV cache holds."""
+    return int(cache[0].offset) if cache else 0
 
 
 def _config(model_path: str) -> dict[str, Any]:
