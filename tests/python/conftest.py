@@ -9,9 +9,16 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def control(timeout: float = 600) -> httpx.Client:
+    """The daemon's control socket, where the admin routes are."""
+    transport = httpx.HTTPTransport(uds=os.environ["MLXD_TEST_CONTROL_SOCKET"])
+    return httpx.Client(transport=transport, base_url="http://localhost", timeout=timeout)
 
 
 def models_dir() -> Path:

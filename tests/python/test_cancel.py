@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import httpx
-
-
-def control() -> httpx.Client:
-    """The daemon's control socket, where the admin routes are."""
-    transport = httpx.HTTPTransport(uds=os.environ["MLXD_TEST_CONTROL_SOCKET"])
-    return httpx.Client(transport=transport, base_url="http://localhost", timeout=120)
+from conftest import control
 
 
 def worker_stats(url: str, model: str) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import models_dir
+from conftest import control, models_dir
 
 ON = "smollm2-135m-spec-on"
 AUTO = "smollm2-135m-spec"
@@ -73,11 +73,6 @@ def metric(url: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(w in line for w in want):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def control() -> httpx.Client:
-    transport = httpx.HTTPTransport(uds=os.environ["MLXD_TEST_CONTROL_SOCKET"])
-    return httpx.Client(transport=transport, base_url="http://localhost", timeout=600)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
