@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use worker_protocol::frame::{ChatMessage, Done, Generate};
+use worker_protocol::frame::{ChatMessage, Done, DraftCounts, Generate};
 
 use super::openai::{speculative_usage, ApiError};
 use super::AppState;
@@ -125,18 +125,18 @@ fn side(runs: &[Run], speculative: bool) -> Value {
         "median_ttft_ms": round2(median(mine.iter().map(|r| r.ttft_ms).collect())),
     });
     if speculative {
-        let (drafted, accepted) = mine
-            .iter()
-            .filter_map(|r| r.done.speculative)
-            .fold((0, 0), |(d, a), c| (d + c.drafted, a + c.accepted));
-        v["draft_tokens"] = drafted.into();
-        v["accepted_tokens"] = accepted.into();
-        v["acceptance_ratio"] = if drafted > 0 {
-            round2(accepted as f64 / drafted as f64 * 100.0) / 100.0
-        } else {
-            0.0
+        // The side's draft counters, reported as a request's are.
+        let total =
+            mine.iter()
+                .filter_map(|r| r.done.speculative)
+                .fold(DraftCounts::default(), |t, c| DraftCounts {
+                    drafted: t.drafted + c.drafted,
+                    accepted: t.accepted + c.accepted,
+                    rejected: t.rejected + c.rejected,
+                });
+        if let (Some(v), Value::Object(counts)) = (v.as_object_mut(), speculative_usage(&total)) {
+            v.extend(counts);
         }
-        .into();
     }
     v
 }
@@ -212,7 +212,7 @@ pub async fn benchmark(
     let off = side(&runs, false);
     let plain = off["median_decode_tps"].as_f64().unwrap_or(0.0);
     let speedup = if plain > 0.0 {
-        round2(on["median_decode_tps"].as_f64().unwrap_or(0.0) / plain * 100.0) / 100.0
+        (on["median_decode_tps"].as_f64().unwrap_or(0.0) / plain * 1e4).round() / 1e4
     } else {
         0.0
     };
