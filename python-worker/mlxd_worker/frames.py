@@ -28,6 +28,8 @@ ERROR = 8
 STATS = 9
 SHUTDOWN = 10
 CLEAR_CACHE = 11
+TOOL_CALL = 12
+LOGPROBS = 13
 
 KINDS: dict[str, int] = {
     "PADDING": PADDING,
@@ -42,6 +44,8 @@ KINDS: dict[str, int] = {
     "STATS": STATS,
     "SHUTDOWN": SHUTDOWN,
     "CLEAR_CACHE": CLEAR_CACHE,
+    "TOOL_CALL": TOOL_CALL,
+    "LOGPROBS": LOGPROBS,
 }
 
 _ENTRY = struct.Struct("<QII")

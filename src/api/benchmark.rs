@@ -180,6 +180,7 @@ pub async fn benchmark(
         messages: Some(vec![ChatMessage {
             role: "user".into(),
             content: req.prompt.clone().unwrap_or_else(|| DEFAULT_PROMPT.into()),
+            ..Default::default()
         }]),
         max_tokens: req.max_tokens,
         top_p: 1.0,

@@ -209,7 +209,7 @@ impl Sampling {
             top_p,
             stop,
             seed: self.seed,
-            speculative: None,
+            ..Default::default()
         })
     }
 
@@ -271,7 +271,11 @@ fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
                     text
                 }
             };
-            Ok(ChatMessage { role, content })
+            Ok(ChatMessage {
+                role,
+                content,
+                ..Default::default()
+            })
         })
         .collect()
 }

@@ -33,11 +33,15 @@ pub enum Kind {
     Shutdown = 10,
     /// Daemon → worker: give MLX's buffer cache back to the system (memory pressure).
     ClearCache = 11,
+    /// Worker → daemon: a tool call parsed from a request's output.
+    ToolCall = 12,
+    /// Worker → daemon: log probabilities of tokens about to be sent.
+    Logprobs = 13,
 }
 
 impl Kind {
     /// Every kind, for drift checks against the pure-Python codec.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Padding,
         Kind::Hello,
         Kind::Load,
@@ -50,6 +54,8 @@ impl Kind {
         Kind::Stats,
         Kind::Shutdown,
         Kind::ClearCache,
+        Kind::ToolCall,
+        Kind::Logprobs,
     ];
 
     pub fn from_u16(v: u16) -> Option<Kind> {
@@ -71,6 +77,8 @@ impl Kind {
             Kind::Stats => "STATS",
             Kind::Shutdown => "SHUTDOWN",
             Kind::ClearCache => "CLEAR_CACHE",
+            Kind::ToolCall => "TOOL_CALL",
+            Kind::Logprobs => "LOGPROBS",
         }
     }
 }
@@ -193,10 +201,66 @@ pub struct SpecStatus {
     pub to_speculative_total: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One turn of a conversation, in the dialect-neutral form every API maps onto.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ChatMessage {
+    /// "system", "user", "assistant" or "tool".
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<MessageToolCall>,
+    /// A tool turn: the call it answers, and the tool's name when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A tool call already in the history (the model made it on an earlier turn).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as a JSON object (chat templates iterate over them).
+    pub arguments: serde_json::Value,
+}
+
+/// A function the model may call: its JSON-schema parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub parameters: serde_json::Value,
+}
+
+/// Whether and which tool the model must call. `Required` and `Function` are
+/// enforced with constrained decoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    #[default]
+    Auto,
+    None,
+    Required,
+    /// This function, by name.
+    Function(String),
+}
+
+/// An output format enforced during decoding (llguidance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against `schema`; `strict` forbids properties the schema does
+    /// not name (OpenAI's strict mode) where the schema leaves that open.
+    JsonSchema {
+        schema: serde_json::Value,
+        #[serde(default)]
+        strict: bool,
+    },
 }
 
 /// Daemon → worker: start generating for request `id`.
@@ -222,6 +286,65 @@ pub struct Generate {
     /// benchmark compares both); None leaves it to the worker's policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<bool>,
+    /// Functions the model may call (rendered by the chat template, or in the
+    /// system prompt when the template has no tool support).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub tool_choice: ToolChoice,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<OutputFormat>,
+    /// Send Logprobs frames for this request, with this many alternatives per
+    /// token (0..=20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u8>,
+    /// Only count the prompt's tokens (Anthropic's count_tokens): the worker
+    /// answers Done with finish_reason "counted" and generates nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub count_only: bool,
+}
+
+fn is_auto(c: &ToolChoice) -> bool {
+    *c == ToolChoice::Auto
+}
+
+/// Worker → daemon: request `id` called a tool (its `index`-th call). Sent after
+/// the tokens before it and before Done, whose finish_reason is then "tool_calls".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallFrame {
+    pub id: u64,
+    pub index: u32,
+    /// The call's id ("call_..."), which a tool result refers to.
+    pub call_id: String,
+    pub name: String,
+    /// The arguments as JSON text (an object).
+    pub arguments: String,
+}
+
+/// The log probability of one token, with the most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    /// The token decoded alone (may be part of a character).
+    pub text: String,
+    pub logprob: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: u32,
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// Worker → daemon: the logprobs of request `id`'s next tokens, sent just before
+/// the TokenBatch that carries them (one entry per generated token, EOS included).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogprobsFrame {
+    pub id: u64,
+    pub entries: Vec<TokenLogprob>,
 }
 
 fn one() -> f32 {
@@ -332,6 +455,8 @@ pub enum Frame {
     Stats(Stats),
     Shutdown,
     ClearCache,
+    ToolCall(ToolCallFrame),
+    Logprobs(LogprobsFrame),
 }
 
 impl Frame {
@@ -348,6 +473,8 @@ impl Frame {
             Frame::Stats(_) => Kind::Stats,
             Frame::Shutdown => Kind::Shutdown,
             Frame::ClearCache => Kind::ClearCache,
+            Frame::ToolCall(_) => Kind::ToolCall,
+            Frame::Logprobs(_) => Kind::Logprobs,
         }
     }
 
@@ -364,6 +491,8 @@ impl Frame {
             Frame::Done(v) => json(out, v),
             Frame::Error(v) => json(out, v),
             Frame::Stats(v) => json(out, v),
+            Frame::ToolCall(v) => json(out, v),
+            Frame::Logprobs(v) => json(out, v),
             Frame::Cancel { id } => out.extend_from_slice(&id.to_le_bytes()),
             Frame::TokenBatch(b) => encode_token_batch(&b.entries, out),
             Frame::Shutdown | Frame::ClearCache => {}
@@ -395,6 +524,8 @@ impl Frame {
             Kind::Done => Frame::Done(json(kind, payload)?),
             Kind::Error => Frame::Error(json(kind, payload)?),
             Kind::Stats => Frame::Stats(json(kind, payload)?),
+            Kind::ToolCall => Frame::ToolCall(json(kind, payload)?),
+            Kind::Logprobs => Frame::Logprobs(json(kind, payload)?),
             Kind::Cancel => {
                 let id = payload
                     .get(..8)
@@ -597,11 +728,67 @@ mod tests {
             messages: Some(vec![ChatMessage {
                 role: "user".into(),
                 content: "héllo \"quoted\"".into(),
+                ..Default::default()
             }]),
             max_tokens: 16,
             stop: vec!["\n".into()],
             seed: Some(3),
             ..Default::default()
+        }));
+        roundtrip(Frame::Generate(Generate {
+            id: 8,
+            messages: Some(vec![
+                ChatMessage {
+                    role: "assistant".into(),
+                    tool_calls: vec![MessageToolCall {
+                        id: "call_1".into(),
+                        name: "get_weather".into(),
+                        arguments: serde_json::json!({"city": "Paris"}),
+                    }],
+                    ..Default::default()
+                },
+                ChatMessage {
+                    role: "tool".into(),
+                    content: "18C".into(),
+                    tool_call_id: Some("call_1".into()),
+                    name: Some("get_weather".into()),
+                    ..Default::default()
+                },
+            ]),
+            max_tokens: 16,
+            tools: vec![Tool {
+                name: "get_weather".into(),
+                description: None,
+                parameters: serde_json::json!({"type": "object"}),
+            }],
+            tool_choice: ToolChoice::Function("get_weather".into()),
+            format: Some(OutputFormat::JsonSchema {
+                schema: serde_json::json!({"type": "object"}),
+                strict: true,
+            }),
+            logprobs: Some(2),
+            count_only: true,
+            ..Default::default()
+        }));
+        roundtrip(Frame::ToolCall(ToolCallFrame {
+            id: 8,
+            index: 0,
+            call_id: "call_x".into(),
+            name: "get_weather".into(),
+            arguments: "{\"city\":\"Paris\"}".into(),
+        }));
+        roundtrip(Frame::Logprobs(LogprobsFrame {
+            id: 8,
+            entries: vec![TokenLogprob {
+                token: 5,
+                text: "Par".into(),
+                logprob: -0.5,
+                top: vec![TopLogprob {
+                    token: 6,
+                    text: "Lon".into(),
+                    logprob: -1.5,
+                }],
+            }],
         }));
         roundtrip(Frame::Cancel { id: u64::MAX });
         roundtrip(Frame::TokenBatch(TokenBatch {
