@@ -110,6 +110,7 @@ async fn measure(state: &AppState, model: &str, gen: Generate) -> Result<Run, Er
                 });
             }
             Some(GenEvent::Error(e)) => return Err(e),
+            Some(GenEvent::ToolCall(_) | GenEvent::Logprobs(_)) => {}
             None => return Err(Error::Internal("the run ended without a result".into())),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod benchmark;
+pub mod core;
 pub mod guard;
 pub mod openai;
 

@@ -1,8 +1,6 @@
 //! OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
 //! SSE chunks follow the shapes the official `openai` Python client parses.
 
-use std::convert::Infallible;
-
 use futures::StreamExt;
 
 use axum::body::{Body, Bytes};
@@ -11,12 +9,16 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use worker_protocol::frame::{ChatMessage, Done, DraftCounts, Generate};
+use worker_protocol::frame::{
+    ChatMessage, Done, DraftCounts, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool,
+    ToolCallFrame, ToolChoice,
+};
 
+use super::core::{self, FieldRule};
 use super::{unix_now, AppState};
 use crate::error::{Error, Source};
 use crate::presets::TransportKind;
-use crate::supervisor::{token_text, GenEvent, GenStream, KeepAlive};
+use crate::supervisor::KeepAlive;
 
 /// The OpenAI error shape: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_body(e: &Error) -> Value {
@@ -46,23 +48,6 @@ impl From<Error> for ApiError {
     }
 }
 
-/// Parses a JSON body into `T`, with OpenAI-shaped 400s for bad JSON or fields.
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Error> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        Error::invalid(
-            format!("could not parse the JSON body of the request: {e}"),
-            None,
-        )
-    })?;
-    if !value.is_object() {
-        return Err(Error::invalid(
-            "the request body must be a JSON object",
-            None,
-        ));
-    }
-    serde_json::from_value(value).map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum Stop {
@@ -86,10 +71,32 @@ struct ContentPart {
 }
 
 #[derive(Debug, Deserialize)]
+struct InToolCall {
+    id: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    function: InFunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+struct InFunctionCall {
+    name: String,
+    /// JSON text, as OpenAI sends it.
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
 struct InMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Option<Vec<InToolCall>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -127,10 +134,53 @@ struct Sampling {
 }
 
 #[derive(Debug, Deserialize)]
+struct InTool {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    function: Option<InFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InFunction {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+struct JsonSchemaFormat {
+    #[serde(default)]
+    schema: Option<Value>,
+    #[serde(default)]
+    strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
 struct ChatRequest {
     messages: Vec<InMessage>,
     #[serde(flatten)]
     sampling: Sampling,
+    #[serde(default)]
+    tools: Option<Vec<InTool>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,27 +195,72 @@ struct CompletionRequest {
     prompt: PromptInput,
     #[serde(flatten)]
     sampling: Sampling,
+    /// The legacy form: how many alternatives per token (0..=5).
+    #[serde(default)]
+    logprobs: Option<u8>,
 }
+
+/// Fields both endpoints take, and how.
+const SHARED_FIELDS: &[(&str, FieldRule)] = &[
+    ("model", FieldRule::Served),
+    ("max_tokens", FieldRule::Served),
+    ("temperature", FieldRule::Served),
+    ("top_p", FieldRule::Served),
+    ("stop", FieldRule::Served),
+    ("seed", FieldRule::Served),
+    ("n", FieldRule::Served),
+    ("stream", FieldRule::Served),
+    ("stream_options", FieldRule::Served),
+    ("keep_alive", FieldRule::Served),
+    ("logprobs", FieldRule::Served),
+    ("user", FieldRule::Ignored),
+    ("frequency_penalty", FieldRule::OnlyNeutral(core::is_zero)),
+    ("presence_penalty", FieldRule::OnlyNeutral(core::is_zero)),
+    ("logit_bias", FieldRule::OnlyNeutral(core::is_empty)),
+];
+
+const CHAT_FIELDS: &[(&str, FieldRule)] = &[
+    ("messages", FieldRule::Served),
+    ("max_completion_tokens", FieldRule::Served),
+    ("tools", FieldRule::Served),
+    ("tool_choice", FieldRule::Served),
+    ("response_format", FieldRule::Served),
+    ("top_logprobs", FieldRule::Served),
+    // Several calls in one answer are parsed either way.
+    ("parallel_tool_calls", FieldRule::Ignored),
+    ("metadata", FieldRule::Ignored),
+    ("store", FieldRule::Ignored),
+    ("service_tier", FieldRule::Ignored),
+];
+
+const COMPLETION_FIELDS: &[(&str, FieldRule)] = &[
+    ("prompt", FieldRule::Served),
+    ("echo", FieldRule::OnlyNeutral(|v| v == &Value::Bool(false))),
+    ("best_of", FieldRule::OnlyNeutral(|v| v.as_u64() == Some(1))),
+    ("suffix", FieldRule::OnlyNeutral(|v| v.as_str() == Some(""))),
+];
 
 /// Stop sequences per request, and the longest one (the worker holds back this
 /// much text while it checks for them).
-const MAX_STOPS: usize = 4;
+pub const MAX_STOPS: usize = 4;
 const MAX_STOP_LEN: usize = 256;
 
 /// Largest max_tokens accepted; the worker also refuses prompts past the context.
-const MAX_TOKENS_LIMIT: u32 = 131_072;
+pub const MAX_TOKENS_LIMIT: u32 = 131_072;
 
-impl Sampling {
-    fn to_generate(&self, default_max_tokens: u32) -> Result<Generate, Error> {
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(Error::invalid("only n = 1 is supported", Some("n")));
-            }
-        }
-        let max_tokens = self
-            .max_completion_tokens
-            .or(self.max_tokens)
-            .unwrap_or(default_max_tokens);
+/// The sampling settings every dialect maps onto, checked once.
+pub struct SamplingParams {
+    pub max_tokens: u32,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingParams {
+    /// A Generate with these settings (the caller adds the input and the rest).
+    pub fn to_generate(&self) -> Result<Generate, Error> {
+        let max_tokens = self.max_tokens;
         if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
             return Err(Error::invalid(
                 format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"),
@@ -183,52 +278,102 @@ impl Sampling {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(Error::invalid("top_p must be in (0, 1]", Some("top_p")));
         }
-        let stop = match &self.stop {
-            None => vec![],
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) if v.len() <= MAX_STOPS => v.clone(),
-            Some(Stop::Many(_)) => {
-                return Err(Error::invalid(
-                    format!("at most {MAX_STOPS} stop sequences"),
-                    Some("stop"),
-                ))
-            }
-        };
-        if stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
+        if self.stop.len() > MAX_STOPS {
+            return Err(Error::invalid(
+                format!("at most {MAX_STOPS} stop sequences"),
+                Some("stop"),
+            ));
+        }
+        if self
+            .stop
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_LEN)
+        {
             return Err(Error::invalid(
                 format!("each stop sequence must be 1 to {MAX_STOP_LEN} bytes"),
                 Some("stop"),
             ));
         }
         Ok(Generate {
-            id: 0,
-            messages: None,
-            prompt: None,
             max_tokens,
             temperature,
             top_p,
-            stop,
+            stop: self.stop.clone(),
             seed: self.seed,
             ..Default::default()
         })
     }
+}
+
+/// Ollama's keep-alive forms: "5m", "0", "-1" or a number of seconds.
+pub fn keep_alive(value: &Option<Value>) -> Result<Option<KeepAlive>, Error> {
+    let parsed = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => KeepAlive::parse(s),
+        Some(Value::Number(n)) => KeepAlive::from_seconds(n.as_f64().unwrap_or(f64::NAN)),
+        Some(_) => Err("keep_alive must be a duration string or a number of seconds".into()),
+    };
+    parsed
+        .map(Some)
+        .map_err(|e| Error::invalid(e, Some("keep_alive")))
+}
+
+impl Sampling {
+    fn to_generate(&self, default_max_tokens: u32) -> Result<Generate, Error> {
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(Error::invalid("only n = 1 is supported", Some("n")));
+            }
+        }
+        let stop = match &self.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        SamplingParams {
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .unwrap_or(default_max_tokens),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop,
+            seed: self.seed,
+        }
+        .to_generate()
+    }
 
     fn keep_alive(&self) -> Result<Option<KeepAlive>, Error> {
-        let parsed = match &self.keep_alive {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::String(s)) => KeepAlive::parse(s),
-            Some(Value::Number(n)) => KeepAlive::from_seconds(n.as_f64().unwrap_or(f64::NAN)),
-            Some(_) => Err("keep_alive must be a duration string or a number of seconds".into()),
-        };
-        parsed
-            .map(Some)
-            .map_err(|e| Error::invalid(e, Some("keep_alive")))
+        keep_alive(&self.keep_alive)
     }
 
     fn include_usage(&self) -> bool {
         self.stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage)
+    }
+}
+
+/// A message's content as text; other part types are refused by name.
+fn content_text(content: Option<Content>) -> Result<String, Error> {
+    match content {
+        None => Ok(String::new()),
+        Some(Content::Text(t)) => Ok(t),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    (kind, _) => {
+                        return Err(Error::invalid(
+                            format!("content part type '{kind}' is not supported"),
+                            Some("messages"),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
     }
 }
 
@@ -252,33 +397,136 @@ fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
                     ))
                 }
             };
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => text.push_str(&t),
-                            (kind, _) => {
-                                return Err(Error::invalid(
-                                    format!("content part type '{kind}' is not supported"),
-                                    Some("messages"),
-                                ))
-                            }
-                        }
+            if role == "tool" && m.tool_call_id.is_none() {
+                return Err(Error::invalid(
+                    "a message with role 'tool' needs its tool_call_id",
+                    Some("messages"),
+                ));
+            }
+            let tool_calls = m
+                .tool_calls
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| {
+                    if c.kind.as_deref().is_some_and(|k| k != "function") {
+                        return Err(Error::invalid(
+                            "only function tool calls are supported",
+                            Some("messages"),
+                        ));
                     }
-                    text
-                }
-            };
+                    let text = c.function.arguments.unwrap_or_else(|| "{}".into());
+                    // Arguments the model once wrote as broken JSON stay as text.
+                    let arguments = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                    Ok(MessageToolCall {
+                        id: c.id,
+                        name: c.function.name,
+                        arguments,
+                    })
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
             Ok(ChatMessage {
                 role,
-                content,
-                ..Default::default()
+                content: content_text(m.content)?,
+                tool_calls,
+                tool_call_id: m.tool_call_id,
+                name: m.name,
             })
         })
         .collect()
 }
+
+fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
+    tools
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| match (t.kind.as_str(), t.function) {
+            ("function", Some(f)) => core::tool(f.name, f.description, f.parameters),
+            ("function", None) => Err(Error::invalid(
+                "a function tool needs its 'function'",
+                Some("tools"),
+            )),
+            (kind, _) => Err(Error::invalid(
+                format!("tool type '{kind}' is not supported (only 'function')"),
+                Some("tools"),
+            )),
+        })
+        .collect()
+}
+
+/// `tool_choice`: "none" | "auto" | "required" | {"type": "function", "function": {"name"}}.
+fn tool_choice(v: Option<Value>, tools: &[Tool]) -> Result<ToolChoice, Error> {
+    let bad = || {
+        Error::invalid(
+            "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            Some("tool_choice"),
+        )
+    };
+    let choice = match v {
+        None | Some(Value::Null) => return Ok(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => return Err(bad()),
+        },
+        Some(Value::Object(o)) => match o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+        {
+            Some(name) => ToolChoice::Function(name.to_string()),
+            None => return Err(bad()),
+        },
+        Some(_) => return Err(bad()),
+    };
+    forced_tool_is_known(&choice, tools, "tool_choice")?;
+    Ok(choice)
+}
+
+/// A forced call needs tools, and a named one must be among them.
+pub fn forced_tool_is_known(choice: &ToolChoice, tools: &[Tool], field: &str) -> Result<(), Error> {
+    match choice {
+        ToolChoice::Required if tools.is_empty() => Err(Error::invalid(
+            "a tool call is required but no tools were given",
+            Some(field),
+        )),
+        ToolChoice::Function(name) if !tools.iter().any(|t| &t.name == name) => {
+            Err(Error::invalid(
+                format!("tool_choice names '{name}', which is not among the tools"),
+                Some(field),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn output_format(f: Option<ResponseFormat>) -> Result<Option<OutputFormat>, Error> {
+    let Some(f) = f else { return Ok(None) };
+    match f.kind.as_str() {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(OutputFormat::JsonObject)),
+        "json_schema" => match f.json_schema {
+            Some(JsonSchemaFormat {
+                schema: Some(schema),
+                strict,
+            }) if schema.is_object() => Ok(Some(OutputFormat::JsonSchema {
+                schema,
+                strict: strict.unwrap_or(false),
+            })),
+            _ => Err(Error::invalid(
+                "response_format json_schema needs json_schema.schema, a JSON schema object",
+                Some("response_format"),
+            )),
+        },
+        other => Err(Error::invalid(
+            format!("response_format type '{other}' is not supported"),
+            Some("response_format"),
+        )),
+    }
+}
+
+/// Alternatives per token the worker reports at most (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
 
 fn usage(d: &Done) -> Value {
     let mut u = json!({
@@ -302,20 +550,6 @@ pub fn speculative_usage(c: &DraftCounts) -> Value {
     })
 }
 
-fn new_id(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!(
-        "{prefix}-{:x}{:04x}",
-        nanos,
-        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
-    )
-}
-
 /// Which endpoint a response is for: the shapes differ, the flow does not.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dialect {
@@ -329,6 +563,62 @@ struct Meta {
     model: String,
     created: u64,
     include_usage: bool,
+    /// Alternatives per token when logprobs were asked for.
+    logprobs: Option<u8>,
+}
+
+/// OpenAI's `bytes` of a token: its UTF-8 encoding.
+fn token_bytes(text: &str) -> Vec<u8> {
+    text.as_bytes().to_vec()
+}
+
+/// Chat logprobs: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`.
+fn chat_logprobs(entries: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let top: Vec<Value> = e
+                .top
+                .iter()
+                .map(|t| json!({"token": t.text, "logprob": t.logprob, "bytes": token_bytes(&t.text)}))
+                .collect();
+            json!({"token": e.text, "logprob": e.logprob, "bytes": token_bytes(&e.text), "top_logprobs": top})
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Completions' legacy logprobs: parallel arrays, offsets into the text.
+fn completion_logprobs(entries: &[TokenLogprob], offset: &mut usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top_logprobs = Vec::new();
+    let mut text_offset = Vec::new();
+    for e in entries {
+        tokens.push(json!(e.text));
+        token_logprobs.push(json!(e.logprob));
+        let top: serde_json::Map<String, Value> = e
+            .top
+            .iter()
+            .map(|t| (t.text.clone(), json!(t.logprob)))
+            .collect();
+        top_logprobs.push(Value::Object(top));
+        text_offset.push(json!(*offset));
+        *offset += e.text.len();
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset})
+}
+
+fn tool_call_json(call: &ToolCallFrame, with_index: bool) -> Value {
+    let mut v = json!({
+        "id": call.call_id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    });
+    if with_index {
+        v["index"] = json!(call.index);
+    }
+    v
 }
 
 impl Meta {
@@ -361,16 +651,34 @@ impl Meta {
         }
     }
 
-    fn full(&self, text: String, done: &Done) -> Value {
+    fn logprobs_json(&self, entries: &[TokenLogprob], offset: &mut usize) -> Value {
+        match (self.logprobs, self.dialect) {
+            (None, _) => Value::Null,
+            (Some(_), Dialect::Chat) => chat_logprobs(entries),
+            (Some(_), Dialect::Completion) => completion_logprobs(entries, offset),
+        }
+    }
+
+    fn full(&self, c: core::Collected) -> Value {
+        let finish = &c.done.finish_reason;
+        let logprobs = self.logprobs_json(&c.logprobs, &mut 0);
         let choice = match self.dialect {
-            Dialect::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": done.finish_reason,
-            }),
+            Dialect::Chat => {
+                let mut message = json!({"role": "assistant", "content": c.text});
+                if !c.tool_calls.is_empty() {
+                    if c.text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = c
+                        .tool_calls
+                        .iter()
+                        .map(|t| tool_call_json(t, false))
+                        .collect();
+                }
+                json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            }
             Dialect::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": done.finish_reason})
+                json!({"index": 0, "text": c.text, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         json!({
@@ -379,13 +687,15 @@ impl Meta {
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": usage(done),
+            "usage": usage(&c.done),
         })
     }
 }
 
 fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
+    let mut out = Vec::new();
+    core::sse_data(&mut out, v);
+    Bytes::from(out)
 }
 
 async fn run(
@@ -397,7 +707,7 @@ async fn run(
     let keep_alive = sampling.keep_alive()?;
     let meta = Meta {
         dialect,
-        id: new_id(if dialect == Dialect::Chat {
+        id: core::new_id(if dialect == Dialect::Chat {
             "chatcmpl"
         } else {
             "cmpl"
@@ -405,30 +715,37 @@ async fn run(
         model: sampling.model.clone(),
         created: unix_now(),
         include_usage: sampling.include_usage(),
+        logprobs: gen.logprobs,
     };
     let preset = state
         .supervisor
         .presets()
         .resolve(&sampling.model)
         .ok_or_else(|| Error::ModelNotFound(sampling.model.clone()))?;
-    if preset.transport == TransportKind::Http {
+    if preset.transport == TransportKind::Http && is_plain(&gen) {
         return proxy(&state, &meta, sampling.stream, gen, keep_alive).await;
     }
-    let mut stream = state
-        .supervisor
-        .generate(&sampling.model, gen, keep_alive)?;
-    // Nothing is sent before the worker's first event: a request refused, or one
-    // whose worker dies before starting it, still gets a plain HTTP error status.
-    let first = match stream.next().await {
-        Some(GenEvent::Error(e)) => return Err(e.into()),
-        Some(ev) => ev,
-        None => return Err(Error::Internal("generation ended without a result".into()).into()),
+    let req = core::CoreRequest {
+        model: sampling.model.clone(),
+        gen,
+        keep_alive,
     };
+    let started = core::start(&state, req).await?;
     if sampling.stream {
-        Ok(stream_response(meta, first, stream))
+        Ok(core::stream(
+            started,
+            OpenAiStream::new(meta),
+            core::Framing::Sse,
+        ))
     } else {
-        collect_response(meta, first, stream).await
+        let collected = core::collect(started).await?;
+        Ok(axum::Json(meta.full(collected)).into_response())
     }
+}
+
+/// A request the worker's own HTTP server can answer (the `http` transport).
+fn is_plain(gen: &Generate) -> bool {
+    gen.tools.is_empty() && gen.format.is_none() && gen.logprobs.is_none()
 }
 
 /// The `http` transport: forward the request to the worker's own HTTP server on
@@ -477,30 +794,6 @@ async fn proxy(
         .expect("valid response parts"))
 }
 
-async fn collect_response(
-    meta: Meta,
-    first: GenEvent,
-    mut stream: GenStream,
-) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    let mut held = Some(first);
-    loop {
-        let ev = match held.take() {
-            Some(ev) => ev,
-            None => match stream.next().await {
-                Some(ev) => ev,
-                None => break,
-            },
-        };
-        match ev {
-            GenEvent::Token { text: t, .. } => text.push_str(token_text(&t)),
-            GenEvent::Done(done) => return Ok(axum::Json(meta.full(text, &done)).into_response()),
-            GenEvent::Error(e) => return Err(e.into()),
-        }
-    }
-    Err(Error::Internal("generation ended without a result".into()).into())
-}
-
 /// The bytes of a text chunk around its JSON-string text, rendered once per
 /// request: a token then costs one small buffer, not a JSON tree.
 struct TextChunkFrame {
@@ -521,152 +814,208 @@ impl TextChunkFrame {
         }
     }
 
-    fn render(&self, text: &str) -> Bytes {
-        let mut out = Vec::with_capacity(self.head.len() + self.tail.len() + text.len() + 8);
+    fn render(&self, text: &str, out: &mut Vec<u8>) {
+        out.reserve(self.head.len() + self.tail.len() + text.len() + 8);
         out.extend_from_slice(&self.head);
-        serde_json::to_writer(&mut out, text).expect("a str always serializes");
+        serde_json::to_writer(&mut *out, text).expect("a str always serializes");
         out.extend_from_slice(&self.tail);
-        Bytes::from(out)
     }
 }
 
-/// SSE: a role chunk, one chunk per text delta, a finish chunk, an optional usage
-/// chunk, then `[DONE]`. An error mid-stream is sent as `data: {"error": ...}` and
-/// the stream ends without `[DONE]`. A client that goes away cancels the generation
-/// (hyper drops the body, and with it the `GenStream`).
-///
-/// The body polls the generation directly: a token wakes the connection's own task,
-/// which renders and writes it (no task or channel in between). Coalescing: hyper
-/// polls the body only when it can write, so tokens that arrive while a slow
-/// client's socket is full wait in the stream and leave together in one chunk.
-fn stream_response(meta: Meta, first_event: GenEvent, stream: GenStream) -> Response {
-    struct Sse {
-        meta: Meta,
-        frame: TextChunkFrame,
-        stream: GenStream,
-        first: Option<Bytes>,
-        held: Option<GenEvent>,
-        ended: bool,
+/// SSE: a role chunk, one chunk per text delta (tool calls as `tool_calls`
+/// deltas with their `index`), a finish chunk, an optional usage chunk, then
+/// `[DONE]`. An error mid-stream is sent as `data: {"error": ...}` and the
+/// stream ends without `[DONE]`.
+struct OpenAiStream {
+    meta: Meta,
+    frame: TextChunkFrame,
+    /// Bytes of text sent so far (completions' logprobs text_offset).
+    offset: usize,
+}
+
+impl OpenAiStream {
+    fn new(meta: Meta) -> OpenAiStream {
+        OpenAiStream {
+            frame: TextChunkFrame::new(&meta),
+            meta,
+            offset: 0,
+        }
     }
-    let first = (meta.dialect == Dialect::Chat)
-        .then(|| sse(&meta.chunk(json!({"role": "assistant", "content": ""}), None)));
-    let state = Sse {
-        frame: TextChunkFrame::new(&meta),
-        meta,
-        stream,
-        first,
-        held: Some(first_event),
-        ended: false,
-    };
-    let body = futures::stream::unfold(state, |mut st| async move {
-        if let Some(first) = st.first.take() {
-            return Some((Ok::<_, Infallible>(first), st));
+}
+
+impl core::Renderer for OpenAiStream {
+    fn open(&mut self, out: &mut Vec<u8>) {
+        if self.meta.dialect == Dialect::Chat {
+            core::sse_data(
+                out,
+                &self
+                    .meta
+                    .chunk(json!({"role": "assistant", "content": ""}), None),
+            );
         }
-        while !st.ended {
-            let ev = match st.held.take() {
-                Some(ev) => ev,
-                None => st.stream.next().await?,
-            };
-            let out = match ev {
-                GenEvent::Token { text, .. } => {
-                    let mut joined: Option<String> = None;
-                    while let Some(more) = st.stream.try_next() {
-                        match more {
-                            GenEvent::Token { text: t, .. } => joined
-                                .get_or_insert_with(|| token_text(&text).to_owned())
-                                .push_str(token_text(&t)),
-                            other => {
-                                st.held = Some(other);
-                                break;
-                            }
-                        }
-                    }
-                    let text = joined.as_deref().unwrap_or(token_text(&text));
-                    if text.is_empty() {
-                        continue;
-                    }
-                    st.frame.render(text)
-                }
-                GenEvent::Done(done) => {
-                    st.ended = true;
-                    let meta = &st.meta;
-                    let empty = if meta.dialect == Dialect::Chat {
-                        json!({})
-                    } else {
-                        json!("")
-                    };
-                    let mut tail = sse(&meta.chunk(empty, Some(&done.finish_reason))).to_vec();
-                    if meta.include_usage {
-                        let mut u = meta.chunk(Value::Null, None);
-                        u["choices"] = json!([]);
-                        u["usage"] = usage(&done);
-                        tail.extend_from_slice(&sse(&u));
-                    }
-                    tail.extend_from_slice(b"data: [DONE]\n\n");
-                    Bytes::from(tail)
-                }
-                GenEvent::Error(e) => {
-                    st.ended = true;
-                    sse(&error_body(&e))
-                }
-            };
-            return Some((Ok(out), st));
+    }
+
+    fn text(&mut self, text: &str, logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        if self.meta.logprobs.is_none() {
+            return self.frame.render(text, out);
         }
-        None
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(body))
-        .expect("static headers are valid")
+        let mut c = self.meta.chunk(self.meta.text_piece(text), None);
+        c["choices"][0]["logprobs"] = self.meta.logprobs_json(&logprobs, &mut self.offset);
+        core::sse_data(out, &c);
+    }
+
+    fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
+        if self.meta.dialect == Dialect::Chat {
+            let delta = json!({"tool_calls": [tool_call_json(&call, true)]});
+            core::sse_data(out, &self.meta.chunk(delta, None));
+        }
+    }
+
+    fn done(&mut self, done: Done, logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        let meta = &self.meta;
+        let empty = if meta.dialect == Dialect::Chat {
+            json!({})
+        } else {
+            json!("")
+        };
+        let mut fin = meta.chunk(empty, Some(&done.finish_reason));
+        if meta.logprobs.is_some() && !logprobs.is_empty() {
+            fin["choices"][0]["logprobs"] = meta.logprobs_json(&logprobs, &mut self.offset);
+        }
+        core::sse_data(out, &fin);
+        if meta.include_usage {
+            let mut u = meta.chunk(Value::Null, None);
+            u["choices"] = json!([]);
+            u["usage"] = usage(&done);
+            core::sse_data(out, &u);
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+
+    fn error(&mut self, e: &Error, out: &mut Vec<u8>) {
+        core::sse_data(out, &error_body(e));
+    }
 }
 
 /// Fuzz target (`fuzz/` and tests/fuzz_requests.rs): any body sent to either
 /// generation endpoint ends as a 400 or a well-formed Generate, never a panic.
 pub fn fuzz_request(body: &[u8]) {
     let body = Bytes::copy_from_slice(body);
-    if let Ok(req) = parse::<ChatRequest>(&body) {
-        if let Ok(gen) = req.sampling.to_generate(512) {
-            assert!((1..=MAX_TOKENS_LIMIT).contains(&gen.max_tokens));
-            assert!(gen.stop.len() <= 4 && gen.top_p > 0.0 && gen.top_p <= 1.0);
+    let _ = chat_generate(&body, 512);
+    let _ = completion_generate(&body, 512);
+}
+
+/// A chat request as the core's Generate (everything but the model's defaults).
+fn chat_generate(body: &Bytes, preset_max: u32) -> Result<(Sampling, Generate), Error> {
+    let map = core::parse_object(body)?;
+    core::check_fields(&map, &[SHARED_FIELDS, CHAT_FIELDS])?;
+    let req: ChatRequest = core::from_object(map)?;
+    let mut gen = req.sampling.to_generate(preset_max)?;
+    gen.messages = Some(chat_messages(req.messages)?);
+    gen.tools = tools(req.tools)?;
+    gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
+    gen.format = output_format(req.response_format)?;
+    if gen.format.is_some()
+        && matches!(
+            gen.tool_choice,
+            ToolChoice::Required | ToolChoice::Function(_)
+        )
+    {
+        return Err(Error::invalid(
+            "a forced tool call and response_format cannot be combined",
+            Some("response_format"),
+        ));
+    }
+    gen.logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), n) if n.unwrap_or(0) <= MAX_TOP_LOGPROBS => Some(n.unwrap_or(0)),
+        (Some(true), _) => {
+            return Err(Error::invalid(
+                format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+                Some("top_logprobs"),
+            ))
         }
-        let _ = req.sampling.keep_alive();
-        let _ = chat_messages(req.messages);
-    }
-    if let Ok(req) = parse::<CompletionRequest>(&body) {
-        let _ = req.sampling.to_generate(512);
-        let _ = req.sampling.keep_alive();
-    }
+        (_, Some(_)) => {
+            return Err(Error::invalid(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ))
+        }
+        _ => None,
+    };
+    assert_generate(&gen);
+    Ok((req.sampling, gen))
+}
+
+fn completion_generate(body: &Bytes, preset_max: u32) -> Result<(Sampling, Generate), Error> {
+    let map = core::parse_object(body)?;
+    core::check_fields(&map, &[SHARED_FIELDS, COMPLETION_FIELDS])?;
+    let req: CompletionRequest = core::from_object(map)?;
+    let mut gen = req.sampling.to_generate(preset_max)?;
+    gen.prompt = Some(match req.prompt {
+        PromptInput::One(p) => p,
+        PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptInput::Many(_) => {
+            return Err(Error::invalid(
+                "only one prompt per request is supported",
+                Some("prompt"),
+            ))
+        }
+    });
+    gen.logprobs = match req.logprobs {
+        Some(n) if n > 5 => {
+            return Err(Error::invalid(
+                "logprobs must be between 0 and 5",
+                Some("logprobs"),
+            ))
+        }
+        n => n,
+    };
+    assert_generate(&gen);
+    Ok((req.sampling, gen))
+}
+
+/// What every accepted request satisfies (checked here, and by the fuzzer).
+fn assert_generate(gen: &Generate) {
+    debug_assert!((1..=MAX_TOKENS_LIMIT).contains(&gen.max_tokens));
+    debug_assert!(gen.stop.len() <= MAX_STOPS && gen.top_p > 0.0 && gen.top_p <= 1.0);
 }
 
 pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(&body)?;
-    let preset_max = default_max_tokens(&state, &req.sampling.model)?;
-    let mut gen = req.sampling.to_generate(preset_max)?;
-    gen.messages = Some(chat_messages(req.messages)?);
-    run(state, req.sampling, gen, Dialect::Chat).await
+    let model = model_of(&body);
+    let (sampling, gen) = chat_generate(&body, default_max_tokens(&state, &model)?)?;
+    run(state, sampling, gen, Dialect::Chat).await
 }
 
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&body)?;
-    let preset_max = default_max_tokens(&state, &req.sampling.model)?;
-    let mut gen = req.sampling.to_generate(preset_max)?;
-    gen.prompt = Some(match req.prompt {
-        PromptInput::One(p) => p,
-        PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
-        PromptInput::Many(_) => {
-            return Err(
-                Error::invalid("only one prompt per request is supported", Some("prompt")).into(),
-            )
-        }
-    });
-    run(state, req.sampling, gen, Dialect::Completion).await
+    let model = model_of(&body);
+    let (sampling, gen) = completion_generate(&body, default_max_tokens(&state, &model)?)?;
+    run(state, sampling, gen, Dialect::Completion).await
 }
 
-fn default_max_tokens(state: &AppState, model: &str) -> Result<u32, Error> {
+/// The `model` field, read before the whole request is checked (its preset gives
+/// the default max_tokens). A missing one is reported by the full parse.
+fn model_of(body: &Bytes) -> String {
+    #[derive(Deserialize)]
+    struct ModelOnly {
+        #[serde(default)]
+        model: Option<Value>,
+    }
+    serde_json::from_slice::<ModelOnly>(body)
+        .ok()
+        .and_then(|m| m.model)
+        .and_then(|m| m.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The preset's max_tokens for `model`; a model not known is a 404, but a body
+/// without a model is left to the full parse (which names the missing field).
+pub fn default_max_tokens(state: &AppState, model: &str) -> Result<u32, Error> {
+    if model.is_empty() {
+        return Ok(512);
+    }
     state
         .supervisor
         .presets()

@@ -42,9 +42,23 @@ const TERM_GRACE: Duration = Duration::from_secs(2);
 /// arrived in (valid UTF-8, checked when the frame was read): no copy per token.
 #[derive(Debug)]
 pub enum GenEvent {
-    Token { token: u32, text: Bytes },
+    Token {
+        token: u32,
+        text: Bytes,
+    },
+    /// A tool call the worker parsed from the output (after the tokens before it).
+    ToolCall(worker_protocol::frame::ToolCallFrame),
+    /// Log probabilities of the tokens that follow (requests that asked for them).
+    Logprobs(Vec<worker_protocol::frame::TokenLogprob>),
     Done(worker_protocol::frame::Done),
     Error(Error),
+}
+
+impl GenEvent {
+    /// Whether more events follow this one (false for Done and Error).
+    pub fn is_final(&self) -> bool {
+        matches!(self, GenEvent::Done(_) | GenEvent::Error(_))
+    }
 }
 
 /// A token's text as a `&str` (checked UTF-8 when its frame was read).
@@ -450,6 +464,14 @@ impl Shared {
         self.tokens_routed.increment(count);
     }
 
+    /// Sends a request one of its output events (a tool call, logprobs).
+    fn route(&self, id: u64, event: GenEvent) {
+        if let Some(route) = self.routes.lock().expect("lock").get_mut(&id) {
+            route.started = true;
+            let _ = route.tx.send(event);
+        }
+    }
+
     /// Ends request `id` with `event` and tells the slot its place is free.
     fn finish(&self, id: u64, event: GenEvent, n: u64, reports: &ReportTx) {
         if let Some(route) = self.routes.lock().expect("lock").remove(&id) {
@@ -470,6 +492,8 @@ impl Shared {
         };
         match frame {
             Frame::Done(done) => self.finish(done.id, GenEvent::Done(done), n, reports),
+            Frame::ToolCall(call) => self.route(call.id, GenEvent::ToolCall(call)),
+            Frame::Logprobs(lp) => self.route(lp.id, GenEvent::Logprobs(lp.entries)),
             Frame::Stats(stats) => {
                 crate::metrics::record_worker_stats(&self.model, &stats);
                 let mut last = self.stats.lock().expect("lock");

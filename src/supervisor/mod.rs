@@ -152,7 +152,7 @@ impl Supervisor {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         gen.id = id;
         let p = self.pending(id, &name, Job::Generate { gen, tx }, keep_alive);
-        Self::send(&slot, Command::Submit(p))?;
+        Self::send(&slot, Command::Submit(Box::new(p)))?;
         Ok(GenStream {
             id,
             model: name,
@@ -171,7 +171,7 @@ impl Supervisor {
         let (reply, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let p = self.pending(id, &preset.name, Job::Lease { reply }, keep_alive);
-        Self::send(&slot, Command::Submit(p))?;
+        Self::send(&slot, Command::Submit(Box::new(p)))?;
         rx.await
             .map_err(|_| Error::Internal("the model's slot dropped a lease request".into()))?
     }

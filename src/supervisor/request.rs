@@ -72,7 +72,7 @@ impl GenStream {
         }
         let ev = self.rx.recv().await;
         match &ev {
-            Some(GenEvent::Token { .. }) => {}
+            Some(e) if !e.is_final() => {}
             Some(_) => self.finished = true,
             None => {
                 // Every path that drops a request's sender sends its end first; a
@@ -88,13 +88,13 @@ impl GenStream {
     }
 
     /// The next event if one is already waiting: lets a slow client's pending
-    /// tokens be coalesced into one SSE chunk.
+    /// tokens be coalesced into one chunk.
     pub fn try_next(&mut self) -> Option<GenEvent> {
         if self.finished {
             return None;
         }
         let ev = self.rx.try_recv().ok()?;
-        if !matches!(ev, GenEvent::Token { .. }) {
+        if ev.is_final() {
             self.finished = true;
         }
         Some(ev)

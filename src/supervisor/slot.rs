@@ -33,7 +33,7 @@ const GROWTH: u64 = 1 << 20;
 const MAX_RETRIES: u8 = 1;
 
 pub enum Command {
-    Submit(Pending),
+    Submit(Box<Pending>),
     /// A request's client went away.
     Cancel(u64),
     /// A lease of incarnation `n` ended.
@@ -461,7 +461,7 @@ impl Slot {
 
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(p) => self.submit(p),
+            Command::Submit(p) => self.submit(*p),
             Command::Cancel(id) => {
                 if let Some(at) = self.queue.iter().position(|p| p.id == id) {
                     self.queue.remove(at);

@@ -1,0 +1,374 @@
+//! The one core every dialect serves through (ARCHITECTURE.md, "Dialects
+//! translate; one core serves"). A dialect parses its request into a
+//! [`CoreRequest`] and renders the core's events — text, tool calls, logprobs,
+//! the end, an error — through a [`Renderer`] of its own. Starting a generation,
+//! waiting for its first event, collecting a whole answer, stream framing (SSE or
+//! NDJSON), coalescing for slow clients and cancel-on-disconnect live here, once.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::Value;
+use worker_protocol::frame::{Done, Generate, TokenLogprob, Tool, ToolCallFrame};
+
+use super::AppState;
+use crate::error::Error;
+use crate::presets::TransportKind;
+use crate::supervisor::{token_text, GenEvent, GenStream, KeepAlive};
+
+/// What every dialect asks the core for.
+pub struct CoreRequest {
+    pub model: String,
+    pub gen: Generate,
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// A generation whose worker has answered: its first event is in hand.
+pub struct Started {
+    stream: GenStream,
+    first: Option<GenEvent>,
+}
+
+/// Starts a generation and waits for its first event. Nothing reaches the client
+/// before that: a request refused, or one whose worker dies before starting it,
+/// still gets a plain HTTP error status in the client's dialect.
+pub async fn start(state: &AppState, req: CoreRequest) -> Result<Started, Error> {
+    let preset = state
+        .supervisor
+        .presets()
+        .resolve(&req.model)
+        .ok_or_else(|| Error::ModelNotFound(req.model.clone()))?;
+    if preset.transport == TransportKind::Http {
+        return Err(Error::invalid(
+            format!(
+                "'{}' runs on the http transport, which serves only plain OpenAI requests \
+                 (no tools, output formats, logprobs or other dialects)",
+                req.model
+            ),
+            Some("model"),
+        ));
+    }
+    let mut stream = state
+        .supervisor
+        .generate(&req.model, req.gen, req.keep_alive)?;
+    match stream.next().await {
+        Some(GenEvent::Error(e)) => Err(e),
+        Some(ev) => Ok(Started {
+            stream,
+            first: Some(ev),
+        }),
+        None => Err(Error::Internal("generation ended without a result".into())),
+    }
+}
+
+impl Started {
+    async fn next(&mut self) -> Option<GenEvent> {
+        match self.first.take() {
+            Some(ev) => Some(ev),
+            None => self.stream.next().await,
+        }
+    }
+}
+
+/// A whole answer, for clients that did not ask to stream.
+pub struct Collected {
+    pub text: String,
+    pub tool_calls: Vec<ToolCallFrame>,
+    pub logprobs: Vec<TokenLogprob>,
+    pub done: Done,
+}
+
+pub async fn collect(mut started: Started) -> Result<Collected, Error> {
+    let (mut text, mut tool_calls, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+    while let Some(ev) = started.next().await {
+        match ev {
+            GenEvent::Token { text: t, .. } => text.push_str(token_text(&t)),
+            GenEvent::ToolCall(call) => tool_calls.push(call),
+            GenEvent::Logprobs(mut entries) => logprobs.append(&mut entries),
+            GenEvent::Done(done) => {
+                return Ok(Collected {
+                    text,
+                    tool_calls,
+                    logprobs,
+                    done,
+                })
+            }
+            GenEvent::Error(e) => return Err(e),
+        }
+    }
+    Err(Error::Internal("generation ended without a result".into()))
+}
+
+/// A dialect's stream: turns the core's events into the bytes its clients parse.
+/// Each call appends whole frames (SSE events or NDJSON lines) to `out`.
+pub trait Renderer: Send + 'static {
+    /// Sent with the first event (a role chunk, `message_start`, ...).
+    fn open(&mut self, _out: &mut Vec<u8>) {}
+    /// Text, with the logprobs of the tokens that produced it (when asked for).
+    fn text(&mut self, text: &str, logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>);
+    fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>);
+    /// The end; `logprobs` are those of tokens that added no text (an EOS).
+    fn done(&mut self, done: Done, logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>);
+    /// A failure after the stream began: the dialect's in-stream error, and no
+    /// end marker, so that no client takes a broken answer for a whole one.
+    fn error(&mut self, e: &Error, out: &mut Vec<u8>);
+}
+
+#[derive(Clone, Copy)]
+pub enum Framing {
+    /// `text/event-stream` (OpenAI, Anthropic).
+    Sse,
+    /// `application/x-ndjson` (Ollama).
+    NdJson,
+}
+
+/// Streams a started generation through `renderer`.
+///
+/// The body polls the generation directly: a token wakes the connection's own
+/// task, which renders and writes it (no task or channel in between). Coalescing:
+/// hyper polls the body only when it can write, so tokens that arrive while a
+/// slow client's socket is full wait in the stream and leave together. A client
+/// that goes away drops the body, and with it the `GenStream`: the generation is
+/// cancelled.
+pub fn stream<R: Renderer>(started: Started, renderer: R, framing: Framing) -> Response {
+    struct State<R> {
+        started: Started,
+        renderer: R,
+        opened: bool,
+        held: Option<GenEvent>,
+        // Logprobs of tokens whose text has not been rendered yet.
+        logprobs: Vec<TokenLogprob>,
+        ended: bool,
+    }
+    let state = State {
+        started,
+        renderer,
+        opened: false,
+        held: None,
+        logprobs: Vec::new(),
+        ended: false,
+    };
+    let body = futures::stream::unfold(state, |mut st| async move {
+        let mut out = Vec::new();
+        if !st.opened {
+            st.opened = true;
+            st.renderer.open(&mut out);
+            if !out.is_empty() {
+                return Some((Ok::<_, Infallible>(Bytes::from(out)), st));
+            }
+        }
+        while !st.ended {
+            let ev = match st.held.take() {
+                Some(ev) => ev,
+                None => st.started.next().await?,
+            };
+            match ev {
+                GenEvent::Token { text, .. } => {
+                    let mut joined: Option<String> = None;
+                    // Logprobs that arrive after the last token taken belong to
+                    // tokens still on their way: they wait for them.
+                    let mut later: Vec<TokenLogprob> = Vec::new();
+                    while let Some(more) = st.started.stream.try_next() {
+                        match more {
+                            GenEvent::Token { text: t, .. } => {
+                                st.logprobs.append(&mut later);
+                                joined
+                                    .get_or_insert_with(|| token_text(&text).to_owned())
+                                    .push_str(token_text(&t));
+                            }
+                            GenEvent::Logprobs(mut entries) => later.append(&mut entries),
+                            other => {
+                                st.held = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    let text = joined.as_deref().unwrap_or(token_text(&text));
+                    if !text.is_empty() {
+                        let lp = std::mem::take(&mut st.logprobs);
+                        st.renderer.text(text, lp, &mut out);
+                    }
+                    st.logprobs.append(&mut later);
+                }
+                GenEvent::Logprobs(mut entries) => st.logprobs.append(&mut entries),
+                GenEvent::ToolCall(call) => st.renderer.tool_call(call, &mut out),
+                GenEvent::Done(done) => {
+                    st.ended = true;
+                    let lp = std::mem::take(&mut st.logprobs);
+                    st.renderer.done(done, lp, &mut out);
+                }
+                GenEvent::Error(e) => {
+                    st.ended = true;
+                    st.renderer.error(&e, &mut out);
+                }
+            }
+            if !out.is_empty() {
+                return Some((Ok(Bytes::from(out)), st));
+            }
+        }
+        None
+    });
+    let content_type = match framing {
+        Framing::Sse => "text/event-stream",
+        Framing::NdJson => "application/x-ndjson",
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .expect("static headers are valid")
+}
+
+/// `data: {json}\n\n`
+pub fn sse_data(out: &mut Vec<u8>, v: &Value) {
+    out.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut *out, v).expect("a Value always serializes");
+    out.extend_from_slice(b"\n\n");
+}
+
+/// `event: name\ndata: {json}\n\n`
+pub fn sse_event(out: &mut Vec<u8>, name: &str, v: &Value) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'\n');
+    sse_data(out, v);
+}
+
+/// One NDJSON line.
+pub fn ndjson(out: &mut Vec<u8>, v: &Value) {
+    serde_json::to_writer(&mut *out, v).expect("a Value always serializes");
+    out.push(b'\n');
+}
+
+/// Parses a JSON body into a map; a body that is not a JSON object is a 400.
+pub fn parse_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Error> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::invalid(
+            "the request body must be a JSON object",
+            None,
+        )),
+        Err(e) => Err(Error::invalid(
+            format!("could not parse the JSON body of the request: {e}"),
+            None,
+        )),
+    }
+}
+
+/// Deserializes a checked object into a dialect's request type.
+pub fn from_object<T: for<'de> Deserialize<'de>>(
+    map: serde_json::Map<String, Value>,
+) -> Result<T, Error> {
+    serde_json::from_value(Value::Object(map))
+        .map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
+}
+
+/// How a dialect treats one of its request's fields.
+pub enum FieldRule {
+    /// Honoured.
+    Served,
+    /// Accepted and without effect here (`user`, `metadata`): no output differs.
+    Ignored,
+    /// Accepted only when it asks for nothing (e.g. a penalty of 0).
+    OnlyNeutral(fn(&Value) -> bool),
+}
+
+/// Refuses, with a 400 that names it, any field the dialect cannot honour: a
+/// request is never served as if a field it sent had been applied.
+pub fn check_fields(
+    map: &serde_json::Map<String, Value>,
+    rule_sets: &[&[(&str, FieldRule)]],
+) -> Result<(), Error> {
+    for (key, value) in map {
+        let rule = rule_sets
+            .iter()
+            .flat_map(|rules| rules.iter())
+            .find(|(name, _)| name == key);
+        match rule {
+            Some((_, FieldRule::Served | FieldRule::Ignored)) => {}
+            Some((_, FieldRule::OnlyNeutral(neutral))) => {
+                if !value.is_null() && !neutral(value) {
+                    return Err(Error::invalid(
+                        format!(
+                            "'{key}' is not supported by mlxd (only its neutral value is accepted)"
+                        ),
+                        Some(key),
+                    ));
+                }
+            }
+            None => {
+                return Err(Error::invalid(
+                    format!("'{key}' is not supported by mlxd"),
+                    Some(key),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A number that is zero (a penalty that changes nothing).
+pub fn is_zero(v: &Value) -> bool {
+    v.as_f64() == Some(0.0)
+}
+
+/// An empty object or array.
+pub fn is_empty(v: &Value) -> bool {
+    v.as_object().is_some_and(|m| m.is_empty()) || v.as_array().is_some_and(|a| a.is_empty())
+}
+
+/// Checks a tool as any dialect declares it: a name models can write, and an
+/// object schema for its arguments.
+pub fn tool(
+    name: String,
+    description: Option<String>,
+    parameters: Option<Value>,
+) -> Result<Tool, Error> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if !valid {
+        return Err(Error::invalid(
+            format!("tool name '{name}' must be 1-64 letters, digits, '_', '-' or '.'"),
+            Some("tools"),
+        ));
+    }
+    let parameters =
+        parameters.unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+    if !parameters.is_object() {
+        return Err(Error::invalid(
+            format!("the parameters of tool '{name}' must be a JSON schema object"),
+            Some("tools"),
+        ));
+    }
+    Ok(Tool {
+        name,
+        description,
+        parameters,
+    })
+}
+
+/// Unique ids for responses and messages.
+pub fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}-{:x}{:04x}",
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
+}
+
+/// A tool call's arguments as a JSON object (the worker sends JSON text).
+pub fn arguments_object(call: &ToolCallFrame) -> Value {
+    serde_json::from_str(&call.arguments).unwrap_or(Value::String(call.arguments.clone()))
+}
