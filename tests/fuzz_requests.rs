@@ -1,4 +1,4 @@
-//! The request-parsing fuzz target (`mlxd::api::openai::fuzz_request`), run a
+//! The request-parsing fuzz target (`mlxd::api::fuzz_request`, every dialect), run a
 //! bounded number of times on every `scripts/test`; cargo-fuzz runs it unbounded
 //! (fuzz/). Inputs: arbitrary bytes, and JSON bodies built from the fields the
 //! endpoints know, with values of every type.
@@ -42,6 +42,12 @@ fn value() -> impl Strategy<Value = Value> {
                 prop_oneof![
                     Just("role".to_string()),
                     Just("content".to_string()),
+                    Just("name".to_string()),
+                    Just("function".to_string()),
+                    Just("tool_calls".to_string()),
+                    Just("input_schema".to_string()),
+                    Just("schema".to_string()),
+                    Just("call_id".to_string()),
                     Just("type".to_string()),
                     Just("text".to_string()),
                     ".{0,4}"
@@ -68,6 +74,20 @@ const FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "keep_alive",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "system",
+    "stop_sequences",
+    "input",
+    "instructions",
+    "text",
+    "format",
+    "options",
+    "raw",
+    "max_output_tokens",
 ];
 
 fn body() -> impl Strategy<Value = Vec<u8>> {
@@ -90,11 +110,11 @@ proptest! {
 
     #[test]
     fn any_bytes_are_a_clean_400_or_a_request(data in prop::collection::vec(any::<u8>(), 0..256)) {
-        mlxd::api::openai::fuzz_request(&data);
+        mlxd::api::fuzz_request(&data);
     }
 
     #[test]
     fn any_json_body_is_a_clean_400_or_a_request(data in body()) {
-        mlxd::api::openai::fuzz_request(&data);
+        mlxd::api::fuzz_request(&data);
     }
 }

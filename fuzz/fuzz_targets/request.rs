@@ -1,3 +1,3 @@
 #![no_main]
 // cargo +nightly fuzz run request (from the repository root)
-libfuzzer_sys::fuzz_target!(|data: &[u8]| mlxd::api::openai::fuzz_request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| mlxd::api::fuzz_request(data));

@@ -2,10 +2,13 @@
 //! client's dialect and the internal request; they never decide policy.
 
 pub mod admin;
+pub mod anthropic;
 pub mod benchmark;
 pub mod core;
 pub mod guard;
+pub mod ollama;
 pub mod openai;
+pub mod responses;
 
 use std::sync::Arc;
 
@@ -34,6 +37,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/api/chat"),
+    ("POST", "/api/generate"),
+    ("GET", "/api/tags"),
+    ("GET", "/api/ps"),
+    ("POST", "/api/show"),
+    ("GET", "/api/version"),
     ("GET", "/metrics"),
     ("GET", "/admin/ps"),
     ("GET", "/admin/memory"),
@@ -49,6 +61,15 @@ fn handler(path: &str) -> axum::routing::MethodRouter<AppState> {
         "/v1/chat/completions" => post(openai::chat_completions),
         "/v1/completions" => post(openai::completions),
         "/v1/models" => get(openai::models),
+        "/v1/responses" => post(responses::responses),
+        "/v1/messages" => post(anthropic::messages),
+        "/v1/messages/count_tokens" => post(anthropic::count_tokens),
+        "/api/chat" => post(ollama::chat),
+        "/api/generate" => post(ollama::generate),
+        "/api/tags" => get(ollama::tags),
+        "/api/ps" => get(ollama::ps),
+        "/api/show" => post(ollama::show),
+        "/api/version" => get(ollama::version),
         "/metrics" => get(render_metrics),
         "/admin/ps" => get(admin::ps),
         "/admin/memory" => get(admin::memory),
@@ -107,6 +128,16 @@ async fn render_metrics(
         )],
         state.metrics.render(),
     )
+}
+
+/// Fuzz target (`fuzz/` and tests/fuzz_requests.rs): any body sent to any
+/// generation endpoint of any dialect ends as a 400 or a well-formed request,
+/// never a panic.
+pub fn fuzz_request(body: &[u8]) {
+    openai::fuzz_request(body);
+    let _ = anthropic::parse_messages(&axum::body::Bytes::copy_from_slice(body));
+    ollama::fuzz_request(body);
+    responses::fuzz_request(body);
 }
 
 /// Seconds since the Unix epoch (OpenAI's `created`).

@@ -976,8 +976,8 @@ fn completion_generate(body: &Bytes, preset_max: u32) -> Result<(Sampling, Gener
 
 /// What every accepted request satisfies (checked here, and by the fuzzer).
 fn assert_generate(gen: &Generate) {
-    debug_assert!((1..=MAX_TOKENS_LIMIT).contains(&gen.max_tokens));
-    debug_assert!(gen.stop.len() <= MAX_STOPS && gen.top_p > 0.0 && gen.top_p <= 1.0);
+    assert!((1..=MAX_TOKENS_LIMIT).contains(&gen.max_tokens));
+    assert!(gen.stop.len() <= MAX_STOPS && gen.top_p > 0.0 && gen.top_p <= 1.0);
 }
 
 pub async fn chat_completions(

@@ -97,6 +97,11 @@ impl Supervisor {
         &self.presets
     }
 
+    /// Where imported models live.
+    pub fn models_dir(&self) -> &std::path::Path {
+        &self.cfg.models_dir
+    }
+
     fn preset(&self, model: &str) -> Result<&Preset> {
         self.presets
             .resolve(model)

@@ -382,6 +382,9 @@ pub struct Done {
     /// Present when the model has a usable draft.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<DraftCounts>,
+    /// The stop sequence that ended the request (finish_reason "stop").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_sequence: Option<String>,
 }
 
 /// Worker → daemon: something failed, for one request (`id`) or the worker.

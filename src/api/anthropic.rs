@@ -1,0 +1,560 @@
+//! Anthropic's Messages API: `POST /v1/messages` (streamed and not) and
+//! `POST /v1/messages/count_tokens`, in the shapes the official `anthropic`
+//! client parses (and Claude Code sends with `ANTHROPIC_BASE_URL`).
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use worker_protocol::frame::{
+    ChatMessage, Done, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame,
+    ToolChoice,
+};
+
+use super::core::{self, FieldRule};
+use super::openai::{default_max_tokens, forced_tool_is_known, speculative_usage, SamplingParams};
+use super::AppState;
+use crate::error::Error;
+
+/// Anthropic's error shape: `{"type": "error", "error": {"type", "message"}}`.
+pub fn error_body(e: &Error) -> Value {
+    let kind = match e.status() {
+        StatusCode::BAD_REQUEST => "invalid_request_error",
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::FORBIDDEN => "permission_error",
+        StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+        _ => "api_error",
+    };
+    json!({"type": "error", "error": {"type": kind, "message": e.to_string()}})
+}
+
+pub struct AnthropicError(Error);
+
+impl From<Error> for AnthropicError {
+    fn from(e: Error) -> Self {
+        AnthropicError(e)
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        let mut resp = (status, axum::Json(error_body(&self.0))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        resp
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Blocks(Vec<Block>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Block {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+    // tool_use
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    input: Option<Value>,
+    // tool_result
+    #[serde(default)]
+    tool_use_id: Option<String>,
+    #[serde(default)]
+    content: Option<Box<Content>>,
+    #[serde(default)]
+    is_error: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    content: Content,
+}
+
+#[derive(Debug, Deserialize)]
+struct InTool {
+    name: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    input_schema: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InToolChoice {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InOutputFormat {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    schema: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessagesRequest {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    messages: Vec<InMessage>,
+    #[serde(default)]
+    system: Option<Content>,
+    #[serde(default)]
+    stop_sequences: Option<Vec<String>>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    tools: Option<Vec<InTool>>,
+    #[serde(default)]
+    tool_choice: Option<InToolChoice>,
+    #[serde(default)]
+    output_format: Option<InOutputFormat>,
+}
+
+const FIELDS: &[(&str, FieldRule)] = &[
+    ("model", FieldRule::Served),
+    ("max_tokens", FieldRule::Served),
+    ("messages", FieldRule::Served),
+    ("system", FieldRule::Served),
+    ("stop_sequences", FieldRule::Served),
+    ("stream", FieldRule::Served),
+    ("temperature", FieldRule::Served),
+    ("top_p", FieldRule::Served),
+    ("tools", FieldRule::Served),
+    ("tool_choice", FieldRule::Served),
+    ("output_format", FieldRule::Served),
+    ("metadata", FieldRule::Ignored),
+    ("service_tier", FieldRule::Ignored),
+    (
+        "thinking",
+        FieldRule::OnlyNeutral(|v| v["type"] == "disabled"),
+    ),
+];
+
+/// count_tokens takes the input fields only.
+const COUNT_FIELDS: &[(&str, FieldRule)] = &[
+    ("model", FieldRule::Served),
+    ("messages", FieldRule::Served),
+    ("system", FieldRule::Served),
+    ("tools", FieldRule::Served),
+    ("tool_choice", FieldRule::Served),
+    (
+        "thinking",
+        FieldRule::OnlyNeutral(|v| v["type"] == "disabled"),
+    ),
+];
+
+fn unsupported_block(kind: &str) -> Error {
+    Error::invalid(
+        format!("content block type '{kind}' is not supported"),
+        Some("messages"),
+    )
+}
+
+fn text_of(content: Content, field: &str) -> Result<String, Error> {
+    match content {
+        Content::Text(t) => Ok(t),
+        Content::Blocks(blocks) => {
+            let mut text = String::new();
+            for b in blocks {
+                match (b.kind.as_str(), b.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    (kind, _) => {
+                        return Err(Error::invalid(
+                            format!("content block type '{kind}' is not supported in {field}"),
+                            Some(field),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+    }
+}
+
+/// Anthropic turns as the core's messages: a user turn's tool_result blocks
+/// become tool messages (before its text), an assistant turn's tool_use blocks
+/// its tool calls.
+fn chat_messages(
+    system: Option<Content>,
+    messages: Vec<InMessage>,
+) -> Result<Vec<ChatMessage>, Error> {
+    if messages.is_empty() {
+        return Err(Error::invalid(
+            "messages must not be empty",
+            Some("messages"),
+        ));
+    }
+    let mut out = Vec::new();
+    if let Some(system) = system {
+        let text = text_of(system, "system")?;
+        if !text.is_empty() {
+            out.push(ChatMessage {
+                role: "system".into(),
+                content: text,
+                ..Default::default()
+            });
+        }
+    }
+    for m in messages {
+        if m.role != "user" && m.role != "assistant" {
+            return Err(Error::invalid(
+                format!("unknown role '{}' (messages are 'user' or 'assistant'; the system prompt is 'system')", m.role),
+                Some("messages"),
+            ));
+        }
+        let blocks = match m.content {
+            Content::Text(t) => {
+                out.push(ChatMessage {
+                    role: m.role,
+                    content: t,
+                    ..Default::default()
+                });
+                continue;
+            }
+            Content::Blocks(b) => b,
+        };
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for b in blocks {
+            match b.kind.as_str() {
+                "text" => text.push_str(b.text.as_deref().unwrap_or_default()),
+                "tool_use" if m.role == "assistant" => calls.push(MessageToolCall {
+                    id: b.id.unwrap_or_default(),
+                    name: b.name.unwrap_or_default(),
+                    arguments: b.input.unwrap_or_else(|| json!({})),
+                }),
+                "tool_result" if m.role == "user" => {
+                    let mut content = match b.content {
+                        Some(c) => text_of(*c, "messages")?,
+                        None => String::new(),
+                    };
+                    if b.is_error == Some(true) {
+                        content = format!("Error: {content}");
+                    }
+                    out.push(ChatMessage {
+                        role: "tool".into(),
+                        content,
+                        tool_call_id: b.tool_use_id,
+                        ..Default::default()
+                    });
+                }
+                other => return Err(unsupported_block(other)),
+            }
+        }
+        if !text.is_empty() || !calls.is_empty() {
+            out.push(ChatMessage {
+                role: m.role,
+                content: text,
+                tool_calls: calls,
+                ..Default::default()
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
+    tools
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| match t.kind.as_deref() {
+            None | Some("custom") => core::tool(t.name, t.description, t.input_schema),
+            Some(kind) => Err(Error::invalid(
+                format!("tool type '{kind}' is not supported (server tools run at Anthropic)"),
+                Some("tools"),
+            )),
+        })
+        .collect()
+}
+
+fn tool_choice(c: Option<InToolChoice>, tools: &[Tool]) -> Result<ToolChoice, Error> {
+    let choice = match c {
+        None => ToolChoice::Auto,
+        Some(c) => match (c.kind.as_str(), c.name) {
+            ("auto", _) => ToolChoice::Auto,
+            ("none", _) => ToolChoice::None,
+            ("any", _) => ToolChoice::Required,
+            ("tool", Some(name)) => ToolChoice::Function(name),
+            _ => {
+                return Err(Error::invalid(
+                    "tool_choice.type must be 'auto', 'any', 'none' or 'tool' (with a name)",
+                    Some("tool_choice"),
+                ))
+            }
+        },
+    };
+    forced_tool_is_known(&choice, tools, "tool_choice")?;
+    Ok(choice)
+}
+
+fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
+    let max_tokens = req
+        .max_tokens
+        .ok_or_else(|| Error::invalid("max_tokens: field required", Some("max_tokens")))?;
+    if let Some(t) = req.temperature {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(Error::invalid(
+                "temperature must be between 0 and 1",
+                Some("temperature"),
+            ));
+        }
+    }
+    let mut gen = SamplingParams {
+        max_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stop: req.stop_sequences.unwrap_or_default(),
+        seed: None,
+    }
+    .to_generate()?;
+    gen.messages = Some(chat_messages(req.system, req.messages)?);
+    gen.tools = tools(req.tools)?;
+    gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
+    gen.format = match req.output_format {
+        None => None,
+        Some(InOutputFormat {
+            kind,
+            schema: Some(schema),
+        }) if kind == "json_schema" && schema.is_object() => Some(OutputFormat::JsonSchema {
+            schema,
+            strict: true,
+        }),
+        Some(_) => {
+            return Err(Error::invalid(
+                "output_format must be {\"type\": \"json_schema\", \"schema\": {...}}",
+                Some("output_format"),
+            ))
+        }
+    };
+    Ok((gen, req.stream))
+}
+
+/// The request as the core's Generate (the fuzz target's entry too).
+pub fn parse_messages(body: &Bytes) -> Result<(String, Generate, bool), Error> {
+    let map = core::parse_object(body)?;
+    core::check_fields(&map, &[FIELDS])?;
+    let req: MessagesRequest = core::from_object(map)?;
+    let model = req.model.clone();
+    let (gen, stream) = generate(req)?;
+    Ok((model, gen, stream))
+}
+
+fn stop_reason(done: &Done) -> &'static str {
+    match done.finish_reason.as_str() {
+        "length" => "max_tokens",
+        "tool_calls" => "tool_use",
+        _ if done.stop_sequence.is_some() => "stop_sequence",
+        _ => "end_turn",
+    }
+}
+
+fn usage(done: &Done) -> Value {
+    let mut u =
+        json!({"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens});
+    if let Some(counts) = &done.speculative {
+        u["mlxd"] = speculative_usage(counts);
+    }
+    u
+}
+
+fn tool_use_block(call: &ToolCallFrame) -> Value {
+    json!({"type": "tool_use", "id": call.call_id, "name": call.name, "input": core::arguments_object(call)})
+}
+
+pub async fn messages(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, AnthropicError> {
+    let (model, gen, stream) = parse_messages(&body)?;
+    // A model that does not exist is a 404 before anything else.
+    default_max_tokens(&state, &model)?;
+    let id = core::new_id("msg");
+    let req = core::CoreRequest {
+        model: model.clone(),
+        gen,
+        keep_alive: None,
+    };
+    let started = core::start(&state, req).await?;
+    if stream {
+        let renderer = AnthropicStream {
+            id,
+            model,
+            text_open: false,
+            blocks: 0,
+        };
+        return Ok(core::stream(started, renderer, core::Framing::Sse));
+    }
+    let c = core::collect(started).await?;
+    let mut content = Vec::new();
+    if !c.text.is_empty() {
+        content.push(json!({"type": "text", "text": c.text}));
+    }
+    content.extend(c.tool_calls.iter().map(tool_use_block));
+    Ok(axum::Json(json!({
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason(&c.done),
+        "stop_sequence": c.done.stop_sequence,
+        "usage": usage(&c.done),
+    }))
+    .into_response())
+}
+
+/// The event sequence of a streamed message: `message_start`, then per content
+/// block `content_block_start`, its deltas and `content_block_stop`, then
+/// `message_delta` (stop reason, usage) and `message_stop`.
+struct AnthropicStream {
+    id: String,
+    model: String,
+    /// A text block is open (tool_use blocks open and close at once).
+    text_open: bool,
+    /// Content blocks started so far (the next block's index).
+    blocks: u32,
+}
+
+impl AnthropicStream {
+    fn close_block(&mut self, out: &mut Vec<u8>) {
+        if std::mem::take(&mut self.text_open) {
+            let index = self.blocks - 1;
+            core::sse_event(
+                out,
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+            );
+        }
+    }
+}
+
+impl core::Renderer for AnthropicStream {
+    fn open(&mut self, out: &mut Vec<u8>) {
+        let message = json!({
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        });
+        core::sse_event(
+            out,
+            "message_start",
+            &json!({"type": "message_start", "message": message}),
+        );
+    }
+
+    fn text(&mut self, text: &str, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        if !self.text_open {
+            let start = json!({"type": "content_block_start", "index": self.blocks, "content_block": {"type": "text", "text": ""}});
+            core::sse_event(out, "content_block_start", &start);
+            self.text_open = true;
+            self.blocks += 1;
+        }
+        let delta = json!({"type": "content_block_delta", "index": self.blocks - 1, "delta": {"type": "text_delta", "text": text}});
+        core::sse_event(out, "content_block_delta", &delta);
+    }
+
+    fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
+        self.close_block(out);
+        let index = self.blocks;
+        self.blocks += 1;
+        let start = json!({"type": "content_block_start", "index": index,
+            "content_block": {"type": "tool_use", "id": call.call_id, "name": call.name, "input": {}}});
+        core::sse_event(out, "content_block_start", &start);
+        let delta = json!({"type": "content_block_delta", "index": index,
+            "delta": {"type": "input_json_delta", "partial_json": call.arguments}});
+        core::sse_event(out, "content_block_delta", &delta);
+        core::sse_event(
+            out,
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        );
+    }
+
+    fn done(&mut self, done: Done, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        self.close_block(out);
+        let delta = json!({
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason(&done), "stop_sequence": done.stop_sequence},
+            "usage": usage(&done),
+        });
+        core::sse_event(out, "message_delta", &delta);
+        core::sse_event(out, "message_stop", &json!({"type": "message_stop"}));
+    }
+
+    fn error(&mut self, e: &Error, out: &mut Vec<u8>) {
+        core::sse_event(out, "error", &error_body(e));
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct CountRequest {
+    model: String,
+    messages: Vec<InMessage>,
+    #[serde(default)]
+    system: Option<Content>,
+    #[serde(default)]
+    tools: Option<Vec<InTool>>,
+    #[serde(default)]
+    tool_choice: Option<InToolChoice>,
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt as the model would see it
+/// (template, tools), counted by the worker's tokenizer.
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, AnthropicError> {
+    let map = core::parse_object(&body)?;
+    core::check_fields(&map, &[COUNT_FIELDS])?;
+    let req: CountRequest = core::from_object(map)?;
+    default_max_tokens(&state, &req.model)?;
+    let tools = tools(req.tools)?;
+    let gen = Generate {
+        messages: Some(chat_messages(req.system, req.messages)?),
+        tool_choice: tool_choice(req.tool_choice, &tools)?,
+        tools,
+        max_tokens: 1,
+        top_p: 1.0,
+        count_only: true,
+        ..Default::default()
+    };
+    let started = core::start(
+        &state,
+        core::CoreRequest {
+            model: req.model,
+            gen,
+            keep_alive: None,
+        },
+    )
+    .await?;
+    let c = core::collect(started).await?;
+    Ok(axum::Json(json!({"input_tokens": c.done.prompt_tokens})).into_response())
+}

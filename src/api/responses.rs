@@ -1,0 +1,552 @@
+//! OpenAI's Responses API: `POST /v1/responses` (text or items as input, function
+//! tools, JSON output formats, streamed as typed events). Stateless: mlxd keeps
+//! no responses, so `previous_response_id` is refused and the client sends the
+//! conversation it wants continued.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use worker_protocol::frame::{
+    ChatMessage, Done, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame, ToolChoice,
+};
+
+use super::core::{self, FieldRule};
+use super::openai::{
+    default_max_tokens, forced_tool_is_known, speculative_usage, ApiError, SamplingParams,
+};
+use super::{unix_now, AppState};
+use crate::error::Error;
+
+const FIELDS: &[(&str, FieldRule)] = &[
+    ("model", FieldRule::Served),
+    ("input", FieldRule::Served),
+    ("instructions", FieldRule::Served),
+    ("tools", FieldRule::Served),
+    ("tool_choice", FieldRule::Served),
+    ("max_output_tokens", FieldRule::Served),
+    ("temperature", FieldRule::Served),
+    ("top_p", FieldRule::Served),
+    ("stream", FieldRule::Served),
+    ("text", FieldRule::Served),
+    // Nothing is stored either way; the answer is the same.
+    ("store", FieldRule::Ignored),
+    ("metadata", FieldRule::Ignored),
+    ("user", FieldRule::Ignored),
+    ("parallel_tool_calls", FieldRule::Ignored),
+    ("service_tier", FieldRule::Ignored),
+    (
+        "truncation",
+        FieldRule::OnlyNeutral(|v| v.as_str() == Some("disabled")),
+    ),
+    ("include", FieldRule::OnlyNeutral(core::is_empty)),
+    ("reasoning", FieldRule::OnlyNeutral(core::is_empty)),
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Input {
+    Text(String),
+    Items(Vec<Value>),
+}
+
+#[derive(Debug, Deserialize)]
+struct InTool {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TextOptions {
+    #[serde(default)]
+    format: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponsesRequest {
+    model: String,
+    input: Input,
+    #[serde(default)]
+    instructions: Option<String>,
+    #[serde(default)]
+    tools: Option<Vec<InTool>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    text: Option<TextOptions>,
+}
+
+/// Text of a message item's content: a string, or input_text/output_text parts.
+fn content_text(content: &Value) -> Result<String, Error> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for p in parts {
+                match p["type"].as_str() {
+                    Some("input_text" | "output_text" | "text") => {
+                        text.push_str(p["text"].as_str().unwrap_or_default())
+                    }
+                    other => {
+                        return Err(Error::invalid(
+                            format!("content type '{}' is not supported", other.unwrap_or("?")),
+                            Some("input"),
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(Error::invalid(
+            "a message's content must be text or parts",
+            Some("input"),
+        )),
+    }
+}
+
+fn str_field(item: &Value, key: &str) -> Result<String, Error> {
+    item[key].as_str().map(str::to_owned).ok_or_else(|| {
+        Error::invalid(
+            format!(
+                "input item '{}' needs '{key}'",
+                item["type"].as_str().unwrap_or("message")
+            ),
+            Some("input"),
+        )
+    })
+}
+
+fn messages(instructions: Option<String>, input: Input) -> Result<Vec<ChatMessage>, Error> {
+    let mut out = Vec::new();
+    if let Some(text) = instructions.filter(|t| !t.is_empty()) {
+        out.push(ChatMessage {
+            role: "system".into(),
+            content: text,
+            ..Default::default()
+        });
+    }
+    let items = match input {
+        Input::Text(text) => vec![json!({"role": "user", "content": text})],
+        Input::Items(items) => items,
+    };
+    for item in items {
+        match item["type"].as_str().unwrap_or("message") {
+            "message" => {
+                let role = match item["role"].as_str() {
+                    Some("developer" | "system") => "system",
+                    Some("user") => "user",
+                    Some("assistant") => "assistant",
+                    other => {
+                        return Err(Error::invalid(
+                            format!("unknown role '{}'", other.unwrap_or("")),
+                            Some("input"),
+                        ))
+                    }
+                };
+                out.push(ChatMessage {
+                    role: role.into(),
+                    content: content_text(&item["content"])?,
+                    ..Default::default()
+                });
+            }
+            "function_call" => {
+                let text = str_field(&item, "arguments")?;
+                let call = MessageToolCall {
+                    id: str_field(&item, "call_id")?,
+                    name: str_field(&item, "name")?,
+                    arguments: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                };
+                // Calls made in one turn belong to one assistant message.
+                match out.last_mut() {
+                    Some(m) if m.role == "assistant" => m.tool_calls.push(call),
+                    _ => out.push(ChatMessage {
+                        role: "assistant".into(),
+                        tool_calls: vec![call],
+                        ..Default::default()
+                    }),
+                }
+            }
+            "function_call_output" => {
+                let output = match &item["output"] {
+                    Value::String(s) => s.clone(),
+                    other => content_text(other)?,
+                };
+                out.push(ChatMessage {
+                    role: "tool".into(),
+                    content: output,
+                    tool_call_id: Some(str_field(&item, "call_id")?),
+                    ..Default::default()
+                });
+            }
+            other => {
+                return Err(Error::invalid(
+                    format!("input item type '{other}' is not supported"),
+                    Some("input"),
+                ))
+            }
+        }
+    }
+    if out.iter().all(|m| m.role == "system") {
+        return Err(Error::invalid("input must not be empty", Some("input")));
+    }
+    Ok(out)
+}
+
+fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
+    tools
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| match (t.kind.as_str(), t.name) {
+            ("function", Some(name)) => core::tool(name, t.description, t.parameters),
+            ("function", None) => Err(Error::invalid(
+                "a function tool needs its name",
+                Some("tools"),
+            )),
+            (kind, _) => Err(Error::invalid(
+                format!("tool type '{kind}' is not supported (only 'function')"),
+                Some("tools"),
+            )),
+        })
+        .collect()
+}
+
+/// "none" | "auto" | "required" | {"type": "function", "name": ...}.
+fn tool_choice(v: Option<Value>, tools: &[Tool]) -> Result<ToolChoice, Error> {
+    let choice = match v {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "none" => ToolChoice::None,
+        Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            match o.get("name").and_then(Value::as_str) {
+                Some(name) => ToolChoice::Function(name.to_string()),
+                None => return Err(Error::invalid("tool_choice needs the function's name", Some("tool_choice"))),
+            }
+        }
+        Some(_) => {
+            return Err(Error::invalid(
+                "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
+                Some("tool_choice"),
+            ))
+        }
+    };
+    forced_tool_is_known(&choice, tools, "tool_choice")?;
+    Ok(choice)
+}
+
+fn output_format(text: Option<TextOptions>) -> Result<Option<OutputFormat>, Error> {
+    let Some(format) = text.and_then(|t| t.format) else {
+        return Ok(None);
+    };
+    match format["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(OutputFormat::JsonObject)),
+        Some("json_schema") if format["schema"].is_object() => Ok(Some(OutputFormat::JsonSchema {
+            schema: format["schema"].clone(),
+            strict: format["strict"].as_bool().unwrap_or(false),
+        })),
+        _ => Err(Error::invalid(
+            "text.format must be text, json_object, or json_schema with a schema",
+            Some("text.format"),
+        )),
+    }
+}
+
+struct Parsed {
+    model: String,
+    gen: worker_protocol::frame::Generate,
+    stream: bool,
+    /// Echoed in the response object.
+    echo: Value,
+}
+
+fn parse(body: &Bytes, preset_max: u32) -> Result<Parsed, Error> {
+    let map = core::parse_object(body)?;
+    core::check_fields(&map, &[FIELDS])?;
+    if let Some(id) = map.get("previous_response_id").filter(|v| !v.is_null()) {
+        return Err(Error::invalid(
+            format!("previous_response_id ({id}) is not supported: mlxd stores no responses; send the conversation as input"),
+            Some("previous_response_id"),
+        ));
+    }
+    let echo = json!({
+        "instructions": map.get("instructions").cloned().unwrap_or(Value::Null),
+        "tools": map.get("tools").cloned().unwrap_or(json!([])),
+        "tool_choice": map.get("tool_choice").cloned().unwrap_or(json!("auto")),
+        "temperature": map.get("temperature").cloned().unwrap_or(json!(0.0)),
+        "top_p": map.get("top_p").cloned().unwrap_or(json!(1.0)),
+        "max_output_tokens": map.get("max_output_tokens").cloned().unwrap_or(Value::Null),
+        "text": map.get("text").cloned().unwrap_or(json!({"format": {"type": "text"}})),
+    });
+    let req: ResponsesRequest = core::from_object(map)?;
+    let mut gen = SamplingParams {
+        max_tokens: req.max_output_tokens.unwrap_or(preset_max),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stop: vec![],
+        seed: None,
+    }
+    .to_generate()?;
+    gen.messages = Some(messages(req.instructions, req.input)?);
+    gen.tools = tools(req.tools)?;
+    gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
+    gen.format = output_format(req.text)?;
+    if gen.format.is_some()
+        && matches!(
+            gen.tool_choice,
+            ToolChoice::Required | ToolChoice::Function(_)
+        )
+    {
+        return Err(Error::invalid(
+            "a forced tool call and text.format cannot be combined",
+            Some("text.format"),
+        ));
+    }
+    Ok(Parsed {
+        model: req.model,
+        gen,
+        stream: req.stream,
+        echo,
+    })
+}
+
+/// Fuzz entry: any body ends as an error or a Generate, never a panic.
+pub fn fuzz_request(body: &[u8]) {
+    let _ = parse(&Bytes::copy_from_slice(body), 512);
+}
+
+pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let model = core::parse_object(&body)?
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let parsed = parse(&body, default_max_tokens(&state, &model)?)?;
+    let shell = Shell {
+        id: core::new_id("resp"),
+        model: parsed.model.clone(),
+        created_at: unix_now(),
+        echo: parsed.echo,
+    };
+    let started = core::start(
+        &state,
+        core::CoreRequest {
+            model: parsed.model,
+            gen: parsed.gen,
+            keep_alive: None,
+        },
+    )
+    .await?;
+    if parsed.stream {
+        let renderer = ResponsesStream {
+            shell,
+            seq: 0,
+            output: Vec::new(),
+            text_item: None,
+        };
+        return Ok(core::stream(started, renderer, core::Framing::Sse));
+    }
+    let c = core::collect(started).await?;
+    let mut output = Vec::new();
+    if !c.text.is_empty() {
+        output.push(message_item(&core::new_id("msg"), &c.text, "completed"));
+    }
+    output.extend(
+        c.tool_calls
+            .iter()
+            .map(|call| function_item(call, "completed")),
+    );
+    Ok(axum::Json(shell.response(output, Some(&c.done))).into_response())
+}
+
+/// The response object's fixed parts.
+struct Shell {
+    id: String,
+    model: String,
+    created_at: u64,
+    echo: Value,
+}
+
+impl Shell {
+    /// The response object; `done` None while in progress.
+    fn response(&self, output: Vec<Value>, done: Option<&Done>) -> Value {
+        let mut r = json!({
+            "id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
+            "status": "in_progress", "output": output, "error": null, "incomplete_details": null,
+            "parallel_tool_calls": true, "metadata": {}, "usage": null,
+        });
+        for (k, v) in self.echo.as_object().into_iter().flatten() {
+            r[k] = v.clone();
+        }
+        if let Some(done) = done {
+            if done.finish_reason == "length" {
+                r["status"] = json!("incomplete");
+                r["incomplete_details"] = json!({"reason": "max_output_tokens"});
+            } else {
+                r["status"] = json!("completed");
+            }
+            let mut usage = json!({
+                "input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            });
+            if let Some(counts) = &done.speculative {
+                usage["mlxd"] = speculative_usage(counts);
+            }
+            r["usage"] = usage;
+        }
+        r
+    }
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    let content = if status == "in_progress" {
+        json!([])
+    } else {
+        json!([{"type": "output_text", "text": text, "annotations": []}])
+    };
+    json!({"type": "message", "id": id, "status": status, "role": "assistant", "content": content})
+}
+
+fn function_item(call: &ToolCallFrame, status: &str) -> Value {
+    json!({"type": "function_call", "id": format!("fc_{}", call.call_id), "call_id": call.call_id,
+           "name": call.name, "arguments": call.arguments, "status": status})
+}
+
+/// The typed event stream: `response.created`, `response.in_progress`, per output
+/// item `output_item.added` ... `output_item.done` (text parts with their
+/// deltas, function calls with their arguments), then `response.completed`.
+struct ResponsesStream {
+    shell: Shell,
+    seq: u64,
+    /// Finished output items, for the final response object.
+    output: Vec<Value>,
+    /// The open message item: its id and text so far.
+    text_item: Option<(String, String)>,
+}
+
+impl ResponsesStream {
+    fn event(&mut self, out: &mut Vec<u8>, kind: &str, mut body: Value) {
+        body["type"] = json!(kind);
+        body["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        core::sse_event(out, kind, &body);
+    }
+
+    fn close_text(&mut self, out: &mut Vec<u8>) {
+        let Some((id, text)) = self.text_item.take() else {
+            return;
+        };
+        let index = self.output.len();
+        let part = json!({"type": "output_text", "text": text, "annotations": []});
+        self.event(out, "response.output_text.done",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}));
+        self.event(
+            out,
+            "response.content_part.done",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+        );
+        let item = message_item(&id, &text, "completed");
+        self.event(
+            out,
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        );
+        self.output.push(item);
+    }
+}
+
+impl core::Renderer for ResponsesStream {
+    fn open(&mut self, out: &mut Vec<u8>) {
+        let r = self.shell.response(vec![], None);
+        self.event(out, "response.created", json!({"response": r}));
+        self.event(out, "response.in_progress", json!({"response": r}));
+    }
+
+    fn text(&mut self, text: &str, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        let index = self.output.len();
+        if self.text_item.is_none() {
+            let id = core::new_id("msg");
+            self.event(
+                out,
+                "response.output_item.added",
+                json!({"output_index": index, "item": message_item(&id, "", "in_progress")}),
+            );
+            self.event(out, "response.content_part.added", json!({"item_id": id, "output_index": index,
+                "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}));
+            self.text_item = Some((id, String::new()));
+        }
+        let id = {
+            let (id, so_far) = self.text_item.as_mut().expect("opened above");
+            so_far.push_str(text);
+            id.clone()
+        };
+        self.event(out, "response.output_text.delta",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text, "logprobs": []}));
+    }
+
+    fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
+        self.close_text(out);
+        let index = self.output.len();
+        let item = function_item(&call, "completed");
+        let mut added = item.clone();
+        added["arguments"] = json!("");
+        added["status"] = json!("in_progress");
+        let id = item["id"].clone();
+        self.event(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": added}),
+        );
+        self.event(
+            out,
+            "response.function_call_arguments.delta",
+            json!({"item_id": id, "output_index": index, "delta": call.arguments}),
+        );
+        self.event(out, "response.function_call_arguments.done",
+            json!({"item_id": id, "output_index": index, "name": call.name, "arguments": call.arguments}));
+        self.event(
+            out,
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        );
+        self.output.push(item);
+    }
+
+    fn done(&mut self, done: Done, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        self.close_text(out);
+        let r = self
+            .shell
+            .response(std::mem::take(&mut self.output), Some(&done));
+        let kind = if done.finish_reason == "length" {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        self.event(out, kind, json!({"response": r}));
+    }
+
+    fn error(&mut self, e: &Error, out: &mut Vec<u8>) {
+        self.event(
+            out,
+            "error",
+            json!({"code": e.code(), "message": e.to_string(), "param": e.param()}),
+        );
+    }
+}
