@@ -558,3 +558,91 @@ pub async fn count_tokens(
     let c = core::collect(started).await?;
     Ok(axum::Json(json!({"input_tokens": c.done.prompt_tokens})).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<Generate, Error> {
+        parse_messages(&Bytes::from(v.to_string())).map(|(_, gen, _)| gen)
+    }
+
+    #[test]
+    fn tool_turns_become_the_core_messages() {
+        let gen = parse(json!({
+            "model": "m", "max_tokens": 8, "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Let me look."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "18C"}]},
+                    {"type": "text", "text": "Thanks"}]},
+            ],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any"},
+        }))
+        .unwrap();
+        let m = gen.messages.unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "user"]);
+        assert_eq!(m[2].content, "Let me look.");
+        assert_eq!(m[2].tool_calls[0].arguments, json!({"city": "Paris"}));
+        assert_eq!(m[3].tool_call_id.as_deref(), Some("toolu_1"));
+        assert_eq!(m[3].content, "18C");
+        assert_eq!(gen.tool_choice, ToolChoice::Required);
+        assert_eq!(gen.tools[0].name, "get_weather");
+    }
+
+    #[test]
+    fn what_cannot_be_honoured_is_refused_by_name() {
+        let base =
+            json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
+        for (field, value) in [
+            ("top_k", json!(5)),
+            (
+                "thinking",
+                json!({"type": "enabled", "budget_tokens": 1024}),
+            ),
+            (
+                "tools",
+                json!([{"type": "web_search_20250305", "name": "web_search"}]),
+            ),
+            ("tool_choice", json!({"type": "tool", "name": "missing"})),
+        ] {
+            let mut body = base.clone();
+            body[field] = value;
+            match parse(body) {
+                Err(Error::InvalidRequest { param, .. }) => {
+                    assert_eq!(param.as_deref(), Some(field))
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let mut image = base.clone();
+        image["messages"] = json!([{"role": "user", "content": [{"type": "image", "source": {}}]}]);
+        assert!(matches!(parse(image), Err(e) if e.to_string().contains("'image'")));
+        let mut no_max = base;
+        no_max.as_object_mut().unwrap().remove("max_tokens");
+        assert!(matches!(parse(no_max), Err(e) if e.param() == Some("max_tokens")));
+    }
+
+    #[test]
+    fn stop_reasons_follow_the_finish() {
+        let done = |finish: &str, stop: Option<&str>| Done {
+            id: 1,
+            finish_reason: finish.into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            prompt_tps: 0.0,
+            generation_tps: 0.0,
+            speculative: None,
+            stop_sequence: stop.map(str::to_owned),
+        };
+        assert_eq!(stop_reason(&done("stop", None)), "end_turn");
+        assert_eq!(stop_reason(&done("stop", Some("###"))), "stop_sequence");
+        assert_eq!(stop_reason(&done("length", None)), "max_tokens");
+        assert_eq!(stop_reason(&done("tool_calls", None)), "tool_use");
+    }
+}

@@ -550,3 +550,68 @@ impl core::Renderer for ResponsesStream {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_become_the_core_messages() {
+        let body = json!({
+            "model": "m", "instructions": "Be brief.",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+                {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": "{\"city\":\"Rome\"}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "18C"},
+            ],
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+            "tool_choice": {"type": "function", "name": "get_weather"},
+            "text": {"format": {"type": "text"}},
+        });
+        let p = parse(&Bytes::from(body.to_string()), 64).unwrap();
+        let m = p.gen.messages.unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool"]);
+        assert_eq!(
+            m[2].tool_calls.len(),
+            2,
+            "calls of one turn share a message"
+        );
+        assert_eq!(m[3].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(
+            p.gen.tool_choice,
+            ToolChoice::Function("get_weather".into())
+        );
+        assert_eq!(p.gen.max_tokens, 64);
+    }
+
+    #[test]
+    fn stored_state_and_unknown_items_are_refused() {
+        for (body, field) in [
+            (
+                json!({"model": "m", "input": "hi", "previous_response_id": "resp_1"}),
+                "previous_response_id",
+            ),
+            (
+                json!({"model": "m", "input": "hi", "reasoning": {"effort": "high"}}),
+                "reasoning",
+            ),
+            (
+                json!({"model": "m", "input": [{"type": "input_image"}]}),
+                "input",
+            ),
+            (
+                json!({"model": "m", "input": "hi", "tools": [{"type": "file_search"}]}),
+                "tools",
+            ),
+        ] {
+            match parse(&Bytes::from(body.to_string()), 64) {
+                Err(Error::InvalidRequest { param, .. }) => {
+                    assert_eq!(param.as_deref(), Some(field))
+                }
+                other => panic!("{field}: {:?}", other.map(|p| p.model)),
+            }
+        }
+    }
+}
