@@ -9,14 +9,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Union
 
+from .constraint import SequenceConstraint
 from .drafting import DraftController
 from .sampling import Sampler
-from .solo import SoloSequence
+from .solo import ProcessedSoloSequence, SoloSequence
 from .speculative import SpeculativeSequence, held, pair_problem
 
 log = logging.getLogger("mlxd_worker")
 
 # (uid, token, finish_reason): finish_reason is "stop" (EOS), "length" or None.
+# A token's logprobs, for sequences that keep them, are in Backend.step_logprobs.
 StepResult = tuple[int, int, Optional[str]]
 
 
@@ -33,10 +35,19 @@ class Backend(Protocol):
     context_length: int | None
     # The draft policy, when the preset names a draft model.
     drafting: DraftController | None
+    # The last step's logprobs vectors (log-softmax over the vocabulary), in token
+    # order, of the sequences inserted with logprobs=True.
+    step_logprobs: dict[int, list[Any]]
 
     def load(self, model_path: str, options: dict[str, Any]) -> None: ...
     def insert(
-        self, ids: list[int], max_tokens: int, sampler: Sampler | None, speculative: bool | None = None
+        self,
+        ids: list[int],
+        max_tokens: int,
+        sampler: Sampler | None,
+        speculative: bool | None = None,
+        constraint: SequenceConstraint | None = None,
+        logprobs: bool = False,
     ) -> int: ...
     def remove(self, uid: int) -> None: ...
     def step(self) -> list[StepResult]: ...
@@ -69,6 +80,15 @@ class Track:
     batch_tokens: int = 0  # tokens produced since it last entered the batch
     # The draft's cache while the sequence is in the batch (it drafted before).
     draft_cache: list[Any] | None = None
+    # Constrained decoding: every lane masks this sequence's logits with it.
+    constraint: SequenceConstraint | None = None
+    # Keep each token's logprobs vector (step_logprobs).
+    logprobs: bool = False
+
+    @property
+    def processed(self) -> bool:
+        """Needs the lone lane's processed variant (and never drafts)."""
+        return self.constraint is not None or self.logprobs
 
 
 Lane = Union[SoloSequence, SpeculativeSequence]
@@ -105,6 +125,7 @@ class MlxBackend:
         self._our_uid: dict[int, int] = {}  # the batch's -> ours
         self._waiting: list[int] = []
         self._tracks: dict[int, Track] = {}
+        self.step_logprobs: dict[int, list[Any]] = {}
 
     def load(self, model_path: str, options: dict[str, Any]) -> None:
         from mlx_lm.generate import BatchGenerator
@@ -147,11 +168,22 @@ class MlxBackend:
             log.warning("speculative decoding inactive (draft '%s'): %s", name, self.drafting.reason)
 
     def insert(
-        self, ids: list[int], max_tokens: int, sampler: Sampler | None, speculative: bool | None = None
+        self,
+        ids: list[int],
+        max_tokens: int,
+        sampler: Sampler | None,
+        speculative: bool | None = None,
+        constraint: SequenceConstraint | None = None,
+        logprobs: bool = False,
     ) -> int:
         uid = self._next_uid
         self._next_uid += 1
-        track = Track(list(ids), max_tokens, sampler, speculative)
+        if constraint is not None or logprobs:
+            # Drafted tokens would bypass the mask and carry no logprobs of their own.
+            speculative = False
+        if constraint is not None:
+            constraint.prompt_len = len(ids)
+        track = Track(list(ids), max_tokens, sampler, speculative, constraint=constraint, logprobs=logprobs)
         self._tracks[uid] = track
         if self._solo is None and not self._batch_uid:
             self._solo = (uid, self._lone_lane(track))
@@ -178,12 +210,30 @@ class MlxBackend:
                 draft_cache,
             )
         stream = generation_stream
+        if track.processed:
+            processors = [] if track.constraint is None else [track.constraint.processor(track.history)]
+            return ProcessedSoloSequence(
+                self._model,
+                track.history,
+                track.left,
+                track.sampler,
+                self._prefill_step,
+                stream,
+                processors,
+                track.logprobs,
+            )
         return SoloSequence(self._model, track.history, track.left, track.sampler, self._prefill_step, stream)
 
     def _to_batch(self, uid: int, ids: list[int], cache: Any = None) -> None:
         track = self._tracks[uid]
+        # A fresh processor per lane entry (see constraint.LaneProcessor).
+        processors = None if track.constraint is None else [[track.constraint.processor(track.history)]]
         (buid,) = self._gen.insert(
-            [ids], max_tokens=[track.left], samplers=[track.sampler], caches=None if cache is None else [cache]
+            [ids],
+            max_tokens=[track.left],
+            samplers=[track.sampler],
+            caches=None if cache is None else [cache],
+            logits_processors=processors,
         )
         track.batch_tokens = 0
         self._batch_uid[uid] = buid
@@ -216,6 +266,8 @@ class MlxBackend:
         return "stop" if token in self.eos else ("length" if left <= 0 else None)
 
     def step(self) -> list[StepResult]:
+        if self.step_logprobs:
+            self.step_logprobs = {}
         if self._solo is not None and not self._waiting:
             return self._step_lone()
         results: list[StepResult] = []
@@ -227,6 +279,8 @@ class MlxBackend:
             if moved.emitted is not None:
                 finish = self._finish_of(moved.emitted, moved.max_tokens)
                 results.append(self._emit(uid, moved.emitted, finish))
+                if moved.logprobs is not None:
+                    self.step_logprobs.setdefault(uid, []).append(moved.logprobs)
             if isinstance(lane, SpeculativeSequence) and self.drafting is not None:
                 self._tracks[uid].draft_cache = lane.draft_cache
                 self.drafting.switched("batch")
@@ -241,7 +295,10 @@ class MlxBackend:
             if r.finish_reason is not None:
                 del self._our_uid[r.uid]
                 del self._batch_uid[uid]
-            self._tracks[uid].batch_tokens += 1
+            track = self._tracks[uid]
+            track.batch_tokens += 1
+            if track.logprobs:
+                self.step_logprobs.setdefault(uid, []).append(r.logprobs)
             results.append(self._emit(uid, r.token, r.finish_reason))
         self._leave_batch_if_alone(results)
         return results
@@ -254,6 +311,8 @@ class MlxBackend:
         first = isinstance(lane, SoloSequence) and not lane.decoding
         out = lane.step()
         seconds = time.perf_counter() - started
+        if track.logprobs and out:
+            self.step_logprobs[uid] = [lane.last_logprobs]  # type: ignore[union-attr]
         results: list[StepResult] = []
         accepted = 0
         for token, from_draft in out:

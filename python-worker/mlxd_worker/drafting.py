@@ -60,9 +60,7 @@ class DraftController:
     reason: str = ""
     drafted_total: int = 0
     accepted_total: int = 0
-    transitions: dict[str, int] = field(
-        default_factory=lambda: {"lowered": 0, "raised": 0, "off": 0, "on": 0}
-    )
+    transitions: dict[str, int] = field(default_factory=lambda: {"lowered": 0, "raised": 0, "off": 0, "on": 0})
     lane_switches: dict[str, int] = field(default_factory=lambda: {"batch": 0, "speculative": 0})
     counting: bool = False  # not during warm-up
     probe_interval: float = FIRST_PROBE_INTERVAL

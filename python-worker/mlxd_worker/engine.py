@@ -2,8 +2,9 @@
 running batch at any step, and flushes the tokens of each step as one TokenBatch.
 
 The reader thread enqueues frames (Load, Generate, Cancel) on the inbox in order,
-tokenizing each Generate's prompt on the way; the engine drains the inbox between
-steps.
+planning each Generate on the way (request_plan.py: its prompt's tokens, tool
+format, constraint, logprobs; a count_only request is answered right there); the
+engine drains the inbox between steps.
 """
 
 from __future__ import annotations
@@ -19,16 +20,25 @@ from typing import Any
 
 from . import frames
 from .backend import Backend, Detokenizer, MlxBackend
+from .constraint import SequenceConstraint
+from .errors import RequestError  # raised here, and imported from here by others
 from .faults import GARBAGE_KIND, Faults
 from .flush import FlushPolicy
+from .logprobs import TokenTexts, logprob_entry
+from .request_plan import Planner, RequestPlan
 from .sampling import SamplerCache
 from .stops import StopMatcher
+from .tool_stream import ToolCallExtractor
+from .tools import ToolCall, new_call_id
 from .transport import Transport
 
 log = logging.getLogger("mlxd_worker")
 
 # Tokens each lone lane decodes when auto mode measures plain against drafted.
 CALIBRATION_TOKENS = 16
+
+# A token that completes no tool call (shared: plain sequences allocate nothing).
+NO_CALLS: tuple[ToolCall, ...] = ()
 
 
 @dataclass
@@ -57,10 +67,6 @@ class Counters:
             }
 
 
-class RequestError(Exception):
-    """The request itself is bad (reported with code invalid_request)."""
-
-
 @dataclass
 class Sequence:
     rid: int
@@ -73,6 +79,14 @@ class Sequence:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     ended: bool = False
+    # Any of tool calls, a constraint or logprobs: the one check plain sequences pay.
+    extras: bool = False
+    tools: ToolCallExtractor | None = None
+    calls: int = 0  # tool calls sent
+    # Text that followed a tool call inside one token: it goes out with the next.
+    deferred: str = ""
+    constraint: SequenceConstraint | None = None
+    top_logprobs: int | None = None
 
 
 def make_backend(engine: str) -> Backend:
@@ -96,6 +110,11 @@ class Engine:
         self._by_rid: dict[int, Sequence] = {}
         self._pending: list[tuple[int, int, str]] = []
         self._pending_since = 0.0
+        # Logprobs entries per request, sent just before the TokenBatch that
+        # carries their tokens.
+        self._pending_logprobs: dict[int, list[dict[str, Any]]] = {}
+        self._planner: Planner | None = None  # once a model is loaded
+        self._token_texts: TokenTexts | None = None
         self._running = True
         self.faults = Faults()
         # Advanced on every loop iteration (one decode step or prefill chunk): the
@@ -106,15 +125,18 @@ class Engine:
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
-        """A Generate's chat template and tokenization run here, on the reader
-        thread, so that this CPU work overlaps the engine's model steps instead
-        of stalling the batch (MLX releases the GIL while it computes)."""
+        """A Generate's chat template, tokenization and grammar run here, on the
+        reader thread, so that this CPU work overlaps the engine's model steps
+        instead of stalling the batch (MLX releases the GIL while it computes)."""
         if kind != frames.GENERATE:
             self.inbox.put((kind, payload))
             return
         req = json.loads(payload)
         try:
-            req["prompt_ids"] = self._prompt_ids(req)
+            if req.get("count_only"):
+                self._count(req)
+                return
+            req["plan"] = self._plan(req)
         except Exception as e:
             self._report(kind, req, e)
             return
@@ -219,6 +241,8 @@ class Engine:
             log.info("MLX memory limit %d MiB", int(limit) >> 20)
         self.faults.in_load()
         self.backend.load(req["model_path"], options)
+        self._planner = Planner(self.backend.tokenizer, self.backend.eos)
+        self._token_texts = TokenTexts(self.backend.tokenizer)
         self._warm_up()
         self.transport.send(
             frames.READY,
@@ -267,24 +291,35 @@ class Engine:
                     live.discard(uid)
                     self.backend.take_counts(uid)
 
+    def _loaded_planner(self) -> Planner:
+        if self._planner is None:
+            raise RuntimeError("no model loaded yet")
+        return self._planner
+
     def _prompt_ids(self, req: dict[str, Any]) -> list[int]:
-        tok = self.backend.tokenizer
-        if req.get("messages") is not None:
-            ids = tok.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            ids = list(ids)
-        else:
-            ids = list(tok.encode(req.get("prompt") or ""))
-        if not ids:  # an empty completion prompt: start from BOS
-            ids = [tok.bos_token_id if tok.bos_token_id is not None else min(self.backend.eos)]
-        return ids
+        return self._loaded_planner().prompt_ids(req)
+
+    def _plan(self, req: dict[str, Any]) -> RequestPlan:
+        return self._loaded_planner().plan(req)
+
+    def _count(self, req: dict[str, Any]) -> None:
+        """count_only: the prompt's tokens as a generation would see them, at once."""
+        done = {
+            "id": int(req["id"]),
+            "finish_reason": "counted",
+            "prompt_tokens": len(self._prompt_ids(req)),
+            "completion_tokens": 0,
+            "prompt_tps": 0.0,
+            "generation_tps": 0.0,
+        }
+        self.transport.send(frames.DONE, frames.json_payload(done))
 
     def _admit(self, req: dict[str, Any]) -> None:
         rid = int(req["id"])
         with self.counters.lock:
             self.counters.queued -= 1
-        ids = req["prompt_ids"]
+        plan: RequestPlan = req["plan"]
+        ids = plan.prompt_ids
         limit = self.backend.context_length
         if limit and len(ids) >= limit:
             raise RequestError(f"prompt is {len(ids)} tokens; the model's context is {limit}")
@@ -298,8 +333,17 @@ class Engine:
         sampler = self._samplers.get(
             float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)), None if seed is None else int(seed)
         )
+        # The backend never drafts constrained or logprobs sequences, whatever this says.
         speculative = req.get("speculative")
-        uid = self.backend.insert(ids, max_tokens, sampler, None if speculative is None else bool(speculative))
+        uid = self.backend.insert(
+            ids,
+            max_tokens,
+            sampler,
+            None if speculative is None else bool(speculative),
+            constraint=plan.constraint,
+            logprobs=plan.top_logprobs is not None,
+        )
+        tools = plan.tool_extractor()
         seq = Sequence(
             rid=rid,
             uid=uid,
@@ -307,6 +351,10 @@ class Engine:
             stops=StopMatcher(list(req.get("stop") or [])),
             prompt_tokens=len(ids),
             started=time.perf_counter(),
+            extras=tools is not None or plan.constraint is not None or plan.top_logprobs is not None,
+            tools=tools,
+            constraint=plan.constraint,
+            top_logprobs=plan.top_logprobs,
         )
         self._by_uid[uid] = seq
         self._by_rid[rid] = seq
@@ -326,9 +374,16 @@ class Engine:
         now = time.perf_counter()
         eos = self.backend.eos
         ended: list[tuple[Sequence, str]] = []
+        failed: list[tuple[Sequence, str]] = []
         for uid, token, finish in results:
             seq = self._by_uid.get(uid)
             if seq is None or seq.ended:  # a round's tokens after its stop string
+                continue
+            if seq.constraint is not None and seq.constraint.error is not None:
+                if finish is None:
+                    self.backend.remove(uid)
+                seq.ended = True
+                failed.append((seq, seq.constraint.error))
                 continue
             if not seq.first_token_at:
                 seq.first_token_at = now
@@ -349,10 +404,16 @@ class Engine:
                 finish = "stop"
             elif finish is not None:
                 text += seq.stops.flush()
+            calls = NO_CALLS
+            if seq.extras:
+                text, calls = self._extras(seq, uid, int(token), text, finish is not None)
             if text or token not in eos:
                 if not self._pending:
                     self._pending_since = now
                 self._pending.append((seq.rid, int(token), text))
+            if calls:
+                self._flush()  # the text before a call precedes it
+                self._send_calls(seq, calls)
             if finish is not None:
                 seq.ended = True
                 ended.append((seq, finish))
@@ -361,30 +422,91 @@ class Engine:
             self.counters.step_tokens += len(results)
         if self.faults.garbage_due(self.counters.steps):
             self.transport.send(GARBAGE_KIND, b"\xde\xad\xbe\xef")
-        if ended:
+        if ended or failed:
             self._flush()  # a sequence's tokens precede its Done
             for seq, finish in ended:
                 self._finish(seq, finish)
+            for seq, message in failed:
+                self._fail(seq, message)
         elif self.flush_policy.due(len(self._pending), self._pending_since):
             self._flush()
 
+    def _extras(self, seq: Sequence, uid: int, token: int, text: str, last: bool) -> tuple[str, tuple[ToolCall, ...]]:
+        """A token's logprobs entry, and its text split around the tool calls it
+        completes: (the text that precedes them, the calls)."""
+        if seq.top_logprobs is not None:
+            vectors = self.backend.step_logprobs.get(uid)
+            if vectors and self._token_texts is not None:
+                entry = logprob_entry(vectors.pop(0), token, seq.top_logprobs, self._token_texts)
+                self._pending_logprobs.setdefault(seq.rid, []).append(entry)
+        if seq.tools is None:
+            return text, NO_CALLS
+        pieces = seq.tools.feed(text)
+        if last:
+            pieces += seq.tools.finish()
+        before, after = seq.deferred, ""
+        calls: list[ToolCall] = []
+        for piece in pieces:
+            if isinstance(piece, ToolCall):
+                calls.append(piece)
+            elif calls:
+                after += piece
+            else:
+                before += piece
+        if last:
+            # No later token to carry the text after a call: it goes first (the
+            # one place where text and calls can come out of order).
+            seq.deferred = ""
+            return before + after, tuple(calls)
+        seq.deferred = after
+        return before, tuple(calls)
+
+    def _send_calls(self, seq: Sequence, calls: tuple[ToolCall, ...]) -> None:
+        for call in calls:
+            frame = {
+                "id": seq.rid,
+                "index": seq.calls,
+                "call_id": new_call_id(),
+                "name": call.name,
+                "arguments": call.arguments,
+            }
+            self.transport.send(frames.TOOL_CALL, frames.json_payload(frame))
+            seq.calls += 1
+
     def _flush(self) -> None:
+        if self._pending_logprobs:
+            for rid, entries in self._pending_logprobs.items():
+                self.transport.send(frames.LOGPROBS, frames.json_payload({"id": rid, "entries": entries}))
+            self._pending_logprobs = {}
         if self._pending:
             self.transport.send_tokens(self._pending)
             self._pending = []
             with self.counters.lock:
                 self.counters.frames += 1
 
-    def _finish(self, seq: Sequence, finish: str) -> None:
-        self._flush()
+    def _forget(self, seq: Sequence, cancelled: bool) -> None:
         del self._by_uid[seq.uid]
         del self._by_rid[seq.rid]
         with self.counters.lock:
             self.counters.active -= 1
-            if finish == "cancelled":
+            if cancelled:
                 self.counters.cancelled += 1
             else:
                 self.counters.completed += 1
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """Ends one request with an error; the others carry on."""
+        self._flush()
+        self._forget(seq, cancelled=False)
+        self.backend.take_counts(seq.uid)
+        log.error("request %d failed: %s", seq.rid, message)
+        self.transport.send(frames.ERROR, frames.json_payload({"id": seq.rid, "message": message, "code": "worker"}))
+
+    def _finish(self, seq: Sequence, finish: str) -> None:
+        self._flush()
+        self._forget(seq, cancelled=finish == "cancelled")
+        if finish == "stop" and seq.calls:
+            finish = "tool_calls"
         first, last = seq.first_token_at, seq.last_token_at
         prompt_s = (first - seq.started) if first else 0.0
         gen_s = last - first

@@ -3,7 +3,9 @@ allows, through the same scheduler, batching and framing as the mlx-lm engine.
 
 It measures the token path (worker framing, transport, daemon fan-out, SSE)
 without a model in the way. Selected by a preset's `engine = "replay"`; never the
-default. Only the model directory's tokenizer is loaded.
+default. Only the model directory's tokenizer is loaded. With no model there are no
+logits: a request for logprobs, an output format or a forced tool call is refused
+(RequestError), not answered with made-up figures.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from .backend import Detokenizer, StepResult
+from .constraint import SequenceConstraint
+from .errors import RequestError
 from .sampling import Sampler
 
 # Public-domain text (Moby-Dick, chapter 1), replayed in a loop.
@@ -49,6 +53,7 @@ class ReplayBackend:
         self.eos: frozenset[int] = frozenset()
         self.context_length: int | None = None
         self.drafting: Any = None  # no draft model here
+        self.step_logprobs: dict[int, list[Any]] = {}  # always empty: no logits
         self._ids: list[int] = []
         self._pieces: list[str] = []
         # uid -> [position, tokens left]
@@ -73,8 +78,17 @@ class ReplayBackend:
         self._pieces[-1] += detok.last_segment
 
     def insert(
-        self, ids: list[int], max_tokens: int, sampler: Sampler | None, speculative: bool | None = None
+        self,
+        ids: list[int],
+        max_tokens: int,
+        sampler: Sampler | None,
+        speculative: bool | None = None,
+        constraint: SequenceConstraint | None = None,
+        logprobs: bool = False,
     ) -> int:
+        if constraint is not None or logprobs:
+            what = "logprobs" if logprobs else "constrained decoding (an output format or a forced tool call)"
+            raise RequestError(f"the replay engine has no model, so no {what}")
         uid = self._next_uid
         self._next_uid += 1
         self._live[uid] = [0, max_tokens]

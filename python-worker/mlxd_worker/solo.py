@@ -11,8 +11,9 @@ already holds t and the forward pass for t+1 is queued.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .sampling import Sampler
 
@@ -27,6 +28,8 @@ class Handover:
     sampler: Sampler | None
     # A token already computed here that the caller must still emit.
     emitted: int | None
+    # Its logprobs vector, when the sequence keeps them.
+    logprobs: Any = None
 
 
 class SoloSequence:
@@ -99,3 +102,61 @@ class SoloSequence:
         token = int(self._next.item())
         self._left -= 1
         return Handover([token], self._cache, self._left, self._sampler, token)
+
+
+# processor(context, logits) -> logits, as mlx-lm calls logits processors.
+LogitsProcessor = Callable[[Any, Any], Any]
+
+
+class ProcessedSoloSequence(SoloSequence):
+    """A lone sequence whose logits go through processors (a constraint's mask)
+    and/or whose tokens keep their logprobs vectors. A subclass, so that plain
+    sequences decode without a single extra step.
+
+    Processors are called as BatchGenerator calls them, one step ahead: the call
+    for token t+1 happens before token t is returned, and `context[-1]` is then t
+    (for the first token, the prompt's last token)."""
+
+    def __init__(
+        self,
+        model: Any,
+        ids: list[int],
+        max_tokens: int,
+        sampler: Sampler | None,
+        prefill_step: int,
+        stream: Any,
+        processors: list[LogitsProcessor],
+        keep_logprobs: bool,
+    ) -> None:
+        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream)
+        self._processors = processors
+        self._keep_logprobs = keep_logprobs
+        # One per queued forward pass, oldest first: tokens come out in that order.
+        self._queued_logprobs: deque[Any] = deque()
+        # The logprobs of the token the last step() returned (when kept).
+        self.last_logprobs: Any = None
+
+    def _forward(self, tokens: Any) -> Any:
+        import mlx.core as mx
+
+        logits = self._model(tokens[None], cache=self._cache)[:, -1, :]
+        for processor in self._processors:
+            logits = processor(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        if self._keep_logprobs:
+            self._queued_logprobs.append(logprobs)
+        if self._sampler is None:
+            return mx.argmax(logprobs, axis=-1)
+        return self._sampler(logprobs)
+
+    def step(self) -> list[tuple[int, bool]]:
+        out = super().step()
+        if out and self._keep_logprobs:
+            self.last_logprobs = self._queued_logprobs.popleft()
+        return out
+
+    def handover(self) -> Handover:
+        moved = super().handover()
+        if moved.emitted is not None and self._keep_logprobs:
+            moved.logprobs = self._queued_logprobs.popleft()
+        return moved

@@ -177,8 +177,7 @@ def tokenizer_mismatch(target: Any, draft: Any) -> str | None:
     if tv != dv:
         differ = sum(1 for k, v in tv.items() if dv.get(k) != v) + sum(1 for k in dv if k not in tv)
         return (
-            f"the draft's vocabulary differs from the target's ({len(dv)} vs {len(tv)} tokens, "
-            f"{differ} entries differ)"
+            f"the draft's vocabulary differs from the target's ({len(dv)} vs {len(tv)} tokens, {differ} entries differ)"
         )
     checks = {
         "EOS tokens": (sorted(target.eos_token_ids), sorted(draft.eos_token_ids)),

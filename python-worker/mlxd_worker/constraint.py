@@ -1,0 +1,262 @@
+"""Constrained decoding with llguidance: an output format (any JSON object, or JSON
+valid against a schema) or a forced tool call, enforced token by token.
+
+Each constrained sequence has one matcher (`SequenceConstraint`). Before each token
+is sampled, a logits processor computes the matcher's token mask and sets the
+logits of every token the grammar does not allow to -inf; once the grammar is
+complete only EOS is allowed, so generation ends there. The processor works in both
+lanes, mlx-lm's BatchGenerator (per-sequence `logits_processors`) and the lone lane
+(solo.py), which call it the same way: `processor(context, logits)`, where
+`context[-1]` is the token just fed to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from .errors import RequestError
+from .tools import ToolChoice, ToolFormat, call_schema
+
+# JSON as json.dumps writes it: ", " and ": ", no other whitespace. Fewer tokens
+# than free whitespace, and the style models see most. A schema's own
+# "x-guidance" options win.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+# Sub-schemas, by the keyword that holds them (JSON Schema 2020-12 and draft 7).
+_ONE_SCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+_metal: bool | None = None
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of `schema` where every object schema that leaves additionalProperties
+    unset forbids properties it does not name (OpenAI's strict mode)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    is_object = out.get("type") == "object" or (isinstance(out.get("type"), list) and "object" in out["type"])
+    if (is_object or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _ONE_SCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = closed_objects(out["additionalProperties"])
+    return out
+
+
+def format_schema(fmt: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema a request's `format` asks for."""
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        schema = fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise RequestError("format json_schema needs a schema (a JSON object)")
+        return closed_objects(schema) if fmt.get("strict") else schema
+    raise RequestError(f"unknown format type {json.dumps(kind)}")
+
+
+def _styled(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "x-guidance": {**JSON_STYLE, **(schema.get("x-guidance") or {})}}
+
+
+class Grammars:
+    """One model's grammars: llguidance's view of its tokenizer (built on first use,
+    ~1 s, from any thread) and the matchers of requests."""
+
+    def __init__(self, tokenizer: Any, eos: frozenset[int]) -> None:
+        self._tokenizer = tokenizer  # mlx-lm's TokenizerWrapper
+        self._eos = sorted(eos)
+        self._lock = threading.Lock()
+        self._ll: Any = None
+
+    def ll_tokenizer(self) -> Any:
+        with self._lock:
+            if self._ll is None:
+                import llguidance.hf
+
+                hf = getattr(self._tokenizer, "_tokenizer", self._tokenizer)
+                try:
+                    # All the model's EOS tokens end a grammar, not just the tokenizer's one
+                    # (none known: the tokenizer's).
+                    self._ll = llguidance.hf.from_tokenizer(hf, eos_token=self._eos or None)
+                except ValueError as e:
+                    raise RequestError(f"constrained decoding is not available for this model's tokenizer: {e}") from e
+            return self._ll
+
+    def for_format(self, fmt: dict[str, Any]) -> str:
+        from llguidance import LLMatcher
+
+        try:
+            return LLMatcher.grammar_from_json_schema(format_schema(fmt), defaults=JSON_STYLE)
+        except ValueError as e:
+            raise RequestError(f"invalid format: {e}") from e
+
+    def for_forced_call(self, tool_fmt: ToolFormat, tools: list[dict[str, Any]], choice: ToolChoice) -> str:
+        """Start marker, the call's JSON object, end marker; then EOS. Arguments
+        are held to the parameters as strict mode would (objects that leave
+        additionalProperties unset get none): small models otherwise pad calls
+        with keys copied from the schema."""
+        call = json.dumps(_styled(closed_objects(call_schema(tools, choice))))
+        return self._lark(f"start: {self._block(tool_fmt)}\ncall: %json {call}")
+
+    def for_format_or_calls(self, fmt: dict[str, Any], tool_fmt: ToolFormat, tools: list[dict[str, Any]]) -> str:
+        """A format with tools offered (tool_choice "auto"): the answer is either
+        calls or text in the format."""
+        calls = json.dumps(_styled(closed_objects(call_schema(tools, ToolChoice("required")))))
+        text = json.dumps(_styled(format_schema(fmt)))
+        return self._lark(
+            "start: calls | text\n"
+            f'calls: block ("\\n" block)*\nblock: {self._block(tool_fmt)}\n'
+            f"call: %json {calls}\ntext: %json {text}"
+        )
+
+    def _block(self, tool_fmt: ToolFormat) -> str:
+        return f'{self._literal(tool_fmt.start)} "\\n" call "\\n" {self._literal(tool_fmt.end)}'
+
+    def _literal(self, text: str) -> str:
+        """A marker in lark: the special token by id when it is one (a string
+        literal would only match its text, which special tokens are not), else
+        the string."""
+        ids = list(self._tokenizer.encode(text, add_special_tokens=False))
+        if len(ids) == 1 and self.ll_tokenizer().is_special_token(ids[0]):
+            return f"<[{ids[0]}]>"
+        return json.dumps(text, ensure_ascii=False)
+
+    def _lark(self, lark: str) -> str:
+        from llguidance import LLMatcher
+
+        return LLMatcher.grammar_from_lark(lark)
+
+    def constraint(self, grammar: str) -> SequenceConstraint:
+        """A fresh matcher for one sequence; RequestError when the grammar is bad
+        (an invalid schema), with llguidance's reason."""
+        from llguidance import LLMatcher
+
+        ll = self.ll_tokenizer()
+        matcher = LLMatcher(ll, grammar, log_level=0)
+        if matcher.is_error():
+            raise RequestError(f"invalid format: {_first_line(matcher.get_error())}")
+        return SequenceConstraint(matcher, ll.vocab_size, self._eos)
+
+
+class SequenceConstraint:
+    """One sequence's matcher and what it has seen.
+
+    Invariant: `seen` counts the sequence's generated tokens the matcher has
+    consumed (EOS counted, not consumed: it ends the sequence). Generated tokens
+    are `history[prompt_len:]`, where history is the backend's Track.history
+    (prompt + every token handed to the engine), plus at most one more: the token a
+    lane has sampled but not yet handed out (mlx-lm pipelines one step ahead).
+    """
+
+    def __init__(self, matcher: Any, vocab_size: int, eos: list[int]) -> None:
+        import llguidance.numpy as lln
+
+        self.matcher = matcher
+        self._bitmask = lln.allocate_token_bitmask(1, vocab_size)
+        self._eos = frozenset(eos)
+        self.prompt_len = 0  # set when the sequence is inserted
+        self.seen = 0
+        # Why the matcher stopped accepting tokens (a token the grammar rejects:
+        # a bug, never expected); the engine ends the request with it.
+        self.error: str | None = None
+
+    def processor(self, history: list[int]) -> LaneProcessor:
+        """A logits processor for one stay of the sequence in one lane."""
+        return LaneProcessor(self, history)
+
+    def catch_up(self, history: list[int]) -> None:
+        for token in history[self.prompt_len + self.seen :]:
+            self.consume(token)
+
+    def consume(self, token: int) -> None:
+        self.seen += 1
+        if token in self._eos or self.error is not None:
+            return
+        if not self.matcher.consume_token(token):
+            self.error = f"the output format rejected token {token}: {_first_line(self.matcher.get_error())}"
+
+    def masked(self, logits: Any) -> Any:
+        import llguidance.numpy as lln
+
+        if self.error is None:
+            lln.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+            if self.matcher.is_error():
+                self.error = f"the output format failed: {_first_line(self.matcher.get_error())}"
+        if self.error is not None:  # end the sequence: EOS only
+            import numpy as np
+
+            words = self._bitmask.view(np.uint32)
+            words[:] = 0
+            for token in self._eos:
+                words[0, token // 32] |= np.uint32(1 << (token % 32))
+        return apply_token_mask(logits, self._bitmask)
+
+
+class LaneProcessor:
+    """The constraint's logits processor for one stay of a sequence in one lane.
+
+    Call j of a lane computes the logits of the lane's j-th token. By then the lane
+    has sampled tokens 0..j-1 and handed out all but the last, which is
+    `context[-1]` (for j > 0). So: consume what the engine was handed and the
+    matcher has not seen (tokens that arrived through another lane), then, unless
+    this is the first call, the lane's last token if the matcher has not seen it.
+    A fresh processor per lane entry keeps the count right across lane switches:
+    the tokens a lane computed but never handed out die with it.
+    """
+
+    def __init__(self, constraint: SequenceConstraint, history: list[int]) -> None:
+        self._constraint = constraint
+        self._history = history
+        self._handed_before = len(history) - constraint.prompt_len
+        self._calls = 0
+
+    def __call__(self, context: Any, logits: Any) -> Any:
+        c = self._constraint
+        c.catch_up(self._history)
+        sampled = self._handed_before + self._calls  # generated tokens that exist now
+        if self._calls > 0 and c.seen < sampled:
+            c.consume(int(context[-1].item()))
+        self._calls += 1
+        return c.masked(logits)
+
+
+def apply_token_mask(logits: Any, bitmask: Any) -> Any:
+    """Sets the logits of tokens the bitmask (llguidance's int32 words, bit i of
+    word w = token 32*w + i) does not allow to -inf. Columns past the tokenizer's
+    vocabulary (models pad their output layer) are never allowed."""
+    import mlx.core as mx
+
+    global _metal
+    if _metal is None:
+        _metal = bool(mx.metal.is_available())
+    if _metal:
+        from llguidance.mlx import apply_token_bitmask
+
+        return apply_token_bitmask(logits, bitmask)
+    import numpy as np
+
+    allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little")
+    width = logits.shape[-1]
+    if allowed.size >= width:
+        allowed = allowed[:width]
+    else:
+        allowed = np.concatenate([allowed, np.zeros(width - allowed.size, np.uint8)])
+    return mx.where(mx.array(allowed.view(np.bool_)), logits, float("-inf"))
+
+
+def _first_line(message: str) -> str:
+    return message.strip().split("\n", 1)[0]

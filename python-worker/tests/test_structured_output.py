@@ -1,0 +1,247 @@
+"""Output formats, forced tool calls, logprobs and count_only through the real engine
+and the real SmolLM2-135M (its template has no tool support: the generic format).
+One engine for the module, a recording transport; generations stay short."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from mlxd_worker import frames
+from mlxd_worker.backend import MlxBackend
+from mlxd_worker.engine import Engine
+
+MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+}
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
+TOOLS = [
+    {"name": "weather", "description": "The weather in a city", "parameters": CITY},
+    {"name": "time", "description": "The local time in a city", "parameters": CITY},
+]
+ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON."}]
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+class Recorder:
+    """A transport that keeps every frame the engine sends, decoded."""
+
+    name = "recorder"
+    native = False
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, Any]] = []
+
+    def send(self, kind: int, payload: bytes) -> None:
+        self.frames.append((kind, json.loads(payload)))
+
+    def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
+        self.frames.append((frames.TOKEN_BATCH, list(entries)))
+
+    def beat(self) -> None:
+        pass
+
+    def recv(self) -> tuple[int, int, bytes] | None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    assert MODEL.is_dir(), "scripts/setup imports the test model"
+    e = Engine(Recorder(), MlxBackend())
+    e._load({"model_path": str(MODEL), "model_name": "smollm2-135m", "options": {}})
+    yield e
+
+
+def recorder(engine: Engine) -> Recorder:
+    assert isinstance(engine.transport, Recorder)
+    return engine.transport
+
+
+def submit(engine: Engine, req: dict[str, Any]) -> None:
+    engine.submit(frames.GENERATE, json.dumps(req).encode())
+
+
+def run(engine: Engine, *reqs: dict[str, Any], join_after: int = 0, later: tuple[dict[str, Any], ...] = ()) -> None:
+    """Runs requests to the end as the engine loop would; `later` ones arrive
+    after `join_after` steps (so the first ones move from the lone lane into the batch)."""
+    recorder(engine).frames.clear()
+    for req in reqs:
+        submit(engine, req)
+    steps = 0
+    while True:
+        if steps == join_after:
+            for req in later:
+                submit(engine, req)
+        engine._drain_inbox(block=False)
+        if not engine._by_uid and steps >= join_after:
+            break
+        engine._step()
+        steps += 1
+
+
+def of(engine: Engine, rid: int) -> dict[str, Any]:
+    """Request `rid`'s output: text, frames in order, Done, calls, logprobs entries."""
+    out: dict[str, Any] = {"text": "", "kinds": [], "calls": [], "logprobs": [], "done": None, "error": None}
+    for kind, payload in recorder(engine).frames:
+        if kind == frames.TOKEN_BATCH:
+            mine = [e for e in payload if e[0] == rid]
+            if mine:
+                out["kinds"].append(kind)
+            out["text"] += "".join(text for _, _, text in mine)
+            continue
+        if payload.get("id") != rid:
+            continue
+        out["kinds"].append(kind)
+        if kind == frames.TOOL_CALL:
+            out["calls"].append(payload)
+        elif kind == frames.LOGPROBS:
+            out["logprobs"] += payload["entries"]
+        elif kind == frames.DONE:
+            out["done"] = payload
+        elif kind == frames.ERROR:
+            out["error"] = payload
+    return out
+
+
+def test_a_json_schema_constrains_the_output(engine: Engine) -> None:
+    fmt = {"type": "json_schema", "schema": PERSON, "strict": True}
+    run(engine, {"id": 1, "messages": ASK_PERSON, "max_tokens": 24, "format": fmt})
+    out = of(engine, 1)
+    assert out["error"] is None and out["done"]["finish_reason"] == "stop", out
+    jsonschema.validate(json.loads(out["text"]), {**PERSON, "additionalProperties": False})
+
+
+def test_constrained_sequences_in_both_lanes_and_across_the_handover(engine: Engine) -> None:
+    """Request 2 starts alone (lone lane) and moves into the batch mid-decode when
+    3 and 4 arrive; 3 starts in the batch. Logprobs ride along in the batch (4)."""
+    fmt = {"type": "json_schema", "schema": PERSON, "strict": True}
+    first = {"id": 2, "messages": ASK_PERSON, "max_tokens": 24, "format": fmt}
+    later = (
+        {"id": 3, "messages": [{"role": "user", "content": "A person, in JSON?"}], "max_tokens": 24, "format": fmt},
+        {"id": 4, "messages": ASK_WEATHER, "max_tokens": 4, "logprobs": 1},
+    )
+    run(engine, first, join_after=3, later=later)
+    for rid in (2, 3):
+        out = of(engine, rid)
+        assert out["error"] is None and out["done"]["finish_reason"] == "stop", out
+        jsonschema.validate(json.loads(out["text"]), PERSON)
+    out = of(engine, 4)
+    assert len(out["logprobs"]) == out["done"]["completion_tokens"] + (out["done"]["finish_reason"] == "stop")
+
+
+def test_json_object_format(engine: Engine) -> None:
+    run(engine, {"id": 5, "prompt": "A JSON object with one key:", "max_tokens": 16, "format": {"type": "json_object"}})
+    out = of(engine, 5)
+    if out["done"]["finish_reason"] == "stop":
+        assert isinstance(json.loads(out["text"]), dict)
+    else:
+        assert out["text"].startswith("{")
+
+
+def check_call(out: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    assert out["done"]["finish_reason"] == "tool_calls", out
+    assert len(out["calls"]) == 1, out
+    call = out["calls"][0]
+    assert call["name"] in names and call["index"] == 0
+    assert re.fullmatch(r"call_[A-Za-z0-9]{24}", call["call_id"])
+    jsonschema.validate(json.loads(call["arguments"]), CITY)
+    assert "<tool_call>" not in out["text"]  # held back, never streamed
+    # After its tokens, before Done.
+    kinds = out["kinds"]
+    assert kinds[-1] == frames.DONE and kinds.index(frames.TOOL_CALL) == len(kinds) - 2
+    return call
+
+
+def test_a_named_function_is_called(engine: Engine) -> None:
+    req = {"id": 6, "messages": ASK_WEATHER, "max_tokens": 40, "tools": TOOLS, "tool_choice": {"function": "weather"}}
+    run(engine, req)
+    check_call(of(engine, 6), {"weather"})
+
+
+def test_required_calls_one_of_the_tools(engine: Engine) -> None:
+    req = {"id": 7, "messages": ASK_WEATHER, "max_tokens": 40, "tools": TOOLS, "tool_choice": "required"}
+    run(engine, req)
+    check_call(of(engine, 7), {"weather", "time"})
+
+
+def test_logprobs_of_a_greedy_generation(engine: Engine) -> None:
+    run(engine, {"id": 8, "messages": ASK_WEATHER, "max_tokens": 6, "logprobs": 3})
+    out = of(engine, 8)
+    done = out["done"]
+    assert len(out["logprobs"]) == done["completion_tokens"] + (done["finish_reason"] == "stop")
+    # Each Logprobs frame comes right before the TokenBatch with its tokens.
+    kinds = [k for k in out["kinds"] if k in (frames.LOGPROBS, frames.TOKEN_BATCH)]
+    assert kinds[:2] == [frames.LOGPROBS, frames.TOKEN_BATCH]
+    for entry in out["logprobs"]:
+        top = entry["top"]
+        assert entry["logprob"] <= 0 and len(top) == 3
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        # Greedy: the chosen token is the likeliest.
+        assert top[0]["token"] == entry["token"] and math.isclose(top[0]["logprob"], entry["logprob"], abs_tol=1e-6)
+        assert sum(math.exp(t["logprob"]) for t in top) <= 1 + 1e-5
+    assert "".join(e["text"] for e in out["logprobs"]).startswith(out["text"][:4])
+
+
+def test_count_only_counts_what_a_generation_sees(engine: Engine) -> None:
+    req = {"id": 9, "messages": ASK_WEATHER, "max_tokens": 1, "tools": TOOLS}
+    run(engine, {**req, "count_only": True})
+    counted = of(engine, 9)["done"]
+    assert counted["finish_reason"] == "counted" and counted["completion_tokens"] == 0
+    run(engine, req)
+    assert of(engine, 9)["done"]["prompt_tokens"] == counted["prompt_tokens"]
+    # The tools are in the prompt: without them it is shorter.
+    run(engine, {**req, "count_only": True, "tool_choice": "none"})
+    assert of(engine, 9)["done"]["prompt_tokens"] < counted["prompt_tokens"]
+
+
+def test_the_generic_tool_prompt_reaches_the_model(engine: Engine) -> None:
+    history = [
+        *ASK_WEATHER,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "name": "weather", "arguments": {"city": "X"}}],
+        },
+        {"role": "tool", "content": "18C, sunny", "tool_call_id": "c1", "name": "weather"},
+    ]
+    ids = engine._prompt_ids({"messages": history, "tools": TOOLS})
+    text = engine.backend.tokenizer.decode(ids)
+    assert '<tool_call>\n{"name": "weather", "arguments": {"city": "X"}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\n18C, sunny\n</tool_response><|im_end|>" in text
+    assert text.startswith("<|im_start|>system\n# Tools\n")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"format": {"type": "json_schema", "schema": {"type": "strin"}}}, "invalid format"),
+        ({"format": {"type": "xml"}}, "unknown format type"),
+        ({"tools": TOOLS, "tool_choice": {"function": "nope"}}, "not among the request's tools"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": TOOLS, "tool_choice": "required", "format": {"type": "json_object"}}, "cannot apply too"),
+        ({"logprobs": 21}, "logprobs must be"),
+    ],
+)
+def test_bad_requests_are_refused(engine: Engine, extra: dict[str, Any], message: str) -> None:
+    recorder(engine).frames.clear()
+    submit(engine, {"id": 10, "messages": ASK_WEATHER, "max_tokens": 4, **extra})
+    out = of(engine, 10)
+    assert out["error"] is not None and out["error"]["code"] == "invalid_request"
+    assert message in out["error"]["message"]
+    assert engine.inbox.empty()
