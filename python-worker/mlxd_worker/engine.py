@@ -521,4 +521,6 @@ class Engine:
         counts = self.backend.take_counts(seq.uid)
         if counts is not None:
             done["speculative"] = counts
+        if seq.stops.matched is not None:
+            done["stop_sequence"] = seq.stops.matched
         self.transport.send(frames.DONE, frames.json_payload(done))

@@ -11,16 +11,19 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self._held = ""
+        # The stop string that was hit (Done's stop_sequence).
+        self.matched: str | None = None
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string was hit)."""
         if not self.stops:
             return delta, False
         text = self._held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda hit: hit[0])
             self._held = ""
-            return text[: min(hits)], True
+            return text[:at], True
         keep = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(text)), 0, -1):

@@ -24,3 +24,11 @@ def test_a_false_start_is_released() -> None:
 def test_earliest_of_several_stops_wins_and_no_stops_pass_through() -> None:
     assert run(["b", "a"], ["xxab"]) == ("xx", True)
     assert run([], ["a", "b"]) == ("ab", False)
+
+
+def test_the_stop_that_was_hit_is_named() -> None:
+    m = StopMatcher(["END", "x"])
+    assert m.feed("a E") == ("a ", False) and m.matched is None
+    assert m.feed("ND x") == ("", True) and m.matched == "END"  # the earliest in the text
+    m = StopMatcher(["END", "x"])
+    assert m.feed("a x END") == ("a ", True) and m.matched == "x"

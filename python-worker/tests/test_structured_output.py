@@ -210,6 +210,14 @@ def test_count_only_counts_what_a_generation_sees(engine: Engine) -> None:
     assert of(engine, 9)["done"]["prompt_tokens"] < counted["prompt_tokens"]
 
 
+def test_done_names_the_stop_sequence_that_ended_it(engine: Engine) -> None:
+    run(engine, {"id": 11, "messages": ASK_WEATHER, "max_tokens": 8, "stop": ["zzz", " "]})
+    done = of(engine, 11)["done"]
+    assert done["finish_reason"] == "stop" and done["stop_sequence"] == " "
+    run(engine, {"id": 12, "messages": ASK_WEATHER, "max_tokens": 2})
+    assert "stop_sequence" not in of(engine, 12)["done"]
+
+
 def test_the_generic_tool_prompt_reaches_the_model(engine: Engine) -> None:
     history = [
         *ASK_WEATHER,
