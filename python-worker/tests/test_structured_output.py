@@ -253,3 +253,56 @@ def test_bad_requests_are_refused(engine: Engine, extra: dict[str, Any], message
     assert out["error"] is not None and out["error"]["code"] == "invalid_request"
     assert message in out["error"]["message"]
     assert engine.inbox.empty()
+
+
+def accepts(engine: Engine, grammar: str, text: str, special: list[int] = ()) -> bool:
+    """Whether a fresh matcher of `grammar` takes `text`'s tokens (after `special`) and may end there."""
+    planner = engine._planner
+    assert planner is not None
+    matcher = planner.grammars.constraint(grammar).matcher
+    ids = [*special, *engine.backend.tokenizer.encode(text, add_special_tokens=False)]
+    return bool(matcher.consume_tokens(ids) and matcher.is_accepting())
+
+
+def test_with_tools_offered_a_format_still_allows_calls(engine: Engine) -> None:
+    planner = engine._planner
+    assert planner is not None
+    fmt = {"type": "json_schema", "schema": PERSON}
+    grammar = planner.grammars.for_format_or_calls(fmt, planner.tool_format, TOOLS)
+    assert accepts(engine, grammar, '{"name": "Ann", "age": 30}')
+    assert accepts(engine, grammar, '<tool_call>\n{"name": "time", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    assert not accepts(engine, grammar, "Hello")
+    assert not accepts(engine, grammar, '<tool_call>\n{"name": "other", "arguments": {}}\n</tool_call>')
+
+
+def test_a_marker_that_is_a_special_token_is_matched_as_that_token(engine: Engine) -> None:
+    """As for a json_tools model whose <tool_call> is a special token (Qwen's)."""
+    from dataclasses import replace
+
+    from mlxd_worker.tools import ToolChoice
+
+    planner = engine._planner
+    assert planner is not None
+    fmt = replace(planner.tool_format, name="json_tools", start="<|im_start|>", end="<|im_end|>")
+    grammar = planner.grammars.for_forced_call(fmt, TOOLS, ToolChoice("function", "weather"))
+    start, end = (engine.backend.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    body = '\n{"name": "weather", "arguments": {"city": "Oslo"}}\n'
+    matcher = planner.grammars.constraint(grammar).matcher
+    ids = engine.backend.tokenizer.encode(body, add_special_tokens=False)
+    assert matcher.consume_tokens([start, *ids, end]) and matcher.is_accepting()
+    assert grammar.startswith(f"start: <[{start}]>") and f"<[{end}]>" in grammar
+
+
+def test_a_forced_call_needs_a_format_whose_calls_are_json_between_markers(engine: Engine) -> None:
+    from dataclasses import replace
+
+    from mlxd_worker.errors import RequestError
+    from mlxd_worker.request_plan import Planner
+
+    planner = Planner(engine.backend.tokenizer, engine.backend.eos)
+    planner.tool_format = replace(planner.tool_format, name="qwen3_coder")
+    req = {"id": 13, "messages": ASK_WEATHER, "max_tokens": 4, "tools": TOOLS, "tool_choice": "required"}
+    message = "tool_choice 'required' is not supported for this model's tool-call format 'qwen3_coder'"
+    with pytest.raises(RequestError, match=message):
+        planner.plan(req)
+    assert planner.plan({**req, "tool_choice": "auto"}).constraint is None

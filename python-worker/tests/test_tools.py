@@ -185,3 +185,33 @@ def test_strict_closes_every_object_schema_that_leaves_it_open() -> None:
     assert "additionalProperties" not in closed["properties"]["e"]["anyOf"][1]
     assert closed["$defs"]["x"]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # a copy
+
+
+def test_a_model_with_its_own_format_gets_openai_tools_and_hf_tool_calls() -> None:
+    from types import SimpleNamespace
+
+    from mlx_lm.tool_parsers import json_tools
+
+    tokenizer = SimpleNamespace(
+        has_tool_calling=True,
+        tool_parser=json_tools.parse_tool_call,
+        tool_call_start=json_tools.tool_call_start,
+        tool_call_end=json_tools.tool_call_end,
+    )
+    fmt = tools_module.tool_format(tokenizer)
+    assert (fmt.name, fmt.native, fmt.json_in_markers) == ("json_tools", True, True)
+    history = [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "f", "arguments": {"a": 1}}]},
+        {"role": "tool", "content": "2", "tool_call_id": "c1", "name": "f"},
+    ]
+    messages, extra = chat_messages(history, [WEATHER], fmt)
+    assert extra == {"tools": [{"type": "function", "function": WEATHER}]}
+    assert messages == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+        },
+        {"role": "tool", "content": "2", "tool_call_id": "c1", "name": "f"},
+    ]
+    assert read_calls(fmt, '\n{"name": "f", "arguments": {"a": 1}}\n', [WEATHER]) == [ToolCall("f", '{"a": 1}')]
