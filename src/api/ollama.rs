@@ -12,12 +12,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use worker_protocol::frame::{
     ChatMessage, Done, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame,
-    ToolChoice,
 };
 
 use super::core::{self, FieldRule};
 use super::openai::{
-    default_max_tokens, keep_alive, speculative_usage, SamplingParams, MAX_TOP_LOGPROBS,
+    default_max_tokens, keep_alive, speculative_usage, tool_choice as openai_tool_choice,
+    SamplingParams, MAX_TOP_LOGPROBS,
 };
 use super::AppState;
 use crate::error::Error;
@@ -124,6 +124,8 @@ const SHARED_FIELDS: &[(&str, FieldRule)] = &[
 const CHAT_FIELDS: &[(&str, FieldRule)] = &[
     ("messages", FieldRule::Served),
     ("tools", FieldRule::Served),
+    // An mlxd extension with OpenAI's values: Ollama has no way to force a call.
+    ("tool_choice", FieldRule::Served),
 ];
 
 const GENERATE_FIELDS: &[(&str, FieldRule)] = &[
@@ -205,6 +207,8 @@ struct ChatRequest {
     messages: Vec<InMessage>,
     #[serde(default)]
     tools: Option<Vec<InTool>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -365,7 +369,7 @@ fn parse_chat(body: &Bytes, preset_max: u32) -> Result<(Common, Option<Generate>
     let mut gen = req.common.generate(preset_max)?;
     gen.messages = Some(chat_messages(req.messages)?);
     gen.tools = tools(req.tools)?;
-    gen.tool_choice = ToolChoice::Auto;
+    gen.tool_choice = openai_tool_choice(req.tool_choice, &gen.tools)?;
     Ok((req.common, Some(gen)))
 }
 

@@ -454,7 +454,7 @@ fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
 }
 
 /// `tool_choice`: "none" | "auto" | "required" | {"type": "function", "function": {"name"}}.
-fn tool_choice(v: Option<Value>, tools: &[Tool]) -> Result<ToolChoice, Error> {
+pub fn tool_choice(v: Option<Value>, tools: &[Tool]) -> Result<ToolChoice, Error> {
     let bad = || {
         Error::invalid(
             "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
