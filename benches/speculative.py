@@ -113,9 +113,7 @@ def main() -> None:
         r.raise_for_status()
         for i in range(args.runs):
             results["native plain"].append(run_native(model, tokenizer, None, ids, args.max_tokens, args.num_draft))
-            results["native drafting"].append(
-                run_native(model, tokenizer, draft, ids, args.max_tokens, args.num_draft)
-            )
+            results["native drafting"].append(run_native(model, tokenizer, draft, ids, args.max_tokens, args.num_draft))
             r = control.post("/admin/benchmark", json=bench)
             r.raise_for_status()
             for run in r.json()["runs"]:

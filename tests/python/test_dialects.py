@@ -135,7 +135,11 @@ def test_openai_tool_result_is_answered(oai: OpenAI) -> None:
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees Celsius and sunny"},
@@ -157,7 +161,10 @@ def test_openai_json_schema_response_validates(oai: OpenAI) -> None:
     resp = oai.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Describe a person as JSON."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True},
+        },
         max_tokens=40,
     )
     choice = resp.choices[0]
@@ -182,9 +189,7 @@ def test_openai_json_object_response_parses(oai: OpenAI) -> None:
 
 
 def test_openai_chat_logprobs(oai: OpenAI) -> None:
-    resp = oai.chat.completions.create(
-        model=MODEL, messages=ASK_WEATHER, max_tokens=8, logprobs=True, top_logprobs=3
-    )
+    resp = oai.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=8, logprobs=True, top_logprobs=3)
     choice = resp.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content
     entries = choice.logprobs.content
@@ -241,7 +246,12 @@ def test_openai_image_part_is_400(oai: OpenAI) -> None:
 
 # -- OpenAI responses -----------------------------------------------------------
 
-RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "Current weather", "parameters": CITY_SCHEMA}
+RESPONSES_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather",
+    "parameters": CITY_SCHEMA,
+}
 
 
 def test_responses_text(oai: OpenAI) -> None:
@@ -265,7 +275,12 @@ def test_responses_forced_function_call_and_its_output_answered(oai: OpenAI) -> 
         model=MODEL,
         input=[
             *ASK_WEATHER,
-            {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+            {
+                "type": "function_call",
+                "call_id": calls[0].call_id,
+                "name": "get_weather",
+                "arguments": calls[0].arguments,
+            },
             {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 degrees and sunny"},
         ],  # type: ignore[arg-type]
         max_output_tokens=12,
@@ -365,8 +380,14 @@ def test_anthropic_streamed_tool_use_then_result_answered(claude: anthropic.Anth
         tools=[ANTHROPIC_TOOL],  # type: ignore[list-item]
         messages=[
             *ASK_WEATHER,
-            {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 degrees and sunny"}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 degrees and sunny"}],
+            },
         ],  # type: ignore[list-item]
         tool_choice={"type": "none"},
     )
@@ -404,8 +425,12 @@ def test_anthropic_errors_in_anthropic_shape(claude: anthropic.Anthropic) -> Non
 
 def test_ollama_chat_streams_ndjson(olla: ollama.Client) -> None:
     parts = list(
-        olla.chat(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
-                  stream=True, options={"num_predict": 12, "temperature": 0})
+        olla.chat(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            stream=True,
+            options={"num_predict": 12, "temperature": 0},
+        )
     )
     assert all(not p.done for p in parts[:-1]) and parts[-1].done
     text = "".join(p.message.content or "" for p in parts)
@@ -414,7 +439,9 @@ def test_ollama_chat_streams_ndjson(olla: ollama.Client) -> None:
 
 
 def test_ollama_generate_with_stop(olla: ollama.Client) -> None:
-    resp = olla.generate(model=MODEL, prompt="What is the capital of France?", options={"num_predict": 16, "stop": ["Paris"]})
+    resp = olla.generate(
+        model=MODEL, prompt="What is the capital of France?", options={"num_predict": 16, "stop": ["Paris"]}
+    )
     assert resp.done and "Paris" not in resp.response
     raw = olla.generate(model=MODEL, prompt="The capital of France is", raw=True, options={"num_predict": 4})
     assert raw.done and raw.eval_count and raw.eval_count <= 4
@@ -460,7 +487,11 @@ def test_ollama_tool_result_is_answered(olla: ollama.Client) -> None:
         model=MODEL,
         messages=[
             *ASK_WEATHER,
-            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+            },
             {"role": "tool", "content": "18 degrees and sunny", "tool_name": "get_weather"},
         ],
         tools=[WEATHER_TOOL],

@@ -825,6 +825,7 @@ mod tests {
                 accepted: 6,
                 rejected: 3,
             }),
+            stop_sequence: Some("###".into()),
         }));
         roundtrip(Frame::Stats(Stats {
             rss: 1 << 30,

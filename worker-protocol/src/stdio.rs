@@ -95,6 +95,7 @@ mod tests {
                 prompt_tps: 0.0,
                 generation_tps: 0.0,
                 speculative: None,
+                stop_sequence: None,
             }),
         ];
         let wire: Vec<u8> = frames.iter().flat_map(|f| f.encode()).collect();

@@ -1,0 +1,204 @@
+"""Constrained decoding's per-token cost: decode tok/s with and without a JSON schema.
+
+In one invocation, on the same model, prompt and greedy settings:
+- `native`: mlx-lm in-process, `stream_generate` plain, and with the worker's
+  llguidance logits processor for the same schema (the mask, nothing else);
+- `mlxd`: a real daemon, one stream (runs interleaved plain/schema) and 8 streams at
+  once (aggregate tok/s), with `response_format: json_schema`.
+The schema holds one string with a large minLength, so a constrained answer runs to
+max_tokens like a plain one: both decode the same number of tokens. Decode tok/s
+counts tokens after the first over the time from the first to the last; figures are
+medians with min..max. The cost per token is 1/tps(schema) - 1/tps(plain); its share
+is that over 1/tps(schema).
+
+    scripts/bench constrained [--runs 5] [--max-tokens 48] [--model smollm2-135m]
+        [--models-dir DIR] [--mlxd PATH] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Write a short story about a robot who learns to paint."
+SCHEMA = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 4000}},
+    "required": ["story"],
+}
+CONCURRENCY = 8
+
+
+def native_run(model: Any, tokenizer: Any, ids: list[int], n: int, processor: Any) -> float:
+    from mlx_lm.generate import stream_generate
+
+    kwargs = {"logits_processors": [processor]} if processor is not None else {}
+    stamps = [time.perf_counter() for _ in stream_generate(model, tokenizer, ids, max_tokens=n, **kwargs)]
+    span = stamps[-1] - stamps[0]
+    return (len(stamps) - 1) / span if span > 0 else 0.0
+
+
+def native(args: argparse.Namespace) -> dict[str, list[float]]:
+    import mlx_lm
+
+    sys.path.insert(0, str(ROOT / "python-worker"))
+    from mlxd_worker.constraint import Grammars
+
+    model, tokenizer = mlx_lm.load(str(Path(args.models_dir) / args.model))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    grammars = Grammars(tokenizer, frozenset(tokenizer.eos_token_ids))
+    grammar = grammars.for_format({"type": "json_schema", "schema": SCHEMA})
+    native_run(model, tokenizer, ids, 8, None)  # warm-up
+    out: dict[str, list[float]] = {"plain": [], "schema": []}
+    for _ in range(args.runs):
+        out["plain"].append(native_run(model, tokenizer, ids, args.max_tokens, None))
+        processor = grammars.constraint(grammar).processor(list(ids))
+        out["schema"].append(native_run(model, tokenizer, ids, args.max_tokens, processor))
+    return out
+
+
+def start_mlxd(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen, str]:
+    presets = home / "presets"
+    presets.mkdir(parents=True)
+    (presets / "bench-constrained.toml").write_text(
+        f'model = "{args.model}"\nkeep_alive = "-1"\nmax_concurrent = {CONCURRENCY}\n'
+    )
+    proc = subprocess.Popen(
+        [args.mlxd, "serve", "--port", "0", "--presets-dir", str(presets), "--exit-on-stdin-eof"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MLXD_LOG": "warn", "MLXD_HOME": str(home), "MLXD_MODELS_DIR": args.models_dir},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line.startswith("mlxd listening on "), line
+    return proc, line.removeprefix("mlxd listening on ")
+
+
+def stream_once(url: str, n: int, schema: bool) -> list[float]:
+    """Arrival times of a streamed answer's text chunks (one token each here)."""
+    body: dict[str, Any] = {
+        "model": "bench-constrained",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": n,
+        "stream": True,
+    }
+    if schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
+    stamps: list[float] = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                stamps.append(time.perf_counter())
+    if len(stamps) < n // 2:
+        raise RuntimeError(f"only {len(stamps)} chunks for {n} tokens")
+    return stamps
+
+
+def decode_tps(stamps: list[float]) -> float:
+    span = stamps[-1] - stamps[0]
+    return (len(stamps) - 1) / span if span > 0 else 0.0
+
+
+def concurrent_tps(url: str, n: int, schema: bool) -> float:
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+        runs = list(pool.map(lambda _: stream_once(url, n, schema), range(CONCURRENCY)))
+    first = min(s[0] for s in runs)
+    last = max(s[-1] for s in runs)
+    return sum(len(s) - 1 for s in runs) / (last - first)
+
+
+def mlxd(args: argparse.Namespace) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"plain": [], "schema": [], "plain_c8": [], "schema_c8": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_mlxd(args, Path(tmp))
+        try:
+            stream_once(url, 8, True)  # load, and compile the masked path
+            for _ in range(args.runs):
+                out["plain"].append(decode_tps(stream_once(url, args.max_tokens, False)))
+                out["schema"].append(decode_tps(stream_once(url, args.max_tokens, True)))
+            for _ in range(max(1, args.runs // 2)):
+                out["plain_c8"].append(concurrent_tps(url, args.max_tokens, False))
+                out["schema_c8"].append(concurrent_tps(url, args.max_tokens, True))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return out
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def summary(xs: list[float]) -> str:
+    return f"{med(xs):8.2f} ({min(xs):.1f}..{max(xs):.1f})" if xs else "-"
+
+
+def cost(plain: float, schema: float) -> str:
+    if plain <= 0 or schema <= 0:
+        return "-"
+    per_token = 1 / schema - 1 / plain
+    return f"{per_token * 1e3:+.2f} ms/token ({per_token * schema:+.0%} of a constrained token)"
+
+
+def main() -> None:
+    home = Path(os.environ.get("MLXD_HOME") or Path.home() / ".mlxd")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--models-dir", default=os.environ.get("MLXD_MODELS_DIR") or str(home / "models"))
+    p.add_argument("--mlxd", default=str(ROOT / "target" / "release" / "mlxd"))
+    p.add_argument("--json-out")
+    args = p.parse_args()
+
+    nat = native(args)
+    ours = mlxd(args)
+    print(f"constrained decoding ({platform.machine()}, {args.model}, {args.max_tokens} tokens, {args.runs} runs)")
+    print(f"{'':26}{'tok/s median (min..max)':>26}")
+    for name, xs in [
+        ("native plain", nat["plain"]),
+        ("native json_schema", nat["schema"]),
+        ("mlxd plain", ours["plain"]),
+        ("mlxd json_schema", ours["schema"]),
+        (f"mlxd plain x{CONCURRENCY}", ours["plain_c8"]),
+        (f"mlxd json_schema x{CONCURRENCY}", ours["schema_c8"]),
+    ]:
+        print(f"{name:26}{summary(xs):>26}")
+    print(
+        f"native: schema/plain {med(nat['schema']) / med(nat['plain']):.2f}x, "
+        f"{cost(med(nat['plain']), med(nat['schema']))}"
+    )
+    print(
+        f"mlxd 1 stream: schema/plain {med(ours['schema']) / med(ours['plain']):.2f}x, "
+        f"{cost(med(ours['plain']), med(ours['schema']))}"
+    )
+    print(
+        f"mlxd x{CONCURRENCY} aggregate: schema/plain {med(ours['schema_c8']) / med(ours['plain_c8']):.2f}x, "
+        f"{cost(med(ours['plain_c8']), med(ours['schema_c8']))} (per token of the batch)"
+    )
+    print(
+        f"mlxd/native: plain {med(ours['plain']) / med(nat['plain']):.2f}x, "
+        f"json_schema {med(ours['schema']) / med(nat['schema']):.2f}x"
+    )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"native": nat, "mlxd": ours, "args": vars(args)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
