@@ -96,6 +96,25 @@ async fn every_route_but_healthz_needs_a_key() {
     // A path no route has is refused before routing too.
     let status = request("GET", "/v1/secret").send().await.unwrap().status();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Each dialect's clients get the refusal in their own error shape.
+    for (path, pointer, expected) in [
+        ("/v1/chat/completions", "/error/code", "invalid_api_key"),
+        ("/v1/messages", "/error/type", "authentication_error"),
+        ("/api/chat", "/error", "a valid API key is needed"),
+    ] {
+        let body: serde_json::Value = request("POST", path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let got = body
+            .pointer(pointer)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        assert!(got.starts_with(expected), "{path}: {body}");
+    }
     // The CLI sends the configured key.
     common::cli_ok(
         daemon().port,

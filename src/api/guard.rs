@@ -102,11 +102,22 @@ impl Guard {
     }
 }
 
-/// An OpenAI-shaped error (the only dialect so far; issue 17 adds the others).
-fn deny(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {
-        "message": message, "type": "invalid_request_error", "param": null, "code": code,
-    }});
+/// A refusal in the error shape of the dialect the path belongs to.
+fn deny(path: &str, status: StatusCode, code: &str, message: &str) -> Response {
+    let body = if path.starts_with("/v1/messages") {
+        let kind = match status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            _ => "invalid_request_error",
+        };
+        serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
+    } else if path.starts_with("/api/") {
+        serde_json::json!({"error": message})
+    } else {
+        serde_json::json!({"error": {
+            "message": message, "type": "invalid_request_error", "param": null, "code": code,
+        }})
+    };
     (status, axum::Json(body)).into_response()
 }
 
@@ -119,6 +130,8 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    let deny = |status, code, message| deny(&path, status, code, message);
     let headers = req.headers();
     if !guard.host_allowed(headers) {
         return deny(
