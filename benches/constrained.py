@@ -65,7 +65,9 @@ def native(args: argparse.Namespace) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"plain": [], "schema": []}
     for _ in range(args.runs):
         out["plain"].append(native_run(model, tokenizer, ids, args.max_tokens, None))
-        processor = grammars.constraint(grammar).processor(list(ids))
+        constraint = grammars.constraint(grammar)
+        constraint.prompt_len = len(ids)  # what the backend sets at insert
+        processor = constraint.processor(list(ids))
         out["schema"].append(native_run(model, tokenizer, ids, args.max_tokens, processor))
     return out
 
@@ -89,38 +91,44 @@ def start_mlxd(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen, 
     return proc, line.removeprefix("mlxd listening on ")
 
 
-def stream_once(url: str, n: int, schema: bool) -> list[float]:
-    """Arrival times of a streamed answer's text chunks (one token each here)."""
+def stream_once(url: str, n: int, schema: bool) -> tuple[list[float], int]:
+    """Arrival times of a streamed answer's text chunks (a slow reader gets several
+    tokens in one), and the tokens it decoded (from its usage chunk)."""
     body: dict[str, Any] = {
         "model": "bench-constrained",
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": n,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     if schema:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
     stamps: list[float] = []
+    tokens = 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
                 stamps.append(time.perf_counter())
-    if len(stamps) < n // 2:
-        raise RuntimeError(f"only {len(stamps)} chunks for {n} tokens")
-    return stamps
+            elif line.startswith("data: {") and '"usage":{' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    if tokens < n // 2 or len(stamps) < 2:
+        raise RuntimeError(f"{tokens} tokens in {len(stamps)} chunks for max_tokens {n}")
+    return stamps, tokens
 
 
-def decode_tps(stamps: list[float]) -> float:
+def decode_tps(run: tuple[list[float], int]) -> float:
+    stamps, tokens = run
     span = stamps[-1] - stamps[0]
-    return (len(stamps) - 1) / span if span > 0 else 0.0
+    return (tokens - 1) / span if span > 0 else 0.0
 
 
 def concurrent_tps(url: str, n: int, schema: bool) -> float:
     with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
         runs = list(pool.map(lambda _: stream_once(url, n, schema), range(CONCURRENCY)))
-    first = min(s[0] for s in runs)
-    last = max(s[-1] for s in runs)
-    return sum(len(s) - 1 for s in runs) / (last - first)
+    first = min(stamps[0] for stamps, _ in runs)
+    last = max(stamps[-1] for stamps, _ in runs)
+    return sum(tokens - 1 for _, tokens in runs) / (last - first)
 
 
 def mlxd(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -142,7 +150,7 @@ def mlxd(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else 0.0
+    return statistics.median(xs) if xs else float("nan")
 
 
 def summary(xs: list[float]) -> str:
