@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import daemon
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,22 +74,9 @@ def native(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def start_mlxd(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen, str]:
-    presets = home / "presets"
-    presets.mkdir(parents=True)
-    (presets / "bench-constrained.toml").write_text(
-        f'model = "{args.model}"\nkeep_alive = "-1"\nmax_concurrent = {CONCURRENCY}\n'
-    )
-    proc = subprocess.Popen(
-        [args.mlxd, "serve", "--port", "0", "--presets-dir", str(presets), "--exit-on-stdin-eof"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "MLXD_LOG": "warn", "MLXD_HOME": str(home), "MLXD_MODELS_DIR": args.models_dir},
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    assert line.startswith("mlxd listening on "), line
-    return proc, line.removeprefix("mlxd listening on ")
+    preset = f'model = "{args.model}"\nkeep_alive = "-1"\nmax_concurrent = {CONCURRENCY}\n'
+    proc, url, _ = daemon.start_mlxd(args.mlxd, home, args.models_dir, {"bench-constrained": preset})
+    return proc, url
 
 
 def stream_once(url: str, n: int, schema: bool) -> tuple[list[float], int]:

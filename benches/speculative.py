@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import daemon
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,25 +54,12 @@ def run_native(model: Any, tokenizer: Any, draft: Any, ids: list[int], n: int, n
 
 
 def start_mlxd(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen, str, Path]:
-    presets = home / "presets"
-    presets.mkdir(parents=True)
-    for name, mode in [("bench-spec-on", "on"), ("bench-spec-auto", "auto")]:
-        (presets / f"{name}.toml").write_text(
-            f'model = "{args.target}"\nkeep_alive = "-1"\n[speculative]\ndraft = "{args.draft}"\n'
-            f'num_draft_tokens = {args.num_draft}\nmode = "{mode}"\n'
-        )
-    proc = subprocess.Popen(
-        [args.mlxd, "serve", "--port", "0", "--presets-dir", str(presets), "--exit-on-stdin-eof"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "MLXD_LOG": "warn", "MLXD_HOME": str(home), "MLXD_MODELS_DIR": args.models_dir},
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    assert line.startswith("mlxd listening on "), line
-    url = line.removeprefix("mlxd listening on ")
-    return proc, url, home / f"mlxd-{url.rsplit(':', 1)[1]}.sock"
+    presets = {
+        name: f'model = "{args.target}"\nkeep_alive = "-1"\n[speculative]\ndraft = "{args.draft}"\n'
+        f'num_draft_tokens = {args.num_draft}\nmode = "{mode}"\n'
+        for name, mode in [("bench-spec-on", "on"), ("bench-spec-auto", "auto")]
+    }
+    return daemon.start_mlxd(args.mlxd, home, args.models_dir, presets)
 
 
 def summary(xs: list[float]) -> str:

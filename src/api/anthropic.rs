@@ -354,6 +354,7 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
             ))
         }
     };
+    core::check_format_with_tools(&gen, "output_format")?;
     Ok((gen, req.stream))
 }
 

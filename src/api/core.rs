@@ -353,6 +353,41 @@ pub fn tool(
     })
 }
 
+/// A forced tool call decides the whole answer, so an output format cannot apply
+/// as well: refused, naming the dialect's format field.
+pub fn check_format_with_tools(gen: &Generate, format_field: &str) -> Result<(), Error> {
+    let forced = matches!(
+        gen.tool_choice,
+        worker_protocol::frame::ToolChoice::Required
+            | worker_protocol::frame::ToolChoice::Function(_)
+    );
+    if forced && gen.format.is_some() {
+        return Err(Error::invalid(
+            format!("a forced tool call and {format_field} cannot be combined"),
+            Some(format_field),
+        ));
+    }
+    Ok(())
+}
+
+/// `logprobs: true` with `top_logprobs` alternatives (0..=20), as OpenAI's chat
+/// and Ollama take them.
+pub fn logprobs_request(logprobs: Option<bool>, top: Option<u8>) -> Result<Option<u8>, Error> {
+    const MAX_TOP_LOGPROBS: u8 = 20;
+    match (logprobs, top) {
+        (Some(true), n) if n.unwrap_or(0) <= MAX_TOP_LOGPROBS => Ok(Some(n.unwrap_or(0))),
+        (Some(true), _) => Err(Error::invalid(
+            format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            Some("top_logprobs"),
+        )),
+        (_, Some(_)) => Err(Error::invalid(
+            "top_logprobs needs logprobs: true",
+            Some("top_logprobs"),
+        )),
+        _ => Ok(None),
+    }
+}
+
 /// Unique ids for responses and messages.
 pub fn new_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

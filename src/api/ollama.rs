@@ -17,7 +17,7 @@ use worker_protocol::frame::{
 use super::core::{self, FieldRule};
 use super::openai::{
     default_max_tokens, keep_alive, speculative_usage, tool_choice as openai_tool_choice,
-    SamplingParams, MAX_TOP_LOGPROBS,
+    SamplingParams,
 };
 use super::AppState;
 use crate::error::Error;
@@ -274,16 +274,7 @@ impl Common {
                 ))
             }
         };
-        gen.logprobs = match (self.logprobs, self.top_logprobs) {
-            (Some(true), n) if n.unwrap_or(0) <= MAX_TOP_LOGPROBS => Some(n.unwrap_or(0)),
-            (Some(true), _) => {
-                return Err(Error::invalid(
-                    format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
-                    Some("top_logprobs"),
-                ))
-            }
-            _ => None,
-        };
+        gen.logprobs = core::logprobs_request(self.logprobs, self.top_logprobs)?;
         Ok(gen)
     }
 
@@ -370,6 +361,7 @@ fn parse_chat(body: &Bytes, preset_max: u32) -> Result<(Common, Option<Generate>
     gen.messages = Some(chat_messages(req.messages)?);
     gen.tools = tools(req.tools)?;
     gen.tool_choice = openai_tool_choice(req.tool_choice, &gen.tools)?;
+    core::check_format_with_tools(&gen, "format")?;
     Ok((req.common, Some(gen)))
 }
 

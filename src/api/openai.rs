@@ -525,9 +525,6 @@ fn output_format(f: Option<ResponseFormat>) -> Result<Option<OutputFormat>, Erro
     }
 }
 
-/// Alternatives per token the worker reports at most (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: u8 = 20;
-
 fn usage(d: &Done) -> Value {
     let mut u = json!({
         "prompt_tokens": d.prompt_tokens,
@@ -915,33 +912,8 @@ fn chat_generate(body: &Bytes, preset_max: u32) -> Result<(Sampling, Generate), 
     gen.tools = tools(req.tools)?;
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
     gen.format = output_format(req.response_format)?;
-    if gen.format.is_some()
-        && matches!(
-            gen.tool_choice,
-            ToolChoice::Required | ToolChoice::Function(_)
-        )
-    {
-        return Err(Error::invalid(
-            "a forced tool call and response_format cannot be combined",
-            Some("response_format"),
-        ));
-    }
-    gen.logprobs = match (req.logprobs, req.top_logprobs) {
-        (Some(true), n) if n.unwrap_or(0) <= MAX_TOP_LOGPROBS => Some(n.unwrap_or(0)),
-        (Some(true), _) => {
-            return Err(Error::invalid(
-                format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
-                Some("top_logprobs"),
-            ))
-        }
-        (_, Some(_)) => {
-            return Err(Error::invalid(
-                "top_logprobs needs logprobs: true",
-                Some("top_logprobs"),
-            ))
-        }
-        _ => None,
-    };
+    core::check_format_with_tools(&gen, "response_format")?;
+    gen.logprobs = core::logprobs_request(req.logprobs, req.top_logprobs)?;
     assert_generate(&gen);
     Ok((req.sampling, gen))
 }

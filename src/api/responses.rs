@@ -306,17 +306,7 @@ fn parse(body: &Bytes, preset_max: u32) -> Result<Parsed, Error> {
     gen.tools = tools(req.tools)?;
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
     gen.format = output_format(req.text)?;
-    if gen.format.is_some()
-        && matches!(
-            gen.tool_choice,
-            ToolChoice::Required | ToolChoice::Function(_)
-        )
-    {
-        return Err(Error::invalid(
-            "a forced tool call and text.format cannot be combined",
-            Some("text.format"),
-        ));
-    }
+    core::check_format_with_tools(&gen, "text.format")?;
     Ok(Parsed {
         model: req.model,
         gen,
