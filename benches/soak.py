@@ -3,7 +3,8 @@
 Starts its own daemon (the release binary) with two presets of the test model, one
 over shm and one over stdio, and runs until the time is up:
 - clients that send streamed and plain chat requests of a few tokens, and now and
-  then hang up in the middle of a stream (a client cancel);
+  then hang up in the middle of a stream (a client cancel); a quarter of them
+  constrained (a json_object format, or a forced tool call);
 - a fault thread that, every few seconds, SIGKILLs or SIGSTOPs one of the workers
   (a stopped worker is found hung by the daemon and replaced).
 
@@ -126,6 +127,12 @@ class Daemon:
             self.proc.kill()
 
 
+SOAK_TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+}
+
+
 def one_request(d: Daemon, rng: random.Random) -> str:
     """Sends one request; returns its outcome."""
     model = rng.choice(MODELS)
@@ -138,6 +145,13 @@ def one_request(d: Daemon, rng: random.Random) -> str:
         "temperature": rng.choice([0, 0.7]),
         "stream": stream,
     }
+    # Some constrained: an output format, or a forced tool call (llguidance in the batch).
+    extra = rng.random()
+    if extra < 0.15:
+        body["response_format"] = {"type": "json_object"}
+    elif extra < 0.25:
+        body["tools"] = [SOAK_TOOL]
+        body["tool_choice"] = "required"
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=180)
     try:
         conn.request(
