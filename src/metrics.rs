@@ -40,6 +40,17 @@ pub fn record_worker_stats(model: &str, s: &Stats) {
     if let Some(spec) = &s.speculative {
         record_speculative(model, spec);
     }
+    if let Some(pc) = &s.prompt_cache {
+        metrics::counter!("mlxd_prompt_cache_lookups_total", "model" => m(), "result" => "hit")
+            .absolute(pc.hits_total);
+        metrics::counter!("mlxd_prompt_cache_lookups_total", "model" => m(), "result" => "miss")
+            .absolute(pc.misses_total);
+        metrics::counter!("mlxd_prompt_cache_cached_tokens_total", "model" => m())
+            .absolute(pc.cached_tokens_total);
+        metrics::gauge!("mlxd_prompt_cache_entries", "model" => m()).set(pc.entries as f64);
+        metrics::gauge!("mlxd_prompt_cache_bytes", "model" => m()).set(pc.bytes as f64);
+        metrics::gauge!("mlxd_prompt_cache_max_bytes", "model" => m()).set(pc.max_bytes as f64);
+    }
 }
 
 /// The speculative counters and the draft policy's state, per model.

@@ -161,6 +161,10 @@ pub struct Preset {
     /// `max_concurrent` sequences (README, "Memory").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_estimate: Option<String>,
+    /// The prefix cache's limit ("1GiB"; "0" turns it off). Default: a quarter
+    /// of what the model is expected to need (README, "Prompt cache").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_bytes: Option<String>,
     /// Speculative decoding with a draft model (README, "Speculative decoding").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<Speculative>,
@@ -288,6 +292,9 @@ impl Preset {
         KeepAlive::parse(&p.keep_alive).map_err(|e| anyhow::anyhow!(e))?;
         parse_timeout("hang_timeout", &p.hang_timeout)?;
         parse_timeout("load_timeout", &p.load_timeout)?;
+        if let Some(m) = &p.prompt_cache_bytes {
+            cache_bytes(m).map_err(|e| anyhow::anyhow!("prompt_cache_bytes {e}"))?;
+        }
         if let Some(m) = &p.memory_estimate {
             crate::memory::parse_bytes(m).map_err(|e| anyhow::anyhow!("memory_estimate {e}"))?;
         }
@@ -325,6 +332,15 @@ impl Preset {
             .and_then(|dir| crate::memory::estimate(&dir, 1))
             .map_or(0, |d| d.saturating_sub(crate::memory::RUNTIME_OVERHEAD));
         target + draft
+    }
+
+    /// The prefix cache's limit in bytes (0: off).
+    pub fn prompt_cache_limit(&self, models_dir: &Path) -> u64 {
+        match self.prompt_cache_bytes.as_deref() {
+            Some(s) => cache_bytes(s).unwrap_or(0),
+            None if self.engine == EngineKind::Replay => 0,
+            None => self.memory_need(models_dir) / 4,
+        }
     }
 
     /// The draft model's directory, when the preset drafts.
@@ -373,6 +389,14 @@ impl Preset {
     pub fn model_path(&self, models_dir: &Path) -> anyhow::Result<PathBuf> {
         resolve_model(&self.model, models_dir)
     }
+}
+
+/// A prefix-cache size: a size, or "0" for none.
+fn cache_bytes(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    crate::memory::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 /// An imported model's name (resolved under the models dir, which it must not
@@ -591,6 +615,24 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_prompt_cache_limit_is_a_size_zero_or_a_quarter_of_the_need() {
+        let models = Path::new("/nonexistent");
+        let limit = |extra: &str| {
+            Preset::parse(&format!("model = \"m\"\n{extra}"), "x")
+                .map(|p| p.prompt_cache_limit(models))
+        };
+        assert_eq!(limit("prompt_cache_bytes = \"64MiB\"").unwrap(), 64 << 20);
+        assert_eq!(limit("prompt_cache_bytes = \"0\"").unwrap(), 0);
+        assert_eq!(
+            limit("memory_estimate = \"4GiB\"").unwrap(),
+            1 << 30,
+            "a quarter of the need"
+        );
+        assert_eq!(limit("engine = \"replay\"").unwrap(), 0);
+        assert!(limit("prompt_cache_bytes = \"lots\"").is_err());
     }
 
     #[test]

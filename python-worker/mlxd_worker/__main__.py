@@ -48,6 +48,7 @@ def _stats_loop(engine: Engine, transport: Transport) -> None:
                     "heartbeat": engine.heartbeat,
                     "engine_failed": engine.failed,
                     "speculative": engine.backend.speculative_status(),
+                    "prompt_cache": engine.backend.prompt_cache_stats(),
                     **counts,
                 }
             ),

@@ -11,6 +11,7 @@ from typing import Any, Optional, Protocol, Union
 
 from .constraint import SequenceConstraint
 from .drafting import DraftController
+from .prefix_cache import PrefixCache
 from .sampling import Sampler
 from .solo import ProcessedSoloSequence, SoloSequence
 from .speculative import SpeculativeSequence, held, pair_problem
@@ -54,6 +55,9 @@ class Backend(Protocol):
     def detokenizer(self) -> Detokenizer: ...
     def take_counts(self, uid: int) -> dict[str, int] | None: ...
     def speculative_status(self) -> dict[str, Any] | None: ...
+    def cached_tokens(self, uid: int) -> int: ...
+    def start_prompt_cache(self) -> None: ...
+    def prompt_cache_stats(self) -> dict[str, int] | None: ...
 
 
 def context_length(model_path: str) -> int | None:
@@ -84,6 +88,9 @@ class Track:
     constraint: SequenceConstraint | None = None
     # Keep each token's logprobs vector (step_logprobs).
     logprobs: bool = False
+    # The prefix cache's hit: a cache holding history[:cached], until a lane takes it.
+    prefix: list[Any] | None = None
+    cached: int = 0
 
     @property
     def processed(self) -> bool:
@@ -126,6 +133,8 @@ class MlxBackend:
         self._waiting: list[int] = []
         self._tracks: dict[int, Track] = {}
         self.step_logprobs: dict[int, list[Any]] = {}
+        self.prefix: PrefixCache | None = None  # when the preset gives it bytes
+        self._prompt_cache_bytes = 0
 
     def load(self, model_path: str, options: dict[str, Any]) -> None:
         from mlx_lm.generate import BatchGenerator
@@ -145,6 +154,13 @@ class MlxBackend:
         spec = options.get("speculative")
         if spec:
             self._load_draft(model_path, spec)
+        self._prompt_cache_bytes = int(options.get("prompt_cache_bytes", 0))
+
+    def start_prompt_cache(self) -> None:
+        """Turns the prefix cache on (after warm-up, whose sequences it should
+        neither keep nor count)."""
+        if self._prompt_cache_bytes > 0:
+            self.prefix = PrefixCache(self._prompt_cache_bytes)
 
     def _load_draft(self, model_path: str, spec: dict[str, Any]) -> None:
         from mlx_lm.models.cache import make_prompt_cache
@@ -184,6 +200,9 @@ class MlxBackend:
         if constraint is not None:
             constraint.prompt_len = len(ids)
         track = Track(list(ids), max_tokens, sampler, speculative, constraint=constraint, logprobs=logprobs)
+        if self.prefix is not None:
+            found = self.prefix.take(track.history)
+            track.prefix, track.cached = found.cache, found.cached
         self._tracks[uid] = track
         if self._solo is None and not self._batch_uid:
             self._solo = (uid, self._lone_lane(track))
@@ -194,8 +213,16 @@ class MlxBackend:
     def _lone_lane(self, track: Track, cache: Any = None) -> Lane:
         from mlx_lm.generate import generation_stream
 
+        prefix = None
+        if cache is None and track.prefix is not None:
+            prefix, track.prefix = track.prefix, None
         d = self.drafting
         if d is not None and self._draft is not None and d.use_draft(track.forced, time.monotonic()):
+            # A drafting lane starts from a cache holding all but the last token.
+            if prefix is not None and track.cached == len(track.history) - 1:
+                cache = prefix
+            elif prefix is not None:
+                track.cached = 0
             draft_cache, track.draft_cache = track.draft_cache, None
             return SpeculativeSequence(
                 self._model,
@@ -214,18 +241,23 @@ class MlxBackend:
             processors = [] if track.constraint is None else [track.constraint.processor(track.history)]
             return ProcessedSoloSequence(
                 self._model,
-                track.history,
+                track.history[track.cached if prefix is not None else 0 :],
                 track.left,
                 track.sampler,
                 self._prefill_step,
                 stream,
                 processors,
                 track.logprobs,
+                cache=prefix,
             )
-        return SoloSequence(self._model, track.history, track.left, track.sampler, self._prefill_step, stream)
+        pending = track.history[track.cached :] if prefix is not None else track.history
+        return SoloSequence(self._model, pending, track.left, track.sampler, self._prefill_step, stream, prefix)
 
     def _to_batch(self, uid: int, ids: list[int], cache: Any = None) -> None:
         track = self._tracks[uid]
+        if cache is None and track.prefix is not None:
+            cache, track.prefix = track.prefix, None
+            ids = ids[track.cached :]
         # A fresh processor per lane entry (see constraint.LaneProcessor).
         processors = None if track.constraint is None else [[track.constraint.processor(track.history)]]
         (buid,) = self._gen.insert(
@@ -240,14 +272,36 @@ class MlxBackend:
         self._our_uid[buid] = uid
 
     def remove(self, uid: int) -> None:
+        """Stops a sequence (cancelled, or ended by a stop string); what it had
+        computed goes into the prefix cache."""
         if self._solo is not None and self._solo[0] == uid:
+            self._keep(uid, self._solo[1])
             self._solo = None
             return
         self._waiting = [w for w in self._waiting if w != uid]
         buid = self._batch_uid.pop(uid, None)
         if buid is not None:
             del self._our_uid[buid]
-            self._gen.remove([buid])
+            caches = self._gen.remove([buid], return_prompt_caches=self.prefix is not None)
+            if buid in caches:
+                self._keep_cache(uid, caches[buid][0])
+
+    def _keep(self, uid: int, lane: Lane) -> None:
+        if isinstance(lane, SoloSequence):  # a drafting lane's caches are not kept
+            self._keep_cache(uid, lane.cache)
+
+    def _keep_cache(self, uid: int, cache: list[Any] | None) -> None:
+        track = self._tracks.get(uid)
+        if self.prefix is not None and track is not None:
+            self.prefix.put(track.history, cache)
+
+    def cached_tokens(self, uid: int) -> int:
+        """Prompt tokens the sequence took from the prefix cache."""
+        track = self._tracks.get(uid)
+        return track.cached if track is not None else 0
+
+    def prompt_cache_stats(self) -> dict[str, int] | None:
+        return None if self.prefix is None else self.prefix.stats()
 
     def take_counts(self, uid: int) -> dict[str, int] | None:
         """The sequence's draft counters (None without a usable draft); forgets it."""
@@ -300,6 +354,8 @@ class MlxBackend:
             if track.logprobs:
                 self.step_logprobs.setdefault(uid, []).append(r.logprobs)
             results.append(self._emit(uid, r.token, r.finish_reason))
+            if r.finish_reason is not None:
+                self._keep_cache(uid, r.prompt_cache)
         self._leave_batch_if_alone(results)
         return results
 
@@ -321,6 +377,7 @@ class MlxBackend:
                 accepted += 1
             results.append(self._emit(uid, token, finish))
             if finish is not None:
+                self._keep(uid, lane)
                 self._solo = None
                 break
         d = self.drafting

@@ -244,6 +244,7 @@ class Engine:
         self._planner = Planner(self.backend.tokenizer, self.backend.eos)
         self._token_texts = TokenTexts(self.backend.tokenizer)
         self._warm_up()
+        self.backend.start_prompt_cache()
         self.transport.send(
             frames.READY,
             frames.json_payload(
@@ -518,6 +519,9 @@ class Engine:
             "prompt_tps": seq.prompt_tokens / prompt_s if prompt_s > 0 else 0.0,
             "generation_tps": (seq.completion_tokens - 1) / gen_s if gen_s > 0 else 0.0,
         }
+        cached = self.backend.cached_tokens(seq.uid)
+        if cached:
+            done["cached_tokens"] = cached
         counts = self.backend.take_counts(seq.uid)
         if counts is not None:
             done["speculative"] = counts

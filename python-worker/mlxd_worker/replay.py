@@ -121,5 +121,14 @@ class ReplayBackend:
     def speculative_status(self) -> dict[str, Any] | None:
         return None
 
+    def cached_tokens(self, uid: int) -> int:
+        return 0  # no KV cache to keep
+
+    def prompt_cache_stats(self) -> dict[str, int] | None:
+        return None
+
+    def start_prompt_cache(self) -> None:
+        pass
+
     def detokenizer(self) -> Detokenizer:
         return _ReplayDetokenizer(self._pieces)

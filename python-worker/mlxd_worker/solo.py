@@ -41,16 +41,18 @@ class SoloSequence:
         sampler: Sampler | None,
         prefill_step: int,
         stream: Any,
+        cache: list[Any] | None = None,
     ) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
         self._model = model
-        self._pending = list(ids)  # prompt tokens not yet in the cache
+        # Prompt tokens not yet in the cache (a prefix-cache hit holds the others).
+        self._pending = list(ids)
         self._left = max_tokens
         self._sampler = sampler
         self._prefill_step = prefill_step
         self._stream = stream
-        self._cache = make_prompt_cache(model)
+        self._cache = cache if cache is not None else make_prompt_cache(model)
         self._next: Any = None  # the queued token (an mx.array), once decoding
 
     def _forward(self, tokens: Any) -> Any:
@@ -94,6 +96,11 @@ class SoloSequence:
     def left(self) -> int:
         return self._left
 
+    @property
+    def cache(self) -> list[Any]:
+        """The KV cache: it holds the sequence's tokens fed so far."""
+        return self._cache
+
     def handover(self) -> Handover:
         """Stops here. Mid-prefill, the rest of the prompt goes along; mid-decode,
         the queued token is taken (the caller emits it) and becomes the prompt."""
@@ -127,8 +134,9 @@ class ProcessedSoloSequence(SoloSequence):
         stream: Any,
         processors: list[LogitsProcessor],
         keep_logprobs: bool,
+        cache: list[Any] | None = None,
     ) -> None:
-        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream)
+        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache)
         self._processors = processors
         self._keep_logprobs = keep_logprobs
         # One per queued forward pass, oldest first: tokens come out in that order.

@@ -378,8 +378,13 @@ fn stop_reason(done: &Done) -> &'static str {
 }
 
 fn usage(done: &Done) -> Value {
-    let mut u =
-        json!({"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens});
+    // Anthropic counts prompt tokens read from a cache apart from input_tokens.
+    let mut u = json!({
+        "input_tokens": done.prompt_tokens.saturating_sub(done.cached_tokens),
+        "cache_read_input_tokens": done.cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "output_tokens": done.completion_tokens,
+    });
     if let Some(counts) = &done.speculative {
         u["mlxd"] = speculative_usage(counts);
     }
@@ -640,6 +645,7 @@ mod tests {
             generation_tps: 0.0,
             speculative: None,
             stop_sequence: stop.map(str::to_owned),
+            cached_tokens: 0,
         };
         assert_eq!(stop_reason(&done("stop", None)), "end_turn");
         assert_eq!(stop_reason(&done("stop", Some("###"))), "stop_sequence");

@@ -530,6 +530,7 @@ fn usage(d: &Done) -> Value {
         "prompt_tokens": d.prompt_tokens,
         "completion_tokens": d.completion_tokens,
         "total_tokens": d.prompt_tokens + d.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": d.cached_tokens},
     });
     if let Some(counts) = &d.speculative {
         u["mlxd"] = speculative_usage(counts);

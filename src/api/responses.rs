@@ -393,7 +393,7 @@ impl Shell {
             let mut usage = json!({
                 "input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens,
                 "total_tokens": done.prompt_tokens + done.completion_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": done.cached_tokens},
                 "output_tokens_details": {"reasoning_tokens": 0},
             });
             if let Some(counts) = &done.speculative {

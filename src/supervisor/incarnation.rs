@@ -340,6 +340,7 @@ impl Incarnation {
         if let Some(draft) = draft_path {
             options["speculative"]["draft_path"] = draft.to_string_lossy().into_owned().into();
         }
+        options["prompt_cache_bytes"] = preset.prompt_cache_limit(&cfg.models_dir).into();
         inc.send(Frame::Load(Load {
             model_path: model_path.to_string_lossy().into_owned(),
             model_name: preset.name.clone(),

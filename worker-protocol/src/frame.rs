@@ -385,6 +385,27 @@ pub struct Done {
     /// The stop sequence that ended the request (finish_reason "stop").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_sequence: Option<String>,
+    /// Prompt tokens whose KV came from the prefix cache (not prefilled).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The worker's prefix cache (Stats).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PromptCacheStats {
+    /// Requests that found a cached prefix, and those that did not.
+    pub hits_total: u64,
+    pub misses_total: u64,
+    /// Prompt tokens served from the cache instead of prefilled.
+    pub cached_tokens_total: u64,
+    /// What the cache holds now, and its limit.
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
 }
 
 /// Worker → daemon: something failed, for one request (`id`) or the worker.
@@ -442,6 +463,9 @@ pub struct Stats {
     /// Present when the preset names a draft model.
     #[serde(default)]
     pub speculative: Option<Box<SpecStatus>>,
+    /// Present when the prefix cache is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache: Option<PromptCacheStats>,
 }
 
 /// A decoded frame.
@@ -826,6 +850,7 @@ mod tests {
                 rejected: 3,
             }),
             stop_sequence: Some("###".into()),
+            cached_tokens: 7,
         }));
         roundtrip(Frame::Stats(Stats {
             rss: 1 << 30,

@@ -96,6 +96,7 @@ mod tests {
                 generation_tps: 0.0,
                 speculative: None,
                 stop_sequence: None,
+                cached_tokens: 0,
             }),
         ];
         let wire: Vec<u8> = frames.iter().flat_map(|f| f.encode()).collect();

@@ -1,0 +1,77 @@
+"""The prefix cache's contract with real KV caches of the test model: what comes
+out holds a prefix of the prompt and leaves at least one token to feed, is a copy
+(feeding it leaves the stored entry intact), and the counters say what happened."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlxd_worker.prefix_cache import PrefixCache, held
+
+MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    if not (MODEL / "config.json").exists():
+        pytest.skip("the test model is not imported (scripts/setup)")
+    import mlx_lm
+
+    return mlx_lm.load(str(MODEL))[0]
+
+
+def filled(model: Any, tokens: list[int]) -> list[Any]:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array(tokens)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def test_a_longer_prompt_gets_the_stored_prefix_and_feeds_the_rest(model: Any) -> None:
+    pc = PrefixCache(1 << 30)
+    stored = list(range(100, 140))
+    pc.put(stored, filled(model, stored))
+    found = pc.take([*stored, 7, 8, 9])
+    assert found.cached == 40 and found.cache is not None and held(found.cache) == 40
+    assert pc.stats()["hits_total"] == 1 and pc.stats()["cached_tokens_total"] == 40
+
+
+def test_the_same_prompt_leaves_its_last_token_to_feed(model: Any) -> None:
+    pc = PrefixCache(1 << 30)
+    stored = list(range(200, 230))
+    pc.put(stored, filled(model, stored))
+    found = pc.take(stored)
+    assert found.cached == 29 and found.cache is not None and held(found.cache) == 29
+
+
+def test_a_taken_cache_is_a_copy(model: Any) -> None:
+    import mlx.core as mx
+
+    pc = PrefixCache(1 << 30)
+    stored = list(range(300, 320))
+    pc.put(stored, filled(model, stored))
+    first = pc.take([*stored, 1])
+    assert first.cache is not None
+    model(mx.array([1, 2, 3])[None], cache=first.cache)  # feeding it moves only the copy
+    again = pc.take([*stored, 5])
+    assert again.cached == 20 and again.cache is not None and held(again.cache) == 20
+
+
+def test_an_unrelated_prompt_misses_and_the_limit_evicts(model: Any) -> None:
+    one = filled(model, list(range(400, 420)))
+    size = sum(c.nbytes for c in one)
+    pc = PrefixCache(int(size * 1.5))  # room for one entry
+    pc.put(list(range(400, 420)), one)
+    pc.put(list(range(500, 520)), filled(model, list(range(500, 520))))
+    assert pc.take(list(range(400, 425))).cache is None  # evicted, least recently used
+    assert pc.take(list(range(500, 525))).cached == 20
+    assert pc.take([9, 9, 9]).cache is None
+    stats = pc.stats()
+    assert stats["entries"] == 1 and stats["misses_total"] == 2 and stats["bytes"] <= stats["max_bytes"]

@@ -1,0 +1,114 @@
+"""The prefix cache with the real model: a request sharing a long prefix with an
+earlier one prefills only its new tokens and answers as it would without the
+cache; concurrent requests sharing a system prompt all hit; the counts reach
+every dialect and /metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+
+import anthropic
+import httpx
+import pytest
+from openai import OpenAI
+
+MODEL = "smollm2-135m"
+REFERENCE = "smollm2-135m-nocache"
+PARAGRAPH = (
+    "The museum opens at nine and closes at six. Tickets are sold at the east entrance, "
+    "guided tours start every hour, and the cafe on the second floor serves lunch until three. "
+)
+
+
+def system_prompt() -> str:
+    # A fresh nonce first: no earlier test in the session shares this prefix.
+    return f"[{uuid.uuid4()}] You answer questions about the museum. " + PARAGRAPH * 8
+
+
+@pytest.fixture(scope="module")
+def oai(daemon_url: str) -> OpenAI:
+    return OpenAI(base_url=f"{daemon_url}/v1", api_key="unused", max_retries=0)
+
+
+def ask(client: OpenAI, model: str, system: str, question: str, history: list | None = None):
+    messages = [{"role": "system", "content": system}, *(history or []), {"role": "user", "content": question}]
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+
+
+def cached(resp) -> int:
+    details = resp.usage.prompt_tokens_details
+    return (details.cached_tokens or 0) if details is not None else 0
+
+
+def test_a_shared_prefix_is_not_prefilled_again_and_answers_the_same(oai: OpenAI) -> None:
+    system = system_prompt()
+    first = ask(oai, MODEL, system, "When does it open?")
+    assert cached(first) < 10  # at most the template's opening, shared with anything
+    second = ask(oai, MODEL, system, "Where are tickets sold?")
+    # Everything but the new question came from the cache.
+    assert second.usage is not None and first.usage is not None
+    assert 300 < cached(second) < second.usage.prompt_tokens
+    assert second.usage.prompt_tokens - cached(second) < 40
+    reference = ask(oai, REFERENCE, system, "Where are tickets sold?")
+    assert cached(reference) == 0
+    assert second.choices[0].message.content == reference.choices[0].message.content
+    # The next agent turn carries the first answer: its prefix is cached further.
+    turn = ask(
+        oai,
+        MODEL,
+        system,
+        "And when does the cafe close?",
+        [
+            {"role": "user", "content": "When does it open?"},
+            {"role": "assistant", "content": first.choices[0].message.content},
+        ],
+    )
+    assert cached(turn) >= cached(second)
+    assert (
+        turn.choices[0].message.content
+        == ask(
+            oai,
+            REFERENCE,
+            system,
+            "And when does the cafe close?",
+            [
+                {"role": "user", "content": "When does it open?"},
+                {"role": "assistant", "content": first.choices[0].message.content},
+            ],
+        )
+        .choices[0]
+        .message.content
+    )
+
+
+def test_concurrent_requests_sharing_a_system_prompt_all_hit(oai: OpenAI, daemon_url: str) -> None:
+    system = system_prompt()
+    ask(oai, MODEL, system, "Is there a cafe?")
+    questions = ["When does it close?", "How often are tours?", "Where is the cafe?"]
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        answers = list(pool.map(lambda q: ask(oai, MODEL, system, q), questions))
+    assert all(cached(a) > 300 for a in answers), [cached(a) for a in answers]
+    for q, a in zip(questions, answers):
+        assert a.choices[0].message.content == ask(oai, REFERENCE, system, q).choices[0].message.content
+    metrics = httpx.get(f"{daemon_url}/metrics").text
+    hits = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("mlxd_prompt_cache_lookups_total") and 'result="hit"' in line and f'model="{MODEL}"' in line
+    ]
+    assert hits and float(hits[0].split()[-1]) >= 4
+
+
+def test_anthropic_reports_cache_reads(daemon_url: str) -> None:
+    claude = anthropic.Anthropic(base_url=daemon_url, api_key="unused", max_retries=0)
+    system = system_prompt()
+    usages = [
+        claude.messages.create(
+            model=MODEL, max_tokens=4, system=system, messages=[{"role": "user", "content": q}]
+        ).usage
+        for q in ("When does it open?", "Where are tickets sold?")
+    ]
+    assert (usages[0].cache_read_input_tokens or 0) < 10
+    assert (usages[1].cache_read_input_tokens or 0) > 300
+    assert usages[1].input_tokens < 40
