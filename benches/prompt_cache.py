@@ -1,6 +1,7 @@
 """The prefix cache: TTFT of a request whose ~500-token prefix is cold against one
 whose prefix an earlier request left in the cache, and an agent transcript of
-several turns (each turn resends the conversation) with and without the cache.
+several turns (each turn resends the conversation) with and without the cache,
+and the memory a cached token takes with full-precision and 8-bit KV.
 
 Each run opens its prefix with a fresh nonce, so nothing from an earlier run
 helps. Runs against a real daemon with two presets of the same model: the cache
@@ -64,6 +65,25 @@ def ttft(url: str, model: str, messages: list[dict[str, str]], max_tokens: int =
     return first, text, cached
 
 
+def usage_tokens(url: str, model: str, messages: list[dict[str, str]]) -> int:
+    """Runs a request; the tokens its KV cache holds at the end (prompt and answer)."""
+    body = {"model": model, "messages": messages, "max_tokens": 8}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    r.raise_for_status()
+    usage = r.json()["usage"]
+    return int(usage["prompt_tokens"]) + int(usage["completion_tokens"])
+
+
+def cache_bytes(url: str, model: str) -> float:
+    """The model's prefix-cache bytes from /metrics (after the worker's next Stats)."""
+    time.sleep(1.5)
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for line in text.splitlines():
+        if line.startswith("mlxd_prompt_cache_bytes{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def summary(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1e3:8.0f} ms ({min(xs) * 1e3:.0f}..{max(xs) * 1e3:.0f})"
 
@@ -80,6 +100,7 @@ def main() -> None:
     presets = {
         "bench-cache": f'model = "{args.model}"\nkeep_alive = "-1"\n',
         "bench-nocache": f'model = "{args.model}"\nkeep_alive = "-1"\nprompt_cache_bytes = "0"\n',
+        "bench-kv8": f'model = "{args.model}"\nkeep_alive = "-1"\n[performance]\nkv_bits = 8\n',
     }
     with tempfile.TemporaryDirectory() as tmp:
         proc, url, _ = daemon.start_mlxd(args.mlxd, Path(tmp), args.models_dir, presets)
@@ -109,6 +130,15 @@ def main() -> None:
                     history[m].append({"role": "assistant", "content": text})
                     row.append((t, cached))
                 print(f"  {turn + 1:>4} {row[0][0] * 1e3:8.0f}ms {row[1][0] * 1e3:8.0f}ms {row[1][1]:>14}")
+            print("memory per cached token (one ~600-token entry per model, from /metrics)")
+            system = {"role": "system", "content": prefix()}
+            per_token = {}
+            for m in ("bench-cache", "bench-kv8"):
+                before = cache_bytes(url, m)
+                tokens = usage_tokens(url, m, [system, {"role": "user", "content": "When does it open?"}])
+                per_token[m] = (cache_bytes(url, m) - before) / tokens
+                print(f"  {m:<12} {per_token[m] / 1024:8.1f} KiB per token ({tokens} tokens)")
+            print(f"  kv_bits = 8 keeps {per_token['bench-kv8'] / per_token['bench-cache']:.2f}x the bytes")
         finally:
             proc.terminate()
             proc.wait(timeout=30)

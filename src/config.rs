@@ -86,6 +86,12 @@ fn source_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The presets shipped with the source tree (searched first: any other
+/// directory's preset of the same name overrides one of these).
+pub fn shipped_presets_dir() -> PathBuf {
+    source_root().join("presets")
+}
+
 pub fn home_dir() -> PathBuf {
     if let Some(h) = std::env::var_os("MLXD_HOME") {
         return PathBuf::from(h);
@@ -127,7 +133,7 @@ impl Config {
             .map(PathBuf::from)
             .or(file.models_dir)
             .unwrap_or_else(|| home.join("models"));
-        let mut presets_dirs = vec![source_root().join("presets"), home.join("presets")];
+        let mut presets_dirs = vec![shipped_presets_dir(), home.join("presets")];
         presets_dirs.extend(file.presets_dirs);
         let venv_python = source_root().join(".venv/bin/python");
         let python = env("MLXD_PYTHON")

@@ -19,6 +19,7 @@
 //! - [`memory`]: the memory budget: limits, footprints, estimates, eviction plans.
 //! - [`transport`]: the daemon's end of the shm and stdio transports.
 //! - [`serve`]: the daemon's main loop; [`cli`]: the thin clients of its admin API.
+//! - [`tune`]: `mlxd tune`, a sweep of a model's performance knobs in-process.
 
 pub mod api;
 pub mod cli;
@@ -31,3 +32,4 @@ pub mod serve;
 pub mod supervisor;
 mod sys;
 pub mod transport;
+pub mod tune;

@@ -57,6 +57,40 @@ enum Cmd {
         #[arg(long)]
         prompt: Option<String>,
     },
+    /// Measure a model's performance knobs here and write the best profile into
+    /// its preset's [performance] table (no daemon needed).
+    Tune {
+        model: String,
+        /// Concurrency levels: that many identical requests at once.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        concurrency: Vec<u32>,
+        /// Prompt tokens prefilled per step.
+        #[arg(
+            long = "prefill-step",
+            value_delimiter = ',',
+            default_value = "512,2048"
+        )]
+        prefill_steps: Vec<u32>,
+        /// KV cache bits: "none" (full precision), 4 or 8.
+        #[arg(long, value_delimiter = ',', default_value = "none,8", value_parser = parse_kv_bits)]
+        kv_bits: Vec<KvBits>,
+        /// Do not compare drafting on and off (for a preset with a draft model).
+        #[arg(long)]
+        no_draft_sweep: bool,
+        /// Tokens each request generates.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: u32,
+        /// The user message (default: a prose passage longer than the smallest
+        /// prefill step).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Measure and print; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Extra directory of preset TOML files (repeatable), as for serve.
+        #[arg(long = "presets-dir")]
+        presets_dirs: Vec<PathBuf>,
+    },
     /// Show presets and imported models.
     List,
     /// Import a llama GGUF file as an MLX model.
@@ -69,6 +103,19 @@ enum Cmd {
         #[arg(long, value_parser = ["float16", "bfloat16", "float32"])]
         dtype: Option<String>,
     },
+}
+
+/// A `--kv-bits` value: None is a full-precision cache. (An alias: clap takes a
+/// bare `Option<u32>` element type for "the flag may be absent".)
+type KvBits = Option<u32>;
+
+fn parse_kv_bits(s: &str) -> Result<KvBits, String> {
+    match s.trim() {
+        "none" | "off" | "16" => Ok(None),
+        "4" => Ok(Some(4)),
+        "8" => Ok(Some(8)),
+        other => Err(format!("{other:?}: write none, 4 or 8")),
+    }
 }
 
 #[tokio::main]
@@ -115,6 +162,29 @@ async fn main() -> anyhow::Result<()> {
             max_tokens,
             prompt,
         } => mlxd::cli::benchmark(&cfg, &model, runs, max_tokens, prompt).await,
+        Cmd::Tune {
+            model,
+            concurrency,
+            prefill_steps,
+            kv_bits,
+            no_draft_sweep,
+            max_tokens,
+            prompt,
+            dry_run,
+            presets_dirs,
+        } => {
+            let opts = mlxd::tune::TuneOptions {
+                concurrency,
+                prefill_steps,
+                kv_bits,
+                draft_sweep: !no_draft_sweep,
+                max_tokens,
+                prompt,
+                dry_run,
+                presets_dirs,
+            };
+            mlxd::tune::tune(cfg, &model, opts).await
+        }
         Cmd::List => mlxd::cli::list(&cfg),
         Cmd::Import { gguf, name, dtype } => {
             mlxd::cli::import(&cfg, &gguf, name.as_deref(), dtype.as_deref())

@@ -125,12 +125,22 @@ pub fn kib_field(text: &str, name: &str) -> Option<u64> {
 /// replay worker (tokenizer only) measures ~120 MiB of PSS here.
 pub const RUNTIME_OVERHEAD: u64 = 150 << 20;
 
+/// How a worker keeps its KV cache (a preset's `[performance]` keys), as far as
+/// its size is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvLayout {
+    /// Quantized to this many bits per element (None: the activation dtype).
+    pub bits: Option<u32>,
+    /// Elements sharing one scale and one bias when quantized.
+    pub group_size: u32,
+    /// A rotating cache that keeps only the last this-many tokens.
+    pub max_tokens: Option<u32>,
+}
+
 /// What a model is expected to need when loaded:
 /// weights on disk + runtime overhead + KV cache for `max_concurrent` sequences at
-/// the model's full context (2 × layers × kv_heads × head_dim × bytes per element
-/// per token). Bytes per element: 4 for a float32 model, else 2 (the activations of
-/// float16/bfloat16 and of quantized models).
-pub fn estimate(model_dir: &Path, max_concurrent: u32) -> Option<u64> {
+/// the model's full context (see `kv_bytes`).
+pub fn estimate(model_dir: &Path, max_concurrent: u32, kv: KvLayout) -> Option<u64> {
     let mut weights = 0u64;
     for entry in std::fs::read_dir(model_dir).ok()?.flatten() {
         if entry.path().extension().is_some_and(|e| e == "safetensors") {
@@ -139,11 +149,16 @@ pub fn estimate(model_dir: &Path, max_concurrent: u32) -> Option<u64> {
     }
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).ok()?).ok()?;
-    Some(weights + RUNTIME_OVERHEAD + kv_bytes(&config, max_concurrent))
+    Some(weights + RUNTIME_OVERHEAD + kv_bytes(&config, max_concurrent, kv))
 }
 
-/// The KV cache of `sequences` full-context sequences, from a model's config.json.
-pub fn kv_bytes(config: &serde_json::Value, sequences: u32) -> u64 {
+/// The KV cache of `sequences` sequences, from a model's config.json:
+/// 2 × layers × kv_heads × head_dim elements per token, for the model's full
+/// context or the rotating cache's `max_tokens` if smaller. Bytes per element: 4
+/// for a float32 model, else 2 (the activations of float16/bfloat16 and of
+/// quantized models); quantized to `bits`, bits/8 plus a scale and a bias of the
+/// activation dtype per `group_size` elements.
+pub fn kv_bytes(config: &serde_json::Value, sequences: u32, kv: KvLayout) -> u64 {
     let get = |k: &str| config.get(k).and_then(serde_json::Value::as_u64);
     let (Some(layers), Some(heads), Some(hidden)) = (
         get("num_hidden_layers"),
@@ -154,7 +169,10 @@ pub fn kv_bytes(config: &serde_json::Value, sequences: u32) -> u64 {
     };
     let kv_heads = get("num_key_value_heads").unwrap_or(heads);
     let head_dim = get("head_dim").unwrap_or(hidden / heads.max(1));
-    let context = get("max_position_embeddings").unwrap_or(4096);
+    let mut context = get("max_position_embeddings").unwrap_or(4096);
+    if let Some(max) = kv.max_tokens {
+        context = context.min(u64::from(max));
+    }
     let quantized = config.get("quantization").is_some();
     let dtype = config.get("torch_dtype").and_then(|v| v.as_str());
     let elem = if !quantized && matches!(dtype, None | Some("float32")) {
@@ -162,7 +180,16 @@ pub fn kv_bytes(config: &serde_json::Value, sequences: u32) -> u64 {
     } else {
         2
     };
-    2 * layers * kv_heads * head_dim * elem * context * u64::from(sequences)
+    let elements = 2 * layers * kv_heads * head_dim * context * u64::from(sequences);
+    match kv.bits {
+        None => elements * elem,
+        // bits/8 + 2·elem/group bytes per element, in integers:
+        // (bits·group + 16·elem) / (8·group).
+        Some(bits) => {
+            let group = u64::from(kv.group_size.max(1));
+            elements * (u64::from(bits) * group + 16 * elem) / (8 * group)
+        }
+    }
 }
 
 /// A loaded (or loading) model, as the planner sees it.
@@ -335,9 +362,57 @@ mod tests {
             "hidden_size": 576, "max_position_embeddings": 8192
         });
         // 2 × 30 layers × 3 heads × 64 dims × 4 bytes = 46,080 bytes per token.
-        assert_eq!(kv_bytes(&smollm2, 1), 46_080 * 8192);
+        let full = KvLayout::default();
+        assert_eq!(kv_bytes(&smollm2, 1, full), 46_080 * 8192);
         let mut q4 = smollm2.clone();
         q4["quantization"] = serde_json::json!({"bits": 4});
-        assert_eq!(kv_bytes(&q4, 2), 23_040 * 8192 * 2);
+        assert_eq!(kv_bytes(&q4, 2, full), 23_040 * 8192 * 2);
+    }
+
+    #[test]
+    fn a_rotating_kv_cache_counts_only_its_window() {
+        let smollm2 = serde_json::json!({
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "hidden_size": 576, "max_position_embeddings": 8192
+        });
+        let window = KvLayout {
+            max_tokens: Some(1024),
+            ..KvLayout::default()
+        };
+        assert_eq!(kv_bytes(&smollm2, 2, window), 46_080 * 1024 * 2);
+        // A window past the context changes nothing.
+        let wide = KvLayout {
+            max_tokens: Some(1 << 20),
+            ..KvLayout::default()
+        };
+        assert_eq!(
+            kv_bytes(&smollm2, 1, wide),
+            kv_bytes(&smollm2, 1, KvLayout::default())
+        );
+    }
+
+    #[test]
+    fn a_quantized_kv_cache_counts_bits_scales_and_biases() {
+        let smollm2 = serde_json::json!({
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "hidden_size": 576, "max_position_embeddings": 8192
+        });
+        // 11,520 elements per token; float32 model: 8 bits + a 4-byte scale and
+        // bias per 64 elements = 1 + 8/64 = 1.125 bytes per element.
+        let eight = KvLayout {
+            bits: Some(8),
+            group_size: 64,
+            max_tokens: None,
+        };
+        assert_eq!(kv_bytes(&smollm2, 1, eight), 11_520 * 8192 * 9 / 8);
+        // 4 bits, group 32, a float16 model: 0.5 + 4/32 = 0.625 bytes per element.
+        let mut half = smollm2.clone();
+        half["torch_dtype"] = "float16".into();
+        let four = KvLayout {
+            bits: Some(4),
+            group_size: 32,
+            max_tokens: Some(4096),
+        };
+        assert_eq!(kv_bytes(&half, 2, four), 11_520 * 4096 * 2 * 5 / 8);
     }
 }

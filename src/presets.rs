@@ -165,13 +165,84 @@ pub struct Preset {
     /// of what the model is expected to need (README, "Prompt cache").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_cache_bytes: Option<String>,
+    /// The speed knobs (what `mlxd tune` writes); see [`Performance`].
+    #[serde(default, skip_serializing_if = "Performance::is_empty")]
+    pub performance: Performance,
     /// Speculative decoding with a draft model (README, "Speculative decoding").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<Speculative>,
     /// Test-only fault injection passed to the worker (see mlxd_worker/faults.py).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<toml::Table>,
+    /// The file this preset was read from (`mlxd tune` writes its profile there,
+    /// or next to the user's presets when it is a shipped one).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
+
+/// A preset's `[performance]` table: every speed knob in one place, which is what
+/// `mlxd tune` writes. `max_concurrent`, `prefill_step` and `prompt_cache_bytes`
+/// may stay at the top level instead (presets written before the table existed),
+/// but not be in both; `num_draft_tokens` and `speculative_mode` override the
+/// `[speculative]` table's. `Preset::parse` folds those five into the fields the
+/// rest of the daemon reads, so a parsed preset's table holds only the keys that
+/// live nowhere else (and serializes back without a key in two places).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Performance {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_step: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_bytes: Option<String>,
+    /// Quantize the KV cache to 4 or 8 bits (absent: the activation dtype).
+    /// Less memory per sequence, at some cost in quality and speed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bits: Option<u32>,
+    /// Elements per quantization group: 32, 64 (the default) or 128.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_group_size: Option<u32>,
+    /// Tokens a sequence holds before its KV cache is quantized (0, the default:
+    /// from the start). Applies in the lone lane; short answers stay exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized_kv_start: Option<u32>,
+    /// A rotating KV cache keeping the last this-many tokens (at least 256):
+    /// bounded memory for long generations, which forget what fell out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_kv_size: Option<u32>,
+    /// A directory for the on-disk prefix cache (`~` expands to $HOME); absent:
+    /// the prefix cache lives in memory only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_dir: Option<String>,
+    /// The on-disk prefix cache's limit ("4GiB", the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_disk_bytes: Option<String>,
+    /// Overrides `[speculative].num_draft_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_draft_tokens: Option<u32>,
+    /// Overrides `[speculative].mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative_mode: Option<SpecMode>,
+}
+
+impl Performance {
+    fn is_empty(&self) -> bool {
+        *self == Performance::default()
+    }
+}
+
+/// The keys a preset may set at its top level or in `[performance]`.
+const TOP_LEVEL_PERFORMANCE_KEYS: [&str; 3] =
+    ["max_concurrent", "prefill_step", "prompt_cache_bytes"];
+
+/// `kv_group_size` when a preset names none (mlx-lm's default).
+pub const DEFAULT_KV_GROUP_SIZE: u32 = 64;
+/// `prompt_cache_disk_bytes` when a preset names none.
+const DEFAULT_PROMPT_CACHE_DISK_BYTES: &str = "4GiB";
+/// The smallest rotating KV cache: mlx-lm keeps the first tokens (the attention
+/// sink) besides the window, and a window this short forgets its own prompt.
+pub const MIN_MAX_KV_SIZE: u32 = 256;
 
 /// Whether a preset's draft model drafts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -278,6 +349,62 @@ impl Preset {
         if p.name.is_empty() {
             p.name = file_stem.to_string();
         }
+        // The typed parse cannot tell a default from a value written: the table can.
+        let table: toml::Table = toml::from_str(text)?;
+        let performance = table.get("performance").and_then(toml::Value::as_table);
+        for key in TOP_LEVEL_PERFORMANCE_KEYS {
+            anyhow::ensure!(
+                !(table.contains_key(key) && performance.is_some_and(|t| t.contains_key(key))),
+                "{key} is set both at the top level and in [performance]: keep one"
+            );
+        }
+        p.fold_performance()?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Moves the `[performance]` keys that have a home elsewhere into it (see
+    /// [`Performance`]).
+    fn fold_performance(&mut self) -> anyhow::Result<()> {
+        let perf = &mut self.performance;
+        if let Some(n) = perf.max_concurrent.take() {
+            self.max_concurrent = n;
+        }
+        if let Some(n) = perf.prefill_step.take() {
+            self.prefill_step = n;
+        }
+        if let Some(s) = perf.prompt_cache_bytes.take() {
+            self.prompt_cache_bytes = Some(s);
+        }
+        let num_draft_tokens = perf.num_draft_tokens.take();
+        let mode = perf.speculative_mode.take();
+        if num_draft_tokens.is_none() && mode.is_none() {
+            return Ok(());
+        }
+        let key = if num_draft_tokens.is_some() {
+            "num_draft_tokens"
+        } else {
+            "speculative_mode"
+        };
+        let Some(spec) = self.speculative.as_mut() else {
+            anyhow::bail!(
+                "performance.{key} tunes a draft model, and there is none: add a [speculative] \
+                 table naming it (draft = \"...\")"
+            );
+        };
+        if let Some(n) = num_draft_tokens {
+            spec.num_draft_tokens = n;
+        }
+        if let Some(mode) = mode {
+            spec.mode = mode;
+        }
+        Ok(())
+    }
+
+    /// Checks a preset's values (after `parse` has folded `[performance]`; `mlxd
+    /// tune` checks the candidates it makes by changing a parsed preset).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let p = self;
         for n in std::iter::once(&p.name).chain(&p.aliases) {
             anyhow::ensure!(valid_name(n), "invalid model name {n:?}");
         }
@@ -310,7 +437,98 @@ impl Preset {
             resolve_model(&spec.draft, Path::new("/"))
                 .map_err(|e| anyhow::anyhow!("speculative.draft: {e}"))?;
         }
-        Ok(p)
+        p.validate_performance()
+    }
+
+    /// The `[performance]` keys that `validate` has not seen elsewhere.
+    fn validate_performance(&self) -> anyhow::Result<()> {
+        let perf = &self.performance;
+        if let Some(bits) = perf.kv_bits {
+            anyhow::ensure!(
+                matches!(bits, 4 | 8),
+                "performance.kv_bits must be 4 or 8 (leave it out for a full-precision KV cache), not {bits}"
+            );
+        } else {
+            for (key, set) in [
+                ("kv_group_size", perf.kv_group_size.is_some()),
+                ("quantized_kv_start", perf.quantized_kv_start.is_some()),
+            ] {
+                anyhow::ensure!(
+                    !set,
+                    "performance.{key} applies to a quantized KV cache: set kv_bits too, or remove it"
+                );
+            }
+        }
+        if let Some(group) = perf.kv_group_size {
+            anyhow::ensure!(
+                matches!(group, 32 | 64 | 128),
+                "performance.kv_group_size must be 32, 64 or 128, not {group}"
+            );
+        }
+        if let Some(max) = perf.max_kv_size {
+            anyhow::ensure!(
+                max >= MIN_MAX_KV_SIZE,
+                "performance.max_kv_size must be at least {MIN_MAX_KV_SIZE} tokens, not {max}"
+            );
+            anyhow::ensure!(
+                perf.kv_bits.is_none(),
+                "a rotating KV cache cannot be quantized (mlx-lm): choose kv_bits or max_kv_size"
+            );
+        }
+        if self.engine == EngineKind::Replay {
+            let kv_keys = [
+                ("kv_bits", perf.kv_bits.is_some()),
+                ("kv_group_size", perf.kv_group_size.is_some()),
+                ("quantized_kv_start", perf.quantized_kv_start.is_some()),
+                ("max_kv_size", perf.max_kv_size.is_some()),
+            ];
+            if let Some((key, _)) = kv_keys.iter().find(|(_, set)| *set) {
+                anyhow::bail!(
+                    "performance.{key} needs engine \"mlx\": the replay engine keeps no KV cache"
+                );
+            }
+        }
+        if let Some(dir) = &perf.prompt_cache_dir {
+            expand_home(dir).map_err(|e| anyhow::anyhow!("performance.prompt_cache_dir: {e}"))?;
+        }
+        if let Some(size) = &perf.prompt_cache_disk_bytes {
+            anyhow::ensure!(
+                perf.prompt_cache_dir.is_some(),
+                "performance.prompt_cache_disk_bytes limits the on-disk prefix cache: set \
+                 prompt_cache_dir too, or remove it"
+            );
+            crate::memory::parse_bytes(size)
+                .map_err(|e| anyhow::anyhow!("performance.prompt_cache_disk_bytes {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// How the worker keeps the KV cache, for the memory estimate.
+    pub fn kv_layout(&self) -> crate::memory::KvLayout {
+        crate::memory::KvLayout {
+            bits: self.performance.kv_bits,
+            group_size: self
+                .performance
+                .kv_group_size
+                .unwrap_or(DEFAULT_KV_GROUP_SIZE),
+            max_tokens: self.performance.max_kv_size,
+        }
+    }
+
+    /// The on-disk prefix cache's directory (home expanded), if it has one.
+    pub fn prompt_cache_dir(&self) -> Option<PathBuf> {
+        expand_home(self.performance.prompt_cache_dir.as_deref()?).ok()
+    }
+
+    /// The on-disk prefix cache's limit in bytes, when there is one.
+    pub fn prompt_cache_disk_limit(&self) -> Option<u64> {
+        self.performance.prompt_cache_dir.as_ref()?;
+        let size = self
+            .performance
+            .prompt_cache_disk_bytes
+            .as_deref()
+            .unwrap_or(DEFAULT_PROMPT_CACHE_DISK_BYTES);
+        crate::memory::parse_bytes(size).ok()
     }
 
     /// What loading this model is expected to take, in bytes.
@@ -324,12 +542,13 @@ impl Preset {
         let target = self
             .model_path(models_dir)
             .ok()
-            .and_then(|dir| crate::memory::estimate(&dir, self.max_concurrent))
+            .and_then(|dir| crate::memory::estimate(&dir, self.max_concurrent, self.kv_layout()))
             .unwrap_or(0);
-        // A draft runs in the same worker for one sequence at a time.
+        // A draft runs in the same worker for one sequence at a time (its KV is
+        // counted at full precision: the safe side).
         let draft = self
             .draft_path(models_dir)
-            .and_then(|dir| crate::memory::estimate(&dir, 1))
+            .and_then(|dir| crate::memory::estimate(&dir, 1, crate::memory::KvLayout::default()))
             .map_or(0, |d| d.saturating_sub(crate::memory::RUNTIME_OVERHEAD));
         target + draft
     }
@@ -370,6 +589,20 @@ impl Preset {
             "prefill_step": self.prefill_step,
             "flush": self.flush.to_options(),
         });
+        let perf = &self.performance;
+        if let Some(bits) = perf.kv_bits {
+            options["kv_bits"] = bits.into();
+            options["kv_group_size"] = perf.kv_group_size.unwrap_or(DEFAULT_KV_GROUP_SIZE).into();
+            options["quantized_kv_start"] = perf.quantized_kv_start.unwrap_or(0).into();
+        }
+        if let Some(max) = perf.max_kv_size {
+            options["max_kv_size"] = max.into();
+        }
+        if let (Some(dir), Some(limit)) = (self.prompt_cache_dir(), self.prompt_cache_disk_limit())
+        {
+            options["prompt_cache_dir"] = dir.to_string_lossy().into_owned().into();
+            options["prompt_cache_disk_bytes"] = limit.into();
+        }
         if let Some(faults) = &self.faults {
             options["faults"] = serde_json::to_value(faults).unwrap_or_default();
         }
@@ -389,6 +622,23 @@ impl Preset {
     pub fn model_path(&self, models_dir: &Path) -> anyhow::Result<PathBuf> {
         resolve_model(&self.model, models_dir)
     }
+}
+
+/// A directory written absolute or from the home directory (`~/cache`).
+fn expand_home(dir: &str) -> anyhow::Result<PathBuf> {
+    let path = match dir.strip_prefix('~') {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+            let home = std::env::var_os("HOME")
+                .ok_or_else(|| anyhow::anyhow!("{dir:?} starts with ~ and HOME is not set"))?;
+            PathBuf::from(home).join(rest.trim_start_matches('/'))
+        }
+        _ => PathBuf::from(dir),
+    };
+    anyhow::ensure!(
+        path.is_absolute(),
+        "{dir:?} must be an absolute path or start with ~/"
+    );
+    Ok(path)
 }
 
 /// A prefix-cache size: a size, or "0" for none.
@@ -437,8 +687,9 @@ impl Presets {
             for f in files {
                 let text = std::fs::read_to_string(&f)?;
                 let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-                let p = Preset::parse(&text, stem)
+                let mut p = Preset::parse(&text, stem)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                p.source = Some(f.clone());
                 out.insert(p);
             }
         }
@@ -633,6 +884,196 @@ mod tests {
         );
         assert_eq!(limit("engine = \"replay\"").unwrap(), 0);
         assert!(limit("prompt_cache_bytes = \"lots\"").is_err());
+    }
+
+    #[test]
+    fn the_performance_table_parses_and_folds_into_the_top_level_fields() {
+        let p = Preset::parse(
+            "model = \"m\"\nmax_queue = 8\n[performance]\nmax_concurrent = 4\nprefill_step = 512\n\
+             prompt_cache_bytes = \"64MiB\"\nkv_bits = 8\nkv_group_size = 32\nquantized_kv_start = 100",
+            "x",
+        )
+        .unwrap();
+        assert_eq!((p.max_concurrent, p.prefill_step, p.max_queue), (4, 512, 8));
+        assert_eq!(p.prompt_cache_limit(Path::new("/nonexistent")), 64 << 20);
+        assert_eq!(p.performance.max_concurrent, None, "folded into the field");
+        let options = p.worker_options();
+        assert_eq!(
+            (
+                &options["max_batch"],
+                &options["prefill_step"],
+                &options["kv_bits"],
+                &options["kv_group_size"],
+                &options["quantized_kv_start"]
+            ),
+            (&4.into(), &512.into(), &8.into(), &32.into(), &100.into())
+        );
+        for absent in ["max_kv_size", "prompt_cache_dir", "prompt_cache_disk_bytes"] {
+            assert!(options.get(absent).is_none(), "{absent}");
+        }
+        // Serialized, it parses back to the same values (no key in two places).
+        let again = Preset::parse(&toml::to_string(&p).unwrap(), "x").unwrap();
+        assert_eq!(again.worker_options(), options);
+        // The top level still works for presets written before the table.
+        let old =
+            Preset::parse("model = \"m\"\nmax_concurrent = 2\nprefill_step = 256", "x").unwrap();
+        assert_eq!((old.max_concurrent, old.prefill_step), (2, 256));
+    }
+
+    #[test]
+    fn a_key_at_the_top_level_and_in_performance_is_refused_by_name() {
+        for key in [
+            "max_concurrent = 2",
+            "prefill_step = 512",
+            "prompt_cache_bytes = \"1GiB\"",
+        ] {
+            let err = Preset::parse(&format!("model = \"m\"\n{key}\n[performance]\n{key}"), "x")
+                .unwrap_err()
+                .to_string();
+            let name = key.split(' ').next().unwrap();
+            assert!(err.contains(name) && err.contains("both"), "{err}");
+        }
+    }
+
+    #[test]
+    fn kv_options_and_the_disk_cache_reach_the_worker() {
+        let p = Preset::parse("model = \"m\"\n[performance]\nkv_bits = 4", "x").unwrap();
+        let options = p.worker_options();
+        assert_eq!(
+            (
+                &options["kv_bits"],
+                &options["kv_group_size"],
+                &options["quantized_kv_start"]
+            ),
+            (&4.into(), &64.into(), &0.into()),
+            "defaults travel with kv_bits"
+        );
+        let p = Preset::parse(
+            "model = \"m\"\n[performance]\nmax_kv_size = 4096\nprompt_cache_dir = \"/var/cache/mlxd\"",
+            "x",
+        )
+        .unwrap();
+        let options = p.worker_options();
+        assert_eq!(options["max_kv_size"], 4096);
+        assert_eq!(options["prompt_cache_dir"], "/var/cache/mlxd");
+        assert_eq!(options["prompt_cache_disk_bytes"], 4u64 << 30);
+        assert!(options.get("kv_bits").is_none() && options.get("kv_group_size").is_none());
+        let p = Preset::parse(
+            "model = \"m\"\n[performance]\nprompt_cache_dir = \"~/pc\"\nprompt_cache_disk_bytes = \"512MiB\"",
+            "x",
+        )
+        .unwrap();
+        let options = p.worker_options();
+        let dir = options["prompt_cache_dir"].as_str().unwrap();
+        assert!(
+            dir.starts_with('/') && dir.ends_with("/pc") && !dir.contains('~'),
+            "{dir}"
+        );
+        assert_eq!(options["prompt_cache_disk_bytes"], 512u64 << 20);
+        let plain = Preset::parse("model = \"m\"", "x")
+            .unwrap()
+            .worker_options();
+        for absent in [
+            "kv_bits",
+            "max_kv_size",
+            "prompt_cache_dir",
+            "prompt_cache_disk_bytes",
+        ] {
+            assert!(plain.get(absent).is_none(), "{absent}");
+        }
+    }
+
+    #[test]
+    fn performance_overrides_the_speculative_table() {
+        let p = Preset::parse(
+            "model = \"m\"\n[speculative]\ndraft = \"d\"\nnum_draft_tokens = 3\nmode = \"auto\"\n\
+             [performance]\nnum_draft_tokens = 5\nspeculative_mode = \"off\"",
+            "x",
+        )
+        .unwrap();
+        let options = p.worker_options();
+        assert_eq!(options["speculative"]["num_draft_tokens"], 5);
+        assert_eq!(options["speculative"]["mode"], "off");
+        let err = Preset::parse(
+            "model = \"m\"\n[performance]\nspeculative_mode = \"on\"",
+            "x",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("speculative_mode") && err.contains("[speculative]"),
+            "{err}"
+        );
+        assert!(Preset::parse(
+            "model = \"m\"\n[speculative]\ndraft = \"d\"\n[performance]\nnum_draft_tokens = 99",
+            "x"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn bad_performance_values_are_refused_with_the_reason() {
+        for (bad, says) in [
+            ("kv_bits = 3", "4 or 8"),
+            (
+                "kv_bits = 8\nmax_kv_size = 1024",
+                "choose kv_bits or max_kv_size",
+            ),
+            ("kv_bits = 8\nkv_group_size = 48", "32, 64 or 128"),
+            ("kv_group_size = 32", "set kv_bits"),
+            ("quantized_kv_start = 10", "set kv_bits"),
+            ("max_kv_size = 100", "at least 256"),
+            ("prompt_cache_disk_bytes = \"1GiB\"", "prompt_cache_dir"),
+            (
+                "prompt_cache_dir = \"/c\"\nprompt_cache_disk_bytes = \"lots\"",
+                "not a size",
+            ),
+            ("prompt_cache_dir = \"relative/dir\"", "absolute"),
+            ("prompt_cache_dir = \"~other/dir\"", "absolute"),
+            ("prefill_step = 0", "prefill_step"),
+            ("kv_bitz = 8", "kv_bitz"),
+        ] {
+            let err = Preset::parse(&format!("model = \"m\"\n[performance]\n{bad}"), "x")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let err = Preset::parse(
+            "model = \"m\"\nengine = \"replay\"\n[performance]\nkv_bits = 8",
+            "x",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("replay"), "{err}");
+    }
+
+    #[test]
+    fn the_memory_need_counts_a_quantized_or_rotating_kv_cache() {
+        let dir = std::env::temp_dir().join(format!("mlxd-kv-need-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("t")).unwrap();
+        std::fs::write(dir.join("t").join("model.safetensors"), vec![0u8; 1000]).unwrap();
+        std::fs::write(
+            dir.join("t").join("config.json"),
+            r#"{"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256,
+                "max_position_embeddings": 4096}"#,
+        )
+        .unwrap();
+        let need = |perf: &str| {
+            Preset::parse(
+                &format!("model = \"t\"\nmax_concurrent = 2\n[performance]\n{perf}"),
+                "x",
+            )
+            .unwrap()
+            .memory_need(&dir)
+        };
+        let fixed = 1000 + crate::memory::RUNTIME_OVERHEAD;
+        // 2 × 2 layers × 4 heads × 64 dims = 1024 float32 elements per token.
+        let full = 1024 * 4 * 4096 * 2;
+        assert_eq!(need(""), fixed + full);
+        assert_eq!(need("max_kv_size = 1024"), fixed + full / 4);
+        // 8 bits + a float32 scale and bias per 64 elements: 1.125 bytes, not 4.
+        assert_eq!(need("kv_bits = 8"), fixed + 1024 * 4096 * 2 * 9 / 8);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -11,6 +11,7 @@ from typing import Any, Optional, Protocol, Union
 
 from .constraint import SequenceConstraint
 from .drafting import DraftController
+from .kv_cache import KvOptions
 from .prefix_cache import PrefixCache
 from .sampling import Sampler
 from .solo import ProcessedSoloSequence, SoloSequence
@@ -58,6 +59,7 @@ class Backend(Protocol):
     def cached_tokens(self, uid: int) -> int: ...
     def start_prompt_cache(self) -> None: ...
     def prompt_cache_stats(self) -> dict[str, int] | None: ...
+    def close(self) -> None: ...
 
 
 def context_length(model_path: str) -> int | None:
@@ -104,6 +106,10 @@ Lane = Union[SoloSequence, SpeculativeSequence]
 # is at most this many times the tokens it has left to decode.
 CATCH_UP_PER_TOKEN_LEFT = 4
 
+# Seconds a stopping worker spends writing its prefix cache to disk (the daemon
+# allows a draining stop 10 s before it kills the worker).
+CLOSE_TIMEOUT = 5.0
+
 
 class MlxBackend:
     """mlx-lm's BatchGenerator: sequences join the running batch at any step and
@@ -135,6 +141,7 @@ class MlxBackend:
         self.step_logprobs: dict[int, list[Any]] = {}
         self.prefix: PrefixCache | None = None  # when the preset gives it bytes
         self._prompt_cache_bytes = 0
+        self._kv = KvOptions()
 
     def load(self, model_path: str, options: dict[str, Any]) -> None:
         from mlx_lm.generate import BatchGenerator
@@ -144,23 +151,49 @@ class MlxBackend:
         self.context_length = context_length(model_path)
         max_batch = int(options.get("max_batch", 16))
         self._prefill_step = int(options.get("prefill_step", 2048))
+        self._kv = KvOptions.from_options(options)
         self._gen = BatchGenerator(
             self._model,
             stop_tokens=[[t] for t in sorted(self.eos)],
             completion_batch_size=max_batch,
             prefill_batch_size=min(max_batch, 8),
             prefill_step_size=self._prefill_step,
+            max_kv_size=self._kv.max_kv_size,
         )
         spec = options.get("speculative")
         if spec:
             self._load_draft(model_path, spec)
         self._prompt_cache_bytes = int(options.get("prompt_cache_bytes", 0))
+        self._model_path = model_path
+        self._disk_dir = options.get("prompt_cache_dir")
+        self._disk_bytes = int(options.get("prompt_cache_disk_bytes", 4 << 30))
 
     def start_prompt_cache(self) -> None:
         """Turns the prefix cache on (after warm-up, whose sequences it should
-        neither keep nor count)."""
-        if self._prompt_cache_bytes > 0:
-            self.prefix = PrefixCache(self._prompt_cache_bytes)
+        neither keep nor count), with its disk tier when the preset names a
+        directory: entries there are found again by the next worker."""
+        if self._prompt_cache_bytes <= 0:
+            return
+        disk = None
+        if self._disk_dir:
+            from . import kv_cache
+            from .disk_cache import DiskCache, model_identity
+
+            identity = f"{model_identity(self._model_path)}|{self._kv.describe()}"
+            disk = DiskCache(
+                str(self._disk_dir),
+                self._disk_bytes,
+                identity,
+                to_disk=kv_cache.to_disk,
+                from_disk=kv_cache.from_disk,
+            )
+        self.prefix = PrefixCache(self._prompt_cache_bytes, disk)
+
+    def close(self) -> None:
+        """At exit (engine thread): what the prefix cache holds in memory and the
+        disk lacks goes to disk."""
+        if self.prefix is not None:
+            self.prefix.close(timeout=CLOSE_TIMEOUT)
 
     def _load_draft(self, model_path: str, spec: dict[str, Any]) -> None:
         from mlx_lm.models.cache import make_prompt_cache
@@ -171,6 +204,9 @@ class MlxBackend:
         if mode != "off":
             self._draft, draft_tok = _load(spec["draft_path"])
             problem = pair_problem(model_path, self.tokenizer, draft_tok, make_prompt_cache(self._model), mode)
+            if problem is None and self._kv.max_kv_size is not None:
+                problem = "a rotating KV cache (max_kv_size) cannot be rewound after a rejected draft"
+
             if problem:
                 self._draft = None
                 if spec.get("require_supported"):
@@ -233,7 +269,7 @@ class MlxBackend:
                 max(d.num_draft, 1),
                 self._prefill_step,
                 generation_stream,
-                cache,
+                cache if cache is not None else self._kv.make(self._model),
                 draft_cache,
             )
         stream = generation_stream
@@ -249,9 +285,12 @@ class MlxBackend:
                 processors,
                 track.logprobs,
                 cache=prefix,
+                kv=self._kv,
             )
         pending = track.history[track.cached :] if prefix is not None else track.history
-        return SoloSequence(self._model, pending, track.left, track.sampler, self._prefill_step, stream, prefix)
+        return SoloSequence(
+            self._model, pending, track.left, track.sampler, self._prefill_step, stream, prefix, self._kv
+        )
 
     def _to_batch(self, uid: int, ids: list[int], cache: Any = None) -> None:
         track = self._tracks[uid]
@@ -260,6 +299,7 @@ class MlxBackend:
             ids = ids[track.cached :]
         # A fresh processor per lane entry (see constraint.LaneProcessor).
         processors = None if track.constraint is None else [[track.constraint.processor(track.history)]]
+        cache = self._kv.for_batch(cache, self._model)
         (buid,) = self._gen.insert(
             [ids],
             max_tokens=[track.left],

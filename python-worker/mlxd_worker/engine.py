@@ -155,6 +155,7 @@ class Engine:
                 self._drain_inbox(block=not self._by_uid)
                 if self._by_uid:
                     self._step()
+            self.backend.close()
         except BaseException as e:  # noqa: BLE001 - whatever it was, we cannot serve
             self._die(e)
 

@@ -2,27 +2,50 @@
 tokens they hold, so that a request sharing a prefix with an earlier one (an
 agent's growing conversation, a common system prompt) prefills only the rest.
 
-Built on mlx-lm's `LRUPromptCache` (a token trie with LRU eviction by count and
-bytes). What goes in is always a cache together with exactly the tokens it holds;
-what comes out holds a prefix of the new prompt and leaves at least its last token
-to be fed, since a sequence's first token comes from feeding one.
+Two tiers. Memory: entries in a token trie with LRU eviction by count and bytes
+(our own, rather than mlx-lm's `LRUPromptCache`, because that one evicts inside
+`insert_cache` without saying what went, and evicted entries must spill to disk).
+Disk (optional, disk_cache.py): entries that survive a restart; an entry evicted
+from memory spills there, and a long one is written through at once (see
+disk_cache.py for the policy).
+
+What goes in is always a cache together with exactly the tokens it holds; what
+comes out holds a prefix of the new prompt and leaves at least its last token to
+be fed, since a sequence's first token comes from feeding one. It is a private
+copy: feeding it leaves the stored entry intact.
+
+Threads: `take`, `put` and `close` run on the engine thread (they touch MLX
+arrays); `stats` may be called from any thread.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar
 
-# The trie's key for this worker's one model.
-_MODEL = "model"
+if TYPE_CHECKING:
+    from .disk_cache import DiskCache
+
 # Entries at most, whatever their size (the byte limit usually binds first).
 MAX_ENTRIES = 256
+
+V = TypeVar("V")
 
 
 def held(cache: list[Any]) -> int:
     """Tokens a KV cache holds."""
     return int(cache[0].offset) if cache else 0
+
+
+def can_trim(cache: list[Any]) -> bool:
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    return bool(can_trim_prompt_cache(cache))
 
 
 @dataclass
@@ -33,13 +56,153 @@ class Lookup:
     cached: int
 
 
-class PrefixCache:
-    def __init__(self, max_bytes: int) -> None:
-        from mlx_lm.models.cache import LRUPromptCache
+class _Node(Generic[V]):
+    __slots__ = ("edges", "value")
 
+    def __init__(self) -> None:
+        # First token of the edge -> (the edge's tokens, the node it leads to).
+        self.edges: dict[int, tuple[tuple[int, ...], _Node[V]]] = {}
+        self.value: V | None = None
+
+
+def _common(label: tuple[int, ...], tokens: tuple[int, ...], at: int) -> int:
+    """Length of the common prefix of `label` and `tokens[at:]`."""
+    if tokens[at : at + len(label)] == label:
+        return len(label)
+    k = 0
+    for a, b in zip(label, tokens[at:]):
+        if a != b:
+            break
+        k += 1
+    return k
+
+
+class TokenTrie(Generic[V]):
+    """Token sequences -> values, as a radix tree (one node per branch point, not
+    per token: a long conversation is one edge). Values are never None."""
+
+    def __init__(self) -> None:
+        self._root: _Node[V] = _Node()
+
+    def add(self, tokens: Sequence[int], value: V) -> None:
+        key = tuple(tokens)
+        node, i = self._root, 0
+        while i < len(key):
+            edge = node.edges.get(key[i])
+            if edge is None:
+                leaf: _Node[V] = _Node()
+                leaf.value = value
+                node.edges[key[i]] = (key[i:], leaf)
+                return
+            label, child = edge
+            k = _common(label, key, i)
+            if k < len(label):  # split the edge where the tokens part
+                mid: _Node[V] = _Node()
+                mid.edges[label[k]] = (label[k:], child)
+                node.edges[key[i]] = (label[:k], mid)
+                child = mid
+            node, i = child, i + k
+        node.value = value
+
+    def remove(self, tokens: Sequence[int]) -> V | None:
+        key = tuple(tokens)
+        path: list[tuple[_Node[V], int]] = []  # (parent, first token of the edge taken)
+        node, i = self._root, 0
+        while i < len(key):
+            edge = node.edges.get(key[i])
+            if edge is None or key[i : i + len(edge[0])] != edge[0]:
+                return None
+            path.append((node, key[i]))
+            node, i = edge[1], i + len(edge[0])
+        value, node.value = node.value, None
+        if value is not None:
+            # Keep the tree minimal: the emptied node, then its parent.
+            for parent, first in reversed(path[-2:]):
+                self._tidy(parent, first)
+        return value
+
+    @staticmethod
+    def _tidy(parent: _Node[V], first: int) -> None:
+        label, child = parent.edges[first]
+        if child.value is not None:
+            return
+        if not child.edges:
+            del parent.edges[first]
+        elif len(child.edges) == 1:
+            ((rest, grandchild),) = child.edges.values()
+            parent.edges[first] = (label + rest, grandchild)
+
+    def search(self, prompt: tuple[int, ...]) -> tuple[list[tuple[int, V]], int, list[_Node[V]]]:
+        """Walks `prompt` down the tree: the values on the way (with their token
+        counts), how many tokens of `prompt` the tree holds, and the subtrees
+        whose values all hold exactly those tokens and then more."""
+        found: list[tuple[int, V]] = []
+        node, i = self._root, 0
+        while i < len(prompt):
+            edge = node.edges.get(prompt[i])
+            if edge is None:
+                break
+            label, child = edge
+            k = _common(label, prompt, i)
+            if k < len(label):
+                return found, i + k, [child]
+            node, i = child, i + k
+            if node.value is not None:
+                found.append((i, node.value))
+        return found, i, [child for _, child in node.edges.values()]
+
+    @staticmethod
+    def first_below(roots: Iterable[_Node[V]], accept: Callable[[V], bool]) -> V | None:
+        """The shallowest accepted value in the subtrees (breadth first)."""
+        level = list(roots)
+        while level:
+            for node in level:
+                if node.value is not None and accept(node.value):
+                    return node.value
+            level = [child for node in level for _, child in node.edges.values()]
+        return None
+
+    def best(self, prompt: Sequence[int], trimmable: Callable[[V], bool]) -> tuple[V, int] | None:
+        """The value that gives the most tokens of `prompt` while leaving at least
+        one to feed, and that many tokens: a stored prefix as it is, or (when its
+        cache can be trimmed) the whole prompt or an entry that goes on past
+        where the prompt parts from it, trimmed back."""
+        key = tuple(prompt)
+        if len(key) < 2:
+            return None
+        found, common, below = self.search(key)
+        best: V | None = None
+        usable = 0
+        for depth, value in found:
+            n = depth if depth < len(key) else (len(key) - 1 if trimmable(value) else 0)
+            if n > usable:
+                best, usable = value, n
+        n = min(common, len(key) - 1)
+        if n > usable:
+            longer = self.first_below(below, trimmable)
+            if longer is not None:
+                best, usable = longer, n
+        return None if best is None else (best, usable)
+
+
+@dataclass
+class _Entry:
+    tokens: tuple[int, ...]
+    cache: list[Any]
+    nbytes: int
+    trimmable: bool
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int, disk: Optional[DiskCache] = None) -> None:
         self.max_bytes = max_bytes
-        self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
+        self.disk = disk
+        # Least recently used first.
+        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self._trie: TokenTrie[_Entry] = TokenTrie()
+        self._bytes = 0
         self.hits = 0
+        self.disk_hits = 0
         self.misses = 0
         self.cached_tokens = 0
         # Stats are read from the stats thread; the engine thread changes them.
@@ -47,45 +210,113 @@ class PrefixCache:
 
     def take(self, prompt: list[int]) -> Lookup:
         """The longest cached prefix of `prompt` (a private copy), leaving at least
-        one token to feed. Counts a hit or a miss."""
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+        one token to feed; from disk when the disk has a longer one than memory.
+        Counts a hit (and a disk hit) or a miss."""
+        from mlx_lm.models.cache import trim_prompt_cache
 
-        cache, rest = self._lru.fetch_nearest_cache(_MODEL, prompt)
-        cached = len(prompt) - len(rest) if cache is not None else 0
-        if cache is not None and cached >= len(prompt):
-            # The whole prompt is cached: give its last token back to be fed.
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, cached - (len(prompt) - 1))
-                cached = len(prompt) - 1
-            else:
-                cache, cached = None, 0
-        if cache is not None and (cached == 0 or held(cache) != cached):
-            cache, cached = None, 0  # nothing usable (or a cache that is not what it claims)
+        with self._lock:
+            found = self._trie.best(prompt, lambda e: e.trimmable)
+        source: _Entry | None = None
+        cached = 0
+        if found is not None:
+            source, cached = found
+        from_disk = False
+        if self.disk is not None:
+            on_disk = self.disk.lookup(prompt)
+            if on_disk is not None and on_disk[1] > cached:
+                loaded = self.disk.load(on_disk[0])
+                if loaded is not None:
+                    source = _Entry(on_disk[0].tokens, loaded, _nbytes(loaded), can_trim(loaded))
+                    cached, from_disk = on_disk[1], True
+                    self._insert(source)  # it is on disk already: an eviction will not rewrite it
+        cache: list[Any] | None = None
+        if source is not None:
+            with self._lock:
+                if source.tokens in self._entries:
+                    self._entries.move_to_end(source.tokens)
+            cache = copy.deepcopy(source.cache)
+            if held(cache) > cached:
+                trim_prompt_cache(cache, held(cache) - cached)
+            if cached == 0 or held(cache) != cached:
+                cache, cached = None, 0  # nothing usable (or a cache that is not what it claims)
         with self._lock:
             if cache is None:
                 self.misses += 1
             else:
                 self.hits += 1
+                self.disk_hits += from_disk
                 self.cached_tokens += cached
         return Lookup(cache, cached)
 
     def put(self, tokens: list[int], cache: list[Any] | None) -> None:
-        """Keeps `cache`, which holds `tokens[:held(cache)]`."""
+        """Keeps `cache`, which holds `tokens[:held(cache)]` (and is handed over:
+        the caller no longer feeds it). A long one is also written to disk."""
         if cache is None:
             return
         n = held(cache)
         if n < 2 or n > len(tokens):
             return
+        entry = _Entry(tuple(tokens[:n]), cache, _nbytes(cache), can_trim(cache))
+        self._insert(entry)
+        if self.disk is not None and n >= self.disk.min_disk_tokens:
+            self.disk.write(entry.tokens, entry.cache)
+
+    def _insert(self, entry: _Entry) -> None:
+        """Into the memory tier; what the limits push out spills to disk."""
+        evicted: list[_Entry] = []
         with self._lock:
-            self._lru.insert_cache(_MODEL, list(tokens[:n]), cache)
+            old = self._entries.pop(entry.tokens, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            if entry.trimmable:
+                # Stored prefixes of a trimmable cache only take space: it holds them.
+                for depth, prefix in self._trie.search(entry.tokens)[0]:
+                    if depth < len(entry.tokens):
+                        self._drop(prefix)
+            self._entries[entry.tokens] = entry
+            self._trie.add(entry.tokens, entry)
+            self._bytes += entry.nbytes
+            while self._entries and (len(self._entries) > MAX_ENTRIES or self._bytes > self.max_bytes):
+                evicted.append(self._drop(next(iter(self._entries.values()))))
+        if self.disk is not None:
+            for gone in evicted:
+                self.disk.write(gone.tokens, gone.cache)
+
+    def _drop(self, entry: _Entry) -> _Entry:
+        del self._entries[entry.tokens]
+        self._trie.remove(entry.tokens)
+        self._bytes -= entry.nbytes
+        return entry
+
+    def close(self, timeout: float | None = None) -> None:
+        """At shutdown (engine thread): spills what memory holds and the disk does
+        not (most recently used first), then drains the disk writer, all within
+        `timeout` seconds."""
+        if self.disk is None:
+            return
+        deadline = time.monotonic() + (timeout if timeout is not None else 86400.0)
+        with self._lock:
+            entries = list(reversed(self._entries.values()))
+        for entry in entries:
+            self.disk.write(entry.tokens, entry.cache, wait_until=deadline)
+        self.disk.close(None if timeout is None else max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {
+            out = {
                 "hits_total": self.hits,
                 "misses_total": self.misses,
                 "cached_tokens_total": self.cached_tokens,
-                "entries": len(self._lru),
-                "bytes": int(self._lru.nbytes),
+                "entries": len(self._entries),
+                "bytes": self._bytes,
                 "max_bytes": self.max_bytes,
             }
+            if self.disk is not None:
+                out["disk_hits_total"] = self.disk_hits
+        if self.disk is not None:
+            out.update(self.disk.stats())
+        return out
+
+
+def _nbytes(cache: list[Any]) -> int:
+    return int(sum(c.nbytes for c in cache))

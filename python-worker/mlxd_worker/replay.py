@@ -130,5 +130,8 @@ class ReplayBackend:
     def start_prompt_cache(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def detokenizer(self) -> Detokenizer:
         return _ReplayDetokenizer(self._pieces)

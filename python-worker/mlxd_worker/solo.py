@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .kv_cache import KvOptions
 from .sampling import Sampler
 
 
@@ -42,9 +43,8 @@ class SoloSequence:
         prefill_step: int,
         stream: Any,
         cache: list[Any] | None = None,
+        kv: KvOptions | None = None,
     ) -> None:
-        from mlx_lm.models.cache import make_prompt_cache
-
         self._model = model
         # Prompt tokens not yet in the cache (a prefix-cache hit holds the others).
         self._pending = list(ids)
@@ -52,7 +52,14 @@ class SoloSequence:
         self._sampler = sampler
         self._prefill_step = prefill_step
         self._stream = stream
-        self._cache = cache if cache is not None else make_prompt_cache(model)
+        # The preset's KV settings: quantized (from some length on) or rotating.
+        self._kv = kv or KvOptions()
+        self._cache = cache if cache is not None else self._kv.make(model)
+        # On a prefix-cache hit the rest of the prompt is fed in one model call
+        # (the first token's latency is the cached TTFT); a cold prompt is split
+        # like mlx-lm's generate_step (all but the last token, then the last), so
+        # its tokens equal native mlx-lm's bit for bit.
+        self._one_pass = cache is not None
         self._next: Any = None  # the queued token (an mx.array), once decoding
 
     def _forward(self, tokens: Any) -> Any:
@@ -70,20 +77,23 @@ class SoloSequence:
 
         with mx.stream(self._stream):
             if self._next is None:
-                if len(self._pending) > 1:
+                if len(self._pending) > 1 and not (self._one_pass and len(self._pending) <= self._prefill_step):
                     n = min(self._prefill_step, len(self._pending) - 1)
                     self._model(mx.array(self._pending[:n])[None], cache=self._cache)
+                    self._kv.quantize_if_due(self._cache)
                     mx.eval([c.state for c in self._cache])
                     self._pending = self._pending[n:]
                     if len(self._pending) > 1:
                         return []
                 self._next = self._forward(mx.array(self._pending))
+                self._kv.quantize_if_due(self._cache)
                 self._pending = []
                 mx.async_eval(self._next)
             current = self._next
             self._left -= 1
             if self._left > 0:
                 self._next = self._forward(current)
+                self._kv.quantize_if_due(self._cache)
                 mx.async_eval(self._next)
             return [(int(current.item()), False)]
 
@@ -135,8 +145,9 @@ class ProcessedSoloSequence(SoloSequence):
         processors: list[LogitsProcessor],
         keep_logprobs: bool,
         cache: list[Any] | None = None,
+        kv: KvOptions | None = None,
     ) -> None:
-        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache)
+        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache, kv)
         self._processors = processors
         self._keep_logprobs = keep_logprobs
         # One per queued forward pass, oldest first: tokens come out in that order.

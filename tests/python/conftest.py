@@ -52,6 +52,10 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f'model = "smollm2-135m"\n[speculative]\ndraft = "{draft}"\nmode = "on"\n'
             f"require_supported = {str(required).lower()}\n"
         )
+    # The prefix cache spilling to a directory of this session (test_prompt_cache).
+    (presets / "smollm2-135m-disk.toml").write_text(
+        f'model = "smollm2-135m"\n[performance]\nprompt_cache_dir = "{at / "prompt-cache"}"\n'
+    )
     return presets
 
 

@@ -6,11 +6,16 @@ every dialect and /metrics."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
+import time
 import uuid
+from pathlib import Path
 
 import anthropic
 import httpx
 import pytest
+from conftest import control
 from openai import OpenAI
 
 MODEL = "smollm2-135m"
@@ -94,3 +99,39 @@ def test_anthropic_reports_cache_reads(daemon_url: str) -> None:
     assert (usages[0].cache_read_input_tokens or 0) < 10
     assert (usages[1].cache_read_input_tokens or 0) > 300
     assert usages[1].input_tokens < 40
+
+
+def test_a_killed_worker_finds_its_prefix_cache_on_disk(oai: OpenAI, session_presets: Path) -> None:
+    model = "smollm2-135m-disk"
+    store = session_presets.parent / "prompt-cache"
+    system = system_prompt()
+    first = ask(oai, model, system, "When does it open?")
+    assert cached(first) < 10
+    # Written through off the engine thread: wait for the entry's file.
+    deadline = time.monotonic() + 60
+    while not list(store.rglob("*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(store.rglob("*.safetensors")), "no entry reached the disk"
+    worker = next(w for w in control().get("/admin/ps").json()["workers"] if w["model"] == model)
+    os.kill(worker["pid"], signal.SIGKILL)  # nothing in memory survives this
+    time.sleep(0.5)
+    second = ask(oai, model, system, "Where are tickets sold?")
+    assert cached(second) > 300, cached(second)
+    reference = ask(oai, REFERENCE, system, "Where are tickets sold?")
+    assert second.choices[0].message.content == reference.choices[0].message.content
+    restarted = next(w for w in control().get("/admin/ps").json()["workers"] if w["model"] == model)
+    assert restarted["pid"] != worker["pid"]
+
+
+def test_a_quantized_kv_model_serves_concurrent_requests(oai: OpenAI) -> None:
+    model = "smollm2-135m-kv8"
+    system = system_prompt()
+    questions = ["When does it close?", "How often are tours?", "Where is the cafe?"]
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        answers = list(pool.map(lambda q: ask(oai, model, system, q), questions))
+    for a in answers:
+        assert a.usage is not None and a.usage.completion_tokens > 0
+        assert a.choices[0].message.content
+    # A later request finds the quantized prefix the batch left behind.
+    again = ask(oai, model, system, "Is there a cafe?")
+    assert cached(again) > 300
