@@ -212,8 +212,6 @@ class PrefixCache:
         """The longest cached prefix of `prompt` (a private copy), leaving at least
         one token to feed; from disk when the disk has a longer one than memory.
         Counts a hit (and a disk hit) or a miss."""
-        from mlx_lm.models.cache import trim_prompt_cache
-
         with self._lock:
             found = self._trie.best(prompt, lambda e: e.trimmable)
         source: _Entry | None = None
@@ -234,9 +232,7 @@ class PrefixCache:
             with self._lock:
                 if source.tokens in self._entries:
                     self._entries.move_to_end(source.tokens)
-            cache = copy.deepcopy(source.cache)
-            if held(cache) > cached:
-                trim_prompt_cache(cache, held(cache) - cached)
+            cache = _private_prefix(source.cache, cached)
             if cached == 0 or held(cache) != cached:
                 cache, cached = None, 0  # nothing usable (or a cache that is not what it claims)
         with self._lock:
@@ -316,6 +312,28 @@ class PrefixCache:
         if self.disk is not None:
             out.update(self.disk.stats())
         return out
+
+
+def _private_prefix(cache: list[Any], n: int) -> list[Any]:
+    """A copy of `cache` holding its first `n` tokens, for a lane to feed on. KV
+    layers (full precision or quantized) are cut to exactly `n` slots, never the
+    entry's whole buffer: a short hit on a long entry costs what it uses. Other
+    layer kinds are copied whole and trimmed."""
+    from mlx.utils import tree_map
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
+
+    if all(isinstance(c, (KVCache, QuantizedKVCache)) and c.keys is not None for c in cache):
+        out = []
+        for layer in cache:
+            part = copy.copy(layer)
+            part.keys, part.values = tree_map(lambda x: x[..., :n, :], (layer.keys, layer.values))
+            part.offset = min(n, layer.offset)
+            out.append(part)
+        return out
+    whole = copy.deepcopy(cache)
+    if held(whole) > n:
+        trim_prompt_cache(whole, held(whole) - n)
+    return whole
 
 
 def _nbytes(cache: list[Any]) -> int:

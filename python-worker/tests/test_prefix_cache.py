@@ -75,3 +75,20 @@ def test_an_unrelated_prompt_misses_and_the_limit_evicts(model: Any) -> None:
     assert pc.take([9, 9, 9]).cache is None
     stats = pc.stats()
     assert stats["entries"] == 1 and stats["misses_total"] == 2 and stats["bytes"] <= stats["max_bytes"]
+
+
+def test_a_short_hit_on_a_long_entry_copies_only_what_it_uses(model: Any) -> None:
+    import mlx.core as mx
+
+    pc = PrefixCache(1 << 30)
+    stored = list(range(100, 400))  # a 300-token entry: a 512-slot buffer
+    pc.put(stored, filled(model, stored))
+    prompt = stored[:10] + [7, 8, 9]
+    found = pc.take(prompt)
+    assert found.cached == 10 and found.cache is not None
+    per_token = sum(c.nbytes for c in filled(model, stored[:10])) / 256  # a 10-token cache has 256 slots
+    assert sum(c.nbytes for c in found.cache) == pytest.approx(10 * per_token)
+    # Feeding the copy leaves the entry whole: the next taker still gets 300 tokens' worth.
+    model(mx.array(prompt[10:])[None], cache=found.cache)
+    again = pc.take(stored + [1])
+    assert again.cached == 300 and again.cache is not None and held(again.cache) == 300
