@@ -333,7 +333,14 @@ async fn measure(
     run_one(sup, name, gen.clone()).await?;
     let single = run_one(sup, name, gen.clone()).await?;
     let mut measured = Vec::new();
+    // A short pass at each level first: a batch of a new size compiles its kernels
+    // (seconds on a GPU) on its first steps, which would land in the timed run.
+    let mut short = gen.clone();
+    short.max_tokens = 2;
     for &n in levels {
+        let warm =
+            futures::future::join_all((0..n).map(|_| run_one(sup, name, short.clone()))).await;
+        warm.into_iter().collect::<anyhow::Result<Vec<Run>>>()?;
         let began = Instant::now();
         let runs = futures::future::join_all((0..n).map(|_| run_one(sup, name, gen.clone()))).await;
         let wall = began.elapsed().as_secs_f64();
@@ -556,7 +563,12 @@ pub async fn tune(mut cfg: Config, model: &str, opts: TuneOptions) -> anyhow::Re
         if let Err(why) = &result {
             eprintln!("  failed: {why}");
         }
-        let _ = sup.stop(&name).await;
+        if let Err(e) = sup.stop(&name).await {
+            // Measuring the next one beside a leftover worker would skew it.
+            eprintln!("  could not stop {name}: {e}; ending the sweep here");
+            results.push((knobs, result));
+            break;
+        }
         results.push((knobs, result));
     }
     sup.shutdown().await;
@@ -588,7 +600,12 @@ pub async fn tune(mut cfg: Config, model: &str, opts: TuneOptions) -> anyhow::Re
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    std::fs::write(&dest, text).with_context(|| format!("cannot write {}", dest.display()))?;
+    // Written beside and renamed into place: a crash or a full disk never leaves a
+    // truncated preset (which the daemon would refuse to load).
+    let partial = dest.with_extension("toml.tmp");
+    std::fs::write(&partial, text)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, &dest).with_context(|| format!("cannot write {}", dest.display()))?;
     println!("wrote {}", dest.display());
     Ok(())
 }

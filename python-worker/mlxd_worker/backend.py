@@ -62,13 +62,16 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def context_length(model_path: str) -> int | None:
+def _config(model_path: str) -> dict[str, Any]:
     try:
         with open(f"{model_path}/config.json") as f:
-            cfg = json.load(f)
+            return dict(json.load(f))
     except OSError:
-        return None
-    value = cfg.get("max_position_embeddings")
+        return {}
+
+
+def context_length(model_path: str) -> int | None:
+    value = _config(model_path).get("max_position_embeddings")
     return int(value) if value else None
 
 
@@ -152,6 +155,7 @@ class MlxBackend:
         max_batch = int(options.get("max_batch", 16))
         self._prefill_step = int(options.get("prefill_step", 2048))
         self._kv = KvOptions.from_options(options)
+        self._kv.check(_config(model_path))
         self._gen = BatchGenerator(
             self._model,
             stop_tokens=[[t] for t in sorted(self.eos)],
@@ -269,7 +273,7 @@ class MlxBackend:
                 max(d.num_draft, 1),
                 self._prefill_step,
                 generation_stream,
-                cache if cache is not None else self._kv.make(self._model),
+                self._kv.shared(cache, self._model),
                 draft_cache,
             )
         stream = generation_stream
@@ -299,7 +303,7 @@ class MlxBackend:
             ids = ids[track.cached :]
         # A fresh processor per lane entry (see constraint.LaneProcessor).
         processors = None if track.constraint is None else [[track.constraint.processor(track.history)]]
-        cache = self._kv.for_batch(cache, self._model)
+        cache = self._kv.shared(cache, self._model)
         (buid,) = self._gen.insert(
             [ids],
             max_tokens=[track.left],

@@ -87,8 +87,11 @@ Convert = Callable[[Layers], Layers]
 
 def model_identity(model_path: str) -> str:
     """A hash of what determines a model's KV values: config.json, the tokenizer
-    files, and each weights file's name, size and safetensors header (tensor
-    names, dtypes, shapes, offsets; not the weights, so cheap for any size)."""
+    files, and each weights file's name, size, modification time and
+    safetensors header (tensor names, dtypes, shapes, offsets; not the weights,
+    so cheap for any size). The time makes a model replaced in place with the
+    same shapes (a re-import, a new fine-tune) another identity: at worst a
+    copied model misses, never a changed one hits."""
     root = Path(model_path)
     h = hashlib.sha256()
 
@@ -104,7 +107,8 @@ def model_identity(model_path: str) -> str:
             head = f.read(8)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             header = f.read(min(length, MAX_HEADER))
-        part(path.name, struct.pack("<Q", path.stat().st_size) + head + header)
+        stat = path.stat()
+        part(path.name, struct.pack("<QQ", stat.st_size, stat.st_mtime_ns) + head + header)
     return h.hexdigest()
 
 
@@ -304,8 +308,12 @@ class DiskCache:
             return None
         except Exception as e:  # Stale, or whatever MLX or mlx-lm raise on a bad file
             with self._lock:
-                self._forget(entry)
-            self._discard(path, str(e))
+                # Only the file the index knew: if the writer renamed a fresh one
+                # with this key into place meanwhile (mx.load on a vanished file
+                # raises ValueError, not FileNotFoundError), that one stays.
+                ours = self._forget(entry)
+            if ours:
+                self._discard(path, str(e))
             return None
         with self._lock:
             if entry.key in self._entries:
@@ -453,6 +461,7 @@ class DiskCache:
     def close(self, timeout: float | None = None) -> None:
         """Drains the queue (up to `timeout`; what is left is dropped) and stops
         the writer. Writes after this are refused."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.flush(timeout)
         with self._changed:
             self._closed = True
@@ -460,7 +469,7 @@ class DiskCache:
             self._pending_bytes -= sum(job.nbytes for job in self._queue)
             self._queue.clear()
             self._changed.notify_all()
-        self._writer.join(timeout)
+        self._writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> dict[str, int]:
         with self._lock:

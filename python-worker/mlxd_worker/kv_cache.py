@@ -9,14 +9,16 @@ values kept as mlx's quantized triple (packed data, scales, biases). Models call
 the quantized attention for any cache with a `bits` attribute, as for the solo
 `QuantizedKVCache`.
 
-A batch holds one cache class per layer, so in the batch every sequence's KV is
-quantized from the start; `quantized_kv_start` (keep the KV full precision until
-a sequence holds that many tokens, as mlx-lm's generate does) applies to the
-lone lane, and a lone sequence joining the batch is quantized as it joins.
+A batch holds one cache class per layer, so in the batch (and in the drafting
+lane, whose rounds feed several tokens at once) every sequence's KV is quantized
+from the start; `quantized_kv_start` (keep the KV full precision until a sequence
+holds that many tokens, as mlx-lm's generate does) applies to the plain lone
+lane, and a lone sequence joining the batch is quantized as it joins.
 
-Rotating KV needs nothing new: mlx-lm's `RotatingKVCache` merges into
-`BatchRotatingKVCache`. mlx-lm cannot quantize a rotating cache, so a preset
-chooses one or the other (the daemon refuses both).
+Rotating KV needs no new class: mlx-lm's `RotatingKVCache` merges into
+`BatchRotatingKVCache`; the worker makes the rotating layers itself (see
+`make`). mlx-lm cannot quantize a rotating cache, so a preset chooses one or the
+other (the daemon refuses both).
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from typing import Any
 from mlx_lm.models.cache import (
     KVCache,
     QuantizedKVCache,
+    RotatingKVCache,
     _BaseCache,
     create_causal_mask,
     dynamic_roll,
     make_prompt_cache,
 )
+
+# Tokens a rotating cache keeps from the start (the attention sink), as mlx-lm's.
+ROTATING_KEEP = 4
 
 # A quantized tensor: (packed data, scales, biases), as mx.quantize returns it.
 Quantized = tuple[Any, Any, Any]
@@ -61,6 +67,19 @@ class KvOptions:
             raise ValueError("a rotating KV cache (max_kv_size) cannot be quantized (kv_bits): choose one")
         return kv
 
+    def check(self, config: dict[str, Any]) -> None:
+        """Refuses settings the model cannot take (at load, with the reason):
+        mx.quantize groups the head dimension."""
+        if self.kv_bits is None:
+            return
+        heads = int(config.get("num_attention_heads") or 1)
+        head_dim = int(config.get("head_dim") or int(config.get("hidden_size") or 0) // heads)
+        if head_dim and head_dim % self.group_size:
+            raise ValueError(
+                f"kv_group_size {self.group_size} does not divide the model's head dimension {head_dim}: "
+                "choose a group size that does (32 or 64)"
+            )
+
     @property
     def quantized(self) -> bool:
         return self.kv_bits is not None
@@ -75,14 +94,24 @@ class KvOptions:
 
     def make(self, model: Any) -> list[Any]:
         """A fresh cache for the lone lane (quantized by `quantize_if_due` after
-        the first model call, as mlx-lm's generate does)."""
-        return make_prompt_cache(model, self.max_kv_size)
+        the first model call, as mlx-lm's generate does). With `max_kv_size`, every
+        plain KV layer rotates: mlx-lm's `make_prompt_cache` ignores the size for
+        models that make their own caches (Llama and most others do)."""
+        cache = make_prompt_cache(model)
+        if self.max_kv_size is not None:
+            for i, layer in enumerate(cache):
+                if type(layer) is KVCache:
+                    cache[i] = RotatingKVCache(max_size=self.max_kv_size, keep=ROTATING_KEEP)
+        return cache
 
     def quantize_if_due(self, cache: list[Any]) -> None:
         """The lone lane's rule, after each model call (mlx-lm's generate_step):
         full-precision layers become quantized once they hold quantized_kv_start
         tokens."""
-        if self.quantized and cache and type(cache[0]) is KVCache and cache[0].offset >= self.quantized_kv_start:
+        if not self.quantized:
+            return
+        plain = [c for c in cache if type(c) is KVCache]
+        if plain and plain[0].offset >= self.quantized_kv_start:
             self.quantize(cache)
 
     def quantize(self, cache: list[Any]) -> None:
@@ -95,14 +124,14 @@ class KvOptions:
             elif type(layer) is QuantizedKVCache:
                 cache[i] = MergeableQuantizedKVCache.adopt(layer)
 
-    def for_batch(self, cache: list[Any] | None, model: Any) -> list[Any] | None:
-        """The cache a sequence enters the batch with (None: BatchGenerator makes a
-        plain one, with `max_kv_size` if set)."""
-        if not self.quantized:
-            return cache
-        if cache is None:
-            cache = make_prompt_cache(model)
-        self.quantize(cache)
+    def shared(self, cache: list[Any] | None, model: Any) -> list[Any] | None:
+        """The cache a sequence enters the batch (or the drafting lane) with:
+        quantized from the start when kv_bits is set, rotating when max_kv_size is
+        (None: nothing to change, BatchGenerator makes a plain one)."""
+        if cache is None and (self.quantized or self.max_kv_size is not None):
+            cache = self.make(model)
+        if cache is not None and self.quantized:
+            self.quantize(cache)
         return cache
 
 

@@ -62,6 +62,8 @@ def test_quantizing_a_plain_cache_follows_quantized_kv_start() -> None:
     assert isinstance(cache[0], MergeableQuantizedKVCache) and cache[0].offset == 6
     with pytest.raises(ValueError, match="choose one"):
         KvOptions.from_options({"kv_bits": 8, "max_kv_size": 512})
+    with pytest.raises(ValueError, match="does not divide the model's head dimension 64"):
+        KvOptions(kv_bits=8, group_size=128).check({"hidden_size": 576, "num_attention_heads": 9})
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +148,26 @@ def test_a_lone_sequence_quantizes_at_quantized_kv_start_and_joins_a_quantized_b
 
 
 def test_rotating_kv_serves_past_its_size_in_both_lanes(prompts: list[list[int]]) -> None:
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mlxd_worker.backend import _load
+
     size = len(prompts[0]) + 4  # wraps a few tokens into the answer
     backend = MlxBackend()
     backend.load(str(MODEL), {"max_kv_size": size})
-    alone = run(backend, prompts[:1], max_tokens=12)[0]
-    assert alone == native(prompts[0], 12, max_kv_size=size)[: len(alone)]
+    first = backend.insert(prompts[0], 12, None)
+    alone: list[int] = []
+    while len(alone) < 12:
+        alone += [t for uid, t, _ in backend.step() if uid == first]
+        if backend._solo is None:
+            break
+        cache = backend._solo[1].cache
+        assert all(isinstance(c, RotatingKVCache) and c.max_size == size for c in cache)
+    # mlx-lm's own generation over the same rotating layers (its make_prompt_cache
+    # ignores max_kv_size for Llama, which makes its own caches).
+    model, _ = _load(str(MODEL))
+    rotating = [RotatingKVCache(max_size=size, keep=4) for _ in model.layers]
+    assert alone == native(prompts[0], 12, prompt_cache=rotating)[: len(alone)]
+    assert rotating[0].offset > size  # the reference did wrap
     together = run(backend, prompts, max_tokens=12)
     assert all(len(t) == 12 or t[-1] in backend.eos for t in together)

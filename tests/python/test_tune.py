@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 
+import tomllib
 from conftest import ROOT, models_dir
 
 
