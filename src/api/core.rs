@@ -243,6 +243,15 @@ pub fn ndjson(out: &mut Vec<u8>, v: &Value) {
     out.push(b'\n');
 }
 
+/// A request map's `model` ("" when missing or not a string: the full parse names
+/// the problem). Read first: the model's preset gives the default max_tokens.
+pub fn model_name(map: &serde_json::Map<String, Value>) -> String {
+    map.get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Parses a JSON body into a map; a body that is not a JSON object is a 400.
 pub fn parse_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Error> {
     match serde_json::from_slice(body) {

@@ -350,8 +350,10 @@ enum Endpoint {
 
 /// The chat request as the core's Generate, with its stream flag (and the fuzz
 /// target's entry). None: no messages, a load or unload request.
-fn parse_chat(body: &Bytes, preset_max: u32) -> Result<(Common, Option<Generate>), Error> {
-    let map = core::parse_object(body)?;
+fn parse_chat(
+    map: serde_json::Map<String, Value>,
+    preset_max: u32,
+) -> Result<(Common, Option<Generate>), Error> {
     core::check_fields(&map, &[SHARED_FIELDS, CHAT_FIELDS])?;
     let req: ChatRequest = core::from_object(map)?;
     if req.messages.is_empty() {
@@ -365,8 +367,10 @@ fn parse_chat(body: &Bytes, preset_max: u32) -> Result<(Common, Option<Generate>
     Ok((req.common, Some(gen)))
 }
 
-fn parse_generate(body: &Bytes, preset_max: u32) -> Result<(Common, Option<Generate>), Error> {
-    let map = core::parse_object(body)?;
+fn parse_generate(
+    map: serde_json::Map<String, Value>,
+    preset_max: u32,
+) -> Result<(Common, Option<Generate>), Error> {
     core::check_fields(&map, &[SHARED_FIELDS, GENERATE_FIELDS])?;
     let req: GenerateRequest = core::from_object(map)?;
     let prompt = req.prompt.unwrap_or_default();
@@ -403,9 +407,10 @@ fn parse_generate(body: &Bytes, preset_max: u32) -> Result<(Common, Option<Gener
 
 /// Fuzz entry: any body ends as an error or a Generate, never a panic.
 pub fn fuzz_request(body: &[u8]) {
-    let body = Bytes::copy_from_slice(body);
-    let _ = parse_chat(&body, 512);
-    let _ = parse_generate(&body, 512);
+    if let Ok(map) = core::parse_object(&Bytes::copy_from_slice(body)) {
+        let _ = parse_chat(map.clone(), 512);
+        let _ = parse_generate(map, 512);
+    }
 }
 
 pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
@@ -418,18 +423,15 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
 
 async fn serve(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Response, OllamaError> {
     let began = Instant::now();
-    let model = core::parse_object(&body)?
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let map = core::parse_object(&body)?;
+    let model = core::model_name(&map);
     if model.is_empty() {
         return Err(Error::invalid("model is required", Some("model")).into());
     }
     let preset_max = default_max_tokens(&state, &model)?;
     let (common, gen) = match endpoint {
-        Endpoint::Chat => parse_chat(&body, preset_max)?,
-        Endpoint::Generate => parse_generate(&body, preset_max)?,
+        Endpoint::Chat => parse_chat(map, preset_max)?,
+        Endpoint::Generate => parse_generate(map, preset_max)?,
     };
     let keep = keep_alive(&common.keep_alive)?;
     let meta = Meta {

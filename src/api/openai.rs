@@ -898,14 +898,17 @@ impl core::Renderer for OpenAiStream {
 /// Fuzz target (`fuzz/` and tests/fuzz_requests.rs): any body sent to either
 /// generation endpoint ends as a 400 or a well-formed Generate, never a panic.
 pub fn fuzz_request(body: &[u8]) {
-    let body = Bytes::copy_from_slice(body);
-    let _ = chat_generate(&body, 512);
-    let _ = completion_generate(&body, 512);
+    if let Ok(map) = core::parse_object(&Bytes::copy_from_slice(body)) {
+        let _ = chat_generate(map.clone(), 512);
+        let _ = completion_generate(map, 512);
+    }
 }
 
 /// A chat request as the core's Generate (everything but the model's defaults).
-fn chat_generate(body: &Bytes, preset_max: u32) -> Result<(Sampling, Generate), Error> {
-    let map = core::parse_object(body)?;
+fn chat_generate(
+    map: serde_json::Map<String, Value>,
+    preset_max: u32,
+) -> Result<(Sampling, Generate), Error> {
     core::check_fields(&map, &[SHARED_FIELDS, CHAT_FIELDS])?;
     let req: ChatRequest = core::from_object(map)?;
     let mut gen = req.sampling.to_generate(preset_max)?;
@@ -919,8 +922,10 @@ fn chat_generate(body: &Bytes, preset_max: u32) -> Result<(Sampling, Generate), 
     Ok((req.sampling, gen))
 }
 
-fn completion_generate(body: &Bytes, preset_max: u32) -> Result<(Sampling, Generate), Error> {
-    let map = core::parse_object(body)?;
+fn completion_generate(
+    map: serde_json::Map<String, Value>,
+    preset_max: u32,
+) -> Result<(Sampling, Generate), Error> {
     core::check_fields(&map, &[SHARED_FIELDS, COMPLETION_FIELDS])?;
     let req: CompletionRequest = core::from_object(map)?;
     let mut gen = req.sampling.to_generate(preset_max)?;
@@ -957,30 +962,17 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let model = model_of(&body);
-    let (sampling, gen) = chat_generate(&body, default_max_tokens(&state, &model)?)?;
+    let map = core::parse_object(&body)?;
+    let preset_max = default_max_tokens(&state, &core::model_name(&map))?;
+    let (sampling, gen) = chat_generate(map, preset_max)?;
     run(state, sampling, gen, Dialect::Chat).await
 }
 
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let model = model_of(&body);
-    let (sampling, gen) = completion_generate(&body, default_max_tokens(&state, &model)?)?;
+    let map = core::parse_object(&body)?;
+    let preset_max = default_max_tokens(&state, &core::model_name(&map))?;
+    let (sampling, gen) = completion_generate(map, preset_max)?;
     run(state, sampling, gen, Dialect::Completion).await
-}
-
-/// The `model` field, read before the whole request is checked (its preset gives
-/// the default max_tokens). A missing one is reported by the full parse.
-fn model_of(body: &Bytes) -> String {
-    #[derive(Deserialize)]
-    struct ModelOnly {
-        #[serde(default)]
-        model: Option<Value>,
-    }
-    serde_json::from_slice::<ModelOnly>(body)
-        .ok()
-        .and_then(|m| m.model)
-        .and_then(|m| m.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 /// The preset's max_tokens for `model`; a model not known is a 404, but a body

@@ -275,8 +275,7 @@ struct Parsed {
     echo: Value,
 }
 
-fn parse(body: &Bytes, preset_max: u32) -> Result<Parsed, Error> {
-    let map = core::parse_object(body)?;
+fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed, Error> {
     core::check_fields(&map, &[FIELDS])?;
     if let Some(id) = map.get("previous_response_id").filter(|v| !v.is_null()) {
         return Err(Error::invalid(
@@ -317,16 +316,15 @@ fn parse(body: &Bytes, preset_max: u32) -> Result<Parsed, Error> {
 
 /// Fuzz entry: any body ends as an error or a Generate, never a panic.
 pub fn fuzz_request(body: &[u8]) {
-    let _ = parse(&Bytes::copy_from_slice(body), 512);
+    if let Ok(map) = core::parse_object(&Bytes::copy_from_slice(body)) {
+        let _ = parse(map, 512);
+    }
 }
 
 pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let model = core::parse_object(&body)?
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let parsed = parse(&body, default_max_tokens(&state, &model)?)?;
+    let map = core::parse_object(&body)?;
+    let preset_max = default_max_tokens(&state, &core::model_name(&map))?;
+    let parsed = parse(map, preset_max)?;
     let shell = Shell {
         id: core::new_id("resp"),
         model: parsed.model.clone(),
@@ -559,7 +557,11 @@ mod tests {
             "tool_choice": {"type": "function", "name": "get_weather"},
             "text": {"format": {"type": "text"}},
         });
-        let p = parse(&Bytes::from(body.to_string()), 64).unwrap();
+        let p = parse(
+            core::parse_object(&Bytes::from(body.to_string())).unwrap(),
+            64,
+        )
+        .unwrap();
         let m = p.gen.messages.unwrap();
         let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "tool"]);
@@ -596,7 +598,10 @@ mod tests {
                 "tools",
             ),
         ] {
-            match parse(&Bytes::from(body.to_string()), 64) {
+            match parse(
+                core::parse_object(&Bytes::from(body.to_string())).unwrap(),
+                64,
+            ) {
                 Err(Error::InvalidRequest { param, .. }) => {
                     assert_eq!(param.as_deref(), Some(field))
                 }
