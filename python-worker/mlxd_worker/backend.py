@@ -180,7 +180,7 @@ class MlxBackend:
             return
         disk = None
         if self._disk_dir:
-            from . import kv_cache
+            from . import quantized_kv
             from .disk_cache import DiskCache, model_identity
 
             identity = f"{model_identity(self._model_path)}|{self._kv.describe()}"
@@ -188,8 +188,8 @@ class MlxBackend:
                 str(self._disk_dir),
                 self._disk_bytes,
                 identity,
-                to_disk=kv_cache.to_disk,
-                from_disk=kv_cache.from_disk,
+                to_disk=quantized_kv.to_disk,
+                from_disk=quantized_kv.from_disk,
             )
         self.prefix = PrefixCache(self._prompt_cache_bytes, disk)
 

@@ -1,5 +1,5 @@
 """Quantized and rotating KV through the real backend and SmolLM2-135M: the batch
-form of mlx-lm's quantized cache (kv_cache.BatchQuantizedKVCache) against mlx-lm's
+form of mlx-lm's quantized cache (quantized_kv.BatchQuantizedKVCache) against mlx-lm's
 own quantized generation, and rotating KV in both lanes."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlxd_worker.backend import MlxBackend
-from mlxd_worker.kv_cache import BatchQuantizedKVCache, KvOptions, MergeableQuantizedKVCache
+from mlxd_worker.kv_cache import KvOptions
+from mlxd_worker.quantized_kv import BatchQuantizedKVCache, MergeableQuantizedKVCache
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
 PROMPTS = [
