@@ -167,6 +167,26 @@ pub async fn stop(cfg: &Config, model: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mlxd reload`: one line per kind of change (a refusal is the command's error).
+pub async fn reload(cfg: &Config) -> anyhow::Result<()> {
+    let v = admin(cfg, "reload", Some(json!({}))).await?;
+    let report: crate::supervisor::ReloadReport = serde_json::from_value(v)?;
+    let lines = [
+        ("unchanged", &report.unchanged),
+        ("restarted", &report.restarted),
+        ("updated (used at next load)", &report.updated),
+        ("added", &report.added),
+        ("removed", &report.removed),
+        ("changed, needs a daemon restart", &report.needs_restart),
+    ];
+    for (what, names) in lines {
+        if !names.is_empty() {
+            println!("{what}: {}", names.join(", "));
+        }
+    }
+    Ok(())
+}
+
 fn human_bytes(b: u64) -> String {
     crate::memory::human(b)
 }

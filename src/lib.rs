@@ -19,17 +19,23 @@
 //! - [`memory`]: the memory budget: limits, footprints, estimates, eviction plans.
 //! - [`transport`]: the daemon's end of the shm and stdio transports.
 //! - [`serve`]: the daemon's main loop; [`cli`]: the thin clients of its admin API.
-//! - [`tune`]: `mlxd tune`, a sweep of a model's performance knobs in-process.
+//! - [`logs`]: the daemon's and workers' log files, `mlxd logs`.
+//! - [`service`]: `mlxd service`, the daemon as a LaunchAgent or systemd user unit.
+//! - [`tune`]: `mlxd tune`, a sweep of a model's performance knobs in-process;
+//!   [`timing`]: one request timed, as it and `POST /admin/benchmark` measure.
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod logs;
 pub mod memory;
 pub mod metrics;
 pub mod presets;
 pub mod serve;
+pub mod service;
 pub mod supervisor;
 mod sys;
+pub mod timing;
 pub mod transport;
 pub mod tune;

@@ -43,6 +43,9 @@ enum Cmd {
     Restart { model: String },
     /// Stop a model's worker.
     Stop { model: String },
+    /// Re-read config.toml and the presets in the running daemon (like SIGHUP):
+    /// models whose preset did not change keep serving.
+    Reload,
     /// Show running workers.
     Ps,
     /// Measure a model's speculative decoding: N runs drafting, N plain, interleaved.
@@ -91,6 +94,30 @@ enum Cmd {
         #[arg(long = "presets-dir")]
         presets_dirs: Vec<PathBuf>,
     },
+    /// Run the daemon at login as a LaunchAgent (macOS) or a systemd user unit
+    /// (Linux), restarted after a crash.
+    Service {
+        #[command(subcommand)]
+        action: mlxd::service::Action,
+        /// Print the service file and the commands; change nothing.
+        #[arg(long, global = true)]
+        dry_run: bool,
+        /// With --dry-run: another platform's file and commands.
+        #[arg(long, global = true, hide = true, value_enum)]
+        target: Option<mlxd::service::Target>,
+    },
+    /// Print the end of the daemon's log, or of a model's worker log.
+    Logs {
+        /// Keep printing what is appended (across rotation) until interrupted.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The worker log of this model instead of the daemon's.
+        #[arg(long)]
+        model: Option<String>,
+        /// How many lines of the end to print.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
     /// Show presets and imported models.
     List,
     /// Import a llama GGUF file as an MLX model.
@@ -120,15 +147,11 @@ fn parse_kv_bits(s: &str) -> Result<KvBits, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MLXD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let mut cfg = Config::load()?;
+    // The daemon also logs to files; the guard flushes them when main returns.
+    let log_dir = matches!(cli.command, Cmd::Serve { .. }).then(|| mlxd::logs::logs_dir(&cfg.home));
+    let _log_guard = mlxd::logs::init(log_dir.as_deref());
     if let Some(p) = cli.port {
         cfg.port = p;
     }
@@ -139,8 +162,8 @@ async fn main() -> anyhow::Result<()> {
             presets_dirs,
             exit_on_stdin_eof,
         } => {
-            if let Some(h) = host {
-                cfg.host = h;
+            if let Some(h) = &host {
+                cfg.host = h.clone();
             }
             mlxd::serve::serve(
                 cfg,
@@ -148,6 +171,8 @@ async fn main() -> anyhow::Result<()> {
                     preload: models,
                     presets_dirs,
                     exit_on_stdin_eof,
+                    host_flag: host,
+                    port_flag: cli.port,
                 },
             )
             .await
@@ -155,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Start { model, pin } => mlxd::cli::start(&cfg, &model, pin).await,
         Cmd::Restart { model } => mlxd::cli::restart(&cfg, &model).await,
         Cmd::Stop { model } => mlxd::cli::stop(&cfg, &model).await,
+        Cmd::Reload => mlxd::cli::reload(&cfg).await,
         Cmd::Ps => mlxd::cli::ps(&cfg).await,
         Cmd::Benchmark {
             model,
@@ -184,6 +210,36 @@ async fn main() -> anyhow::Result<()> {
                 presets_dirs,
             };
             mlxd::tune::tune(cfg, &model, opts).await
+        }
+        Cmd::Service {
+            action,
+            dry_run,
+            target,
+        } => {
+            let opts = mlxd::service::Options {
+                dry_run,
+                target,
+                port: cli.port,
+            };
+            mlxd::service::run(&cfg, action, opts)
+        }
+        Cmd::Logs {
+            follow,
+            model,
+            lines,
+        } => {
+            let source = match model {
+                Some(m) => {
+                    anyhow::ensure!(mlxd::presets::valid_name(&m), "{m:?} is not a model name");
+                    mlxd::logs::LogSource::Worker {
+                        path: mlxd::logs::worker_log_path(&cfg.home, &m),
+                    }
+                }
+                None => mlxd::logs::LogSource::Daemon {
+                    dir: mlxd::logs::logs_dir(&cfg.home),
+                },
+            };
+            mlxd::logs::print(source, lines, follow).await
         }
         Cmd::List => mlxd::cli::list(&cfg),
         Cmd::Import { gguf, name, dtype } => {

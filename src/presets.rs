@@ -713,6 +713,11 @@ impl Presets {
     pub fn iter(&self) -> impl Iterator<Item = &Preset> {
         self.by_name.values()
     }
+
+    /// By exact name (no alias).
+    pub fn get(&self, name: &str) -> Option<&Preset> {
+        self.by_name.get(name)
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,10 @@ pub struct ServeOptions {
     /// Exit when stdin closes: tests use it so that a dead test runner never leaves
     /// a daemon behind (the same lifeline the workers have).
     pub exit_on_stdin_eof: bool,
+    /// `--host` and `--port`, which a reload applies over the re-read config
+    /// again (as main did at start).
+    pub host_flag: Option<String>,
+    pub port_flag: Option<u16>,
 }
 
 /// The first line `mlxd serve` prints on stdout, before the URL it serves on;
@@ -43,6 +47,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
         "refusing to bind {ip} without an API key: set MLXD_API_KEY or api_keys in the config"
     );
     let metrics = crate::metrics::install();
+    let extra_dirs = opts.presets_dirs.clone();
     cfg.presets_dirs.extend(opts.presets_dirs);
     let presets = Presets::load(&cfg.presets_dirs)?;
     // Segments left by daemons that died: first from their records (the only way
@@ -64,6 +69,31 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let guard =
         crate::api::guard::Guard::new(ip, &cfg.allowed_hosts, &cfg.allowed_origins, &cfg.api_keys);
     let supervisor = Arc::new(Supervisor::new(cfg, presets, registry));
+    let (host_flag, port_flag) = (opts.host_flag, opts.port_flag);
+    supervisor.set_config_source(Box::new(move || {
+        let mut cfg = Config::load()?;
+        if let Some(h) = &host_flag {
+            cfg.host = h.clone();
+        }
+        if let Some(p) = port_flag {
+            cfg.port = p;
+        }
+        cfg.presets_dirs.extend(extra_dirs.iter().cloned());
+        Ok(cfg)
+    }));
+    // Installed before the URL is printed: SIGHUP's default action ends the
+    // process, and a script may send it as soon as it reads that line.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
+    let sup = supervisor.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            // The report (or the refusal) is the reload's log line.
+            if let Err(e) = sup.reload().await {
+                tracing::error!("SIGHUP: {e}");
+            }
+        }
+    });
     // Tests and scripts read this line to learn the port (with --port 0).
     println!("{LISTENING}http://{addr}");
     for model in opts.preload {

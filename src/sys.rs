@@ -1,6 +1,7 @@
-//! The daemon's window on the operating system's memory accounting, and ALL of the
-//! daemon's `unsafe` (macOS's sysctl, Mach and libproc calls; Linux needs none: it
-//! reads /proc and /sys). Each block states what makes it sound.
+//! The daemon's window on the operating system's memory accounting and process
+//! lifetimes, and ALL of the daemon's `unsafe` (macOS's sysctl, Mach and libproc
+//! calls; on Linux the worker's pre-exec hook, [`kill_with_daemon`]). Each block
+//! states what makes it sound.
 
 #[cfg(target_os = "linux")]
 mod imp {
@@ -128,3 +129,34 @@ mod imp {
 }
 
 pub use imp::{footprint, system};
+
+/// Linux: the worker gets SIGKILL from the kernel when the daemon dies, however it
+/// dies (SIGKILL from launchd/systemd/OOM included). The stdin lifeline already
+/// ends a worker that reads it; this also ends one that cannot (stopped, or stuck
+/// in native code). Elsewhere a no-op: macOS has no such request, and there the
+/// lifeline (and a restarted daemon's cleanup) must do.
+///
+/// The kernel ties the signal to the *thread* that forked, not the process: the
+/// daemon spawns workers from its tokio runtime's worker threads, which live as
+/// long as the runtime (it never uses `block_in_place`, whose threads may retire).
+#[cfg(target_os = "linux")]
+pub fn kill_with_daemon(cmd: &mut tokio::process::Command) {
+    let daemon = nix::unistd::getpid();
+    // SAFETY: the hook runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: prctl(2) and getppid(2) are system calls,
+    // and the hook neither allocates nor takes locks (errors are raw errnos, which
+    // io::Error holds without allocating).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The daemon died between fork and prctl: the request came too late.
+            if nix::unistd::getppid() != daemon {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn kill_with_daemon(_cmd: &mut tokio::process::Command) {}

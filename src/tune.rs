@@ -17,7 +17,8 @@ use worker_protocol::frame::{ChatMessage, Generate};
 
 use crate::config::Config;
 use crate::presets::{Preset, Presets, SpecMode};
-use crate::supervisor::{GenEvent, ShmRegistry, Supervisor};
+use crate::supervisor::{ShmRegistry, Supervisor};
+use crate::timing::{median, timed_run, TimedRun};
 
 /// What `mlxd tune` sweeps and how.
 #[derive(Debug, Clone)]
@@ -271,53 +272,9 @@ pub fn profile_file(
     Ok(written)
 }
 
-/// One request's timing.
-struct Run {
-    ttft_ms: f64,
-    decode_tps: f64,
-    tokens: u32,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    xs.sort_by(f64::total_cmp);
-    let mid = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[mid]
-    } else {
-        (xs[mid - 1] + xs[mid]) / 2.0
-    }
-}
-
 /// One request through the supervisor's normal path, timed from submission.
-async fn run_one(sup: &Supervisor, model: &str, gen: Generate) -> anyhow::Result<Run> {
-    let began = Instant::now();
-    let mut stream = sup.generate(model, gen, None)?;
-    let (mut first, mut last) = (None, None);
-    loop {
-        match stream.next().await {
-            Some(GenEvent::Token { .. }) => {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-            }
-            Some(GenEvent::Done(done)) => {
-                let first = first.unwrap_or_else(Instant::now);
-                let span = last.map_or(0.0, |l| (l - first).as_secs_f64());
-                let decoded = f64::from(done.completion_tokens.saturating_sub(1));
-                return Ok(Run {
-                    ttft_ms: (first - began).as_secs_f64() * 1e3,
-                    decode_tps: if span > 0.0 { decoded / span } else { 0.0 },
-                    tokens: done.completion_tokens,
-                });
-            }
-            Some(GenEvent::Error(e)) => return Err(e.into()),
-            Some(GenEvent::ToolCall(_) | GenEvent::Logprobs(_)) => {}
-            None => anyhow::bail!("the request ended without a result"),
-        }
-    }
+async fn run_one(sup: &Supervisor, model: &str, gen: Generate) -> anyhow::Result<TimedRun> {
+    Ok(timed_run(sup, model, gen).await?)
 }
 
 /// Loads a candidate, warms it up and measures it (the caller stops it).
@@ -340,12 +297,15 @@ async fn measure(
     for &n in levels {
         let warm =
             futures::future::join_all((0..n).map(|_| run_one(sup, name, short.clone()))).await;
-        warm.into_iter().collect::<anyhow::Result<Vec<Run>>>()?;
+        warm.into_iter()
+            .collect::<anyhow::Result<Vec<TimedRun>>>()?;
         let began = Instant::now();
         let runs = futures::future::join_all((0..n).map(|_| run_one(sup, name, gen.clone()))).await;
         let wall = began.elapsed().as_secs_f64();
-        let runs = runs.into_iter().collect::<anyhow::Result<Vec<Run>>>()?;
-        let tokens: u32 = runs.iter().map(|r| r.tokens).sum();
+        let runs = runs
+            .into_iter()
+            .collect::<anyhow::Result<Vec<TimedRun>>>()?;
+        let tokens: u32 = runs.iter().map(|r| r.done.completion_tokens).sum();
         measured.push(Level {
             concurrency: n,
             ttft_ms: median(runs.iter().map(|r| r.ttft_ms).collect()),

@@ -15,6 +15,7 @@ import threading
 import time
 
 from . import frames
+from .backend import CLOSE_TIMEOUT
 from .engine import Engine, make_backend
 from .stats import blas_library, rss_bytes
 from .transport import ShmTransport, StdioTransport, Transport
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if not engine_thread.is_alive():
             log.error("engine thread died (model failed to load)")
             return 1
-    # Exit without joining the engine: MLX work in flight is abandoned on purpose.
+    # The engine finishes its step and writes what the prefix cache must keep
+    # (backend.close, bounded); MLX work in flight beyond that is abandoned.
+    engine.stop()
+    engine_thread.join(timeout=CLOSE_TIMEOUT + 1.0)
     os._exit(0)
 
 

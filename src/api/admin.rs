@@ -1,4 +1,4 @@
-//! Admin API used by `mlxd start|restart|stop|ps` (loopback only, like the rest).
+//! Admin API used by `mlxd start|restart|stop|ps|reload` (loopback only, like the rest).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -59,4 +59,11 @@ pub async fn stop(
     let req = parse(&body)?;
     let stopped = state.supervisor.stop(&req.model).await?;
     Ok(axum::Json(json!({"model": req.model, "stopped": stopped})))
+}
+
+/// Re-reads config and presets (`mlxd reload`); the report says what changed, or
+/// the error why nothing did.
+pub async fn reload(State(state): State<AppState>) -> Result<axum::Json<Value>, ApiError> {
+    let report = state.supervisor.reload().await?;
+    Ok(axum::Json(json!(report)))
 }

@@ -3,8 +3,6 @@
 //! hits both alike, each run alone through the normal request path. Answers each
 //! run's TTFT, decode tok/s and draft counters, and the medians and their ratio.
 
-use std::time::Instant;
-
 use axum::body::Bytes;
 use axum::extract::State;
 use serde::Deserialize;
@@ -14,7 +12,7 @@ use worker_protocol::frame::{ChatMessage, Done, DraftCounts, Generate};
 use super::openai::{speculative_usage, ApiError};
 use super::AppState;
 use crate::error::Error;
-use crate::supervisor::GenEvent;
+use crate::timing::{median, timed_run};
 
 const MAX_RUNS: u32 = 20;
 const MAX_TOKENS: u32 = 1024;
@@ -73,47 +71,15 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    xs.sort_by(f64::total_cmp);
-    let mid = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[mid]
-    } else {
-        (xs[mid - 1] + xs[mid]) / 2.0
-    }
-}
-
 async fn measure(state: &AppState, model: &str, gen: Generate) -> Result<Run, Error> {
     let speculative = gen.speculative.unwrap_or(false);
-    let began = Instant::now();
-    let mut stream = state.supervisor.generate(model, gen, None)?;
-    let (mut first, mut last) = (None, None);
-    loop {
-        match stream.next().await {
-            Some(GenEvent::Token { .. }) => {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-            }
-            Some(GenEvent::Done(done)) => {
-                let first = first.unwrap_or(began);
-                let span = last.map_or(0.0, |l| (l - first).as_secs_f64());
-                let decoded = f64::from(done.completion_tokens.saturating_sub(1));
-                return Ok(Run {
-                    speculative,
-                    ttft_ms: (first - began).as_secs_f64() * 1e3,
-                    decode_tps: if span > 0.0 { decoded / span } else { 0.0 },
-                    done,
-                });
-            }
-            Some(GenEvent::Error(e)) => return Err(e),
-            Some(GenEvent::ToolCall(_) | GenEvent::Logprobs(_)) => {}
-            None => return Err(Error::Internal("the run ended without a result".into())),
-        }
-    }
+    let run = timed_run(&state.supervisor, model, gen).await?;
+    Ok(Run {
+        speculative,
+        ttft_ms: run.ttft_ms,
+        decode_tps: run.decode_tps,
+        done: run.done,
+    })
 }
 
 fn side(runs: &[Run], speculative: bool) -> Value {
@@ -162,9 +128,8 @@ pub async fn benchmark(
         )
         .into());
     }
-    let preset = state
-        .supervisor
-        .presets()
+    let presets = state.supervisor.presets();
+    let preset = presets
         .resolve(&req.model)
         .ok_or_else(|| Error::ModelNotFound(req.model.clone()))?;
     let name = preset.name.clone();

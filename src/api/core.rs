@@ -16,6 +16,7 @@ use worker_protocol::frame::{Done, Generate, TokenLogprob, Tool, ToolCallFrame};
 
 use super::AppState;
 use crate::error::Error;
+use crate::metrics::{Outcome, RequestTimer};
 use crate::presets::TransportKind;
 use crate::supervisor::{token_text, GenEvent, GenStream, KeepAlive};
 
@@ -30,18 +31,49 @@ pub struct CoreRequest {
 pub struct Started {
     stream: GenStream,
     first: Option<GenEvent>,
+    /// Dropped with the response: a client that goes away is timed as cancelled.
+    timer: RequestTimer,
 }
 
 /// Starts a generation and waits for its first event. Nothing reaches the client
 /// before that: a request refused, or one whose worker dies before starting it,
 /// still gets a plain HTTP error status in the client's dialect.
+///
+/// Every dialect's generation passes here, so request latency and TTFT are timed
+/// here, once: from now (the request parsed and its model known) to its end.
 pub async fn start(state: &AppState, req: CoreRequest) -> Result<Started, Error> {
-    let preset = state
-        .supervisor
-        .presets()
+    let presets = state.supervisor.presets();
+    let preset = presets
         .resolve(&req.model)
         .ok_or_else(|| Error::ModelNotFound(req.model.clone()))?;
-    if preset.transport == TransportKind::Http {
+    // Labelled by the preset's name, not the client's string (an alias, or a
+    // name that does not exist, which returned above): bounded label values.
+    let mut timer = RequestTimer::start(&preset.name);
+    match first_event(state, req, preset.transport).await {
+        Ok((stream, first)) => {
+            if is_output(&first) {
+                timer.output();
+            }
+            Ok(Started {
+                stream,
+                first: Some(first),
+                timer,
+            })
+        }
+        Err(e) => {
+            timer.finish(Outcome::of(&e));
+            Err(e)
+        }
+    }
+}
+
+/// Asks the model's worker for a generation and waits for its first event.
+async fn first_event(
+    state: &AppState,
+    req: CoreRequest,
+    transport: TransportKind,
+) -> Result<(GenStream, GenEvent), Error> {
+    if transport == TransportKind::Http {
         return Err(Error::invalid(
             format!(
                 "'{}' runs on the http transport, which serves only plain OpenAI requests \
@@ -56,19 +88,44 @@ pub async fn start(state: &AppState, req: CoreRequest) -> Result<Started, Error>
         .generate(&req.model, req.gen, req.keep_alive)?;
     match stream.next().await {
         Some(GenEvent::Error(e)) => Err(e),
-        Some(ev) => Ok(Started {
-            stream,
-            first: Some(ev),
-        }),
+        Some(ev) => Ok((stream, ev)),
         None => Err(Error::Internal("generation ended without a result".into())),
     }
 }
 
+/// An event that is the answer's output (what TTFT waits for).
+fn is_output(ev: &GenEvent) -> bool {
+    matches!(ev, GenEvent::Token { .. } | GenEvent::ToolCall(_))
+}
+
 impl Started {
     async fn next(&mut self) -> Option<GenEvent> {
-        match self.first.take() {
+        let ev = match self.first.take() {
             Some(ev) => Some(ev),
             None => self.stream.next().await,
+        };
+        self.observe(ev.as_ref());
+        ev
+    }
+
+    /// An event already waiting, if any (for coalescing).
+    fn try_next(&mut self) -> Option<GenEvent> {
+        let ev = self.stream.try_next();
+        if ev.is_some() {
+            self.observe(ev.as_ref());
+        }
+        ev
+    }
+
+    /// Times every event taken (None: the stream ended without an end).
+    fn observe(&mut self, ev: Option<&GenEvent>) {
+        let timer = &mut self.timer;
+        match ev {
+            Some(ev) if is_output(ev) => timer.output(),
+            Some(GenEvent::Done(_)) => timer.finish(Outcome::Ok),
+            Some(GenEvent::Error(e)) => timer.finish(Outcome::of(e)),
+            Some(_) => {}
+            None => timer.finish(Outcome::DaemonError),
         }
     }
 }
@@ -171,7 +228,7 @@ pub fn stream<R: Renderer>(started: Started, renderer: R, framing: Framing) -> R
                     // Logprobs that arrive after the last token taken belong to
                     // tokens still on their way: they wait for them.
                     let mut later: Vec<TokenLogprob> = Vec::new();
-                    while let Some(more) = st.started.stream.try_next() {
+                    while let Some(more) = st.started.try_next() {
                         match more {
                             GenEvent::Token { text: t, .. } => {
                                 st.logprobs.append(&mut later);

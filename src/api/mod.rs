@@ -9,6 +9,7 @@ pub mod guard;
 pub mod ollama;
 pub mod openai;
 pub mod responses;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -47,11 +48,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/show"),
     ("GET", "/api/version"),
     ("GET", "/metrics"),
+    ("GET", "/ui"),
+    ("GET", "/ui/events"),
     ("GET", "/admin/ps"),
     ("GET", "/admin/memory"),
     ("POST", "/admin/start"),
     ("POST", "/admin/restart"),
     ("POST", "/admin/stop"),
+    ("POST", "/admin/reload"),
     ("POST", "/admin/benchmark"),
 ];
 
@@ -71,11 +75,14 @@ fn handler(path: &str) -> axum::routing::MethodRouter<AppState> {
         "/api/show" => post(ollama::show),
         "/api/version" => get(ollama::version),
         "/metrics" => get(render_metrics),
+        "/ui" => get(ui::page),
+        "/ui/events" => get(ui::events),
         "/admin/ps" => get(admin::ps),
         "/admin/memory" => get(admin::memory),
         "/admin/start" => post(admin::start),
         "/admin/restart" => post(admin::restart),
         "/admin/stop" => post(admin::stop),
+        "/admin/reload" => post(admin::reload),
         "/admin/benchmark" => post(benchmark::benchmark),
         other => unreachable!("route {other} in ROUTES has no handler"),
     }
@@ -89,6 +96,7 @@ pub const CONTROL_ROUTES: &[&str] = &[
     "/admin/start",
     "/admin/restart",
     "/admin/stop",
+    "/admin/reload",
     "/admin/benchmark",
 ];
 

@@ -697,11 +697,12 @@ pub async fn tags(State(state): State<AppState>) -> axum::Json<Value> {
 pub async fn ps(State(state): State<AppState>) -> axum::Json<Value> {
     let models_dir = state.supervisor.models_dir();
     let loaded = state.supervisor.ps().await;
+    let presets = state.supervisor.presets();
     let models: Vec<Value> = loaded
         .iter()
         .filter(|w| w.state == "ready")
         .filter_map(|w| {
-            let p = state.supervisor.presets().resolve(&w.model)?;
+            let p = presets.resolve(&w.model)?;
             let f = model_facts(p, models_dir);
             let expires = match KeepAlive::parse(&w.keep_alive) {
                 Ok(KeepAlive::For(d)) if !w.pinned => Some(
@@ -737,9 +738,8 @@ struct ShowRequest {
 pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
     let req: ShowRequest = core::from_object(core::parse_object(&body)?)?;
     let name = req.model.or(req.name).unwrap_or_default();
-    let preset = state
-        .supervisor
-        .presets()
+    let presets = state.supervisor.presets();
+    let preset = presets
         .resolve(&name)
         .ok_or_else(|| Error::ModelNotFound(name.clone()))?;
     let f = model_facts(preset, state.supervisor.models_dir());

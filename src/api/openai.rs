@@ -715,9 +715,8 @@ async fn run(
         include_usage: sampling.include_usage(),
         logprobs: gen.logprobs,
     };
-    let preset = state
-        .supervisor
-        .presets()
+    let presets = state.supervisor.presets();
+    let preset = presets
         .resolve(&sampling.model)
         .ok_or_else(|| Error::ModelNotFound(sampling.model.clone()))?;
     if preset.transport == TransportKind::Http && is_plain(&gen) {

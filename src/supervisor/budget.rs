@@ -217,10 +217,16 @@ impl Budget {
             })
             .collect();
         let used = models.iter().map(|m| m.footprint_bytes).sum();
+        let cap_bytes = self.cfg.memory_cap.resolve(system.total);
+        let shed_bytes = self.cfg.memory_shed.resolve(system.total);
         metrics::gauge!("mlxd_memory_used_bytes").set(used as f64);
+        // Exported beside the usage so that a dashboard can draw the limits it is
+        // measured against (they follow the machine's total when given as shares).
+        metrics::gauge!("mlxd_memory_cap_bytes").set(cap_bytes as f64);
+        metrics::gauge!("mlxd_memory_shed_bytes").set(shed_bytes as f64);
         MemoryReport {
-            cap_bytes: self.cfg.memory_cap.resolve(system.total),
-            shed_bytes: self.cfg.memory_shed.resolve(system.total),
+            cap_bytes,
+            shed_bytes,
             total_bytes: system.total,
             available_bytes: system.available,
             used_bytes: used,

@@ -31,6 +31,12 @@ use crate::transport::{Inbound, Incoming, Outbound, WireCounters};
 /// events are small and drained continuously.
 const REQUEST_RING: u64 = 16 << 20;
 const EVENT_RING: u64 = 4 << 20;
+/// A worker's routine log line (its INFO and DEBUG records), as opposed to a
+/// warning, an error or a traceback line.
+fn is_routine(line: &str) -> bool {
+    line.contains(" INFO ") || line.contains(" DEBUG ")
+}
+
 /// Lines of worker stderr kept for error messages.
 const STDERR_TAIL: usize = 20;
 /// How long a worker whose output reached EOF has to exit before it is killed.
@@ -242,11 +248,31 @@ impl Incarnation {
         };
         tracing::info!(model = %preset.name, incarnation = n, pid, %transport, "worker spawned");
 
+        // The worker's stderr, whole, goes to its own file; the daemon's log gets
+        // its routine lines at debug level only (they are in that file), and the
+        // rest (warnings, errors, tracebacks) as before.
+        let mut log = match crate::logs::WorkerLog::open(&cfg.home, &preset.name) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                tracing::warn!(model = %preset.name, "no worker log file: {e}");
+                None
+            }
+        };
         let sh = shared.clone();
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(target: "worker", model = %sh.model, "{line}");
+                if let Some(file) = &mut log {
+                    if let Err(e) = file.write_line(&line) {
+                        tracing::warn!(model = %sh.model, "writing {}: {e}", file.path().display());
+                        log = None;
+                    }
+                }
+                if is_routine(&line) {
+                    tracing::debug!(target: "worker", model = %sh.model, "{line}");
+                } else {
+                    tracing::info!(target: "worker", model = %sh.model, "{line}");
+                }
                 let mut tail = sh.stderr_tail.lock().expect("lock");
                 if tail.len() == STDERR_TAIL {
                     tail.pop_front();
@@ -440,7 +466,7 @@ impl Shared {
         let telling: Vec<&str> = tail
             .iter()
             .map(String::as_str)
-            .filter(|l| !l.contains(" INFO ") && !l.contains(" DEBUG ") && !l.trim().is_empty())
+            .filter(|l| !is_routine(l) && !l.trim().is_empty())
             .collect();
         telling[telling.len().saturating_sub(lines)..].join(" | ")
     }

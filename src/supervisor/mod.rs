@@ -9,6 +9,7 @@
 mod budget;
 mod incarnation;
 mod registry;
+pub mod reload;
 mod request;
 mod slot;
 mod spawn;
@@ -16,7 +17,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +26,7 @@ use worker_protocol::frame::Generate;
 pub use budget::MemoryReport;
 pub use incarnation::{token_text, GenEvent};
 pub use registry::ShmRegistry;
+pub use reload::ReloadReport;
 pub use request::{GenStream, Lease};
 pub use slot::SlotInfo;
 pub use spawn::openblas_path;
@@ -33,7 +35,7 @@ pub use state::KeepAlive;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::memory::{OsProbe, Probe};
-use crate::presets::{Preset, Presets};
+use crate::presets::Presets;
 use budget::{Admit, Budget};
 use request::{Job, Pending};
 use slot::{Command, Slot};
@@ -41,9 +43,21 @@ use slot::{Command, Slot};
 /// `mlxd stop` answers within this (the stop grace, SIGKILL, the reap).
 const STOP_ANSWER_LIMIT: Duration = Duration::from_secs(12);
 
+/// Where a reload reads the configuration from (serve's: config.toml and the
+/// environment, with its command-line overrides).
+pub type ConfigSource = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
+
 pub struct Supervisor {
+    /// The configuration the daemon started with: slots spawn workers with it.
     cfg: Arc<Config>,
-    presets: Presets,
+    /// The latest loaded configuration: the fields a reload applies live
+    /// (`allow_models`) are read from it.
+    live: RwLock<Arc<Config>>,
+    /// Swapped whole by a reload: a lookup clones the Arc and holds no lock.
+    presets: RwLock<Arc<Presets>>,
+    config_source: std::sync::OnceLock<ConfigSource>,
+    /// One reload at a time (two racing would diff against the same old presets).
+    reloading: tokio::sync::Mutex<()>,
     /// Each model's slot, created the first time the model is asked for. The lock
     /// is held only to look up or insert (the memory arbiter reads it too).
     slots: budget::Slots,
@@ -70,8 +84,11 @@ impl Supervisor {
         let slots: budget::Slots = Arc::new(Mutex::new(HashMap::new()));
         Supervisor {
             budget: Budget::new(cfg.clone(), probe, slots.clone()),
+            live: RwLock::new(cfg.clone()),
             cfg,
-            presets,
+            presets: RwLock::new(Arc::new(presets)),
+            config_source: std::sync::OnceLock::new(),
+            reloading: tokio::sync::Mutex::new(()),
             slots,
             next_id: AtomicU64::new(1),
             registry: Arc::new(registry),
@@ -93,8 +110,9 @@ impl Supervisor {
         self.budget.report().await
     }
 
-    pub fn presets(&self) -> &Presets {
-        &self.presets
+    /// The presets now in force (a reload swaps them; this snapshot stays whole).
+    pub fn presets(&self) -> Arc<Presets> {
+        self.presets.read().expect("lock").clone()
     }
 
     /// Where imported models live.
@@ -102,16 +120,25 @@ impl Supervisor {
         &self.cfg.models_dir
     }
 
-    fn preset(&self, model: &str) -> Result<&Preset> {
-        self.presets
+    /// The model's preset name (an alias resolved), or 404.
+    fn name(&self, model: &str) -> Result<String> {
+        self.presets()
             .resolve(model)
+            .map(|p| p.name.clone())
             .ok_or_else(|| Error::ModelNotFound(model.to_string()))
     }
 
-    fn slot(&self, preset: &Preset) -> mpsc::UnboundedSender<Command> {
+    /// The model's slot (created on first use) and its preset name. The preset is
+    /// resolved under the slots lock, which a reload holds while it swaps the
+    /// presets: a slot is never created from a preset a reload just replaced.
+    fn slot(&self, model: &str) -> Result<(String, mpsc::UnboundedSender<Command>)> {
         let arbiter = self.arbiter.get_or_init(|| self.budget.spawn()).clone();
         let mut slots = self.slots.lock().expect("lock");
-        slots
+        let presets = self.presets();
+        let preset = presets
+            .resolve(model)
+            .ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
+        let slot = slots
             .entry(preset.name.clone())
             .or_insert_with(|| {
                 Slot::spawn(
@@ -123,7 +150,8 @@ impl Supervisor {
                     Some(arbiter),
                 )
             })
-            .clone()
+            .clone();
+        Ok((preset.name.clone(), slot))
     }
 
     fn send(slot: &mpsc::UnboundedSender<Command>, cmd: Command) -> Result<()> {
@@ -135,7 +163,7 @@ impl Supervisor {
         Pending {
             id,
             job,
-            may_start: self.cfg.may_start(model),
+            may_start: self.live.read().expect("lock").may_start(model),
             keep_alive,
             retries: 0,
         }
@@ -149,11 +177,10 @@ impl Supervisor {
         mut gen: Generate,
         keep_alive: Option<KeepAlive>,
     ) -> Result<GenStream> {
-        let preset = self.preset(model)?;
-        self.check_memory(&preset.name)?;
-        let slot = self.slot(preset);
+        let name = self.name(model)?;
+        self.check_memory(&name)?;
+        let (name, slot) = self.slot(&name)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let name = preset.name.clone();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         gen.id = id;
         let p = self.pending(id, &name, Job::Generate { gen, tx }, keep_alive);
@@ -170,12 +197,12 @@ impl Supervisor {
     /// A place in the model's concurrency limit and the port its worker serves
     /// HTTP on (the `http` transport).
     pub async fn lease(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Lease> {
-        let preset = self.preset(model)?;
-        self.check_memory(&preset.name)?;
-        let slot = self.slot(preset);
+        let name = self.name(model)?;
+        self.check_memory(&name)?;
+        let (name, slot) = self.slot(&name)?;
         let (reply, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let p = self.pending(id, &preset.name, Job::Lease { reply }, keep_alive);
+        let p = self.pending(id, &name, Job::Lease { reply }, keep_alive);
         Self::send(&slot, Command::Submit(Box::new(p)))?;
         rx.await
             .map_err(|_| Error::Internal("the model's slot dropped a lease request".into()))?
@@ -183,34 +210,29 @@ impl Supervisor {
 
     /// Starts the model (ignoring `allow_models`) and waits until it is Ready.
     pub async fn start(&self, model: &str, pin: bool) -> Result<SlotInfo> {
-        let preset = self.preset(model)?;
-        let slot = self.slot(preset);
+        let (name, slot) = self.slot(model)?;
         let (reply, rx) = oneshot::channel();
         Self::send(&slot, Command::Start { pin, reply })?;
-        self.await_start(preset, &slot, rx).await
+        self.await_start(name, &slot, rx).await
     }
 
     /// A fresh incarnation of the model (clears a Failed state).
     pub async fn restart(&self, model: &str) -> Result<SlotInfo> {
-        let preset = self.preset(model)?;
-        let slot = self.slot(preset);
+        let (name, slot) = self.slot(model)?;
         let (reply, rx) = oneshot::channel();
         Self::send(&slot, Command::Restart { reply })?;
-        self.await_start(preset, &slot, rx).await
+        self.await_start(name, &slot, rx).await
     }
 
     async fn await_start(
         &self,
-        preset: &Preset,
+        model: String,
         slot: &mpsc::UnboundedSender<Command>,
         rx: oneshot::Receiver<Result<(), String>>,
     ) -> Result<SlotInfo> {
         match rx.await {
             Ok(Ok(())) => Self::info(slot).await,
-            Ok(Err(reason)) => Err(Error::WorkerUnavailable {
-                model: preset.name.clone(),
-                reason,
-            }),
+            Ok(Err(reason)) => Err(Error::WorkerUnavailable { model, reason }),
             Err(_) => Err(Error::Internal("the model's slot closed".into())),
         }
     }
@@ -225,8 +247,8 @@ impl Supervisor {
     /// Stops the model's worker (in-flight requests get the stop grace to finish);
     /// false if none was running.
     pub async fn stop(&self, model: &str) -> Result<bool> {
-        let preset = self.preset(model)?;
-        let Some(slot) = self.slots.lock().expect("lock").get(&preset.name).cloned() else {
+        let name = self.name(model)?;
+        let Some(slot) = self.slots.lock().expect("lock").get(&name).cloned() else {
             return Ok(false);
         };
         let (reply, rx) = oneshot::channel();
@@ -236,7 +258,7 @@ impl Supervisor {
             Ok(Err(_)) => Err(Error::Internal("the model's slot closed".into())),
             Err(_) => Err(Error::Internal(format!(
                 "the worker of '{}' did not exit within {} s of being killed",
-                preset.name,
+                name,
                 STOP_ANSWER_LIMIT.as_secs()
             ))),
         }
@@ -255,6 +277,84 @@ impl Supervisor {
         }
         out.sort_by(|a, b| a.model.cmp(&b.model));
         out
+    }
+
+    /// Where `reload` reads the configuration from (set once, by serve).
+    pub fn set_config_source(&self, source: ConfigSource) {
+        let _ = self.config_source.set(source);
+    }
+
+    /// Re-reads the configuration and every preset and applies the difference
+    /// (`mlxd reload`, SIGHUP). Anything unreadable refuses the whole reload and
+    /// changes nothing. Models whose preset is unchanged are not touched.
+    pub async fn reload(&self) -> Result<ReloadReport> {
+        let _one = self.reloading.lock().await;
+        let source = self
+            .config_source
+            .get()
+            .ok_or_else(|| Error::Internal("this daemon has no config to reload".into()))?;
+        let refused = |e: anyhow::Error| Error::invalid(format!("reload refused: {e:#}"), None);
+        let cfg = source().map_err(refused)?;
+        let presets = Presets::load(&cfg.presets_dirs).map_err(refused)?;
+        // Against the config the daemon started with: what is in force for those
+        // fields (reported on every reload until the daemon restarts).
+        let mut report = ReloadReport {
+            needs_restart: reload::needs_restart(&self.cfg, &cfg),
+            ..ReloadReport::default()
+        };
+        let mut updates = Vec::new();
+        {
+            // Held across the swap: `slot()` resolves presets under this lock.
+            let mut slots = self.slots.lock().expect("lock");
+            let old = self.presets();
+            let diff = reload::diff_presets(&old, &presets);
+            for name in &diff.changed {
+                match slots.get(name) {
+                    Some(slot) => {
+                        let preset = presets.get(name).expect("in the new presets").clone();
+                        let (reply, rx) = oneshot::channel();
+                        let cmd = Command::Reload {
+                            preset: Box::new(preset),
+                            reply,
+                        };
+                        if slot.send(cmd).is_ok() {
+                            updates.push((name.clone(), rx));
+                        }
+                    }
+                    None => report.updated.push(name.clone()),
+                }
+            }
+            for name in &diff.removed {
+                if let Some(slot) = slots.remove(name) {
+                    // Drains what it runs, refuses what waits, then the task ends.
+                    let (done, _) = oneshot::channel();
+                    let _ = slot.send(Command::Shutdown(done));
+                }
+            }
+            *self.presets.write().expect("lock") = Arc::new(presets);
+            *self.live.write().expect("lock") = Arc::new(cfg);
+            report.unchanged = diff.unchanged;
+            report.added = diff.added;
+            report.removed = diff.removed;
+        }
+        for (name, rx) in updates {
+            match rx.await {
+                Ok(true) => report.restarted.push(name),
+                _ => report.updated.push(name),
+            }
+        }
+        report.updated.sort();
+        // Unchanged ones by count: every shipped preset is among them.
+        tracing::info!(
+            unchanged = report.unchanged.len(),
+            restarted = ?report.restarted,
+            updated = ?report.updated,
+            added = ?report.added,
+            removed = ?report.removed,
+            needs_restart = ?report.needs_restart,
+            "reloaded presets and config"
+        );
+        Ok(report)
     }
 
     /// Segments this daemon has created and not yet unlinked.

@@ -63,6 +63,13 @@ pub enum Command {
     /// Memory is short: the worker gives MLX's cache back.
     ClearCache,
     Info(oneshot::Sender<SlotInfo>),
+    /// A reload changed the model's preset: a running worker is replaced the way
+    /// `Restart` does it (drained; queued requests wait for the new one); replies
+    /// whether one was. Otherwise the next load uses it.
+    Reload {
+        preset: Box<Preset>,
+        reply: oneshot::Sender<bool>,
+    },
     /// Daemon shutdown: refuse everything, stop the worker, end the task.
     Shutdown(oneshot::Sender<()>),
 }
@@ -527,6 +534,21 @@ impl Slot {
             Command::Info(reply) => {
                 self.measure();
                 let _ = reply.send(self.info());
+            }
+            Command::Reload { preset, reply } => {
+                self.machine.set_policy(preset.policy());
+                self.preset = *preset;
+                // Effect::Spawn reads self.preset, so the next incarnation is the
+                // new preset's; only a live one needs replacing.
+                let running = matches!(
+                    self.machine.state,
+                    State::Ready { .. } | State::Starting { .. }
+                );
+                if running {
+                    tracing::info!(model = %self.name(), "preset changed: replacing the worker");
+                    self.feed(Event::Restart);
+                }
+                let _ = reply.send(running);
             }
             Command::Shutdown(done) => {
                 self.closing = Some(done);

@@ -1,5 +1,6 @@
 //! Building a worker's process: interpreter, arguments, a scrubbed environment,
-//! its own process group, and the pipes that are its lifeline.
+//! its own process group, and the pipes that are its lifeline (plus, on Linux, a
+//! parent-death signal: `sys::kill_with_daemon`).
 //!
 //! Kill steps (the slot's Shutdown and Kill effects): Shutdown frame and stdin EOF;
 //! after the stop grace, or at once for a faulty worker, SIGTERM to the whole process
@@ -84,6 +85,7 @@ pub fn command(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    crate::sys::kill_with_daemon(&mut cmd);
     cmd
 }
 

@@ -259,6 +259,12 @@ impl Machine {
         }
     }
 
+    /// A reloaded preset's policy; the keep-alive in force becomes its default.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.keep_alive = policy.keep_alive;
+        self.policy = policy;
+    }
+
     pub fn policy(&self) -> &Policy {
         &self.policy
     }

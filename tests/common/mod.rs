@@ -25,6 +25,13 @@ impl Daemon {
         drop(self._lifeline);
         self.child.into_inner().unwrap().wait().unwrap()
     }
+
+    /// SIGKILLs the daemon (as launchd, systemd or the OOM killer may) and reaps it.
+    pub fn kill_hard(self) -> std::process::ExitStatus {
+        let mut child = self.child.into_inner().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap()
+    }
 }
 
 pub fn root() -> PathBuf {

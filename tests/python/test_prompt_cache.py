@@ -121,6 +121,14 @@ def test_a_killed_worker_finds_its_prefix_cache_on_disk(oai: OpenAI, session_pre
     assert second.choices[0].message.content == reference.choices[0].message.content
     restarted = next(w for w in control().get("/admin/ps").json()["workers"] if w["model"] == model)
     assert restarted["pid"] != worker["pid"]
+    # A clean restart writes what memory holds: a short exchange (below the
+    # write-through length) is found on disk by the next worker.
+    short = f"[{uuid.uuid4()}] Be brief."
+    written = set(store.rglob("*.safetensors"))
+    assert cached(ask(oai, model, short, "Hi")) < 10
+    control().post("/admin/restart", json={"model": model}).raise_for_status()
+    assert set(store.rglob("*.safetensors")) - written, "nothing was written at the stop"
+    assert cached(ask(oai, model, short, "Hello")) > 15
 
 
 def test_a_quantized_kv_model_serves_concurrent_requests(oai: OpenAI) -> None:
