@@ -123,7 +123,7 @@ fn daily_appender(
 ) -> Result<tracing_appender::rolling::RollingFileAppender, LogFileError> {
     // Made first: the appender prunes old files as it starts, and complains on
     // stderr when the directory is missing.
-    std::fs::create_dir_all(dir)?;
+    private_dir(dir)?;
     Ok(tracing_appender::rolling::Builder::new()
         .rotation(tracing_appender::rolling::Rotation::DAILY)
         .filename_prefix(DAEMON_LOG_PREFIX)
@@ -150,7 +150,7 @@ impl WorkerLog {
 
     fn open_capped(path: PathBuf, cap: u64) -> std::io::Result<WorkerLog> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            private_dir(dir)?;
         }
         if std::fs::metadata(&path).is_ok_and(|m| m.len() >= cap) {
             std::fs::rename(&path, aside(&path))?;
@@ -193,10 +193,20 @@ fn aside(path: &Path) -> PathBuf {
 }
 
 fn append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
+}
+
+/// The logs directory, readable by its owner only: worker tracebacks and error
+/// messages can quote what a request sent.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// The last `n` lines of `path` (reading backwards from its end, so a large file

@@ -255,8 +255,25 @@ fn systemd_quote(word: &str, exec: bool) -> String {
     if exec {
         s = s.replace('$', "$$");
     }
-    if s.is_empty() || s.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\')) {
-        let escaped = s.replace('\\', "\\\\").replace('"', "\\\"");
+    if s.is_empty()
+        || s.contains(|c: char| {
+            c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\')
+        })
+    {
+        // C-style escapes inside quotes (systemd unquotes them): a newline in a
+        // value must not end the directive's line.
+        let mut escaped = String::new();
+        for c in s.chars() {
+            match c {
+                '\\' => escaped.push_str("\\\\"),
+                '"' => escaped.push_str("\\\""),
+                '\n' => escaped.push_str("\\n"),
+                '\t' => escaped.push_str("\\t"),
+                '\r' => escaped.push_str("\\r"),
+                c if c.is_control() => escaped.push_str(&format!("\\x{:02x}", u32::from(c))),
+                c => escaped.push(c),
+            }
+        }
         format!("\"{escaped}\"")
     } else {
         s
@@ -839,6 +856,11 @@ mod tests {
         assert_eq!(systemd_quote("K=$v", false), "K=$v");
         assert_eq!(systemd_quote(r#"a "b"\c"#, true), r#""a \"b\"\\c""#);
         assert_eq!(systemd_quote("", true), r#""""#);
+        // A newline in an environment value stays inside its directive's line.
+        assert_eq!(
+            systemd_quote("K=a\nExecStart=/bin/x", false),
+            r#""K=a\nExecStart=/bin/x""#
+        );
     }
 
     fn service(target: Target) -> Service {

@@ -162,6 +162,17 @@ fn the_dashboard_queries_only_exported_families() {
     }
 }
 
+/// Requests of the `replay` preset that ended well, by the duration histogram.
+fn ok_requests(text: &str) -> f64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with("mlxd_request_duration_seconds_count{")
+                && l.contains(r#"model="replay""#)
+                && l.contains(r#"outcome="ok""#)
+        })
+        .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
 async fn metrics_text() -> String {
     reqwest::get(format!("{}/metrics", daemon().url))
         .await
@@ -178,6 +189,7 @@ async fn metrics_text() -> String {
 #[tokio::test]
 async fn requests_are_timed_per_preset_and_every_family_has_help() {
     let url = format!("{}/v1/completions", daemon().url);
+    let before = ok_requests(&metrics_text().await);
     let ask = |model: &str, stream: bool| json!({"model": model, "prompt": "hi", "max_tokens": 4, "stream": stream});
     let (status, body) = post_json(&url, &ask("replay", false)).await;
     assert_eq!(status, 200, "{body}");
@@ -192,15 +204,8 @@ async fn requests_are_timed_per_preset_and_every_family_has_help() {
         !text.contains(unknown),
         "a client's model name became a label"
     );
-    let count = text
-        .lines()
-        .find(|l| {
-            l.starts_with("mlxd_request_duration_seconds_count{")
-                && l.contains(r#"model="replay""#)
-                && l.contains(r#"outcome="ok""#)
-        })
-        .unwrap_or_else(|| panic!("no request duration for replay:\n{text}"));
-    assert!(count.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= 2.0);
+    // Exactly the two requests above, the streamed one included.
+    assert_eq!(ok_requests(&text) - before, 2.0, "{text}");
     assert!(
         text.lines()
             .any(|l| l.starts_with(r#"mlxd_ttft_seconds_bucket{model="replay",le="120"}"#)),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use metrics::Counter;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use worker_protocol::frame::{token_batch_entries, Hello, Load, Stats};
 use worker_protocol::segment::{new_name, Direction, Heartbeat, Segment};
@@ -39,6 +39,8 @@ fn is_routine(line: &str) -> bool {
 
 /// Lines of worker stderr kept for error messages.
 const STDERR_TAIL: usize = 20;
+/// A worker's stderr line is cut into pieces of at most this many bytes.
+const STDERR_LINE_MAX: u64 = 16 << 10;
 /// How long a worker whose output reached EOF has to exit before it is killed.
 const EOF_GRACE: Duration = Duration::from_millis(500);
 /// How long a killed worker gets between SIGTERM and SIGKILL of its group.
@@ -260,8 +262,24 @@ impl Incarnation {
         };
         let sh = shared.clone();
         tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            // Bytes, not UTF-8 lines: one bad byte must not stop the reading (the
+            // worker would block on a full pipe), nor a line without an end grow
+            // without bound.
+            let mut reader = tokio::io::BufReader::new(stderr);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                match (&mut reader)
+                    .take(STDERR_LINE_MAX)
+                    .read_until(b'\n', &mut raw)
+                    .await
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&raw)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string();
                 if let Some(file) = &mut log {
                     if let Err(e) = file.write_line(&line) {
                         tracing::warn!(model = %sh.model, "writing {}: {e}", file.path().display());

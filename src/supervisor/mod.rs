@@ -325,10 +325,25 @@ impl Supervisor {
                 }
             }
             for name in &diff.removed {
-                if let Some(slot) = slots.remove(name) {
+                if let Some(slot) = slots.get(name) {
                     // Drains what it runs, refuses what waits, then the task ends.
-                    let (done, _) = oneshot::channel();
-                    let _ = slot.send(Command::Shutdown(done));
+                    // It stays in the map until then: the memory arbiter, ps and
+                    // shutdown still see its worker, and no second slot of that
+                    // name can start beside it (requests get 404 meanwhile: the
+                    // preset is gone).
+                    let (done, finished) = oneshot::channel();
+                    if slot.send(Command::Shutdown(done)).is_ok() {
+                        let (slots, name, slot) = (self.slots.clone(), name.clone(), slot.clone());
+                        tokio::spawn(async move {
+                            let _ = finished.await;
+                            let mut map = slots.lock().expect("lock");
+                            if map.get(&name).is_some_and(|s| s.same_channel(&slot)) {
+                                map.remove(&name);
+                            }
+                        });
+                    } else {
+                        slots.remove(name);
+                    }
                 }
             }
             *self.presets.write().expect("lock") = Arc::new(presets);

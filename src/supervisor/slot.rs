@@ -546,8 +546,8 @@ impl Slot {
                 );
                 if running {
                     tracing::info!(model = %self.name(), "preset changed: replacing the worker");
-                    self.feed(Event::Restart);
                 }
+                self.feed(Event::Replace);
                 let _ = reply.send(running);
             }
             Command::Shutdown(done) => {

@@ -143,6 +143,11 @@ pub enum Event {
     Start,
     /// `mlxd restart`: a fresh incarnation now (clears Failed).
     Restart,
+    /// The preset changed (a reload): a live worker is replaced after what it runs
+    /// has finished, however long that takes (like an eviction, nothing in flight
+    /// is cut off); a failed or backing-off model is cleared, to load the new
+    /// preset on demand.
+    Replace,
     /// `mlxd stop`.
     Stop,
     /// Make room for another model: like Stop, but in-flight requests always finish.
@@ -378,6 +383,29 @@ impl Machine {
                 self.start_wanted = true;
                 vec![self.spawn(now, false)]
             }
+
+            (Event::Replace, State::Ready { .. }) => {
+                let mut out = self.handle(Event::Restart, now, work);
+                if let State::Draining { deadline } = &mut self.state {
+                    *deadline = None;
+                }
+                out.retain(|e| !matches!(e, E::Kill));
+                out
+            }
+            (
+                Event::Replace,
+                State::Starting { .. } | State::Draining { .. } | State::Crashed { .. },
+            ) => self.handle(Event::Restart, now, work),
+            (Event::Replace, State::Failed { .. } | State::Backoff { .. }) => {
+                self.reset_crashes();
+                self.state = State::Stopped;
+                if work.queued > 0 {
+                    vec![self.spawn(now, false)]
+                } else {
+                    vec![]
+                }
+            }
+            (Event::Replace, State::Stopped) => vec![],
 
             (Event::Evict(reason), State::Ready { .. }) => {
                 self.pinned = false;
@@ -1101,6 +1129,37 @@ mod tests {
         h.at(1.0).tick(false);
         let out = h.at(1.5).send(Event::Exited("exit status 0".into()));
         assert_eq!(out.last(), Some(&Effect::Spawn(2)));
+    }
+
+    #[test]
+    fn a_changed_preset_waits_for_long_requests_and_clears_a_failed_model() {
+        let mut h = Harness::running(0.0);
+        h.work.inflight = 1;
+        let out = h.send(Event::Replace);
+        assert!(!out.iter().any(is_reject), "{out:?}");
+        assert!(matches!(h.m.state, State::Draining { deadline: None }));
+        // Minutes later the request still runs: nothing kills it.
+        assert_eq!(h.at(600.0).tick(false), vec![]);
+        h.work.inflight = 0;
+        assert_eq!(h.at(601.0).tick(false), vec![Effect::Shutdown]);
+        let out = h.at(602.0).send(Event::Exited("exit status 0".into()));
+        assert_eq!(
+            out.last(),
+            Some(&Effect::Spawn(2)),
+            "the new preset's worker"
+        );
+
+        let mut h = Harness::running(0.0);
+        h.m.state = State::Failed {
+            reason: "crashed 6 times in 60 s".into(),
+        };
+        assert_eq!(h.send(Event::Replace), vec![]);
+        assert_eq!(h.m.state, State::Stopped);
+        assert_eq!(
+            h.m.admits(h.now),
+            Ok(()),
+            "the edited preset gets its chance"
+        );
     }
 
     #[test]
