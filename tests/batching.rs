@@ -71,15 +71,6 @@ fn parse_stream(body: &str) -> Completion {
     panic!("stream ended without [DONE]: {body}");
 }
 
-async fn metrics() -> String {
-    reqwest::get(format!("{}/metrics", daemon().url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of a metric line `name{...model="<model>"...} value`.
 fn metric(text: &str, name: &str, model: &str) -> f64 {
     let label = format!("model=\"{model}\"");
@@ -109,7 +100,7 @@ async fn concurrent_streams_keep_their_own_tokens() {
         "the prompts must continue differently"
     );
 
-    let before = metrics().await;
+    let before = daemon().metrics().await;
     let together = join_all(
         PROMPTS
             .iter()
@@ -130,7 +121,7 @@ async fn concurrent_streams_keep_their_own_tokens() {
     }
     // And they really shared decode steps: more than one token per step on average.
     tokio::time::sleep(Duration::from_millis(1200)).await; // one Stats period
-    let after = metrics().await;
+    let after = daemon().metrics().await;
     let steps = metric(&after, "mlxd_worker_batch_steps_total", MODEL)
         - metric(&before, "mlxd_worker_batch_steps_total", MODEL);
     let tokens = metric(&after, "mlxd_worker_batch_tokens_total", MODEL)
@@ -150,7 +141,11 @@ async fn cancelling_one_stream_leaves_the_batch_intact() {
     for p in prompts {
         alone.push(stream_completion(MODEL, p, 12).await);
     }
-    let cancelled_before = metric(&metrics().await, "mlxd_worker_cancelled_total", MODEL);
+    let cancelled_before = metric(
+        &daemon().metrics().await,
+        "mlxd_worker_cancelled_total",
+        MODEL,
+    );
     let victim = async {
         let mut resp = reqwest::Client::new()
             .post(format!("{}/v1/completions", daemon().url))
@@ -174,7 +169,11 @@ async fn cancelling_one_stream_leaves_the_batch_intact() {
     // The worker counted the cancel (its Stats arrive every second).
     let mut cancelled = cancelled_before;
     for _ in 0..50 {
-        cancelled = metric(&metrics().await, "mlxd_worker_cancelled_total", MODEL);
+        cancelled = metric(
+            &daemon().metrics().await,
+            "mlxd_worker_cancelled_total",
+            MODEL,
+        );
         if cancelled > cancelled_before {
             break;
         }
@@ -238,7 +237,7 @@ async fn replay_streams_and_flush_policy_batches_frames() {
     let solo = stream_completion(model, "hi", 64).await;
     assert!(solo.text.starts_with("Call me Ishmael."), "{:?}", solo.text);
     assert_eq!(solo.completion_tokens, 64);
-    let before = metrics().await;
+    let before = daemon().metrics().await;
     let lengths: Vec<u32> = (0..8).map(|i| 16 + 8 * i).collect();
     let together = join_all(lengths.iter().map(|n| stream_completion(model, "hi", *n))).await;
     for (c, n) in together.iter().zip(&lengths) {
@@ -247,7 +246,7 @@ async fn replay_streams_and_flush_policy_batches_frames() {
         assert!(solo.text.starts_with(&c.text) || c.text.starts_with(&solo.text));
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let after = metrics().await;
+    let after = daemon().metrics().await;
     let delta = |name| metric(&after, name, model) - metric(&before, name, model);
     let (steps, frames) = (
         delta("mlxd_worker_batch_steps_total"),

@@ -173,15 +173,6 @@ fn ok_requests(text: &str) -> f64 {
         .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
 }
 
-async fn metrics_text() -> String {
-    reqwest::get(format!("{}/metrics", daemon().url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Through the real daemon: requests are timed per preset, a streamed one too,
 /// a request for a model that does not exist adds no label value, and every
 /// family the live exporter renders (the supervisor's, the budget's, the
@@ -189,7 +180,7 @@ async fn metrics_text() -> String {
 #[tokio::test]
 async fn requests_are_timed_per_preset_and_every_family_has_help() {
     let url = format!("{}/v1/completions", daemon().url);
-    let before = ok_requests(&metrics_text().await);
+    let before = ok_requests(&daemon().metrics().await);
     let ask = |model: &str, stream: bool| json!({"model": model, "prompt": "hi", "max_tokens": 4, "stream": stream});
     let (status, body) = post_json(&url, &ask("replay", false)).await;
     assert_eq!(status, 200, "{body}");
@@ -199,7 +190,7 @@ async fn requests_are_timed_per_preset_and_every_family_has_help() {
     let (status, _) = post_json(&url, &ask(unknown, false)).await;
     assert_eq!(status, 404);
 
-    let text = metrics_text().await;
+    let text = daemon().metrics().await;
     assert!(
         !text.contains(unknown),
         "a client's model name became a label"

@@ -40,17 +40,6 @@ fn remove(home: &Path, name: &str) {
     std::fs::remove_file(home.join("presets").join(format!("{name}.toml"))).unwrap();
 }
 
-/// The model's row in `/admin/ps`.
-async fn row(d: &Daemon, model: &str) -> Option<Value> {
-    let (_, v) = d.admin("ps", None).await;
-    v["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["model"] == model)
-        .cloned()
-}
-
 async fn start(d: &Daemon, model: &str) -> Value {
     let (status, v) = d.admin("start", Some(json!({ "model": model }))).await;
     assert_eq!(status, 200, "start {model}: {v}");
@@ -103,7 +92,7 @@ fn completed(sse: &str) {
 /// Waits until the slow stream has produced something (it is in flight).
 async fn wait_inflight(d: &Daemon) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while row(d, "keep").await.is_none_or(|w| w["inflight"] != 1) {
+    while d.ps_row("keep").await.is_none_or(|w| w["inflight"] != 1) {
         assert!(Instant::now() < deadline, "the stream never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -147,13 +136,13 @@ async fn reload_applies_preset_changes_and_leaves_the_rest_serving() {
     assert_eq!(names(&report, "added"), ["added"]);
     assert_eq!(names(&report, "needs_restart"), ["max_connections"]);
     completed(&stream.await.unwrap());
-    assert_eq!(identity(&row(&d, "keep").await.unwrap()), keep);
+    assert_eq!(identity(&d.ps_row("keep").await.unwrap()), keep);
 
     // The changed model: a new incarnation, serving with the new max_tokens.
     let (status, v) = ask(&d, "change").await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 3);
-    let now = identity(&row(&d, "change").await.unwrap());
+    let now = identity(&d.ps_row("change").await.unwrap());
     assert!(
         now.1 > change.1 && now.0 != change.0,
         "{now:?} vs {change:?}"
@@ -172,7 +161,7 @@ async fn reload_applies_preset_changes_and_leaves_the_rest_serving() {
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains("bad.toml"), "{message}");
     assert_eq!(ask(&d, "added").await.0, 200);
-    assert_eq!(identity(&row(&d, "keep").await.unwrap()), keep);
+    assert_eq!(identity(&d.ps_row("keep").await.unwrap()), keep);
     remove(&home, "bad");
 
     // The CLI prints the report.
@@ -203,7 +192,7 @@ async fn reload_applies_preset_changes_and_leaves_the_rest_serving() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     completed(&stream.await.unwrap());
-    assert_eq!(identity(&row(&d, "keep").await.unwrap()), keep);
+    assert_eq!(identity(&d.ps_row("keep").await.unwrap()), keep);
     let (status, v) = ask(&d, "replay").await;
     assert_eq!(
         status, 403,

@@ -26,17 +26,6 @@ async fn start(d: &Daemon, model: &str) -> Value {
     v["worker"].clone()
 }
 
-/// The model's row in `/admin/ps` (None when it is stopped).
-async fn slot(d: &Daemon, model: &str) -> Option<Value> {
-    let (_, v) = d.admin("ps", None).await;
-    v["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["model"] == model)
-        .cloned()
-}
-
 fn models_dir() -> String {
     std::env::var("MLXD_MODELS_DIR")
         .unwrap_or_else(|_| format!("{}/.mlxd/models", std::env::var("HOME").unwrap()))
@@ -51,7 +40,7 @@ async fn wait_for(
 ) -> Option<Value> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let row = slot(d, model).await;
+        let row = d.ps_row(model).await;
         if pred(row.as_ref()) {
             return row;
         }
@@ -227,7 +216,7 @@ async fn a_killed_worker_fails_its_stream_and_serves_its_queue(model: &str) {
         assert!(!text.is_empty(), "{v}");
     }
     let ready_again = killed.elapsed();
-    let row = slot(d, model).await.unwrap();
+    let row = d.ps_row(model).await.unwrap();
     assert_eq!(row["state"], "ready", "{row}");
     assert_eq!(row["incarnation"], 2, "{row}");
     assert_eq!(row["restarts"], 1, "{row}");
@@ -321,7 +310,7 @@ async fn a_slow_but_progressing_worker_is_not_killed() {
         began.elapsed() > Duration::from_secs(4),
         "the fault made it slow"
     );
-    let row = slot(d, "replay-slow").await.unwrap();
+    let row = d.ps_row("replay-slow").await.unwrap();
     assert_eq!(
         (row["incarnation"].clone(), row["restarts"].clone()),
         (json!(1), json!(0)),
@@ -347,7 +336,7 @@ async fn an_exception_in_the_engine_fails_started_work_and_moves_the_rest() {
     );
     let (status, v) = queued.await.unwrap();
     assert_eq!(status, 200, "the queued request was lost: {v}");
-    let row = slot(d, model).await.unwrap();
+    let row = d.ps_row(model).await.unwrap();
     assert!(row["incarnation"].as_u64().unwrap() >= 2, "{row}");
     assert!(
         row["last_exit"]
@@ -419,7 +408,7 @@ async fn a_model_that_cannot_load_backs_off_then_fails() {
         r.is_some_and(|r| r["state"] == "failed")
     })
     .await;
-    let row = slot(d, model).await.unwrap();
+    let row = d.ps_row(model).await.unwrap();
     assert_eq!(row["state"], "failed", "{row}");
     assert_eq!(row["incarnation"], 6);
     let (status, v) = chat(d, short(model, 0)).await;
@@ -443,7 +432,7 @@ async fn a_model_that_cannot_load_backs_off_then_fails() {
     );
     let (status, v) = admin(d, "stop", json!({"model": model})).await;
     assert_eq!((status, v["stopped"].clone()), (200, json!(true)), "{v}");
-    assert!(slot(d, model).await.is_none());
+    assert!(d.ps_row(model).await.is_none());
 }
 
 /// A load that makes no progress at all is given up after `load_timeout`.
@@ -477,14 +466,15 @@ async fn keep_alive_unloads_idle_models_unless_pinned() {
     let d = daemon();
     let model = "replay-keepalive";
     assert_eq!(chat(d, short(model, 0)).await.0, 200);
-    assert!(slot(d, model).await.is_some(), "loaded by the request");
+    assert!(d.ps_row(model).await.is_some(), "loaded by the request");
     wait_for(d, model, "unloaded after 1 s idle", |r| r.is_none()).await;
 
     let mut body = short(model, 1);
     body["keep_alive"] = json!("-1");
     assert_eq!(chat(d, body).await.0, 200);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let row = slot(d, model)
+    let row = d
+        .ps_row(model)
         .await
         .expect("kept by the request's keep_alive");
     assert_eq!(row["keep_alive"], "forever");
@@ -508,7 +498,7 @@ async fn keep_alive_unloads_idle_models_unless_pinned() {
     assert_eq!(v["worker"]["pinned"], true);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(
-        slot(d, model).await.is_some(),
+        d.ps_row(model).await.is_some(),
         "a pinned model stays loaded"
     );
     let (_, v) = admin(d, "stop", json!({"model": model})).await;
@@ -575,7 +565,7 @@ async fn stop_drains_and_never_runs_two_workers() {
         1,
         "two workers of one model existed at once"
     );
-    let row = slot(d, model).await.unwrap();
+    let row = d.ps_row(model).await.unwrap();
     assert_eq!(row["incarnation"], 2, "{row}");
     assert_eq!(row["restarts"], 0, "a stop is not a crash");
     eprintln!("mlxd stop answered in {took:?}");

@@ -123,6 +123,27 @@ impl Daemon {
             .await
             .expect("the control socket answers")
     }
+
+    /// The model's row in `/admin/ps` (None when it is stopped).
+    pub async fn ps_row(&self, model: &str) -> Option<serde_json::Value> {
+        let (_, v) = self.admin("ps", None).await;
+        v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["model"] == model)
+            .cloned()
+    }
+
+    /// What `/metrics` renders now.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
 }
 
 /// Runs the CLI against the daemon on `port` with `args`; asserts it succeeded and
