@@ -162,7 +162,7 @@ async fn serve_http<L: axum::serve::Listener>(
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -182,13 +182,31 @@ async fn serve_http<L: axum::serve::Listener>(
             tracing::warn!("{max_connections} connections open; refusing another");
             continue; // dropping the stream closes it
         };
-        let service = TowerToHyperService::new(app.clone());
+        // hyper's header timer starts at the first byte: a connection that never
+        // sends one would hold its slot for ever. The first request must have
+        // arrived within HEADER_READ_TIMEOUT of the accept, or it is closed.
+        let requested = Arc::new(AtomicBool::new(false));
+        let service = {
+            let (app, requested) = (app.clone(), requested.clone());
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                requested.store(true, Ordering::Relaxed);
+                tower::ServiceExt::oneshot(app.clone(), req)
+            })
+        };
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let _ = conn.await;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = tokio::time::sleep(HEADER_READ_TIMEOUT) => {
+                    if requested.load(Ordering::Relaxed) {
+                        let _ = conn.await;
+                    } // else dropped: closed
+                }
+            }
             drop(slot);
         });
     }

@@ -138,6 +138,70 @@ async fn a_foreign_host_is_refused() {
     }
 }
 
+/// A browser cannot send a header with a page load or an EventSource: on the status
+/// page the key is the password of its own login prompt (HTTP Basic), and only there.
+#[tokio::test]
+async fn the_status_page_takes_the_key_from_the_browsers_login_prompt() {
+    let bare = request("GET", "/ui").send().await.unwrap();
+    assert_eq!(bare.status(), StatusCode::UNAUTHORIZED);
+    let challenge = bare.headers()["www-authenticate"].to_str().unwrap();
+    assert!(challenge.starts_with("Basic realm="), "{challenge}");
+    let wrong = request("GET", "/ui")
+        .basic_auth("me", Some("sekret-key-for-tesTs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let page = request("GET", "/ui")
+        .basic_auth("me", Some(KEY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("/ui/events"));
+    let mut events = request("GET", "/ui/events")
+        .basic_auth("", Some(KEY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    let first = events.chunk().await.unwrap().expect("a snapshot");
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+    // And a real browser: headless Chromium given the credentials loads the page,
+    // whose script reads two snapshots from its EventSource and says so.
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok()
+        })
+        .expect("scripts/test installs Debian's chromium");
+    let url = format!("http://me:{KEY}@127.0.0.1:{}/ui?updates=2", daemon().port);
+    let dom = tokio::process::Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu"])
+        .args(["--virtual-time-budget=10000", "--dump-dom", &url])
+        .output()
+        .await
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains(r#"<div id="status">stopped after 2 updates"#),
+        "{dom}"
+    );
+    // Elsewhere Basic credentials are not a key, and the challenge is Bearer.
+    for (method, path) in [("GET", "/v1/models"), ("POST", "/v1/chat/completions")] {
+        let resp = request(method, path)
+            .basic_auth("me", Some(KEY))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer", "{path}");
+    }
+}
+
 #[tokio::test]
 async fn cross_origin_posts_are_refused_and_allowed_origins_get_cors() {
     for path in ["/v1/chat/completions", "/admin/stop"] {
@@ -201,9 +265,10 @@ fn binding_beyond_loopback_needs_a_key() {
 }
 
 /// A client that trickles its headers (slowloris) is cut off after the header-read
-/// timeout, and so is a keep-alive connection left idle after a request.
+/// timeout, and so are a connection that never sends a byte and a keep-alive
+/// connection left idle after a request.
 #[test]
-fn slow_header_and_idle_keep_alive_connections_are_closed() {
+fn slow_header_silent_and_idle_keep_alive_connections_are_closed() {
     use std::io::{Read, Write};
     let addr = format!("127.0.0.1:{}", daemon().port);
     let limit = mlxd::serve::HEADER_READ_TIMEOUT + std::time::Duration::from_secs(5);
@@ -219,11 +284,14 @@ fn slow_header_and_idle_keep_alive_connections_are_closed() {
             }
         }
     };
+    let silent = std::net::TcpStream::connect(&addr).unwrap();
     let mut slow = std::net::TcpStream::connect(&addr).unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
         .unwrap();
     let took = closed_within(slow);
     assert!(took >= mlxd::serve::HEADER_READ_TIMEOUT - std::time::Duration::from_secs(1));
+    // Opened together with the slow one: closed by now, or within the limit.
+    closed_within(silent);
     let mut idle = std::net::TcpStream::connect(&addr).unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Union
@@ -183,13 +184,14 @@ class MlxBackend:
             from . import quantized_kv
             from .disk_cache import DiskCache, model_identity
 
-            identity = f"{model_identity(self._model_path)}|{self._kv.describe()}"
+            kv = self._kv.describe()
             disk = DiskCache(
                 str(self._disk_dir),
                 self._disk_bytes,
-                identity,
+                f"{model_identity(self._model_path)}|{kv}",
                 to_disk=quantized_kv.to_disk,
                 from_disk=quantized_kv.from_disk,
+                owner=f"{os.path.realpath(self._model_path)}|{kv}",
             )
         self.prefix = PrefixCache(self._prompt_cache_bytes, disk)
 

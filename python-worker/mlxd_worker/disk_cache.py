@@ -24,6 +24,14 @@ over `max_bytes`. The writer's queue is bounded (jobs and bytes); when full, a
 write is dropped (it is a cache) and counted. The writer reads evaluated arrays
 through the buffer protocol only, and never runs MLX ops.
 
+Reclaiming: a directory also records its `owner` (the model's directory and
+the KV settings). A model replaced in place (a re-import, a new fine-tune) gets
+a new identity under the same owner, and the old identity's entries can never
+hit again: a cache that starts removes the directories of its owner's other
+identities, so re-importing a model does not leave its old entries on disk for
+ever. Other owners' directories (other models, other KV settings of one model,
+which a preset may still use) are left alone.
+
 Write policy (what PrefixCache does with this tier). An entry evicted from
 memory spills here. An entry of at least `min_disk_tokens` tokens (default 256)
 is also written through when it is put, so that a SIGKILLed worker still finds
@@ -50,6 +58,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import sys
 import threading
@@ -157,13 +166,16 @@ class DiskCache:
         min_disk_tokens: int = 256,
         max_pending: int = 8,
         max_pending_bytes: int = 1 << 30,
+        owner: str | None = None,
     ) -> None:
         """`identity`: what the cached values depend on (model_identity plus the
         KV settings). `to_disk` turns a cache's layers into mlx-lm's own classes
         before saving (without changing the cache it is given); `from_disk` turns
         loaded layers back into the worker's. `min_disk_tokens`: entries this long
         are written through on put (see the module docstring). The writer's queue
-        holds at most `max_pending` jobs and `max_pending_bytes` (one job at least)."""
+        holds at most `max_pending` jobs and `max_pending_bytes` (one job at least).
+        `owner`: what the identity is of (the model's directory and KV settings);
+        its other identities' directories are removed (see the module docstring)."""
         self.max_bytes = max_bytes
         self.identity = identity
         self.min_disk_tokens = min_disk_tokens
@@ -188,6 +200,9 @@ class DiskCache:
         self._pending_bytes = 0
         self._busy = False  # the writer holds a job
         self._closed = False
+        self.reclaimed = 0  # files of the owner's other identities removed at start
+        if owner is not None:
+            self._reclaim(Path(directory), owner)
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, name="mlxd-disk-cache", daemon=True)
         self._writer.start()
@@ -220,6 +235,25 @@ class DiskCache:
             self._forget(oldest)
             _unlink(self._path(oldest.key))
         (self.dir / "identity").write_text(self.identity + "\n")
+
+    def _reclaim(self, directory: Path, owner: str) -> None:
+        """Removes the directories of `owner`'s other identities, and marks ours."""
+        mark = owner + "\n"
+        for other in directory.iterdir():
+            if other == self.dir or not other.is_dir():
+                continue
+            try:
+                if (other / "owner").read_text() != mark:
+                    continue
+            except (OSError, UnicodeDecodeError):
+                continue  # not a cache directory, or an older one without a mark
+            removed = sum(1 for f in other.iterdir() if f.name.endswith(SUFFIX))
+            log.info("prompt cache: removing %d entries of %s's old identity (%s)", removed, owner, other.name)
+            # A worker of the old identity may still be draining: its writes fail
+            # (counted as dropped) and its lookups miss, never a wrong answer.
+            shutil.rmtree(other, ignore_errors=True)
+            self.reclaimed += removed
+        (self.dir / "owner").write_text(mark)
 
     def _entry_of(self, path: Path, size: int) -> DiskEntry:
         """The index entry of a file, from its header (Stale: it must go)."""

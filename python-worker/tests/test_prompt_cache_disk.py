@@ -117,6 +117,28 @@ def test_another_identity_never_sees_the_entries(tmp_path: Path) -> None:
     assert pc.take([*range(50, 70), 1]).cached == 20
 
 
+def test_a_replaced_model_reclaims_its_old_identitys_directory(tmp_path: Path) -> None:
+    """A re-import changes a model's identity but not its owner (directory and KV
+    settings): the old entries can never hit again, so the next cache removes them.
+    Other owners' directories stay."""
+    kept = DiskCache(tmp_path, GiB, "model-b|kv", owner="/models/b|kv")
+    other_kv = DiskCache(tmp_path, GiB, "model-a|kv8", owner="/models/a|kv8")
+    old = DiskCache(tmp_path, GiB, "model-a|kv", owner="/models/a|kv", min_disk_tokens=8)
+    for cache, seed in ((kept, 1), (other_kv, 2), (old, 3)):
+        assert cache.write(list(range(50, 70)), kv(20, seed=seed))
+        cache.close(10)
+    assert len(files(tmp_path)) == 3
+    new = DiskCache(tmp_path, GiB, "model-a-reimported|kv", owner="/models/a|kv")
+    assert new.reclaimed == 1 and not old.dir.exists()
+    assert kept.dir.exists() and other_kv.dir.exists() and len(files(tmp_path)) == 2
+    assert new.lookup(list(range(50, 75))) is None  # the old entry is not the new model's
+    new.close(10)
+    # The same identity again (a restart) keeps its own entries.
+    again = DiskCache(tmp_path, GiB, "model-b|kv", owner="/models/b|kv")
+    assert again.reclaimed == 0 and again.stats()["disk_entries"] == 1
+    again.close(10)
+
+
 def test_a_truncated_or_garbage_file_is_a_miss_not_a_crash(tmp_path: Path) -> None:
     pc = tiers(tmp_path)
     pc.put(list(range(20)), kv(20, seed=1))

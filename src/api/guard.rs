@@ -17,6 +17,17 @@ use subtle::ConstantTimeEq;
 /// The one route open without a key: liveness checks carry none.
 pub const PUBLIC_PATH: &str = "/healthz";
 
+/// The status page's routes, which also take the key as HTTP Basic credentials
+/// (any user name, the key as the password): a browser asks for those itself and
+/// sends them with the page's own EventSource, which cannot set a header. Only
+/// here: Basic credentials are sent by the browser unasked once given, so the
+/// routes that act (generation, admin) keep to explicit headers.
+pub const UI_PATH: &str = "/ui";
+
+fn is_ui(path: &str) -> bool {
+    path == UI_PATH || path.starts_with("/ui/")
+}
+
 pub struct Guard {
     /// Host names (without port) requests may be addressed to.
     hosts: Vec<String>,
@@ -82,24 +93,42 @@ impl Guard {
         Some(self.origins.contains(&origin))
     }
 
-    fn key_ok(&self, headers: &HeaderMap) -> bool {
+    /// `basic`: Basic credentials count too (the status page's routes).
+    fn key_ok(&self, headers: &HeaderMap, basic: bool) -> bool {
         if self.keys.is_empty() {
             return true;
         }
-        let bearer = headers
+        let authorization = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-        let Some(given) = bearer.or(x_api_key) else {
+            .and_then(|v| v.to_str().ok());
+        let bearer = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|k| k.as_bytes().to_vec());
+        let x_api_key = headers.get("x-api-key").map(|v| v.as_bytes().to_vec());
+        let basic_password = authorization.filter(|_| basic).and_then(basic_password);
+        let Some(given) = bearer.or(x_api_key).or(basic_password) else {
             return false;
         };
         // Every key is compared in full, in constant time: how long a comparison
         // takes says nothing about how much of a key was right.
         self.keys.iter().fold(false, |found, key| {
-            found | bool::from(key.as_bytes().ct_eq(given.as_bytes()))
+            found | bool::from(key.as_bytes().ct_eq(&given))
         })
     }
+}
+
+/// The password of `Basic base64(user:password)`; the user name is ignored.
+fn basic_password(authorization: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let (scheme, encoded) = authorization.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 /// A refusal in the error shape of the dialect the path belongs to.
@@ -168,14 +197,27 @@ pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
             "the admin routes are on the control socket (~/.mlxd/mlxd.sock, which the mlxd CLI uses); over HTTP they need an API key",
         );
     }
-    if req.uri().path() != PUBLIC_PATH && !guard.key_ok(headers) {
+    let ui = is_ui(&path);
+    if path != PUBLIC_PATH && !guard.key_ok(headers, ui) {
         let mut resp = deny(
             StatusCode::UNAUTHORIZED,
             "invalid_api_key",
-            "a valid API key is needed (Authorization: Bearer KEY, or x-api-key: KEY)",
+            if ui {
+                "a valid API key is needed (the browser asks: any user name, the key as the password)"
+            } else {
+                "a valid API key is needed (Authorization: Bearer KEY, or x-api-key: KEY)"
+            },
         );
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        // On the status page the browser's own login prompt; elsewhere Bearer.
+        let challenge = if ui {
+            r#"Basic realm="mlxd", charset="UTF-8""#
+        } else {
+            "Bearer"
+        };
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
         return resp;
     }
     let resp = next.run(req).await;
@@ -259,16 +301,29 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(g.key_ok(&headers(&[("authorization", "Bearer sekret")])));
-        assert!(g.key_ok(&headers(&[("x-api-key", "other")])));
-        assert!(!g.key_ok(&headers(&[("authorization", "Bearer sekre")])));
-        assert!(!g.key_ok(&headers(&[("authorization", "sekret")])));
-        assert!(!g.key_ok(&headers(&[])));
+        assert!(g.key_ok(&headers(&[("authorization", "Bearer sekret")]), false));
+        assert!(g.key_ok(&headers(&[("x-api-key", "other")]), false));
+        assert!(!g.key_ok(&headers(&[("authorization", "Bearer sekre")]), false));
+        assert!(!g.key_ok(&headers(&[("authorization", "sekret")]), false));
+        assert!(!g.key_ok(&headers(&[]), false));
+        // Basic: "anyone:sekret", "anyone:sekre", ":other", "sekret" (no colon).
+        let basic = |b64: &str| headers(&[("authorization", &format!("Basic {b64}"))]);
+        assert!(g.key_ok(&basic("YW55b25lOnNla3JldA=="), true));
+        assert!(g.key_ok(&basic("Om90aGVy"), true));
+        assert!(!g.key_ok(&basic("YW55b25lOnNla3Jl"), true));
+        assert!(!g.key_ok(&basic("c2VrcmV0"), true));
+        assert!(!g.key_ok(&basic("not base64!"), true));
+        assert!(
+            !g.key_ok(&basic("YW55b25lOnNla3JldA=="), false),
+            "Basic only where it is allowed"
+        );
         let open = Guard::new("127.0.0.1".parse().unwrap(), &[], &[], &[]);
         assert!(
-            open.key_ok(&headers(&[])),
+            open.key_ok(&headers(&[]), false),
             "no keys configured: none needed"
         );
+        assert!(is_ui("/ui") && is_ui("/ui/events"));
+        assert!(!is_ui("/uix") && !is_ui("/v1/ui"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ from pathlib import Path
 import anthropic
 import httpx
 import pytest
-from conftest import control
+from conftest import control, models_dir
 from openai import OpenAI
 
 MODEL = "smollm2-135m"
@@ -112,6 +112,10 @@ def test_a_killed_worker_finds_its_prefix_cache_on_disk(oai: OpenAI, session_pre
     while not list(store.rglob("*.safetensors")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert list(store.rglob("*.safetensors")), "no entry reached the disk"
+    # Its directory names its owner (the model's directory and KV settings), so
+    # that a re-imported model's worker can reclaim it.
+    owners = [p.read_text().split("|")[0] for p in store.glob("*/owner")]
+    assert owners == [os.path.realpath(models_dir() / "smollm2-135m")], owners
     worker = next(w for w in control().get("/admin/ps").json()["workers"] if w["model"] == model)
     os.kill(worker["pid"], signal.SIGKILL)  # nothing in memory survives this
     time.sleep(0.5)
