@@ -7,12 +7,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use worker_protocol::frame::{ChatMessage, Done, DraftCounts, Generate};
+use worker_protocol::frame::{ChatMessage, DraftCounts, Generate};
 
 use super::openai::{speculative_usage, ApiError};
 use super::AppState;
 use crate::error::Error;
-use crate::timing::{median, timed_run};
+use crate::timing::{median, timed_run, TimedRun};
 
 const MAX_RUNS: u32 = 20;
 const MAX_TOKENS: u32 = 1024;
@@ -43,24 +43,23 @@ fn default_max_tokens() -> u32 {
 /// One measured request.
 struct Run {
     speculative: bool,
-    ttft_ms: f64,
-    decode_tps: f64,
-    done: Done,
+    timed: TimedRun,
 }
 
 impl Run {
     fn to_json(&self) -> Value {
+        let (timed, done) = (&self.timed, &self.timed.done);
         let mut v = json!({
             "speculative": self.speculative,
-            "ttft_ms": round2(self.ttft_ms),
-            "decode_tps": round2(self.decode_tps),
+            "ttft_ms": round2(timed.ttft_ms),
+            "decode_tps": round2(timed.decode_tps),
             // The worker's own figure (first to last token inside the worker): the
             // difference to decode_tps is the token path's share.
-            "worker_decode_tps": round2(self.done.generation_tps),
-            "completion_tokens": self.done.completion_tokens,
-            "finish_reason": self.done.finish_reason,
+            "worker_decode_tps": round2(done.generation_tps),
+            "completion_tokens": done.completion_tokens,
+            "finish_reason": done.finish_reason,
         });
-        if let Some(c) = &self.done.speculative {
+        if let Some(c) = &done.speculative {
             v["mlxd"] = speculative_usage(c);
         }
         v
@@ -73,13 +72,8 @@ fn round2(x: f64) -> f64 {
 
 async fn measure(state: &AppState, model: &str, gen: Generate) -> Result<Run, Error> {
     let speculative = gen.speculative.unwrap_or(false);
-    let run = timed_run(&state.supervisor, model, gen).await?;
-    Ok(Run {
-        speculative,
-        ttft_ms: run.ttft_ms,
-        decode_tps: run.decode_tps,
-        done: run.done,
-    })
+    let timed = timed_run(&state.supervisor, model, gen).await?;
+    Ok(Run { speculative, timed })
 }
 
 fn side(runs: &[Run], speculative: bool) -> Value {
@@ -88,19 +82,19 @@ fn side(runs: &[Run], speculative: bool) -> Value {
         .filter(|r| r.speculative == speculative)
         .collect();
     let mut v = json!({
-        "median_decode_tps": round2(median(mine.iter().map(|r| r.decode_tps).collect())),
-        "median_ttft_ms": round2(median(mine.iter().map(|r| r.ttft_ms).collect())),
+        "median_decode_tps": round2(median(mine.iter().map(|r| r.timed.decode_tps).collect())),
+        "median_ttft_ms": round2(median(mine.iter().map(|r| r.timed.ttft_ms).collect())),
     });
     if speculative {
         // The side's draft counters, reported as a request's are.
-        let total =
-            mine.iter()
-                .filter_map(|r| r.done.speculative)
-                .fold(DraftCounts::default(), |t, c| DraftCounts {
-                    drafted: t.drafted + c.drafted,
-                    accepted: t.accepted + c.accepted,
-                    rejected: t.rejected + c.rejected,
-                });
+        let total = mine.iter().filter_map(|r| r.timed.done.speculative).fold(
+            DraftCounts::default(),
+            |t, c| DraftCounts {
+                drafted: t.drafted + c.drafted,
+                accepted: t.accepted + c.accepted,
+                rejected: t.rejected + c.rejected,
+            },
+        );
         if let (Some(v), Value::Object(counts)) = (v.as_object_mut(), speculative_usage(&total)) {
             v.extend(counts);
         }
@@ -157,7 +151,7 @@ pub async fn benchmark(
     for _ in 0..req.runs {
         for speculative in [true, false] {
             let run = measure(&state, &name, gen(speculative)).await?;
-            if speculative && run.done.speculative.is_none() {
+            if speculative && run.timed.done.speculative.is_none() {
                 let reason = state
                     .supervisor
                     .ps()
