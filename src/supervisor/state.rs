@@ -135,6 +135,18 @@ impl State {
     }
 }
 
+/// What requests refused by a stop are told.
+const STOPPED: &str = "the model was stopped";
+
+/// How long a stopping worker's in-flight requests may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// The preset's stop grace, then the worker is killed (`mlxd stop`, restart).
+    Graced,
+    /// As long as they need (an eviction, a changed preset).
+    Unbounded,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Requests are waiting in the queue.
@@ -369,9 +381,7 @@ impl Machine {
             (Event::Restart, State::Ready { .. } | State::Starting { .. }) => {
                 self.reset_crashes();
                 self.start_wanted = true;
-                let mut out = self.begin_stop(now, work);
-                out.retain(|e| !matches!(e, E::RejectQueued(_)));
-                out
+                self.begin_stop(now, work, Drain::Graced, None)
             }
             (Event::Restart, State::Draining { .. } | State::Crashed { .. }) => {
                 self.reset_crashes();
@@ -385,12 +395,9 @@ impl Machine {
             }
 
             (Event::Replace, State::Ready { .. }) => {
-                let mut out = self.handle(Event::Restart, now, work);
-                if let State::Draining { deadline } = &mut self.state {
-                    *deadline = None;
-                }
-                out.retain(|e| !matches!(e, E::Kill));
-                out
+                self.reset_crashes();
+                self.start_wanted = true;
+                self.begin_stop(now, work, Drain::Unbounded, None)
             }
             (
                 Event::Replace,
@@ -410,16 +417,7 @@ impl Machine {
             (Event::Evict(reason), State::Ready { .. }) => {
                 self.pinned = false;
                 self.start_wanted = false;
-                let mut out = self.begin_stop(now, work);
-                if let State::Draining { deadline } = &mut self.state {
-                    *deadline = None;
-                }
-                for e in &mut out {
-                    if let E::RejectQueued(r) = e {
-                        *r = reason.clone();
-                    }
-                }
-                out
+                self.begin_stop(now, work, Drain::Unbounded, Some(reason.clone()))
             }
             (Event::Evict(_), State::Draining { .. } | State::Crashed { .. }) => vec![],
             (Event::Evict(_), _) => self.handle(Event::Stop, now, work),
@@ -436,13 +434,13 @@ impl Machine {
                 self.state = State::Stopped;
                 self.start_wanted = false;
                 self.pinned = false;
-                vec![E::RejectQueued("the model was stopped".into()), E::Stopped]
+                vec![E::RejectQueued(STOPPED.into()), E::Stopped]
             }
             (Event::Stop, State::Crashed { .. }) => {
                 self.stopping = true;
                 self.start_wanted = false;
                 self.pinned = false;
-                vec![E::RejectQueued("the model was stopped".into())]
+                vec![E::RejectQueued(STOPPED.into())]
             }
             (Event::Stop, State::Draining { .. }) => {
                 self.start_wanted = false;
@@ -452,8 +450,8 @@ impl Machine {
             (Event::Stop, State::Starting { .. } | State::Ready { .. }) => {
                 self.start_wanted = false;
                 self.pinned = false;
-                let mut out = self.begin_stop(now, work);
-                out.push(E::Started(Err("the model was stopped".into())));
+                let mut out = self.begin_stop(now, work, Drain::Graced, Some(STOPPED.into()));
+                out.push(E::Started(Err(STOPPED.into())));
                 out
             }
 
@@ -504,13 +502,25 @@ impl Machine {
     }
 
     /// Stop the current worker: drain what it runs, then Shutdown (or kill a load).
-    fn begin_stop(&mut self, now: Instant, work: Work) -> Vec<Effect> {
+    /// Stops the worker after what it runs: within the stop grace or however long
+    /// it takes (`drain`). Queued requests are refused with `reject`'s reason, or
+    /// (None) wait for the next incarnation.
+    fn begin_stop(
+        &mut self,
+        now: Instant,
+        work: Work,
+        drain: Drain,
+        reject: Option<String>,
+    ) -> Vec<Effect> {
         let loading = matches!(self.state, State::Starting { .. });
         self.stopping = true;
         self.state = State::Draining {
-            deadline: Some(now + self.policy.stop_grace),
+            deadline: match drain {
+                Drain::Graced => Some(now + self.policy.stop_grace),
+                Drain::Unbounded => None,
+            },
         };
-        let mut out = vec![Effect::RejectQueued("the model was stopped".into())];
+        let mut out: Vec<Effect> = reject.into_iter().map(Effect::RejectQueued).collect();
         if loading {
             // Nothing to drain and nothing worth waiting for.
             self.kill_sent = true;
@@ -622,10 +632,7 @@ impl Machine {
                 let idle_since = *self.idle_since.get_or_insert(now);
                 match self.keep_alive {
                     KeepAlive::For(d) if !self.pinned && now.duration_since(idle_since) >= d => {
-                        self.begin_stop(now, work)
-                            .into_iter()
-                            .filter(|e| !matches!(e, Effect::RejectQueued(_)))
-                            .collect()
+                        self.begin_stop(now, work, Drain::Graced, None)
                     }
                     _ => vec![],
                 }
