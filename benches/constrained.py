@@ -56,7 +56,7 @@ def native(args: argparse.Namespace) -> dict[str, list[float]]:
     import mlx_lm
 
     sys.path.insert(0, str(ROOT / "python-worker"))
-    from mlxd_worker.constraint import Grammars
+    from mlxd_worker.requests.constraint import Grammars
 
     model, tokenizer = mlx_lm.load(str(Path(args.models_dir) / args.model))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)

@@ -18,10 +18,10 @@ from typing import Callable
 import mlx.core as mx
 from mlx_lm.generate import generation_stream, speculative_generate_step
 
-from mlxd_worker import frames
-from mlxd_worker.backend import MlxBackend
-from mlxd_worker.engine import Engine
-from mlxd_worker.speculative import SpeculativeSequence
+from mlxd_worker.engines.backend import MlxBackend
+from mlxd_worker.engines.engine import Engine
+from mlxd_worker.io import frames
+from mlxd_worker.lanes.speculative import SpeculativeSequence
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 

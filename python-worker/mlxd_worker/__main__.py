@@ -14,11 +14,11 @@ import sys
 import threading
 import time
 
-from . import frames
-from .backend import CLOSE_TIMEOUT
-from .engine import Engine, make_backend
+from .engines.backend import CLOSE_TIMEOUT
+from .engines.engine import Engine, make_backend
+from .io import frames
+from .io.transport import ShmTransport, StdioTransport, Transport
 from .stats import blas_library, rss_bytes
-from .transport import ShmTransport, StdioTransport, Transport
 
 log = logging.getLogger("mlxd_worker")
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(transport, make_backend(args.engine))
     http_port = None
     if args.transport == "http":
-        from .http_server import HttpFanout, serve
+        from .io.http_server import HttpFanout, serve
 
         fanout = HttpFanout(transport)
         engine.transport = fanout

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from mlxd_worker.drafting import FIRST_PROBE_INTERVAL, DraftController
-from mlxd_worker.speculative import is_mixture_of_experts, tokenizer_mismatch
+from mlxd_worker.lanes.drafting import FIRST_PROBE_INTERVAL, DraftController
+from mlxd_worker.lanes.speculative import is_mixture_of_experts, tokenizer_mismatch
 
 
 def rounds(c: DraftController, n: int, drafted: int, accepted: int, tps: float, now: float = 0.0) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlxd_protocol
 
-from mlxd_worker import frames
+from mlxd_worker.io import frames
 
 
 def test_frame_kinds_match_the_rust_definition() -> None:

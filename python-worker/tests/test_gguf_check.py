@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd_worker.gguf_check import GGUFError, check
+from mlxd_worker.models.gguf_check import GGUFError, check
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT / ".cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"

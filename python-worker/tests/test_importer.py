@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd_worker import importer
+from mlxd_worker.models import importer
 
 ROOT = Path(__file__).resolve().parents[2]
 GGUF = ROOT / ".cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,9 +12,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-from mlxd_worker.backend import MlxBackend
-from mlxd_worker.kv_cache import KvOptions
-from mlxd_worker.quantized_kv import BatchQuantizedKVCache, MergeableQuantizedKVCache
+from mlxd_worker.cache.kv_cache import KvOptions
+from mlxd_worker.cache.quantized_kv import BatchQuantizedKVCache, MergeableQuantizedKVCache
+from mlxd_worker.engines.backend import MlxBackend
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
 PROMPTS = [
@@ -93,7 +93,7 @@ def native(prompt: list[int], max_tokens: int, **kwargs: Any) -> list[int]:
     """mlx-lm's own greedy generation with the same KV settings."""
     from mlx_lm.generate import generate_step
 
-    from mlxd_worker.backend import _load
+    from mlxd_worker.engines.backend import _load
 
     model, _ = _load(str(MODEL))
     tokens = []
@@ -151,7 +151,7 @@ def test_a_lone_sequence_quantizes_at_quantized_kv_start_and_joins_a_quantized_b
 def test_rotating_kv_serves_past_its_size_in_both_lanes(prompts: list[list[int]]) -> None:
     from mlx_lm.models.cache import RotatingKVCache
 
-    from mlxd_worker.backend import _load
+    from mlxd_worker.engines.backend import _load
 
     size = len(prompts[0]) + 4  # wraps a few tokens into the answer
     backend = MlxBackend()

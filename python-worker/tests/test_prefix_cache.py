@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mlxd_worker.prefix_cache import PrefixCache, held
+from mlxd_worker.cache.prefix_cache import PrefixCache, held
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
 

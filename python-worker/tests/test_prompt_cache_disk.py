@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from mlxd_worker import disk_cache
-from mlxd_worker.disk_cache import DiskCache, model_identity
-from mlxd_worker.prefix_cache import PrefixCache, TokenTrie, held
+from mlxd_worker.cache import disk_cache
+from mlxd_worker.cache.disk_cache import DiskCache, model_identity
+from mlxd_worker.cache.prefix_cache import PrefixCache, TokenTrie, held
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
 GiB = 1 << 30

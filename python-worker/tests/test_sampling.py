@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlxd_worker.sampling import MAX_SHARED, SamplerCache
+from mlxd_worker.requests.sampling import MAX_SHARED, SamplerCache
 
 
 def test_the_cache_is_bounded_and_keeps_recent_pairs() -> None:

@@ -1,4 +1,4 @@
-from mlxd_worker.stops import StopMatcher
+from mlxd_worker.requests.stops import StopMatcher
 
 
 def run(stops: list[str], deltas: list[str]) -> tuple[str, bool]:

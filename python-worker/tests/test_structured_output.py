@@ -15,9 +15,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from mlxd_worker import frames
-from mlxd_worker.backend import MlxBackend
-from mlxd_worker.engine import Engine
+from mlxd_worker.engines.backend import MlxBackend
+from mlxd_worker.engines.engine import Engine
+from mlxd_worker.io import frames
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
 
@@ -279,7 +279,7 @@ def test_a_marker_that_is_a_special_token_is_matched_as_that_token(engine: Engin
     """As for a json_tools model whose <tool_call> is a special token (Qwen's)."""
     from dataclasses import replace
 
-    from mlxd_worker.tools import ToolChoice
+    from mlxd_worker.requests.tools import ToolChoice
 
     planner = engine._planner
     assert planner is not None
@@ -297,7 +297,7 @@ def test_a_forced_call_needs_a_format_whose_calls_are_json_between_markers(engin
     from dataclasses import replace
 
     from mlxd_worker.errors import RequestError
-    from mlxd_worker.request_plan import Planner
+    from mlxd_worker.requests.plan import Planner
 
     planner = Planner(engine.backend.tokenizer, engine.backend.eos)
     planner.tool_format = replace(planner.tool_format, name="qwen3_coder")

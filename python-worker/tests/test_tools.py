@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from mlxd_worker import tools as tools_module
-from mlxd_worker.constraint import closed_objects
 from mlxd_worker.errors import RequestError
-from mlxd_worker.tool_stream import Piece, ToolCallExtractor
-from mlxd_worker.tools import GENERIC, ToolCall, chat_messages, new_call_id, read_calls, tool_choice
+from mlxd_worker.requests import tools as tools_module
+from mlxd_worker.requests.constraint import closed_objects
+from mlxd_worker.requests.tool_stream import Piece, ToolCallExtractor
+from mlxd_worker.requests.tools import GENERIC, ToolCall, chat_messages, new_call_id, read_calls, tool_choice
 
 WEATHER = {
     "name": "get_weather",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd_worker import frames
+from mlxd_worker.io import frames
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .sampling import Sampler
+from ..requests.sampling import Sampler
 from .solo import Handover
 
 # Config keys that mark a mixture-of-experts model (mlx-lm / HF naming).

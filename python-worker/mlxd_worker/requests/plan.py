@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import RequestError
 from .constraint import Grammars, SequenceConstraint
-from .errors import RequestError
 from .logprobs import MAX_TOP
 from .tool_stream import ToolCallExtractor
 from .tools import ToolFormat, chat_messages, read_calls, tool_choice, tool_format

@@ -56,7 +56,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import RequestError
+from ..errors import RequestError
 
 GENERIC_START = "<tool_call>"
 GENERIC_END = "</tool_call>"

@@ -2,7 +2,7 @@
 running batch at any step, and flushes the tokens of each step as one TokenBatch.
 
 The reader thread enqueues frames (Load, Generate, Cancel) on the inbox in order,
-planning each Generate on the way (request_plan.py: its prompt's tokens, tool
+planning each Generate on the way (requests/plan.py: its prompt's tokens, tool
 format, constraint, logprobs; a count_only request is answered right there); the
 engine drains the inbox between steps.
 """
@@ -18,19 +18,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import frames
+from ..errors import RequestError  # raised here, and imported from here by others
+from ..faults import GARBAGE_KIND, Faults
+from ..io import frames
+from ..io.flush import FlushPolicy
+from ..io.transport import Transport
+from ..requests.constraint import SequenceConstraint
+from ..requests.logprobs import TokenTexts, logprob_entry
+from ..requests.plan import Planner, RequestPlan
+from ..requests.sampling import SamplerCache
+from ..requests.stops import StopMatcher
+from ..requests.tool_stream import ToolCallExtractor
+from ..requests.tools import ToolCall, new_call_id
 from .backend import Backend, Detokenizer, MlxBackend
-from .constraint import SequenceConstraint
-from .errors import RequestError  # raised here, and imported from here by others
-from .faults import GARBAGE_KIND, Faults
-from .flush import FlushPolicy
-from .logprobs import TokenTexts, logprob_entry
-from .request_plan import Planner, RequestPlan
-from .sampling import SamplerCache
-from .stops import StopMatcher
-from .tool_stream import ToolCallExtractor
-from .tools import ToolCall, new_call_id
-from .transport import Transport
 
 log = logging.getLogger("mlxd_worker")
 

@@ -6,7 +6,7 @@ is sampled, a logits processor computes the matcher's token mask and sets the
 logits of every token the grammar does not allow to -inf; once the grammar is
 complete only EOS is allowed, so generation ends there. The processor works in both
 lanes, mlx-lm's BatchGenerator (per-sequence `logits_processors`) and the lone lane
-(solo.py), which call it the same way: `processor(context, logits)`, where
+(lanes/solo.py), which call it the same way: `processor(context, logits)`, where
 `context[-1]` is the token just fed to the model.
 """
 
@@ -16,7 +16,7 @@ import json
 import threading
 from typing import Any
 
-from .errors import RequestError
+from ..errors import RequestError
 from .tools import ToolChoice, ToolFormat, call_schema
 
 # JSON as json.dumps writes it: ", " and ": ", no other whitespace. Fewer tokens

@@ -15,8 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .kv_cache import KvOptions
-from .sampling import Sampler
+from ..cache.kv_cache import KvOptions
+from ..requests.sampling import Sampler
 
 
 @dataclass

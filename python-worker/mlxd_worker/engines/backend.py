@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Union
 
-from .constraint import SequenceConstraint
-from .drafting import DraftController
-from .kv_cache import KvOptions
-from .prefix_cache import PrefixCache
-from .sampling import Sampler
-from .solo import ProcessedSoloSequence, SoloSequence
-from .speculative import SpeculativeSequence, held, pair_problem
+from ..cache.kv_cache import KvOptions
+from ..cache.prefix_cache import PrefixCache
+from ..lanes.drafting import DraftController
+from ..lanes.solo import ProcessedSoloSequence, SoloSequence
+from ..lanes.speculative import SpeculativeSequence, held, pair_problem
+from ..requests.constraint import SequenceConstraint
+from ..requests.sampling import Sampler
 
 log = logging.getLogger("mlxd_worker")
 
@@ -121,8 +121,8 @@ class MlxBackend:
     long prompt delays the others' next token by one chunk, not by all of it.
 
     A sequence that arrives while nothing runs decodes alone, as fast as
-    stream_generate (solo.py), or speculatively with the preset's draft model
-    (speculative.py, the interactive lane); the next arrival moves it into the
+    stream_generate (lanes/solo.py), or speculatively with the preset's draft model
+    (lanes/speculative.py, the interactive lane); the next arrival moves it into the
     batch, KV cache and all, and when the batch is down to one sequence that one
     moves back out to draft again. Our uids are our own: the batch's are mapped.
     """
@@ -181,8 +181,8 @@ class MlxBackend:
             return
         disk = None
         if self._disk_dir:
-            from . import quantized_kv
-            from .disk_cache import DiskCache, model_identity
+            from ..cache import quantized_kv
+            from ..cache.disk_cache import DiskCache, model_identity
 
             kv = self._kv.describe()
             disk = DiskCache(

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import RequestError
+from ..requests.constraint import SequenceConstraint
+from ..requests.sampling import Sampler
 from .backend import Detokenizer, StepResult
-from .constraint import SequenceConstraint
-from .errors import RequestError
-from .sampling import Sampler
 
 # Public-domain text (Moby-Dick, chapter 1), replayed in a loop.
 REPLAY_TEXT = (

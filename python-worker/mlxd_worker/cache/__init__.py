@@ -1,0 +1,1 @@
+"""KV caches: the prefix cache (memory and disk tiers) and the preset's KV options (quantized, rotating)."""

@@ -1,0 +1,1 @@
+"""The worker's wire: frame codec, the shm/stdio/http transports, and when tokens are flushed."""

@@ -1,0 +1,1 @@
+"""Decoding lanes outside the batch: a lone sequence, a speculative one, and the draft policy."""

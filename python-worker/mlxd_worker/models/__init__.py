@@ -1,0 +1,1 @@
+"""Model files: the GGUF importer (``mlxd import``) and the GGUF header check."""
