@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+
+from .io.payloads import FaultOptions, LoadOptions
 
 log = logging.getLogger("mlxd_worker")
 
@@ -33,8 +34,8 @@ class Faults:
     garbage_after_step: int = 0
 
     @staticmethod
-    def from_options(options: dict[str, Any]) -> Faults:
-        raw = options.get("faults") or {}
+    def from_options(options: LoadOptions) -> Faults:
+        raw: FaultOptions = options.get("faults") or {}
         if raw:
             log.warning("fault injection on: %s", raw)
         return Faults(

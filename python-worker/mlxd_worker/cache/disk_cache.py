@@ -68,9 +68,14 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
 
+from ..mlx_types import CacheLayer, PromptCache
 from .prefix_cache import TokenTrie, can_trim, held
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from typing_extensions import Buffer, TypeGuard
 
 log = logging.getLogger("mlxd_worker")
 
@@ -90,8 +95,12 @@ TOKENIZER_FILES = (
 # safetensors' own limit on a header (as in MLX's reader).
 MAX_HEADER = 100_000_000
 
-Layers = list[Any]
+# A cache's layers, as mlx-lm's classes or the worker's (see to_disk/from_disk).
+Layers = PromptCache
 Convert = Callable[[Layers], Layers]
+# A tensor as the writer gets it: (safetensors dtype, shape, evaluated contiguous array).
+Tensor = tuple[str, list[int], "mx.array"]
+C = TypeVar("C")
 
 
 def model_identity(model_path: str) -> str:
@@ -126,7 +135,8 @@ def runtime_versions() -> dict[str, str]:
     import mlx.core as mx
     import mlx_lm
 
-    return {"format": FORMAT_VERSION, "mlx_lm": str(mlx_lm.__version__), "mlx": str(mx.__version__)}
+    mlx_version = mx.__version__  # type: ignore[attr-defined]  # (mlx's stubs leave it out)
+    return {"format": FORMAT_VERSION, "mlx_lm": str(mlx_lm.__version__), "mlx": str(mlx_version)}
 
 
 @dataclass
@@ -145,7 +155,7 @@ class _Job:
 
     tokens: tuple[int, ...]
     trimmable: bool
-    tensors: dict[str, tuple[str, list[int], Any]]  # name -> (safetensors dtype, shape, array)
+    tensors: dict[str, Tensor]
     metadata: dict[str, str]
     nbytes: int
 
@@ -329,7 +339,7 @@ class DiskCache:
                     raise Stale(f"{k} {meta.get(k)!r}, expected {v!r}")
             if _tokens_of(meta) != entry.tokens:
                 raise Stale("other tokens than the index says")
-            arrays, _ = mx.load(str(path), return_metadata=True)
+            arrays, _ = cast("tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(path), return_metadata=True))
             layers = _build(arrays, meta)
             mx.eval([c.state for c in layers])  # read it all now: a bad file fails here, not in a step
             layers = self._from_disk(layers)
@@ -409,14 +419,14 @@ class DiskCache:
         from mlx_lm.models import cache as mlx_cache
 
         layers = [_compact(c) for c in self._to_disk(cache)]
-        tensors: dict[str, tuple[str, list[int], Any]] = {}
+        tensors: dict[str, Tensor] = {}
         described = []
         for i, layer in enumerate(layers):
             name = type(layer).__name__
             if not isinstance(getattr(mlx_cache, name, None), type) or type(layer) is not getattr(mlx_cache, name):
                 raise ValueError(f"{name} is not one of mlx-lm's cache classes (give DiskCache a to_disk)")
-            scalars: dict[str, Any] = {}
-            for path, leaf in tree_flatten(layer.state):
+            scalars: dict[str, None | bool | int | float | str] = {}
+            for path, leaf in cast("list[tuple[str, object]]", tree_flatten(layer.state)):
                 if isinstance(leaf, mx.array):
                     dtype = _st_dtypes().get(leaf.dtype)
                     if dtype is None:
@@ -520,7 +530,7 @@ class DiskCache:
 
 
 @functools.cache
-def _st_dtypes() -> dict[Any, str]:
+def _st_dtypes() -> dict[mx.Dtype, str]:
     """MLX dtypes by their safetensors names."""
     import mlx.core as mx
 
@@ -601,14 +611,14 @@ def _read_header(path: Path, size: int) -> tuple[dict[str, str], dict[str, Any]]
     return meta, header
 
 
-def _write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], Any]], metadata: dict[str, str]) -> None:
+def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file, from evaluated contiguous arrays (read through the
     buffer protocol: no MLX op runs on this thread)."""
-    header: dict[str, Any] = {"__metadata__": metadata}
+    header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     views: list[memoryview] = []
     for name, (dtype, shape, arr) in tensors.items():
-        view = memoryview(arr).cast("B")
+        view = memoryview(cast("Buffer", arr)).cast("B")  # (mlx's stubs omit the buffer protocol)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + view.nbytes]}
         offset += view.nbytes
         views.append(view)
@@ -623,19 +633,19 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], Any]
         os.fsync(f.fileno())
 
 
-def _build(arrays: dict[str, Any], meta: dict[str, str]) -> Layers:
+def _build(arrays: dict[str, mx.array], meta: dict[str, str]) -> Layers:
     """The layers of a loaded file: mlx-lm's classes from their states."""
     from mlx.utils import tree_unflatten
     from mlx_lm.models import cache as mlx_cache
 
     described = json.loads(meta["layers"])
-    by_layer: dict[int, list[tuple[str, Any]]] = {i: [] for i in range(len(described))}
+    by_layer: dict[int, list[tuple[str, object]]] = {i: [] for i in range(len(described))}
     for name, arr in arrays.items():
         layer, _, path = name.partition(".")
         by_layer[int(layer)].append((path, arr))
     layers = []
     for i, d in enumerate(described):
-        cls: Any = getattr(mlx_cache, d["class"], None)
+        cls = getattr(mlx_cache, d["class"], None)
         if not _is_cache_class(cls, mlx_cache._BaseCache):
             raise Stale(f"unknown cache class {d['class']!r}")
         # BF16 tensors (written as their uint16 bits) come back as bfloat16.
@@ -645,11 +655,11 @@ def _build(arrays: dict[str, Any], meta: dict[str, str]) -> Layers:
     return layers
 
 
-def _is_cache_class(cls: Any, base: type) -> bool:
+def _is_cache_class(cls: object, base: type[C]) -> TypeGuard[type[C]]:
     return isinstance(cls, type) and issubclass(cls, base)
 
 
-def _compact(layer: Any) -> Any:
+def _compact(layer: CacheLayer) -> CacheLayer:
     """A full-precision or quantized layer cut to the tokens it holds (its
     buffer grows in steps of 256 and may hold trimmed tokens); others as they are."""
     from mlx.utils import tree_map

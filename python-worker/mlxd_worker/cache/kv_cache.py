@@ -29,6 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..io.payloads import LoadOptions
+from ..mlx_types import Model, PromptCache
+
 # Tokens a rotating cache keeps from the start (the attention sink), as mlx-lm's.
 ROTATING_KEEP = 4
 
@@ -44,7 +47,7 @@ class KvOptions:
     max_kv_size: int | None = None
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> KvOptions:
+    def from_options(cls, options: LoadOptions) -> KvOptions:
         bits = options.get("kv_bits")
         size = options.get("max_kv_size")
         kv = cls(
@@ -82,7 +85,7 @@ class KvOptions:
             return f"max_kv_size={self.max_kv_size}"
         return "kv=full"
 
-    def make(self, model: Any) -> list[Any]:
+    def make(self, model: Model) -> PromptCache:
         """A fresh cache for the lone lane (quantized by `quantize_if_due` after
         the first model call, as mlx-lm's generate does). With `max_kv_size`, every
         plain KV layer rotates: mlx-lm's `make_prompt_cache` ignores the size for
@@ -96,7 +99,7 @@ class KvOptions:
                     cache[i] = RotatingKVCache(max_size=self.max_kv_size, keep=ROTATING_KEEP)
         return cache
 
-    def quantize_if_due(self, cache: list[Any]) -> None:
+    def quantize_if_due(self, cache: PromptCache) -> None:
         """The lone lane's rule, after each model call (mlx-lm's generate_step):
         full-precision layers become quantized once they hold quantized_kv_start
         tokens."""
@@ -108,7 +111,7 @@ class KvOptions:
         if plain and plain[0].offset >= self.quantized_kv_start:
             self.quantize(cache)
 
-    def quantize(self, cache: list[Any]) -> None:
+    def quantize(self, cache: PromptCache) -> None:
         """Every full-precision (or foreign quantized) layer becomes a mergeable
         quantized one, in place."""
         from mlx_lm.models.cache import KVCache, QuantizedKVCache
@@ -122,7 +125,7 @@ class KvOptions:
             elif type(layer) is QuantizedKVCache:
                 cache[i] = MergeableQuantizedKVCache.adopt(layer)
 
-    def shared(self, cache: list[Any] | None, model: Any) -> list[Any] | None:
+    def shared(self, cache: PromptCache | None, model: Model) -> PromptCache | None:
         """The cache a sequence enters the batch (or the drafting lane) with:
         quantized from the start when kv_bits is set, rotating when max_kv_size is
         (None: nothing to change, BatchGenerator makes a plain one)."""

@@ -26,7 +26,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Optional, TypeVar
+
+from ..mlx_types import CacheLayer, PromptCache
 
 if TYPE_CHECKING:
     from .disk_cache import DiskCache
@@ -37,12 +39,12 @@ MAX_ENTRIES = 256
 V = TypeVar("V")
 
 
-def held(cache: list[Any]) -> int:
+def held(cache: PromptCache) -> int:
     """Tokens a KV cache holds."""
     return int(cache[0].offset) if cache else 0
 
 
-def can_trim(cache: list[Any]) -> bool:
+def can_trim(cache: PromptCache) -> bool:
     from mlx_lm.models.cache import can_trim_prompt_cache
 
     return bool(can_trim_prompt_cache(cache))
@@ -52,7 +54,7 @@ def can_trim(cache: list[Any]) -> bool:
 class Lookup:
     """A cached prefix for a prompt: `cache` holds `prompt[:cached]` (None: a miss)."""
 
-    cache: list[Any] | None
+    cache: PromptCache | None
     cached: int
 
 
@@ -188,7 +190,7 @@ class TokenTrie(Generic[V]):
 @dataclass
 class _Entry:
     tokens: tuple[int, ...]
-    cache: list[Any]
+    cache: PromptCache
     nbytes: int
     trimmable: bool
 
@@ -227,7 +229,7 @@ class PrefixCache:
                     source = _Entry(on_disk[0].tokens, loaded, _nbytes(loaded), can_trim(loaded))
                     cached, from_disk = on_disk[1], True
                     self._insert(source)  # it is on disk already: an eviction will not rewrite it
-        cache: list[Any] | None = None
+        cache: PromptCache | None = None
         if source is not None:
             with self._lock:
                 if source.tokens in self._entries:
@@ -244,7 +246,7 @@ class PrefixCache:
                 self.cached_tokens += cached
         return Lookup(cache, cached)
 
-    def put(self, tokens: list[int], cache: list[Any] | None) -> None:
+    def put(self, tokens: list[int], cache: PromptCache | None) -> None:
         """Keeps `cache`, which holds `tokens[:held(cache)]` (and is handed over:
         the caller no longer feeds it). A long one is also written to disk."""
         if cache is None:
@@ -314,7 +316,7 @@ class PrefixCache:
         return out
 
 
-def _private_prefix(cache: list[Any], n: int) -> list[Any]:
+def _private_prefix(cache: PromptCache, n: int) -> PromptCache:
     """A copy of `cache` holding its first `n` tokens, for a lane to feed on. KV
     layers (full precision or quantized) are cut to exactly `n` slots, never the
     entry's whole buffer: a short hit on a long entry costs what it uses. Other
@@ -323,7 +325,7 @@ def _private_prefix(cache: list[Any], n: int) -> list[Any]:
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
 
     if all(isinstance(c, (KVCache, QuantizedKVCache)) and c.keys is not None for c in cache):
-        out = []
+        out: list[CacheLayer] = []
         for layer in cache:
             part = copy.copy(layer)
             part.keys, part.values = tree_map(lambda x: x[..., :n, :], (layer.keys, layer.values))
@@ -336,5 +338,5 @@ def _private_prefix(cache: list[Any], n: int) -> list[Any]:
     return whole
 
 
-def _nbytes(cache: list[Any]) -> int:
+def _nbytes(cache: PromptCache) -> int:
     return int(sum(c.nbytes for c in cache))

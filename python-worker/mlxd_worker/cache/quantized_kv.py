@@ -9,23 +9,28 @@ quantized attention for any cache with a `bits` attribute, as for the solo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, cast
 
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import (
     QuantizedKVCache,
     _BaseCache,
-    create_causal_mask,
     dynamic_roll,
 )
 
+from ..mlx_types import CacheLayer, PromptCache
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+
 # A quantized tensor: (packed data, scales, biases), as mx.quantize returns it.
-Quantized = tuple[Any, Any, Any]
+Quantized = tuple["mx.array", "mx.array", "mx.array"]
 
 
-def to_disk(cache: list[Any]) -> list[Any]:
+def to_disk(cache: PromptCache) -> PromptCache:
     """A cache's layers as mlx-lm's own classes (what the disk cache stores);
     the cache itself is left as it is."""
-    out: list[Any] = []
+    out: list[CacheLayer] = []
     for layer in cache:
         if isinstance(layer, MergeableQuantizedKVCache):
             plain = QuantizedKVCache(group_size=layer.group_size, bits=layer.bits)
@@ -35,13 +40,18 @@ def to_disk(cache: list[Any]) -> list[Any]:
     return out
 
 
-def from_disk(cache: list[Any]) -> list[Any]:
+def from_disk(cache: PromptCache) -> PromptCache:
     """Loaded layers back as the worker's classes (quantized ones mergeable)."""
     return [MergeableQuantizedKVCache.adopt(c) if type(c) is QuantizedKVCache else c for c in cache]
 
 
 class MergeableQuantizedKVCache(QuantizedKVCache):
     """mlx-lm's QuantizedKVCache that can join a batch."""
+
+    # (Quantized | None): mlx-lm's __init__ sets them to None and only its untyped
+    # methods fill them, so the type checker would take them to be None for good.
+    keys: Any
+    values: Any
 
     @classmethod
     def adopt(cls, layer: QuantizedKVCache) -> MergeableQuantizedKVCache:
@@ -50,15 +60,15 @@ class MergeableQuantizedKVCache(QuantizedKVCache):
         return out
 
     @classmethod
-    def merge(cls, caches: list[Any]) -> BatchQuantizedKVCache:
+    def merge(cls, caches: list[CacheLayer]) -> BatchQuantizedKVCache:
         return BatchQuantizedKVCache.merge(caches)
 
 
-def _map(fn: Any, *triples: Quantized) -> Quantized:
-    return tuple(fn(*parts) for parts in zip(*triples))  # type: ignore[return-value]
+def _map(fn: Callable[..., mx.array], *triples: Quantized) -> Quantized:
+    return cast(Quantized, tuple(fn(*parts) for parts in zip(*triples)))
 
 
-def _zeros(batch: int, heads: int, length: int, dim: int, dtype: Any, group_size: int, bits: int) -> Quantized:
+def _zeros(batch: int, heads: int, length: int, dim: int, dtype: mx.Dtype, group_size: int, bits: int) -> Quantized:
     import mlx.core as mx
 
     per_word = 32 // bits
@@ -84,11 +94,11 @@ class BatchQuantizedKVCache(_BaseCache):
         self.left_padding = mx.array(left_padding)
         self.offset = mx.array([-pad for pad in left_padding])
         self._idx = 0
-        self._right_padding: Any = None
+        self._right_padding: mx.array | None = None
         self.group_size = group_size
         self.bits = bits
 
-    def update_and_fetch(self, keys: Any, values: Any) -> tuple[Quantized, Quantized]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Quantized, Quantized]:
         import mlx.core as mx
 
         batch, heads, steps, k_dim = keys.shape
@@ -122,7 +132,13 @@ class BatchQuantizedKVCache(_BaseCache):
         idx = self._idx
         return _map(lambda x: x[..., :idx, :], self.keys), _map(lambda x: x[..., :idx, :], self.values)
 
-    def prepare(self, *, left_padding: Any = None, lengths: Any = None, right_padding: Any = None) -> None:
+    def prepare(
+        self,
+        *,
+        left_padding: list[int] | None = None,
+        lengths: list[int] | None = None,
+        right_padding: list[int] | None = None,
+    ) -> None:
         import mlx.core as mx
 
         if left_padding is not None:
@@ -148,19 +164,19 @@ class BatchQuantizedKVCache(_BaseCache):
         self._right_padding = None
 
     @property
-    def state(self) -> Any:
+    def state(self) -> tuple[Quantized | None, Quantized | None, mx.array, mx.array]:
         return self.keys, self.values, self.offset, self.left_padding
 
     @state.setter
-    def state(self, v: Any) -> None:
+    def state(self, v: tuple[Quantized | None, Quantized | None, mx.array, mx.array]) -> None:
         self.keys, self.values, self.offset, self.left_padding = v
 
     @property
-    def meta_state(self) -> Any:
+    def meta_state(self) -> tuple[str, ...]:
         return tuple(map(str, (self._idx, self.group_size, self.bits)))
 
     @meta_state.setter
-    def meta_state(self, v: Any) -> None:
+    def meta_state(self, v: tuple[str, ...]) -> None:
         self._idx, self.group_size, self.bits = map(int, v)
 
     def is_trimmable(self) -> bool:
@@ -172,17 +188,17 @@ class BatchQuantizedKVCache(_BaseCache):
         self.offset = self.offset - n
         return n
 
-    def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> Any:  # noqa: N803 (mlx-lm's name)
-        return create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, **kwargs)
+    def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> mx.array:  # noqa: N803 (mlx-lm's name)
+        return cast("mx.array", create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, **kwargs))
 
-    def filter(self, batch_indices: Any) -> None:
+    def filter(self, batch_indices: list[int] | mx.array) -> None:
         """Keeps the given rows, dropping padding no row needs any more."""
         if self.keys is not None and self.values is not None:
             self.keys = _map(lambda x: x[batch_indices], self.keys)
             self.values = _map(lambda x: x[batch_indices], self.values)
         self.offset = self.offset[batch_indices]
         self.left_padding = self.left_padding[batch_indices]
-        min_pad = min(self.left_padding.tolist())
+        min_pad = min(cast("list[int]", self.left_padding.tolist()))
         if min_pad > 0:
             if self.keys is not None and self.values is not None:
                 self.keys = _map(lambda x: x[..., min_pad:, :], self.keys)
@@ -207,7 +223,7 @@ class BatchQuantizedKVCache(_BaseCache):
         v_dim = ref.values[0].shape[3] * (32 // self.bits)
         dtype = ref.keys[1].dtype
 
-        def aligned(c: BatchQuantizedKVCache) -> tuple[Quantized, Quantized, Any, Any]:
+        def aligned(c: BatchQuantizedKVCache) -> tuple[Quantized, Quantized, mx.array, mx.array]:
             rows = c.offset.shape[0]
             k = c.keys or _zeros(rows, heads, 0, k_dim, dtype, self.group_size, self.bits)
             v = c.values or _zeros(rows, heads, 0, v_dim, dtype, self.group_size, self.bits)
@@ -238,7 +254,7 @@ class BatchQuantizedKVCache(_BaseCache):
         if self.keys is None or self.values is None:
             return out
         mx.eval(self.left_padding)
-        pad = self.left_padding.tolist()[idx]
+        pad = cast("list[int]", self.left_padding.tolist())[idx]
         end = self._idx
         out.keys = _map(lambda x: mx.contiguous(x[idx : idx + 1, :, pad:end]), self.keys)
         out.values = _map(lambda x: mx.contiguous(x[idx : idx + 1, :, pad:end]), self.values)
@@ -246,7 +262,7 @@ class BatchQuantizedKVCache(_BaseCache):
         return out
 
     @classmethod
-    def merge(cls, caches: list[Any]) -> BatchQuantizedKVCache:
+    def merge(cls, caches: list[CacheLayer]) -> BatchQuantizedKVCache:
         """Lone sequences' quantized caches as one batch, left-padded to the
         longest."""
 

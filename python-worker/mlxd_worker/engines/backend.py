@@ -8,15 +8,22 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, cast
 
 from ..cache.kv_cache import KvOptions
 from ..cache.prefix_cache import PrefixCache
+from ..io.payloads import DraftCounts, LoadOptions, SpecStatus, SpeculativeOptions
 from ..lanes.drafting import DraftController
-from ..lanes.solo import ProcessedSoloSequence, SoloSequence
+from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
 from ..lanes.speculative import SpeculativeSequence, held, pair_problem
+from ..mlx_types import Model, PromptCache
 from ..requests.constraint import SequenceConstraint
 from ..requests.sampling import Sampler
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger("mlxd_worker")
 
@@ -33,16 +40,16 @@ class Detokenizer(Protocol):
 
 
 class Backend(Protocol):
-    tokenizer: Any
+    tokenizer: TokenizerWrapper
     eos: frozenset[int]
     context_length: int | None
     # The draft policy, when the preset names a draft model.
     drafting: DraftController | None
     # The last step's logprobs vectors (log-softmax over the vocabulary), in token
     # order, of the sequences inserted with logprobs=True.
-    step_logprobs: dict[int, list[Any]]
+    step_logprobs: dict[int, list[mx.array]]
 
-    def load(self, model_path: str, options: dict[str, Any]) -> None: ...
+    def load(self, model_path: str, options: LoadOptions) -> None: ...
     def insert(
         self,
         ids: list[int],
@@ -55,8 +62,8 @@ class Backend(Protocol):
     def remove(self, uid: int) -> None: ...
     def step(self) -> list[StepResult]: ...
     def detokenizer(self) -> Detokenizer: ...
-    def take_counts(self, uid: int) -> dict[str, int] | None: ...
-    def speculative_status(self) -> dict[str, Any] | None: ...
+    def take_counts(self, uid: int) -> DraftCounts | None: ...
+    def speculative_status(self) -> SpecStatus | None: ...
     def cached_tokens(self, uid: int) -> int: ...
     def start_prompt_cache(self) -> None: ...
     def prompt_cache_stats(self) -> dict[str, int] | None: ...
@@ -89,13 +96,13 @@ class Track:
     accepted: int = 0
     batch_tokens: int = 0  # tokens produced since it last entered the batch
     # The draft's cache while the sequence is in the batch (it drafted before).
-    draft_cache: list[Any] | None = None
+    draft_cache: PromptCache | None = None
     # Constrained decoding: every lane masks this sequence's logits with it.
     constraint: SequenceConstraint | None = None
     # Keep each token's logprobs vector (step_logprobs).
     logprobs: bool = False
     # The prefix cache's hit: a cache holding history[:cached], until a lane takes it.
-    prefix: list[Any] | None = None
+    prefix: PromptCache | None = None
     cached: int = 0
 
     @property
@@ -128,13 +135,14 @@ class MlxBackend:
     """
 
     def __init__(self) -> None:
-        self.tokenizer: Any = None
+        # The model, its tokenizer and the batch: set by load().
+        self.tokenizer = cast("TokenizerWrapper", None)
         self.eos: frozenset[int] = frozenset()
         self.context_length: int | None = None
         self.drafting: DraftController | None = None  # None: no draft configured
-        self._model: Any = None
-        self._draft: Any = None
-        self._gen: Any = None
+        self._model = cast(Model, None)
+        self._draft: Model | None = None
+        self._gen = cast("BatchGenerator", None)
         self._prefill_step = 2048
         self._next_uid = 0
         self._solo: tuple[int, Lane] | None = None
@@ -142,12 +150,12 @@ class MlxBackend:
         self._our_uid: dict[int, int] = {}  # the batch's -> ours
         self._waiting: list[int] = []
         self._tracks: dict[int, Track] = {}
-        self.step_logprobs: dict[int, list[Any]] = {}
+        self.step_logprobs: dict[int, list[mx.array]] = {}
         self.prefix: PrefixCache | None = None  # when the preset gives it bytes
         self._prompt_cache_bytes = 0
         self._kv = KvOptions()
 
-    def load(self, model_path: str, options: dict[str, Any]) -> None:
+    def load(self, model_path: str, options: LoadOptions) -> None:
         from mlx_lm.generate import BatchGenerator
 
         self._model, self.tokenizer = _load(model_path)
@@ -201,7 +209,7 @@ class MlxBackend:
         if self.prefix is not None:
             self.prefix.close(timeout=CLOSE_TIMEOUT)
 
-    def _load_draft(self, model_path: str, spec: dict[str, Any]) -> None:
+    def _load_draft(self, model_path: str, spec: SpeculativeOptions) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
         mode = str(spec.get("mode", "auto"))
@@ -252,7 +260,7 @@ class MlxBackend:
             self._waiting.append(uid)
         return uid
 
-    def _lone_lane(self, track: Track, cache: Any = None) -> Lane:
+    def _lone_lane(self, track: Track, cache: PromptCache | None = None) -> Lane:
         from mlx_lm.generate import generation_stream
 
         prefix = None
@@ -280,7 +288,9 @@ class MlxBackend:
             )
         stream = generation_stream
         if track.processed:
-            processors = [] if track.constraint is None else [track.constraint.processor(track.history)]
+            processors: list[LogitsProcessor] = (
+                [] if track.constraint is None else [track.constraint.processor(track.history)]
+            )
             return ProcessedSoloSequence(
                 self._model,
                 track.history[track.cached if prefix is not None else 0 :],
@@ -298,18 +308,21 @@ class MlxBackend:
             self._model, pending, track.left, track.sampler, self._prefill_step, stream, prefix, self._kv
         )
 
-    def _to_batch(self, uid: int, ids: list[int], cache: Any = None) -> None:
+    def _to_batch(self, uid: int, ids: list[int], cache: PromptCache | None = None) -> None:
         track = self._tracks[uid]
         if cache is None and track.prefix is not None:
             cache, track.prefix = track.prefix, None
             ids = ids[track.cached :]
         # A fresh processor per lane entry (see constraint.LaneProcessor).
-        processors = None if track.constraint is None else [[track.constraint.processor(track.history)]]
+        processors: list[list[LogitsProcessor]] | None = (
+            None if track.constraint is None else [[track.constraint.processor(track.history)]]
+        )
         cache = self._kv.shared(cache, self._model)
         (buid,) = self._gen.insert(
             [ids],
             max_tokens=[track.left],
-            samplers=[track.sampler],
+            # None: BatchGenerator's default sampler (which its annotation leaves out).
+            samplers=cast("list[Sampler]", [track.sampler]),
             caches=None if cache is None else [cache],
             logits_processors=processors,
         )
@@ -336,7 +349,7 @@ class MlxBackend:
         if isinstance(lane, SoloSequence):  # a drafting lane's caches are not kept
             self._keep_cache(uid, lane.cache)
 
-    def _keep_cache(self, uid: int, cache: list[Any] | None) -> None:
+    def _keep_cache(self, uid: int, cache: PromptCache | None) -> None:
         track = self._tracks.get(uid)
         if self.prefix is not None and track is not None:
             self.prefix.put(track.history, cache)
@@ -349,7 +362,7 @@ class MlxBackend:
     def prompt_cache_stats(self) -> dict[str, int] | None:
         return None if self.prefix is None else self.prefix.stats()
 
-    def take_counts(self, uid: int) -> dict[str, int] | None:
+    def take_counts(self, uid: int) -> DraftCounts | None:
         """The sequence's draft counters (None without a usable draft); forgets it."""
         track = self._tracks.pop(uid, None)
         if track is None or self.drafting is None or not self.drafting.available:
@@ -369,7 +382,7 @@ class MlxBackend:
         if self.step_logprobs:
             self.step_logprobs = {}
         if self._solo is not None and not self._waiting:
-            return self._step_lone()
+            return self._step_lone(*self._solo)
         results: list[StepResult] = []
         if self._solo is not None:  # company arrived: the lone sequence joins the batch
             uid, lane = self._solo
@@ -405,8 +418,7 @@ class MlxBackend:
         self._leave_batch_if_alone(results)
         return results
 
-    def _step_lone(self) -> list[StepResult]:
-        uid, lane = self._solo  # type: ignore[misc]
+    def _step_lone(self, uid: int, lane: Lane) -> list[StepResult]:
         track = self._tracks[uid]
         started = time.perf_counter()
         # A plain sequence's first token carries its prompt's last pass: not decode speed.
@@ -414,7 +426,9 @@ class MlxBackend:
         out = lane.step()
         seconds = time.perf_counter() - started
         if track.logprobs and out:
-            self.step_logprobs[uid] = [lane.last_logprobs]  # type: ignore[union-attr]
+            # A sequence that keeps logprobs runs in the processed lane, which kept them.
+            assert isinstance(lane, ProcessedSoloSequence) and lane.last_logprobs is not None
+            self.step_logprobs[uid] = [lane.last_logprobs]
         results: list[StepResult] = []
         accepted = 0
         for token, from_draft in out:
@@ -468,14 +482,16 @@ class MlxBackend:
             self.drafting.switched("speculative")
 
     def detokenizer(self) -> Detokenizer:
-        return self.tokenizer.detokenizer
+        detok: Detokenizer = self.tokenizer.detokenizer
+        return detok
 
-    def speculative_status(self) -> dict[str, Any] | None:
+    def speculative_status(self) -> SpecStatus | None:
         return None if self.drafting is None else self.drafting.status()
 
 
-def _load(model_path: str) -> tuple[Any, Any]:
+def _load(model_path: str) -> tuple[Model, TokenizerWrapper]:
     import mlx_lm
 
     # Model files are untrusted: never run code shipped with them.
-    return mlx_lm.load(model_path, trust_remote_code=False, tokenizer_config={"trust_remote_code": False})
+    loaded = mlx_lm.load(model_path, trust_remote_code=False, tokenizer_config={"trust_remote_code": False})
+    return cast(Model, loaded[0]), loaded[1]

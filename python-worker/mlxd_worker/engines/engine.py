@@ -16,12 +16,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Union
 
 from ..errors import RequestError  # raised here, and imported from here by others
 from ..faults import GARBAGE_KIND, Faults
 from ..io import frames
 from ..io.flush import FlushPolicy
+from ..io.payloads import Counts, Done, ErrorFrame, Generate, Load, Prompt, TokenLogprob, ToolCallFrame
 from ..io.transport import Transport
 from ..requests.constraint import SequenceConstraint
 from ..requests.logprobs import TokenTexts, logprob_entry
@@ -54,7 +55,7 @@ class Counters:
     frames: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> Counts:
         with self.lock:
             return {
                 "active_sequences": self.active,
@@ -89,6 +90,19 @@ class Sequence:
     top_logprobs: int | None = None
 
 
+@dataclass
+class Planned:
+    """A Generate as the reader thread hands it to the engine: the request and
+    what it asks of the engine."""
+
+    req: Generate
+    plan: RequestPlan
+
+
+# The inbox: (kind, payload) as the frame came, a planned Generate, or None to stop.
+InboxItem = Union[tuple[int, bytes], tuple[int, Planned], None]
+
+
 def make_backend(engine: str) -> Backend:
     if engine == "replay":
         from .replay import ReplayBackend
@@ -101,8 +115,7 @@ class Engine:
     def __init__(self, transport: Transport, backend: Backend) -> None:
         self.transport = transport
         self.backend = backend
-        # (kind, payload), or (GENERATE, the parsed request with its prompt_ids)
-        self.inbox: queue.Queue[tuple[int, Any] | None] = queue.Queue()
+        self.inbox: queue.Queue[InboxItem] = queue.Queue()
         self.counters = Counters()
         self.flush_policy = FlushPolicy()
         self._samplers = SamplerCache()
@@ -112,7 +125,7 @@ class Engine:
         self._pending_since = 0.0
         # Logprobs entries per request, sent just before the TokenBatch that
         # carries their tokens.
-        self._pending_logprobs: dict[int, list[dict[str, Any]]] = {}
+        self._pending_logprobs: dict[int, list[TokenLogprob]] = {}
         self._planner: Planner | None = None  # once a model is loaded
         self._token_texts: TokenTexts | None = None
         self._running = True
@@ -131,18 +144,18 @@ class Engine:
         if kind != frames.GENERATE:
             self.inbox.put((kind, payload))
             return
-        req = json.loads(payload)
+        req: Generate = json.loads(payload)
         try:
             if req.get("count_only"):
                 self._count(req)
                 return
-            req["plan"] = self._plan(req)
+            planned = Planned(req, self._plan(req))
         except Exception as e:
-            self._report(kind, req, e)
+            self._report(req.get("id"), e)
             return
         with self.counters.lock:
             self.counters.queued += 1
-        self.inbox.put((kind, req))
+        self.inbox.put((kind, planned))
 
     def stop(self) -> None:
         self.inbox.put(None)
@@ -196,7 +209,13 @@ class Engine:
                 return
             self._handle(*item)
 
-    def _handle(self, kind: int, item: Any) -> None:
+    def _handle(self, kind: int, item: bytes | Planned) -> None:
+        if isinstance(item, Planned):  # a Generate
+            try:
+                self._admit(item)
+            except Exception as e:
+                self._report(item.req.get("id"), e)
+            return
         if kind == frames.CANCEL:
             self._cancel(frames.decode_cancel(item))
             return
@@ -209,25 +228,23 @@ class Engine:
             mx.clear_cache()
             log.info("cleared MLX's cache (%d MiB) at the daemon's request", before >> 20)
             return
-        req = item if kind == frames.GENERATE else json.loads(item)
-        try:
-            if kind == frames.LOAD:
+        req: Load = json.loads(item)
+        if kind == frames.LOAD:
+            try:
                 self._load(req)
-            elif kind == frames.GENERATE:
-                self._admit(req)
-        except Exception as e:
-            self._report(kind, req, e)
-            if kind == frames.LOAD:
+            except Exception as e:
+                self._report(None, e)
                 raise
 
-    def _report(self, kind: int, req: dict[str, Any], e: Exception) -> None:
-        """A worker error must reach the daemon, not kill us."""
+    def _report(self, rid: int | None, e: Exception) -> None:
+        """A worker error (about request `rid`, or the model's load: None) must
+        reach the daemon, not kill us."""
         log.exception("engine error")
-        rid = req.get("id") if kind == frames.GENERATE else None
         code = "invalid_request" if isinstance(e, RequestError) else "worker"
-        self.transport.send(frames.ERROR, frames.json_payload({"id": rid, "message": str(e), "code": code}))
+        error: ErrorFrame = {"id": rid, "message": str(e), "code": code}
+        self.transport.send(frames.ERROR, frames.json_payload(error))
 
-    def _load(self, req: dict[str, Any]) -> None:
+    def _load(self, req: Load) -> None:
         t0 = time.perf_counter()
         options = req.get("options") or {}
         self.flush_policy = FlushPolicy.from_options(options)
@@ -298,15 +315,15 @@ class Engine:
             raise RuntimeError("no model loaded yet")
         return self._planner
 
-    def _prompt_ids(self, req: dict[str, Any]) -> list[int]:
+    def _prompt_ids(self, req: Prompt) -> list[int]:
         return self._loaded_planner().prompt_ids(req)
 
-    def _plan(self, req: dict[str, Any]) -> RequestPlan:
+    def _plan(self, req: Generate) -> RequestPlan:
         return self._loaded_planner().plan(req)
 
-    def _count(self, req: dict[str, Any]) -> None:
+    def _count(self, req: Generate) -> None:
         """count_only: the prompt's tokens as a generation would see them, at once."""
-        done = {
+        done: Done = {
             "id": int(req["id"]),
             "finish_reason": "counted",
             "prompt_tokens": len(self._prompt_ids(req)),
@@ -316,11 +333,11 @@ class Engine:
         }
         self.transport.send(frames.DONE, frames.json_payload(done))
 
-    def _admit(self, req: dict[str, Any]) -> None:
+    def _admit(self, planned: Planned) -> None:
+        req, plan = planned.req, planned.plan
         rid = int(req["id"])
         with self.counters.lock:
             self.counters.queued -= 1
-        plan: RequestPlan = req["plan"]
         ids = plan.prompt_ids
         limit = self.backend.context_length
         if limit and len(ids) >= limit:
@@ -465,7 +482,7 @@ class Engine:
 
     def _send_calls(self, seq: Sequence, calls: tuple[ToolCall, ...]) -> None:
         for call in calls:
-            frame = {
+            frame: ToolCallFrame = {
                 "id": seq.rid,
                 "index": seq.calls,
                 "call_id": new_call_id(),
@@ -502,7 +519,8 @@ class Engine:
         self._forget(seq, cancelled=False)
         self.backend.take_counts(seq.uid)
         log.error("request %d failed: %s", seq.rid, message)
-        self.transport.send(frames.ERROR, frames.json_payload({"id": seq.rid, "message": message, "code": "worker"}))
+        error: ErrorFrame = {"id": seq.rid, "message": message, "code": "worker"}
+        self.transport.send(frames.ERROR, frames.json_payload(error))
 
     def _finish(self, seq: Sequence, finish: str) -> None:
         self._flush()
@@ -512,7 +530,7 @@ class Engine:
         first, last = seq.first_token_at, seq.last_token_at
         prompt_s = (first - seq.started) if first else 0.0
         gen_s = last - first
-        done = {
+        done: Done = {
             "id": seq.rid,
             "finish_reason": finish,
             "prompt_tokens": seq.prompt_tokens,

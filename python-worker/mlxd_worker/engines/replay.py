@@ -10,12 +10,18 @@ logits: a request for logprobs, an output format or a forced tool call is refuse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from ..errors import RequestError
+from ..io.payloads import DraftCounts, LoadOptions, SpecStatus
+from ..lanes.drafting import DraftController
 from ..requests.constraint import SequenceConstraint
 from ..requests.sampling import Sampler
 from .backend import Detokenizer, StepResult
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 # Public-domain text (Moby-Dick, chapter 1), replayed in a loop.
 REPLAY_TEXT = (
@@ -49,18 +55,18 @@ class _ReplayDetokenizer:
 
 class ReplayBackend:
     def __init__(self) -> None:
-        self.tokenizer: Any = None
+        self.tokenizer = cast("TokenizerWrapper", None)  # set by load()
         self.eos: frozenset[int] = frozenset()
         self.context_length: int | None = None
-        self.drafting: Any = None  # no draft model here
-        self.step_logprobs: dict[int, list[Any]] = {}  # always empty: no logits
+        self.drafting: DraftController | None = None  # no draft model here
+        self.step_logprobs: dict[int, list[mx.array]] = {}  # always empty: no logits
         self._ids: list[int] = []
         self._pieces: list[str] = []
         # uid -> [position, tokens left]
         self._live: dict[int, list[int]] = {}
         self._next_uid = 0
 
-    def load(self, model_path: str, options: dict[str, Any]) -> None:
+    def load(self, model_path: str, options: LoadOptions) -> None:
         from pathlib import Path
 
         from mlx_lm.utils import load_tokenizer
@@ -115,10 +121,10 @@ class ReplayBackend:
             del self._live[uid]
         return out
 
-    def take_counts(self, uid: int) -> dict[str, int] | None:
+    def take_counts(self, uid: int) -> DraftCounts | None:
         return None  # no draft model here
 
-    def speculative_status(self) -> dict[str, Any] | None:
+    def speculative_status(self) -> SpecStatus | None:
         return None
 
     def cached_tokens(self, uid: int) -> int:

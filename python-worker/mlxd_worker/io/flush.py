@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+
+from .payloads import FlushOptions, LoadOptions
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,8 @@ class FlushPolicy:
     ms: float = 0.0
 
     @classmethod
-    def from_options(cls, options: dict[str, Any] | None) -> FlushPolicy:
-        spec = (options or {}).get("flush") or {}
+    def from_options(cls, options: LoadOptions | None) -> FlushPolicy:
+        spec: FlushOptions = (options or {}).get("flush") or {}
         every = spec.get("every", "step")
         if every == "step":
             return cls()

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IHH")
@@ -56,7 +55,7 @@ def encode(kind: int, payload: bytes, flags: int = 0) -> bytes:
     return HEADER.pack(len(payload), kind, flags) + payload
 
 
-def json_payload(obj: dict[str, Any]) -> bytes:
+def json_payload(obj: Mapping[str, object]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -76,7 +75,7 @@ def encode_token_batch(entries: Iterable[tuple[int, int, str]]) -> bytes:
 def decode_token_batch(payload: bytes) -> list[tuple[int, int, str]]:
     (count,) = struct.unpack_from("<I", payload, 0)
     at = 8
-    out = []
+    out: list[tuple[int, int, str]] = []
     for _ in range(count):
         rid, token, n = _ENTRY.unpack_from(payload, at)
         at += _ENTRY.size
@@ -93,7 +92,7 @@ def encode_cancel(rid: int) -> bytes:
 
 def decode_cancel(payload: bytes) -> int:
     (rid,) = struct.unpack_from("<Q", payload, 0)
-    return rid
+    return int(rid)
 
 
 class StdioDecoder:

@@ -15,13 +15,18 @@ import queue
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, Union, cast
 
 from . import frames
-from .transport import Transport
+from .payloads import Done, ErrorFrame
+from .transport import TokenEntries, Transport
 
 # Request ids for HTTP-born requests, far from the daemon's own counter.
 _IDS = itertools.count(1 << 62)
+
+# What a request's handler gets: (TOKEN_BATCH, a token's text), then (DONE, the Done
+# frame) or (ERROR, the Error frame).
+Item = tuple[int, Union[str, Done, ErrorFrame]]
 
 
 class HttpFanout:
@@ -34,10 +39,10 @@ class HttpFanout:
         self.control = control
         self.native = control.native
         self._lock = threading.Lock()
-        self._queues: dict[int, queue.SimpleQueue[tuple[int, Any]]] = {}
+        self._queues: dict[int, queue.SimpleQueue[Item]] = {}
 
-    def open(self, rid: int) -> queue.SimpleQueue[tuple[int, Any]]:
-        q: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+    def open(self, rid: int) -> queue.SimpleQueue[Item]:
+        q: queue.SimpleQueue[Item] = queue.SimpleQueue()
         with self._lock:
             self._queues[rid] = q
         return q
@@ -49,7 +54,7 @@ class HttpFanout:
     def beat(self) -> None:
         self.control.beat()
 
-    def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
+    def send_tokens(self, entries: TokenEntries) -> None:
         with self._lock:
             for rid, _token, text in entries:
                 q = self._queues.get(rid)
@@ -58,7 +63,7 @@ class HttpFanout:
 
     def send(self, kind: int, payload: bytes) -> None:
         if kind in (frames.DONE, frames.ERROR):
-            msg = json.loads(payload)
+            msg: Done | ErrorFrame = json.loads(payload)
             with self._lock:
                 q = self._queues.get(msg.get("id") or -1)
             if q is not None:
@@ -104,7 +109,7 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
-        def _stream(self, body: dict[str, Any], q: queue.SimpleQueue[tuple[int, Any]]) -> None:
+        def _stream(self, body: dict[str, Any], q: queue.SimpleQueue[Item]) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -117,7 +122,7 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
                 "model": body["model"],
             }
 
-            def chunk(piece: Any, finish: str | None) -> bytes:
+            def chunk(piece: dict[str, str] | str, finish: str | None) -> bytes:
                 key = "delta" if chat else "text"
                 choice = {"index": 0, key: piece, "logprobs": None, "finish_reason": finish}
                 return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
@@ -133,28 +138,33 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
                         self._chunk(head + json.dumps(item).encode() + tail)
                     continue
                 if kind == frames.DONE:
-                    out = chunk({} if chat else "", item["finish_reason"])
+                    done = cast(Done, item)
+                    out = chunk({} if chat else "", done["finish_reason"])
                     if body.get("include_usage"):
-                        usage = _usage(item)
+                        usage = _usage(done)
                         out += b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n"
                     out += b"data: [DONE]\n\n"
                 else:
+                    error = cast(ErrorFrame, item)
                     out = (
                         b"data: "
-                        + json.dumps({"error": {"message": item["message"], "type": "server_error"}}).encode()
+                        + json.dumps({"error": {"message": error["message"], "type": "server_error"}}).encode()
                         + b"\n\n"
                     )
                 self._chunk(out)
                 self._chunk(b"")
                 return
 
-        def _collect(self, body: dict[str, Any], q: queue.SimpleQueue[tuple[int, Any]]) -> None:
-            text = []
+        def _collect(self, body: dict[str, Any], q: queue.SimpleQueue[Item]) -> None:
+            pieces = []
             while (item := q.get())[0] == frames.TOKEN_BATCH:
-                text.append(item[1])
+                pieces.append(item[1])
+            text = cast("list[str]", pieces)
             kind, msg = item
+            out: dict[str, object]
             if kind == frames.DONE:
-                choice: dict[str, Any] = {"index": 0, "finish_reason": msg["finish_reason"], "logprobs": None}
+                done = cast(Done, msg)
+                choice: dict[str, object] = {"index": 0, "finish_reason": done["finish_reason"], "logprobs": None}
                 if body.get("chat"):
                     choice["message"] = {"role": "assistant", "content": "".join(text)}
                 else:
@@ -165,12 +175,13 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
                     "created": body.get("created"),
                     "model": body["model"],
                     "choices": [choice],
-                    "usage": _usage(msg),
+                    "usage": _usage(done),
                 }
                 status = 200
             else:
-                out = {"error": {"message": msg["message"], "type": "server_error", "code": msg.get("code")}}
-                status = 400 if msg.get("code") == "invalid_request" else 502
+                error = cast(ErrorFrame, msg)
+                out = {"error": {"message": error["message"], "type": "server_error", "code": error.get("code")}}
+                status = 400 if error.get("code") == "invalid_request" else 502
             data = json.dumps(out).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -184,6 +195,6 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
     return int(server.server_address[1])
 
 
-def _usage(done: dict[str, Any]) -> dict[str, int]:
+def _usage(done: Done) -> dict[str, int]:
     p, c = int(done["prompt_tokens"]), int(done["completion_tokens"])
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

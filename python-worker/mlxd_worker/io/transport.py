@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Protocol
+from typing import Callable, Protocol
 
 from . import frames
+
+# (id, token, text) entries of a TokenBatch.
+TokenEntries = list[tuple[int, int, str]]
 
 
 class Transport(Protocol):
@@ -22,8 +25,20 @@ class Transport(Protocol):
 
     def send(self, kind: int, payload: bytes) -> None: ...
     def beat(self) -> None: ...
-    def send_tokens(self, entries: list[tuple[int, int, str]]) -> None: ...
+    def send_tokens(self, entries: TokenEntries) -> None: ...
     def recv(self) -> tuple[int, int, bytes] | None: ...
+
+
+class _Rings(Protocol):
+    """What the worker uses of mlxd_protocol.WorkerRings (worker-protocol/src/python.rs),
+    which ships no type information."""
+
+    def push(self, kind: int, payload: bytes) -> bool: ...
+    def push_token_batch(self, entries: TokenEntries) -> bool: ...
+    def pop(self) -> tuple[int, int, bytes] | None: ...
+    def beat(self) -> None: ...
+    def prepare_sleep(self) -> bool: ...
+    def finish_sleep(self) -> None: ...
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -43,6 +58,7 @@ class StdioTransport:
         self._out = out_fd
         self._lock = threading.Lock()
         self._decoder = frames.StdioDecoder()
+        self._encode_batch: Callable[[TokenEntries], bytes]
         try:
             import mlxd_protocol
 
@@ -60,7 +76,7 @@ class StdioTransport:
     def beat(self) -> None:
         """Over stdio the heartbeat rides on Stats frames (see __main__)."""
 
-    def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
+    def send_tokens(self, entries: TokenEntries) -> None:
         self.send(frames.TOKEN_BATCH, self._encode_batch(entries))
 
     def recv(self) -> tuple[int, int, bytes] | None:
@@ -83,7 +99,7 @@ class ShmTransport:
     def __init__(self, segment: str, generation: int | None, in_fd: int, out_fd: int) -> None:
         import mlxd_protocol
 
-        self._rings = mlxd_protocol.WorkerRings(segment, generation)
+        self._rings: _Rings = mlxd_protocol.WorkerRings(segment, generation)
         self._in = in_fd
         self._out = out_fd
         self._bell_lock = threading.Lock()
@@ -99,7 +115,7 @@ class ShmTransport:
     def beat(self) -> None:
         self._rings.beat()
 
-    def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
+    def send_tokens(self, entries: TokenEntries) -> None:
         self._ring(self._rings.push_token_batch(entries))
 
     def recv(self) -> tuple[int, int, bytes] | None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+
+from ..io.payloads import SpecStatus
 
 LOWER_BELOW = 0.5
 RAISE_ABOVE = 0.8
@@ -170,7 +171,7 @@ class DraftController:
         if self.counting:
             self.lane_switches[to] += 1
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SpecStatus:
         """The Stats/Ready frames' `speculative` object."""
         return {
             "draft": self.draft,

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from ..cache.kv_cache import KvOptions
+from ..mlx_types import Model, PromptCache, Stream
 from ..requests.sampling import Sampler
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 
 @dataclass
@@ -24,25 +28,25 @@ class Handover:
     """A sequence moving into the batch: feed `prompt` on top of `cache`."""
 
     prompt: list[int]
-    cache: list[Any]
+    cache: PromptCache
     max_tokens: int
     sampler: Sampler | None
     # A token already computed here that the caller must still emit.
     emitted: int | None
     # Its logprobs vector, when the sequence keeps them.
-    logprobs: Any = None
+    logprobs: Optional[mx.array] = None
 
 
 class SoloSequence:
     def __init__(
         self,
-        model: Any,
+        model: Model,
         ids: list[int],
         max_tokens: int,
         sampler: Sampler | None,
         prefill_step: int,
-        stream: Any,
-        cache: list[Any] | None = None,
+        stream: Stream,
+        cache: PromptCache | None = None,
         kv: KvOptions | None = None,
     ) -> None:
         self._model = model
@@ -60,9 +64,9 @@ class SoloSequence:
         # like mlx-lm's generate_step (all but the last token, then the last), so
         # its tokens equal native mlx-lm's bit for bit.
         self._one_pass = cache is not None
-        self._next: Any = None  # the queued token (an mx.array), once decoding
+        self._next: mx.array | None = None  # the queued token, once decoding
 
-    def _forward(self, tokens: Any) -> Any:
+    def _forward(self, tokens: mx.array) -> mx.array:
         import mlx.core as mx
 
         logits = self._model(tokens[None], cache=self._cache)[:, -1, :]
@@ -95,7 +99,7 @@ class SoloSequence:
                 self._next = self._forward(current)
                 self._kv.quantize_if_due(self._cache)
                 mx.async_eval(self._next)
-            return [(int(current.item()), False)]
+            return [(cast(int, current.item()), False)]
 
     @property
     def decoding(self) -> bool:
@@ -107,7 +111,7 @@ class SoloSequence:
         return self._left
 
     @property
-    def cache(self) -> list[Any]:
+    def cache(self) -> PromptCache:
         """The KV cache: it holds the sequence's tokens fed so far."""
         return self._cache
 
@@ -116,13 +120,13 @@ class SoloSequence:
         the queued token is taken (the caller emits it) and becomes the prompt."""
         if self._next is None:
             return Handover(self._pending, self._cache, self._left, self._sampler, None)
-        token = int(self._next.item())
+        token = cast(int, self._next.item())
         self._left -= 1
         return Handover([token], self._cache, self._left, self._sampler, token)
 
 
 # processor(context, logits) -> logits, as mlx-lm calls logits processors.
-LogitsProcessor = Callable[[Any, Any], Any]
+LogitsProcessor = Callable[["mx.array", "mx.array"], "mx.array"]
 
 
 class ProcessedSoloSequence(SoloSequence):
@@ -136,26 +140,26 @@ class ProcessedSoloSequence(SoloSequence):
 
     def __init__(
         self,
-        model: Any,
+        model: Model,
         ids: list[int],
         max_tokens: int,
         sampler: Sampler | None,
         prefill_step: int,
-        stream: Any,
+        stream: Stream,
         processors: list[LogitsProcessor],
         keep_logprobs: bool,
-        cache: list[Any] | None = None,
+        cache: PromptCache | None = None,
         kv: KvOptions | None = None,
     ) -> None:
         super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache, kv)
         self._processors = processors
         self._keep_logprobs = keep_logprobs
         # One per queued forward pass, oldest first: tokens come out in that order.
-        self._queued_logprobs: deque[Any] = deque()
+        self._queued_logprobs: deque[mx.array] = deque()
         # The logprobs of the token the last step() returned (when kept).
-        self.last_logprobs: Any = None
+        self.last_logprobs: mx.array | None = None
 
-    def _forward(self, tokens: Any) -> Any:
+    def _forward(self, tokens: mx.array) -> mx.array:
         import mlx.core as mx
 
         logits = self._model(tokens[None], cache=self._cache)[:, -1, :]

@@ -15,10 +15,15 @@ plain sequence hands to BatchGenerator.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from ..mlx_types import Model, PromptCache, Stream
 from ..requests.sampling import Sampler
 from .solo import Handover
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 # Config keys that mark a mixture-of-experts model (mlx-lm / HF naming).
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
@@ -27,16 +32,16 @@ _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_interm
 class SpeculativeSequence:
     def __init__(
         self,
-        model: Any,
-        draft: Any,
+        model: Model,
+        draft: Model,
         history: list[int],
         max_tokens: int,
         sampler: Sampler | None,
         num_draft: int,
         prefill_step: int,
-        stream: Any,
-        cache: list[Any] | None = None,
-        draft_cache: list[Any] | None = None,
+        stream: Stream,
+        cache: PromptCache | None = None,
+        draft_cache: PromptCache | None = None,
     ) -> None:
         """`history` is every token of the sequence so far (prompt and output);
         `cache` and `draft_cache`, when given, are the target's and the draft's KV
@@ -64,7 +69,7 @@ class SpeculativeSequence:
     def left(self) -> int:
         return self._left
 
-    def _sample(self, logits: Any) -> Any:
+    def _sample(self, logits: mx.array) -> mx.array:
         import mlx.core as mx
 
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -72,7 +77,7 @@ class SpeculativeSequence:
             return mx.argmax(logprobs, axis=-1)
         return self._sampler(logprobs)
 
-    def _prefill_chunk(self, model: Any, cache: list[Any], pending: list[int]) -> list[int]:
+    def _prefill_chunk(self, model: Model, cache: PromptCache, pending: list[int]) -> list[int]:
         import mlx.core as mx
 
         n = min(self._prefill_step, len(pending) - 1)
@@ -112,8 +117,8 @@ class SpeculativeSequence:
             targets = self._sample(logits)
             mx.eval(targets, proposed)
             # One read-back each: on a GPU every read is a synchronisation.
-            target_tokens: list[int] = targets.tolist()
-            draft_tokens: list[int] = proposed.tolist()
+            target_tokens = cast("list[int]", targets.tolist())
+            draft_tokens = cast("list[int]", proposed.tolist())
 
             out: list[tuple[int, bool]] = []
             n = 0
@@ -134,7 +139,7 @@ class SpeculativeSequence:
             return out
 
     @property
-    def draft_cache(self) -> list[Any]:
+    def draft_cache(self) -> PromptCache:
         """The draft's cache, kept while the sequence is in the batch: coming back,
         the draft then only catches up on the tokens the batch produced."""
         return self._draft_cache
@@ -146,7 +151,7 @@ class SpeculativeSequence:
         return Handover(self._pending, self._cache, self._left, self._sampler, None)
 
 
-def held(cache: list[Any]) -> int:
+def held(cache: PromptCache) -> int:
     """Tokens a KV cache holds."""
     return int(cache[0].offset) if cache else 0
 
@@ -161,7 +166,7 @@ def _config(model_path: str) -> dict[str, Any]:
 
 
 def is_mixture_of_experts(cfg: dict[str, Any]) -> bool:
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    text_cfg = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else {}
     for c in (cfg, text_cfg):
         if any(c.get(k) for k in _MOE_KEYS):
             return True
@@ -171,7 +176,7 @@ def is_mixture_of_experts(cfg: dict[str, Any]) -> bool:
     return False
 
 
-def tokenizer_mismatch(target: Any, draft: Any) -> str | None:
+def tokenizer_mismatch(target: TokenizerWrapper, draft: TokenizerWrapper) -> str | None:
     """Why the draft's tokens would not mean the same to the target, or None."""
     tv, dv = target.get_vocab(), draft.get_vocab()
     if tv != dv:
@@ -190,7 +195,9 @@ def tokenizer_mismatch(target: Any, draft: Any) -> str | None:
     return None
 
 
-def pair_problem(target_path: str, target_tok: Any, draft_tok: Any, target_cache: Any, mode: str) -> str | None:
+def pair_problem(
+    target_path: str, target_tok: TokenizerWrapper, draft_tok: TokenizerWrapper, target_cache: PromptCache, mode: str
+) -> str | None:
     """Why this target/draft pair cannot (or, by policy, should not) draft; None
     when it can. Tokenizer and cache problems are hard; the family policy
     (mixture-of-experts targets) yields to mode = "on"."""

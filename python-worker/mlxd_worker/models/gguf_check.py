@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO, Union
 
 MAX_TENSORS = 1 << 16
 MAX_METADATA = 1 << 16
@@ -56,6 +56,11 @@ TENSOR_TYPES: dict[int, tuple[int, int]] = {
 }
 
 
+# A metadata value as the check reads it: a scalar, a string, an array of strings or
+# arrays (arrays of scalars are skipped, not read: None).
+Value = Union[None, bool, int, float, str, list["Value"]]
+
+
 class GGUFError(Exception):
     """The file is not a well-formed GGUF; the message says what and where."""
 
@@ -92,9 +97,10 @@ class _Reader:
             raise GGUFError(f"{what} at byte {self.pos - n} is not UTF-8") from e
 
 
-def _value(r: _Reader, kind: int, key: str, depth: int = 0) -> Any:
+def _value(r: _Reader, kind: int, key: str, depth: int = 0) -> Value:
     if kind in SCALARS:
-        return struct.unpack(FORMATS[kind], r.take(SCALARS[kind], f"value of {key}"))[0]
+        scalar: bool | int | float = struct.unpack(FORMATS[kind], r.take(SCALARS[kind], f"value of {key}"))[0]
+        return scalar
     if kind == STRING:
         return r.string(f"value of {key}")
     if kind == ARRAY:
@@ -114,7 +120,7 @@ def _value(r: _Reader, kind: int, key: str, depth: int = 0) -> Any:
     raise GGUFError(f"{key}: unknown value type {kind} at byte {r.pos - 4}")
 
 
-def check(path: Path) -> dict[str, Any]:
+def check(path: Path) -> dict[str, int]:
     """Validates `path`'s header and tensor table; returns a summary
     (version, tensor count, alignment, data offset). Raises GGUFError."""
     size = path.stat().st_size

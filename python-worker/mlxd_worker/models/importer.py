@@ -20,8 +20,13 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union, cast
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from tokenizers.pre_tokenizers import PreTokenizer
 
 # GGUF general.file_type values, for error messages about unsupported files.
 FILE_TYPES = {
@@ -61,11 +66,21 @@ GROUP_SIZE = 32  # every legacy ggml block holds 32 values
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+# Weights by name, as mx.load reads them and mx.save_safetensors writes them.
+Weights = dict[str, "mx.array"]
+# A GGUF file's metadata as mx.load returns it: values are arrays, strings or lists
+# of strings (mlx types them Any).
+Metadata = dict[str, Any]
+# config.json's "quantization": the group size, the bits most layers use, and the
+# layers that use other bits.
+Quantization = dict[str, Union[int, dict[str, int]]]
+
+
 class ImportError_(Exception):
     """The file cannot be imported; the message says why."""
 
 
-def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:
+def _scalar(meta: Metadata, key: str, default: Any = None) -> Any:
     v = meta.get(key, default)
     if v is None:
         if default is None:
@@ -84,7 +99,7 @@ def mlx_name(gguf_name: str) -> str:
     raise ImportError_(f"unexpected tensor {gguf_name} for a llama model")
 
 
-def unpermute_rows(w: Any, n_head: int) -> Any:
+def unpermute_rows(w: mx.array, n_head: int) -> mx.array:
     """Inverse of llama.cpp's HF→GGUF q/k permutation (acts on rows only).
 
     llama.cpp maps HF rows with reshape(n_head, 2, half, ...).swapaxes(1, 2); the
@@ -95,7 +110,7 @@ def unpermute_rows(w: Any, n_head: int) -> Any:
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def model_config(meta: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+def model_config(meta: Metadata, weights: Weights) -> dict[str, Any]:
     arch = _scalar(meta, "general.architecture")
     if arch != "llama":
         raise ImportError_(f"architecture {arch!r} is not supported (only 'llama')")
@@ -121,8 +136,8 @@ def model_config(meta: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any
 
 
 def convert_weights(
-    weights: dict[str, Any], cfg: dict[str, Any], dtype: str | None, progress: bool
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    weights: Weights, cfg: dict[str, Any], dtype: str | None, progress: bool
+) -> tuple[Weights, Quantization | None]:
     """Returns (mlx weights, quantization config or None)."""
     import mlx.core as mx
 
@@ -132,11 +147,11 @@ def convert_weights(
     scale_dtype = mx.float16 if sys.platform == "darwin" else mx.float32
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     bases = sorted({k.rpartition(".")[0] for k in weights})
-    out: dict[str, Any] = {}
-    quant: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": 4}
+    out: Weights = {}
+    quant: Quantization = {"group_size": GROUP_SIZE, "bits": 4}
     bit_counts: dict[int, int] = {}
     per_layer: dict[str, dict[str, int]] = {}
-    iterator: Any = bases
+    iterator: Iterable[str] = bases
     if progress:
         from tqdm import tqdm
 
@@ -178,7 +193,7 @@ def convert_weights(
     return out, quant
 
 
-def _pre_tokenizer(pre: str) -> Any:
+def _pre_tokenizer(pre: str) -> PreTokenizer:
     from tokenizers import Regex, pre_tokenizers
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -200,7 +215,7 @@ def _pre_tokenizer(pre: str) -> Any:
     raise ImportError_(f"tokenizer pre-split {pre!r} is not supported yet")
 
 
-def write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
+def write_tokenizer(meta: Metadata, out_dir: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     model = _scalar(meta, "tokenizer.ggml.model")
@@ -266,7 +281,7 @@ def import_gguf(gguf: Path, out_dir: Path, dtype: str | None = None, progress: b
     except (GGUFError, OSError) as e:
         raise ImportError_(f"{gguf.name} is not a valid GGUF file: {e}") from e
     try:
-        weights, meta = mx.load(str(gguf), return_metadata=True)
+        weights, meta = cast("tuple[Weights, Metadata]", mx.load(str(gguf), return_metadata=True))
     except Exception as e:
         raise ImportError_(f"cannot read {gguf}: {e}") from e
     file_type = int(_scalar(meta, "general.file_type", 0))

@@ -14,15 +14,28 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..errors import RequestError
+from ..io.payloads import OutputFormat, Tool
 from .tools import ToolChoice, ToolFormat, call_schema
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    import numpy as np
+    from llguidance import LLMatcher, LLTokenizer
+    from llguidance._lib import JsonCompileOptions
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from numpy.typing import NDArray
+    from transformers import PreTrainedTokenizerFast
+
+    # llguidance's token bitmask: int32 words, bit i of word w = token 32*w + i.
+    Bitmask = NDArray[np.int32]
 
 # JSON as json.dumps writes it: ", " and ": ", no other whitespace. Fewer tokens
 # than free whitespace, and the style models see most. A schema's own
 # "x-guidance" options win.
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 # Sub-schemas, by the keyword that holds them (JSON Schema 2020-12 and draft 7).
 _ONE_SCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
@@ -31,8 +44,10 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 
 _metal: bool | None = None
 
+J = TypeVar("J")
 
-def closed_objects(schema: Any) -> Any:
+
+def closed_objects(schema: J) -> J:
     """A copy of `schema` where every object schema that leaves additionalProperties
     unset forbids properties it does not name (OpenAI's strict mode)."""
     if not isinstance(schema, dict):
@@ -52,10 +67,10 @@ def closed_objects(schema: Any) -> Any:
             out[key] = {name: closed_objects(s) for name, s in out[key].items()}
     if isinstance(out.get("additionalProperties"), dict):
         out["additionalProperties"] = closed_objects(out["additionalProperties"])
-    return out
+    return cast(J, out)  # a JSON object, as it came
 
 
-def format_schema(fmt: dict[str, Any]) -> dict[str, Any]:
+def format_schema(fmt: OutputFormat) -> dict[str, Any]:
     """The JSON schema a request's `format` asks for."""
     kind = fmt.get("type")
     if kind == "json_object":
@@ -76,18 +91,19 @@ class Grammars:
     """One model's grammars: llguidance's view of its tokenizer (built on first use,
     ~1 s, from any thread) and the matchers of requests."""
 
-    def __init__(self, tokenizer: Any, eos: frozenset[int]) -> None:
-        self._tokenizer = tokenizer  # mlx-lm's TokenizerWrapper
+    def __init__(self, tokenizer: TokenizerWrapper, eos: frozenset[int]) -> None:
+        self._tokenizer = tokenizer
         self._eos = sorted(eos)
         self._lock = threading.Lock()
-        self._ll: Any = None
+        self._ll: LLTokenizer | None = None
 
-    def ll_tokenizer(self) -> Any:
+    def ll_tokenizer(self) -> LLTokenizer:
         with self._lock:
             if self._ll is None:
                 import llguidance.hf
 
-                hf = getattr(self._tokenizer, "_tokenizer", self._tokenizer)
+                # The Hugging Face tokenizer mlx-lm's wrapper holds.
+                hf = cast("PreTrainedTokenizerFast", getattr(self._tokenizer, "_tokenizer", self._tokenizer))
                 try:
                     # All the model's EOS tokens end a grammar, not just the tokenizer's one
                     # (none known: the tokenizer's).
@@ -96,7 +112,7 @@ class Grammars:
                     raise RequestError(f"constrained decoding is not available for this model's tokenizer: {e}") from e
             return self._ll
 
-    def for_format(self, fmt: dict[str, Any]) -> str:
+    def for_format(self, fmt: OutputFormat) -> str:
         from llguidance import LLMatcher
 
         try:
@@ -104,7 +120,7 @@ class Grammars:
         except ValueError as e:
             raise RequestError(f"invalid format: {e}") from e
 
-    def for_forced_call(self, tool_fmt: ToolFormat, tools: list[dict[str, Any]], choice: ToolChoice) -> str:
+    def for_forced_call(self, tool_fmt: ToolFormat, tools: list[Tool], choice: ToolChoice) -> str:
         """Start marker, the call's JSON object, end marker; then EOS. Arguments
         are held to the parameters as strict mode would (objects that leave
         additionalProperties unset get none): small models otherwise pad calls
@@ -112,7 +128,7 @@ class Grammars:
         call = json.dumps(_styled(closed_objects(call_schema(tools, choice))))
         return self._lark(f"start: {self._block(tool_fmt)}\ncall: %json {call}")
 
-    def for_format_or_calls(self, fmt: dict[str, Any], tool_fmt: ToolFormat, tools: list[dict[str, Any]]) -> str:
+    def for_format_or_calls(self, fmt: OutputFormat, tool_fmt: ToolFormat, tools: list[Tool]) -> str:
         """A format with tools offered (tool_choice "auto"): the answer is either
         calls or text in the format."""
         calls = json.dumps(_styled(closed_objects(call_schema(tools, ToolChoice("required")))))
@@ -162,7 +178,7 @@ class SequenceConstraint:
     lane has sampled but not yet handed out (mlx-lm pipelines one step ahead).
     """
 
-    def __init__(self, matcher: Any, vocab_size: int, eos: list[int]) -> None:
+    def __init__(self, matcher: LLMatcher, vocab_size: int, eos: list[int]) -> None:
         import llguidance.numpy as lln
 
         self.matcher = matcher
@@ -189,7 +205,7 @@ class SequenceConstraint:
         if not self.matcher.consume_token(token):
             self.error = f"the output format rejected token {token}: {_first_line(self.matcher.get_error())}"
 
-    def masked(self, logits: Any) -> Any:
+    def masked(self, logits: mx.array) -> mx.array:
         import llguidance.numpy as lln
 
         if self.error is None:
@@ -224,17 +240,17 @@ class LaneProcessor:
         self._handed_before = len(history) - constraint.prompt_len
         self._calls = 0
 
-    def __call__(self, context: Any, logits: Any) -> Any:
+    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
         c = self._constraint
         c.catch_up(self._history)
         sampled = self._handed_before + self._calls  # generated tokens that exist now
         if self._calls > 0 and c.seen < sampled:
-            c.consume(int(context[-1].item()))
+            c.consume(cast(int, context[-1].item()))  # a token id
         self._calls += 1
         return c.masked(logits)
 
 
-def apply_token_mask(logits: Any, bitmask: Any) -> Any:
+def apply_token_mask(logits: mx.array, bitmask: Bitmask) -> mx.array:
     """Sets the logits of tokens the bitmask (llguidance's int32 words, bit i of
     word w = token 32*w + i) does not allow to -inf. Columns past the tokenizer's
     vocabulary (models pad their output layer) are never allowed."""

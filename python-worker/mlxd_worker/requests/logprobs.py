@@ -10,7 +10,13 @@ constraint) are left out of `top`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, cast
+
+from ..io.payloads import TokenLogprob
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 MAX_TOP = 20
 # JSON has no -inf; a sampled token never has it, but a fully masked row would.
@@ -20,7 +26,7 @@ FLOOR = -1e30
 class TokenTexts:
     """Each token decoded alone (the vocabulary bounds what is remembered)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: TokenizerWrapper) -> None:
         self._tokenizer = tokenizer
         self._texts: dict[int, str] = {}
 
@@ -31,7 +37,7 @@ class TokenTexts:
         return text
 
 
-def logprob_entry(vector: Any, token: int, top: int, text_of: TokenTexts) -> dict[str, Any]:
+def logprob_entry(vector: mx.array, token: int, top: int, text_of: TokenTexts) -> TokenLogprob:
     """The Logprobs frame entry of `token`, sampled from `vector` (log-softmax over
     the vocabulary), with the `top` likeliest tokens, likeliest first."""
     import mlx.core as mx
@@ -39,16 +45,18 @@ def logprob_entry(vector: Any, token: int, top: int, text_of: TokenTexts) -> dic
     row = vector.reshape(-1)
     chosen = row[token]
     if top <= 0:
-        return {"token": token, "text": text_of(token), "logprob": _finite(chosen.item())}
+        return {"token": token, "text": text_of(token), "logprob": _finite(cast(float, chosen.item()))}
     k = min(top, MAX_TOP, row.size)
     ids = mx.argpartition(-row, kth=k - 1)[:k]
     values = row[ids]
     mx.eval(chosen, ids, values)
-    ranked = sorted(zip(values.tolist(), ids.tolist()), key=lambda p: (-p[0], p[1]))
+    ranked = sorted(
+        zip(cast("list[float]", values.tolist()), cast("list[int]", ids.tolist())), key=lambda p: (-p[0], p[1])
+    )
     return {
         "token": token,
         "text": text_of(token),
-        "logprob": _finite(chosen.item()),
+        "logprob": _finite(cast(float, chosen.item())),
         "top": [{"token": t, "text": text_of(t), "logprob": lp} for lp, t in ranked if math.isfinite(lp)],
     }
 

@@ -5,13 +5,17 @@ tool calls back, the constraint (a format or a forced call) and logprobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import RequestError
+from ..io.payloads import Generate, Prompt, Tool
 from .constraint import Grammars, SequenceConstraint
 from .logprobs import MAX_TOP
 from .tool_stream import ToolCallExtractor
 from .tools import ToolFormat, chat_messages, read_calls, tool_choice, tool_format
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
 @dataclass
@@ -19,7 +23,7 @@ class RequestPlan:
     prompt_ids: list[int]
     # The tools offered to the model (none with tool_choice "none"): calls are read
     # back from the output only when there are some.
-    tools: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)
     tool_format: ToolFormat | None = None
     constraint: SequenceConstraint | None = None
     # Alternatives per token in Logprobs frames; None: no logprobs.
@@ -35,19 +39,19 @@ class RequestPlan:
 class Planner:
     """One model's request planning: its tokenizer, tool format and grammars."""
 
-    def __init__(self, tokenizer: Any, eos: frozenset[int]) -> None:
+    def __init__(self, tokenizer: TokenizerWrapper, eos: frozenset[int]) -> None:
         self.tokenizer = tokenizer
         self.eos = eos
         self.tool_format = tool_format(tokenizer)
         self.grammars = Grammars(tokenizer, eos)
 
-    def prompt_ids(self, req: dict[str, Any]) -> list[int]:
+    def prompt_ids(self, req: Prompt) -> list[int]:
         """The prompt as it would be generated from (count_only counts this)."""
         tools = list(req.get("tools") or [])
         choice = tool_choice(req.get("tool_choice"), tools)
         return self._prompt_ids(req, [] if choice.mode == "none" else tools)
 
-    def _prompt_ids(self, req: dict[str, Any], tools: list[dict[str, Any]]) -> list[int]:
+    def _prompt_ids(self, req: Prompt, tools: list[Tool]) -> list[int]:
         tok = self.tokenizer
         if req.get("messages") is not None:
             messages, extra = chat_messages(req["messages"], tools, self.tool_format)
@@ -61,7 +65,7 @@ class Planner:
             ids = [tok.bos_token_id if tok.bos_token_id is not None else min(self.eos)]
         return ids
 
-    def plan(self, req: dict[str, Any]) -> RequestPlan:
+    def plan(self, req: Generate) -> RequestPlan:
         tools = list(req.get("tools") or [])
         choice = tool_choice(req.get("tool_choice"), tools)
         offered = [] if choice.mode == "none" else tools

@@ -10,9 +10,13 @@ time instead, because it seeds the global generator).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-Sampler = Callable[[Any], Any]
+if TYPE_CHECKING:
+    import mlx.core as mx
+
+# logprobs (one row per sequence) -> the sampled tokens, as mlx-lm's samplers.
+Sampler = Callable[["mx.array"], "mx.array"]
 
 # Distinct (temperature, top_p) pairs kept: requests choose these freely, so the
 # cache must not grow with every value a client invents.
@@ -51,7 +55,7 @@ def seeded_sampler(temperature: float, top_p: float, seed: int) -> Sampler:
 
     state = [mx.random.key(seed)]
 
-    def sample(logprobs: Any) -> Any:
+    def sample(logprobs: mx.array) -> mx.array:
         if 0.0 < top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)
         state[0], sub = mx.random.split(state[0])

@@ -54,9 +54,13 @@ import json
 import secrets
 import string
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 from ..errors import RequestError
+from ..io.payloads import ChatMessage, Tool
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 GENERIC_START = "<tool_call>"
 GENERIC_END = "</tool_call>"
@@ -81,6 +85,53 @@ Write one block per call. Results come back in the next user turn, inside <tool_
 _CALL_ID_ALPHABET = string.ascii_letters + string.digits
 
 
+class _FunctionRequired(TypedDict):
+    name: str
+    parameters: dict[str, Any]  # a JSON schema
+
+
+class Function(_FunctionRequired, total=False):
+    description: str
+
+
+class OpenAITool(TypedDict):
+    """A tool in OpenAI function form, as chat templates and mlx-lm's parsers take it."""
+
+    type: str  # "function"
+    function: Function
+
+
+class _TemplateCall(TypedDict):
+    name: str
+    arguments: Any  # a JSON object
+
+
+class TemplateToolCall(TypedDict):
+    """A call in the history, in the Hugging Face form chat templates render."""
+
+    id: str
+    type: str  # "function"
+    function: _TemplateCall
+
+
+class _TemplateMessageRequired(TypedDict):
+    role: str
+    content: str
+
+
+class TemplateMessage(_TemplateMessageRequired, total=False):
+    """A message as the chat template gets it."""
+
+    tool_calls: list[TemplateToolCall]
+    tool_call_id: str
+    name: str
+
+
+# mlx-lm's parse_tool_call(text, tools): a call dict or a list of them (or anything,
+# from text the model got wrong).
+ToolParser = Callable[[str, list[OpenAITool]], object]
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     """How one model writes tool calls."""
@@ -92,8 +143,7 @@ class ToolFormat:
     end: str
     # The chat template renders tools and tool calls itself.
     native: bool
-    # mlx-lm's parse_tool_call(text, tools): a call dict or a list of them.
-    parse: Callable[[str, Any], Any]
+    parse: ToolParser
 
     @property
     def json_in_markers(self) -> bool:
@@ -122,14 +172,14 @@ class ToolChoice:
         return f"'{self.mode}'" if self.function is None else json.dumps({"function": self.function})
 
 
-def _parse_generic(text: str, tools: Any = None) -> Any:
+def _parse_generic(text: str, tools: object = None) -> object:
     return json.loads(text)
 
 
 GENERIC = ToolFormat("generic", GENERIC_START, GENERIC_END, native=False, parse=_parse_generic)
 
 
-def tool_format(tokenizer: Any) -> ToolFormat:
+def tool_format(tokenizer: TokenizerWrapper) -> ToolFormat:
     """The model's own format when mlx-lm has a parser for it, else the generic one."""
     if not getattr(tokenizer, "has_tool_calling", False):
         return GENERIC
@@ -142,7 +192,7 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_CALL_ID_ALPHABET) for _ in range(24))
 
 
-def tool_choice(value: Any, tools: list[dict[str, Any]]) -> ToolChoice:
+def tool_choice(value: object, tools: list[Tool]) -> ToolChoice:
     """The request's tool_choice, checked against its tools. Absent means "auto"."""
     if value is None or value == "auto":
         return ToolChoice("auto")
@@ -161,11 +211,11 @@ def tool_choice(value: Any, tools: list[dict[str, Any]]) -> ToolChoice:
     return choice
 
 
-def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def openai_tools(tools: list[Tool]) -> list[OpenAITool]:
     """Tools in OpenAI function form, as chat templates and mlx-lm's parsers take them."""
-    out = []
+    out: list[OpenAITool] = []
     for t in tools:
-        function = {"name": t["name"], "parameters": t.get("parameters") or {"type": "object"}}
+        function: Function = {"name": t["name"], "parameters": t.get("parameters") or {"type": "object"}}
         if t.get("description"):
             function["description"] = t["description"]
         out.append({"type": "function", "function": function})
@@ -173,8 +223,8 @@ def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chat_messages(
-    messages: list[dict[str, Any]], tools: list[dict[str, Any]], fmt: ToolFormat
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    messages: list[ChatMessage], tools: list[Tool], fmt: ToolFormat
+) -> tuple[list[TemplateMessage], dict[str, list[OpenAITool]]]:
     """The messages to hand the chat template, and its extra arguments (the tools,
     for a template that renders them). `tools` are the ones to offer (none with
     tool_choice "none"); calls and results in the history are rendered either way."""
@@ -184,26 +234,27 @@ def chat_messages(
     return _generic_messages(messages, tools), {}
 
 
-def _native_message(m: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+def _native_message(m: ChatMessage) -> TemplateMessage:
+    out: TemplateMessage = {"role": m["role"], "content": m.get("content") or ""}
     if m.get("tool_calls"):
         out["tool_calls"] = [
             {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
             for c in m["tool_calls"]
         ]
-    for key in ("tool_call_id", "name"):
-        if m.get(key):
-            out[key] = m[key]
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    if m.get("name"):
+        out["name"] = m["name"]
     return out
 
 
-def call_block(name: str, arguments: Any) -> str:
+def call_block(name: str, arguments: object) -> str:
     """One call in the generic format."""
     return f"{GENERIC_START}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{GENERIC_END}"
 
 
-def _generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def _generic_messages(messages: list[ChatMessage], tools: list[Tool]) -> list[TemplateMessage]:
+    out: list[TemplateMessage] = []
     results_open = False  # the last message out is a user turn of tool results
     for m in messages:
         role, content = m["role"], m.get("content") or ""
@@ -231,7 +282,7 @@ def _generic_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]
     return out
 
 
-def read_calls(fmt: ToolFormat, text: str, tools: list[dict[str, Any]]) -> list[ToolCall]:
+def read_calls(fmt: ToolFormat, text: str, tools: list[Tool]) -> list[ToolCall]:
     """The calls in the text between one pair of markers. ValueError when it is not
     a call (the caller then passes the text on as content)."""
     try:
@@ -244,7 +295,7 @@ def read_calls(fmt: ToolFormat, text: str, tools: list[dict[str, Any]]) -> list[
     return [_as_call(p) for p in items]
 
 
-def _as_call(parsed: Any) -> ToolCall:
+def _as_call(parsed: object) -> ToolCall:
     if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str) or not parsed["name"]:
         raise ValueError("a tool call needs a name")
     # Some models write "parameters" (the word the tool list uses) for "arguments".
@@ -256,7 +307,7 @@ def _as_call(parsed: Any) -> ToolCall:
     return ToolCall(parsed["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def call_schema(tools: list[dict[str, Any]], choice: ToolChoice) -> dict[str, Any]:
+def call_schema(tools: list[Tool], choice: ToolChoice) -> dict[str, Any]:
     """JSON schema of the object a forced call writes between the markers: the
     chosen function's name and its parameters (any of the tools for "required")."""
     chosen = tools if choice.function is None else [t for t in tools if t["name"] == choice.function]
