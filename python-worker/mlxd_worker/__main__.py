@@ -17,6 +17,7 @@ import time
 from .engines.backend import CLOSE_TIMEOUT
 from .engines.engine import Engine, make_backend
 from .io import frames
+from .io.protocol import Hello, Stats
 from .io.transport import ShmTransport, StdioTransport, Transport
 from .stats import blas_library, rss_bytes
 
@@ -37,23 +38,18 @@ def _stats_loop(engine: Engine, transport: Transport) -> None:
 
     while True:
         time.sleep(1.0)
-        counts = engine.counters.snapshot()
-        transport.send(
-            frames.STATS,
-            frames.json_payload(
-                {
-                    "active_memory": mx.get_active_memory(),
-                    "peak_memory": mx.get_peak_memory(),
-                    "cache_memory": mx.get_cache_memory(),
-                    "rss": rss_bytes(),
-                    "heartbeat": engine.heartbeat,
-                    "engine_failed": engine.failed,
-                    "speculative": engine.backend.speculative_status(),
-                    "prompt_cache": engine.backend.prompt_cache_stats(),
-                    **counts,
-                }
-            ),
-        )
+        stats: Stats = {
+            "active_memory": mx.get_active_memory(),
+            "peak_memory": mx.get_peak_memory(),
+            "cache_memory": mx.get_cache_memory(),
+            "rss": rss_bytes(),
+            "heartbeat": engine.heartbeat,
+            "engine_failed": engine.failed,
+            "speculative": engine.backend.speculative_status(),
+            "prompt_cache": engine.backend.prompt_cache_stats(),
+            **engine.counters.snapshot(),
+        }
+        transport.send(frames.STATS, frames.json_payload(stats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,20 +83,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlx.core as mx
 
-    transport.send(
-        frames.HELLO,
-        frames.json_payload(
-            {
-                "protocol_version": frames.PROTOCOL_VERSION,
-                "pid": os.getpid(),
-                "engine": args.engine,
-                "device": "gpu" if mx.default_device() == mx.gpu else "cpu",
-                "blas": blas_library(),
-                "native_protocol": transport.native,
-                "http_port": http_port,
-            }
-        ),
-    )
+    hello: Hello = {
+        "protocol_version": frames.PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "engine": args.engine,
+        "device": "gpu" if mx.default_device() == mx.gpu else "cpu",
+        "blas": blas_library(),
+        "native_protocol": transport.native,
+        "http_port": http_port,
+    }
+    transport.send(frames.HELLO, frames.json_payload(hello))
     engine_thread = threading.Thread(target=engine.run, name="engine", daemon=True)
     engine_thread.start()
     threading.Thread(target=_stats_loop, args=(engine, transport), name="stats", daemon=True).start()

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .io.payloads import FaultOptions, LoadOptions
+from .io.protocol import FaultOptions, LoadOptions
 
 log = logging.getLogger("mlxd_worker")
 

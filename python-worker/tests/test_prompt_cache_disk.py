@@ -18,6 +18,7 @@ import pytest
 from mlxd_worker.cache import disk_cache
 from mlxd_worker.cache.disk_cache import DiskCache, model_identity
 from mlxd_worker.cache.prefix_cache import PrefixCache, TokenTrie, held
+from mlxd_worker.io.protocol import DiskCacheStats
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
 GiB = 1 << 30
@@ -64,19 +65,26 @@ def files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*/*.safetensors"))
 
 
+def disk_stats(pc: PrefixCache) -> DiskCacheStats:
+    """The disk tier's counters, as the Stats frame nests them (prompt_cache.disk)."""
+    disk = pc.stats().get("disk")
+    assert disk is not None
+    return disk
+
+
 def test_an_entry_survives_a_restart_and_counts_as_a_disk_hit(tmp_path: Path) -> None:
     pc = tiers(tmp_path)
     tokens = list(range(100, 140))
     stored = kv(40)
     pc.put(tokens, stored)
     pc = restart(pc, tmp_path)
-    assert pc.stats()["disk_entries"] == 1
+    assert disk_stats(pc)["entries"] == 1
     found = pc.take([*tokens, 1, 2, 3])
     assert found.cached == 40 and found.cache is not None and same(found.cache, stored, 40)
     stats = pc.stats()
-    assert stats["hits_total"] == 1 and stats["disk_hits_total"] == 1 and stats["entries"] == 1
+    assert stats["hits_total"] == 1 and disk_stats(pc)["hits_total"] == 1 and stats["entries"] == 1
     # Now it is in memory too: the next hit does not read the disk.
-    assert pc.take([*tokens, 9]).cached == 40 and pc.stats()["disk_hits_total"] == 1
+    assert pc.take([*tokens, 9]).cached == 40 and disk_stats(pc)["hits_total"] == 1
 
 
 def test_the_whole_prompt_on_disk_leaves_its_last_token_to_feed(tmp_path: Path) -> None:
@@ -102,8 +110,8 @@ def test_a_stale_mlx_lm_version_is_a_miss_and_the_file_goes(tmp_path: Path, monk
     monkeypatch.setattr(mlx_lm, "__version__", "0.0.1")
     pc = tiers(tmp_path)
     assert pc.take([*tokens, 5]).cache is None
-    stats = pc.stats()
-    assert stats["disk_stale_total"] == 1 and stats["disk_entries"] == 0 and stats["disk_hits_total"] == 0
+    stats = disk_stats(pc)
+    assert stats["stale_total"] == 1 and stats["entries"] == 0 and stats["hits_total"] == 0
     assert files(tmp_path) == []
 
 
@@ -111,8 +119,8 @@ def test_another_identity_never_sees_the_entries(tmp_path: Path) -> None:
     pc = restart(tiers(tmp_path, "model-a"), tmp_path, identity="model-b")
     pc.put(list(range(50, 70)), kv(20))  # model-b's own entry
     pc = restart(pc, tmp_path, identity="model-c")
-    assert pc.stats()["disk_entries"] == 0 and pc.take([*range(50, 70), 1]).cache is None
-    assert pc.stats()["disk_stale_total"] == 0  # nothing of model-b's was touched
+    assert disk_stats(pc)["entries"] == 0 and pc.take([*range(50, 70), 1]).cache is None
+    assert disk_stats(pc)["stale_total"] == 0  # nothing of model-b's was touched
     pc = restart(pc, tmp_path, identity="model-b")
     assert pc.take([*range(50, 70), 1]).cached == 20
 
@@ -135,7 +143,7 @@ def test_a_replaced_model_reclaims_its_old_identitys_directory(tmp_path: Path) -
     new.close(10)
     # The same identity again (a restart) keeps its own entries.
     again = DiskCache(tmp_path, GiB, "model-b|kv", owner="/models/b|kv")
-    assert again.reclaimed == 0 and again.stats()["disk_entries"] == 1
+    assert again.reclaimed == 0 and again.stats(hits_total=0)["entries"] == 1
     again.close(10)
 
 
@@ -151,7 +159,7 @@ def test_a_truncated_or_garbage_file_is_a_miss_not_a_crash(tmp_path: Path) -> No
     (one.parent / ("0" * 32 + ".safetensors")).write_bytes(b"\xff" * 8)  # a header longer than the file
     pc = tiers(tmp_path)  # a fresh memory tier: every hit would come from disk
     assert pc.take([*range(20), 7]).cache is None and pc.take([*range(100, 120), 7]).cache is None
-    assert pc.stats()["disk_stale_total"] == 3 and pc.stats()["disk_entries"] == 0
+    assert disk_stats(pc)["stale_total"] == 3 and disk_stats(pc)["entries"] == 0
     assert files(tmp_path) == []
 
 
@@ -162,7 +170,7 @@ def test_a_file_damaged_after_the_index_was_built_is_a_miss(tmp_path: Path) -> N
     (path,) = files(tmp_path)
     path.write_bytes(path.read_bytes()[:-16])
     assert pc.take([*range(20), 7]).cache is None
-    assert pc.stats()["disk_stale_total"] == 1 and files(tmp_path) == []
+    assert disk_stats(pc)["stale_total"] == 1 and files(tmp_path) == []
 
 
 def test_a_cache_holding_other_tokens_than_its_header_says_is_a_miss(tmp_path: Path) -> None:
@@ -173,16 +181,16 @@ def test_a_cache_holding_other_tokens_than_its_header_says_is_a_miss(tmp_path: P
     disk_cache._write_safetensors(dc._path(disk_cache._key(tokens)), job.tensors, job.metadata)
     dc.close()
     pc = tiers(tmp_path)
-    assert pc.stats()["disk_entries"] == 1  # the header is consistent...
+    assert disk_stats(pc)["entries"] == 1  # the header is consistent...
     assert pc.take([*tokens, 1]).cache is None  # ...but the cache is not what it claims
-    assert pc.stats()["disk_stale_total"] == 1 and files(tmp_path) == []
+    assert disk_stats(pc)["stale_total"] == 1 and files(tmp_path) == []
 
 
 def test_the_byte_limit_deletes_the_least_recently_used(tmp_path: Path) -> None:
     pc = tiers(tmp_path)
     pc.put(list(range(20)), kv(20))
     assert pc.disk is not None and pc.disk.flush(10)
-    size = pc.stats()["disk_bytes"]
+    size = disk_stats(pc)["bytes"]
     pc = restart(pc, tmp_path, disk_bytes=int(size * 2.5))  # room for two
     a, b, c = list(range(20)), list(range(200, 220)), list(range(300, 320))
     pc.put(b, kv(20))
@@ -192,8 +200,8 @@ def test_the_byte_limit_deletes_the_least_recently_used(tmp_path: Path) -> None:
     assert pc.take([*a, 1]).cached == 20  # a hit touches `a`: `b` is now the oldest
     pc.put(c, kv(20))
     assert pc.disk is not None and pc.disk.flush(10)
-    stats = pc.stats()
-    assert stats["disk_entries"] == 2 and stats["disk_bytes"] <= size * 2.5 and len(files(tmp_path)) == 2
+    stats = disk_stats(pc)
+    assert stats["entries"] == 2 and stats["bytes"] <= size * 2.5 and len(files(tmp_path)) == 2
     fresh = restart(pc, tmp_path, mem=1)  # no memory tier to speak of: disk only
     assert fresh.take([*b, 1]).cache is None
     assert fresh.take([*a, 1]).cached == 20 and fresh.take([*c, 1]).cached == 20
@@ -204,11 +212,11 @@ def test_a_smaller_limit_at_start_deletes_the_oldest(tmp_path: Path) -> None:
     for i in range(3):
         pc.put(list(range(100 * i, 100 * i + 20)), kv(20, seed=i))
         assert pc.disk is not None and pc.disk.flush(10)
-    size = pc.stats()["disk_bytes"] // 3
+    size = disk_stats(pc)["bytes"] // 3
     for i, path in enumerate(sorted(files(tmp_path), key=lambda p: p.stat().st_mtime)):
         os.utime(path, (1000 + i, 1000 + i))
     pc = restart(pc, tmp_path, disk_bytes=size * 2)
-    assert pc.stats()["disk_entries"] == 2 and len(files(tmp_path)) == 2
+    assert disk_stats(pc)["entries"] == 2 and len(files(tmp_path)) == 2
     assert pc.take([*range(20), 1]).cache is None and pc.take([*range(200, 220), 1]).cached == 20
 
 
@@ -232,11 +240,11 @@ def test_writes_happen_on_the_writer_thread_and_flush_drains_them(
     pc.put(list(range(100, 120)), kv(20, seed=2))  # queued
     pc.put(list(range(200, 220)), kv(20, seed=3))  # no room: dropped
     assert time.monotonic() - started < 5
-    assert not pc.disk.flush(0.2) and pc.stats()["disk_writes_total"] == 0
+    assert not pc.disk.flush(0.2) and disk_stats(pc)["writes_total"] == 0
     gate.set()
     assert pc.disk.flush(10)
-    stats = pc.stats()
-    assert stats["disk_writes_total"] == 2 and stats["disk_dropped_total"] == 1 and stats["disk_entries"] == 2
+    stats = disk_stats(pc)
+    assert stats["writes_total"] == 2 and stats["dropped_total"] == 1 and stats["entries"] == 2
     assert set(writers) == {"mlxd-disk-cache"}
 
 
@@ -246,14 +254,14 @@ def test_eviction_from_memory_spills_to_disk(tmp_path: Path) -> None:
     pc = tiers(tmp_path, mem=int(size * 1.5), min_disk_tokens=1000)  # no write-through
     assert pc.disk is not None
     pc.put(list(range(20)), one)
-    assert pc.disk.flush(10) and pc.stats()["disk_writes_total"] == 0
+    assert pc.disk.flush(10) and disk_stats(pc)["writes_total"] == 0
     pc.put(list(range(500, 520)), kv(20, seed=5))  # evicts the first: it spills
     assert pc.disk.flush(10)
     stats = pc.stats()
-    assert stats["entries"] == 1 and stats["disk_writes_total"] == 1 and stats["disk_entries"] == 1
+    assert stats["entries"] == 1 and disk_stats(pc)["writes_total"] == 1 and disk_stats(pc)["entries"] == 1
     found = pc.take([*range(20), 3])
     assert found.cached == 20 and found.cache is not None and same(found.cache, one, 20)
-    assert pc.stats()["disk_hits_total"] == 1
+    assert disk_stats(pc)["hits_total"] == 1
 
 
 def test_close_spills_what_memory_holds(tmp_path: Path) -> None:
@@ -271,11 +279,11 @@ def test_covered_prefixes_are_not_written_and_extensions_replace_them(tmp_path: 
     assert pc.disk.flush(10)
     short = kv(30)
     pc.put(list(range(30)), short)  # a prefix of what the disk has: nothing to write
-    assert pc.disk.flush(10) and pc.stats()["disk_writes_total"] == 1
+    assert pc.disk.flush(10) and disk_stats(pc)["writes_total"] == 1
     pc.put(list(range(60)), kv(60))  # an extension: written, and the 40 goes
     assert pc.disk.flush(10)
-    stats = pc.stats()
-    assert stats["disk_writes_total"] == 2 and stats["disk_entries"] == 1 and len(files(tmp_path)) == 1
+    stats = disk_stats(pc)
+    assert stats["writes_total"] == 2 and stats["entries"] == 1 and len(files(tmp_path)) == 1
 
 
 def test_a_trimmed_cache_is_written_as_the_tokens_it_holds(tmp_path: Path) -> None:
@@ -287,7 +295,7 @@ def test_a_trimmed_cache_is_written_as_the_tokens_it_holds(tmp_path: Path) -> No
     pc.put(list(range(200)), cache)
     pc = restart(pc, tmp_path)
     # 2 layers x (keys + values) x 2 heads x 8 dims x 4 bytes per token, and a header.
-    assert 200 * 256 < pc.stats()["disk_bytes"] < 200 * 256 + 16_384
+    assert 200 * 256 < disk_stats(pc)["bytes"] < 200 * 256 + 16_384
     found = pc.take([*range(200), 1])
     assert found.cached == 200 and found.cache is not None and same(found.cache, cache, 200)
 
@@ -303,7 +311,7 @@ def test_quantized_and_bfloat16_caches_round_trip(tmp_path: Path) -> None:
     pc = restart(pc, tmp_path)
     q = pc.take([*range(24), 1]).cache
     h = pc.take([*range(100, 124), 1]).cache
-    assert q is not None and h is not None and pc.stats()["disk_hits_total"] == 2
+    assert q is not None and h is not None and disk_stats(pc)["hits_total"] == 2
     assert type(q[0]).__name__ == "QuantizedKVCache" and h[0].keys.dtype == mx.bfloat16
     for x, y in zip(q, quantized):
         assert all(mx.array_equal(a[..., :24, :], b[..., :24, :]).item() for a, b in zip(x.keys, y.keys))
@@ -332,7 +340,7 @@ def test_worker_classes_go_through_to_disk_and_from_disk(tmp_path: Path) -> None
 
     plain = tiers(tmp_path)
     plain.put(list(range(20)), ours(20))  # mlx-lm could not load it back: not written
-    assert plain.disk is not None and plain.disk.flush(10) and plain.stats()["disk_dropped_total"] == 1
+    assert plain.disk is not None and plain.disk.flush(10) and disk_stats(plain)["dropped_total"] == 1
     pc = restart(plain, tmp_path, to_disk=to_disk, from_disk=from_disk)
     pc.put(list(range(20)), ours(20))
     pc = restart(pc, tmp_path, to_disk=to_disk, from_disk=from_disk)
@@ -416,7 +424,7 @@ def test_the_model_continues_from_a_cache_loaded_after_a_restart(model: Any, tmp
     pc = PrefixCache(GiB, DiskCache(tmp_path, GiB, identity))  # the restart
     found = pc.take(prompt)
     assert found.cache is not None and found.cached == len(prefix)
-    assert pc.stats()["disk_hits_total"] == 1
+    assert disk_stats(pc)["hits_total"] == 1
     continued = net(mx.array(prompt[found.cached :])[None], cache=found.cache)[0, -1]
     full = net(mx.array(prompt)[None], cache=make_prompt_cache(net))[0, -1]
     assert mx.allclose(continued, full, atol=1e-3, rtol=1e-3).item()

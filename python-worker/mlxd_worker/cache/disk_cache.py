@@ -11,9 +11,10 @@ belongs: the index is built from headers at start, without reading tensors.
 
 Never a wrong answer: a file whose identity, versions or format differ, whose
 size disagrees with its header, that does not load, or whose cache holds another
-number of tokens than its header says is a miss; it is deleted and counted
-(`disk_stale_total`). Files are written to a temporary name and renamed (after
-fsync), so a crash leaves either the old state or the whole new file.
+number of tokens than its header says is a miss; it is deleted and counted (the
+Stats frame's `prompt_cache.disk.stale_total`). Files are written to a temporary
+name and renamed (after fsync), so a crash leaves either the old state or the
+whole new file.
 
 Threads: the engine thread looks entries up and loads them (on the request path
 anyway: a load is one read of the file) and, when it hands an entry over, slices
@@ -70,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
 
+from ..io.protocol import DiskCacheStats
 from ..mlx_types import CacheLayer, PromptCache
 from .prefix_cache import TokenTrie, can_trim, held
 
@@ -515,14 +517,17 @@ class DiskCache:
             self._changed.notify_all()
         self._writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, hits_total: int) -> DiskCacheStats:
+        """The Stats frame's `prompt_cache.disk`. Hits are the prefix cache's to
+        count (`hits_total`): a file is a hit only when it beats what memory has."""
         with self._lock:
             return {
-                "disk_entries": len(self._entries),
-                "disk_bytes": self._bytes,
-                "disk_stale_total": self.stale,
-                "disk_writes_total": self.writes,
-                "disk_dropped_total": self.dropped,
+                "hits_total": hits_total,
+                "entries": len(self._entries),
+                "bytes": self._bytes,
+                "stale_total": self.stale,
+                "writes_total": self.writes,
+                "dropped_total": self.dropped,
             }
 
 

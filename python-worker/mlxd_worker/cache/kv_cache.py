@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..io.payloads import LoadOptions
+from ..io.protocol import LoadOptions
 from ..mlx_types import Model, PromptCache
 
 # Tokens a rotating cache keeps from the start (the attention sink), as mlx-lm's.
@@ -48,13 +48,12 @@ class KvOptions:
 
     @classmethod
     def from_options(cls, options: LoadOptions) -> KvOptions:
-        bits = options.get("kv_bits")
-        size = options.get("max_kv_size")
+        group_size = options.get("kv_group_size")
         kv = cls(
-            kv_bits=int(bits) if bits else None,
-            group_size=int(options.get("kv_group_size", 64)),
-            quantized_kv_start=int(options.get("quantized_kv_start", 0)),
-            max_kv_size=int(size) if size else None,
+            kv_bits=options.get("kv_bits") or None,
+            group_size=64 if group_size is None else group_size,
+            quantized_kv_start=options.get("quantized_kv_start") or 0,
+            max_kv_size=options.get("max_kv_size") or None,
         )
         if kv.kv_bits is not None and kv.max_kv_size is not None:
             raise ValueError("a rotating KV cache (max_kv_size) cannot be quantized (kv_bits): choose one")

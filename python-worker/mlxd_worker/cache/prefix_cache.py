@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Generic, Optional, TypeVar
 
+from ..io.protocol import PromptCacheStats
 from ..mlx_types import CacheLayer, PromptCache
 
 if TYPE_CHECKING:
@@ -299,9 +300,10 @@ class PrefixCache:
             self.disk.write(entry.tokens, entry.cache, wait_until=deadline)
         self.disk.close(None if timeout is None else max(0.0, deadline - time.monotonic()))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> PromptCacheStats:
+        """The Stats frame's `prompt_cache` (with `disk`, the disk tier's, when on)."""
         with self._lock:
-            out = {
+            out: PromptCacheStats = {
                 "hits_total": self.hits,
                 "misses_total": self.misses,
                 "cached_tokens_total": self.cached_tokens,
@@ -309,10 +311,9 @@ class PrefixCache:
                 "bytes": self._bytes,
                 "max_bytes": self.max_bytes,
             }
-            if self.disk is not None:
-                out["disk_hits_total"] = self.disk_hits
+            disk_hits = self.disk_hits
         if self.disk is not None:
-            out.update(self.disk.stats())
+            out["disk"] = self.disk.stats(disk_hits)
         return out
 
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, cast
 
 from ..cache.kv_cache import KvOptions
-from ..cache.prefix_cache import PrefixCache
-from ..io.payloads import DraftCounts, LoadOptions, SpecStatus, SpeculativeOptions
+from ..cache.prefix_cache import PrefixCache, held
+from ..io.protocol import DraftCounts, LoadOptions, PromptCacheStats, SpecStatus, SpeculativeOptions
 from ..lanes.drafting import DraftController
 from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
-from ..lanes.speculative import SpeculativeSequence, held, pair_problem
+from ..lanes.speculative import SpeculativeSequence, pair_problem
 from ..mlx_types import Model, PromptCache
 from ..requests.constraint import SequenceConstraint
 from ..requests.sampling import Sampler
@@ -66,7 +66,7 @@ class Backend(Protocol):
     def speculative_status(self) -> SpecStatus | None: ...
     def cached_tokens(self, uid: int) -> int: ...
     def start_prompt_cache(self) -> None: ...
-    def prompt_cache_stats(self) -> dict[str, int] | None: ...
+    def prompt_cache_stats(self) -> PromptCacheStats | None: ...
     def close(self) -> None: ...
 
 
@@ -161,8 +161,8 @@ class MlxBackend:
         self._model, self.tokenizer = _load(model_path)
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         self.context_length = context_length(model_path)
-        max_batch = int(options.get("max_batch", 16))
-        self._prefill_step = int(options.get("prefill_step", 2048))
+        max_batch = options.get("max_batch", 16)
+        self._prefill_step = options.get("prefill_step", 2048)
         self._kv = KvOptions.from_options(options)
         self._kv.check(_config(model_path))
         self._gen = BatchGenerator(
@@ -176,10 +176,11 @@ class MlxBackend:
         spec = options.get("speculative")
         if spec:
             self._load_draft(model_path, spec)
-        self._prompt_cache_bytes = int(options.get("prompt_cache_bytes", 0))
+        self._prompt_cache_bytes = options.get("prompt_cache_bytes", 0)
         self._model_path = model_path
         self._disk_dir = options.get("prompt_cache_dir")
-        self._disk_bytes = int(options.get("prompt_cache_disk_bytes", 4 << 30))
+        disk_bytes = options.get("prompt_cache_disk_bytes")
+        self._disk_bytes = 4 << 30 if disk_bytes is None else disk_bytes
 
     def start_prompt_cache(self) -> None:
         """Turns the prefix cache on (after warm-up, whose sequences it should
@@ -194,7 +195,7 @@ class MlxBackend:
 
             kv = self._kv.describe()
             disk = DiskCache(
-                str(self._disk_dir),
+                self._disk_dir,
                 self._disk_bytes,
                 f"{model_identity(self._model_path)}|{kv}",
                 to_disk=quantized_kv.to_disk,
@@ -212,11 +213,13 @@ class MlxBackend:
     def _load_draft(self, model_path: str, spec: SpeculativeOptions) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
-        mode = str(spec.get("mode", "auto"))
-        name = str(spec.get("draft", ""))
+        mode, name = spec["mode"], spec["draft"]
         problem: str | None = None
         if mode != "off":
-            self._draft, draft_tok = _load(spec["draft_path"])
+            draft_path = spec.get("draft_path")
+            if draft_path is None:
+                raise RuntimeError(f"the daemon did not resolve draft '{name}' to a directory (draft_path)")
+            self._draft, draft_tok = _load(draft_path)
             problem = pair_problem(model_path, self.tokenizer, draft_tok, make_prompt_cache(self._model), mode)
             if problem is None and self._kv.max_kv_size is not None:
                 problem = "a rotating KV cache (max_kv_size) cannot be rewound after a rejected draft"
@@ -225,9 +228,7 @@ class MlxBackend:
                 self._draft = None
                 if spec.get("require_supported"):
                     raise RuntimeError(f"speculative decoding with draft '{name}' is not supported: {problem}")
-        self.drafting = DraftController(
-            draft=name, mode=mode, max_draft=int(spec.get("num_draft_tokens", 3)), unsupported=problem
-        )
+        self.drafting = DraftController(draft=name, mode=mode, max_draft=spec["num_draft_tokens"], unsupported=problem)
         if self.drafting.active:
             log.info("speculative decoding: draft '%s', %d tokens, mode %s", name, self.drafting.num_draft, mode)
         else:
@@ -359,7 +360,7 @@ class MlxBackend:
         track = self._tracks.get(uid)
         return track.cached if track is not None else 0
 
-    def prompt_cache_stats(self) -> dict[str, int] | None:
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
         return None if self.prefix is None else self.prefix.stats()
 
     def take_counts(self, uid: int) -> DraftCounts | None:

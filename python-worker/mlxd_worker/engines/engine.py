@@ -9,7 +9,6 @@ engine drains the inbox between steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -18,15 +17,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Union
 
-from ..errors import RequestError  # raised here, and imported from here by others
+from ..errors import RequestError  # the client's fault: _report sends it as "invalid_request"
 from ..faults import GARBAGE_KIND, Faults
 from ..io import frames
 from ..io.flush import FlushPolicy
-from ..io.payloads import Counts, Done, ErrorFrame, Generate, Load, Prompt, TokenLogprob, ToolCallFrame
+from ..io.protocol import Done, ErrorFrame, Generate, Load, LogprobsFrame, Ready, Stats, TokenLogprob, ToolCallFrame
 from ..io.transport import Transport
 from ..requests.constraint import SequenceConstraint
 from ..requests.logprobs import TokenTexts, logprob_entry
-from ..requests.plan import Planner, RequestPlan
+from ..requests.plan import Planner, Prompt, RequestPlan
 from ..requests.sampling import SamplerCache
 from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
@@ -55,7 +54,8 @@ class Counters:
     frames: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def snapshot(self) -> Counts:
+    def snapshot(self) -> Stats:
+        """The Stats frame's request-flow counters (the rest is the stats loop's)."""
         with self.lock:
             return {
                 "active_sequences": self.active,
@@ -144,7 +144,7 @@ class Engine:
         if kind != frames.GENERATE:
             self.inbox.put((kind, payload))
             return
-        req: Generate = json.loads(payload)
+        req = frames.decode_generate(payload)
         try:
             if req.get("count_only"):
                 self._count(req)
@@ -188,10 +188,12 @@ class Engine:
             self._flush()
             for seq in list(self._by_rid.values()):
                 if seq.first_token_at:
-                    message = f"the worker's engine failed: {type(e).__name__}: {e}"
-                    self.transport.send(
-                        frames.ERROR, frames.json_payload({"id": seq.rid, "message": message, "code": "worker"})
-                    )
+                    error: ErrorFrame = {
+                        "id": seq.rid,
+                        "message": f"the worker's engine failed: {type(e).__name__}: {e}",
+                        "code": "worker",
+                    }
+                    self.transport.send(frames.ERROR, frames.json_payload(error))
         finally:
             os._exit(70)  # EX_SOFTWARE
 
@@ -228,10 +230,9 @@ class Engine:
             mx.clear_cache()
             log.info("cleared MLX's cache (%d MiB) at the daemon's request", before >> 20)
             return
-        req: Load = json.loads(item)
         if kind == frames.LOAD:
             try:
-                self._load(req)
+                self._load(frames.decode_load(item))
             except Exception as e:
                 self._report(None, e)
                 raise
@@ -263,16 +264,12 @@ class Engine:
         self._token_texts = TokenTexts(self.backend.tokenizer)
         self._warm_up()
         self.backend.start_prompt_cache()
-        self.transport.send(
-            frames.READY,
-            frames.json_payload(
-                {
-                    "load_seconds": time.perf_counter() - t0,
-                    "context_length": self.backend.context_length,
-                    "speculative": self.backend.speculative_status(),
-                }
-            ),
-        )
+        ready: Ready = {
+            "load_seconds": time.perf_counter() - t0,
+            "context_length": self.backend.context_length,
+            "speculative": self.backend.speculative_status(),
+        }
+        self.transport.send(frames.READY, frames.json_payload(ready))
         log.info("loaded %s in %.1fs (flush %s)", req["model_name"], time.perf_counter() - t0, self.flush_policy)
 
     def _warm_up(self) -> None:
@@ -495,7 +492,8 @@ class Engine:
     def _flush(self) -> None:
         if self._pending_logprobs:
             for rid, entries in self._pending_logprobs.items():
-                self.transport.send(frames.LOGPROBS, frames.json_payload({"id": rid, "entries": entries}))
+                logprobs: LogprobsFrame = {"id": rid, "entries": entries}
+                self.transport.send(frames.LOGPROBS, frames.json_payload(logprobs))
             self._pending_logprobs = {}
         if self._pending:
             self.transport.send_tokens(self._pending)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 
 from ..errors import RequestError
-from ..io.payloads import DraftCounts, LoadOptions, SpecStatus
+from ..io.protocol import DraftCounts, LoadOptions, PromptCacheStats, SpecStatus
 from ..lanes.drafting import DraftController
 from ..requests.constraint import SequenceConstraint
 from ..requests.sampling import Sampler
@@ -130,7 +130,7 @@ class ReplayBackend:
     def cached_tokens(self, uid: int) -> int:
         return 0  # no KV cache to keep
 
-    def prompt_cache_stats(self) -> dict[str, int] | None:
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
         return None
 
     def start_prompt_cache(self) -> None:

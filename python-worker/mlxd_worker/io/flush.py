@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .payloads import FlushOptions, LoadOptions
+from .protocol import LoadOptions
 
 
 @dataclass(frozen=True)
@@ -21,15 +21,12 @@ class FlushPolicy:
 
     @classmethod
     def from_options(cls, options: LoadOptions | None) -> FlushPolicy:
-        spec: FlushOptions = (options or {}).get("flush") or {}
-        every = spec.get("every", "step")
-        if every == "step":
+        spec = (options or {}).get("flush")
+        if spec is None or spec["every"] == "step":
             return cls()
-        if every == "tokens":
-            return cls(every="tokens", tokens=max(1, int(spec.get("tokens", 1))))
-        if every == "ms":
-            return cls(every="ms", ms=max(0.0, float(spec.get("ms", 0.0))))
-        raise ValueError(f"unknown flush policy {every!r}")
+        if spec["every"] == "tokens":
+            return cls(every="tokens", tokens=max(1, spec["tokens"]))
+        return cls(every="ms", ms=max(0.0, float(spec["ms"])))
 
     def due(self, pending_tokens: int, oldest_pending: float) -> bool:
         """Whether to flush now, at the end of a step with `pending_tokens` waiting."""

@@ -3,13 +3,21 @@
 The Rust crate ``worker-protocol`` is the one definition; ``python-worker/tests/test_frames.py``
 compares these constants with the extension module's and prints a fix on mismatch.
 Wire layout: ``[len u32][kind u16][flags u16][payload]``, little-endian.
+
+JSON payloads are the typed dicts of ``protocol.py`` (generated from the Rust
+structs): ``json_payload`` takes nothing else, so a frame is built as its type and
+mypy catches a misspelt or missing key; ``decode_load``/``decode_generate`` type
+what the daemon sends.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from typing import Union, cast
+
+from .protocol import Done, ErrorFrame, Generate, Hello, Load, LogprobsFrame, Ready, Stats, ToolCallFrame
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IHH")
@@ -55,8 +63,23 @@ def encode(kind: int, payload: bytes, flags: int = 0) -> bytes:
     return HEADER.pack(len(payload), kind, flags) + payload
 
 
-def json_payload(obj: Mapping[str, object]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+# The payload of a JSON frame: what the worker sends, and the Generate that the
+# http transport builds for the engine (the one frame it writes for itself).
+JsonFrame = Union[Hello, Ready, Done, ErrorFrame, Stats, ToolCallFrame, LogprobsFrame, Generate]
+
+
+def json_payload(frame: JsonFrame) -> bytes:
+    return json.dumps(frame, separators=(",", ":")).encode()
+
+
+# The daemon's frames were written by the Rust structs protocol.py is generated
+# from, so they are taken as their types without checking.
+def decode_load(payload: bytes) -> Load:
+    return cast(Load, json.loads(payload))
+
+
+def decode_generate(payload: bytes) -> Generate:
+    return cast(Generate, json.loads(payload))
 
 
 def encode_token_batch(entries: Iterable[tuple[int, int, str]]) -> bytes:

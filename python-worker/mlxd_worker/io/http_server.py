@@ -18,11 +18,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Union, cast
 
 from . import frames
-from .payloads import Done, ErrorFrame
+from .protocol import Done, ErrorFrame, Generate
 from .transport import TokenEntries, Transport
 
 # Request ids for HTTP-born requests, far from the daemon's own counter.
 _IDS = itertools.count(1 << 62)
+
+
+class Posted(Generate, total=False):
+    """The body the daemon posts (api/http_proxy.rs): a serialized Generate and how
+    to render its response."""
+
+    chunk_id: str
+    model: str
+    created: int
+    chat: bool
+    include_usage: bool
+    stream: bool
+
 
 # What a request's handler gets: (TOKEN_BATCH, a token's text), then (DONE, the Done
 # frame) or (ERROR, the Error frame).
@@ -85,16 +98,10 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
             pass
 
         def do_POST(self) -> None:  # noqa: N802 (stdlib name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = cast(Posted, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             rid = next(_IDS)
             q = fanout.open(rid)
-            gen = {
-                k: body[k]
-                for k in ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed")
-                if k in body
-            }
-            gen["id"] = rid
-            submit(frames.GENERATE, frames.json_payload(gen))
+            submit(frames.GENERATE, frames.json_payload(_generate(rid, body)))
             try:
                 if body.get("stream"):
                     self._stream(body, q)
@@ -109,7 +116,7 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
-        def _stream(self, body: dict[str, Any], q: queue.SimpleQueue[Item]) -> None:
+        def _stream(self, body: Posted, q: queue.SimpleQueue[Item]) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -155,7 +162,7 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
                 self._chunk(b"")
                 return
 
-        def _collect(self, body: dict[str, Any], q: queue.SimpleQueue[Item]) -> None:
+        def _collect(self, body: Posted, q: queue.SimpleQueue[Item]) -> None:
             pieces = []
             while (item := q.get())[0] == frames.TOKEN_BATCH:
                 pieces.append(item[1])
@@ -193,6 +200,25 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return int(server.server_address[1])
+
+
+def _generate(rid: int, body: Posted) -> Generate:
+    """The Generate frame of a posted request: what a plain request asks (the daemon
+    posts no other), under our own id."""
+    gen: Generate = {"id": rid, "max_tokens": body["max_tokens"]}
+    if "messages" in body:
+        gen["messages"] = body["messages"]
+    if "prompt" in body:
+        gen["prompt"] = body["prompt"]
+    if "temperature" in body:
+        gen["temperature"] = body["temperature"]
+    if "top_p" in body:
+        gen["top_p"] = body["top_p"]
+    if "stop" in body:
+        gen["stop"] = body["stop"]
+    if "seed" in body:
+        gen["seed"] = body["seed"]
+    return gen
 
 
 def _usage(done: Done) -> dict[str, int]:

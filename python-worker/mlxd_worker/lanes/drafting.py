@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..io.payloads import SpecStatus
+from ..io.protocol import SpecStatus
 
 LOWER_BELOW = 0.5
 RAISE_ABOVE = 0.8

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, cast
 
+from ..cache.prefix_cache import held
 from ..mlx_types import Model, PromptCache, Stream
 from ..requests.sampling import Sampler
 from .solo import Handover
@@ -149,11 +150,6 @@ class SpeculativeSequence:
         and the tokens it has not seen yet go to the batch; the draft's cache is
         dropped."""
         return Handover(self._pending, self._cache, self._left, self._sampler, None)
-
-
-def held(cache: PromptCache) -> int:
-    """Tokens a KV cache holds."""
-    return int(cache[0].offset) if cache else 0
 
 
 def _config(model_path: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Reads a llama-architecture GGUF with ``mx.load`` and writes ``config.json``,
 (Q4_0, Q4_1, Q8_0) stay quantized as MLX affine weights (group size 32); with
 ``--dtype`` everything is dequantized to that dtype instead.
 
-Facts this relies on (see shared/design/GGUF-NOTES.md):
+Facts this relies on (see docs/design/GGUF-NOTES.md):
 - llama.cpp permutes the rows of attn_q/attn_k into the interleaved RoPE layout;
   we undo that (rows only, so packed weights, scales and biases alike) and keep
   ``rope_traditional = false``, the Hugging Face layout.

@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..errors import RequestError
-from ..io.payloads import OutputFormat, Tool
+from ..io.protocol import OutputFormat, Tool
 from .tools import ToolChoice, ToolFormat, call_schema
 
 if TYPE_CHECKING:
@@ -72,15 +72,16 @@ def closed_objects(schema: J) -> J:
 
 def format_schema(fmt: OutputFormat) -> dict[str, Any]:
     """The JSON schema a request's `format` asks for."""
-    kind = fmt.get("type")
-    if kind == "json_object":
+    if fmt["type"] == "json_object":
         return {"type": "object"}
-    if kind == "json_schema":
-        schema = fmt.get("schema")
+    if fmt["type"] == "json_schema":
+        schema: object = fmt.get("schema")
         if not isinstance(schema, dict):
             raise RequestError("format json_schema needs a schema (a JSON object)")
         return closed_objects(schema) if fmt.get("strict") else schema
-    raise RequestError(f"unknown format type {json.dumps(kind)}")
+    # The daemon's OutputFormat has only the two; a frame written by hand (the
+    # tests) may say anything.
+    raise RequestError(f"unknown format type {json.dumps(fmt.get('type'))}")
 
 
 def _styled(schema: dict[str, Any]) -> dict[str, Any]:

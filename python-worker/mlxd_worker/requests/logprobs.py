@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, cast
 
-from ..io.payloads import TokenLogprob
+from ..io.protocol import TokenLogprob
 
 if TYPE_CHECKING:
     import mlx.core as mx

@@ -5,10 +5,10 @@ tool calls back, the constraint (a format or a forced call) and logprobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, TypedDict
 
 from ..errors import RequestError
-from ..io.payloads import Generate, Prompt, Tool
+from ..io.protocol import ChatMessage, Generate, Tool, ToolChoice
 from .constraint import Grammars, SequenceConstraint
 from .logprobs import MAX_TOP
 from .tool_stream import ToolCallExtractor
@@ -16,6 +16,17 @@ from .tools import ToolFormat, chat_messages, read_calls, tool_choice, tool_form
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+
+class Prompt(TypedDict, total=False):
+    """What a request's prompt tokens come from: `messages` (chat, with the tools
+    offered) or `prompt` (completion). The part of a Generate that `prompt_ids`
+    reads (a Generate is one), which warm-up fills without the rest."""
+
+    messages: Optional[list[ChatMessage]]
+    prompt: Optional[str]
+    tools: list[Tool]
+    tool_choice: ToolChoice
 
 
 @dataclass
@@ -53,8 +64,9 @@ class Planner:
 
     def _prompt_ids(self, req: Prompt, tools: list[Tool]) -> list[int]:
         tok = self.tokenizer
-        if req.get("messages") is not None:
-            messages, extra = chat_messages(req["messages"], tools, self.tool_format)
+        chat = req.get("messages")
+        if chat is not None:
+            messages, extra = chat_messages(chat, tools, self.tool_format)
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]

@@ -57,7 +57,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 from ..errors import RequestError
-from ..io.payloads import ChatMessage, Tool
+from ..io import protocol
+from ..io.protocol import ChatMessage, Tool
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -192,7 +193,7 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_CALL_ID_ALPHABET) for _ in range(24))
 
 
-def tool_choice(value: object, tools: list[Tool]) -> ToolChoice:
+def tool_choice(value: protocol.ToolChoice | None, tools: list[Tool]) -> ToolChoice:
     """The request's tool_choice, checked against its tools. Absent means "auto"."""
     if value is None or value == "auto":
         return ToolChoice("auto")
@@ -216,8 +217,9 @@ def openai_tools(tools: list[Tool]) -> list[OpenAITool]:
     out: list[OpenAITool] = []
     for t in tools:
         function: Function = {"name": t["name"], "parameters": t.get("parameters") or {"type": "object"}}
-        if t.get("description"):
-            function["description"] = t["description"]
+        description = t.get("description")
+        if description:
+            function["description"] = description
         out.append({"type": "function", "function": function})
     return out
 
@@ -241,10 +243,11 @@ def _native_message(m: ChatMessage) -> TemplateMessage:
             {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
             for c in m["tool_calls"]
         ]
-    if m.get("tool_call_id"):
-        out["tool_call_id"] = m["tool_call_id"]
-    if m.get("name"):
-        out["name"] = m["name"]
+    call_id, name = m.get("tool_call_id"), m.get("name")
+    if call_id:
+        out["tool_call_id"] = call_id
+    if name:
+        out["name"] = name
     return out
 
 

@@ -1,0 +1,427 @@
+"""The worker protocol's JSON frames as typed dicts. GENERATED from the Rust
+definitions in worker-protocol/src/frame.rs by scripts/gen_protocol.py: do not edit;
+change the Rust structs and run the script. The daemon decodes every frame from the
+worker strictly (an unknown or misspelt field is an error), and
+python-worker/tests/test_protocol_drift.py round-trips every field through both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, TypedDict, Union
+
+PROTOCOL_VERSION = 1
+
+
+class DraftCounts(TypedDict):
+    """One request's draft tokens: `drafted = accepted + rejected`."""
+
+    accepted: int
+    drafted: int
+    rejected: int
+
+
+class _DoneRequired(TypedDict):
+    completion_tokens: int
+    #: "stop", "length" or "cancelled".
+    finish_reason: str
+    id: int
+    prompt_tokens: int
+
+
+class Done(_DoneRequired, total=False):
+    """Worker → daemon: request `id` is finished."""
+
+    #: Prompt tokens whose KV came from the prefix cache (not prefilled).
+    cached_tokens: int
+    generation_tps: float
+    prompt_tps: float
+    #: Present when the model has a usable draft.
+    speculative: Optional[DraftCounts]
+    #: The stop sequence that ended the request (finish_reason "stop").
+    stop_sequence: Optional[str]
+
+
+class _ErrorFrameRequired(TypedDict):
+    message: str
+
+
+class ErrorFrame(_ErrorFrameRequired, total=False):
+    """Worker → daemon: something failed, for one request (`id`) or the worker."""
+
+    #: "invalid_request" (the client's fault) or "worker" (ours).
+    code: str
+    id: Optional[int]
+
+
+class OutputFormatJsonObject(TypedDict):
+    """Any JSON object."""
+
+    type: Literal["json_object"]
+
+
+class _OutputFormatJsonSchemaRequired(TypedDict):
+    schema: Any
+    type: Literal["json_schema"]
+
+
+class OutputFormatJsonSchema(_OutputFormatJsonSchemaRequired, total=False):
+    """JSON valid against `schema`; `strict` forbids properties the schema does
+    not name (OpenAI's strict mode) where the schema leaves that open."""
+
+    strict: bool
+
+
+class MessageToolCall(TypedDict):
+    """A tool call already in the history (the model made it on an earlier turn)."""
+
+    #: The arguments as a JSON object (chat templates iterate over them).
+    arguments: Any
+    id: str
+    name: str
+
+
+class _ChatMessageRequired(TypedDict):
+    content: str
+    #: "system", "user", "assistant" or "tool".
+    role: str
+
+
+class ChatMessage(_ChatMessageRequired, total=False):
+    """One turn of a conversation, in the dialect-neutral form every API maps onto."""
+
+    name: Optional[str]
+    #: A tool turn: the call it answers, and the tool's name when known.
+    tool_call_id: Optional[str]
+    #: An assistant turn's tool calls.
+    tool_calls: list[MessageToolCall]
+
+
+class ToolChoiceFunction(TypedDict):
+    """This function, by name."""
+
+    function: str
+
+
+class _ToolRequired(TypedDict):
+    name: str
+    parameters: Any
+
+
+class Tool(_ToolRequired, total=False):
+    """A function the model may call: its JSON-schema parameters."""
+
+    description: Optional[str]
+
+
+class _GenerateRequired(TypedDict):
+    id: int
+    max_tokens: int
+
+
+class Generate(_GenerateRequired, total=False):
+    """Daemon → worker: start generating for request `id`."""
+
+    #: Only count the prompt's tokens (Anthropic's count_tokens): the worker
+    #: answers Done with finish_reason "counted" and generates nothing.
+    count_only: bool
+    format: Optional[OutputFormat]
+    #: Send Logprobs frames for this request, with this many alternatives per
+    #: token (0..=20).
+    logprobs: Optional[int]
+    #: Chat messages (the worker applies the model's chat template) ...
+    messages: Optional[list[ChatMessage]]
+    #: ... or a raw prompt (completions API).
+    prompt: Optional[str]
+    seed: Optional[int]
+    #: Force the interactive lane's drafting on or off for this request (the
+    #: benchmark compares both); None leaves it to the worker's policy.
+    speculative: Optional[bool]
+    stop: list[str]
+    temperature: float
+    tool_choice: ToolChoice
+    #: Functions the model may call (rendered by the chat template, or in the
+    #: system prompt when the template has no tool support).
+    tools: list[Tool]
+    top_p: float
+
+
+class _HelloRequired(TypedDict):
+    #: "mlx" or "replay".
+    engine: str
+    pid: int
+    protocol_version: int
+
+
+class Hello(_HelloRequired, total=False):
+    """Worker → daemon, first frame: who is speaking."""
+
+    #: The BLAS library the worker process has loaded (Linux CPU), if known.
+    blas: Optional[str]
+    #: Where MLX runs: "cpu" or "gpu".
+    device: str
+    #: The loopback port the worker serves generations on (`http` transport only).
+    http_port: Optional[int]
+    #: Whether the worker uses the Rust extension module (false: pure-Python stdio).
+    native_protocol: bool
+
+
+class FaultOptions(TypedDict, total=False):
+    """What a real worker cannot be made to do on demand, for the supervisor's
+    tests (python-worker/mlxd_worker/faults.py)."""
+
+    #: Send a frame of an unknown kind after the N-th decode step.
+    garbage_after_step: int
+    #: Sleep forever inside Load, before the model is read.
+    hang_in_load: bool
+    #: Raise inside the N-th decode step (1-based).
+    raise_in_step: int
+    #: Milliseconds each decode step takes longer.
+    step_delay_ms: int
+
+
+class FlushOptionsStep(TypedDict):
+    every: Literal["step"]
+
+
+class FlushOptionsTokens(TypedDict):
+    every: Literal["tokens"]
+    tokens: int
+
+
+class FlushOptionsMs(TypedDict):
+    every: Literal["ms"]
+    ms: float
+
+
+class _SpeculativeOptionsRequired(TypedDict):
+    #: The draft as the preset names it (for logs and status).
+    draft: str
+    #: "auto", "on" or "off".
+    mode: str
+    num_draft_tokens: int
+
+
+class SpeculativeOptions(_SpeculativeOptionsRequired, total=False):
+    """A draft model for speculative decoding, as the preset's `[speculative]` says."""
+
+    #: The draft's resolved directory (set by the daemon).
+    draft_path: Optional[str]
+    require_supported: bool
+
+
+class LoadOptions(TypedDict, total=False):
+    """A worker's engine settings: the preset's knobs as the worker reads them."""
+
+    #: Test-only fault injection (a preset's `[faults]` table).
+    faults: Optional[FaultOptions]
+    #: When the engine hands its pending tokens to the transport.
+    flush: FlushOptions
+    #: Quantized KV: bits per element, elements per scale, and the prompt
+    #: length from which the lone lane quantizes.
+    kv_bits: Optional[int]
+    kv_group_size: Optional[int]
+    #: Sequences decoding at once (the preset's `max_concurrent`).
+    max_batch: int
+    #: A rotating KV cache of this many tokens.
+    max_kv_size: Optional[int]
+    #: The worker's share of the memory budget, as MLX's memory limit.
+    memory_limit: Optional[int]
+    #: Prompt tokens prefilled per model call.
+    prefill_step: int
+    #: The prefix cache's memory limit (0: off).
+    prompt_cache_bytes: int
+    #: The prefix cache's disk tier, when on.
+    prompt_cache_dir: Optional[str]
+    prompt_cache_disk_bytes: Optional[int]
+    quantized_kv_start: Optional[int]
+    #: The replay engine's text (benchmarks; a built-in text when absent).
+    replay_text: Optional[str]
+    #: The draft model and how to use it.
+    speculative: Optional[SpeculativeOptions]
+
+
+class _LoadRequired(TypedDict):
+    #: The name clients use, for the worker's logs.
+    model_name: str
+    model_path: str
+
+
+class Load(_LoadRequired, total=False):
+    """Daemon → worker: load this model."""
+
+    #: How to serve it, from the preset (and the daemon's memory budget).
+    #: Boxed: a Frame is as large as its largest variant.
+    options: LoadOptions
+
+
+class TopLogprob(TypedDict):
+    logprob: float
+    text: str
+    token: int
+
+
+class _TokenLogprobRequired(TypedDict):
+    logprob: float
+    #: The token decoded alone (may be part of a character).
+    text: str
+    token: int
+
+
+class TokenLogprob(_TokenLogprobRequired, total=False):
+    """The log probability of one token, with the most likely alternatives."""
+
+    top: list[TopLogprob]
+
+
+class LogprobsFrame(TypedDict):
+    """Worker → daemon: the logprobs of request `id`'s next tokens, sent just before
+    the TokenBatch that carries them (one entry per generated token, EOS included)."""
+
+    entries: list[TokenLogprob]
+    id: int
+
+
+class _SpecStatusRequired(TypedDict):
+    #: Whether a request alone decodes speculatively now.
+    active: bool
+    draft: str
+    #: "auto", "on" or "off".
+    mode: str
+    #: Why it is (in)active: the pair check, the mode, or the adaptive policy.
+    reason: str
+
+
+class SpecStatus(_SpecStatusRequired, total=False):
+    """A worker's speculative decoding as it stands: its draft, whether it drafts
+    now and why, and its counters (Ready and every Stats)."""
+
+    #: Accepted / drafted over the recent rounds.
+    acceptance: float
+    accepted_total: int
+    drafted_total: int
+    #: Adaptive transitions: draft length lowered/raised, drafting turned off/on.
+    lowered_total: int
+    #: Tokens drafted per round now (0 while inactive).
+    num_draft_tokens: int
+    off_total: int
+    on_total: int
+    plain_tps: float
+    raised_total: int
+    #: Decode tokens/s measured drafting and plain (0 until measured).
+    spec_tps: float
+    #: Lane switches of a request in flight: into the batch, and back to drafting.
+    to_batch_total: int
+    to_speculative_total: int
+
+
+class _ReadyRequired(TypedDict):
+    load_seconds: float
+
+
+class Ready(_ReadyRequired, total=False):
+    """Worker → daemon: the model is loaded and warmed up."""
+
+    context_length: Optional[int]
+    #: Present when the preset names a draft model.
+    speculative: Optional[SpecStatus]
+
+
+class DiskCacheStats(TypedDict):
+    """The prefix cache's disk tier (`prompt_cache_dir`)."""
+
+    bytes: int
+    dropped_total: int
+    #: Files on disk now, and their bytes.
+    entries: int
+    #: Lookups served from a file (after missing in memory).
+    hits_total: int
+    #: Files found stale (another model, versions, corrupt) and deleted.
+    stale_total: int
+    #: Entries written, and writes dropped because the writer fell behind.
+    writes_total: int
+
+
+class _PromptCacheStatsRequired(TypedDict):
+    bytes: int
+    #: Prompt tokens served from the cache instead of prefilled.
+    cached_tokens_total: int
+    #: What the cache holds now, and its limit.
+    entries: int
+    #: Requests that found a cached prefix, and those that did not.
+    hits_total: int
+    max_bytes: int
+    misses_total: int
+
+
+class PromptCacheStats(_PromptCacheStatsRequired, total=False):
+    """The worker's prefix cache (Stats)."""
+
+    #: The disk tier, when the preset has one.
+    disk: Optional[DiskCacheStats]
+
+
+class Stats(TypedDict, total=False):
+    """Worker → daemon, every second: memory and load."""
+
+    active_memory: int
+    #: Sequences generating right now.
+    active_sequences: int
+    #: Decode steps run, and tokens they produced (their ratio is the mean batch).
+    batch_steps_total: int
+    batch_tokens_total: int
+    cache_memory: int
+    cancelled_total: int
+    completed_total: int
+    #: True once the engine can no longer serve (its thread died); the worker then
+    #: exits, and the daemon never takes such a worker for healthy.
+    engine_failed: bool
+    #: The engine's progress counter (advanced every loop iteration and prefill
+    #: chunk). Over shm the daemon reads it from the segment header instead.
+    heartbeat: int
+    peak_memory: int
+    #: Present when the prefix cache is on.
+    prompt_cache: Optional[PromptCacheStats]
+    #: Generate frames received but not yet started.
+    queued_sequences: int
+    rss: int
+    #: Present when the preset names a draft model.
+    speculative: Optional[SpecStatus]
+    #: TokenBatch frames sent (fewer than steps under a "N tokens"/"T ms" flush policy).
+    token_frames_total: int
+
+
+class ToolCallFrame(TypedDict):
+    """Worker → daemon: request `id` called a tool (its `index`-th call). Sent after
+    the tokens before it and before Done, whose finish_reason is then "tool_calls"."""
+
+    #: The arguments as JSON text (an object).
+    arguments: str
+    #: The call's id ("call_..."), which a tool result refers to.
+    call_id: str
+    id: int
+    index: int
+    name: str
+
+
+# An output format enforced during decoding (llguidance).
+OutputFormat = Union[OutputFormatJsonObject, OutputFormatJsonSchema]
+
+# Whether and which tool the model must call. `Required` and `Function` are
+# enforced with constrained decoding.
+ToolChoice = Union[Literal["auto", "none", "required"], ToolChoiceFunction]
+
+# When the worker flushes tokens: every step, every N tokens, or every T ms.
+FlushOptions = Union[FlushOptionsStep, FlushOptionsTokens, FlushOptionsMs]
+
+# The payload type of each JSON frame kind.
+FRAME_TYPES: dict[str, Any] = {
+    "DONE": Done,
+    "ERROR": ErrorFrame,
+    "GENERATE": Generate,
+    "HELLO": Hello,
+    "LOAD": Load,
+    "LOGPROBS": LogprobsFrame,
+    "READY": Ready,
+    "STATS": Stats,
+    "TOOL_CALL": ToolCallFrame,
+}
