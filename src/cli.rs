@@ -141,7 +141,7 @@ async fn with_progress(
                     let rows: Vec<SlotInfo> = serde_json::from_value(v["workers"].clone()).ok()?;
                     rows.into_iter().find(|w| w.model == model)
                 });
-                let (state, rss) = row.map_or(("waiting".to_string(), 0), |w| (w.state, w.stats.rss));
+                let (state, rss) = row.map_or(("waiting", 0), |w| (w.state.as_str(), w.stats.rss));
                 eprint!(
                     "\r{} {model}: {state}  {:.1} s  {}   ",
                     FRAMES[frame % FRAMES.len()],
@@ -383,7 +383,7 @@ pub fn import(
 ) -> anyhow::Result<()> {
     let mut cmd = Command::new(&cfg.python);
     cmd.arg("-m")
-        .arg("mlxd_worker.importer")
+        .arg("mlxd_worker.models.importer")
         .arg(gguf)
         .arg("--models-dir")
         .arg(&cfg.models_dir)

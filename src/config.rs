@@ -10,6 +10,10 @@ use crate::memory::Limit;
 /// Default port: clear of Ollama (11434), LM Studio (1234) and mlx_lm.server (8080).
 pub const DEFAULT_PORT: u16 = 11411;
 
+/// Connections served at once by default (`max_connections`); more are closed as
+/// they arrive.
+pub const MAX_CONNECTIONS: usize = 1024;
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -185,9 +189,7 @@ impl Config {
                 .to_str()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| anyhow::anyhow!("MLXD_MAX_CONNECTIONS={v:?} is not a number"))?,
-            None => file
-                .max_connections
-                .unwrap_or(crate::serve::MAX_CONNECTIONS),
+            None => file.max_connections.unwrap_or(MAX_CONNECTIONS),
         };
         anyhow::ensure!(max_connections > 0, "max_connections must be positive");
         Ok(Config {

@@ -1,22 +1,25 @@
 //! mlxd: a Rust daemon that supervises per-model mlx-lm worker processes and
-//! serves them over HTTP.
+//! serves them over HTTP (docs/design/ARCHITECTURE.md has the whole design).
 //!
 //! ```text
-//! client ──HTTP──▶ api/ (OpenAI dialect → worker_protocol::Generate)
-//!                   │
+//! client ──HTTP──▶ api/ guard → dialect (openai · responses · anthropic · ollama)
+//!                   │  request::Target: the model resolved to its preset once
 //!                   ▼
-//!                supervisor ── model name → WorkerHandle (spawned on demand)
+//!                api::core ── Supervisor::generate ──▶ supervisor/slot (one per model:
+//!                   │            queue, incarnation, restarts, keep-alive, memory)
 //!                   │  Generate frame ──▶ shm ring (or stdio) ──▶ python-worker (mlx-lm)
 //!                   │  TokenBatch/Done ◀── events ring ◀────────┘
 //!                   ▼
-//!                per-request channel → api/ renders SSE / JSON
+//!                per-request GenStream → the dialect's Renderer → SSE / NDJSON / JSON
 //! ```
 //!
-//! - [`config`]: daemon configuration; [`presets`]: model presets.
+//! - [`config`]: daemon configuration; [`presets`]: model presets (and the
+//!   lifecycle settings they carry: keep-alive, restart policy).
 //! - [`api`]: HTTP routes; [`error`]: errors with a source → status; [`metrics`]: /metrics.
 //! - [`supervisor`]: one slot per model (queue, worker incarnation, restarts,
 //!   keep-alive), the memory arbiter, request routing by id.
-//! - [`memory`]: the memory budget: limits, footprints, estimates, eviction plans.
+//! - [`memory`]: the memory budget: limits, footprints, estimates, eviction plans;
+//!   `sys`: the operating system's memory facts and all of the daemon's `unsafe`.
 //! - [`transport`]: the daemon's end of the shm and stdio transports.
 //! - [`serve`]: the daemon's main loop; [`cli`]: the thin clients of its admin API.
 //! - [`logs`]: the daemon's and workers' log files, `mlxd logs`.

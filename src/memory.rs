@@ -71,13 +71,7 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SystemMemory {
-    /// Physical memory, lowered by a cgroup limit when one applies.
-    pub total: u64,
-    /// Memory the kernel says can be had without swapping.
-    pub available: u64,
-}
+pub use crate::sys::SystemMemory;
 
 /// What the budget needs from the operating system.
 pub trait Probe: Send + Sync {
@@ -105,21 +99,6 @@ pub const FOOTPRINT_SOURCE: &str = if cfg!(target_os = "macos") {
 } else {
     "/proc/<pid>/smaps_rollup Pss"
 };
-
-/// MemTotal and MemAvailable from /proc/meminfo.
-pub fn parse_meminfo(text: &str) -> SystemMemory {
-    SystemMemory {
-        total: kib_field(text, "MemTotal:").unwrap_or(0),
-        available: kib_field(text, "MemAvailable:").unwrap_or(0),
-    }
-}
-
-/// A "Name:   123 kB" field in bytes.
-pub fn kib_field(text: &str, name: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with(name))?;
-    let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
-    Some(kib * 1024)
-}
 
 /// Memory the MLX runtime, Python and the tokenizer take before any weight: the
 /// replay worker (tokenizer only) measures ~120 MiB of PSS here.
@@ -286,15 +265,6 @@ mod tests {
             assert!(Limit::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Limit::Fraction(0.5).resolve(1000), 500);
-    }
-
-    #[test]
-    fn meminfo_is_read_in_bytes() {
-        let m = parse_meminfo(
-            "MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   20000000 kB\n",
-        );
-        assert_eq!(m.total, 24_000_000 * 1024);
-        assert_eq!(m.available, 20_000_000 * 1024);
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub const FAMILIES: &[Family] = &[
     // Workers: lifecycle and memory.
     family("mlxd_worker_ready", Gauge, NONE,
         "1 while the model's worker is ready to serve, else 0."),
+    family("mlxd_worker_protocol_errors_total", Counter, COUNT,
+        "Frames from the worker the daemon could not decode (an unknown kind, a misspelt or unknown field, a truncated payload); the worker is then restarted."),
     family("mlxd_worker_restarts_total", Counter, COUNT,
         "Times the model's worker was restarted after it died or hung."),
     family("mlxd_worker_footprint_bytes", Gauge, BYTES,
@@ -118,6 +120,16 @@ pub const FAMILIES: &[Family] = &[
         "Bytes the prompt cache holds."),
     family("mlxd_prompt_cache_max_bytes", Gauge, BYTES,
         "The prompt cache's size limit."),
+    family("mlxd_prompt_cache_disk_hits_total", Counter, COUNT,
+        "Prompt cache lookups served from the disk tier (after a miss in memory)."),
+    family("mlxd_prompt_cache_disk_entries", Gauge, COUNT,
+        "Files the prompt cache's disk tier holds."),
+    family("mlxd_prompt_cache_disk_bytes", Gauge, BYTES,
+        "Bytes the prompt cache's disk tier holds."),
+    family("mlxd_prompt_cache_disk_stale_total", Counter, COUNT,
+        "Disk-tier files found stale (another model or version, corrupt) and deleted."),
+    family("mlxd_prompt_cache_disk_writes_total", Counter, COUNT,
+        "Entries written to the disk tier, by result (written, dropped: the writer fell behind)."),
     // Speculative decoding.
     family("mlxd_spec_draft_tokens_total", Counter, COUNT,
         "Draft tokens the target model checked, by result (accepted, rejected)."),
@@ -301,6 +313,21 @@ pub fn record_worker_stats(model: &str, s: &Stats) {
         metrics::gauge!("mlxd_prompt_cache_entries", "model" => m()).set(pc.entries as f64);
         metrics::gauge!("mlxd_prompt_cache_bytes", "model" => m()).set(pc.bytes as f64);
         metrics::gauge!("mlxd_prompt_cache_max_bytes", "model" => m()).set(pc.max_bytes as f64);
+        if let Some(disk) = &pc.disk {
+            metrics::counter!("mlxd_prompt_cache_disk_hits_total", "model" => m())
+                .absolute(disk.hits_total);
+            metrics::gauge!("mlxd_prompt_cache_disk_entries", "model" => m())
+                .set(disk.entries as f64);
+            metrics::gauge!("mlxd_prompt_cache_disk_bytes", "model" => m()).set(disk.bytes as f64);
+            metrics::counter!("mlxd_prompt_cache_disk_stale_total", "model" => m())
+                .absolute(disk.stale_total);
+            let writes = |result: &'static str, v: u64| {
+                metrics::counter!("mlxd_prompt_cache_disk_writes_total", "model" => m(), "result" => result)
+                    .absolute(v)
+            };
+            writes("written", disk.writes_total);
+            writes("dropped", disk.dropped_total);
+        }
     }
 }
 

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use crate::supervisor::state::{KeepAlive, Policy};
+use worker_protocol::frame::{FaultOptions, FlushOptions, LoadOptions, SpeculativeOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -88,13 +89,13 @@ impl From<FlushPolicy> for String {
     }
 }
 
-impl FlushPolicy {
+impl From<FlushPolicy> for FlushOptions {
     /// The worker's view (its Load options).
-    pub fn to_options(self) -> serde_json::Value {
-        match self {
-            FlushPolicy::Step => serde_json::json!({"every": "step"}),
-            FlushPolicy::Tokens(n) => serde_json::json!({"every": "tokens", "tokens": n}),
-            FlushPolicy::Millis(t) => serde_json::json!({"every": "ms", "ms": t}),
+    fn from(p: FlushPolicy) -> FlushOptions {
+        match p {
+            FlushPolicy::Step => FlushOptions::Step,
+            FlushPolicy::Tokens(tokens) => FlushOptions::Tokens { tokens },
+            FlushPolicy::Millis(ms) => FlushOptions::Ms { ms },
         }
     }
 }
@@ -173,7 +174,7 @@ pub struct Preset {
     pub speculative: Option<Speculative>,
     /// Test-only fault injection passed to the worker (see mlxd_worker/faults.py).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub faults: Option<toml::Table>,
+    pub faults: Option<FaultOptions>,
     /// The file this preset was read from (`mlxd tune` writes its profile there,
     /// or next to the user's presets when it is a shipped one).
     #[serde(skip)]
@@ -316,8 +317,11 @@ fn parse_timeout(what: &str, s: &str) -> anyhow::Result<std::time::Duration> {
 }
 
 fn default_max_tokens() -> u32 {
-    512
+    DEFAULT_MAX_TOKENS
 }
+
+/// max_tokens for a request that names none, when its preset sets none either.
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
 
 fn default_max_concurrent() -> u32 {
     16
@@ -582,39 +586,36 @@ impl Preset {
         }
     }
 
-    /// The engine options the worker receives in its Load frame.
-    pub fn worker_options(&self) -> serde_json::Value {
-        let mut options = serde_json::json!({
-            "max_batch": self.max_concurrent,
-            "prefill_step": self.prefill_step,
-            "flush": self.flush.to_options(),
-        });
+    /// The engine options the worker receives in its Load frame (the daemon adds
+    /// what depends on the machine: memory limit, cache size, the draft's path).
+    pub fn worker_options(&self) -> LoadOptions {
         let perf = &self.performance;
-        if let Some(bits) = perf.kv_bits {
-            options["kv_bits"] = bits.into();
-            options["kv_group_size"] = perf.kv_group_size.unwrap_or(DEFAULT_KV_GROUP_SIZE).into();
-            options["quantized_kv_start"] = perf.quantized_kv_start.unwrap_or(0).into();
+        let (dir, disk) = match (self.prompt_cache_dir(), self.prompt_cache_disk_limit()) {
+            (Some(dir), Some(limit)) => (Some(dir.to_string_lossy().into_owned()), Some(limit)),
+            _ => (None, None),
+        };
+        LoadOptions {
+            max_batch: self.max_concurrent,
+            prefill_step: self.prefill_step,
+            flush: self.flush.into(),
+            kv_bits: perf.kv_bits,
+            kv_group_size: perf
+                .kv_bits
+                .map(|_| perf.kv_group_size.unwrap_or(DEFAULT_KV_GROUP_SIZE)),
+            quantized_kv_start: perf.kv_bits.map(|_| perf.quantized_kv_start.unwrap_or(0)),
+            max_kv_size: perf.max_kv_size,
+            prompt_cache_dir: dir,
+            prompt_cache_disk_bytes: disk,
+            faults: self.faults.clone(),
+            speculative: self.speculative.as_ref().map(|spec| SpeculativeOptions {
+                draft: spec.draft.clone(),
+                draft_path: None,
+                num_draft_tokens: spec.num_draft_tokens,
+                mode: spec.mode.as_str().to_string(),
+                require_supported: spec.require_supported,
+            }),
+            ..LoadOptions::default()
         }
-        if let Some(max) = perf.max_kv_size {
-            options["max_kv_size"] = max.into();
-        }
-        if let (Some(dir), Some(limit)) = (self.prompt_cache_dir(), self.prompt_cache_disk_limit())
-        {
-            options["prompt_cache_dir"] = dir.to_string_lossy().into_owned().into();
-            options["prompt_cache_disk_bytes"] = limit.into();
-        }
-        if let Some(faults) = &self.faults {
-            options["faults"] = serde_json::to_value(faults).unwrap_or_default();
-        }
-        if let Some(spec) = &self.speculative {
-            options["speculative"] = serde_json::json!({
-                "draft": spec.draft,
-                "num_draft_tokens": spec.num_draft_tokens,
-                "mode": spec.mode.as_str(),
-                "require_supported": spec.require_supported,
-            });
-        }
-        options
     }
 
     /// The model directory: absolute paths are taken as they are; names resolve
@@ -663,10 +664,90 @@ fn resolve_model(model: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(models_dir.join(model))
 }
 
+/// How long an idle model stays loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Until stopped.
+    Forever,
+    /// Unloaded after this long without requests (zero: as soon as it is idle).
+    For(Duration),
+}
+
+impl KeepAlive {
+    /// Ollama's forms: `"5m"`, `"1h30m"`, `"30s"`, `"0"`, a negative number for
+    /// forever, or a bare number of seconds.
+    pub fn parse(s: &str) -> Result<KeepAlive, String> {
+        let s = s.trim();
+        if let Ok(secs) = s.parse::<f64>() {
+            return KeepAlive::from_seconds(secs);
+        }
+        if s.starts_with('-') {
+            return Ok(KeepAlive::Forever);
+        }
+        humantime::parse_duration(s)
+            .map(KeepAlive::For)
+            .map_err(|e| format!("keep_alive {s:?}: {e} (use e.g. \"5m\", \"0\" or \"-1\")"))
+    }
+
+    pub fn from_seconds(secs: f64) -> Result<KeepAlive, String> {
+        if secs.is_nan() {
+            return Err("keep_alive must be a number of seconds or a duration".into());
+        }
+        if secs < 0.0 {
+            return Ok(KeepAlive::Forever);
+        }
+        Duration::try_from_secs_f64(secs)
+            .map(KeepAlive::For)
+            .map_err(|e| format!("keep_alive {secs}: {e}"))
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            KeepAlive::Forever => "forever".into(),
+            KeepAlive::For(d) => humantime::format_duration(d).to_string(),
+        }
+    }
+}
+
+/// The restart policy and timeouts of one model.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// First wait before restarting a crashed worker; doubles per consecutive crash.
+    pub backoff_first: Duration,
+    pub backoff_max: Duration,
+    /// More than `max_crashes` within `crash_window` puts the model in Failed.
+    pub max_crashes: usize,
+    pub crash_window: Duration,
+    /// How long a stop waits for in-flight requests and the worker's own exit.
+    pub stop_grace: Duration,
+    /// No progress for this long with requests in flight: the worker is hung.
+    pub hang_timeout: Duration,
+    /// No progress for this long while loading (or twice this in all): stalled.
+    pub load_timeout: Duration,
+    /// The preset's keep-alive; a request may override it.
+    pub keep_alive: KeepAlive,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            backoff_first: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            max_crashes: 5,
+            crash_window: Duration::from_secs(60),
+            stop_grace: Duration::from_secs(10),
+            hang_timeout: Duration::from_secs(60),
+            load_timeout: Duration::from_secs(300),
+            keep_alive: KeepAlive::For(Duration::from_secs(300)),
+        }
+    }
+}
+
 /// All presets by name, with aliases.
 #[derive(Debug, Clone, Default)]
 pub struct Presets {
-    by_name: BTreeMap<String, Preset>,
+    /// Shared: a request carries its preset from the API to the slot.
+    by_name: BTreeMap<String, Arc<Preset>>,
     aliases: BTreeMap<String, String>,
 }
 
@@ -700,22 +781,22 @@ impl Presets {
         for a in &p.aliases {
             self.aliases.insert(a.clone(), p.name.clone());
         }
-        self.by_name.insert(p.name.clone(), p);
+        self.by_name.insert(p.name.clone(), Arc::new(p));
     }
 
     /// Exact name first, then alias.
-    pub fn resolve(&self, name: &str) -> Option<&Preset> {
+    pub fn resolve(&self, name: &str) -> Option<&Arc<Preset>> {
         self.by_name
             .get(name)
             .or_else(|| self.aliases.get(name).and_then(|n| self.by_name.get(n)))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Preset> {
-        self.by_name.values()
+        self.by_name.values().map(|p| &**p)
     }
 
     /// By exact name (no alias).
-    pub fn get(&self, name: &str) -> Option<&Preset> {
+    pub fn get(&self, name: &str) -> Option<&Arc<Preset>> {
         self.by_name.get(name)
     }
 }
@@ -723,6 +804,11 @@ impl Presets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Load options as the worker reads them.
+    fn options_json(p: &Preset) -> serde_json::Value {
+        serde_json::to_value(p.worker_options()).unwrap()
+    }
 
     #[test]
     fn shipped_presets_parse() {
@@ -771,7 +857,7 @@ mod tests {
             (p.flush, p.engine, p.max_concurrent),
             (FlushPolicy::Tokens(8), EngineKind::Replay, 2)
         );
-        assert_eq!(p.worker_options()["flush"]["tokens"], 8);
+        assert_eq!(options_json(&p)["flush"]["tokens"], 8);
         let p = Preset::parse("model = \"m\"\nflush = \"2.5 ms\"", "x").unwrap();
         assert_eq!(p.flush, FlushPolicy::Millis(2.5));
         for bad in ["\"0 tokens\"", "\"fast\"", "\"-1 ms\"", "\"3 parsecs\""] {
@@ -810,7 +896,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.policy().keep_alive, KeepAlive::Forever);
         assert_eq!(p.policy().hang_timeout.as_secs(), 3);
-        assert_eq!(p.worker_options()["faults"]["step_delay_ms"], 5);
+        assert_eq!(options_json(&p)["faults"]["step_delay_ms"], 5);
         for bad in [
             "keep_alive = \"soon\"",
             "hang_timeout = \"0s\"",
@@ -831,7 +917,7 @@ mod tests {
             (spec.num_draft_tokens, spec.mode, spec.require_supported),
             (3, SpecMode::Auto, false)
         );
-        let options = p.worker_options();
+        let options = options_json(&p);
         assert_eq!(options["speculative"]["draft"], "d");
         assert_eq!(options["speculative"]["mode"], "auto");
         assert_eq!(
@@ -845,7 +931,7 @@ mod tests {
         .unwrap();
         let spec = p.speculative.as_ref().unwrap();
         assert_eq!((spec.num_draft_tokens, spec.mode), (5, SpecMode::On));
-        assert_eq!(p.worker_options()["speculative"]["require_supported"], true);
+        assert_eq!(options_json(&p)["speculative"]["require_supported"], true);
         assert_eq!(
             p.draft_path(Path::new("/models")),
             Some(PathBuf::from("/abs/d"))
@@ -902,7 +988,7 @@ mod tests {
         assert_eq!((p.max_concurrent, p.prefill_step, p.max_queue), (4, 512, 8));
         assert_eq!(p.prompt_cache_limit(Path::new("/nonexistent")), 64 << 20);
         assert_eq!(p.performance.max_concurrent, None, "folded into the field");
-        let options = p.worker_options();
+        let options = options_json(&p);
         assert_eq!(
             (
                 &options["max_batch"],
@@ -918,7 +1004,7 @@ mod tests {
         }
         // Serialized, it parses back to the same values (no key in two places).
         let again = Preset::parse(&toml::to_string(&p).unwrap(), "x").unwrap();
-        assert_eq!(again.worker_options(), options);
+        assert_eq!(options_json(&again), options);
         // The top level still works for presets written before the table.
         let old =
             Preset::parse("model = \"m\"\nmax_concurrent = 2\nprefill_step = 256", "x").unwrap();
@@ -943,7 +1029,7 @@ mod tests {
     #[test]
     fn kv_options_and_the_disk_cache_reach_the_worker() {
         let p = Preset::parse("model = \"m\"\n[performance]\nkv_bits = 4", "x").unwrap();
-        let options = p.worker_options();
+        let options = options_json(&p);
         assert_eq!(
             (
                 &options["kv_bits"],
@@ -958,7 +1044,7 @@ mod tests {
             "x",
         )
         .unwrap();
-        let options = p.worker_options();
+        let options = options_json(&p);
         assert_eq!(options["max_kv_size"], 4096);
         assert_eq!(options["prompt_cache_dir"], "/var/cache/mlxd");
         assert_eq!(options["prompt_cache_disk_bytes"], 4u64 << 30);
@@ -968,16 +1054,14 @@ mod tests {
             "x",
         )
         .unwrap();
-        let options = p.worker_options();
+        let options = options_json(&p);
         let dir = options["prompt_cache_dir"].as_str().unwrap();
         assert!(
             dir.starts_with('/') && dir.ends_with("/pc") && !dir.contains('~'),
             "{dir}"
         );
         assert_eq!(options["prompt_cache_disk_bytes"], 512u64 << 20);
-        let plain = Preset::parse("model = \"m\"", "x")
-            .unwrap()
-            .worker_options();
+        let plain = options_json(&Preset::parse("model = \"m\"", "x").unwrap());
         for absent in [
             "kv_bits",
             "max_kv_size",
@@ -996,7 +1080,7 @@ mod tests {
             "x",
         )
         .unwrap();
-        let options = p.worker_options();
+        let options = options_json(&p);
         assert_eq!(options["speculative"]["num_draft_tokens"], 5);
         assert_eq!(options["speculative"]["mode"], "off");
         let err = Preset::parse(

@@ -108,6 +108,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let state = AppState {
         supervisor: supervisor.clone(),
         metrics: metrics.clone(),
+        #[cfg(feature = "bench-http")]
         http: reqwest::Client::builder().no_proxy().build()?,
     };
     let control_app = crate::api::control_router(state.clone());
@@ -117,7 +118,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let control_server = tokio::spawn(serve_http(
         control,
         control_app,
-        MAX_CONNECTIONS,
+        crate::config::MAX_CONNECTIONS,
         async move {
             let _ = control_stop.wait_for(|stop| *stop).await;
         },
@@ -146,9 +147,6 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
 /// A client gets this long to send a request's headers, and an idle keep-alive
 /// connection is closed after it (slow-header clients must not pin connections).
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Connections served at once by default (`max_connections`); more are closed as
-/// they arrive.
-pub const MAX_CONNECTIONS: usize = 1024;
 
 /// The HTTP server (over TCP, or the control socket): hyper with a header-read
 /// timeout (which needs a timer: without one hyper would not enforce it), a

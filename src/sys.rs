@@ -3,13 +3,38 @@
 //! calls; on Linux the worker's pre-exec hook, [`kill_with_daemon`]). Each block
 //! states what makes it sound.
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SystemMemory {
+    /// Physical memory, lowered by a cgroup limit when one applies.
+    pub total: u64,
+    /// Memory the kernel says can be had without swapping.
+    pub available: u64,
+}
+
+/// MemTotal and MemAvailable from /proc/meminfo.
+#[cfg(any(target_os = "linux", test))]
+pub fn parse_meminfo(text: &str) -> SystemMemory {
+    SystemMemory {
+        total: kib_field(text, "MemTotal:").unwrap_or(0),
+        available: kib_field(text, "MemAvailable:").unwrap_or(0),
+    }
+}
+
+/// A "Name:   123 kB" field in bytes.
+#[cfg(any(target_os = "linux", test))]
+pub fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(target_os = "linux")]
 mod imp {
-    use crate::memory::SystemMemory;
+    use super::SystemMemory;
 
     pub fn system() -> SystemMemory {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let mut m = crate::memory::parse_meminfo(&meminfo);
+        let mut m = super::parse_meminfo(&meminfo);
         if let Some(limit) = cgroup_limit() {
             if limit < m.total {
                 let used = cgroup_usage().unwrap_or(0);
@@ -39,18 +64,18 @@ mod imp {
 
     pub fn footprint(pid: u32) -> Option<u64> {
         if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
-            if let Some(pss) = crate::memory::kib_field(&text, "Pss:") {
+            if let Some(pss) = super::kib_field(&text, "Pss:") {
                 return Some(pss);
             }
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        crate::memory::kib_field(&status, "VmRSS:")
+        super::kib_field(&status, "VmRSS:")
     }
 }
 
 #[cfg(target_os = "macos")]
 mod imp {
-    use crate::memory::SystemMemory;
+    use super::SystemMemory;
 
     pub fn system() -> SystemMemory {
         let mut total: u64 = 0;
@@ -80,9 +105,9 @@ mod imp {
         // SAFETY: zeroed is a valid vm_statistics64 (plain integers).
         let mut stats: libc::vm_statistics64 = unsafe { std::mem::zeroed() };
         let mut count = libc::HOST_VM_INFO64_COUNT;
+        #[allow(deprecated)] // libc points to the mach2 crate; the call is the same
         // SAFETY: `stats` is large enough for HOST_VM_INFO64_COUNT integers, which
         // `count` says; mach_host_self() needs no cleanup for this use.
-        #[allow(deprecated)] // libc points to the mach2 crate; the call is the same
         let rc = unsafe {
             libc::host_statistics64(
                 libc::mach_host_self(),
@@ -119,8 +144,8 @@ mod imp {
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 mod imp {
-    pub fn system() -> crate::memory::SystemMemory {
-        crate::memory::SystemMemory::default()
+    pub fn system() -> super::SystemMemory {
+        super::SystemMemory::default()
     }
 
     pub fn footprint(_pid: u32) -> Option<u64> {
@@ -160,3 +185,17 @@ pub fn kill_with_daemon(cmd: &mut tokio::process::Command) {
 
 #[cfg(not(target_os = "linux"))]
 pub fn kill_with_daemon(_cmd: &mut tokio::process::Command) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_is_read_in_bytes() {
+        let m = parse_meminfo(
+            "MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   20000000 kB\n",
+        );
+        assert_eq!(m.total, 24_000_000 * 1024);
+        assert_eq!(m.available, 20_000_000 * 1024);
+    }
+}

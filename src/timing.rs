@@ -20,7 +20,8 @@ pub struct TimedRun {
 /// Runs `gen` on `model` and times it; the request's error if it fails.
 pub async fn timed_run(sup: &Supervisor, model: &str, gen: Generate) -> Result<TimedRun, Error> {
     let began = Instant::now();
-    let mut stream = sup.generate(model, gen, None)?;
+    let preset = sup.resolve(model)?;
+    let mut stream = sup.generate(&preset, gen, None)?;
     let (mut first, mut last) = (None, None);
     loop {
         match stream.next().await {

@@ -836,8 +836,9 @@ mod tests {
         assert_eq!(sweep(&base, &opts).len(), 8);
         let c = candidate(&base, knobs(512, Some(8), Some(true)), 3, 2).unwrap();
         assert_eq!(c.name, "m-tune-3");
-        assert_eq!(c.worker_options()["kv_bits"], 8);
-        assert_eq!(c.worker_options()["speculative"]["mode"], "on");
+        let options = c.worker_options();
+        assert_eq!(options.kv_bits, Some(8));
+        assert_eq!(options.speculative.unwrap().mode, "on");
         assert_eq!(c.prompt_cache_limit(Path::new("/none")), 0);
         // A rotating cache cannot be quantized: that candidate is refused.
         let rotating =

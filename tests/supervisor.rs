@@ -187,7 +187,7 @@ fn stream_error(events: &[String]) -> String {
         .to_string()
 }
 
-/// ARCHITECTURE.md's promise: requests the dead incarnation had started get a
+/// docs/design/ARCHITECTURE.md's promise: requests the dead incarnation had started get a
 /// terminal error; those still queued go to the next incarnation and complete.
 async fn a_killed_worker_fails_its_stream_and_serves_its_queue(model: &str) {
     let d = daemon();
@@ -367,6 +367,17 @@ async fn a_garbage_frame_gets_the_worker_killed() {
         row["last_exit"].as_str().unwrap().contains("bad frame"),
         "{row}"
     );
+    // Logged and counted, as any frame the daemon cannot decode (issue 25).
+    let metrics = d.metrics().await;
+    let counted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "mlxd_worker_protocol_errors_total{{model=\"{model}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(counted >= Some(1.0), "{metrics}");
 }
 
 /// A load that fails reports the worker's own message at once; requests during

@@ -5,7 +5,7 @@ use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::openai::ApiError;
+use super::error::ApiError;
 use super::AppState;
 use crate::error::Error;
 

@@ -4,7 +4,6 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -13,44 +12,11 @@ use worker_protocol::frame::{
     ToolChoice,
 };
 
-use super::core::{self, FieldRule};
-use super::openai::{default_max_tokens, forced_tool_is_known, speculative_usage, SamplingParams};
+use super::core;
+use super::error::{AnthropicError, Dialect};
+use super::request::{self, FieldRule, Target};
 use super::AppState;
 use crate::error::Error;
-
-/// Anthropic's error shape: `{"type": "error", "error": {"type", "message"}}`.
-pub fn error_body(e: &Error) -> Value {
-    let kind = match e.status() {
-        StatusCode::BAD_REQUEST => "invalid_request_error",
-        StatusCode::NOT_FOUND => "not_found_error",
-        StatusCode::FORBIDDEN => "permission_error",
-        StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
-        _ => "api_error",
-    };
-    json!({"type": "error", "error": {"type": kind, "message": e.to_string()}})
-}
-
-pub struct AnthropicError(Error);
-
-impl From<Error> for AnthropicError {
-    fn from(e: Error) -> Self {
-        AnthropicError(e)
-    }
-}
-
-impl IntoResponse for AnthropicError {
-    fn into_response(self) -> Response {
-        let status = self.0.status();
-        let mut resp = (status, axum::Json(error_body(&self.0))).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
-        }
-        resp
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -286,7 +252,7 @@ fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
         .unwrap_or_default()
         .into_iter()
         .map(|t| match t.kind.as_deref() {
-            None | Some("custom") => core::tool(t.name, t.description, t.input_schema),
+            None | Some("custom") => request::tool(t.name, t.description, t.input_schema),
             Some(kind) => Err(Error::invalid(
                 format!("tool type '{kind}' is not supported (server tools run at Anthropic)"),
                 Some("tools"),
@@ -311,7 +277,7 @@ fn tool_choice(c: Option<InToolChoice>, tools: &[Tool]) -> Result<ToolChoice, Er
             }
         },
     };
-    forced_tool_is_known(&choice, tools, "tool_choice")?;
+    request::forced_tool_is_known(&choice, tools, "tool_choice")?;
     Ok(choice)
 }
 
@@ -327,7 +293,7 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
             ));
         }
     }
-    let mut gen = SamplingParams {
+    let mut gen = request::SamplingParams {
         max_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
@@ -354,15 +320,15 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
             ))
         }
     };
-    core::check_format_with_tools(&gen, "output_format")?;
+    request::check_format_with_tools(&gen, "output_format")?;
     Ok((gen, req.stream))
 }
 
 /// The request as the core's Generate (the fuzz target's entry too).
 pub fn parse_messages(body: &Bytes) -> Result<(String, Generate, bool), Error> {
-    let map = core::parse_object(body)?;
-    core::check_fields(&map, &[FIELDS])?;
-    let req: MessagesRequest = core::from_object(map)?;
+    let map = request::parse_object(body)?;
+    request::check_fields(&map, &[FIELDS])?;
+    let req: MessagesRequest = request::from_object(map)?;
     let model = req.model.clone();
     let (gen, stream) = generate(req)?;
     Ok((model, gen, stream))
@@ -386,7 +352,7 @@ fn usage(done: &Done) -> Value {
         "output_tokens": done.completion_tokens,
     });
     if let Some(counts) = &done.speculative {
-        u["mlxd"] = speculative_usage(counts);
+        u["mlxd"] = core::speculative_usage(counts);
     }
     u
 }
@@ -400,11 +366,10 @@ pub async fn messages(
     body: Bytes,
 ) -> Result<Response, AnthropicError> {
     let (model, gen, stream) = parse_messages(&body)?;
-    // A model that does not exist is a 404 before anything else.
-    default_max_tokens(&state, &model)?;
+    let target = Target::resolve(&state, &model)?;
     let id = core::new_id("msg");
     let req = core::CoreRequest {
-        model: model.clone(),
+        target,
         gen,
         keep_alive: None,
     };
@@ -516,7 +481,7 @@ impl core::Renderer for AnthropicStream {
     }
 
     fn error(&mut self, e: &Error, out: &mut Vec<u8>) {
-        core::sse_event(out, "error", &error_body(e));
+        core::sse_event(out, "error", &Dialect::Anthropic.error_body(e));
     }
 }
 
@@ -538,10 +503,10 @@ pub async fn count_tokens(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, AnthropicError> {
-    let map = core::parse_object(&body)?;
-    core::check_fields(&map, &[COUNT_FIELDS])?;
-    let req: CountRequest = core::from_object(map)?;
-    default_max_tokens(&state, &req.model)?;
+    let map = request::parse_object(&body)?;
+    request::check_fields(&map, &[COUNT_FIELDS])?;
+    let req: CountRequest = request::from_object(map)?;
+    let target = Target::resolve(&state, &req.model)?;
     let tools = tools(req.tools)?;
     let gen = Generate {
         messages: Some(chat_messages(req.system, req.messages)?),
@@ -555,7 +520,7 @@ pub async fn count_tokens(
     let started = core::start(
         &state,
         core::CoreRequest {
-            model: req.model,
+            target,
             gen,
             keep_alive: None,
         },

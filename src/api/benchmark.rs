@@ -9,7 +9,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use worker_protocol::frame::{ChatMessage, DraftCounts, Generate};
 
-use super::openai::{speculative_usage, ApiError};
+use super::core::speculative_usage;
+use super::error::ApiError;
 use super::AppState;
 use crate::error::Error;
 use crate::timing::{median, timed_run, TimedRun};

@@ -1,4 +1,4 @@
-//! The one core every dialect serves through (ARCHITECTURE.md, "Dialects
+//! The one core every dialect serves through (docs/design/ARCHITECTURE.md, "Dialects
 //! translate; one core serves"). A dialect parses its request into a
 //! [`CoreRequest`] and renders the core's events — text, tool calls, logprobs,
 //! the end, an error — through a [`Renderer`] of its own. Starting a generation,
@@ -10,19 +10,20 @@ use std::convert::Infallible;
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::Response;
-use serde::Deserialize;
-use serde_json::Value;
-use worker_protocol::frame::{Done, Generate, TokenLogprob, Tool, ToolCallFrame};
+use serde_json::{json, Value};
+use worker_protocol::frame::{Done, DraftCounts, Generate, TokenLogprob, ToolCallFrame};
 
+use super::request::Target;
 use super::AppState;
 use crate::error::Error;
 use crate::metrics::{Outcome, RequestTimer};
-use crate::presets::TransportKind;
-use crate::supervisor::{token_text, GenEvent, GenStream, KeepAlive};
+use crate::presets::{KeepAlive, TransportKind};
+use crate::supervisor::{token_text, GenEvent, GenStream};
 
 /// What every dialect asks the core for.
 pub struct CoreRequest {
-    pub model: String,
+    /// The model, resolved once by the dialect.
+    pub target: Target,
     pub gen: Generate,
     pub keep_alive: Option<KeepAlive>,
 }
@@ -42,14 +43,10 @@ pub struct Started {
 /// Every dialect's generation passes here, so request latency and TTFT are timed
 /// here, once: from now (the request parsed and its model known) to its end.
 pub async fn start(state: &AppState, req: CoreRequest) -> Result<Started, Error> {
-    let presets = state.supervisor.presets();
-    let preset = presets
-        .resolve(&req.model)
-        .ok_or_else(|| Error::ModelNotFound(req.model.clone()))?;
     // Labelled by the preset's name, not the client's string (an alias, or a
-    // name that does not exist, which returned above): bounded label values.
-    let mut timer = RequestTimer::start(&preset.name);
-    match first_event(state, req, preset.transport).await {
+    // name that does not exist, which the target refused): bounded label values.
+    let mut timer = RequestTimer::start(&req.target.preset.name);
+    match first_event(state, req).await {
         Ok((stream, first)) => {
             if is_output(&first) {
                 timer.output();
@@ -68,24 +65,20 @@ pub async fn start(state: &AppState, req: CoreRequest) -> Result<Started, Error>
 }
 
 /// Asks the model's worker for a generation and waits for its first event.
-async fn first_event(
-    state: &AppState,
-    req: CoreRequest,
-    transport: TransportKind,
-) -> Result<(GenStream, GenEvent), Error> {
-    if transport == TransportKind::Http {
+async fn first_event(state: &AppState, req: CoreRequest) -> Result<(GenStream, GenEvent), Error> {
+    if req.target.preset.transport == TransportKind::Http {
         return Err(Error::invalid(
             format!(
                 "'{}' runs on the http transport, which serves only plain OpenAI requests \
                  (no tools, output formats, logprobs or other dialects)",
-                req.model
+                req.target.requested
             ),
             Some("model"),
         ));
     }
     let mut stream = state
         .supervisor
-        .generate(&req.model, req.gen, req.keep_alive)?;
+        .generate(&req.target.preset, req.gen, req.keep_alive)?;
     match stream.next().await {
         Some(GenEvent::Error(e)) => Err(e),
         Some(ev) => Ok((stream, ev)),
@@ -300,158 +293,14 @@ pub fn ndjson(out: &mut Vec<u8>, v: &Value) {
     out.push(b'\n');
 }
 
-/// A request map's `model` ("" when missing or not a string: the full parse names
-/// the problem). Read first: the model's preset gives the default max_tokens.
-pub fn model_name(map: &serde_json::Map<String, Value>) -> String {
-    map.get("model")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// Parses a JSON body into a map; a body that is not a JSON object is a 400.
-pub fn parse_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Error> {
-    match serde_json::from_slice(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Error::invalid(
-            "the request body must be a JSON object",
-            None,
-        )),
-        Err(e) => Err(Error::invalid(
-            format!("could not parse the JSON body of the request: {e}"),
-            None,
-        )),
-    }
-}
-
-/// Deserializes a checked object into a dialect's request type.
-pub fn from_object<T: for<'de> Deserialize<'de>>(
-    map: serde_json::Map<String, Value>,
-) -> Result<T, Error> {
-    serde_json::from_value(Value::Object(map))
-        .map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
-}
-
-/// How a dialect treats one of its request's fields.
-pub enum FieldRule {
-    /// Honoured.
-    Served,
-    /// Accepted and without effect here (`user`, `metadata`): no output differs.
-    Ignored,
-    /// Accepted only when it asks for nothing (e.g. a penalty of 0).
-    OnlyNeutral(fn(&Value) -> bool),
-}
-
-/// Refuses, with a 400 that names it, any field the dialect cannot honour: a
-/// request is never served as if a field it sent had been applied.
-pub fn check_fields(
-    map: &serde_json::Map<String, Value>,
-    rule_sets: &[&[(&str, FieldRule)]],
-) -> Result<(), Error> {
-    for (key, value) in map {
-        let rule = rule_sets
-            .iter()
-            .flat_map(|rules| rules.iter())
-            .find(|(name, _)| name == key);
-        match rule {
-            Some((_, FieldRule::Served | FieldRule::Ignored)) => {}
-            Some((_, FieldRule::OnlyNeutral(neutral))) => {
-                if !value.is_null() && !neutral(value) {
-                    return Err(Error::invalid(
-                        format!(
-                            "'{key}' is not supported by mlxd (only its neutral value is accepted)"
-                        ),
-                        Some(key),
-                    ));
-                }
-            }
-            None => {
-                return Err(Error::invalid(
-                    format!("'{key}' is not supported by mlxd"),
-                    Some(key),
-                ))
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A number that is zero (a penalty that changes nothing).
-pub fn is_zero(v: &Value) -> bool {
-    v.as_f64() == Some(0.0)
-}
-
-/// An empty object or array.
-pub fn is_empty(v: &Value) -> bool {
-    v.as_object().is_some_and(|m| m.is_empty()) || v.as_array().is_some_and(|a| a.is_empty())
-}
-
-/// Checks a tool as any dialect declares it: a name models can write, and an
-/// object schema for its arguments.
-pub fn tool(
-    name: String,
-    description: Option<String>,
-    parameters: Option<Value>,
-) -> Result<Tool, Error> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-    if !valid {
-        return Err(Error::invalid(
-            format!("tool name '{name}' must be 1-64 letters, digits, '_', '-' or '.'"),
-            Some("tools"),
-        ));
-    }
-    let parameters =
-        parameters.unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
-    if !parameters.is_object() {
-        return Err(Error::invalid(
-            format!("the parameters of tool '{name}' must be a JSON schema object"),
-            Some("tools"),
-        ));
-    }
-    Ok(Tool {
-        name,
-        description,
-        parameters,
+/// A request's draft counters as every dialect reports them (`usage.mlxd`).
+pub fn speculative_usage(c: &DraftCounts) -> Value {
+    json!({
+        "draft_tokens": c.drafted,
+        "accepted_tokens": c.accepted,
+        "rejected_tokens": c.rejected,
+        "acceptance_ratio": (c.acceptance() * 1e4).round() / 1e4,
     })
-}
-
-/// A forced tool call decides the whole answer, so an output format cannot apply
-/// as well: refused, naming the dialect's format field.
-pub fn check_format_with_tools(gen: &Generate, format_field: &str) -> Result<(), Error> {
-    let forced = matches!(
-        gen.tool_choice,
-        worker_protocol::frame::ToolChoice::Required
-            | worker_protocol::frame::ToolChoice::Function(_)
-    );
-    if forced && gen.format.is_some() {
-        return Err(Error::invalid(
-            format!("a forced tool call and {format_field} cannot be combined"),
-            Some(format_field),
-        ));
-    }
-    Ok(())
-}
-
-/// `logprobs: true` with `top_logprobs` alternatives (0..=20), as OpenAI's chat
-/// and Ollama take them.
-pub fn logprobs_request(logprobs: Option<bool>, top: Option<u8>) -> Result<Option<u8>, Error> {
-    const MAX_TOP_LOGPROBS: u8 = 20;
-    match (logprobs, top) {
-        (Some(true), n) if n.unwrap_or(0) <= MAX_TOP_LOGPROBS => Ok(Some(n.unwrap_or(0))),
-        (Some(true), _) => Err(Error::invalid(
-            format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
-            Some("top_logprobs"),
-        )),
-        (_, Some(_)) => Err(Error::invalid(
-            "top_logprobs needs logprobs: true",
-            Some("top_logprobs"),
-        )),
-        _ => Ok(None),
-    }
 }
 
 /// Unique ids for responses and messages.

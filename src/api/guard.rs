@@ -14,6 +14,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
+use super::error::Dialect;
+
 /// The one route open without a key: liveness checks carry none.
 pub const PUBLIC_PATH: &str = "/healthz";
 
@@ -133,21 +135,8 @@ fn basic_password(authorization: &str) -> Option<Vec<u8>> {
 
 /// A refusal in the error shape of the dialect the path belongs to.
 fn deny(path: &str, status: StatusCode, code: &str, message: &str) -> Response {
-    let body = if path.starts_with("/v1/messages") {
-        let kind = match status {
-            StatusCode::UNAUTHORIZED => "authentication_error",
-            StatusCode::FORBIDDEN => "permission_error",
-            _ => "invalid_request_error",
-        };
-        serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
-    } else if path.starts_with("/api/") {
-        serde_json::json!({"error": message})
-    } else {
-        serde_json::json!({"error": {
-            "message": message, "type": "invalid_request_error", "param": null, "code": code,
-        }})
-    };
-    (status, axum::Json(body)).into_response()
+    let dialect = Dialect::of_path(path);
+    dialect.response(status, dialect.body(status, code, message, None))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

@@ -1,13 +1,26 @@
 //! HTTP API: one module per dialect plus admin. Handlers translate between the
 //! client's dialect and the internal request; they never decide policy.
+//!
+//! - [`request`]: the rules every dialect's request shares (limits, sampling,
+//!   keep-alive, tools, the model resolved once); [`error`]: errors in each
+//!   dialect's shape; [`core`]: starting, collecting and streaming a generation.
+//! - Dialects, each importing those three and never each other: [`openai`]
+//!   (chat, completions, models), [`responses`] (OpenAI Responses),
+//!   [`anthropic`] (messages), [`ollama`] (/api/*).
+//! - [`admin`], [`benchmark`] (the control plane), [`ui`] (the status page),
+//!   [`guard`] (Host, Origin, JSON bodies, API keys).
 
 pub mod admin;
 pub mod anthropic;
 pub mod benchmark;
 pub mod core;
+pub mod error;
 pub mod guard;
+#[cfg(feature = "bench-http")]
+mod http_proxy;
 pub mod ollama;
 pub mod openai;
+pub mod request;
 pub mod responses;
 pub mod ui;
 
@@ -19,7 +32,7 @@ use axum::Router;
 
 use crate::supervisor::Supervisor;
 
-/// Largest request body accepted (RELIABILITY.md: body ≤ 8 MiB).
+/// Largest request body accepted (docs/design/RELIABILITY.md: body ≤ 8 MiB).
 pub const MAX_BODY: usize = 8 << 20;
 
 #[derive(Clone)]
@@ -27,6 +40,7 @@ pub struct AppState {
     pub supervisor: Arc<Supervisor>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// For the `http` transport's proxy route to workers on loopback.
+    #[cfg(feature = "bench-http")]
     pub http: reqwest::Client,
 }
 

@@ -14,44 +14,16 @@ use worker_protocol::frame::{
     ChatMessage, Done, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame,
 };
 
-use super::core::{self, FieldRule};
-use super::openai::{
-    default_max_tokens, keep_alive, speculative_usage, tool_choice as openai_tool_choice,
-    SamplingParams,
-};
+use super::core;
+use super::error::{Dialect, OllamaError};
+use super::request::{self, FieldRule, Target};
 use super::AppState;
 use crate::error::Error;
-use crate::presets::Preset;
-use crate::supervisor::KeepAlive;
+use crate::presets::{KeepAlive, Preset, DEFAULT_MAX_TOKENS};
+use crate::supervisor::Phase;
 
 /// The Ollama version whose API this follows (clients gate features on it).
 const OLLAMA_API_VERSION: &str = "0.12.0";
-
-pub struct OllamaError(Error);
-
-impl From<Error> for OllamaError {
-    fn from(e: Error) -> Self {
-        OllamaError(e)
-    }
-}
-
-fn error_message(e: &Error) -> String {
-    match e {
-        // Ollama's wording, which clients match on.
-        Error::ModelNotFound(m) => format!("model '{m}' not found"),
-        other => other.to_string(),
-    }
-}
-
-impl IntoResponse for OllamaError {
-    fn into_response(self) -> Response {
-        (
-            self.0.status(),
-            axum::Json(json!({"error": error_message(&self.0)})),
-        )
-            .into_response()
-    }
-}
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
@@ -90,7 +62,7 @@ const OPTION_FIELDS: &[(&str, FieldRule)] = &[
     ("use_mlock", FieldRule::Ignored),
     ("num_keep", FieldRule::Ignored),
     ("top_k", FieldRule::OnlyNeutral(|v| v.as_f64() == Some(0.0))),
-    ("min_p", FieldRule::OnlyNeutral(core::is_zero)),
+    ("min_p", FieldRule::OnlyNeutral(request::is_zero)),
     (
         "typical_p",
         FieldRule::OnlyNeutral(|v| v.as_f64() == Some(1.0)),
@@ -100,9 +72,12 @@ const OPTION_FIELDS: &[(&str, FieldRule)] = &[
         "repeat_penalty",
         FieldRule::OnlyNeutral(|v| v.as_f64() == Some(1.0)),
     ),
-    ("presence_penalty", FieldRule::OnlyNeutral(core::is_zero)),
-    ("frequency_penalty", FieldRule::OnlyNeutral(core::is_zero)),
-    ("mirostat", FieldRule::OnlyNeutral(core::is_zero)),
+    ("presence_penalty", FieldRule::OnlyNeutral(request::is_zero)),
+    (
+        "frequency_penalty",
+        FieldRule::OnlyNeutral(request::is_zero),
+    ),
+    ("mirostat", FieldRule::OnlyNeutral(request::is_zero)),
     ("repeat_last_n", FieldRule::Ignored),
     ("penalize_newline", FieldRule::Ignored),
 ];
@@ -137,8 +112,8 @@ const GENERATE_FIELDS: &[(&str, FieldRule)] = &[
         "template",
         FieldRule::OnlyNeutral(|v| v.as_str() == Some("")),
     ),
-    ("context", FieldRule::OnlyNeutral(core::is_empty)),
-    ("images", FieldRule::OnlyNeutral(core::is_empty)),
+    ("context", FieldRule::OnlyNeutral(request::is_empty)),
+    ("images", FieldRule::OnlyNeutral(request::is_empty)),
 ];
 
 #[derive(Debug, Deserialize)]
@@ -228,7 +203,7 @@ impl Common {
         let options: Options = match &self.options {
             None | Some(Value::Null) => Options::default(),
             Some(Value::Object(map)) => {
-                core::check_fields(map, &[OPTION_FIELDS]).map_err(|e| match e {
+                request::check_fields(map, &[OPTION_FIELDS]).map_err(|e| match e {
                     Error::InvalidRequest { message, param } => Error::InvalidRequest {
                         message: format!("options.{message}").replacen("options.'", "option '", 1),
                         param: param.map(|p| format!("options.{p}")),
@@ -251,7 +226,7 @@ impl Common {
                 ))
             }
         };
-        let mut gen = SamplingParams {
+        let mut gen = request::SamplingParams {
             max_tokens,
             temperature: options.temperature,
             top_p: options.top_p,
@@ -274,7 +249,7 @@ impl Common {
                 ))
             }
         };
-        gen.logprobs = core::logprobs_request(self.logprobs, self.top_logprobs)?;
+        gen.logprobs = request::logprobs_request(self.logprobs, self.top_logprobs)?;
         Ok(gen)
     }
 
@@ -328,7 +303,7 @@ fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
         .unwrap_or_default()
         .into_iter()
         .map(|t| match t.kind.as_deref() {
-            None | Some("function") => core::tool(
+            None | Some("function") => request::tool(
                 t.function.name,
                 t.function.description,
                 t.function.parameters,
@@ -354,16 +329,16 @@ fn parse_chat(
     map: serde_json::Map<String, Value>,
     preset_max: u32,
 ) -> Result<(Common, Option<Generate>), Error> {
-    core::check_fields(&map, &[SHARED_FIELDS, CHAT_FIELDS])?;
-    let req: ChatRequest = core::from_object(map)?;
+    request::check_fields(&map, &[SHARED_FIELDS, CHAT_FIELDS])?;
+    let req: ChatRequest = request::from_object(map)?;
     if req.messages.is_empty() {
         return Ok((req.common, None));
     }
     let mut gen = req.common.generate(preset_max)?;
     gen.messages = Some(chat_messages(req.messages)?);
     gen.tools = tools(req.tools)?;
-    gen.tool_choice = openai_tool_choice(req.tool_choice, &gen.tools)?;
-    core::check_format_with_tools(&gen, "format")?;
+    gen.tool_choice = request::tool_choice(req.tool_choice, &gen.tools)?;
+    request::check_format_with_tools(&gen, "format")?;
     Ok((req.common, Some(gen)))
 }
 
@@ -371,8 +346,8 @@ fn parse_generate(
     map: serde_json::Map<String, Value>,
     preset_max: u32,
 ) -> Result<(Common, Option<Generate>), Error> {
-    core::check_fields(&map, &[SHARED_FIELDS, GENERATE_FIELDS])?;
-    let req: GenerateRequest = core::from_object(map)?;
+    request::check_fields(&map, &[SHARED_FIELDS, GENERATE_FIELDS])?;
+    let req: GenerateRequest = request::from_object(map)?;
     let prompt = req.prompt.unwrap_or_default();
     if prompt.is_empty() {
         return Ok((req.common, None));
@@ -407,9 +382,9 @@ fn parse_generate(
 
 /// Fuzz entry: any body ends as an error or a Generate, never a panic.
 pub fn fuzz_request(body: &[u8]) {
-    if let Ok(map) = core::parse_object(&Bytes::copy_from_slice(body)) {
-        let _ = parse_chat(map.clone(), 512);
-        let _ = parse_generate(map, 512);
+    if let Ok(map) = request::parse_object(&Bytes::copy_from_slice(body)) {
+        let _ = parse_chat(map.clone(), DEFAULT_MAX_TOKENS);
+        let _ = parse_generate(map, DEFAULT_MAX_TOKENS);
     }
 }
 
@@ -423,17 +398,14 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
 
 async fn serve(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Response, OllamaError> {
     let began = Instant::now();
-    let map = core::parse_object(&body)?;
-    let model = core::model_name(&map);
-    if model.is_empty() {
-        return Err(Error::invalid("model is required", Some("model")).into());
-    }
-    let preset_max = default_max_tokens(&state, &model)?;
+    let map = request::parse_object(&body)?;
+    let target = Target::required(Target::of_body(&state, &map)?)?;
+    let preset_max = target.preset.max_tokens;
     let (common, gen) = match endpoint {
         Endpoint::Chat => parse_chat(map, preset_max)?,
         Endpoint::Generate => parse_generate(map, preset_max)?,
     };
-    let keep = keep_alive(&common.keep_alive)?;
+    let keep = request::keep_alive(&common.keep_alive)?;
     let meta = Meta {
         endpoint,
         model: common.model.clone(),
@@ -447,7 +419,7 @@ async fn serve(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Respo
     let started = core::start(
         &state,
         core::CoreRequest {
-            model: common.model,
+            target,
             gen,
             keep_alive: keep,
         },
@@ -563,7 +535,7 @@ impl Meta {
             v["context"] = json!([]);
         }
         if let Some(counts) = &done.speculative {
-            v["mlxd"] = json!({"speculative": speculative_usage(counts)});
+            v["mlxd"] = json!({"speculative": core::speculative_usage(counts)});
         }
     }
 }
@@ -600,7 +572,7 @@ impl core::Renderer for OllamaStream {
     }
 
     fn error(&mut self, e: &Error, out: &mut Vec<u8>) {
-        core::ndjson(out, &json!({"error": error_message(e)}));
+        core::ndjson(out, &Dialect::Ollama.error_body(e));
     }
 }
 
@@ -700,7 +672,7 @@ pub async fn ps(State(state): State<AppState>) -> axum::Json<Value> {
     let presets = state.supervisor.presets();
     let models: Vec<Value> = loaded
         .iter()
-        .filter(|w| w.state == "ready")
+        .filter(|w| w.state == Phase::Ready)
         .filter_map(|w| {
             let p = presets.resolve(&w.model)?;
             let f = model_facts(p, models_dir);
@@ -736,7 +708,7 @@ struct ShowRequest {
 }
 
 pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
-    let req: ShowRequest = core::from_object(core::parse_object(&body)?)?;
+    let req: ShowRequest = request::from_object(request::parse_object(&body)?)?;
     let name = req.model.or(req.name).unwrap_or_default();
     let presets = state.supervisor.presets();
     let preset = presets

@@ -1,52 +1,23 @@
 //! OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
 //! SSE chunks follow the shapes the official `openai` Python client parses.
 
-use futures::StreamExt;
-
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use worker_protocol::frame::{
-    ChatMessage, Done, DraftCounts, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool,
-    ToolCallFrame, ToolChoice,
+    ChatMessage, Done, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame,
 };
 
-use super::core::{self, FieldRule};
+use super::core;
+use super::error::{ApiError, Dialect};
+use super::request::{self, FieldRule, Target};
 use super::{unix_now, AppState};
-use crate::error::{Error, Source};
+use crate::error::Error;
+#[cfg(feature = "bench-http")]
 use crate::presets::TransportKind;
-use crate::supervisor::KeepAlive;
-
-/// The OpenAI error shape: `{"error": {"message", "type", "param", "code"}}`.
-pub fn error_body(e: &Error) -> Value {
-    let kind = match e.source_of() {
-        Source::Client => "invalid_request_error",
-        Source::Worker | Source::Daemon => "server_error",
-    };
-    json!({"error": {"message": e.to_string(), "type": kind, "param": e.param(), "code": e.code()}})
-}
-
-pub struct ApiError(pub Error);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut resp = (self.0.status(), axum::Json(error_body(&self.0))).into_response();
-        if self.0.status() == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        }
-        resp
-    }
-}
-
-impl From<Error> for ApiError {
-    fn from(e: Error) -> Self {
-        ApiError(e)
-    }
-}
+use crate::presets::{KeepAlive, DEFAULT_MAX_TOKENS};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -214,9 +185,12 @@ const SHARED_FIELDS: &[(&str, FieldRule)] = &[
     ("keep_alive", FieldRule::Served),
     ("logprobs", FieldRule::Served),
     ("user", FieldRule::Ignored),
-    ("frequency_penalty", FieldRule::OnlyNeutral(core::is_zero)),
-    ("presence_penalty", FieldRule::OnlyNeutral(core::is_zero)),
-    ("logit_bias", FieldRule::OnlyNeutral(core::is_empty)),
+    (
+        "frequency_penalty",
+        FieldRule::OnlyNeutral(request::is_zero),
+    ),
+    ("presence_penalty", FieldRule::OnlyNeutral(request::is_zero)),
+    ("logit_bias", FieldRule::OnlyNeutral(request::is_empty)),
 ];
 
 const CHAT_FIELDS: &[(&str, FieldRule)] = &[
@@ -240,84 +214,6 @@ const COMPLETION_FIELDS: &[(&str, FieldRule)] = &[
     ("suffix", FieldRule::OnlyNeutral(|v| v.as_str() == Some(""))),
 ];
 
-/// Stop sequences per request, and the longest one (the worker holds back this
-/// much text while it checks for them).
-pub const MAX_STOPS: usize = 4;
-const MAX_STOP_LEN: usize = 256;
-
-/// Largest max_tokens accepted; the worker also refuses prompts past the context.
-pub const MAX_TOKENS_LIMIT: u32 = 131_072;
-
-/// The sampling settings every dialect maps onto, checked once.
-pub struct SamplingParams {
-    pub max_tokens: u32,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub stop: Vec<String>,
-    pub seed: Option<u64>,
-}
-
-impl SamplingParams {
-    /// A Generate with these settings (the caller adds the input and the rest).
-    pub fn to_generate(&self) -> Result<Generate, Error> {
-        let max_tokens = self.max_tokens;
-        if max_tokens == 0 || max_tokens > MAX_TOKENS_LIMIT {
-            return Err(Error::invalid(
-                format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"),
-                Some("max_tokens"),
-            ));
-        }
-        let temperature = self.temperature.unwrap_or(0.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(Error::invalid(
-                "temperature must be between 0 and 2",
-                Some("temperature"),
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Error::invalid("top_p must be in (0, 1]", Some("top_p")));
-        }
-        if self.stop.len() > MAX_STOPS {
-            return Err(Error::invalid(
-                format!("at most {MAX_STOPS} stop sequences"),
-                Some("stop"),
-            ));
-        }
-        if self
-            .stop
-            .iter()
-            .any(|s| s.is_empty() || s.len() > MAX_STOP_LEN)
-        {
-            return Err(Error::invalid(
-                format!("each stop sequence must be 1 to {MAX_STOP_LEN} bytes"),
-                Some("stop"),
-            ));
-        }
-        Ok(Generate {
-            max_tokens,
-            temperature,
-            top_p,
-            stop: self.stop.clone(),
-            seed: self.seed,
-            ..Default::default()
-        })
-    }
-}
-
-/// Ollama's keep-alive forms: "5m", "0", "-1" or a number of seconds.
-pub fn keep_alive(value: &Option<Value>) -> Result<Option<KeepAlive>, Error> {
-    let parsed = match value {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => KeepAlive::parse(s),
-        Some(Value::Number(n)) => KeepAlive::from_seconds(n.as_f64().unwrap_or(f64::NAN)),
-        Some(_) => Err("keep_alive must be a duration string or a number of seconds".into()),
-    };
-    parsed
-        .map(Some)
-        .map_err(|e| Error::invalid(e, Some("keep_alive")))
-}
-
 impl Sampling {
     fn to_generate(&self, default_max_tokens: u32) -> Result<Generate, Error> {
         if let Some(n) = self.n {
@@ -330,7 +226,7 @@ impl Sampling {
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        SamplingParams {
+        request::SamplingParams {
             max_tokens: self
                 .max_completion_tokens
                 .or(self.max_tokens)
@@ -344,7 +240,7 @@ impl Sampling {
     }
 
     fn keep_alive(&self) -> Result<Option<KeepAlive>, Error> {
-        keep_alive(&self.keep_alive)
+        request::keep_alive(&self.keep_alive)
     }
 
     fn include_usage(&self) -> bool {
@@ -440,7 +336,7 @@ fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
         .unwrap_or_default()
         .into_iter()
         .map(|t| match (t.kind.as_str(), t.function) {
-            ("function", Some(f)) => core::tool(f.name, f.description, f.parameters),
+            ("function", Some(f)) => request::tool(f.name, f.description, f.parameters),
             ("function", None) => Err(Error::invalid(
                 "a function tool needs its 'function'",
                 Some("tools"),
@@ -451,53 +347,6 @@ fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
             )),
         })
         .collect()
-}
-
-/// `tool_choice`: "none" | "auto" | "required" | {"type": "function", "function": {"name"}}.
-pub fn tool_choice(v: Option<Value>, tools: &[Tool]) -> Result<ToolChoice, Error> {
-    let bad = || {
-        Error::invalid(
-            "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
-            Some("tool_choice"),
-        )
-    };
-    let choice = match v {
-        None | Some(Value::Null) => return Ok(ToolChoice::Auto),
-        Some(Value::String(s)) => match s.as_str() {
-            "none" => ToolChoice::None,
-            "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
-            _ => return Err(bad()),
-        },
-        Some(Value::Object(o)) => match o
-            .get("function")
-            .and_then(|f| f.get("name"))
-            .and_then(Value::as_str)
-        {
-            Some(name) => ToolChoice::Function(name.to_string()),
-            None => return Err(bad()),
-        },
-        Some(_) => return Err(bad()),
-    };
-    forced_tool_is_known(&choice, tools, "tool_choice")?;
-    Ok(choice)
-}
-
-/// A forced call needs tools, and a named one must be among them.
-pub fn forced_tool_is_known(choice: &ToolChoice, tools: &[Tool], field: &str) -> Result<(), Error> {
-    match choice {
-        ToolChoice::Required if tools.is_empty() => Err(Error::invalid(
-            "a tool call is required but no tools were given",
-            Some(field),
-        )),
-        ToolChoice::Function(name) if !tools.iter().any(|t| &t.name == name) => {
-            Err(Error::invalid(
-                format!("tool_choice names '{name}', which is not among the tools"),
-                Some(field),
-            ))
-        }
-        _ => Ok(()),
-    }
 }
 
 fn output_format(f: Option<ResponseFormat>) -> Result<Option<OutputFormat>, Error> {
@@ -533,30 +382,20 @@ fn usage(d: &Done) -> Value {
         "prompt_tokens_details": {"cached_tokens": d.cached_tokens},
     });
     if let Some(counts) = &d.speculative {
-        u["mlxd"] = speculative_usage(counts);
+        u["mlxd"] = core::speculative_usage(counts);
     }
     u
 }
 
-/// A request's draft counters as every dialect reports them (`usage.mlxd`).
-pub fn speculative_usage(c: &DraftCounts) -> Value {
-    json!({
-        "draft_tokens": c.drafted,
-        "accepted_tokens": c.accepted,
-        "rejected_tokens": c.rejected,
-        "acceptance_ratio": (c.acceptance() * 1e4).round() / 1e4,
-    })
-}
-
 /// Which endpoint a response is for: the shapes differ, the flow does not.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Dialect {
+enum Kind {
     Chat,
     Completion,
 }
 
 struct Meta {
-    dialect: Dialect,
+    dialect: Kind,
     id: String,
     model: String,
     created: u64,
@@ -622,16 +461,16 @@ fn tool_call_json(call: &ToolCallFrame, with_index: bool) -> Value {
 impl Meta {
     fn chunk(&self, delta_or_text: Value, finish: Option<&str>) -> Value {
         let choice = match self.dialect {
-            Dialect::Chat => {
+            Kind::Chat => {
                 json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish})
             }
-            Dialect::Completion => {
+            Kind::Completion => {
                 json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish})
             }
         };
         let mut c = json!({
             "id": self.id,
-            "object": if self.dialect == Dialect::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "object": if self.dialect == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
             "created": self.created,
             "model": self.model,
             "choices": [choice],
@@ -644,16 +483,16 @@ impl Meta {
 
     fn text_piece(&self, text: &str) -> Value {
         match self.dialect {
-            Dialect::Chat => json!({"content": text}),
-            Dialect::Completion => json!(text),
+            Kind::Chat => json!({"content": text}),
+            Kind::Completion => json!(text),
         }
     }
 
     fn logprobs_json(&self, entries: &[TokenLogprob], offset: &mut usize) -> Value {
         match (self.logprobs, self.dialect) {
             (None, _) => Value::Null,
-            (Some(_), Dialect::Chat) => chat_logprobs(entries),
-            (Some(_), Dialect::Completion) => completion_logprobs(entries, offset),
+            (Some(_), Kind::Chat) => chat_logprobs(entries),
+            (Some(_), Kind::Completion) => completion_logprobs(entries, offset),
         }
     }
 
@@ -661,7 +500,7 @@ impl Meta {
         let finish = &c.done.finish_reason;
         let logprobs = self.logprobs_json(&c.logprobs, &mut 0);
         let choice = match self.dialect {
-            Dialect::Chat => {
+            Kind::Chat => {
                 let mut message = json!({"role": "assistant", "content": c.text});
                 if !c.tool_calls.is_empty() {
                     if c.text.is_empty() {
@@ -675,13 +514,13 @@ impl Meta {
                 }
                 json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
-            Dialect::Completion => {
+            Kind::Completion => {
                 json!({"index": 0, "text": c.text, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         json!({
             "id": self.id,
-            "object": if self.dialect == Dialect::Chat { "chat.completion" } else { "text_completion" },
+            "object": if self.dialect == Kind::Chat { "chat.completion" } else { "text_completion" },
             "created": self.created,
             "model": self.model,
             "choices": [choice],
@@ -698,14 +537,15 @@ fn sse(v: &Value) -> Bytes {
 
 async fn run(
     state: AppState,
+    target: Target,
     sampling: Sampling,
     gen: Generate,
-    dialect: Dialect,
+    dialect: Kind,
 ) -> Result<Response, ApiError> {
     let keep_alive = sampling.keep_alive()?;
     let meta = Meta {
         dialect,
-        id: core::new_id(if dialect == Dialect::Chat {
+        id: core::new_id(if dialect == Kind::Chat {
             "chatcmpl"
         } else {
             "cmpl"
@@ -715,15 +555,20 @@ async fn run(
         include_usage: sampling.include_usage(),
         logprobs: gen.logprobs,
     };
-    let presets = state.supervisor.presets();
-    let preset = presets
-        .resolve(&sampling.model)
-        .ok_or_else(|| Error::ModelNotFound(sampling.model.clone()))?;
-    if preset.transport == TransportKind::Http && is_plain(&gen) {
-        return proxy(&state, &meta, sampling.stream, gen, keep_alive).await;
+    #[cfg(feature = "bench-http")]
+    if target.preset.transport == TransportKind::Http && super::http_proxy::is_plain(&gen) {
+        let shape = super::http_proxy::Shape {
+            id: &meta.id,
+            model: &meta.model,
+            created: meta.created,
+            chat: meta.dialect == Kind::Chat,
+            include_usage: meta.include_usage,
+            stream: sampling.stream,
+        };
+        return Ok(super::http_proxy::forward(&state, &target, shape, gen, keep_alive).await?);
     }
     let req = core::CoreRequest {
-        model: sampling.model.clone(),
+        target,
         gen,
         keep_alive,
     };
@@ -738,57 +583,6 @@ async fn run(
         let collected = core::collect(started).await?;
         Ok(axum::Json(meta.full(collected)).into_response())
     }
-}
-
-/// A request the worker's own HTTP server can answer (the `http` transport).
-fn is_plain(gen: &Generate) -> bool {
-    gen.tools.is_empty() && gen.format.is_none() && gen.logprobs.is_none()
-}
-
-/// The `http` transport: forward the request to the worker's own HTTP server on
-/// loopback and stream its response back unchanged, as llama-swap and Ollama do.
-/// Kept for the benchmark that measures what the rings save.
-async fn proxy(
-    state: &AppState,
-    meta: &Meta,
-    stream: bool,
-    gen: Generate,
-    keep_alive: Option<KeepAlive>,
-) -> Result<Response, ApiError> {
-    let lease = state.supervisor.lease(&meta.model, keep_alive).await?;
-    let mut body = serde_json::to_value(&gen).map_err(|e| Error::Internal(e.to_string()))?;
-    body["chunk_id"] = json!(meta.id);
-    body["model"] = json!(meta.model);
-    body["created"] = json!(meta.created);
-    body["chat"] = json!(meta.dialect == Dialect::Chat);
-    body["include_usage"] = json!(meta.include_usage);
-    body["stream"] = json!(stream);
-    let upstream = state
-        .http
-        .post(format!("http://127.0.0.1:{}/generate", lease.port))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| Error::WorkerFailed {
-            model: meta.model.clone(),
-            reason: e.to_string(),
-        })?;
-    let status = upstream.status().as_u16();
-    let content_type = upstream
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .cloned()
-        .unwrap_or(header::HeaderValue::from_static("application/json"));
-    // The lease is held until the body is fully forwarded (or the client leaves).
-    let body = upstream.bytes_stream().map(move |chunk| {
-        let _held = &lease;
-        chunk
-    });
-    Ok(Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Body::from_stream(body))
-        .expect("valid response parts"))
 }
 
 /// The bytes of a text chunk around its JSON-string text, rendered once per
@@ -842,7 +636,7 @@ impl OpenAiStream {
 
 impl core::Renderer for OpenAiStream {
     fn open(&mut self, out: &mut Vec<u8>) {
-        if self.meta.dialect == Dialect::Chat {
+        if self.meta.dialect == Kind::Chat {
             core::sse_data(
                 out,
                 &self
@@ -862,7 +656,7 @@ impl core::Renderer for OpenAiStream {
     }
 
     fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
-        if self.meta.dialect == Dialect::Chat {
+        if self.meta.dialect == Kind::Chat {
             let delta = json!({"tool_calls": [tool_call_json(&call, true)]});
             core::sse_data(out, &self.meta.chunk(delta, None));
         }
@@ -870,7 +664,7 @@ impl core::Renderer for OpenAiStream {
 
     fn done(&mut self, done: Done, logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
         let meta = &self.meta;
-        let empty = if meta.dialect == Dialect::Chat {
+        let empty = if meta.dialect == Kind::Chat {
             json!({})
         } else {
             json!("")
@@ -890,16 +684,16 @@ impl core::Renderer for OpenAiStream {
     }
 
     fn error(&mut self, e: &Error, out: &mut Vec<u8>) {
-        core::sse_data(out, &error_body(e));
+        core::sse_data(out, &Dialect::OpenAi.error_body(e));
     }
 }
 
 /// Fuzz target (`fuzz/` and tests/fuzz_requests.rs): any body sent to either
 /// generation endpoint ends as a 400 or a well-formed Generate, never a panic.
 pub fn fuzz_request(body: &[u8]) {
-    if let Ok(map) = core::parse_object(&Bytes::copy_from_slice(body)) {
-        let _ = chat_generate(map.clone(), 512);
-        let _ = completion_generate(map, 512);
+    if let Ok(map) = request::parse_object(&Bytes::copy_from_slice(body)) {
+        let _ = chat_generate(map.clone(), DEFAULT_MAX_TOKENS);
+        let _ = completion_generate(map, DEFAULT_MAX_TOKENS);
     }
 }
 
@@ -908,16 +702,16 @@ fn chat_generate(
     map: serde_json::Map<String, Value>,
     preset_max: u32,
 ) -> Result<(Sampling, Generate), Error> {
-    core::check_fields(&map, &[SHARED_FIELDS, CHAT_FIELDS])?;
-    let req: ChatRequest = core::from_object(map)?;
+    request::check_fields(&map, &[SHARED_FIELDS, CHAT_FIELDS])?;
+    let req: ChatRequest = request::from_object(map)?;
     let mut gen = req.sampling.to_generate(preset_max)?;
     gen.messages = Some(chat_messages(req.messages)?);
     gen.tools = tools(req.tools)?;
-    gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
+    gen.tool_choice = request::tool_choice(req.tool_choice, &gen.tools)?;
     gen.format = output_format(req.response_format)?;
-    core::check_format_with_tools(&gen, "response_format")?;
-    gen.logprobs = core::logprobs_request(req.logprobs, req.top_logprobs)?;
-    assert_generate(&gen);
+    request::check_format_with_tools(&gen, "response_format")?;
+    gen.logprobs = request::logprobs_request(req.logprobs, req.top_logprobs)?;
+    request::assert_generate(&gen);
     Ok((req.sampling, gen))
 }
 
@@ -925,8 +719,8 @@ fn completion_generate(
     map: serde_json::Map<String, Value>,
     preset_max: u32,
 ) -> Result<(Sampling, Generate), Error> {
-    core::check_fields(&map, &[SHARED_FIELDS, COMPLETION_FIELDS])?;
-    let req: CompletionRequest = core::from_object(map)?;
+    request::check_fields(&map, &[SHARED_FIELDS, COMPLETION_FIELDS])?;
+    let req: CompletionRequest = request::from_object(map)?;
     let mut gen = req.sampling.to_generate(preset_max)?;
     gen.prompt = Some(match req.prompt {
         PromptInput::One(p) => p,
@@ -947,45 +741,32 @@ fn completion_generate(
         }
         n => n,
     };
-    assert_generate(&gen);
+    request::assert_generate(&gen);
     Ok((req.sampling, gen))
-}
-
-/// What every accepted request satisfies (checked here, and by the fuzzer).
-fn assert_generate(gen: &Generate) {
-    assert!((1..=MAX_TOKENS_LIMIT).contains(&gen.max_tokens));
-    assert!(gen.stop.len() <= MAX_STOPS && gen.top_p > 0.0 && gen.top_p <= 1.0);
 }
 
 pub async fn chat_completions(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let map = core::parse_object(&body)?;
-    let preset_max = default_max_tokens(&state, &core::model_name(&map))?;
-    let (sampling, gen) = chat_generate(map, preset_max)?;
-    run(state, sampling, gen, Dialect::Chat).await
+    let map = request::parse_object(&body)?;
+    let target = Target::of_body(&state, &map)?;
+    let (sampling, gen) = chat_generate(map, Target::default_max_tokens(target.as_ref()))?;
+    run(state, Target::required(target)?, sampling, gen, Kind::Chat).await
 }
 
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let map = core::parse_object(&body)?;
-    let preset_max = default_max_tokens(&state, &core::model_name(&map))?;
-    let (sampling, gen) = completion_generate(map, preset_max)?;
-    run(state, sampling, gen, Dialect::Completion).await
-}
-
-/// The preset's max_tokens for `model`; a model not known is a 404, but a body
-/// without a model is left to the full parse (which names the missing field).
-pub fn default_max_tokens(state: &AppState, model: &str) -> Result<u32, Error> {
-    if model.is_empty() {
-        return Ok(512);
-    }
-    state
-        .supervisor
-        .presets()
-        .resolve(model)
-        .map(|p| p.max_tokens)
-        .ok_or_else(|| Error::ModelNotFound(model.to_string()))
+    let map = request::parse_object(&body)?;
+    let target = Target::of_body(&state, &map)?;
+    let (sampling, gen) = completion_generate(map, Target::default_max_tokens(target.as_ref()))?;
+    run(
+        state,
+        Target::required(target)?,
+        sampling,
+        gen,
+        Kind::Completion,
+    )
+    .await
 }
 
 pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {

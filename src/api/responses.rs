@@ -12,10 +12,9 @@ use worker_protocol::frame::{
     ChatMessage, Done, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame, ToolChoice,
 };
 
-use super::core::{self, FieldRule};
-use super::openai::{
-    default_max_tokens, forced_tool_is_known, speculative_usage, ApiError, SamplingParams,
-};
+use super::core;
+use super::error::ApiError;
+use super::request::{self, FieldRule, Target};
 use super::{unix_now, AppState};
 use crate::error::Error;
 
@@ -40,8 +39,8 @@ const FIELDS: &[(&str, FieldRule)] = &[
         "truncation",
         FieldRule::OnlyNeutral(|v| v.as_str() == Some("disabled")),
     ),
-    ("include", FieldRule::OnlyNeutral(core::is_empty)),
-    ("reasoning", FieldRule::OnlyNeutral(core::is_empty)),
+    ("include", FieldRule::OnlyNeutral(request::is_empty)),
+    ("reasoning", FieldRule::OnlyNeutral(request::is_empty)),
 ];
 
 #[derive(Debug, Deserialize)]
@@ -212,7 +211,7 @@ fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
         .unwrap_or_default()
         .into_iter()
         .map(|t| match (t.kind.as_str(), t.name) {
-            ("function", Some(name)) => core::tool(name, t.description, t.parameters),
+            ("function", Some(name)) => request::tool(name, t.description, t.parameters),
             ("function", None) => Err(Error::invalid(
                 "a function tool needs its name",
                 Some("tools"),
@@ -245,7 +244,7 @@ fn tool_choice(v: Option<Value>, tools: &[Tool]) -> Result<ToolChoice, Error> {
             ))
         }
     };
-    forced_tool_is_known(&choice, tools, "tool_choice")?;
+    request::forced_tool_is_known(&choice, tools, "tool_choice")?;
     Ok(choice)
 }
 
@@ -276,7 +275,7 @@ struct Parsed {
 }
 
 fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed, Error> {
-    core::check_fields(&map, &[FIELDS])?;
+    request::check_fields(&map, &[FIELDS])?;
     if let Some(id) = map.get("previous_response_id").filter(|v| !v.is_null()) {
         return Err(Error::invalid(
             format!("previous_response_id ({id}) is not supported: mlxd stores no responses; send the conversation as input"),
@@ -292,8 +291,8 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
         "max_output_tokens": map.get("max_output_tokens").cloned().unwrap_or(Value::Null),
         "text": map.get("text").cloned().unwrap_or(json!({"format": {"type": "text"}})),
     });
-    let req: ResponsesRequest = core::from_object(map)?;
-    let mut gen = SamplingParams {
+    let req: ResponsesRequest = request::from_object(map)?;
+    let mut gen = request::SamplingParams {
         max_tokens: req.max_output_tokens.unwrap_or(preset_max),
         temperature: req.temperature,
         top_p: req.top_p,
@@ -305,7 +304,7 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
     gen.tools = tools(req.tools)?;
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
     gen.format = output_format(req.text)?;
-    core::check_format_with_tools(&gen, "text.format")?;
+    request::check_format_with_tools(&gen, "text.format")?;
     Ok(Parsed {
         model: req.model,
         gen,
@@ -316,15 +315,16 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
 
 /// Fuzz entry: any body ends as an error or a Generate, never a panic.
 pub fn fuzz_request(body: &[u8]) {
-    if let Ok(map) = core::parse_object(&Bytes::copy_from_slice(body)) {
-        let _ = parse(map, 512);
+    if let Ok(map) = request::parse_object(&Bytes::copy_from_slice(body)) {
+        let _ = parse(map, crate::presets::DEFAULT_MAX_TOKENS);
     }
 }
 
 pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let map = core::parse_object(&body)?;
-    let preset_max = default_max_tokens(&state, &core::model_name(&map))?;
-    let parsed = parse(map, preset_max)?;
+    let map = request::parse_object(&body)?;
+    let target = Target::of_body(&state, &map)?;
+    let parsed = parse(map, Target::default_max_tokens(target.as_ref()))?;
+    let target = Target::required(target)?;
     let shell = Shell {
         id: core::new_id("resp"),
         model: parsed.model.clone(),
@@ -334,7 +334,7 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
     let started = core::start(
         &state,
         core::CoreRequest {
-            model: parsed.model,
+            target,
             gen: parsed.gen,
             keep_alive: None,
         },
@@ -395,7 +395,7 @@ impl Shell {
                 "output_tokens_details": {"reasoning_tokens": 0},
             });
             if let Some(counts) = &done.speculative {
-                usage["mlxd"] = speculative_usage(counts);
+                usage["mlxd"] = core::speculative_usage(counts);
             }
             r["usage"] = usage;
         }
@@ -558,7 +558,7 @@ mod tests {
             "text": {"format": {"type": "text"}},
         });
         let p = parse(
-            core::parse_object(&Bytes::from(body.to_string())).unwrap(),
+            request::parse_object(&Bytes::from(body.to_string())).unwrap(),
             64,
         )
         .unwrap();
@@ -599,7 +599,7 @@ mod tests {
             ),
         ] {
             match parse(
-                core::parse_object(&Bytes::from(body.to_string())).unwrap(),
+                request::parse_object(&Bytes::from(body.to_string())).unwrap(),
                 64,
             ) {
                 Err(Error::InvalidRequest { param, .. }) => {

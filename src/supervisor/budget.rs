@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::slot::{Command, SlotInfo};
+use super::state::Phase;
 use crate::config::Config;
 use crate::memory::{self, human, Plan, Probe, Resident};
 
@@ -53,7 +54,7 @@ pub struct MemoryReport {
 #[derive(Debug, Serialize)]
 pub struct ModelMemory {
     pub model: String,
-    pub state: String,
+    pub state: Phase,
     pub footprint_bytes: u64,
     pub estimate_bytes: u64,
     pub pinned: bool,
@@ -205,7 +206,7 @@ impl Budget {
             .await
             .into_iter()
             .map(|(_, i)| i)
-            .filter(|i| i.state != "stopped")
+            .filter(|i| i.state != Phase::Stopped)
             .map(|i| ModelMemory {
                 model: i.model,
                 state: i.state,
@@ -238,11 +239,12 @@ impl Budget {
 
 /// A slot that holds (or is about to hold) memory, as the planner sees it.
 fn resident(i: &SlotInfo) -> Option<Resident> {
-    let bytes = match i.state.as_str() {
-        "stopped" | "backoff" | "failed" => return None,
+    let bytes = match i.state {
+        // No process, and none before its admission (Admitting asks in turn).
+        Phase::Stopped | Phase::Admitting | Phase::Backoff | Phase::Failed => return None,
         // A load in progress will grow to its estimate.
-        "starting" => i.footprint_bytes.max(i.estimate_bytes),
-        _ => i.footprint_bytes,
+        Phase::Starting => i.footprint_bytes.max(i.estimate_bytes),
+        Phase::Ready | Phase::Draining | Phase::Crashed => i.footprint_bytes,
     };
     Some(Resident {
         model: i.model.clone(),

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,7 +25,7 @@ use super::spawn;
 use crate::config::{is_model_dir, Config};
 use crate::error::Error;
 use crate::presets::{Preset, TransportKind};
-use crate::transport::{Inbound, Incoming, Outbound, WireCounters};
+use crate::transport::{Inbound, Incoming, Outbound, TransportError, WireCounters};
 
 /// Ring sizes: requests may carry long prompts (a frame may use half its ring);
 /// events are small and drained continuously.
@@ -88,19 +88,42 @@ pub enum Report {
     Exited(String),
 }
 
-/// Where one request's events go.
+/// Where one request's events go. The slot opens and closes routes (the map's
+/// one writer); the reader task only looks them up, and marks what it did.
 pub struct Route {
     pub tx: mpsc::UnboundedSender<GenEvent>,
-    /// A token has been routed: the client may have seen output, so the request
-    /// cannot move to another incarnation if this one dies.
-    pub started: bool,
+    /// An output event has been routed: the client may have seen output, so the
+    /// request cannot move to another incarnation if this one dies.
+    started: AtomicBool,
+    /// Its end (Done or Error) has been sent: nothing more goes to it, and the
+    /// slot closes the route when the Finished report reaches it.
+    ended: AtomicBool,
+}
+
+impl Route {
+    pub fn new(tx: mpsc::UnboundedSender<GenEvent>) -> Route {
+        Route {
+            tx,
+            started: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
 }
 
 /// State shared by the incarnation's tasks and its slot.
 pub struct Shared {
     model: String,
-    /// The routes of the requests this incarnation runs, by request id.
-    pub routes: Mutex<HashMap<u64, Route>>,
+    /// The routes of the requests this incarnation runs, by request id. Written
+    /// only by the slot (open, close, take); the reader task reads.
+    routes: RwLock<HashMap<u64, Route>>,
     /// Latest Stats frame.
     stats: Mutex<Stats>,
     /// Memory went up between the last two Stats: a SIGKILL now is likely the OOM killer.
@@ -207,7 +230,7 @@ impl Incarnation {
         };
         let shared = Arc::new(Shared {
             model: preset.name.clone(),
-            routes: Mutex::new(HashMap::new()),
+            routes: RwLock::new(HashMap::new()),
             stats: Mutex::new(Stats::default()),
             growing: Default::default(),
             exited: Default::default(),
@@ -311,6 +334,13 @@ impl Incarnation {
                 .await;
             match result {
                 Err(e) => {
+                    if matches!(e, TransportError::Protocol(_)) {
+                        // Frames are decoded strictly: a field this daemon does
+                        // not know is a worker of another build, never a default.
+                        tracing::error!(model = %sh.model, incarnation = n, "{e}");
+                        metrics::counter!("mlxd_worker_protocol_errors_total", "model" => sh.model.clone())
+                            .increment(1);
+                    }
                     let _ = tx.send((n, Report::Misbehaved(e.to_string())));
                 }
                 Ok(()) => {
@@ -378,17 +408,15 @@ impl Incarnation {
             heartbeat,
         };
         let mut options = preset.worker_options();
-        if memory_limit > 0 {
-            options["memory_limit"] = memory_limit.into();
+        options.memory_limit = (memory_limit > 0).then_some(memory_limit);
+        if let (Some(spec), Some(draft)) = (options.speculative.as_mut(), draft_path) {
+            spec.draft_path = Some(draft.to_string_lossy().into_owned());
         }
-        if let Some(draft) = draft_path {
-            options["speculative"]["draft_path"] = draft.to_string_lossy().into_owned().into();
-        }
-        options["prompt_cache_bytes"] = preset.prompt_cache_limit(&cfg.models_dir).into();
+        options.prompt_cache_bytes = preset.prompt_cache_limit(&cfg.models_dir);
         inc.send(Frame::Load(Load {
             model_path: model_path.to_string_lossy().into_owned(),
             model_name: preset.name.clone(),
-            options,
+            options: Box::new(options),
         }));
         Ok(inc)
     }
@@ -489,17 +517,38 @@ impl Shared {
         telling[telling.len().saturating_sub(lines)..].join(" | ")
     }
 
+    /// The slot hands request `id` to this incarnation.
+    pub(super) fn open_route(&self, id: u64, tx: mpsc::UnboundedSender<GenEvent>) {
+        self.routes
+            .write()
+            .expect("lock")
+            .insert(id, Route::new(tx));
+    }
+
+    /// The slot is done with request `id` (finished or cancelled): its late
+    /// tokens, if any, drop.
+    pub(super) fn close_route(&self, id: u64) {
+        self.routes.write().expect("lock").remove(&id);
+    }
+
+    /// Every route, for the slot to settle when the incarnation dies (by id).
+    pub(super) fn take_routes(&self) -> Vec<(u64, Route)> {
+        let mut routes: Vec<(u64, Route)> = self.routes.write().expect("lock").drain().collect();
+        routes.sort_by_key(|(id, _)| *id);
+        routes
+    }
+
     /// Routes a step's tokens to their requests: each text is a slice of `batch`.
     fn route_tokens(&self, batch: Bytes) {
         // Every entry was checked when the frame was read (`Incoming::decode`).
         let entries = token_batch_entries(&batch).into_iter().flatten().flatten();
         let mut count = 0;
-        let mut routes = self.routes.lock().expect("lock");
+        let routes = self.routes.read().expect("lock");
         for e in entries {
             count += 1;
             // A request already cancelled or failed has no route: its tokens drop.
-            if let Some(route) = routes.get_mut(&e.id) {
-                route.started = true;
+            if let Some(route) = routes.get(&e.id).filter(|r| !r.ended()) {
+                route.started.store(true, Ordering::Release);
                 let _ = route.tx.send(GenEvent::Token {
                     token: e.token,
                     text: batch.slice_ref(e.text.as_bytes()),
@@ -511,17 +560,22 @@ impl Shared {
 
     /// Sends a request one of its output events (a tool call, logprobs).
     fn route(&self, id: u64, event: GenEvent) {
-        if let Some(route) = self.routes.lock().expect("lock").get_mut(&id) {
-            route.started = true;
+        let routes = self.routes.read().expect("lock");
+        if let Some(route) = routes.get(&id).filter(|r| !r.ended()) {
+            route.started.store(true, Ordering::Release);
             let _ = route.tx.send(event);
         }
     }
 
-    /// Ends request `id` with `event` and tells the slot its place is free.
+    /// Ends request `id` with `event` and tells the slot its place is free (once,
+    /// whatever the worker sends after).
     fn finish(&self, id: u64, event: GenEvent, n: u64, reports: &ReportTx) {
-        if let Some(route) = self.routes.lock().expect("lock").remove(&id) {
-            let _ = route.tx.send(event);
-            let _ = reports.send((n, Report::Finished(id)));
+        let routes = self.routes.read().expect("lock");
+        if let Some(route) = routes.get(&id) {
+            if !route.ended.swap(true, Ordering::AcqRel) {
+                let _ = route.tx.send(event);
+                let _ = reports.send((n, Report::Finished(id)));
+            }
         }
     }
 

@@ -30,12 +30,12 @@ pub use reload::ReloadReport;
 pub use request::{GenStream, Lease};
 pub use slot::SlotInfo;
 pub use spawn::openblas_path;
-pub use state::KeepAlive;
+pub use state::Phase;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::memory::{OsProbe, Probe};
-use crate::presets::Presets;
+use crate::presets::{KeepAlive, Preset, Presets};
 use budget::{Admit, Budget};
 use request::{Job, Pending};
 use slot::{Command, Slot};
@@ -120,29 +120,38 @@ impl Supervisor {
         &self.cfg.models_dir
     }
 
-    /// The model's preset name (an alias resolved), or 404.
-    fn name(&self, model: &str) -> Result<String> {
+    /// The model's preset (an alias resolved), or 404. A request resolves its
+    /// model once, here, and carries the preset to [`Supervisor::generate`].
+    pub fn resolve(&self, model: &str) -> Result<Arc<Preset>> {
         self.presets()
             .resolve(model)
-            .map(|p| p.name.clone())
+            .cloned()
             .ok_or_else(|| Error::ModelNotFound(model.to_string()))
     }
 
-    /// The model's slot (created on first use) and its preset name. The preset is
-    /// resolved under the slots lock, which a reload holds while it swaps the
-    /// presets: a slot is never created from a preset a reload just replaced.
+    /// The model's slot, by a name or alias.
     fn slot(&self, model: &str) -> Result<(String, mpsc::UnboundedSender<Command>)> {
+        let preset = self.resolve(model)?;
+        self.slot_of(&preset)
+    }
+
+    /// The preset's slot (created on first use) and its name. The preset in force
+    /// is read under the slots lock, which a reload holds while it swaps the
+    /// presets: a slot is never created from a preset a reload just replaced (a
+    /// request resolved before the swap gets the new preset of the same name, or
+    /// a 404 if the reload removed it).
+    fn slot_of(&self, resolved: &Preset) -> Result<(String, mpsc::UnboundedSender<Command>)> {
         let arbiter = self.arbiter.get_or_init(|| self.budget.spawn()).clone();
         let mut slots = self.slots.lock().expect("lock");
         let presets = self.presets();
         let preset = presets
-            .resolve(model)
-            .ok_or_else(|| Error::ModelNotFound(model.to_string()))?;
+            .get(&resolved.name)
+            .ok_or_else(|| Error::ModelNotFound(resolved.name.clone()))?;
         let slot = slots
             .entry(preset.name.clone())
             .or_insert_with(|| {
                 Slot::spawn(
-                    preset.clone(),
+                    Preset::clone(preset),
                     preset.policy(),
                     self.cfg.clone(),
                     self.registry.clone(),
@@ -173,13 +182,12 @@ impl Supervisor {
     /// refusals included, arrives on the returned stream.
     pub fn generate(
         &self,
-        model: &str,
+        preset: &Preset,
         mut gen: Generate,
         keep_alive: Option<KeepAlive>,
     ) -> Result<GenStream> {
-        let name = self.name(model)?;
-        self.check_memory(&name)?;
-        let (name, slot) = self.slot(&name)?;
+        self.check_memory(&preset.name)?;
+        let (name, slot) = self.slot_of(preset)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         gen.id = id;
@@ -196,10 +204,9 @@ impl Supervisor {
 
     /// A place in the model's concurrency limit and the port its worker serves
     /// HTTP on (the `http` transport).
-    pub async fn lease(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<Lease> {
-        let name = self.name(model)?;
-        self.check_memory(&name)?;
-        let (name, slot) = self.slot(&name)?;
+    pub async fn lease(&self, preset: &Preset, keep_alive: Option<KeepAlive>) -> Result<Lease> {
+        self.check_memory(&preset.name)?;
+        let (name, slot) = self.slot_of(preset)?;
         let (reply, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let p = self.pending(id, &name, Job::Lease { reply }, keep_alive);
@@ -247,7 +254,7 @@ impl Supervisor {
     /// Stops the model's worker (in-flight requests get the stop grace to finish);
     /// false if none was running.
     pub async fn stop(&self, model: &str) -> Result<bool> {
-        let name = self.name(model)?;
+        let name = self.resolve(model)?.name.clone();
         let Some(slot) = self.slots.lock().expect("lock").get(&name).cloned() else {
             return Ok(false);
         };
@@ -270,7 +277,7 @@ impl Supervisor {
         let mut out = Vec::new();
         for slot in slots {
             if let Ok(info) = Self::info(&slot).await {
-                if info.state != "stopped" || info.queued > 0 {
+                if info.state != Phase::Stopped || info.queued > 0 {
                     out.push(info);
                 }
             }
@@ -311,7 +318,7 @@ impl Supervisor {
             for name in &diff.changed {
                 match slots.get(name) {
                     Some(slot) => {
-                        let preset = presets.get(name).expect("in the new presets").clone();
+                        let preset = Preset::clone(presets.get(name).expect("in the new presets"));
                         let (reply, rx) = oneshot::channel();
                         let cmd = Command::Reload {
                             preset: Box::new(preset),

@@ -20,7 +20,7 @@ pub fn diff_presets(old: &Presets, new: &Presets) -> PresetDiff {
     let mut diff = PresetDiff::default();
     for p in old.iter() {
         match new.get(&p.name) {
-            Some(q) if q == p => diff.unchanged.push(p.name.clone()),
+            Some(q) if **q == *p => diff.unchanged.push(p.name.clone()),
             Some(_) => diff.changed.push(p.name.clone()),
             None => diff.removed.push(p.name.clone()),
         }

@@ -7,8 +7,8 @@ use worker_protocol::frame::Generate;
 
 use super::incarnation::GenEvent;
 use super::slot::Command;
-use super::state::KeepAlive;
 use crate::error::{Error, Result};
+use crate::presets::KeepAlive;
 
 /// A request waiting in a slot's queue.
 pub struct Pending {

@@ -1,5 +1,5 @@
 //! The model slot: one task per model that owns its queue, its current worker
-//! incarnation, the restart policy, keep-alive and pin (ARCHITECTURE.md, "One owner
+//! incarnation, the restart policy, keep-alive and pin (docs/design/ARCHITECTURE.md, "One owner
 //! per model"). Everyone else sends it commands; it decides with the pure machine in
 //! `state.rs` and carries out the effects. The queue outlives incarnations: when a
 //! worker dies, what it had not started goes to the next one.
@@ -15,14 +15,14 @@ use worker_protocol::frame::{Generate, Stats};
 use worker_protocol::Frame;
 
 use super::budget::Admit;
-use super::incarnation::{GenEvent, Incarnation, Report, Route};
+use super::incarnation::{GenEvent, Incarnation, Report};
 use super::registry::ShmRegistry;
 use super::request::{Job, Lease, Pending};
-use super::state::{Effect, Event, Machine, Policy, State, Work};
+use super::state::{Arrival, Effect, Event, Machine, Phase, Refusal, State, Work};
 use crate::config::Config;
 use crate::error::Error;
 use crate::memory::Probe;
-use crate::presets::Preset;
+use crate::presets::{Policy, Preset};
 
 /// How often the slot checks deadlines and the worker's progress.
 const TICK: Duration = Duration::from_millis(250);
@@ -78,7 +78,7 @@ pub enum Command {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SlotInfo {
     pub model: String,
-    pub state: String,
+    pub state: Phase,
     /// Why the model is failed or crashed.
     #[serde(default)]
     pub error: Option<String>,
@@ -164,8 +164,8 @@ pub struct Slot {
     closing: Option<oneshot::Sender<()>>,
     /// Where loads ask for memory (None: no budget, e.g. unit setups).
     arbiter: Option<mpsc::UnboundedSender<Admit>>,
-    /// The incarnation waiting for the arbiter's answer.
-    awaiting: Option<u64>,
+    /// The memory limit the arbiter granted the incarnation being launched.
+    admitted_limit: u64,
     probe: Arc<dyn Probe>,
     /// The worker's footprint at the last measurement.
     footprint: u64,
@@ -215,7 +215,7 @@ impl Slot {
             report_tx,
             closing: None,
             arbiter,
-            awaiting: None,
+            admitted_limit: 0,
             probe,
             footprint: 0,
             need: 0,
@@ -280,40 +280,32 @@ impl Slot {
         match effect {
             Effect::Spawn(n) => {
                 self.need = self.preset.memory_need(&self.cfg.models_dir);
-                match &self.arbiter {
-                    Some(arbiter) => {
-                        // The load waits for the arbiter (which may first have to
-                        // drain and stop other models); its answer comes back as a
-                        // command, so this loop never blocks.
-                        self.awaiting = Some(n);
-                        let (reply, answer) = oneshot::channel();
-                        let admit = Admit {
-                            model: self.preset.name.clone(),
-                            need: self.need,
-                            reply,
-                        };
-                        let me = self.me.clone();
-                        if arbiter.send(admit).is_ok() {
-                            tokio::spawn(async move {
-                                let result = answer
-                                    .await
-                                    .unwrap_or_else(|_| Err("the memory arbiter is gone".into()));
-                                let _ = me.send(Command::Admitted { n, result });
-                            });
-                        } else {
-                            let _ = me.send(Command::Admitted { n, result: Ok(0) });
-                        }
-                    }
-                    None => self.start_incarnation(n, 0),
+                // The load waits for the arbiter (which may first have to drain and
+                // stop other models) in the machine's Admitting state; its answer
+                // comes back as a command, so this loop never blocks.
+                let me = self.me.clone();
+                let (reply, answer) = oneshot::channel();
+                let asked = self.arbiter.as_ref().is_some_and(|arbiter| {
+                    let admit = Admit {
+                        model: self.preset.name.clone(),
+                        need: self.need,
+                        reply,
+                    };
+                    arbiter.send(admit).is_ok()
+                });
+                if asked {
+                    tokio::spawn(async move {
+                        let result = answer
+                            .await
+                            .unwrap_or_else(|_| Err("the memory arbiter is gone".into()));
+                        let _ = me.send(Command::Admitted { n, result });
+                    });
+                } else {
+                    // No budget (unit setups): admitted without a limit.
+                    let _ = me.send(Command::Admitted { n, result: Ok(0) });
                 }
             }
-            Effect::Shutdown | Effect::Kill
-                if self.current.is_none() && self.awaiting.is_some() =>
-            {
-                // Stopped while waiting for memory: there is no process to end.
-                self.awaiting = None;
-                self.feed(Event::Exited("stopped before its load began".into()));
-            }
+            Effect::Launch(n) => self.start_incarnation(n, self.admitted_limit),
             Effect::Shutdown => {
                 if let Some(inc) = &self.current {
                     inc.shutdown();
@@ -391,11 +383,7 @@ impl Slot {
             self.last_used = Some((Instant::now(), std::time::SystemTime::now()));
             match p.job {
                 Job::Generate { gen, tx } => {
-                    inc.shared
-                        .routes
-                        .lock()
-                        .expect("lock")
-                        .insert(p.id, Route { tx, started: false });
+                    inc.shared.open_route(p.id, tx);
                     inc.send(Frame::Generate(gen.clone()));
                     self.sent.insert(
                         p.id,
@@ -432,22 +420,25 @@ impl Slot {
         let Some(dead) = self.dead.as_ref().or(self.current.as_ref()) else {
             return;
         };
-        let mut routes: Vec<(u64, Route)> =
-            dead.shared.routes.lock().expect("lock").drain().collect();
-        routes.sort_by_key(|(id, _)| *id);
         let mut again = Vec::new();
-        for (id, route) in routes {
-            match self.sent.remove(&id) {
-                Some(sent) if !route.started && sent.retries < MAX_RETRIES => again.push(Pending {
-                    id,
-                    job: Job::Generate {
-                        gen: sent.gen,
-                        tx: route.tx,
-                    },
-                    may_start: true,
-                    keep_alive: None,
-                    retries: sent.retries + 1,
-                }),
+        for (id, route) in dead.shared.take_routes() {
+            let sent = self.sent.remove(&id);
+            if route.ended() {
+                continue; // answered; its Finished report was still on its way
+            }
+            match sent {
+                Some(sent) if !route.started() && sent.retries < MAX_RETRIES => {
+                    again.push(Pending {
+                        id,
+                        job: Job::Generate {
+                            gen: sent.gen,
+                            tx: route.tx,
+                        },
+                        may_start: true,
+                        keep_alive: None,
+                        retries: sent.retries + 1,
+                    })
+                }
                 _ => {
                     let _ = route.tx.send(GenEvent::Error(Error::WorkerFailed {
                         model: self.preset.name.clone(),
@@ -475,7 +466,7 @@ impl Slot {
                     self.metrics.queue_depth.set(self.queue.len() as f64);
                 } else if self.sent.remove(&id).is_some() {
                     if let Some(inc) = &self.current {
-                        inc.shared.routes.lock().expect("lock").remove(&id);
+                        inc.shared.close_route(id);
                         inc.send(Frame::Cancel { id });
                     }
                     self.dispatch();
@@ -516,12 +507,15 @@ impl Slot {
                 self.feed(Event::Evict(reason));
             }
             Command::Admitted { n, result } => {
-                if self.awaiting != Some(n) {
-                    return; // stopped meanwhile
+                let asked = self.machine.state == State::Admitting && self.machine.incarnation == n;
+                if !asked {
+                    return; // stopped (or asked again) meanwhile
                 }
-                self.awaiting = None;
                 match result {
-                    Ok(limit) => self.start_incarnation(n, limit),
+                    Ok(limit) => {
+                        self.admitted_limit = limit;
+                        self.feed(Event::Admitted);
+                    }
                     Err(why) => self.feed(Event::Refused(why)),
                 }
             }
@@ -564,36 +558,27 @@ impl Slot {
     }
 
     fn submit(&mut self, p: Pending) {
+        let arrival = Arrival {
+            closing: self.closing.is_some(),
+            may_start: p.may_start,
+            queued: self.queue.len(),
+            active: self.sent.len() + self.leases,
+            max_queue: self.preset.max_queue as usize,
+            max_concurrent: self.preset.max_concurrent as usize,
+        };
         let model = self.preset.name.clone();
-        if self.closing.is_some() {
-            return p.fail(Error::WorkerUnavailable {
-                model,
-                reason: "the daemon is shutting down".into(),
-            });
+        match self.machine.admit(Instant::now(), arrival) {
+            Ok(()) => {
+                self.queue.push_back(p);
+                self.feed(Event::Demand);
+            }
+            Err(Refusal::Unavailable(reason)) => p.fail(Error::WorkerUnavailable { model, reason }),
+            Err(Refusal::NotAllowed) => p.fail(Error::NotAllowed(model)),
+            Err(Refusal::Full { queued }) => {
+                self.metrics.rejected.increment(1);
+                p.fail(Error::Overloaded { model, queued })
+            }
         }
-        if let Err(reason) = self.machine.admits(Instant::now()) {
-            return p.fail(Error::WorkerUnavailable { model, reason });
-        }
-        if !p.may_start
-            && matches!(
-                self.machine.state,
-                State::Stopped | State::Draining { .. } | State::Backoff { .. }
-            )
-        {
-            return p.fail(Error::NotAllowed(model));
-        }
-        let active = self.sent.len() + self.leases;
-        let room = self.preset.max_queue as usize
-            + (self.preset.max_concurrent as usize).saturating_sub(active);
-        if self.queue.len() >= room {
-            self.metrics.rejected.increment(1);
-            return p.fail(Error::Overloaded {
-                model,
-                queued: self.queue.len(),
-            });
-        }
-        self.queue.push_back(p);
-        self.feed(Event::Demand);
     }
 
     fn on_report(&mut self, n: u64, report: Report) {
@@ -608,6 +593,9 @@ impl Slot {
                 self.feed(Event::Misbehaved(why));
             }
             Report::Finished(id) => {
+                if let Some(inc) = &self.current {
+                    inc.shared.close_route(id);
+                }
                 self.sent.remove(&id);
                 self.dispatch();
                 if matches!(self.machine.state, State::Draining { .. }) {
@@ -628,8 +616,6 @@ impl Slot {
         if self.ticks.is_multiple_of(4) {
             self.measure();
         }
-        // Waiting for memory (another model draining) is not a stalled load.
-        let waiting = self.awaiting.is_some();
         let (beat, grew) = match &self.current {
             Some(inc) => {
                 let (b, rss) = inc.progress();
@@ -638,7 +624,7 @@ impl Slot {
                 self.mark = (b, if grew { rss } else { self.mark.1 });
                 moved
             }
-            None => (waiting, false),
+            None => (false, false),
         };
         self.feed(Event::Tick { beat, grew });
     }
@@ -671,7 +657,7 @@ impl Slot {
         };
         SlotInfo {
             model: self.preset.name.clone(),
-            state: self.machine.state.label().to_string(),
+            state: self.machine.state.phase(),
             error,
             incarnation: self.machine.incarnation,
             restarts: self.machine.restarts,

@@ -3,102 +3,30 @@
 //! events in and carries effects out, so every transition is tested synchronously.
 //!
 //! ```text
-//!  Stopped ──demand/start──▶ Starting ──Ready──▶ Ready ──stop/keep-alive──▶ Draining ──exit──▶ Stopped
-//!     ▲                        │  load failed,      │ exit, hang, bad frame      │
-//!     │                        │  stalled, exit     ▼                            │
-//!     │                        └──────────────▶ Crashed ──exit──▶ Backoff ──▶ Starting …
-//!     └──────────── stop ───────────────────────────────────────── Failed ◀── (> 5 crashes in 60 s)
+//!  Stopped ──demand/start──▶ Admitting ──Admitted──▶ Starting ──Ready──▶ Ready ──stop/keep-alive──▶ Draining ──exit──▶ Stopped
+//!     ▲          refused, stop ◀──┘                     │  load failed,      │ exit, hang, bad frame      │
+//!     │                                                 │  stalled, exit     ▼                            │
+//!     │                                                 └──────────────▶ Crashed ──exit──▶ Backoff ──▶ Admitting …
+//!     └──────────── stop ─────────────────────────────────────────────────────────────────── Failed ◀── (> 5 crashes in 60 s)
 //! ```
 //!
-//! At most one incarnation exists at a time: a new one is spawned only from
-//! Stopped or Backoff, which are reached only after the previous one has exited.
+//! At most one incarnation exists at a time: a new one is asked for only from
+//! Stopped or Backoff, which are reached only after the previous one has exited,
+//! and its process is launched only once the memory budget has admitted it
+//! (Admitting holds no process, so nothing there can stall or crash).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// How long an idle model stays loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeepAlive {
-    /// Until stopped.
-    Forever,
-    /// Unloaded after this long without requests (zero: as soon as it is idle).
-    For(Duration),
-}
-
-impl KeepAlive {
-    /// Ollama's forms: `"5m"`, `"1h30m"`, `"30s"`, `"0"`, a negative number for
-    /// forever, or a bare number of seconds.
-    pub fn parse(s: &str) -> Result<KeepAlive, String> {
-        let s = s.trim();
-        if let Ok(secs) = s.parse::<f64>() {
-            return KeepAlive::from_seconds(secs);
-        }
-        if s.starts_with('-') {
-            return Ok(KeepAlive::Forever);
-        }
-        humantime::parse_duration(s)
-            .map(KeepAlive::For)
-            .map_err(|e| format!("keep_alive {s:?}: {e} (use e.g. \"5m\", \"0\" or \"-1\")"))
-    }
-
-    pub fn from_seconds(secs: f64) -> Result<KeepAlive, String> {
-        if secs.is_nan() {
-            return Err("keep_alive must be a number of seconds or a duration".into());
-        }
-        if secs < 0.0 {
-            return Ok(KeepAlive::Forever);
-        }
-        Duration::try_from_secs_f64(secs)
-            .map(KeepAlive::For)
-            .map_err(|e| format!("keep_alive {secs}: {e}"))
-    }
-
-    pub fn describe(self) -> String {
-        match self {
-            KeepAlive::Forever => "forever".into(),
-            KeepAlive::For(d) => humantime::format_duration(d).to_string(),
-        }
-    }
-}
-
-/// The restart policy and timeouts of one model.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    /// First wait before restarting a crashed worker; doubles per consecutive crash.
-    pub backoff_first: Duration,
-    pub backoff_max: Duration,
-    /// More than `max_crashes` within `crash_window` puts the model in Failed.
-    pub max_crashes: usize,
-    pub crash_window: Duration,
-    /// How long a stop waits for in-flight requests and the worker's own exit.
-    pub stop_grace: Duration,
-    /// No progress for this long with requests in flight: the worker is hung.
-    pub hang_timeout: Duration,
-    /// No progress for this long while loading (or twice this in all): stalled.
-    pub load_timeout: Duration,
-    /// The preset's keep-alive; a request may override it.
-    pub keep_alive: KeepAlive,
-}
-
-impl Default for Policy {
-    fn default() -> Policy {
-        Policy {
-            backoff_first: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(30),
-            max_crashes: 5,
-            crash_window: Duration::from_secs(60),
-            stop_grace: Duration::from_secs(10),
-            hang_timeout: Duration::from_secs(60),
-            load_timeout: Duration::from_secs(300),
-            keep_alive: KeepAlive::For(Duration::from_secs(300)),
-        }
-    }
-}
+use crate::presets::{KeepAlive, Policy};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum State {
     /// No worker. A request or `mlxd start` spawns one.
     Stopped,
+    /// Waiting for the memory budget to admit the load (it may first evict and
+    /// drain other models, however long their requests take). No process yet.
+    Admitting,
     /// A worker is loading the model.
     Starting { since: Instant },
     /// Serving requests.
@@ -121,16 +49,53 @@ pub enum State {
     Failed { reason: String },
 }
 
-impl State {
-    pub fn label(&self) -> &'static str {
+/// A state's name without its data: what `mlxd ps`, /admin/ps and the memory
+/// arbiter see (serialized in lower case: "ready", "admitting", ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Stopped,
+    Admitting,
+    Starting,
+    Ready,
+    Draining,
+    Crashed,
+    Backoff,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
         match self {
-            State::Stopped => "stopped",
-            State::Starting { .. } => "starting",
-            State::Ready { .. } => "ready",
-            State::Draining { .. } => "draining",
-            State::Crashed { .. } => "crashed",
-            State::Backoff { .. } => "backoff",
-            State::Failed { .. } => "failed",
+            Phase::Stopped => "stopped",
+            Phase::Admitting => "admitting",
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Draining => "draining",
+            Phase::Crashed => "crashed",
+            Phase::Backoff => "backoff",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str()) // honours widths: `mlxd ps` aligns its columns
+    }
+}
+
+impl State {
+    pub fn phase(&self) -> Phase {
+        match self {
+            State::Stopped => Phase::Stopped,
+            State::Admitting => Phase::Admitting,
+            State::Starting { .. } => Phase::Starting,
+            State::Ready { .. } => Phase::Ready,
+            State::Draining { .. } => Phase::Draining,
+            State::Crashed { .. } => Phase::Crashed,
+            State::Backoff { .. } => Phase::Backoff,
+            State::Failed { .. } => Phase::Failed,
         }
     }
 }
@@ -164,6 +129,8 @@ pub enum Event {
     Stop,
     /// Make room for another model: like Stop, but in-flight requests always finish.
     Evict(String),
+    /// The memory budget has room for the load Spawn asked for: launch it.
+    Admitted,
     /// The memory budget has no room for the load that Spawn asked for (no process
     /// was started).
     Refused(String),
@@ -198,8 +165,11 @@ impl Work {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Start incarnation `n` (process, transport, Load).
+    /// Incarnation `n` is wanted: ask the memory budget for room (answered with
+    /// Admitted or Refused).
     Spawn(u64),
+    /// The budget admitted incarnation `n`: start its process, transport and Load.
+    Launch(u64),
     /// Graceful: Shutdown frame and stdin EOF.
     Shutdown,
     /// SIGTERM, then SIGKILL of the worker's process group.
@@ -215,6 +185,33 @@ pub enum Effect {
     Started(Result<(), String>),
     /// Answer those waiting on `mlxd stop`.
     Stopped,
+}
+
+/// A request arriving at the slot, as admission sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    /// The daemon is shutting down.
+    pub closing: bool,
+    /// The request may load the model (`allow_models`).
+    pub may_start: bool,
+    /// Requests waiting now, and those handed to the worker (or leased).
+    pub queued: usize,
+    pub active: usize,
+    /// The preset's limits.
+    pub max_queue: usize,
+    pub max_concurrent: usize,
+}
+
+/// Why a request is refused on arrival.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The model cannot serve now (failed, backing off after a failed load, the
+    /// daemon closing): 503 with the reason.
+    Unavailable(String),
+    /// Not running, and `allow_models` does not let a request start it: 403.
+    NotAllowed,
+    /// The queue is full: 503 (overloaded).
+    Full { queued: usize },
 }
 
 /// The slot's lifecycle and restart bookkeeping.
@@ -291,7 +288,29 @@ impl Machine {
         matches!(self.state, State::Ready { .. })
     }
 
-    /// Whether a request arriving now may wait in the queue, or why not.
+    /// Every rule a request meets on arrival, in one place: the daemon closing,
+    /// the model's state, `allow_models`, and the queue's room (`max_queue` beyond
+    /// the places free under `max_concurrent`).
+    pub fn admit(&self, now: Instant, a: Arrival) -> Result<(), Refusal> {
+        if a.closing {
+            return Err(Refusal::Unavailable("the daemon is shutting down".into()));
+        }
+        self.admits(now).map_err(Refusal::Unavailable)?;
+        let idle = matches!(
+            self.state,
+            State::Stopped | State::Draining { .. } | State::Backoff { .. }
+        );
+        if !a.may_start && idle {
+            return Err(Refusal::NotAllowed);
+        }
+        let room = a.max_queue + a.max_concurrent.saturating_sub(a.active);
+        if a.queued >= room {
+            return Err(Refusal::Full { queued: a.queued });
+        }
+        Ok(())
+    }
+
+    /// Whether the model's state lets a request wait in the queue, or why not.
     pub fn admits(&self, now: Instant) -> Result<(), String> {
         match &self.state {
             State::Failed { reason } => Err(format!(
@@ -309,12 +328,12 @@ impl Machine {
         }
     }
 
-    fn spawn(&mut self, now: Instant, after_crash: bool) -> Effect {
+    fn spawn(&mut self, after_crash: bool) -> Effect {
         self.incarnation += 1;
         if after_crash {
             self.restarts += 1;
         }
-        self.state = State::Starting { since: now };
+        self.state = State::Admitting;
         self.fault = None;
         self.stopping = false;
         self.shutdown_sent = false;
@@ -323,7 +342,6 @@ impl Machine {
         self.ready_at = None;
         // A request's keep-alive lasts for the incarnation it was served by.
         self.keep_alive = self.policy.keep_alive;
-        self.last_progress = Some(now);
         self.idle_since = None;
         Effect::Spawn(self.incarnation)
     }
@@ -350,7 +368,7 @@ impl Machine {
     pub fn handle(&mut self, event: Event, now: Instant, work: Work) -> Vec<Effect> {
         use Effect as E;
         match (event, &self.state) {
-            (Event::Demand, State::Stopped) => vec![self.spawn(now, false)],
+            (Event::Demand, State::Stopped) => vec![self.spawn(false)],
             (Event::Demand, State::Ready { .. }) => {
                 self.idle_since = None;
                 vec![E::Dispatch]
@@ -365,12 +383,12 @@ impl Machine {
 
             (Event::Start, State::Stopped | State::Backoff { .. }) => {
                 self.start_wanted = true;
-                vec![self.spawn(now, false)]
+                vec![self.spawn(false)]
             }
             (Event::Start, State::Failed { .. }) => {
                 self.reset_crashes();
                 self.start_wanted = true;
-                vec![self.spawn(now, false)]
+                vec![self.spawn(false)]
             }
             (Event::Start, State::Ready { .. }) => vec![E::Started(Ok(()))],
             (Event::Start, _) => {
@@ -383,7 +401,7 @@ impl Machine {
                 self.start_wanted = true;
                 self.begin_stop(now, work, Drain::Graced, None)
             }
-            (Event::Restart, State::Draining { .. } | State::Crashed { .. }) => {
+            (Event::Restart, State::Admitting | State::Draining { .. } | State::Crashed { .. }) => {
                 self.reset_crashes();
                 self.start_wanted = true;
                 vec![]
@@ -391,7 +409,7 @@ impl Machine {
             (Event::Restart, _) => {
                 self.reset_crashes();
                 self.start_wanted = true;
-                vec![self.spawn(now, false)]
+                vec![self.spawn(false)]
             }
 
             (Event::Replace, State::Ready { .. }) => {
@@ -401,13 +419,16 @@ impl Machine {
             }
             (
                 Event::Replace,
-                State::Starting { .. } | State::Draining { .. } | State::Crashed { .. },
+                State::Admitting
+                | State::Starting { .. }
+                | State::Draining { .. }
+                | State::Crashed { .. },
             ) => self.handle(Event::Restart, now, work),
             (Event::Replace, State::Failed { .. } | State::Backoff { .. }) => {
                 self.reset_crashes();
                 self.state = State::Stopped;
                 if work.queued > 0 {
-                    vec![self.spawn(now, false)]
+                    vec![self.spawn(false)]
                 } else {
                     vec![]
                 }
@@ -422,7 +443,15 @@ impl Machine {
             (Event::Evict(_), State::Draining { .. } | State::Crashed { .. }) => vec![],
             (Event::Evict(_), _) => self.handle(Event::Stop, now, work),
 
-            (Event::Refused(reason), State::Starting { .. }) => {
+            (Event::Admitted, State::Admitting) => {
+                // The load's clock starts now: waiting for room was not loading.
+                self.state = State::Starting { since: now };
+                self.last_progress = Some(now);
+                vec![E::Launch(self.incarnation)]
+            }
+            (Event::Admitted, _) => vec![],
+
+            (Event::Refused(reason), State::Admitting) => {
                 self.state = State::Stopped;
                 self.start_wanted = false;
                 vec![E::RejectQueued(reason.clone()), E::Started(Err(reason))]
@@ -430,6 +459,17 @@ impl Machine {
             (Event::Refused(_), _) => vec![],
 
             (Event::Stop, State::Stopped) => vec![E::Stopped],
+            (Event::Stop, State::Admitting) => {
+                // No process yet: nothing to drain or kill.
+                self.state = State::Stopped;
+                self.start_wanted = false;
+                self.pinned = false;
+                vec![
+                    E::RejectQueued(STOPPED.into()),
+                    E::Started(Err(STOPPED.into())),
+                    E::Stopped,
+                ]
+            }
             (Event::Stop, State::Backoff { .. } | State::Failed { .. }) => {
                 self.state = State::Stopped;
                 self.start_wanted = false;
@@ -546,7 +586,7 @@ impl Machine {
                 Effect::Stopped,
             ];
             if work.queued > 0 || self.start_wanted || self.pinned {
-                out.push(self.spawn(now, false));
+                out.push(self.spawn(false));
             }
             return out;
         }
@@ -654,7 +694,7 @@ impl Machine {
                 after_load_failure,
             } if now >= until => {
                 if work.queued > 0 || !after_load_failure || self.pinned || self.start_wanted {
-                    vec![self.spawn(now, true)]
+                    vec![self.spawn(true)]
                 } else {
                     self.state = State::Stopped;
                     vec![]
@@ -679,14 +719,19 @@ mod tests {
     use super::*;
 
     /// Drives a Machine with a fake clock and records every effect; it also plays
-    /// the process: it checks that no second incarnation is ever spawned while one
-    /// is alive (the slot's central promise).
+    /// the memory budget and the process: it checks that no second incarnation is
+    /// ever asked for or launched while one is wanted or alive (the slot's central
+    /// promise). The budget admits every load at once unless `hold_admission`.
     struct Harness {
         m: Machine,
         t0: Instant,
         now: Instant,
         work: Work,
+        /// Spawn asked the budget; neither Launch nor a refusal has come yet.
+        wanted: bool,
+        /// A process was launched and has not exited.
         alive: bool,
+        hold_admission: bool,
         log: Vec<Effect>,
     }
 
@@ -702,7 +747,9 @@ mod tests {
                 t0,
                 now: t0,
                 work: Work::default(),
+                wanted: false,
                 alive: false,
+                hold_admission: false,
                 log: vec![],
             }
         }
@@ -712,19 +759,50 @@ mod tests {
             self
         }
 
+        /// The effects of `ev` (an automatic admission's Launch is logged, not
+        /// returned).
         fn send(&mut self, ev: Event) -> Vec<Effect> {
-            if matches!(ev, Event::Exited(_) | Event::Refused(_)) {
-                assert!(self.alive, "exit of a worker that is not running");
-                self.alive = false;
+            match ev {
+                Event::Exited(_) => {
+                    assert!(self.alive, "exit of a worker that is not running");
+                    self.alive = false;
+                }
+                Event::Refused(_) | Event::Admitted => {
+                    assert!(self.wanted, "an answer to a load nobody asked for")
+                }
+                _ => {}
             }
             let out = self.m.handle(ev, self.now, self.work);
+            self.log.extend(out.clone());
+            let mut spawned = false;
             for e in &out {
-                if let Effect::Spawn(_) = e {
-                    assert!(!self.alive, "a second incarnation while one is alive");
-                    self.alive = true;
+                match e {
+                    Effect::Spawn(_) => {
+                        assert!(
+                            !self.alive && !self.wanted,
+                            "a second incarnation while one is alive"
+                        );
+                        self.wanted = true;
+                        spawned = true;
+                    }
+                    Effect::Launch(_) => {
+                        assert!(self.wanted && !self.alive, "a launch without admission");
+                        self.wanted = false;
+                        self.alive = true;
+                    }
+                    _ => {}
                 }
             }
-            self.log.extend(out.clone());
+            if self.wanted && self.m.state != State::Admitting {
+                self.wanted = false; // refused or stopped while waiting
+            }
+            if spawned && !self.hold_admission {
+                let launched = self.m.handle(Event::Admitted, self.now, self.work);
+                assert_eq!(launched, vec![Effect::Launch(self.m.incarnation)]);
+                self.log.extend(launched);
+                self.wanted = false;
+                self.alive = true;
+            }
             out
         }
 
@@ -1223,6 +1301,7 @@ mod tests {
         );
 
         let mut h = Harness::new();
+        h.hold_admission = true;
         h.work.queued = 1;
         h.send(Event::Demand);
         let out = h.send(Event::Refused("not enough memory".into()));
@@ -1235,6 +1314,123 @@ mod tests {
         );
         assert_eq!((h.m.state.clone(), h.m.restarts), (State::Stopped, 0));
         assert_eq!(h.m.admits(h.now), Ok(()), "the next request may try again");
+    }
+
+    /// Issue 25: waiting for memory is a state of its own, not a load kept alive
+    /// by a fake heartbeat: however long other models take to drain, nothing
+    /// stalls, and the load's clock starts only when it is admitted.
+    #[test]
+    fn waiting_for_memory_never_stalls_and_the_load_clock_starts_at_admission() {
+        let mut h = Harness::new();
+        h.hold_admission = true;
+        h.work.queued = 1;
+        assert_eq!(h.send(Event::Demand), vec![Effect::Spawn(1)]);
+        assert_eq!(h.m.state.phase(), Phase::Admitting);
+        let load_timeout = h.m.policy().load_timeout.as_secs_f64();
+        for t in 1..=4 {
+            let at = load_timeout * f64::from(t);
+            assert_eq!(
+                h.at(at).tick(false),
+                vec![],
+                "quiet while admitting at {at} s"
+            );
+        }
+        assert_eq!(
+            h.send(Event::Restart),
+            vec![],
+            "one load asked for, not two"
+        );
+        let admitted_at = load_timeout * 4.0;
+        assert_eq!(h.send(Event::Admitted), vec![Effect::Launch(1)]);
+        assert_eq!(h.m.state, State::Starting { since: h.now });
+        assert_eq!(h.at(admitted_at + load_timeout - 1.0).tick(false), vec![]);
+        let out = h.at(admitted_at + load_timeout).tick(false);
+        assert!(
+            out.contains(&Effect::Kill),
+            "a real stall is still caught: {out:?}"
+        );
+    }
+
+    #[test]
+    fn a_stop_while_admitting_ends_at_once_with_no_process() {
+        let mut h = Harness::new();
+        h.hold_admission = true;
+        h.work.queued = 2;
+        h.send(Event::Demand);
+        let out = h.send(Event::Stop);
+        assert_eq!(
+            out,
+            vec![
+                Effect::RejectQueued(STOPPED.into()),
+                Effect::Started(Err(STOPPED.into())),
+                Effect::Stopped,
+            ]
+        );
+        assert_eq!(h.m.state, State::Stopped);
+        // A late answer from the budget launches nothing.
+        assert_eq!(h.m.handle(Event::Admitted, h.now, h.work), vec![]);
+        let evict = h.send(Event::Demand);
+        assert_eq!(evict, vec![Effect::Spawn(2)]);
+        assert_eq!(
+            h.send(Event::Evict("room for another".into()))[2],
+            Effect::Stopped
+        );
+    }
+
+    #[test]
+    fn admission_rules_in_order() {
+        let a = Arrival {
+            closing: false,
+            may_start: true,
+            queued: 0,
+            active: 0,
+            max_queue: 2,
+            max_concurrent: 1,
+        };
+        let mut h = Harness::new();
+        assert_eq!(h.m.admit(h.now, a), Ok(()));
+        assert_eq!(
+            h.m.admit(
+                h.now,
+                Arrival {
+                    may_start: false,
+                    ..a
+                }
+            ),
+            Err(Refusal::NotAllowed)
+        );
+        // Room: the free places under max_concurrent plus max_queue.
+        assert_eq!(h.m.admit(h.now, Arrival { queued: 2, ..a }), Ok(()));
+        assert_eq!(
+            h.m.admit(h.now, Arrival { queued: 3, ..a }),
+            Err(Refusal::Full { queued: 3 })
+        );
+        assert_eq!(
+            h.m.admit(
+                h.now,
+                Arrival {
+                    queued: 2,
+                    active: 1,
+                    ..a
+                }
+            ),
+            Err(Refusal::Full { queued: 2 })
+        );
+        let closing = h.m.admit(h.now, Arrival { closing: true, ..a });
+        assert!(matches!(closing, Err(Refusal::Unavailable(r)) if r.contains("shutting down")));
+        // A loaded model takes requests that may not start one.
+        h.send(Event::Start);
+        h.ready();
+        assert_eq!(
+            h.m.admit(
+                h.now,
+                Arrival {
+                    may_start: false,
+                    ..a
+                }
+            ),
+            Ok(())
+        );
     }
 
     #[test]

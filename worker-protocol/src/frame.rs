@@ -6,6 +6,7 @@
 //! Hot frames (TokenBatch, Cancel) have fixed binary layouts; cold frames carry JSON
 //! whose field names follow mlx-lm (`finish_reason`, `prompt_tps`, ...).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
@@ -98,7 +99,8 @@ pub enum FrameError {
 }
 
 /// Worker → daemon, first frame: who is speaking.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Hello {
     pub protocol_version: u32,
     pub pid: u32,
@@ -119,18 +121,124 @@ pub struct Hello {
 }
 
 /// Daemon → worker: load this model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Load {
     pub model_path: String,
     /// The name clients use, for the worker's logs.
     pub model_name: String,
-    /// Engine options from the preset, passed through (e.g. replay text).
+    /// How to serve it, from the preset (and the daemon's memory budget).
+    // Boxed: a Frame is as large as its largest variant.
     #[serde(default)]
-    pub options: serde_json::Value,
+    pub options: Box<LoadOptions>,
+}
+
+/// A worker's engine settings: the preset's knobs as the worker reads them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadOptions {
+    /// Sequences decoding at once (the preset's `max_concurrent`).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: u32,
+    /// Prompt tokens prefilled per model call.
+    #[serde(default = "default_prefill_step")]
+    pub prefill_step: u32,
+    /// When the engine hands its pending tokens to the transport.
+    #[serde(default)]
+    pub flush: FlushOptions,
+    /// Quantized KV: bits per element, elements per scale, and the prompt
+    /// length from which the lone lane quantizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bits: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_group_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized_kv_start: Option<u32>,
+    /// A rotating KV cache of this many tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_kv_size: Option<u32>,
+    /// The prefix cache's memory limit (0: off).
+    #[serde(default)]
+    pub prompt_cache_bytes: u64,
+    /// The prefix cache's disk tier, when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache_disk_bytes: Option<u64>,
+    /// The worker's share of the memory budget, as MLX's memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
+    /// The draft model and how to use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<SpeculativeOptions>,
+    /// The replay engine's text (benchmarks; a built-in text when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_text: Option<String>,
+    /// Test-only fault injection (a preset's `[faults]` table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faults: Option<FaultOptions>,
+}
+
+fn default_max_batch() -> u32 {
+    16
+}
+
+fn default_prefill_step() -> u32 {
+    2048
+}
+
+/// When the worker flushes tokens: every step, every N tokens, or every T ms.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(tag = "every", rename_all = "lowercase", deny_unknown_fields)]
+pub enum FlushOptions {
+    #[default]
+    Step,
+    Tokens {
+        tokens: u32,
+    },
+    Ms {
+        ms: f64,
+    },
+}
+
+/// A draft model for speculative decoding, as the preset's `[speculative]` says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeOptions {
+    /// The draft as the preset names it (for logs and status).
+    pub draft: String,
+    /// The draft's resolved directory (set by the daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_path: Option<String>,
+    pub num_draft_tokens: u32,
+    /// "auto", "on" or "off".
+    pub mode: String,
+    #[serde(default)]
+    pub require_supported: bool,
+}
+
+/// What a real worker cannot be made to do on demand, for the supervisor's
+/// tests (python-worker/mlxd_worker/faults.py).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FaultOptions {
+    /// Sleep forever inside Load, before the model is read.
+    #[serde(default)]
+    pub hang_in_load: bool,
+    /// Milliseconds each decode step takes longer.
+    #[serde(default)]
+    pub step_delay_ms: u64,
+    /// Raise inside the N-th decode step (1-based).
+    #[serde(default)]
+    pub raise_in_step: u64,
+    /// Send a frame of an unknown kind after the N-th decode step.
+    #[serde(default)]
+    pub garbage_after_step: u64,
 }
 
 /// Worker → daemon: the model is loaded and warmed up.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Ready {
     pub load_seconds: f64,
     #[serde(default)]
@@ -141,7 +249,8 @@ pub struct Ready {
 }
 
 /// One request's draft tokens: `drafted = accepted + rejected`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
 pub struct DraftCounts {
     pub drafted: u64,
     pub accepted: u64,
@@ -161,7 +270,8 @@ impl DraftCounts {
 
 /// A worker's speculative decoding as it stands: its draft, whether it drafts
 /// now and why, and its counters (Ready and every Stats).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
 pub struct SpecStatus {
     pub draft: String,
     /// "auto", "on" or "off".
@@ -202,7 +312,8 @@ pub struct SpecStatus {
 }
 
 /// One turn of a conversation, in the dialect-neutral form every API maps onto.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// "system", "user", "assistant" or "tool".
     pub role: String,
@@ -218,7 +329,8 @@ pub struct ChatMessage {
 }
 
 /// A tool call already in the history (the model made it on an earlier turn).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MessageToolCall {
     pub id: String,
     pub name: String,
@@ -227,7 +339,8 @@ pub struct MessageToolCall {
 }
 
 /// A function the model may call: its JSON-schema parameters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Tool {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,7 +350,7 @@ pub struct Tool {
 
 /// Whether and which tool the model must call. `Required` and `Function` are
 /// enforced with constrained decoding.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ToolChoice {
     #[default]
@@ -249,7 +362,7 @@ pub enum ToolChoice {
 }
 
 /// An output format enforced during decoding (llguidance).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OutputFormat {
     /// Any JSON object.
@@ -264,7 +377,8 @@ pub enum OutputFormat {
 }
 
 /// Daemon → worker: start generating for request `id`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
 pub struct Generate {
     pub id: u64,
     /// Chat messages (the worker applies the model's chat template) ...
@@ -310,7 +424,8 @@ fn is_auto(c: &ToolChoice) -> bool {
 
 /// Worker → daemon: request `id` called a tool (its `index`-th call). Sent after
 /// the tokens before it and before Done, whose finish_reason is then "tool_calls".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ToolCallFrame {
     pub id: u64,
     pub index: u32,
@@ -322,7 +437,8 @@ pub struct ToolCallFrame {
 }
 
 /// The log probability of one token, with the most likely alternatives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TokenLogprob {
     pub token: u32,
     /// The token decoded alone (may be part of a character).
@@ -332,7 +448,8 @@ pub struct TokenLogprob {
     pub top: Vec<TopLogprob>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TopLogprob {
     pub token: u32,
     pub text: String,
@@ -341,7 +458,8 @@ pub struct TopLogprob {
 
 /// Worker → daemon: the logprobs of request `id`'s next tokens, sent just before
 /// the TokenBatch that carries them (one entry per generated token, EOS included).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct LogprobsFrame {
     pub id: u64,
     pub entries: Vec<TokenLogprob>,
@@ -368,10 +486,11 @@ pub struct TokenBatch {
 }
 
 /// Worker → daemon: request `id` is finished.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Done {
     pub id: u64,
-    /// "stop", "length" or "cancelled".
+    /// "stop", "length", "tool_calls", "cancelled", or "counted" (count_only).
     pub finish_reason: String,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -395,7 +514,8 @@ fn is_zero(n: &u32) -> bool {
 }
 
 /// The worker's prefix cache (Stats).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
 pub struct PromptCacheStats {
     /// Requests that found a cached prefix, and those that did not.
     pub hits_total: u64,
@@ -406,10 +526,30 @@ pub struct PromptCacheStats {
     pub entries: u64,
     pub bytes: u64,
     pub max_bytes: u64,
+    /// The disk tier, when the preset has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Box<DiskCacheStats>>,
+}
+
+/// The prefix cache's disk tier (`prompt_cache_dir`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCacheStats {
+    /// Lookups served from a file (after missing in memory).
+    pub hits_total: u64,
+    /// Files on disk now, and their bytes.
+    pub entries: u64,
+    pub bytes: u64,
+    /// Files found stale (another model, versions, corrupt) and deleted.
+    pub stale_total: u64,
+    /// Entries written, and writes dropped because the writer fell behind.
+    pub writes_total: u64,
+    pub dropped_total: u64,
 }
 
 /// Worker → daemon: something failed, for one request (`id`) or the worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ErrorFrame {
     #[serde(default)]
     pub id: Option<u64>,
@@ -424,7 +564,8 @@ fn worker_code() -> String {
 }
 
 /// Worker → daemon, every second: memory and load.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
 pub struct Stats {
     #[serde(default)]
     pub active_memory: u64,

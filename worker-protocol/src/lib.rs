@@ -7,12 +7,15 @@
 //!   all `unsafe` code is in `ring::raw`.
 //! - [`segment`]: create/open/unlink a segment holding both rings; stale cleanup.
 //! - [`stdio`]: incremental decoder for length-prefixed frames on pipes.
+//! - [`schema`]: the JSON frames' schema and full examples, for the Python side's
+//!   generated types and drift test.
 //! - [`fuzz`]: the fuzz targets (cargo-fuzz and the bounded proptests share them).
 //! - `python` (feature): the PyO3 bindings the Python worker imports.
 
 pub mod frame;
 pub mod fuzz;
 pub mod ring;
+pub mod schema;
 // Real shared memory; under loom the rings run on a heap model instead.
 #[cfg(not(loom))]
 pub mod segment;

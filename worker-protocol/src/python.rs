@@ -190,10 +190,42 @@ fn frame_kinds() -> Vec<(&'static str, u16)> {
     Kind::ALL.iter().map(|k| (k.name(), *k as u16)).collect()
 }
 
+/// The JSON frames' schema as JSON text (`scripts/gen_protocol.py` generates the
+/// worker's typed frames from it; the drift test compares).
+#[pyfunction]
+fn frame_schema() -> String {
+    crate::schema::frame_schemas().to_string()
+}
+
+/// (kind, payload) of one frame of every JSON kind with every field set.
+#[pyfunction]
+fn frame_examples<'py>(py: Python<'py>) -> Vec<(u16, Bound<'py, PyBytes>)> {
+    crate::schema::examples()
+        .iter()
+        .map(|f| {
+            let mut payload = Vec::new();
+            f.encode_payload(&mut payload);
+            (f.kind() as u16, PyBytes::new(py, &payload))
+        })
+        .collect()
+}
+
+/// Decodes a JSON frame as the daemon does (unknown fields are an error) and
+/// returns it encoded again.
+#[pyfunction]
+fn decode_strict<'py>(py: Python<'py>, kind: u16, payload: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    crate::schema::decode_strict(kind, payload)
+        .map(|out| PyBytes::new(py, &out))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
     m.add_class::<WorkerRings>()?;
     m.add_function(wrap_pyfunction!(encode_token_batch, m)?)?;
     m.add_function(wrap_pyfunction!(frame_kinds, m)?)?;
+    m.add_function(wrap_pyfunction!(frame_schema, m)?)?;
+    m.add_function(wrap_pyfunction!(frame_examples, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_strict, m)?)?;
     Ok(())
 }

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python-worker"))
 
-from mlxd_worker.transport import ShmTransport  # noqa: E402
+from mlxd_worker.io.transport import ShmTransport  # noqa: E402
 
 SHUTDOWN = 10
 

@@ -17,9 +17,19 @@ import struct
 from collections.abc import Iterable
 from typing import Union, cast
 
-from .protocol import Done, ErrorFrame, Generate, Hello, Load, LogprobsFrame, Ready, Stats, ToolCallFrame
+from .protocol import PROTOCOL_VERSION as PROTOCOL_VERSION  # the version lives with the types
+from .protocol import (
+    Done,
+    ErrorFrame,
+    Generate,
+    Hello,
+    Load,
+    LogprobsFrame,
+    Ready,
+    Stats,
+    ToolCallFrame,
+)
 
-PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IHH")
 MAX_FRAME = 64 << 20
 

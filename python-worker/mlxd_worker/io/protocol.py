@@ -22,7 +22,7 @@ class DraftCounts(TypedDict):
 
 class _DoneRequired(TypedDict):
     completion_tokens: int
-    #: "stop", "length" or "cancelled".
+    #: "stop", "length", "tool_calls", "cancelled", or "counted" (count_only).
     finish_reason: str
     id: int
     prompt_tokens: int
@@ -250,7 +250,6 @@ class Load(_LoadRequired, total=False):
     """Daemon → worker: load this model."""
 
     #: How to serve it, from the preset (and the daemon's memory budget).
-    #: Boxed: a Frame is as large as its largest variant.
     options: LoadOptions
 
 
