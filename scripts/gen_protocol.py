@@ -2,7 +2,7 @@
 """Generates python-worker/mlxd_worker/io/protocol.py, the worker's typed frames,
 from the Rust definitions in worker-protocol (their JSON Schema, exported by the
 ``mlxd_protocol`` extension). The Rust structs are the one definition; this file
-only translates them, and ``python-worker/tests/test_protocol_drift.py`` fails when
+only translates them, and ``python-worker/unit_tests/test_protocol_drift.py`` fails when
 the committed module differs from what this script writes now.
 
     .venv/bin/python scripts/gen_protocol.py          # rewrite the module
@@ -22,7 +22,7 @@ HEADER = '''"""The worker protocol's JSON frames as typed dicts. GENERATED from 
 definitions in worker-protocol/src/frame.rs by scripts/gen_protocol.py: do not edit;
 change the Rust structs and run the script. The daemon decodes every frame from the
 worker strictly (an unknown or misspelt field is an error), and
-python-worker/tests/test_protocol_drift.py round-trips every field through both sides.
+python-worker/unit_tests/test_protocol_drift.py round-trips every field through both sides.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pure-Python codec of the worker protocol's frames, for the stdio transport.
 
-The Rust crate ``worker-protocol`` is the one definition; ``python-worker/tests/test_frames.py``
+The Rust crate ``worker-protocol`` is the one definition; ``python-worker/unit_tests/test_frames.py``
 compares these constants with the extension module's and prints a fix on mismatch.
 Wire layout: ``[len u32][kind u16][flags u16][payload]``, little-endian.
 

@@ -2,7 +2,7 @@
 definitions in worker-protocol/src/frame.rs by scripts/gen_protocol.py: do not edit;
 change the Rust structs and run the script. The daemon decodes every frame from the
 worker strictly (an unknown or misspelt field is an error), and
-python-worker/tests/test_protocol_drift.py round-trips every field through both sides.
+python-worker/unit_tests/test_protocol_drift.py round-trips every field through both sides.
 """
 
 from __future__ import annotations
