@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from families import FAMILIES, family_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +57,12 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (presets / "smollm2-135m-disk.toml").write_text(
         f'model = "smollm2-135m"\n[performance]\nprompt_cache_dir = "{at / "prompt-cache"}"\n'
     )
+    # One tiny random-weight model per mlx-lm family (test_families), built once
+    # under target/families.
+    for family in FAMILIES:
+        (presets / f"family-{family}.toml").write_text(
+            f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n[performance]\nmax_concurrent = 4\n'
+        )
     return presets
 
 

@@ -73,7 +73,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
 
 from ..io.protocol import DiskCacheStats
 from ..mlx_types import CacheLayer, PromptCache
-from .prefix_cache import TokenTrie, can_trim, held
+from .layers import held
+from .prefix_cache import TokenTrie, can_trim
 
 if TYPE_CHECKING:
     import mlx.core as mx

@@ -60,10 +60,23 @@ class KvOptions:
         return kv
 
     def check(self, config: dict[str, Any]) -> None:
-        """Refuses settings the model cannot take (at load, with the reason):
-        mx.quantize groups the head dimension."""
+        """Refuses settings the model cannot take (at load, with the reason): an
+        MLA latent cache and attention sinks have no quantized attention in
+        mlx-lm, and mx.quantize groups the head dimension."""
         if self.kv_bits is None:
             return
+        text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+        family = str(text.get("model_type") or config.get("model_type") or "?")
+        if text.get("kv_lora_rank"):
+            raise ValueError(
+                f"kv_bits cannot quantize this model's cache: {family} attends through a compressed latent (MLA, "
+                "kv_lora_rank), which mlx-lm's quantized attention does not take; remove kv_bits"
+            )
+        if family.startswith("gpt_oss"):
+            raise ValueError(
+                f"kv_bits cannot quantize this model's cache: {family} uses attention sinks, which mlx-lm's "
+                "quantized attention does not support; remove kv_bits"
+            )
         heads = int(config.get("num_attention_heads") or 1)
         head_dim = int(config.get("head_dim") or int(config.get("hidden_size") or 0) // heads)
         if head_dim and head_dim % self.group_size:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Generic, Optional, TypeVar
 
 from ..io.protocol import PromptCacheStats
 from ..mlx_types import CacheLayer, PromptCache
+from .layers import held, is_rotated
 
 if TYPE_CHECKING:
     from .disk_cache import DiskCache
@@ -38,11 +39,6 @@ if TYPE_CHECKING:
 MAX_ENTRIES = 256
 
 V = TypeVar("V")
-
-
-def held(cache: PromptCache) -> int:
-    """Tokens a KV cache holds."""
-    return int(cache[0].offset) if cache else 0
 
 
 def can_trim(cache: PromptCache) -> bool:
@@ -197,9 +193,13 @@ class _Entry:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int, disk: Optional[DiskCache] = None) -> None:
+    def __init__(self, max_bytes: int, disk: Optional[DiskCache] = None, keep_rotated: bool = True) -> None:
         self.max_bytes = max_bytes
         self.disk = disk
+        # A cache rotated by a preset's max_kv_size (no window mask: a plain run's
+        # prompt attends to all of itself) would answer differently once reused,
+        # so it is not kept; a model's own sliding windows mask by position and are.
+        self.keep_rotated = keep_rotated
         # Least recently used first.
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._trie: TokenTrie[_Entry] = TokenTrie()
@@ -253,7 +253,7 @@ class PrefixCache:
         if cache is None:
             return
         n = held(cache)
-        if n < 2 or n > len(tokens):
+        if n < 2 or n > len(tokens) or (not self.keep_rotated and is_rotated(cache)):
             return
         entry = _Entry(tuple(tokens[:n]), cache, _nbytes(cache), can_trim(cache))
         self._insert(entry)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, cast
 
 from ..cache.kv_cache import KvOptions
-from ..cache.prefix_cache import PrefixCache, held
+from ..cache.layers import held
+from ..cache.prefix_cache import PrefixCache
 from ..io.protocol import DraftCounts, LoadOptions, PromptCacheStats, SpecStatus, SpeculativeOptions
 from ..lanes.drafting import DraftController
 from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
@@ -202,7 +203,7 @@ class MlxBackend:
                 from_disk=quantized_kv.from_disk,
                 owner=f"{os.path.realpath(self._model_path)}|{kv}",
             )
-        self.prefix = PrefixCache(self._prompt_cache_bytes, disk)
+        self.prefix = PrefixCache(self._prompt_cache_bytes, disk, keep_rotated=self._kv.max_kv_size is None)
 
     def close(self) -> None:
         """At exit (engine thread): what the prefix cache holds in memory and the

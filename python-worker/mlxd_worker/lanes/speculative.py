@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, cast
 
-from ..cache.prefix_cache import held
+from ..cache.layers import held, rewind_problem
 from ..mlx_types import Model, PromptCache, Stream
 from ..requests.sampling import Sampler
 from .solo import Handover
@@ -197,14 +197,12 @@ def pair_problem(
     """Why this target/draft pair cannot (or, by policy, should not) draft; None
     when it can. Tokenizer and cache problems are hard; the family policy
     (mixture-of-experts targets) yields to mode = "on"."""
-    from mlx_lm.models.cache import can_trim_prompt_cache
-
     problem = tokenizer_mismatch(target_tok, draft_tok)
     if problem:
         return problem
-    if not can_trim_prompt_cache(target_cache):
-        kinds = sorted({type(c).__name__ for c in target_cache if not c.is_trimmable()})
-        return f"the target's KV cache cannot be rewound ({', '.join(kinds)}): speculative decoding needs that"
+    stuck = rewind_problem(target_cache)
+    if stuck:
+        return f"the target cannot take back rejected draft tokens: {stuck}"
     cfg = _config(target_path)
     if mode != "on" and is_mixture_of_experts(cfg):
         return (
