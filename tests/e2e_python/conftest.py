@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from families import FAMILIES, family_dir
+from families import DRAFT, DRAFTED, FAMILIES, KV8_REFUSED, family_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +62,17 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for family in FAMILIES:
         (presets / f"family-{family}.toml").write_text(
             f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n[performance]\nmax_concurrent = 4\n'
+        )
+    # A disagreeing draft (another family, the same tokenizer): self-drafting
+    # accepts everything and would hide a rewind that keeps rejected tokens.
+    for family in DRAFTED:
+        (presets / f"family-{family}-drafted.toml").write_text(
+            f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n'
+            f'[speculative]\ndraft = "{family_dir(DRAFT)}"\nmode = "on"\nnum_draft_tokens = 3\n'
+        )
+    for family in KV8_REFUSED:
+        (presets / f"family-{family}-kv8.toml").write_text(
+            f'model = "{family_dir(family)}"\n[performance]\nkv_bits = 8\nkv_group_size = 32\n'
         )
     return presets
 

@@ -56,6 +56,15 @@ _COMMON: dict[str, Any] = {
 }
 
 
+# The draft model of the drafted presets, and the targets: one whose every cache
+# layer rewinds (drafting on, its rewind exercised by a draft that disagrees), and
+# a sliding-window and a hybrid one (served without drafting, with the reason).
+DRAFT = "llama"
+DRAFTED = {"qwen3": True, "gemma3_text": False, "qwen3_next": False}
+# Families whose attention mlx-lm cannot quantize: kv_bits is refused at load.
+KV8_REFUSED = {"deepseek_v3": "MLA", "gpt_oss": "attention sinks"}
+
+
 def _config(**fields: Any) -> dict[str, Any]:
     return {**_COMMON, **fields}
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import control
-from families import FAMILIES, family_dir, greedy
+from families import DRAFTED, FAMILIES, KV8_REFUSED, family_dir, greedy
 
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 8
@@ -80,3 +80,49 @@ def test_every_family_answers_as_mlx_lm_does(daemon_url: str, family: str) -> No
     finally:
         with control() as c:
             c.post("/admin/stop", json={"model": model})
+
+
+@pytest.mark.parametrize("family", sorted(DRAFTED))
+def test_a_disagreeing_draft_never_changes_the_text(daemon_url: str, family: str) -> None:
+    model = f"family-{family}-drafted"
+    model_dir = family_dir(family)
+    try:
+        long_answer = 24  # past gemma3_text's 16-token window
+        r = httpx.post(
+            f"{daemon_url}/v1/completions",
+            json={"model": model, "prompt": PROMPT, "max_tokens": long_answer, "temperature": 0},
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text
+        from mlx_lm.utils import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+        ids = greedy(model_dir, list(tokenizer.encode(PROMPT)), long_answer)
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+        for token in ids:
+            if token in tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+        detokenizer.finalize()
+        assert r.json()["choices"][0]["text"] == detokenizer.text, family
+        models = httpx.get(f"{daemon_url}/v1/models").json()["data"]
+        spec = next(m for m in models if m["id"] == model)["mlxd"]["speculative"]
+        assert spec["active"] is DRAFTED[family], spec
+        if DRAFTED[family]:
+            drafted = r.json()["usage"]["mlxd"]
+            assert drafted["draft_tokens"] > 0 and drafted["rejected_tokens"] > 0, drafted
+        else:
+            assert "cannot take back rejected draft tokens" in spec["reason"], spec
+    finally:
+        with control() as c:
+            c.post("/admin/stop", json={"model": model})
+
+
+@pytest.mark.parametrize("family", sorted(KV8_REFUSED))
+def test_kv_bits_is_refused_at_load_where_the_family_cannot_use_it(daemon_url: str, family: str) -> None:
+    with control() as c:
+        r = c.post("/admin/start", json={"model": f"family-{family}-kv8"})
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert "kv_bits cannot quantize" in message and KV8_REFUSED[family] in message, message
