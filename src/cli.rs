@@ -253,6 +253,16 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
         if let Some(last) = w.last_exit.as_ref().filter(|_| w.error.is_none()) {
             println!("    last exit: {last}");
         }
+        if let Some(facts) = &w.facts {
+            println!(
+                "    family {}, caches {}",
+                facts.family,
+                facts.cache_kinds.join(" + ")
+            );
+            for limit in &facts.limits {
+                println!("    {}: {}", limit.feature, limit.reason);
+            }
+        }
         if let Some(spec) = &w.stats.speculative {
             println!("    {}", speculative_line(spec));
         }

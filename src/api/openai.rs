@@ -779,13 +779,20 @@ pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
         .map(|p| {
             let mut m =
                 json!({"id": p.name, "object": "model", "created": created, "owned_by": "mlxd"});
+            let running = loaded.iter().find(|w| w.model == p.name);
+            if let Some(facts) = running.and_then(|w| w.facts.as_ref()) {
+                // What the worker found at load: the family, its caches, and
+                // each feature off or limited for it, with the reason.
+                m["mlxd"] = json!({
+                    "family": facts.family,
+                    "cache_kinds": facts.cache_kinds,
+                    "limits": facts.limits.iter().map(|l| json!({"feature": l.feature, "reason": l.reason})).collect::<Vec<_>>(),
+                });
+            }
             if let Some(spec) = &p.speculative {
                 // What the worker says once loaded; the preset's word before that.
-                let status = loaded
-                    .iter()
-                    .find(|w| w.model == p.name)
-                    .and_then(|w| w.stats.speculative.as_ref());
-                m["mlxd"] = json!({"speculative": match status {
+                let status = running.and_then(|w| w.stats.speculative.as_ref());
+                m["mlxd"]["speculative"] = json!(match status {
                     Some(s) => json!({
                         "draft": s.draft, "mode": s.mode, "active": s.active, "reason": s.reason,
                         "num_draft_tokens": s.num_draft_tokens, "acceptance_ratio": s.acceptance,
@@ -794,7 +801,7 @@ pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
                         "draft": spec.draft, "mode": spec.mode.as_str(), "active": null,
                         "reason": "not loaded", "num_draft_tokens": spec.num_draft_tokens,
                     }),
-                }});
+                });
             }
             m
         })

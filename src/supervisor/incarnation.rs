@@ -16,7 +16,7 @@ use bytes::Bytes;
 use metrics::Counter;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
-use worker_protocol::frame::{token_batch_entries, Hello, Load, Stats};
+use worker_protocol::frame::{token_batch_entries, Hello, Load, ModelFacts, Stats};
 use worker_protocol::segment::{new_name, Direction, Heartbeat, Segment};
 use worker_protocol::{Frame, PROTOCOL_VERSION};
 
@@ -131,6 +131,8 @@ pub struct Shared {
     /// The process has been reaped: its pid may belong to someone else now.
     exited: AtomicBool,
     hello: Mutex<Option<Hello>>,
+    /// What the worker found the model to be (its Ready frame).
+    facts: Mutex<Option<ModelFacts>>,
     /// Held until the worker's Hello proves it has mapped the segment, then unlinked;
     /// unlinked on exit if the worker never got that far.
     segment: Mutex<Option<Segment>>,
@@ -235,6 +237,7 @@ impl Incarnation {
             growing: Default::default(),
             exited: Default::default(),
             hello: Mutex::new(None),
+            facts: Mutex::new(None),
             segment: Mutex::new(segment),
             registry,
             stderr_tail: Mutex::new(VecDeque::new()),
@@ -463,6 +466,11 @@ impl Incarnation {
         self.shared.stats.lock().expect("lock").clone()
     }
 
+    /// The model's family, cache kinds and limits, once Ready.
+    pub fn facts(&self) -> Option<ModelFacts> {
+        self.shared.facts.lock().expect("lock").clone()
+    }
+
     pub fn hello(&self) -> Option<Hello> {
         self.shared.hello.lock().expect("lock").clone()
     }
@@ -624,6 +632,13 @@ impl Shared {
                     }
                     // ps and /v1/models show it before the first Stats frame.
                     self.stats.lock().expect("lock").speculative = Some(spec);
+                }
+                if let Some(facts) = ready.model {
+                    tracing::info!(model = %self.model, family = %facts.family, caches = ?facts.cache_kinds, "model facts");
+                    for limit in &facts.limits {
+                        tracing::warn!(model = %self.model, feature = %limit.feature, "{}", limit.reason);
+                    }
+                    *self.facts.lock().expect("lock") = Some(*facts);
                 }
                 let _ = reports.send((n, Report::Ready));
             }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use metrics::{Counter, Gauge};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use worker_protocol::frame::{Generate, Stats};
+use worker_protocol::frame::{Generate, ModelFacts, Stats};
 use worker_protocol::Frame;
 
 use super::budget::Admit;
@@ -100,6 +100,9 @@ pub struct SlotInfo {
     pub blas: Option<String>,
     pub native_protocol: Option<bool>,
     pub stats: Stats,
+    /// The model's family, cache kinds and feature limits (once loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<ModelFacts>,
     pub inflight: usize,
     /// Requests waiting for a place.
     #[serde(default)]
@@ -672,6 +675,7 @@ impl Slot {
             blas: hello.as_ref().and_then(|h| h.blas.clone()),
             native_protocol: hello.as_ref().map(|h| h.native_protocol),
             stats: inc.map(|i| i.stats()).unwrap_or_default(),
+            facts: inc.and_then(|i| i.facts()),
             inflight: self.sent.len() + self.leases,
             queued: self.queue.len(),
             pinned: self.machine.pinned,

@@ -8,6 +8,7 @@ go through the same lanes and caches as the Llama the rest of the suite uses.
 
 from __future__ import annotations
 
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import control
-from families import DRAFTED, FAMILIES, KV8_REFUSED, family_dir, greedy
+from families import DRAFTED, FAMILIES, KV8_REFUSED, cache_kinds, family_dir, greedy
 
+MLXD = Path(__file__).resolve().parents[2] / "target" / "release" / "mlxd"
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 8
 
@@ -61,6 +63,20 @@ def test_every_family_answers_as_mlx_lm_does(daemon_url: str, family: str) -> No
         expected = native_text(model_dir, PROMPT)
         first = complete(daemon_url, model, PROMPT)
         assert first["choices"][0]["text"] == expected, f"{family}: one request"
+
+        # What the worker found, as /v1/models reports it: the cache layers mlx-lm
+        # builds, and the prefix cache limited (with the reason) where a layer
+        # cannot be cut to a shorter prefix.
+        info = next(m for m in httpx.get(f"{daemon_url}/v1/models").json()["data"] if m["id"] == model)["mlxd"]
+        assert info["cache_kinds"] == cache_kinds(model_dir), info
+        limited = [limit["reason"] for limit in info["limits"] if limit["feature"] == "prefix_cache"]
+        rewinds = set(info["cache_kinds"]) <= {"KVCache", "QuantizedKVCache"}
+        assert bool(limited) != rewinds, info
+        ps = subprocess.run(
+            [str(MLXD), "--port", daemon_url.rsplit(":", 1)[1], "ps"], capture_output=True, text=True, check=True
+        ).stdout
+        assert f"caches {' + '.join(info['cache_kinds'])}" in ps, ps
+        assert all(reason in ps for reason in limited), ps
 
         # Three at once go through the batch.
         prompts = [PROMPT, PROMPT + " jumps", "Once upon a time"]

@@ -246,6 +246,33 @@ pub struct Ready {
     /// Present when the preset names a draft model.
     #[serde(default)]
     pub speculative: Option<Box<SpecStatus>>,
+    /// What the worker found the model to be (absent for the replay engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<Box<ModelFacts>>,
+}
+
+/// A loaded model as the worker sees it: its family, the cache layer kinds
+/// mlx-lm builds for it, and the features switched off (or limited) for it at
+/// load, each with the reason (`mlxd ps`, `/v1/models`, the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFacts {
+    /// mlx-lm's `model_type` (the text model's, for a wrapped config).
+    pub family: String,
+    /// The cache layer classes, each once, e.g. `["ArraysCache", "KVCache"]`.
+    pub cache_kinds: Vec<String>,
+    /// Features off or limited for this model, and why.
+    #[serde(default)]
+    pub limits: Vec<FeatureLimit>,
+}
+
+/// One feature off or limited for a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureLimit {
+    /// "speculative", "prefix_cache" or "kv_bits".
+    pub feature: String,
+    pub reason: String,
 }
 
 /// One request's draft tokens: `drafted = accepted + rejected`.

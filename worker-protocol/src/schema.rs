@@ -122,6 +122,14 @@ pub fn examples() -> Vec<Frame> {
             load_seconds: 1.5,
             context_length: Some(8192),
             speculative: Some(Box::new(spec_status.clone())),
+            model: Some(Box::new(ModelFacts {
+                family: "qwen3_next".into(),
+                cache_kinds: vec!["ArraysCache".into(), "KVCache".into()],
+                limits: vec![FeatureLimit {
+                    feature: "prefix_cache".into(),
+                    reason: "only whole entries are reused".into(),
+                }],
+            })),
         }),
         Frame::Generate(Generate {
             id: 7,

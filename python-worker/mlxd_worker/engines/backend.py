@@ -11,9 +11,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, cast
 
 from ..cache.kv_cache import KvOptions
-from ..cache.layers import held
+from ..cache.layers import held, kinds, rewind_problem
 from ..cache.prefix_cache import PrefixCache
-from ..io.protocol import DraftCounts, LoadOptions, PromptCacheStats, SpecStatus, SpeculativeOptions
+from ..io.protocol import (
+    DraftCounts,
+    FeatureLimit,
+    LoadOptions,
+    ModelFacts,
+    PromptCacheStats,
+    SpecStatus,
+    SpeculativeOptions,
+)
 from ..lanes.drafting import DraftController
 from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
 from ..lanes.speculative import SpeculativeSequence, pair_problem
@@ -65,6 +73,7 @@ class Backend(Protocol):
     def detokenizer(self) -> Detokenizer: ...
     def take_counts(self, uid: int) -> DraftCounts | None: ...
     def speculative_status(self) -> SpecStatus | None: ...
+    def model_facts(self) -> ModelFacts | None: ...
     def cached_tokens(self, uid: int) -> int: ...
     def start_prompt_cache(self) -> None: ...
     def prompt_cache_stats(self) -> PromptCacheStats | None: ...
@@ -489,6 +498,51 @@ class MlxBackend:
 
     def speculative_status(self) -> SpecStatus | None:
         return None if self.drafting is None else self.drafting.status()
+
+    def model_facts(self) -> ModelFacts:
+        """The family, the cache layers this worker builds for it, and what is off
+        or limited for it, with the reason (reported in Ready)."""
+        cfg = _config(self._model_path)
+        text_cfg = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
+        cache = self._kv.make(self._model)
+        limits: list[FeatureLimit] = []
+        if self.drafting is not None and not self.drafting.active and self._draft is None:
+            limits.append({"feature": "speculative", "reason": self.drafting.reason})
+        stuck = rewind_problem(cache)
+        if self._prompt_cache_bytes > 0 and stuck:
+            limits.append(
+                {
+                    "feature": "prefix_cache",
+                    "reason": f"only whole cached sequences are reused, not a shorter shared prefix: {stuck}",
+                }
+            )
+        if self._prompt_cache_bytes > 0 and self._kv.max_kv_size is not None:
+            limits.append(
+                {
+                    "feature": "prefix_cache",
+                    "reason": f"sequences past max_kv_size ({self._kv.max_kv_size}) are not kept: a rotated cache "
+                    "would answer differently from a plain run",
+                }
+            )
+        if self._kv.quantized:
+            from mlx_lm.models.cache import KVCache
+
+            attention = [layer for layer in cache if type(layer).__name__ != "ArraysCache"]
+            plain = [layer for layer in attention if type(layer) is KVCache]
+            if len(plain) < len(attention):
+                others = ", ".join(kinds([layer for layer in attention if type(layer) is not KVCache]))
+                limits.append(
+                    {
+                        "feature": "kv_bits",
+                        "reason": f"kv_bits quantizes {len(plain)} of {len(attention)} attention layers; the "
+                        f"others ({others}) stay at full precision",
+                    }
+                )
+        return {
+            "family": str(text_cfg.get("model_type") or cfg.get("model_type") or "unknown"),
+            "cache_kinds": kinds(cache),
+            "limits": limits,
+        }
 
 
 def _load(model_path: str) -> tuple[Model, TokenizerWrapper]:

@@ -269,6 +269,9 @@ class Engine:
             "context_length": self.backend.context_length,
             "speculative": self.backend.speculative_status(),
         }
+        facts = self.backend.model_facts()
+        if facts is not None:
+            ready["model"] = facts
         self.transport.send(frames.READY, frames.json_payload(ready))
         log.info("loaded %s in %.1fs (flush %s)", req["model_name"], time.perf_counter() - t0, self.flush_policy)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 
 from ..errors import RequestError
-from ..io.protocol import DraftCounts, LoadOptions, PromptCacheStats, SpecStatus
+from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
 from ..lanes.drafting import DraftController
 from ..requests.constraint import SequenceConstraint
 from ..requests.sampling import Sampler
@@ -126,6 +126,9 @@ class ReplayBackend:
 
     def speculative_status(self) -> SpecStatus | None:
         return None
+
+    def model_facts(self) -> ModelFacts | None:
+        return None  # no model: a fixed text
 
     def cached_tokens(self, uid: int) -> int:
         return 0  # no KV cache to keep

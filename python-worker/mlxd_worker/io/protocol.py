@@ -280,6 +280,30 @@ class LogprobsFrame(TypedDict):
     id: int
 
 
+class FeatureLimit(TypedDict):
+    """One feature off or limited for a model."""
+
+    #: "speculative", "prefix_cache" or "kv_bits".
+    feature: str
+    reason: str
+
+
+class _ModelFactsRequired(TypedDict):
+    #: The cache layer classes, each once, e.g. `["ArraysCache", "KVCache"]`.
+    cache_kinds: list[str]
+    #: mlx-lm's `model_type` (the text model's, for a wrapped config).
+    family: str
+
+
+class ModelFacts(_ModelFactsRequired, total=False):
+    """A loaded model as the worker sees it: its family, the cache layer kinds
+    mlx-lm builds for it, and the features switched off (or limited) for it at
+    load, each with the reason (`mlxd ps`, `/v1/models`, the log)."""
+
+    #: Features off or limited for this model, and why.
+    limits: list[FeatureLimit]
+
+
 class _SpecStatusRequired(TypedDict):
     #: Whether a request alone decodes speculatively now.
     active: bool
@@ -321,6 +345,8 @@ class Ready(_ReadyRequired, total=False):
     """Worker → daemon: the model is loaded and warmed up."""
 
     context_length: Optional[int]
+    #: What the worker found the model to be (absent for the replay engine).
+    model: Optional[ModelFacts]
     #: Present when the preset names a draft model.
     speculative: Optional[SpecStatus]
 
