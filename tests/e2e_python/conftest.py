@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from families import DRAFT, DRAFTED, FAMILIES, KV8_REFUSED, family_dir
+from families import DISK, DRAFT, DRAFTED, FAMILIES, KV8_REFUSED, family_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,6 +69,11 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (presets / f"family-{family}-drafted.toml").write_text(
             f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n'
             f'[speculative]\ndraft = "{family_dir(DRAFT)}"\nmode = "on"\nnum_draft_tokens = 3\n'
+        )
+    # The disk tier of the prefix cache, found again by the next worker.
+    for family in DISK:
+        (presets / f"family-{family}-disk.toml").write_text(
+            f'model = "{family_dir(family)}"\n[performance]\nprompt_cache_dir = "{at / "family-cache" / family}"\n'
         )
     for family in KV8_REFUSED:
         (presets / f"family-{family}-kv8.toml").write_text(

@@ -61,6 +61,9 @@ _COMMON: dict[str, Any] = {
 # a sliding-window and a hybrid one (served without drafting, with the reason).
 DRAFT = "llama"
 DRAFTED = {"qwen3": True, "gemma3_text": False, "qwen3_next": False}
+# Families whose prefix cache is tested across a worker restart (its disk tier):
+# full attention, MLA, a sliding window, and a recurrent state.
+DISK = ("llama", "deepseek_v3", "gemma3_text", "qwen3_next")
 # Families whose attention mlx-lm cannot quantize: kv_bits is refused at load.
 KV8_REFUSED = {"deepseek_v3": "MLA", "gpt_oss": "attention sinks"}
 

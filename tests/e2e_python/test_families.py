@@ -9,6 +9,7 @@ go through the same lanes and caches as the Llama the rest of the suite uses.
 from __future__ import annotations
 
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import control
-from families import DRAFTED, FAMILIES, KV8_REFUSED, cache_kinds, family_dir, greedy
+from families import DISK, DRAFTED, FAMILIES, KV8_REFUSED, cache_kinds, family_dir, greedy
 
 MLXD = Path(__file__).resolve().parents[2] / "target" / "release" / "mlxd"
 PROMPT = "The quick brown fox"
@@ -142,3 +143,35 @@ def test_kv_bits_is_refused_at_load_where_the_family_cannot_use_it(daemon_url: s
     assert r.status_code == 503, r.text
     message = r.json()["error"]["message"]
     assert "kv_bits cannot quantize" in message and KV8_REFUSED[family] in message, message
+
+
+@pytest.mark.parametrize("family", DISK)
+def test_the_disk_tier_survives_a_restart_and_keeps_the_text(daemon_url: str, family: str) -> None:
+    model = f"family-{family}-disk"
+    model_dir = family_dir(family)
+    try:
+        first = complete(daemon_url, model, PROMPT)
+        expected = native_text(model_dir, PROMPT)
+        assert first["choices"][0]["text"] == expected, family
+        # A clean restart writes what the cache holds; the next worker reads it.
+        with control() as c:
+            r = c.post("/admin/restart", json={"model": model})
+        assert r.status_code == 200, r.text
+        follow = PROMPT + expected + "\nand then"
+        continued = complete(daemon_url, model, follow)
+        assert continued["choices"][0]["text"] == native_text(model_dir, follow), family
+        # The continuation starts with the first answer's sequence: the new worker
+        # found it on disk (its memory started empty), whatever the layer kinds.
+        assert continued["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, continued["usage"]
+        series = f'mlxd_prompt_cache_disk_hits_total{{model="{model}"}}'
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # Stats reach the daemon every second
+            hits = [line for line in httpx.get(f"{daemon_url}/metrics").text.splitlines() if line.startswith(series)]
+            if hits and float(hits[0].rsplit(" ", 1)[1]) >= 1:
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"no disk hit counted for {model}")
+    finally:
+        with control() as c:
+            c.post("/admin/stop", json={"model": model})
