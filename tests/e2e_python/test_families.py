@@ -24,10 +24,10 @@ PROMPT = "The quick brown fox"
 MAX_TOKENS = 8
 
 
-def complete(url: str, model: str, prompt: str) -> dict[str, Any]:
+def complete(url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
     r = httpx.post(
         f"{url}/v1/completions",
-        json={"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0},
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
         timeout=300,
     )
     assert r.status_code == 200, r.text
@@ -35,12 +35,12 @@ def complete(url: str, model: str, prompt: str) -> dict[str, Any]:
     return body
 
 
-def native_text(model_dir: Path, prompt: str) -> str:
+def native_text(model_dir: Path, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
     """mlx-lm's greedy answer, ending at an end-of-sequence token as mlxd's does."""
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    ids = greedy(model_dir, list(tokenizer.encode(prompt)), MAX_TOKENS)
+    ids = greedy(model_dir, list(tokenizer.encode(prompt)), max_tokens)
     for i, token in enumerate(ids):
         if token in tokenizer.eos_token_ids:
             ids = ids[:i]
@@ -105,29 +105,13 @@ def test_a_disagreeing_draft_never_changes_the_text(daemon_url: str, family: str
     model_dir = family_dir(family)
     try:
         long_answer = 24  # past gemma3_text's 16-token window
-        r = httpx.post(
-            f"{daemon_url}/v1/completions",
-            json={"model": model, "prompt": PROMPT, "max_tokens": long_answer, "temperature": 0},
-            timeout=300,
-        )
-        assert r.status_code == 200, r.text
-        from mlx_lm.utils import load_tokenizer
-
-        tokenizer = load_tokenizer(model_dir)
-        ids = greedy(model_dir, list(tokenizer.encode(PROMPT)), long_answer)
-        detokenizer = tokenizer.detokenizer
-        detokenizer.reset()
-        for token in ids:
-            if token in tokenizer.eos_token_ids:
-                break
-            detokenizer.add_token(token)
-        detokenizer.finalize()
-        assert r.json()["choices"][0]["text"] == detokenizer.text, family
+        answer = complete(daemon_url, model, PROMPT, long_answer)
+        assert answer["choices"][0]["text"] == native_text(model_dir, PROMPT, long_answer), family
         models = httpx.get(f"{daemon_url}/v1/models").json()["data"]
         spec = next(m for m in models if m["id"] == model)["mlxd"]["speculative"]
         assert spec["active"] is DRAFTED[family], spec
         if DRAFTED[family]:
-            drafted = r.json()["usage"]["mlxd"]
+            drafted = answer["usage"]["mlxd"]
             assert drafted["draft_tokens"] > 0 and drafted["rejected_tokens"] > 0, drafted
         else:
             assert "cannot take back rejected draft tokens" in spec["reason"], spec
