@@ -169,6 +169,8 @@ pub struct Slot {
     arbiter: Option<mpsc::UnboundedSender<Admit>>,
     /// The memory limit the arbiter granted the incarnation being launched.
     admitted_limit: u64,
+    /// A ClearCache came while no worker existed yet (admitting): sent at launch.
+    clear_on_launch: bool,
     probe: Arc<dyn Probe>,
     /// The worker's footprint at the last measurement.
     footprint: u64,
@@ -219,6 +221,7 @@ impl Slot {
             closing: None,
             arbiter,
             admitted_limit: 0,
+            clear_on_launch: false,
             probe,
             footprint: 0,
             need: 0,
@@ -355,6 +358,10 @@ impl Slot {
         );
         match spawned {
             Ok(inc) => {
+                if std::mem::take(&mut self.clear_on_launch) {
+                    inc.send(Frame::ClearCache);
+                    self.metrics.cache_clears.increment(1);
+                }
                 self.current = Some(inc);
                 self.mark = (0, 0);
                 self.footprint = 0;
@@ -522,12 +529,16 @@ impl Slot {
                     Err(why) => self.feed(Event::Refused(why)),
                 }
             }
-            Command::ClearCache => {
-                if let Some(inc) = &self.current {
+            Command::ClearCache => match &self.current {
+                Some(inc) => {
                     inc.send(Frame::ClearCache);
                     self.metrics.cache_clears.increment(1);
                 }
-            }
+                // Memory went above the mark while this load waited for room:
+                // its worker is told as soon as it exists.
+                None if self.machine.state == State::Admitting => self.clear_on_launch = true,
+                None => {}
+            },
             Command::Info(reply) => {
                 self.measure();
                 let _ = reply.send(self.info());
