@@ -259,6 +259,9 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
                 facts.family,
                 facts.cache_kinds.join(" + ")
             );
+            if let Some(format) = &facts.reasoning {
+                println!("    reasoning: {format}, apart from the answer");
+            }
             for limit in &facts.limits {
                 println!("    {}: {}", limit.feature, limit.reason);
             }
@@ -385,11 +388,18 @@ pub fn list(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How `mlxd import` stores the weights: dequantized to a dtype, or quantized at
+/// these bits (neither: the file's own quantization at the closest MLX bits).
+pub struct ImportAs<'a> {
+    pub dtype: Option<&'a str>,
+    pub bits: Option<&'a str>,
+}
+
 pub fn import(
     cfg: &Config,
     gguf: &std::path::Path,
     name: Option<&str>,
-    dtype: Option<&str>,
+    how: ImportAs<'_>,
 ) -> anyhow::Result<()> {
     let mut cmd = Command::new(&cfg.python);
     cmd.arg("-m")
@@ -401,8 +411,11 @@ pub fn import(
     if let Some(n) = name {
         cmd.arg("--name").arg(n);
     }
-    if let Some(d) = dtype {
+    if let Some(d) = how.dtype {
         cmd.arg("--dtype").arg(d);
+    }
+    if let Some(b) = how.bits {
+        cmd.arg("--bits").arg(b);
     }
     let status = cmd
         .status()

@@ -126,9 +126,13 @@ enum Cmd {
         /// Model name (default: from the file name).
         #[arg(long)]
         name: Option<String>,
-        /// Dequantize everything to this dtype (default: keep Q4_0/Q4_1/Q8_0 quantized).
-        #[arg(long, value_parser = ["float16", "bfloat16", "float32"])]
+        /// Dequantize everything to this dtype (default: keep the file's quantization,
+        /// at the closest MLX bits).
+        #[arg(long, value_parser = ["float16", "bfloat16", "float32"], conflicts_with = "bits")]
         dtype: Option<String>,
+        /// Quantize every quantized tensor to this many bits instead.
+        #[arg(long, value_parser = ["4", "5", "6", "8"])]
+        bits: Option<String>,
     },
 }
 
@@ -242,8 +246,17 @@ async fn main() -> anyhow::Result<()> {
             mlxd::logs::print(source, lines, follow).await
         }
         Cmd::List => mlxd::cli::list(&cfg),
-        Cmd::Import { gguf, name, dtype } => {
-            mlxd::cli::import(&cfg, &gguf, name.as_deref(), dtype.as_deref())
+        Cmd::Import {
+            gguf,
+            name,
+            dtype,
+            bits,
+        } => {
+            let how = mlxd::cli::ImportAs {
+                dtype: dtype.as_deref(),
+                bits: bits.as_deref(),
+            };
+            mlxd::cli::import(&cfg, &gguf, name.as_deref(), how)
         }
     }
 }

@@ -23,6 +23,23 @@ pub enum TransportKind {
     Http,
 }
 
+/// A reasoning model's thinking: told apart from its answer (`auto`: each
+/// dialect's own place for it, when the worker knows the model's format), or
+/// left in the answer's text as the model wrote it (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReasoningMode {
+    #[default]
+    Auto,
+    Off,
+}
+
+impl ReasoningMode {
+    fn is_auto(&self) -> bool {
+        *self == ReasoningMode::Auto
+    }
+}
+
 /// What produces the tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -133,6 +150,9 @@ pub struct Preset {
     /// What produces the tokens (`replay` is for benchmarks).
     #[serde(default)]
     pub engine: EngineKind,
+    /// A reasoning model's thinking apart from its answer ("auto") or in it ("off").
+    #[serde(default, skip_serializing_if = "ReasoningMode::is_auto")]
+    pub reasoning: ReasoningMode,
     /// Requests generating at once (the batch size); more wait in the queue.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent: u32,
@@ -607,6 +627,7 @@ impl Preset {
             prompt_cache_dir: dir,
             prompt_cache_disk_bytes: disk,
             faults: self.faults.clone(),
+            reasoning_inline: self.reasoning == ReasoningMode::Off,
             speculative: self.speculative.as_ref().map(|spec| SpeculativeOptions {
                 draft: spec.draft.clone(),
                 draft_path: None,

@@ -89,13 +89,19 @@ def run(backend: MlxBackend, prompts: list[list[int]], max_tokens: int = TOKENS)
     return [out[u] for u in uids]
 
 
-def native(prompt: list[int], max_tokens: int, **kwargs: Any) -> list[int]:
-    """mlx-lm's own greedy generation with the same KV settings."""
+def native(prompt: list[int], max_tokens: int, quantized_from_start: int | None = None, **kwargs: Any) -> list[int]:
+    """mlx-lm's own greedy generation with the same KV settings; with
+    `quantized_from_start` (bits), mlx-lm's own QuantizedKVCache from the first
+    token (what quantized_kv_start 0 means in mlxd)."""
     from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
 
     from mlxd_worker.engines.backend import _load
 
     model, _ = _load(str(MODEL))
+    if quantized_from_start is not None:
+        cache = [c.to_quantized(group_size=64, bits=quantized_from_start) for c in make_prompt_cache(model)]
+        kwargs["prompt_cache"] = cache
     tokens = []
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs):
         tokens.append(int(token))
@@ -110,11 +116,14 @@ def test_a_quantized_kv_model_batches_and_answers_like_mlx_lm(prompts: list[list
     backend._prompt_cache_bytes = 1 << 30
     backend.start_prompt_cache()
     together = run(backend, prompts)
-    for prompt, got in zip(prompts, together):
-        assert got == native(prompt, TOKENS, kv_bits=8, kv_group_size=64, quantized_kv_start=0)[: len(got)]
-        assert len(got) == TOKENS or got[-1] in backend.eos
     # Finished sequences were kept quantized: ~1.1 bytes per KV element instead of 4.
     quantized_bytes = backend.prompt_cache_stats()["bytes"]  # type: ignore[index]
+    for prompt, got in zip(prompts, together):
+        assert got == native(prompt, TOKENS, quantized_from_start=8)[: len(got)]
+        assert len(got) == TOKENS or got[-1] in backend.eos
+    # The second ran in the batch from its first token; alone (a prefix cache hit
+    # of its whole prompt) its answer is the same: both lanes quantize from the start.
+    assert run(backend, prompts[1:2]) == together[1:2]
     plain = MlxBackend()
     plain.load(str(MODEL), {"prompt_cache_bytes": 1 << 30})
     plain._prompt_cache_bytes = 1 << 30
@@ -167,7 +176,7 @@ def test_rotating_kv_serves_past_its_size_in_both_lanes(prompts: list[list[int]]
     # mlx-lm's own generation over the same rotating layers (its make_prompt_cache
     # ignores max_kv_size for Llama, which makes its own caches).
     model, _ = _load(str(MODEL))
-    rotating = [RotatingKVCache(max_size=size, keep=4) for _ in model.layers]
+    rotating = [RotatingKVCache(max_size=size, keep=0) for _ in model.layers]
     assert alone == native(prompts[0], 12, prompt_cache=rotating)[: len(alone)]
     assert rotating[0].offset > size  # the reference did wrap
     together = run(backend, prompts, max_tokens=12)

@@ -299,7 +299,7 @@ def test_a_forced_call_needs_a_format_whose_calls_are_json_between_markers(engin
     from mlxd_worker.errors import RequestError
     from mlxd_worker.requests.plan import Planner
 
-    planner = Planner(engine.backend.tokenizer, engine.backend.eos)
+    planner = Planner(engine.backend.tokenizer, engine.backend.eos, None)
     planner.tool_format = replace(planner.tool_format, name="qwen3_coder")
     req = {"id": 13, "messages": ASK_WEATHER, "max_tokens": 4, "tools": TOOLS, "tool_choice": "required"}
     message = "tool_choice 'required' is not supported for this model's tool-call format 'qwen3_coder'"

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use worker_protocol::frame::{
-    ChatMessage, Done, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame,
-    ToolChoice,
+    ChatMessage, Done, Generate, MessageToolCall, OutputFormat, ReasoningOptions, TokenLogprob,
+    Tool, ToolCallFrame, ToolChoice,
 };
 
 use super::core;
@@ -45,6 +45,9 @@ struct Block {
     content: Option<Box<Content>>,
     #[serde(default)]
     is_error: Option<bool>,
+    // thinking (an assistant turn's, sent back)
+    #[serde(default)]
+    thinking: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +83,53 @@ struct InOutputFormat {
     schema: Option<Value>,
 }
 
+/// `thinking`: `{"type": "enabled", "budget_tokens": N}`, `{"type": "adaptive"}`
+/// or `{"type": "disabled"}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Thinking {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    budget_tokens: Option<u32>,
+}
+
+/// A request's thinking as the core's: enabled with a budget, adaptive (the
+/// model's own length) or disabled.
+fn thinking(
+    t: Option<Thinking>,
+    max_tokens: Option<u32>,
+) -> Result<Option<Box<ReasoningOptions>>, Error> {
+    let Some(t) = t else { return Ok(None) };
+    let enabled = match t.kind.as_str() {
+        "enabled" => true,
+        "adaptive" => true,
+        "disabled" => false,
+        other => {
+            return Err(Error::invalid(
+                format!("thinking.type '{other}' is not one of enabled, adaptive, disabled"),
+                Some("thinking"),
+            ))
+        }
+    };
+    let budget = if enabled { t.budget_tokens } else { None };
+    if t.kind == "enabled" && budget.is_none() {
+        return Err(Error::invalid(
+            "thinking.budget_tokens: field required",
+            Some("thinking.budget_tokens"),
+        ));
+    }
+    if let (Some(budget), Some(max)) = (budget, max_tokens) {
+        if budget >= max {
+            return Err(Error::invalid(
+                format!("`max_tokens` must be greater than `thinking.budget_tokens` ({max} <= {budget})"),
+                Some("thinking.budget_tokens"),
+            ));
+        }
+    }
+    request::reasoning(Some(enabled), None, budget, "thinking")
+}
+
 #[derive(Debug, Deserialize)]
 struct MessagesRequest {
     model: String,
@@ -102,6 +152,8 @@ struct MessagesRequest {
     tool_choice: Option<InToolChoice>,
     #[serde(default)]
     output_format: Option<InOutputFormat>,
+    #[serde(default)]
+    thinking: Option<Thinking>,
 }
 
 const FIELDS: &[(&str, FieldRule)] = &[
@@ -116,12 +168,9 @@ const FIELDS: &[(&str, FieldRule)] = &[
     ("tools", FieldRule::Served),
     ("tool_choice", FieldRule::Served),
     ("output_format", FieldRule::Served),
+    ("thinking", FieldRule::Served),
     ("metadata", FieldRule::Ignored),
     ("service_tier", FieldRule::Ignored),
-    (
-        "thinking",
-        FieldRule::OnlyNeutral(|v| v["type"] == "disabled"),
-    ),
 ];
 
 /// count_tokens takes the input fields only.
@@ -131,10 +180,7 @@ const COUNT_FIELDS: &[(&str, FieldRule)] = &[
     ("system", FieldRule::Served),
     ("tools", FieldRule::Served),
     ("tool_choice", FieldRule::Served),
-    (
-        "thinking",
-        FieldRule::OnlyNeutral(|v| v["type"] == "disabled"),
-    ),
+    ("thinking", FieldRule::Served),
 ];
 
 fn unsupported_block(kind: &str) -> Error {
@@ -209,9 +255,15 @@ fn chat_messages(
         };
         let mut text = String::new();
         let mut calls = Vec::new();
+        let mut thought = String::new();
         for b in blocks {
             match b.kind.as_str() {
                 "text" => text.push_str(b.text.as_deref().unwrap_or_default()),
+                "thinking" if m.role == "assistant" => {
+                    thought.push_str(b.thinking.as_deref().unwrap_or_default())
+                }
+                // Thinking Anthropic encrypted: nothing a local model can read.
+                "redacted_thinking" if m.role == "assistant" => {}
                 "tool_use" if m.role == "assistant" => calls.push(MessageToolCall {
                     id: b.id.unwrap_or_default(),
                     name: b.name.unwrap_or_default(),
@@ -240,6 +292,7 @@ fn chat_messages(
                 role: m.role,
                 content: text,
                 tool_calls: calls,
+                reasoning: Some(thought).filter(|t| !t.is_empty()),
                 ..Default::default()
             });
         }
@@ -309,10 +362,12 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
         Some(InOutputFormat {
             kind,
             schema: Some(schema),
-        }) if kind == "json_schema" && schema.is_object() => Some(OutputFormat::JsonSchema {
-            schema,
-            strict: true,
-        }),
+        }) if kind == "json_schema" && schema.is_object() => {
+            Some(Box::new(OutputFormat::JsonSchema {
+                schema,
+                strict: true,
+            }))
+        }
         Some(_) => {
             return Err(Error::invalid(
                 "output_format must be {\"type\": \"json_schema\", \"schema\": {...}}",
@@ -321,6 +376,7 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
         }
     };
     request::check_format_with_tools(&gen, "output_format")?;
+    gen.reasoning = thinking(req.thinking, Some(max_tokens))?;
     Ok((gen, req.stream))
 }
 
@@ -378,13 +434,17 @@ pub async fn messages(
         let renderer = AnthropicStream {
             id,
             model,
-            text_open: false,
+            open_block: None,
             blocks: 0,
         };
         return Ok(core::stream(started, renderer, core::Framing::Sse));
     }
     let c = core::collect(started).await?;
     let mut content = Vec::new();
+    if !c.reasoning.is_empty() {
+        // No signature: nothing signs a local model's thinking.
+        content.push(json!({"type": "thinking", "thinking": c.reasoning, "signature": ""}));
+    }
     if !c.text.is_empty() {
         content.push(json!({"type": "text", "text": c.text}));
     }
@@ -408,15 +468,16 @@ pub async fn messages(
 struct AnthropicStream {
     id: String,
     model: String,
-    /// A text block is open (tool_use blocks open and close at once).
-    text_open: bool,
+    /// The open block's type: "text" or "thinking" (tool_use blocks open and
+    /// close at once).
+    open_block: Option<&'static str>,
     /// Content blocks started so far (the next block's index).
     blocks: u32,
 }
 
 impl AnthropicStream {
     fn close_block(&mut self, out: &mut Vec<u8>) {
-        if std::mem::take(&mut self.text_open) {
+        if self.open_block.take().is_some() {
             let index = self.blocks - 1;
             core::sse_event(
                 out,
@@ -424,6 +485,26 @@ impl AnthropicStream {
                 &json!({"type": "content_block_stop", "index": index}),
             );
         }
+    }
+}
+
+impl AnthropicStream {
+    /// A delta of a `kind` block, opening one (and closing another) first.
+    fn block_delta(&mut self, kind: &'static str, delta: Value, out: &mut Vec<u8>) {
+        if self.open_block != Some(kind) {
+            self.close_block(out);
+            let block = match kind {
+                "thinking" => json!({"type": "thinking", "thinking": "", "signature": ""}),
+                _ => json!({"type": "text", "text": ""}),
+            };
+            let start = json!({"type": "content_block_start", "index": self.blocks, "content_block": block});
+            core::sse_event(out, "content_block_start", &start);
+            self.open_block = Some(kind);
+            self.blocks += 1;
+        }
+        let delta =
+            json!({"type": "content_block_delta", "index": self.blocks - 1, "delta": delta});
+        core::sse_event(out, "content_block_delta", &delta);
     }
 }
 
@@ -442,14 +523,12 @@ impl core::Renderer for AnthropicStream {
     }
 
     fn text(&mut self, text: &str, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
-        if !self.text_open {
-            let start = json!({"type": "content_block_start", "index": self.blocks, "content_block": {"type": "text", "text": ""}});
-            core::sse_event(out, "content_block_start", &start);
-            self.text_open = true;
-            self.blocks += 1;
-        }
-        let delta = json!({"type": "content_block_delta", "index": self.blocks - 1, "delta": {"type": "text_delta", "text": text}});
-        core::sse_event(out, "content_block_delta", &delta);
+        self.block_delta("text", json!({"type": "text_delta", "text": text}), out);
+    }
+
+    fn reasoning(&mut self, text: &str, out: &mut Vec<u8>) {
+        let delta = json!({"type": "thinking_delta", "thinking": text});
+        self.block_delta("thinking", delta, out);
     }
 
     fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
@@ -495,6 +574,8 @@ struct CountRequest {
     tools: Option<Vec<InTool>>,
     #[serde(default)]
     tool_choice: Option<InToolChoice>,
+    #[serde(default)]
+    thinking: Option<Thinking>,
 }
 
 /// `POST /v1/messages/count_tokens`: the prompt as the model would see it
@@ -511,6 +592,7 @@ pub async fn count_tokens(
     let gen = Generate {
         messages: Some(chat_messages(req.system, req.messages)?),
         tool_choice: tool_choice(req.tool_choice, &tools)?,
+        reasoning: thinking(req.thinking, None)?,
         tools,
         max_tokens: 1,
         top_p: 1.0,
@@ -572,10 +654,7 @@ mod tests {
             json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
         for (field, value) in [
             ("top_k", json!(5)),
-            (
-                "thinking",
-                json!({"type": "enabled", "budget_tokens": 1024}),
-            ),
+            ("thinking", json!({"type": "sometimes"})),
             (
                 "tools",
                 json!([{"type": "web_search_20250305", "name": "web_search"}]),
@@ -600,6 +679,45 @@ mod tests {
     }
 
     #[test]
+    fn thinking_maps_to_the_core_and_its_budget_is_checked() {
+        let base = json!({"model": "m", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]});
+        let with = |thinking: Value| {
+            let mut body = base.clone();
+            body["thinking"] = thinking;
+            parse(body)
+        };
+        let budget = with(json!({"type": "enabled", "budget_tokens": 16})).unwrap();
+        let r = budget.reasoning.unwrap();
+        assert_eq!((r.enabled, r.max_tokens), (Some(true), Some(16)));
+        let off = with(json!({"type": "disabled"}))
+            .unwrap()
+            .reasoning
+            .unwrap();
+        assert_eq!((off.enabled, off.max_tokens), (Some(false), None));
+        let adaptive = with(json!({"type": "adaptive"}))
+            .unwrap()
+            .reasoning
+            .unwrap();
+        assert_eq!((adaptive.enabled, adaptive.max_tokens), (Some(true), None));
+        let over = with(json!({"type": "enabled", "budget_tokens": 64})).unwrap_err();
+        assert_eq!(over.param(), Some("thinking.budget_tokens"));
+        assert!(with(json!({"type": "enabled"})).is_err());
+        // An assistant turn's thinking block is its reasoning; redacted ones are skipped.
+        let mut body = base;
+        body["messages"] = json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "They said hi.", "signature": "x"},
+                {"type": "redacted_thinking", "data": "abc"},
+                {"type": "text", "text": "Hello!"}]},
+            {"role": "user", "content": "And?"},
+        ]);
+        let m = parse(body).unwrap().messages.unwrap();
+        assert_eq!(m[1].reasoning.as_deref(), Some("They said hi."));
+        assert_eq!(m[1].content, "Hello!");
+    }
+
+    #[test]
     fn stop_reasons_follow_the_finish() {
         let done = |finish: &str, stop: Option<&str>| Done {
             id: 1,
@@ -611,6 +729,7 @@ mod tests {
             speculative: None,
             stop_sequence: stop.map(str::to_owned),
             cached_tokens: 0,
+            reasoning_tokens: 0,
         };
         assert_eq!(stop_reason(&done("stop", None)), "end_turn");
         assert_eq!(stop_reason(&done("stop", Some("###"))), "stop_sequence");

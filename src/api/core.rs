@@ -126,6 +126,8 @@ impl Started {
 /// A whole answer, for clients that did not ask to stream.
 pub struct Collected {
     pub text: String,
+    /// A reasoning model's thinking, apart from the answer.
+    pub reasoning: String,
     pub tool_calls: Vec<ToolCallFrame>,
     pub logprobs: Vec<TokenLogprob>,
     pub done: Done,
@@ -133,14 +135,21 @@ pub struct Collected {
 
 pub async fn collect(mut started: Started) -> Result<Collected, Error> {
     let (mut text, mut tool_calls, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+    let mut reasoning = String::new();
     while let Some(ev) = started.next().await {
         match ev {
+            GenEvent::Token {
+                text: t,
+                reasoning: true,
+                ..
+            } => reasoning.push_str(token_text(&t)),
             GenEvent::Token { text: t, .. } => text.push_str(token_text(&t)),
             GenEvent::ToolCall(call) => tool_calls.push(call),
             GenEvent::Logprobs(mut entries) => logprobs.append(&mut entries),
             GenEvent::Done(done) => {
                 return Ok(Collected {
                     text,
+                    reasoning,
                     tool_calls,
                     logprobs,
                     done,
@@ -159,6 +168,8 @@ pub trait Renderer: Send + 'static {
     fn open(&mut self, _out: &mut Vec<u8>) {}
     /// Text, with the logprobs of the tokens that produced it (when asked for).
     fn text(&mut self, text: &str, logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>);
+    /// Thinking text (a reasoning model's), in the dialect's own place for it.
+    fn reasoning(&mut self, text: &str, out: &mut Vec<u8>);
     fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>);
     /// The end; `logprobs` are those of tokens that added no text (an EOS).
     fn done(&mut self, done: Done, logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>);
@@ -216,14 +227,21 @@ pub fn stream<R: Renderer>(started: Started, renderer: R, framing: Framing) -> R
                 None => st.started.next().await?,
             };
             match ev {
-                GenEvent::Token { text, .. } => {
+                GenEvent::Token {
+                    text, reasoning, ..
+                } => {
                     let mut joined: Option<String> = None;
                     // Logprobs that arrive after the last token taken belong to
                     // tokens still on their way: they wait for them.
                     let mut later: Vec<TokenLogprob> = Vec::new();
                     while let Some(more) = st.started.try_next() {
                         match more {
-                            GenEvent::Token { text: t, .. } => {
+                            // Thinking and answer text are never joined.
+                            GenEvent::Token {
+                                text: t,
+                                reasoning: r,
+                                ..
+                            } if r == reasoning => {
                                 st.logprobs.append(&mut later);
                                 joined
                                     .get_or_insert_with(|| token_text(&text).to_owned())
@@ -237,7 +255,11 @@ pub fn stream<R: Renderer>(started: Started, renderer: R, framing: Framing) -> R
                         }
                     }
                     let text = joined.as_deref().unwrap_or(token_text(&text));
-                    if !text.is_empty() {
+                    if reasoning {
+                        if !text.is_empty() {
+                            st.renderer.reasoning(text, &mut out);
+                        }
+                    } else if !text.is_empty() {
                         let lp = std::mem::take(&mut st.logprobs);
                         st.renderer.text(text, lp, &mut out);
                     }

@@ -90,10 +90,7 @@ const SHARED_FIELDS: &[(&str, FieldRule)] = &[
     ("keep_alive", FieldRule::Served),
     ("logprobs", FieldRule::Served),
     ("top_logprobs", FieldRule::Served),
-    (
-        "think",
-        FieldRule::OnlyNeutral(|v| v == &Value::Bool(false)),
-    ),
+    ("think", FieldRule::Served),
 ];
 
 const CHAT_FIELDS: &[(&str, FieldRule)] = &[
@@ -131,6 +128,9 @@ struct Common {
     logprobs: Option<bool>,
     #[serde(default)]
     top_logprobs: Option<u8>,
+    /// true, false, or a level ("low", "medium", "high") for models that take one.
+    #[serde(default)]
+    think: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +156,8 @@ struct InMessage {
     tool_calls: Option<Vec<InToolCall>>,
     #[serde(default)]
     tool_name: Option<String>,
+    #[serde(default)]
+    thinking: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,11 +239,11 @@ impl Common {
         gen.format = match &self.format {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
-            Some(Value::String(s)) if s == "json" => Some(OutputFormat::JsonObject),
-            Some(schema @ Value::Object(_)) => Some(OutputFormat::JsonSchema {
+            Some(Value::String(s)) if s == "json" => Some(Box::new(OutputFormat::JsonObject)),
+            Some(schema @ Value::Object(_)) => Some(Box::new(OutputFormat::JsonSchema {
                 schema: schema.clone(),
                 strict: false,
-            }),
+            })),
             Some(_) => {
                 return Err(Error::invalid(
                     "format must be \"json\" or a JSON schema object",
@@ -250,6 +252,19 @@ impl Common {
             }
         };
         gen.logprobs = request::logprobs_request(self.logprobs, self.top_logprobs)?;
+        gen.reasoning = match &self.think {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(on)) => request::reasoning(Some(*on), None, None, "think")?,
+            Some(Value::String(level)) if level != "none" => {
+                request::reasoning(Some(true), Some(level), None, "think")?
+            }
+            Some(_) => {
+                return Err(Error::invalid(
+                    "think must be true, false, \"low\", \"medium\" or \"high\"",
+                    Some("think"),
+                ))
+            }
+        };
         Ok(gen)
     }
 
@@ -292,6 +307,7 @@ fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
                 content: m.content.unwrap_or_default(),
                 tool_calls,
                 name: m.tool_name,
+                reasoning: m.thinking.filter(|t| !t.is_empty()),
                 ..Default::default()
             })
         })
@@ -434,6 +450,9 @@ async fn serve(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Respo
     }
     let c = core::collect(started).await?;
     let mut v = meta.chunk(&c.text, &c.tool_calls);
+    if !c.reasoning.is_empty() {
+        meta.thinking(&mut v, &c.reasoning);
+    }
     if meta.logprobs {
         v["logprobs"] = logprobs_json(&c.logprobs);
     }
@@ -517,6 +536,14 @@ impl Meta {
         v
     }
 
+    /// Adds a reasoning model's thinking to a chunk, where Ollama puts it.
+    fn thinking(&self, v: &mut Value, text: &str) {
+        match self.endpoint {
+            Endpoint::Chat => v["message"]["thinking"] = json!(text),
+            Endpoint::Generate => v["thinking"] = json!(text),
+        }
+    }
+
     /// Turns a chunk into the final one: reason, counts and durations.
     fn finish(&self, v: &mut Value, done: &Done) {
         v["done"] = json!(true);
@@ -553,6 +580,12 @@ impl core::Renderer for OllamaStream {
         if self.meta.logprobs {
             v["logprobs"] = logprobs_json(&logprobs);
         }
+        core::ndjson(out, &v);
+    }
+
+    fn reasoning(&mut self, text: &str, out: &mut Vec<u8>) {
+        let mut v = self.meta.chunk("", &[]);
+        self.meta.thinking(&mut v, text);
         core::ndjson(out, &v);
     }
 

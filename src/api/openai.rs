@@ -68,6 +68,18 @@ struct InMessage {
     tool_call_id: Option<String>,
     #[serde(default)]
     name: Option<String>,
+    /// An assistant turn's thinking, as this API returned it (some clients
+    /// send it back under the shorter name).
+    #[serde(default, alias = "reasoning")]
+    reasoning_content: Option<String>,
+}
+
+/// `chat_template_kwargs` (vLLM's and SGLang's field): only the thinking switch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateKwargs {
+    #[serde(default)]
+    enable_thinking: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -152,6 +164,14 @@ struct ChatRequest {
     logprobs: Option<bool>,
     #[serde(default)]
     top_logprobs: Option<u8>,
+    #[serde(default)]
+    reasoning_effort: Option<String>,
+    /// mlxd's thinking budget: the worker ends the thinking section after this
+    /// many tokens.
+    #[serde(default)]
+    max_reasoning_tokens: Option<u32>,
+    #[serde(default)]
+    chat_template_kwargs: Option<TemplateKwargs>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +220,9 @@ const CHAT_FIELDS: &[(&str, FieldRule)] = &[
     ("tool_choice", FieldRule::Served),
     ("response_format", FieldRule::Served),
     ("top_logprobs", FieldRule::Served),
+    ("reasoning_effort", FieldRule::Served),
+    ("max_reasoning_tokens", FieldRule::Served),
+    ("chat_template_kwargs", FieldRule::Served),
     // Several calls in one answer are parsed either way.
     ("parallel_tool_calls", FieldRule::Ignored),
     ("metadata", FieldRule::Ignored),
@@ -326,6 +349,7 @@ fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
                 tool_calls,
                 tool_call_id: m.tool_call_id,
                 name: m.name,
+                reasoning: m.reasoning_content.filter(|r| !r.is_empty()),
             })
         })
         .collect()
@@ -380,6 +404,7 @@ fn usage(d: &Done) -> Value {
         "completion_tokens": d.completion_tokens,
         "total_tokens": d.prompt_tokens + d.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": d.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": d.reasoning_tokens},
     });
     if let Some(counts) = &d.speculative {
         u["mlxd"] = core::speculative_usage(counts);
@@ -502,6 +527,9 @@ impl Meta {
         let choice = match self.dialect {
             Kind::Chat => {
                 let mut message = json!({"role": "assistant", "content": c.text});
+                if !c.reasoning.is_empty() {
+                    message["reasoning_content"] = json!(c.reasoning);
+                }
                 if !c.tool_calls.is_empty() {
                     if c.text.is_empty() {
                         message["content"] = Value::Null;
@@ -515,7 +543,8 @@ impl Meta {
                 json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": 0, "text": c.text, "logprobs": logprobs, "finish_reason": finish})
+                // A raw prompt's output is never split (only chat turns are).
+                json!({"index": 0, "text": c.reasoning + &c.text, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         json!({
@@ -655,6 +684,17 @@ impl core::Renderer for OpenAiStream {
         core::sse_data(out, &c);
     }
 
+    fn reasoning(&mut self, text: &str, out: &mut Vec<u8>) {
+        match self.meta.dialect {
+            Kind::Chat => {
+                let delta = json!({"reasoning_content": text});
+                core::sse_data(out, &self.meta.chunk(delta, None));
+            }
+            // A raw prompt's output is never split (only chat turns are).
+            Kind::Completion => self.frame.render(text, out),
+        }
+    }
+
     fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
         if self.meta.dialect == Kind::Chat {
             let delta = json!({"tool_calls": [tool_call_json(&call, true)]});
@@ -708,9 +748,15 @@ fn chat_generate(
     gen.messages = Some(chat_messages(req.messages)?);
     gen.tools = tools(req.tools)?;
     gen.tool_choice = request::tool_choice(req.tool_choice, &gen.tools)?;
-    gen.format = output_format(req.response_format)?;
+    gen.format = output_format(req.response_format)?.map(Box::new);
     request::check_format_with_tools(&gen, "response_format")?;
     gen.logprobs = request::logprobs_request(req.logprobs, req.top_logprobs)?;
+    gen.reasoning = request::reasoning(
+        req.chat_template_kwargs.and_then(|k| k.enable_thinking),
+        req.reasoning_effort.as_deref(),
+        req.max_reasoning_tokens,
+        "reasoning_effort",
+    )?;
     request::assert_generate(&gen);
     Ok((req.sampling, gen))
 }
@@ -786,6 +832,7 @@ pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
                 m["mlxd"] = json!({
                     "family": facts.family,
                     "cache_kinds": facts.cache_kinds,
+                    "reasoning": facts.reasoning,
                     "limits": facts.limits.iter().map(|l| json!({"feature": l.feature, "reason": l.reason})).collect::<Vec<_>>(),
                 });
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
-use worker_protocol::frame::{Generate, Tool, ToolChoice};
+use worker_protocol::frame::{Generate, ReasoningOptions, Tool, ToolChoice};
 
 use super::AppState;
 use crate::error::Error;
@@ -326,6 +326,38 @@ pub fn forced_tool_is_known(choice: &ToolChoice, tools: &[Tool], field: &str) ->
         }
         _ => Ok(()),
     }
+}
+
+/// A request's thinking, from its dialect's fields: `enabled` (a switch, e.g.
+/// Ollama's `think: false`), an effort (OpenAI's `reasoning_effort`; "none" turns
+/// thinking off) and a budget in tokens. None when the request says nothing.
+pub fn reasoning(
+    enabled: Option<bool>,
+    effort: Option<&str>,
+    max_tokens: Option<u32>,
+    effort_field: &str,
+) -> Result<Option<Box<ReasoningOptions>>, Error> {
+    let (enabled, effort) = match effort {
+        None => (enabled, None),
+        Some("none") => (Some(false), None),
+        // Chat templates know low, medium and high (GPT-OSS's "Reasoning: low").
+        Some("minimal" | "low") => (enabled, Some("low")),
+        Some(e @ ("medium" | "high")) => (enabled, Some(e)),
+        Some(other) => {
+            return Err(Error::invalid(
+                format!("{effort_field} '{other}' is not one of none, minimal, low, medium, high"),
+                Some(effort_field),
+            ))
+        }
+    };
+    if enabled.is_none() && effort.is_none() && max_tokens.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(ReasoningOptions {
+        enabled,
+        effort: effort.map(str::to_owned),
+        max_tokens,
+    })))
 }
 
 /// What every accepted request satisfies (checked here, and by the fuzzer).

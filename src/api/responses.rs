@@ -29,6 +29,8 @@ const FIELDS: &[(&str, FieldRule)] = &[
     ("top_p", FieldRule::Served),
     ("stream", FieldRule::Served),
     ("text", FieldRule::Served),
+    ("reasoning", FieldRule::Served),
+    ("max_reasoning_tokens", FieldRule::Served),
     // Nothing is stored either way; the answer is the same.
     ("store", FieldRule::Ignored),
     ("metadata", FieldRule::Ignored),
@@ -40,8 +42,15 @@ const FIELDS: &[(&str, FieldRule)] = &[
         FieldRule::OnlyNeutral(|v| v.as_str() == Some("disabled")),
     ),
     ("include", FieldRule::OnlyNeutral(request::is_empty)),
-    ("reasoning", FieldRule::OnlyNeutral(request::is_empty)),
 ];
+
+/// `reasoning`: how hard a reasoning model thinks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReasoningParam {
+    #[serde(default)]
+    effort: Option<String>,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -88,6 +97,11 @@ struct ResponsesRequest {
     stream: bool,
     #[serde(default)]
     text: Option<TextOptions>,
+    #[serde(default)]
+    reasoning: Option<ReasoningParam>,
+    /// mlxd's thinking budget, as in chat completions.
+    #[serde(default)]
+    max_reasoning_tokens: Option<u32>,
 }
 
 /// Text of a message item's content: a string, or input_text/output_text parts.
@@ -143,8 +157,17 @@ fn messages(instructions: Option<String>, input: Input) -> Result<Vec<ChatMessag
         Input::Text(text) => vec![json!({"role": "user", "content": text})],
         Input::Items(items) => items,
     };
+    // A reasoning item's text belongs to the assistant turn that follows it.
+    let mut thought: Option<String> = None;
     for item in items {
-        match item["type"].as_str().unwrap_or("message") {
+        let kind = item["type"].as_str().unwrap_or("message");
+        if kind == "reasoning" {
+            let text = reasoning_text(&item)?;
+            thought.get_or_insert_with(String::new).push_str(&text);
+            continue;
+        }
+        let before = out.len();
+        match kind {
             "message" => {
                 let role = match item["role"].as_str() {
                     Some("developer" | "system") => "system",
@@ -199,11 +222,46 @@ fn messages(instructions: Option<String>, input: Input) -> Result<Vec<ChatMessag
                 ))
             }
         }
+        if let Some(last) = out.last_mut().filter(|m| m.role == "assistant") {
+            if let Some(text) = thought.take() {
+                last.reasoning = Some(text);
+            }
+        } else if out.len() > before {
+            thought = None; // a user or tool turn came between: it stays unsaid
+        }
     }
     if out.iter().all(|m| m.role == "system") {
         return Err(Error::invalid("input must not be empty", Some("input")));
     }
     Ok(out)
+}
+
+/// A reasoning input item's text (its `content` parts; a summary stands in when
+/// only that came back).
+fn reasoning_text(item: &Value) -> Result<String, Error> {
+    let parts = match (&item["content"], &item["summary"]) {
+        (Value::Array(parts), _) if !parts.is_empty() => parts,
+        (_, Value::Array(parts)) => parts,
+        _ => return Ok(String::new()),
+    };
+    let mut text = String::new();
+    for p in parts {
+        match p["type"].as_str() {
+            Some("reasoning_text" | "summary_text" | "text") => {
+                text.push_str(p["text"].as_str().unwrap_or_default())
+            }
+            other => {
+                return Err(Error::invalid(
+                    format!(
+                        "reasoning content type '{}' is not supported",
+                        other.unwrap_or("?")
+                    ),
+                    Some("input"),
+                ))
+            }
+        }
+    }
+    Ok(text)
 }
 
 fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
@@ -290,6 +348,7 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
         "top_p": map.get("top_p").cloned().unwrap_or(json!(1.0)),
         "max_output_tokens": map.get("max_output_tokens").cloned().unwrap_or(Value::Null),
         "text": map.get("text").cloned().unwrap_or(json!({"format": {"type": "text"}})),
+        "reasoning": map.get("reasoning").cloned().unwrap_or(json!({"effort": null, "summary": null})),
     });
     let req: ResponsesRequest = request::from_object(map)?;
     let mut gen = request::SamplingParams {
@@ -303,8 +362,15 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
     gen.messages = Some(messages(req.instructions, req.input)?);
     gen.tools = tools(req.tools)?;
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
-    gen.format = output_format(req.text)?;
+    gen.format = output_format(req.text)?.map(Box::new);
     request::check_format_with_tools(&gen, "text.format")?;
+    let effort = req.reasoning.and_then(|r| r.effort);
+    gen.reasoning = request::reasoning(
+        None,
+        effort.as_deref(),
+        req.max_reasoning_tokens,
+        "reasoning.effort",
+    )?;
     Ok(Parsed {
         model: req.model,
         gen,
@@ -346,11 +412,15 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
             seq: 0,
             output: Vec::new(),
             text_item: None,
+            reasoning_item: None,
         };
         return Ok(core::stream(started, renderer, core::Framing::Sse));
     }
     let c = core::collect(started).await?;
     let mut output = Vec::new();
+    if !c.reasoning.is_empty() {
+        output.push(reasoning_item(&core::new_id("rs"), &c.reasoning));
+    }
     if !c.text.is_empty() {
         output.push(message_item(&core::new_id("msg"), &c.text, "completed"));
     }
@@ -392,7 +462,7 @@ impl Shell {
                 "input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens,
                 "total_tokens": done.prompt_tokens + done.completion_tokens,
                 "input_tokens_details": {"cached_tokens": done.cached_tokens},
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": done.reasoning_tokens},
             });
             if let Some(counts) = &done.speculative {
                 usage["mlxd"] = core::speculative_usage(counts);
@@ -412,6 +482,17 @@ fn message_item(id: &str, text: &str, status: &str) -> Value {
     json!({"type": "message", "id": id, "status": status, "role": "assistant", "content": content})
 }
 
+/// A reasoning model's thinking: its text as `reasoning_text` content (mlxd
+/// writes no summaries).
+fn reasoning_item(id: &str, text: &str) -> Value {
+    let content = if text.is_empty() {
+        json!([])
+    } else {
+        json!([{"type": "reasoning_text", "text": text}])
+    };
+    json!({"type": "reasoning", "id": id, "summary": [], "content": content})
+}
+
 fn function_item(call: &ToolCallFrame, status: &str) -> Value {
     json!({"type": "function_call", "id": format!("fc_{}", call.call_id), "call_id": call.call_id,
            "name": call.name, "arguments": call.arguments, "status": status})
@@ -427,6 +508,8 @@ struct ResponsesStream {
     output: Vec<Value>,
     /// The open message item: its id and text so far.
     text_item: Option<(String, String)>,
+    /// The open reasoning item: its id and text so far.
+    reasoning_item: Option<(String, String)>,
 }
 
 impl ResponsesStream {
@@ -435,6 +518,25 @@ impl ResponsesStream {
         body["sequence_number"] = json!(self.seq);
         self.seq += 1;
         core::sse_event(out, kind, &body);
+    }
+
+    fn close_reasoning(&mut self, out: &mut Vec<u8>) {
+        let Some((id, text)) = self.reasoning_item.take() else {
+            return;
+        };
+        let index = self.output.len();
+        self.event(
+            out,
+            "response.reasoning_text.done",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
+        );
+        let item = reasoning_item(&id, &text);
+        self.event(
+            out,
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        );
+        self.output.push(item);
     }
 
     fn close_text(&mut self, out: &mut Vec<u8>) {
@@ -467,7 +569,32 @@ impl core::Renderer for ResponsesStream {
         self.event(out, "response.in_progress", json!({"response": r}));
     }
 
+    fn reasoning(&mut self, text: &str, out: &mut Vec<u8>) {
+        self.close_text(out);
+        let index = self.output.len();
+        if self.reasoning_item.is_none() {
+            let id = core::new_id("rs");
+            self.event(
+                out,
+                "response.output_item.added",
+                json!({"output_index": index, "item": reasoning_item(&id, "")}),
+            );
+            self.reasoning_item = Some((id, String::new()));
+        }
+        let id = {
+            let (id, so_far) = self.reasoning_item.as_mut().expect("opened above");
+            so_far.push_str(text);
+            id.clone()
+        };
+        self.event(
+            out,
+            "response.reasoning_text.delta",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
+        );
+    }
+
     fn text(&mut self, text: &str, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        self.close_reasoning(out);
         let index = self.output.len();
         if self.text_item.is_none() {
             let id = core::new_id("msg");
@@ -490,6 +617,7 @@ impl core::Renderer for ResponsesStream {
     }
 
     fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
+        self.close_reasoning(out);
         self.close_text(out);
         let index = self.output.len();
         let item = function_item(&call, "completed");
@@ -518,6 +646,7 @@ impl core::Renderer for ResponsesStream {
     }
 
     fn done(&mut self, done: Done, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        self.close_reasoning(out);
         self.close_text(out);
         let r = self
             .shell
@@ -586,8 +715,8 @@ mod tests {
                 "previous_response_id",
             ),
             (
-                json!({"model": "m", "input": "hi", "reasoning": {"effort": "high"}}),
-                "reasoning",
+                json!({"model": "m", "input": "hi", "reasoning": {"effort": "extreme"}}),
+                "reasoning.effort",
             ),
             (
                 json!({"model": "m", "input": [{"type": "input_image"}]}),

@@ -53,6 +53,8 @@ pub enum GenEvent {
     Token {
         token: u32,
         text: Bytes,
+        /// The text is thinking (a reasoning model's), not answer.
+        reasoning: bool,
     },
     /// A tool call the worker parsed from the output (after the tokens before it).
     ToolCall(worker_protocol::frame::ToolCallFrame),
@@ -560,6 +562,7 @@ impl Shared {
                 let _ = route.tx.send(GenEvent::Token {
                     token: e.token,
                     text: batch.slice_ref(e.text.as_bytes()),
+                    reasoning: e.reasoning,
                 });
             }
         }

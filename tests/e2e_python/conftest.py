@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from families import DISK, DRAFT, DRAFTED, FAMILIES, KV8_REFUSED, family_dir
+from families import DISK, DRAFT, DRAFTED, FAMILIES, KV8, KV8_GROUP, KV8_REFUSED, MAX_KV_SIZE, ROTATING, family_dir
+from thinking import thinker_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,6 +80,21 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (presets / f"family-{family}-kv8.toml").write_text(
             f'model = "{family_dir(family)}"\n[performance]\nkv_bits = 8\nkv_group_size = 32\n'
         )
+    # kv_bits 8 where the family takes it (wider heads: mx.quantize groups of 32).
+    for family in KV8:
+        (presets / f"family-{family}-kv8q.toml").write_text(
+            f'model = "{family_dir(family, wide=True)}"\nkeep_alive = "30s"\n'
+            f"[performance]\nmax_concurrent = 4\nkv_bits = 8\nkv_group_size = {KV8_GROUP}\n"
+        )
+    for family in ROTATING:
+        (presets / f"family-{family}-rotating.toml").write_text(
+            f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n'
+            f"[performance]\nmax_concurrent = 4\nmax_kv_size = {MAX_KV_SIZE}\n"
+        )
+    # A reasoning model whose thinking and answer are known (test_reasoning), and
+    # the same with reasoning = "off".
+    (presets / "thinker.toml").write_text(f'model = "{thinker_dir()}"\nkeep_alive = "60s"\n')
+    (presets / "thinker-inline.toml").write_text(f'model = "{thinker_dir()}"\nkeep_alive = "30s"\nreasoning = "off"\n')
     return presets
 
 

@@ -66,6 +66,16 @@ DRAFTED = {"qwen3": True, "gemma3_text": False, "qwen3_next": False}
 DISK = ("llama", "deepseek_v3", "gemma3_text", "qwen3_next")
 # Families whose attention mlx-lm cannot quantize: kv_bits is refused at load.
 KV8_REFUSED = {"deepseek_v3": "MLA", "gpt_oss": "attention sinks"}
+# Families served with kv_bits 8 (group 32): full attention, a sliding window (its
+# global layers quantized) and a recurrent state (its attention layers quantized).
+# mx.quantize groups the head dimension by at least 32, so these are built wider.
+KV8 = ("llama", "qwen3", "gemma3_text", "qwen3_next")
+KV8_GROUP = 32
+WIDE_HEADS: dict[str, Any] = {"head_dim": 32}
+# Families served with a rotating KV cache (max_kv_size, the smallest mlxd takes),
+# with prompts that outgrow it.
+ROTATING = ("llama", "qwen3_moe", "qwen3_next")
+MAX_KV_SIZE = 256
 
 
 def _config(**fields: Any) -> dict[str, Any]:
@@ -388,11 +398,12 @@ def _same_build(out: Path, config: dict[str, Any], seed: int) -> bool:
     return on_disk == config and info.get("seed") == seed and (out / "model.safetensors").is_file()
 
 
-def build(family: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight model of `family` to `out` (config.json, model.safetensors, the tokenizer
-    files of `tokenizer_dir`); nothing is done when `out` already holds the same config built with the same
-    seed. config.json is written last, so a directory that has it is complete. Returns `out`."""
-    config = FAMILIES[family]
+def build(family: str, out: Path, tokenizer_dir: Path, seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
+    """Write a tiny random-weight model of `family` (its config with `overrides`) to `out` (config.json,
+    model.safetensors, the tokenizer files of `tokenizer_dir`); nothing is done when `out` already holds the
+    same config built with the same seed. config.json is written last, so a directory that has it is complete.
+    Returns `out`."""
+    config = {**FAMILIES[family], **(overrides or {})}
     out = Path(out)
     tokenizer_dir = Path(tokenizer_dir)
     if _same_build(out, config, seed):
@@ -425,10 +436,12 @@ def tokenizer_dir() -> Path:
     return Path(os.environ.get("MLXD_MODELS_DIR") or home / "models") / "smollm2-135m"
 
 
-def family_dir(family: str, seed: int = 0) -> Path:
-    """`family` built (once) under target/families/ of the repository, with the SmolLM2 tokenizer."""
+def family_dir(family: str, seed: int = 0, wide: bool = False) -> Path:
+    """`family` built (once) under target/families/ of the repository, with the SmolLM2 tokenizer; `wide`:
+    with WIDE_HEADS (for kv_bits)."""
     root = Path(__file__).resolve().parents[2]
-    return build(family, root / "target" / "families" / family, tokenizer_dir(), seed)
+    name = f"{family}-wide" if wide else family
+    return build(family, root / "target" / "families" / name, tokenizer_dir(), seed, WIDE_HEADS if wide else None)
 
 
 def load(model_dir: Path) -> nn.Module:
@@ -439,18 +452,33 @@ def load(model_dir: Path) -> nn.Module:
     return model
 
 
-def greedy(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
+def greedy(
+    model_dir: Path, prompt_ids: list[int], max_tokens: int, kv_bits: int | None = None, max_kv_size: int | None = None
+) -> list[int]:
     """mlx-lm's own greedy generation from `prompt_ids`: mlx_lm.load, then generate_step with an argmax sampler
-    and the model's own prompt cache. Exactly `max_tokens` ids come back: generate_step does not stop at EOS."""
+    and the model's own prompt cache. Exactly `max_tokens` ids come back: generate_step does not stop at EOS.
+
+    `kv_bits`: the cache's full-attention layers are mlx-lm's QuantizedKVCache from the first token (group
+    KV8_GROUP); `max_kv_size`: they are mlx-lm's RotatingKVCache of that size, a plain window (mlxd keeps
+    no sink tokens: mlx-lm's batch cannot). The other layers (sliding windows, recurrent state) stay as the
+    model makes them."""
     import mlx_lm
     from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
     model, _ = mlx_lm.load(str(model_dir))
+    cache = make_prompt_cache(model)
+    for i, layer in enumerate(cache):
+        if type(layer) is KVCache and kv_bits is not None:
+            cache[i] = QuantizedKVCache(group_size=KV8_GROUP, bits=kv_bits)
+        elif type(layer) is KVCache and max_kv_size is not None:
+            cache[i] = RotatingKVCache(max_size=max_kv_size, keep=0)
     steps = generate_step(
         mx.array(prompt_ids, dtype=mx.uint32),
         model,
         max_tokens=max_tokens,
         sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
+        prompt_cache=cache,
     )
     return [int(token) for token, _ in steps]
 

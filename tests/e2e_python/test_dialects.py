@@ -220,7 +220,7 @@ def test_openai_completion_logprobs(oai: OpenAI) -> None:
     ("extra", "field"),
     [
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"response_format": {"type": "yaml"}}, "response_format"),

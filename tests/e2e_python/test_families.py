@@ -17,7 +17,18 @@ from typing import Any
 import httpx
 import pytest
 from conftest import control
-from families import DISK, DRAFTED, FAMILIES, KV8_REFUSED, cache_kinds, family_dir, greedy
+from families import (
+    DISK,
+    DRAFTED,
+    FAMILIES,
+    KV8,
+    KV8_REFUSED,
+    MAX_KV_SIZE,
+    ROTATING,
+    cache_kinds,
+    family_dir,
+    greedy,
+)
 
 MLXD = Path(__file__).resolve().parents[2] / "target" / "release" / "mlxd"
 PROMPT = "The quick brown fox"
@@ -35,12 +46,13 @@ def complete(url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS) ->
     return body
 
 
-def native_text(model_dir: Path, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
-    """mlx-lm's greedy answer, ending at an end-of-sequence token as mlxd's does."""
+def native_text(model_dir: Path, prompt: str, max_tokens: int = MAX_TOKENS, **cache: Any) -> str:
+    """mlx-lm's greedy answer, ending at an end-of-sequence token as mlxd's does
+    (`cache`: greedy's kv_bits or max_kv_size)."""
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    ids = greedy(model_dir, list(tokenizer.encode(prompt)), max_tokens)
+    ids = greedy(model_dir, list(tokenizer.encode(prompt)), max_tokens, **cache)
     for i, token in enumerate(ids):
         if token in tokenizer.eos_token_ids:
             ids = ids[:i]
@@ -156,6 +168,55 @@ def test_the_disk_tier_survives_a_restart_and_keeps_the_text(daemon_url: str, fa
             time.sleep(0.25)
         else:
             raise AssertionError(f"no disk hit counted for {model}")
+    finally:
+        with control() as c:
+            c.post("/admin/stop", json={"model": model})
+
+
+def batched(url: str, model: str, prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[str]:
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda p: complete(url, model, p, max_tokens), prompts))
+    return [a["choices"][0]["text"] for a in answers]
+
+
+@pytest.mark.parametrize("family", KV8)
+def test_kv_bits_8_answers_as_mlx_lm_quantized_alone_and_batched(daemon_url: str, family: str) -> None:
+    model = f"family-{family}-kv8q"
+    model_dir = family_dir(family, wide=True)
+    prompts = [PROMPT, PROMPT + " jumps", "Once upon a time"]
+    try:
+        expected = [native_text(model_dir, p, kv_bits=8) for p in prompts]
+        alone = complete(daemon_url, model, PROMPT)["choices"][0]["text"]
+        assert alone == expected[0], f"{family}: kv8 alone"
+        # In company the answers are the lone ones: both lanes quantize from the first token.
+        assert batched(daemon_url, model, prompts) == expected, f"{family}: kv8 batched"
+        info = next(m for m in httpx.get(f"{daemon_url}/v1/models").json()["data"] if m["id"] == model)["mlxd"]
+        assert "QuantizedKVCache" in info["cache_kinds"], info
+        partial = [limit["reason"] for limit in info["limits"] if limit["feature"] == "kv_bits"]
+        if set(cache_kinds(model_dir)) == {"KVCache"}:
+            assert not partial, info
+        else:  # a sliding window or a recurrent state stays at full precision, and says so
+            assert partial and "stay at full precision" in partial[0], info
+    finally:
+        with control() as c:
+            c.post("/admin/stop", json={"model": model})
+
+
+@pytest.mark.parametrize("family", ROTATING)
+def test_a_rotating_cache_past_its_size_answers_as_mlx_lm(daemon_url: str, family: str) -> None:
+    model = f"family-{family}-rotating"
+    model_dir = family_dir(family)
+    # Prompts longer than the cache (in SmolLM2 tokens), so that it rotates in the
+    # prompt and in the answer; then the first again (a prefix cache hit, or not).
+    long = " ".join(f"word{i}" for i in range(MAX_KV_SIZE // 2))
+    prompts = [long, long + " and more", "Once upon a time " + long]
+    try:
+        expected = [native_text(model_dir, p, max_kv_size=MAX_KV_SIZE) for p in prompts]
+        assert complete(daemon_url, model, prompts[0])["choices"][0]["text"] == expected[0], family
+        assert batched(daemon_url, model, prompts) == expected, f"{family}: rotating, batched"
+        again = complete(daemon_url, model, prompts[0])
+        assert again["choices"][0]["text"] == expected[0], f"{family}: rotating, again"
+        assert again["usage"]["prompt_tokens"] > MAX_KV_SIZE, again["usage"]
     finally:
         with control() as c:
             c.post("/admin/stop", json={"model": model})

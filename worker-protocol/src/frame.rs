@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
 /// refuses a worker that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
@@ -177,6 +177,10 @@ pub struct LoadOptions {
     /// Test-only fault injection (a preset's `[faults]` table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultOptions>,
+    /// The preset's `reasoning = "off"`: a reasoning model's thinking stays in
+    /// the answer's text as the model wrote it, markers included.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reasoning_inline: bool,
 }
 
 fn default_max_batch() -> u32 {
@@ -264,6 +268,10 @@ pub struct ModelFacts {
     /// Features off or limited for this model, and why.
     #[serde(default)]
     pub limits: Vec<FeatureLimit>,
+    /// How its thinking is told apart from its answer ("<think>…</think>",
+    /// "harmony"), when the worker separates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
 }
 
 /// One feature off or limited for a model.
@@ -353,6 +361,10 @@ pub struct ChatMessage {
     pub tool_call_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's reasoning, as the client sent it back (chat templates
+    /// that keep the thinking of the current tool-call round render it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
 }
 
 /// A tool call already in the history (the model made it on an earlier turn).
@@ -434,15 +446,35 @@ pub struct Generate {
     #[serde(default, skip_serializing_if = "is_auto")]
     pub tool_choice: ToolChoice,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub format: Option<OutputFormat>,
+    pub format: Option<Box<OutputFormat>>,
     /// Send Logprobs frames for this request, with this many alternatives per
     /// token (0..=20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u8>,
+    /// What the request asks of a reasoning model's thinking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<Box<ReasoningOptions>>,
     /// Only count the prompt's tokens (Anthropic's count_tokens): the worker
     /// answers Done with finish_reason "counted" and generates nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub count_only: bool,
+}
+
+/// A request's thinking, as every dialect's own fields map onto it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReasoningOptions {
+    /// Ask the chat template to open (true) or skip (false) the thinking
+    /// section (`enable_thinking`); None: the model's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// "low", "medium" or "high": the chat template's `reasoning_effort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effort: Option<String>,
+    /// At most this many thinking tokens: the worker then ends the thinking
+    /// section itself and the answer follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
 }
 
 fn is_auto(c: &ToolChoice) -> bool {
@@ -504,7 +536,13 @@ pub struct TokenEntry {
     /// The text this token completes (may be empty while the detokenizer waits
     /// for the rest of a multi-byte character or a possible stop string).
     pub text: String,
+    /// The text is thinking, not answer (a reasoning model's thinking section).
+    pub reasoning: bool,
 }
+
+/// Set in an entry's token field when its text is thinking: token ids stay far
+/// below 2^31, so the flag costs the hot path no byte.
+pub const REASONING_FLAG: u32 = 1 << 31;
 
 /// Worker → daemon: one step's tokens for every sequence that advanced.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -534,6 +572,9 @@ pub struct Done {
     /// Prompt tokens whose KV came from the prefix cache (not prefilled).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cached_tokens: u32,
+    /// Completion tokens spent thinking (included in completion_tokens).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reasoning_tokens: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -770,9 +811,15 @@ pub fn read_header(src: &[u8; HEADER_LEN]) -> (u32, u16, u16) {
 }
 
 /// TokenBatch payload: `[count u32][reserved u32]` then per entry
-/// `[id u64][token u32][text_len u32][text bytes]` (entries are not padded).
+/// `[id u64][token u32][text_len u32][text bytes]` (entries are not padded); the
+/// token field's top bit is `REASONING_FLAG`.
 pub fn encode_token_batch(entries: &[TokenEntry], out: &mut Vec<u8>) {
-    let parts = || entries.iter().map(|e| (e.id, e.token, e.text.as_bytes()));
+    let parts = || {
+        entries.iter().map(|e| {
+            let flag = if e.reasoning { REASONING_FLAG } else { 0 };
+            (e.id, e.token | flag, e.text.as_bytes())
+        })
+    };
     let at = out.len();
     out.resize(at + token_batch_len(parts().map(|p| p.2)), 0);
     write_token_batch(parts(), &mut out[at..]);
@@ -809,6 +856,7 @@ pub fn decode_token_batch(p: &[u8]) -> Result<TokenBatch, FrameError> {
                 id: e.id,
                 token: e.token,
                 text: e.text.to_owned(),
+                reasoning: e.reasoning,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -821,6 +869,7 @@ pub struct TokenRef<'a> {
     pub id: u64,
     pub token: u32,
     pub text: &'a str,
+    pub reasoning: bool,
 }
 
 /// The entries of a TokenBatch payload, bounds- and UTF-8-checked one by one.
@@ -874,14 +923,21 @@ impl<'a> Iterator for TokenBatchEntries<'a> {
                 .get(at..at + 16)
                 .ok_or_else(|| batch_truncated("entry header"))?;
             let id = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
-            let token = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+            let raw = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+            let (token, reasoning) = (raw & !REASONING_FLAG, raw & REASONING_FLAG != 0);
             let text_len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) as usize;
             let end = (at + 16)
                 .checked_add(text_len)
                 .ok_or_else(|| batch_truncated("text"))?;
             let text = p.get(at + 16..end).ok_or_else(|| batch_truncated("text"))?;
             let text = std::str::from_utf8(text).map_err(|_| FrameError::Utf8(id))?;
-            Ok((TokenRef { id, token, text }, end))
+            let entry = TokenRef {
+                id,
+                token,
+                text,
+                reasoning,
+            };
+            Ok((entry, end))
         })();
         match entry {
             Ok((e, end)) => {
@@ -957,10 +1013,10 @@ mod tests {
                 parameters: serde_json::json!({"type": "object"}),
             }],
             tool_choice: ToolChoice::Function("get_weather".into()),
-            format: Some(OutputFormat::JsonSchema {
+            format: Some(Box::new(OutputFormat::JsonSchema {
                 schema: serde_json::json!({"type": "object"}),
                 strict: true,
-            }),
+            })),
             logprobs: Some(2),
             count_only: true,
             ..Default::default()
@@ -992,16 +1048,19 @@ mod tests {
                     id: 1,
                     token: 5,
                     text: "Par".into(),
+                    reasoning: false,
                 },
                 TokenEntry {
                     id: 2,
                     token: 9,
                     text: String::new(),
+                    reasoning: true,
                 },
                 TokenEntry {
                     id: 1,
                     token: 6,
                     text: "is 🇫🇷".into(),
+                    reasoning: false,
                 },
             ],
         }));
@@ -1019,6 +1078,7 @@ mod tests {
             }),
             stop_sequence: Some("###".into()),
             cached_tokens: 7,
+            reasoning_tokens: 2,
         }));
         roundtrip(Frame::Stats(Stats {
             rss: 1 << 30,
@@ -1052,6 +1112,7 @@ mod tests {
                 id: 1,
                 token: 1,
                 text: "abc".into(),
+                reasoning: false,
             }],
             &mut p,
         );

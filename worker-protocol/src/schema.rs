@@ -116,6 +116,7 @@ pub fn examples() -> Vec<Frame> {
                     raise_in_step: 7,
                     garbage_after_step: 9,
                 }),
+                reasoning_inline: true,
             }),
         }),
         Frame::Ready(Ready {
@@ -129,6 +130,7 @@ pub fn examples() -> Vec<Frame> {
                     feature: "prefix_cache".into(),
                     reason: "only whole entries are reused".into(),
                 }],
+                reasoning: Some("<think>…</think>".into()),
             })),
         }),
         Frame::Generate(Generate {
@@ -143,6 +145,7 @@ pub fn examples() -> Vec<Frame> {
                 }],
                 tool_call_id: Some("call_0".into()),
                 name: Some("get_weather".into()),
+                reasoning: Some("the user wants the weather".into()),
             }]),
             prompt: Some("raw prompt".into()),
             max_tokens: 64,
@@ -153,11 +156,16 @@ pub fn examples() -> Vec<Frame> {
             speculative: Some(true),
             tools: vec![tool],
             tool_choice: ToolChoice::Function("get_weather".into()),
-            format: Some(OutputFormat::JsonSchema {
+            format: Some(Box::new(OutputFormat::JsonSchema {
                 schema: json!({"type": "object"}),
                 strict: true,
-            }),
+            })),
             logprobs: Some(3),
+            reasoning: Some(Box::new(ReasoningOptions {
+                enabled: Some(true),
+                effort: Some("high".into()),
+                max_tokens: Some(256),
+            })),
             count_only: true,
         }),
         Frame::Done(Done {
@@ -174,6 +182,7 @@ pub fn examples() -> Vec<Frame> {
             }),
             stop_sequence: Some("\n\n".into()),
             cached_tokens: 8,
+            reasoning_tokens: 3,
         }),
         Frame::Error(ErrorFrame {
             id: Some(7),

@@ -97,6 +97,7 @@ mod tests {
                 speculative: None,
                 stop_sequence: None,
                 cached_tokens: 0,
+                reasoning_tokens: 0,
             }),
         ];
         let wire: Vec<u8> = frames.iter().flat_map(|f| f.encode()).collect();

@@ -17,7 +17,8 @@ fn config() -> ProptestConfig {
 /// A valid frame on the wire, then some of its bytes changed: the decoders meet
 /// inputs that are nearly right, where bounds checks matter most.
 fn mutated_wire() -> impl Strategy<Value = Vec<u8>> {
-    let entries = prop::collection::vec((any::<u64>(), any::<u32>(), ".{0,12}"), 0..6);
+    let entries =
+        prop::collection::vec((any::<u64>(), any::<u32>(), ".{0,12}", any::<bool>()), 0..6);
     (
         entries,
         prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
@@ -25,7 +26,12 @@ fn mutated_wire() -> impl Strategy<Value = Vec<u8>> {
         .prop_map(|(entries, flips)| {
             let batch = entries
                 .into_iter()
-                .map(|(id, token, text)| TokenEntry { id, token, text })
+                .map(|(id, token, text, reasoning)| TokenEntry {
+                    id,
+                    token,
+                    text,
+                    reasoning,
+                })
                 .collect();
             let mut wire =
                 Frame::TokenBatch(worker_protocol::frame::TokenBatch { entries: batch }).encode();
@@ -62,6 +68,7 @@ fn a_token_batch_survives_the_round_trip() {
         id: 1,
         token: 2,
         text: "Paris 🇫🇷".into(),
+        reasoning: true,
     }];
     let mut payload = vec![6, 0, 0, 0];
     encode_token_batch(&entries, &mut payload);

@@ -11,9 +11,11 @@ the quantized attention for any cache with a `bits` attribute, as for the solo
 
 A batch holds one cache class per layer, so in the batch (and in the drafting
 lane, whose rounds feed several tokens at once) every sequence's KV is quantized
-from the start; `quantized_kv_start` (keep the KV full precision until a sequence
-holds that many tokens, as mlx-lm's generate does) applies to the plain lone
-lane, and a lone sequence joining the batch is quantized as it joins.
+from the start. With `quantized_kv_start` 0 (the default) the lone lane does the
+same, so a request's answer does not depend on whether it ran alone or in company;
+with a start above 0 the lone lane keeps the KV full precision until a sequence
+holds that many tokens (as mlx-lm's generate does), and a lone sequence joining the
+batch is quantized as it joins.
 
 The classes live in quantized_kv.py, imported when a cache is made: importing
 mlx-lm takes seconds, which a worker that never makes one (replay) should not pay.
@@ -32,8 +34,11 @@ from typing import Any
 from ..io.protocol import LoadOptions
 from ..mlx_types import Model, PromptCache
 
-# Tokens a rotating cache keeps from the start (the attention sink), as mlx-lm's.
-ROTATING_KEEP = 4
+# Tokens a rotating cache keeps from the start (an attention sink). mlx-lm's
+# make_prompt_cache keeps 4, but its BatchRotatingKVCache keeps none: merged into a
+# batch, a lone sequence's sink would be dropped and its answer would change with
+# company. So none anywhere: a plain sliding window of max_kv_size tokens.
+ROTATING_KEEP = 0
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,15 @@ class KvOptions:
         if self.kv_bits is not None:
             return f"kv_bits={self.kv_bits},group={self.group_size},start={self.quantized_kv_start}"
         if self.max_kv_size is not None:
-            return f"max_kv_size={self.max_kv_size}"
+            return f"max_kv_size={self.max_kv_size},keep={ROTATING_KEEP}"
         return "kv=full"
 
     def make(self, model: Model) -> PromptCache:
-        """A fresh cache for the lone lane (quantized by `quantize_if_due` after
-        the first model call, as mlx-lm's generate does). With `max_kv_size`, every
-        plain KV layer rotates: mlx-lm's `make_prompt_cache` ignores the size for
-        models that make their own caches (Llama and most others do)."""
+        """A fresh cache for the lone lane: quantized from the first token as in
+        the batch when `quantized_kv_start` is 0, else by `quantize_if_due` once a
+        sequence is that long. With `max_kv_size`, every plain KV layer rotates:
+        mlx-lm's `make_prompt_cache` ignores the size for models that make their
+        own caches (Llama and most others do)."""
         from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
         cache = make_prompt_cache(model)
@@ -109,6 +115,8 @@ class KvOptions:
             for i, layer in enumerate(cache):
                 if type(layer) is KVCache:
                     cache[i] = RotatingKVCache(max_size=self.max_kv_size, keep=ROTATING_KEEP)
+        if self.quantized and self.quantized_kv_start == 0:
+            self.quantize(cache)
         return cache
 
     def quantize_if_due(self, cache: PromptCache) -> None:

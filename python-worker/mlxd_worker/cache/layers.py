@@ -36,10 +36,12 @@ def held(cache: PromptCache | None) -> int:
 
 
 def kinds(cache: PromptCache) -> list[str]:
-    """The layer classes of a cache, each once, in order (for logs and status)."""
+    """The layer classes of a cache, each once, in order (for logs and status),
+    by mlx-lm's names: the worker's batchable quantized cache is mlx-lm's
+    QuantizedKVCache to anyone reading them."""
     seen: list[str] = []
     for layer in _flat(cache):
-        name = type(layer).__name__
+        name = type(layer).__name__.removeprefix("Mergeable")
         if name not in seen:
             seen.append(name)
     return seen

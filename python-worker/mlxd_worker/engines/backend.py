@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, cast
 
 from ..cache.kv_cache import KvOptions
@@ -26,7 +26,8 @@ from ..lanes.drafting import DraftController
 from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
 from ..lanes.speculative import SpeculativeSequence, pair_problem
 from ..mlx_types import Model, PromptCache
-from ..requests.constraint import SequenceConstraint
+from ..requests.constraint import SequenceConstraint, TokenConsumer
+from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ class Backend(Protocol):
     # The last step's logprobs vectors (log-softmax over the vocabulary), in token
     # order, of the sequences inserted with logprobs=True.
     step_logprobs: dict[int, list[mx.array]]
+    # The prefix cache keeps snapshots at a prompt's turn boundaries (a model
+    # whose cache cannot be cut back to a shorter prefix).
+    snapshots: bool
 
     def load(self, model_path: str, options: LoadOptions) -> None: ...
     def insert(
@@ -67,6 +71,8 @@ class Backend(Protocol):
         speculative: bool | None = None,
         constraint: SequenceConstraint | None = None,
         logprobs: bool = False,
+        budget: ReasoningBudget | None = None,
+        boundaries: list[int] | None = None,
     ) -> int: ...
     def remove(self, uid: int) -> None: ...
     def step(self) -> list[StepResult]: ...
@@ -109,16 +115,25 @@ class Track:
     draft_cache: PromptCache | None = None
     # Constrained decoding: every lane masks this sequence's logits with it.
     constraint: SequenceConstraint | None = None
+    # A thinking budget: every lane ends the thinking section with it.
+    budget: ReasoningBudget | None = None
     # Keep each token's logprobs vector (step_logprobs).
     logprobs: bool = False
     # The prefix cache's hit: a cache holding history[:cached], until a lane takes it.
     prefix: PromptCache | None = None
     cached: int = 0
+    # Prompt lengths at which the prefix cache keeps a snapshot (turn boundaries).
+    boundaries: list[int] = field(default_factory=list)
 
     @property
     def processed(self) -> bool:
         """Needs the lone lane's processed variant (and never drafts)."""
-        return self.constraint is not None or self.logprobs
+        return self.constraint is not None or self.budget is not None or self.logprobs
+
+    def processors(self) -> list[LogitsProcessor]:
+        """Fresh logits processors for one lane entry (see constraint.LaneProcessor)."""
+        consumers: list[TokenConsumer | None] = [self.constraint, self.budget]
+        return [c.processor(self.history) for c in consumers if c is not None]
 
 
 Lane = Union[SoloSequence, SpeculativeSequence]
@@ -164,6 +179,7 @@ class MlxBackend:
         self.prefix: PrefixCache | None = None  # when the preset gives it bytes
         self._prompt_cache_bytes = 0
         self._kv = KvOptions()
+        self.snapshots = False
 
     def load(self, model_path: str, options: LoadOptions) -> None:
         from mlx_lm.generate import BatchGenerator
@@ -187,6 +203,10 @@ class MlxBackend:
         if spec:
             self._load_draft(model_path, spec)
         self._prompt_cache_bytes = options.get("prompt_cache_bytes", 0)
+        # A cache that can be cut back serves any shared prefix of a stored
+        # sequence; one that cannot (recurrent state, a sliding window) only the
+        # prefixes stored as they were: those are kept at turn boundaries.
+        self.snapshots = self._prompt_cache_bytes > 0 and rewind_problem(self._kv.make(self._model)) is not None
         self._model_path = model_path
         self._disk_dir = options.get("prompt_cache_dir")
         disk_bytes = options.get("prompt_cache_disk_bytes")
@@ -252,18 +272,25 @@ class MlxBackend:
         speculative: bool | None = None,
         constraint: SequenceConstraint | None = None,
         logprobs: bool = False,
+        budget: ReasoningBudget | None = None,
+        boundaries: list[int] | None = None,
     ) -> int:
         uid = self._next_uid
         self._next_uid += 1
-        if constraint is not None or logprobs:
+        if constraint is not None or budget is not None or logprobs:
             # Drafted tokens would bypass the mask and carry no logprobs of their own.
             speculative = False
-        if constraint is not None:
-            constraint.prompt_len = len(ids)
-        track = Track(list(ids), max_tokens, sampler, speculative, constraint=constraint, logprobs=logprobs)
+        for consumer in (constraint, budget):
+            if consumer is not None:
+                consumer.prompt_len = len(ids)
+        track = Track(
+            list(ids), max_tokens, sampler, speculative, constraint=constraint, budget=budget, logprobs=logprobs
+        )
         if self.prefix is not None:
             found = self.prefix.take(track.history)
             track.prefix, track.cached = found.cache, found.cached
+            if self.snapshots and boundaries:
+                track.boundaries = [b for b in boundaries if track.cached < b < len(ids)]
         self._tracks[uid] = track
         if self._solo is None and not self._batch_uid:
             self._solo = (uid, self._lone_lane(track))
@@ -298,25 +325,34 @@ class MlxBackend:
                 draft_cache,
             )
         stream = generation_stream
+        base = track.cached if prefix is not None else 0
+        marks = [b for b in track.boundaries if b > base]
         if track.processed:
-            processors: list[LogitsProcessor] = (
-                [] if track.constraint is None else [track.constraint.processor(track.history)]
-            )
             return ProcessedSoloSequence(
                 self._model,
-                track.history[track.cached if prefix is not None else 0 :],
+                track.history[base:],
                 track.left,
                 track.sampler,
                 self._prefill_step,
                 stream,
-                processors,
+                track.processors(),
                 track.logprobs,
                 cache=prefix,
                 kv=self._kv,
+                marks=marks,
+                base=base,
             )
-        pending = track.history[track.cached :] if prefix is not None else track.history
         return SoloSequence(
-            self._model, pending, track.left, track.sampler, self._prefill_step, stream, prefix, self._kv
+            self._model,
+            track.history[base:],
+            track.left,
+            track.sampler,
+            self._prefill_step,
+            stream,
+            prefix,
+            self._kv,
+            marks=marks,
+            base=base,
         )
 
     def _to_batch(self, uid: int, ids: list[int], cache: PromptCache | None = None) -> None:
@@ -324,13 +360,14 @@ class MlxBackend:
         if cache is None and track.prefix is not None:
             cache, track.prefix = track.prefix, None
             ids = ids[track.cached :]
-        # A fresh processor per lane entry (see constraint.LaneProcessor).
-        processors: list[list[LogitsProcessor]] | None = (
-            None if track.constraint is None else [[track.constraint.processor(track.history)]]
-        )
+        processors = [track.processors()] if track.constraint or track.budget else None
         cache = self._kv.shared(cache, self._model)
-        (buid,) = self._gen.insert(
-            [ids],
+        # Stop the prefill at each boundary still ahead, for its snapshot.
+        base = len(track.history) - len(ids)
+        cuts = [b - base for b in track.boundaries if b - base > 0 and b - base < len(ids) - 1]
+        segments = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+        (buid,) = self._gen.insert_segments(
+            [segments],
             max_tokens=[track.left],
             # None: BatchGenerator's default sampler (which its annotation leaves out).
             samplers=cast("list[Sampler]", [track.sampler]),
@@ -413,7 +450,9 @@ class MlxBackend:
         for uid in self._waiting:
             self._to_batch(uid, self._tracks[uid].history)
         self._waiting = []
-        _, responses = self._gen.next()
+        prompt_responses, responses = self._gen.next()
+        if self.snapshots:
+            self._snapshot_batch(prompt_responses)
         for r in responses:
             uid = self._our_uid[r.uid]
             if r.finish_reason is not None:
@@ -429,12 +468,31 @@ class MlxBackend:
         self._leave_batch_if_alone(results)
         return results
 
+    def _snapshot_batch(self, prompt_responses: list[Any]) -> None:
+        """The prefix cache's snapshots of batched sequences whose prefill just
+        reached one of their boundaries."""
+        for r in prompt_responses:
+            if not r.end_of_segment or r.end_of_prompt or r.uid not in self._our_uid:
+                continue
+            track = self._tracks[self._our_uid[r.uid]]
+            n = len(track.history) - r.progress[1] + r.progress[0]
+            if n in track.boundaries:
+                cache = self._gen.extract_cache([r.uid])[r.uid][0]
+                self._keep_snapshot(track, n, cache)
+
+    def _keep_snapshot(self, track: Track, n: int, cache: PromptCache) -> None:
+        if self.prefix is not None and held(cache) == n:
+            self.prefix.put(track.history[:n], cache)
+
     def _step_lone(self, uid: int, lane: Lane) -> list[StepResult]:
         track = self._tracks[uid]
         started = time.perf_counter()
         # A plain sequence's first token carries its prompt's last pass: not decode speed.
         first = isinstance(lane, SoloSequence) and not lane.decoding
         out = lane.step()
+        if isinstance(lane, SoloSequence):
+            for n, snapshot in lane.take_snapshots():
+                self._keep_snapshot(track, n, snapshot)
         seconds = time.perf_counter() - started
         if track.logprobs and out:
             # A sequence that keeps logprobs runs in the processed lane, which kept them.
@@ -525,17 +583,19 @@ class MlxBackend:
                 }
             )
         if self._kv.quantized:
-            from mlx_lm.models.cache import KVCache
+            from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-            attention = [layer for layer in cache if type(layer).__name__ != "ArraysCache"]
-            plain = [layer for layer in attention if type(layer) is KVCache]
-            if len(plain) < len(attention):
-                others = ", ".join(kinds([layer for layer in attention if type(layer) is not KVCache]))
+            def quantizable(layer: object) -> bool:  # quantized now, or once long enough
+                return type(layer) is KVCache or isinstance(layer, QuantizedKVCache)
+
+            plain = [layer for layer in cache if quantizable(layer)]
+            if len(plain) < len(cache):
+                others = ", ".join(kinds([layer for layer in cache if not quantizable(layer)]))
                 limits.append(
                     {
                         "feature": "kv_bits",
-                        "reason": f"kv_bits quantizes {len(plain)} of {len(attention)} attention layers; the "
-                        f"others ({others}) stay at full precision",
+                        "reason": f"kv_bits quantizes {len(plain)} of {len(cache)} cache layers; the others "
+                        f"({others}) stay at full precision",
                     }
                 )
         return {

@@ -26,6 +26,7 @@ from ..io.transport import Transport
 from ..requests.constraint import SequenceConstraint
 from ..requests.logprobs import TokenTexts, logprob_entry
 from ..requests.plan import Planner, Prompt, RequestPlan
+from ..requests.reasoning import ReasoningText, ReasoningTracker, detect
 from ..requests.sampling import SamplerCache
 from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
@@ -39,6 +40,10 @@ CALIBRATION_TOKENS = 16
 
 # A token that completes no tool call (shared: plain sequences allocate nothing).
 NO_CALLS: tuple[ToolCall, ...] = ()
+
+# An entry's token field with this bit set carries thinking text (frame.rs
+# REASONING_FLAG: token ids stay far below it).
+REASONING_FLAG = 1 << 31
 
 
 @dataclass
@@ -88,6 +93,10 @@ class Sequence:
     deferred: str = ""
     constraint: SequenceConstraint | None = None
     top_logprobs: int | None = None
+    # A model that thinks: its text split into thinking and answer, and its
+    # thinking tokens counted.
+    thinking: ReasoningText | None = None
+    tracker: ReasoningTracker | None = None
 
 
 @dataclass
@@ -260,7 +269,9 @@ class Engine:
             log.info("MLX memory limit %d MiB", int(limit) >> 20)
         self.faults.in_load()
         self.backend.load(req["model_path"], options)
-        self._planner = Planner(self.backend.tokenizer, self.backend.eos)
+        # The preset's reasoning = "off" leaves thinking in the text, markers and all.
+        reasoning = None if options.get("reasoning_inline") else detect(self.backend.tokenizer)
+        self._planner = Planner(self.backend.tokenizer, self.backend.eos, reasoning, self.backend.snapshots)
         self._token_texts = TokenTexts(self.backend.tokenizer)
         self._warm_up()
         self.backend.start_prompt_cache()
@@ -271,6 +282,8 @@ class Engine:
         }
         facts = self.backend.model_facts()
         if facts is not None:
+            if reasoning is not None:
+                facts["reasoning"] = reasoning.name
             ready["model"] = facts
         self.transport.send(frames.READY, frames.json_payload(ready))
         log.info("loaded %s in %.1fs (flush %s)", req["model_name"], time.perf_counter() - t0, self.flush_policy)
@@ -361,6 +374,8 @@ class Engine:
             None if speculative is None else bool(speculative),
             constraint=plan.constraint,
             logprobs=plan.top_logprobs is not None,
+            budget=None if plan.reasoning is None else plan.reasoning.budget(),
+            boundaries=plan.boundaries,
         )
         tools = plan.tool_extractor()
         seq = Sequence(
@@ -375,6 +390,8 @@ class Engine:
             constraint=plan.constraint,
             top_logprobs=plan.top_logprobs,
         )
+        if plan.reasoning is not None:
+            seq.thinking, seq.tracker = plan.reasoning.text(), plan.reasoning.tracker()
         self._by_uid[uid] = seq
         self._by_rid[rid] = seq
         with self.counters.lock:
@@ -413,6 +430,8 @@ class Engine:
                 seq.completion_tokens += 1
                 seq.detok.add_token(token)
                 text = seq.detok.last_segment
+                if seq.tracker is not None:
+                    seq.tracker.feed(int(token))
             if finish is not None:
                 seq.detok.finalize()
                 text += seq.detok.last_segment
@@ -423,10 +442,13 @@ class Engine:
                 finish = "stop"
             elif finish is not None:
                 text += seq.stops.flush()
+            thought = False
+            if seq.thinking is not None:
+                text, thought = self._split_thinking(seq, int(token), text, finish is not None, now)
             calls = NO_CALLS
             if seq.extras:
                 text, calls = self._extras(seq, uid, int(token), text, finish is not None)
-            if text or token not in eos:
+            if text or (token not in eos and not thought):
                 if not self._pending:
                     self._pending_since = now
                 self._pending.append((seq.rid, int(token), text))
@@ -449,6 +471,25 @@ class Engine:
                 self._fail(seq, message)
         elif self.flush_policy.due(len(self._pending), self._pending_since):
             self._flush()
+
+    def _split_thinking(self, seq: Sequence, token: int, text: str, last: bool, now: float) -> tuple[str, bool]:
+        """Sends a token's thinking text as flagged entries; returns its answer
+        text (which goes on to tool calls) and whether thinking was sent."""
+        assert seq.thinking is not None
+        pieces = seq.thinking.feed(text) if text else []
+        if last:
+            pieces += seq.thinking.finish()
+        answer = ""
+        thought = False
+        for reasoning, piece in pieces:
+            if reasoning:
+                if not self._pending:
+                    self._pending_since = now
+                self._pending.append((seq.rid, token | REASONING_FLAG, piece))
+                thought = True
+            else:
+                answer += piece
+        return answer, thought
 
     def _extras(self, seq: Sequence, uid: int, token: int, text: str, last: bool) -> tuple[str, tuple[ToolCall, ...]]:
         """A token's logprobs entry, and its text split around the tool calls it
@@ -547,4 +588,6 @@ class Engine:
             done["speculative"] = counts
         if seq.stops.matched is not None:
             done["stop_sequence"] = seq.stops.matched
+        if seq.tracker is not None and seq.tracker.tokens:
+            done["reasoning_tokens"] = seq.tracker.tokens
         self.transport.send(frames.DONE, frames.json_payload(done))

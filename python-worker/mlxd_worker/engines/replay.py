@@ -16,6 +16,7 @@ from ..errors import RequestError
 from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
 from ..lanes.drafting import DraftController
 from ..requests.constraint import SequenceConstraint
+from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler
 from .backend import Detokenizer, StepResult
 
@@ -60,6 +61,7 @@ class ReplayBackend:
         self.context_length: int | None = None
         self.drafting: DraftController | None = None  # no draft model here
         self.step_logprobs: dict[int, list[mx.array]] = {}  # always empty: no logits
+        self.snapshots = False
         self._ids: list[int] = []
         self._pieces: list[str] = []
         # uid -> [position, tokens left]
@@ -91,7 +93,11 @@ class ReplayBackend:
         speculative: bool | None = None,
         constraint: SequenceConstraint | None = None,
         logprobs: bool = False,
+        budget: ReasoningBudget | None = None,
+        boundaries: list[int] | None = None,
     ) -> int:
+        # The replay text has no thinking section: a budget has nothing to end;
+        # and no prefix cache to keep snapshots in.
         if constraint is not None or logprobs:
             what = "logprobs" if logprobs else "constrained decoding (an output format or a forced tool call)"
             raise RequestError(f"the replay engine has no model, so no {what}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TypedDict, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class DraftCounts(TypedDict):
@@ -35,6 +35,8 @@ class Done(_DoneRequired, total=False):
     cached_tokens: int
     generation_tps: float
     prompt_tps: float
+    #: Completion tokens spent thinking (included in completion_tokens).
+    reasoning_tokens: int
     #: Present when the model has a usable draft.
     speculative: Optional[DraftCounts]
     #: The stop sequence that ended the request (finish_reason "stop").
@@ -90,10 +92,26 @@ class ChatMessage(_ChatMessageRequired, total=False):
     """One turn of a conversation, in the dialect-neutral form every API maps onto."""
 
     name: Optional[str]
+    #: An assistant turn's reasoning, as the client sent it back (chat templates
+    #: that keep the thinking of the current tool-call round render it).
+    reasoning: Optional[str]
     #: A tool turn: the call it answers, and the tool's name when known.
     tool_call_id: Optional[str]
     #: An assistant turn's tool calls.
     tool_calls: list[MessageToolCall]
+
+
+class ReasoningOptions(TypedDict, total=False):
+    """A request's thinking, as every dialect's own fields map onto it."""
+
+    #: "low", "medium" or "high": the chat template's `reasoning_effort`.
+    effort: Optional[str]
+    #: Ask the chat template to open (true) or skip (false) the thinking
+    #: section (`enable_thinking`); None: the model's default.
+    enabled: Optional[bool]
+    #: At most this many thinking tokens: the worker then ends the thinking
+    #: section itself and the answer follows.
+    max_tokens: Optional[int]
 
 
 class ToolChoiceFunction(TypedDict):
@@ -132,6 +150,8 @@ class Generate(_GenerateRequired, total=False):
     messages: Optional[list[ChatMessage]]
     #: ... or a raw prompt (completions API).
     prompt: Optional[str]
+    #: What the request asks of a reasoning model's thinking.
+    reasoning: Optional[ReasoningOptions]
     seed: Optional[int]
     #: Force the interactive lane's drafting on or off for this request (the
     #: benchmark compares both); None leaves it to the worker's policy.
@@ -234,6 +254,9 @@ class LoadOptions(TypedDict, total=False):
     prompt_cache_dir: Optional[str]
     prompt_cache_disk_bytes: Optional[int]
     quantized_kv_start: Optional[int]
+    #: The preset's `reasoning = "off"`: a reasoning model's thinking stays in
+    #: the answer's text as the model wrote it, markers included.
+    reasoning_inline: bool
     #: The replay engine's text (benchmarks; a built-in text when absent).
     replay_text: Optional[str]
     #: The draft model and how to use it.
@@ -302,6 +325,9 @@ class ModelFacts(_ModelFactsRequired, total=False):
 
     #: Features off or limited for this model, and why.
     limits: list[FeatureLimit]
+    #: How its thinking is told apart from its answer ("<think>…</think>",
+    #: "harmony"), when the worker separates it.
+    reasoning: Optional[str]
 
 
 class _SpecStatusRequired(TypedDict):

@@ -11,6 +11,7 @@ already holds t and the forward pass for t+1 is queued.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, cast
@@ -48,6 +49,8 @@ class SoloSequence:
         stream: Stream,
         cache: PromptCache | None = None,
         kv: KvOptions | None = None,
+        marks: list[int] | None = None,
+        base: int = 0,
     ) -> None:
         self._model = model
         # Prompt tokens not yet in the cache (a prefix-cache hit holds the others).
@@ -65,6 +68,12 @@ class SoloSequence:
         # its tokens equal native mlx-lm's bit for bit.
         self._one_pass = cache is not None
         self._next: mx.array | None = None  # the queued token, once decoding
+        # Where the prefill stops for a snapshot of the cache (absolute token
+        # counts; `base` tokens were in the cache before `ids`), and the snapshots.
+        self._base = base
+        self._fed = 0
+        self._marks = [m for m in (marks or []) if base < m < base + len(ids) - 1]
+        self._snapshots: list[tuple[int, PromptCache]] = []
 
     def _forward(self, tokens: mx.array) -> mx.array:
         import mlx.core as mx
@@ -81,12 +90,18 @@ class SoloSequence:
 
         with mx.stream(self._stream):
             if self._next is None:
-                if len(self._pending) > 1 and not (self._one_pass and len(self._pending) <= self._prefill_step):
+                one_pass = self._one_pass and len(self._pending) <= self._prefill_step and not self._marks
+                if len(self._pending) > 1 and not one_pass:
                     n = min(self._prefill_step, len(self._pending) - 1)
+                    if self._marks:
+                        n = min(n, self._marks[0] - self._base - self._fed)
                     self._model(mx.array(self._pending[:n])[None], cache=self._cache)
                     self._kv.quantize_if_due(self._cache)
                     mx.eval([c.state for c in self._cache])
                     self._pending = self._pending[n:]
+                    self._fed += n
+                    if self._marks and self._base + self._fed == self._marks[0]:
+                        self._snapshots.append((self._marks.pop(0), copy.deepcopy(self._cache)))
                     if len(self._pending) > 1:
                         return []
                 self._next = self._forward(mx.array(self._pending))
@@ -100,6 +115,12 @@ class SoloSequence:
                 self._kv.quantize_if_due(self._cache)
                 mx.async_eval(self._next)
             return [(cast(int, current.item()), False)]
+
+    def take_snapshots(self) -> list[tuple[int, PromptCache]]:
+        """Copies of the cache taken where the prefill crossed a boundary: (the
+        tokens it holds, the copy). Handed over once."""
+        out, self._snapshots = self._snapshots, []
+        return out
 
     @property
     def decoding(self) -> bool:
@@ -150,8 +171,10 @@ class ProcessedSoloSequence(SoloSequence):
         keep_logprobs: bool,
         cache: PromptCache | None = None,
         kv: KvOptions | None = None,
+        marks: list[int] | None = None,
+        base: int = 0,
     ) -> None:
-        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache, kv)
+        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache, kv, marks, base)
         self._processors = processors
         self._keep_logprobs = keep_logprobs
         # One per queued forward pass, oldest first: tokens come out in that order.

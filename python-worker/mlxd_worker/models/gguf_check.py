@@ -10,13 +10,20 @@ Layout (GGUF v2/v3, little-endian): magic "GGUF", version u32, tensor count u64,
 metadata count u64; metadata as (string key, u32 type, value); tensor infos as
 (string name, u32 n_dims, u64 dims[n_dims], u32 type, u64 offset); then the data,
 aligned to ``general.alignment`` (default 32). A string is a u64 length + bytes.
+
+``read_header`` returns what it checked — the metadata and the tensor table — for
+the importer's own tensor reader (block types ``mx.load`` does not read).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
+
+import numpy as np
+import numpy.typing as npt
 
 MAX_TENSORS = 1 << 16
 MAX_METADATA = 1 << 16
@@ -30,6 +37,7 @@ MAX_NESTING = 2
 SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 STRING, ARRAY = 8, 9
 FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 # ggml tensor types: (values per block, bytes per block).
 TENSOR_TYPES: dict[int, tuple[int, int]] = {
@@ -47,18 +55,48 @@ TENSOR_TYPES: dict[int, tuple[int, int]] = {
     13: (256, 176),  # Q5_K
     14: (256, 210),  # Q6_K
     15: (256, 292),  # Q8_K
+    16: (256, 66),  # IQ2_XXS
+    17: (256, 74),  # IQ2_XS
+    18: (256, 98),  # IQ3_XXS
+    19: (256, 50),  # IQ1_S
+    20: (32, 18),  # IQ4_NL
+    21: (256, 110),  # IQ3_S
+    22: (256, 82),  # IQ2_S
+    23: (256, 136),  # IQ4_XS
     24: (1, 1),  # I8
     25: (1, 2),  # I16
     26: (1, 4),  # I32
     27: (1, 8),  # I64
     28: (1, 8),  # F64
+    29: (256, 56),  # IQ1_M
     30: (1, 2),  # BF16
+    34: (256, 54),  # TQ1_0
+    35: (256, 66),  # TQ2_0
+    39: (32, 17),  # MXFP4
 }
 
 
-# A metadata value as the check reads it: a scalar, a string, an array of strings or
-# arrays (arrays of scalars are skipped, not read: None).
-Value = Union[None, bool, int, float, str, list["Value"]]
+# A metadata value as the check reads it: a scalar, a string, a list of strings or
+# arrays, or a numpy array (an array of scalars).
+Value = Union[bool, int, float, str, "npt.NDArray[Any]", list["Value"]]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]  # ggml order: the row length first
+    ggml_type: int
+    offset: int  # from the start of the data
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    alignment: int
+    data_start: int
+    metadata: dict[str, Value]
+    tensors: list[TensorInfo]
 
 
 class GGUFError(Exception):
@@ -112,8 +150,7 @@ def _value(r: _Reader, kind: int, key: str, depth: int = 0) -> Value:
             raise GGUFError(f"{key} claims {count} elements (limit {MAX_ARRAY})")
         if elem in SCALARS:
             # A whole scalar array at once (checked against the file first).
-            r.take(count * SCALARS[elem], f"elements of {key}")
-            return None
+            return np.frombuffer(r.take(count * SCALARS[elem], f"elements of {key}"), dtype=DTYPES[elem])
         if elem not in (STRING, ARRAY):
             raise GGUFError(f"{key}: unknown array element type {elem}")
         return [_value(r, elem, key, depth + 1) for _ in range(count)]
@@ -123,6 +160,12 @@ def _value(r: _Reader, kind: int, key: str, depth: int = 0) -> Value:
 def check(path: Path) -> dict[str, int]:
     """Validates `path`'s header and tensor table; returns a summary
     (version, tensor count, alignment, data offset). Raises GGUFError."""
+    h = read_header(path)
+    return {"version": h.version, "tensors": len(h.tensors), "alignment": h.alignment, "data_start": h.data_start}
+
+
+def read_header(path: Path) -> Header:
+    """Validates `path`'s header and tensor table and returns them. Raises GGUFError."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         r = _Reader(f, size)
@@ -139,9 +182,11 @@ def check(path: Path) -> dict[str, int]:
         if kvs > MAX_METADATA:
             raise GGUFError(f"the header claims {kvs} metadata entries (limit {MAX_METADATA})")
         alignment = 32
+        metadata: dict[str, Value] = {}
         for _ in range(kvs):
             key = r.string("metadata key")
             value = _value(r, r.u32(f"type of {key}"), key)
+            metadata[key] = value
             if key == "general.alignment":
                 if not isinstance(value, int) or value <= 0 or value & (value - 1) or value > 1 << 16:
                     raise GGUFError(f"general.alignment {value!r} is not a power of two")
@@ -169,12 +214,11 @@ def check(path: Path) -> dict[str, int]:
             offset = r.u64(f"offset of {name}")
             if offset % alignment:
                 raise GGUFError(f"tensor {name} offset {offset} is not aligned to {alignment}")
-            infos.append((name, offset, elements // per_block * block_bytes))
+            infos.append(TensorInfo(name, tuple(dims), kind, offset, elements // per_block * block_bytes))
         data_start = -(-r.pos // alignment) * alignment
         room = size - data_start
-        for name, offset, nbytes in infos:
-            if offset + nbytes > room:
-                raise GGUFError(
-                    f"tensor {name} spans bytes {offset}..{offset + nbytes} of the data, which has {max(room, 0)}"
-                )
-    return {"version": version, "tensors": tensors, "alignment": alignment, "data_start": data_start}
+        for t in infos:
+            if t.offset + t.nbytes > room:
+                span = f"{t.offset}..{t.offset + t.nbytes}"
+                raise GGUFError(f"tensor {t.name} spans bytes {span} of the data, which has {max(room, 0)}")
+    return Header(version, alignment, data_start, metadata, infos)

@@ -3,7 +3,11 @@
 Reads a llama-architecture GGUF with ``mx.load`` and writes ``config.json``,
 ``model.safetensors`` and the tokenizer files mlx-lm loads. Legacy block quants
 (Q4_0, Q4_1, Q8_0) stay quantized as MLX affine weights (group size 32); with
-``--dtype`` everything is dequantized to that dtype instead.
+``--dtype`` everything is dequantized to that dtype instead. Files with tensors
+``mx.load`` does not read (Q5_0, Q5_1, the K-quants Q2_K…Q6_K, IQ4_NL, IQ4_XS) are
+read tensor by tensor by ``kquants``: Q5_0/Q5_1/Q4_K/Q5_K map onto MLX affine
+weights without loss, Q2_K/Q3_K/Q6_K/IQ4_* are requantized (4, 4, 6 and 5 bits).
+``--bits`` picks the bits of every quantized tensor instead.
 
 Facts this relies on (see docs/design/GGUF-NOTES.md):
 - llama.cpp permutes the rows of attn_q/attn_k into the interleaved RoPE layout;
@@ -20,7 +24,8 @@ import json
 import re
 import shutil
 import sys
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, cast
 
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
     import mlx.core as mx
     from tokenizers.pre_tokenizers import PreTokenizer
 
-# GGUF general.file_type values, for error messages about unsupported files.
+# GGUF general.file_type values (llama.cpp's enum llama_ftype), for mlxd-import.json.
 FILE_TYPES = {
     0: "F32",
     1: "F16",
@@ -46,7 +51,20 @@ FILE_TYPES = {
     16: "Q5_K_S",
     17: "Q5_K_M",
     18: "Q6_K",
-    30: "BF16",
+    19: "IQ2_XXS",
+    20: "IQ2_XS",
+    21: "Q2_K_S",
+    22: "IQ3_XS",
+    23: "IQ3_XXS",
+    24: "IQ1_S",
+    25: "IQ4_NL",
+    26: "IQ3_S",
+    27: "IQ3_M",
+    28: "IQ2_S",
+    29: "IQ2_M",
+    30: "IQ4_XS",
+    31: "IQ1_M",
+    32: "BF16",
 }
 
 LAYER_NAMES = {
@@ -68,8 +86,10 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Weights by name, as mx.load reads them and mx.save_safetensors writes them.
 Weights = dict[str, "mx.array"]
-# A GGUF file's metadata as mx.load returns it: values are arrays, strings or lists
-# of strings (mlx types them Any).
+# Weights as read: mx.load's dict, or kquants.GGUFTensors (converted on access).
+WeightsIn = Mapping[str, "mx.array"]
+# A GGUF file's metadata as mx.load (or gguf_check.read_header) returns it: values
+# are arrays, scalars, strings or lists of strings (mlx types them Any).
 Metadata = dict[str, Any]
 # config.json's "quantization": the group size, the bits most layers use, and the
 # layers that use other bits.
@@ -110,7 +130,7 @@ def unpermute_rows(w: mx.array, n_head: int) -> mx.array:
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def model_config(meta: Metadata, weights: Weights) -> dict[str, Any]:
+def model_config(meta: Metadata, weights: WeightsIn) -> dict[str, Any]:
     arch = _scalar(meta, "general.architecture")
     if arch != "llama":
         raise ImportError_(f"architecture {arch!r} is not supported (only 'llama')")
@@ -136,9 +156,10 @@ def model_config(meta: Metadata, weights: Weights) -> dict[str, Any]:
 
 
 def convert_weights(
-    weights: Weights, cfg: dict[str, Any], dtype: str | None, progress: bool
+    weights: WeightsIn, cfg: dict[str, Any], dtype: str | None, progress: bool, to_bits: int | None = None
 ) -> tuple[Weights, Quantization | None]:
-    """Returns (mlx weights, quantization config or None)."""
+    """Returns (mlx weights, quantization config or None). `to_bits`: quantized
+    tensors with other bits are requantized to these."""
     import mlx.core as mx
 
     dense_dtype = getattr(mx, dtype) if dtype else mx.float16
@@ -176,13 +197,25 @@ def convert_weights(
                 )
                 out[f"{target}.weight"] = dense.astype(dense_dtype)
             else:
+                if to_bits and bits != to_bits:
+                    dense = mx.dequantize(
+                        parts["weight"],
+                        parts["scales"].astype(mx.float32),
+                        parts["biases"].astype(mx.float32),
+                        group_size=GROUP_SIZE,
+                        bits=bits,
+                    )
+                    parts["weight"], parts["scales"], parts["biases"] = mx.quantize(
+                        dense, group_size=GROUP_SIZE, bits=to_bits
+                    )
+                    bits = to_bits
                 out[f"{target}.weight"] = parts["weight"]
                 out[f"{target}.scales"] = parts["scales"].astype(scale_dtype)
                 out[f"{target}.biases"] = parts["biases"].astype(scale_dtype)
                 bit_counts[bits] = bit_counts.get(bits, 0) + 1
                 per_layer[target] = {"group_size": GROUP_SIZE, "bits": bits}
         else:
-            out[f"{target}.weight"] = w.astype(dense_dtype)
+            out[f"{target}.weight"] = parts["weight"].astype(dense_dtype)
         mx.eval(*[out[k] for k in out if k.startswith(target + ".")])
     if dtype or not bit_counts:
         return out, None
@@ -270,28 +303,48 @@ def write_tokenizer(meta: Metadata, out_dir: Path) -> None:
     )
 
 
-def import_gguf(gguf: Path, out_dir: Path, dtype: str | None = None, progress: bool = True) -> Path:
+def import_gguf(
+    gguf: Path,
+    out_dir: Path,
+    dtype: str | None = None,
+    progress: bool = True,
+    bits: int | None = None,
+    reader: str = "auto",
+) -> Path:
+    """`bits`: the bits of every quantized tensor (default: each type's own, see
+    kquants). `reader`: "auto" lets ``mx.load`` read files it can read whole and
+    kquants the others; "kquants" always uses kquants (tests)."""
     import mlx.core as mx
 
-    from .gguf_check import GGUFError, check
+    from .gguf_check import GGUFError, read_header
+    from .kquants import MX_LOAD_TYPES, GGUFTensors, TensorError, type_name
 
+    if dtype and bits:
+        raise ImportError_("--bits and --dtype exclude each other")
     # The file is untrusted: its header is validated before MLX's parser sees it.
     try:
-        check(gguf)
+        header = read_header(gguf)
     except (GGUFError, OSError) as e:
         raise ImportError_(f"{gguf.name} is not a valid GGUF file: {e}") from e
-    try:
-        weights, meta = cast("tuple[Weights, Metadata]", mx.load(str(gguf), return_metadata=True))
-    except Exception as e:
-        raise ImportError_(f"cannot read {gguf}: {e}") from e
+    weights: WeightsIn
+    if reader == "auto" and all(t.ggml_type in MX_LOAD_TYPES for t in header.tensors):
+        try:
+            weights, meta = cast("tuple[Weights, Metadata]", mx.load(str(gguf), return_metadata=True))
+        except Exception as e:
+            raise ImportError_(f"cannot read {gguf}: {e}") from e
+    else:
+        try:
+            weights = GGUFTensors(gguf, header, dense=dtype is not None, bits=bits)
+        except TensorError as e:
+            raise ImportError_(f"{gguf.name}: {e}") from e
+        meta = header.metadata
     file_type = int(_scalar(meta, "general.file_type", 0))
-    if file_type not in (0, 1, 2, 3, 7, 30):
-        raise ImportError_(
-            f"{gguf.name} is {FILE_TYPES.get(file_type, f'file type {file_type}')}; "
-            "only F32, F16, BF16, Q4_0, Q4_1 and Q8_0 GGUF files can be imported"
-        )
+    tensor_types = Counter(type_name(t.ggml_type) for t in header.tensors)
     cfg = model_config(meta, weights)
-    mlx_weights, quant = convert_weights(weights, cfg, dtype, progress)
+    try:
+        mlx_weights, quant = convert_weights(weights, cfg, dtype, progress, bits)
+    except TensorError as e:
+        raise ImportError_(f"{gguf.name}: {e}") from e
     if quant:
         cfg["quantization"] = quant
         cfg["quantization_config"] = quant
@@ -302,7 +355,14 @@ def import_gguf(gguf: Path, out_dir: Path, dtype: str | None = None, progress: b
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     write_tokenizer(meta, tmp)
     (tmp / "mlxd-import.json").write_text(
-        json.dumps({"source": str(gguf), "dtype": dtype or "quantized", "file_type": FILE_TYPES.get(file_type)})
+        json.dumps(
+            {
+                "source": str(gguf),
+                "dtype": dtype or "quantized",
+                "file_type": FILE_TYPES.get(file_type),
+                "tensor_types": dict(sorted(tensor_types.items())),
+            }
+        )
     )
     # Publish atomically: a half-written import is never mistaken for a model.
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -323,7 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dtype",
         choices=["float16", "bfloat16", "float32"],
-        help="dequantize every tensor to this dtype (default: keep Q4_0/Q4_1/Q8_0 quantized)",
+        help="dequantize every tensor to this dtype (default: keep quantized tensors quantized)",
+    )
+    ap.add_argument(
+        "--bits",
+        type=int,
+        choices=[4, 5, 6, 8],
+        help="store every quantized tensor with this many bits (default: Q4_0/Q4_1/Q4_K 4, "
+        "Q5_0/Q5_1/Q5_K 5, Q8_0 8, Q2_K/Q3_K 4, Q6_K 6, IQ4_NL/IQ4_XS 5)",
     )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -335,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.gguf} is not a file", file=sys.stderr)
         return 2
     try:
-        out = import_gguf(args.gguf, args.models_dir / name, args.dtype, progress=not args.no_progress)
+        out = import_gguf(args.gguf, args.models_dir / name, args.dtype, not args.no_progress, args.bits)
     except ImportError_ as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

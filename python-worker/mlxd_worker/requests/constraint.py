@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ..errors import RequestError
 from ..io.protocol import OutputFormat, Tool
@@ -195,10 +195,6 @@ class SequenceConstraint:
         """A logits processor for one stay of the sequence in one lane."""
         return LaneProcessor(self, history)
 
-    def catch_up(self, history: list[int]) -> None:
-        for token in history[self.prompt_len + self.seen :]:
-            self.consume(token)
-
     def consume(self, token: int) -> None:
         self.seen += 1
         if token in self._eos or self.error is not None:
@@ -223,8 +219,22 @@ class SequenceConstraint:
         return apply_token_mask(logits, self._bitmask)
 
 
+class TokenConsumer(Protocol):
+    """What a lane's logits processor drives: something that sees each generated
+    token once, in order, and masks the logits of the next (an output format's
+    matcher; a thinking budget, requests/reasoning.py). `prompt_len` is set when
+    the sequence is inserted; `seen` counts the generated tokens consumed."""
+
+    prompt_len: int
+    seen: int
+
+    def consume(self, token: int) -> None: ...
+    def masked(self, logits: mx.array) -> mx.array: ...
+    def processor(self, history: list[int]) -> LaneProcessor: ...
+
+
 class LaneProcessor:
-    """The constraint's logits processor for one stay of a sequence in one lane.
+    """A consumer's logits processor for one stay of a sequence in one lane.
 
     Call j of a lane computes the logits of the lane's j-th token. By then the lane
     has sampled tokens 0..j-1 and handed out all but the last, which is
@@ -235,15 +245,16 @@ class LaneProcessor:
     the tokens a lane computed but never handed out die with it.
     """
 
-    def __init__(self, constraint: SequenceConstraint, history: list[int]) -> None:
-        self._constraint = constraint
+    def __init__(self, consumer: TokenConsumer, history: list[int]) -> None:
+        self._consumer = consumer
         self._history = history
-        self._handed_before = len(history) - constraint.prompt_len
+        self._handed_before = len(history) - consumer.prompt_len
         self._calls = 0
 
     def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
-        c = self._constraint
-        c.catch_up(self._history)
+        c = self._consumer
+        for token in self._history[c.prompt_len + c.seen :]:
+            c.consume(token)
         sampled = self._handed_before + self._calls  # generated tokens that exist now
         if self._calls > 0 and c.seen < sampled:
             c.consume(cast(int, context[-1].item()))  # a token id

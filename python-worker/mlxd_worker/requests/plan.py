@@ -5,12 +5,13 @@ tool calls back, the constraint (a format or a forced call) and logprobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, TypedDict
+from typing import TYPE_CHECKING, Any, Optional, TypedDict
 
 from ..errors import RequestError
-from ..io.protocol import ChatMessage, Generate, Tool, ToolChoice
+from ..io.protocol import ChatMessage, Generate, ReasoningOptions, Tool, ToolChoice
 from .constraint import Grammars, SequenceConstraint
 from .logprobs import MAX_TOP
+from .reasoning import ReasoningBudget, ReasoningFormat, ReasoningText, ReasoningTracker
 from .tool_stream import ToolCallExtractor
 from .tools import ToolFormat, chat_messages, read_calls, tool_choice, tool_format
 
@@ -27,6 +28,26 @@ class Prompt(TypedDict, total=False):
     prompt: Optional[str]
     tools: list[Tool]
     tool_choice: ToolChoice
+    reasoning: Optional[ReasoningOptions]
+
+
+@dataclass
+class ReasoningPlan:
+    """A chat request to a model that thinks: where its output starts (inside
+    the thinking section, when the template opened it) and its thinking budget."""
+
+    fmt: ReasoningFormat
+    inside: bool
+    max_tokens: int | None
+
+    def text(self) -> ReasoningText:
+        return ReasoningText(self.fmt, self.inside)
+
+    def tracker(self) -> ReasoningTracker:
+        return ReasoningTracker(self.fmt, self.inside)
+
+    def budget(self) -> ReasoningBudget | None:
+        return None if self.max_tokens is None else ReasoningBudget(self.fmt, self.max_tokens, self.inside)
 
 
 @dataclass
@@ -39,6 +60,9 @@ class RequestPlan:
     constraint: SequenceConstraint | None = None
     # Alternatives per token in Logprobs frames; None: no logprobs.
     top_logprobs: int | None = None
+    reasoning: ReasoningPlan | None = None
+    # Prompt lengths worth a prefix-cache snapshot (Planner.boundaries).
+    boundaries: list[int] = field(default_factory=list)
 
     def tool_extractor(self) -> ToolCallExtractor | None:
         fmt, tools = self.tool_format, self.tools
@@ -50,9 +74,19 @@ class RequestPlan:
 class Planner:
     """One model's request planning: its tokenizer, tool format and grammars."""
 
-    def __init__(self, tokenizer: TokenizerWrapper, eos: frozenset[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: TokenizerWrapper,
+        eos: frozenset[int],
+        reasoning: ReasoningFormat | None,
+        boundaries: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.eos = eos
+        # The model's thinking format, when its thinking is told apart.
+        self.reasoning = reasoning
+        # Work out each chat prompt's turn boundaries (for prefix-cache snapshots).
+        self.boundaries = boundaries
         self.tool_format = tool_format(tokenizer)
         self.grammars = Grammars(tokenizer, eos)
 
@@ -60,29 +94,59 @@ class Planner:
         """The prompt as it would be generated from (count_only counts this)."""
         tools = list(req.get("tools") or [])
         choice = tool_choice(req.get("tool_choice"), tools)
-        return self._prompt_ids(req, [] if choice.mode == "none" else tools)
+        return self._prompt_ids(req, [] if choice.mode == "none" else tools, constrained=False)[0]
 
-    def _prompt_ids(self, req: Prompt, tools: list[Tool]) -> list[int]:
+    def _prompt_ids(self, req: Prompt, tools: list[Tool], constrained: bool) -> tuple[list[int], list[int]]:
+        """The prompt's tokens, and its turn boundaries when the planner looks for them."""
         tok = self.tokenizer
         chat = req.get("messages")
+        cuts: list[int] = []
         if chat is not None:
             messages, extra = chat_messages(chat, tools, self.tool_format)
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            ids = list(ids)
+            kwargs: dict[str, object] = dict(extra)
+            asked = req.get("reasoning") or {}
+            enabled = asked.get("enabled")
+            if enabled is None and constrained:
+                # A format or a forced call shapes the output from its first token:
+                # thinking cannot come first, so the template is asked to skip it.
+                enabled = False
+            if enabled is not None:
+                kwargs["enable_thinking"] = enabled
+            if asked.get("effort"):
+                kwargs["reasoning_effort"] = asked.get("effort")
+            ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
+            if self.boundaries:
+                cuts = self._boundaries(list(messages), kwargs, ids)
         else:
             ids = list(tok.encode(req.get("prompt") or ""))
         if not ids:  # an empty completion prompt: start from BOS
             ids = [tok.bos_token_id if tok.bos_token_id is not None else min(self.eos)]
-        return ids
+        return ids, cuts
+
+    def _boundaries(self, messages: list[Any], kwargs: dict[str, object], ids: list[int]) -> list[int]:
+        """Where a later request is likely to part from this prompt: after the
+        system prompt (a new conversation with the same instructions) and before
+        the generation prompt (the conversation continued). Each is the length of
+        the prompt's common prefix with the template rendered up to there, as
+        mlx-lm's server segments prompts."""
+        tok = self.tokenizer
+        cuts: list[int] = []
+        system = 0
+        while system < len(messages) and messages[system]["role"] == "system":
+            system += 1
+        if 0 < system < len(messages):
+            head = messages[:system] + [{"role": "user", "content": ""}]
+            cuts.append(_common(_ids(tok.apply_chat_template(head, tokenize=True, **kwargs)), ids))
+        cuts.append(_common(_ids(tok.apply_chat_template(messages, tokenize=True, **kwargs)), ids))
+        return sorted({c for c in cuts if 1 < c < len(ids) - 1})
 
     def plan(self, req: Generate) -> RequestPlan:
         tools = list(req.get("tools") or [])
         choice = tool_choice(req.get("tool_choice"), tools)
         offered = [] if choice.mode == "none" else tools
-        plan = RequestPlan(self._prompt_ids(req, offered), offered, self.tool_format)
         fmt = req.get("format")
+        ids, cuts = self._prompt_ids(req, offered, constrained=choice.forced or bool(fmt))
+        plan = RequestPlan(ids, offered, self.tool_format, boundaries=cuts)
         tool_fmt = self.tool_format
         grammar = None
         if choice.forced:
@@ -109,4 +173,27 @@ class Planner:
             if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP:
                 raise RequestError(f"logprobs must be an integer from 0 to {MAX_TOP}, not {top!r}")
             plan.top_logprobs = top
+        if self.reasoning is not None and req.get("messages") is not None:
+            asked = req.get("reasoning") or {}
+            budget = asked.get("max_tokens")
+            plan.reasoning = ReasoningPlan(
+                self.reasoning, self.reasoning.starts_inside(plan.prompt_ids), None if budget is None else int(budget)
+            )
         return plan
+
+
+def _ids(rendered: object) -> list[int]:
+    """apply_chat_template's tokens, whichever form the tokenizer returns them in."""
+    if isinstance(rendered, dict) or hasattr(rendered, "input_ids"):
+        rendered = rendered["input_ids"]  # type: ignore[index]
+    return [int(t) for t in rendered]  # type: ignore[attr-defined]
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of `a` and `b`."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -126,6 +126,9 @@ class TemplateMessage(_TemplateMessageRequired, total=False):
     tool_calls: list[TemplateToolCall]
     tool_call_id: str
     name: str
+    # An assistant turn's thinking, under the name chat templates read (Qwen3's
+    # keeps it for the turns of the current tool-call round).
+    reasoning_content: str
 
 
 # mlx-lm's parse_tool_call(text, tools): a call dict or a list of them (or anything,
@@ -248,6 +251,8 @@ def _native_message(m: ChatMessage) -> TemplateMessage:
         out["tool_call_id"] = call_id
     if name:
         out["name"] = name
+    if m.get("reasoning"):
+        out["reasoning_content"] = m["reasoning"] or ""
     return out
 
 
@@ -273,7 +278,10 @@ def _generic_messages(messages: list[ChatMessage], tools: list[Tool]) -> list[Te
         if role == "assistant" and m.get("tool_calls"):
             calls = "\n".join(call_block(c["name"], c["arguments"]) for c in m["tool_calls"])
             content = f"{content}\n{calls}" if content else calls
-        out.append({"role": role, "content": content})
+        message: TemplateMessage = {"role": role, "content": content}
+        if m.get("reasoning"):
+            message["reasoning_content"] = m["reasoning"] or ""
+        out.append(message)
     if tools:
         lines = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in openai_tools(tools))
         block = _TOOLS_PROMPT.format(tools=lines)
