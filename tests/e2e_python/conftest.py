@@ -11,7 +11,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from families import DISK, DRAFT, DRAFTED, FAMILIES, KV8, KV8_GROUP, KV8_REFUSED, MAX_KV_SIZE, ROTATING, family_dir
+from families import (
+    DISK,
+    DRAFT,
+    DRAFT_POLICY,
+    DRAFTED,
+    FAMILIES,
+    KV8,
+    KV8_GROUP,
+    KV8_REFUSED,
+    MAX_KV_SIZE,
+    ROTATING,
+    family_dir,
+)
 from thinking import thinker_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +82,11 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (presets / f"family-{family}-drafted.toml").write_text(
             f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n'
             f'[speculative]\ndraft = "{family_dir(DRAFT)}"\nmode = "on"\nnum_draft_tokens = 3\n'
+        )
+    for family, mode in DRAFT_POLICY:
+        (presets / f"family-{family}-draft-{mode}.toml").write_text(
+            f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n'
+            f'[speculative]\ndraft = "{family_dir(DRAFT)}"\nmode = "{mode}"\nnum_draft_tokens = 3\n'
         )
     # The disk tier of the prefix cache, found again by the next worker.
     for family in DISK:

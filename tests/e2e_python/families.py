@@ -61,6 +61,10 @@ _COMMON: dict[str, Any] = {
 # a sliding-window and a hybrid one (served without drafting, with the reason).
 DRAFT = "llama"
 DRAFTED = {"qwen3": True, "gemma3_text": False, "qwen3_next": False}
+# The draft policy (mode "auto" and "on") for a dense and a mixture-of-experts target:
+# auto calibrates at load (plain against drafted, on this machine); a MoE target is
+# refused by policy in auto and drafts with "on".
+DRAFT_POLICY = (("qwen3", "auto"), ("qwen3_moe", "auto"), ("qwen3_moe", "on"))
 # Families whose prefix cache is tested across a worker restart (its disk tier):
 # full attention, MLA, a sliding window, and a recurrent state.
 DISK = ("llama", "deepseek_v3", "gemma3_text", "qwen3_next")

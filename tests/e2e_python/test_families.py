@@ -19,6 +19,7 @@ import pytest
 from conftest import control
 from families import (
     DISK,
+    DRAFT_POLICY,
     DRAFTED,
     FAMILIES,
     KV8,
@@ -127,6 +128,38 @@ def test_a_disagreeing_draft_never_changes_the_text(daemon_url: str, family: str
             assert drafted["draft_tokens"] > 0 and drafted["rejected_tokens"] > 0, drafted
         else:
             assert "cannot take back rejected draft tokens" in spec["reason"], spec
+    finally:
+        with control() as c:
+            c.post("/admin/stop", json={"model": model})
+
+
+@pytest.mark.parametrize(("family", "mode"), DRAFT_POLICY)
+def test_the_draft_policy_calibrates_and_refuses_mixture_of_experts_in_auto(
+    daemon_url: str, family: str, mode: str
+) -> None:
+    model = f"family-{family}-draft-{mode}"
+    model_dir = family_dir(family)
+    try:
+        answer = complete(daemon_url, model, PROMPT, 16)
+        assert answer["choices"][0]["text"] == native_text(model_dir, PROMPT, 16), model
+        worker = next(w for w in control().get("/admin/ps").json()["workers"] if w["model"] == model)
+        spec = worker["stats"]["speculative"]
+        print(f"{model}: {spec}")
+        moe = family == "qwen3_moe"
+        if moe and mode == "auto":
+            # Refused by policy: the draft is loaded, never used, and says why.
+            assert not spec["active"] and "mixture-of-experts" in spec["reason"], spec
+            assert "draft_tokens" not in answer["usage"].get("mlxd", {}) or answer["usage"]["mlxd"]["draft_tokens"] == 0
+        elif mode == "on":
+            assert spec["active"] and answer["usage"]["mlxd"]["draft_tokens"] > 0, (spec, answer["usage"])
+        else:
+            # auto measured both lanes at load, on this machine, and decided from them.
+            assert spec["plain_tps"] > 0 and spec["spec_tps"] > 0, spec
+            assert spec["active"] or "probing again" in spec["reason"], spec
+        ps = subprocess.run(
+            [str(MLXD), "--port", daemon_url.rsplit(":", 1)[1], "ps"], capture_output=True, text=True, check=True
+        ).stdout
+        assert spec["reason"].split(";")[0] in ps, ps
     finally:
         with control() as c:
             c.post("/admin/stop", json={"model": model})

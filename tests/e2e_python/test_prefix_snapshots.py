@@ -22,8 +22,9 @@ SYSTEM = (
     "You are a careful coding agent. You read files before you change them, you run the tests after every "
     "change, and you explain what you did in one short paragraph. Never guess a file's contents."
 )
+# Six requests: four turns of one agent, two of the other.
 QUESTIONS = {
-    "a": ["List the files in src.", "Open main.rs.", "Run the tests."],
+    "a": ["List the files in src.", "Open main.rs.", "Run the tests.", "Commit it."],
     "b": ["What does the README say?", "Fix the typo in it."],
 }
 MAX_TOKENS = 6
@@ -59,7 +60,7 @@ def native(model_dir: Any, messages: list[dict[str, str]]) -> str:
     return text
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "gpt_oss", "gemma3_text"])
 def test_turn_boundaries_are_reused_by_hybrid_and_sliding_models(daemon_url: str, family: str) -> None:
     model = f"family-{family}"
     model_dir = family_dir(family)
@@ -68,7 +69,7 @@ def test_turn_boundaries_are_reused_by_hybrid_and_sliding_models(daemon_url: str
     }
     cached: dict[str, list[int]] = {name: [] for name in QUESTIONS}
     try:
-        for turn in range(3):
+        for turn in range(max(len(q) for q in QUESTIONS.values())):
             for name, questions in QUESTIONS.items():
                 if turn >= len(questions):
                     continue
