@@ -99,6 +99,20 @@ def test_a_thinking_budget_ends_the_section_and_the_answer_follows(oai: OpenAI) 
     assert r.usage.completion_tokens_details.reasoning_tokens == 3
 
 
+def test_stop_sequences_end_the_answer_not_the_thinking(oai: OpenAI) -> None:
+    for stop, content, finish in ((["think"], ANSWER, "stop"), ([" answer"], "The", "stop")):
+        r = oai.chat.completions.create(
+            model=MODEL,
+            messages=ASK,  # type: ignore[arg-type]
+            max_tokens=MAX,
+            temperature=0,
+            stop=stop,
+        )
+        message = r.choices[0].message
+        assert getattr(message, "reasoning_content") == THINKING, stop
+        assert (message.content, r.choices[0].finish_reason) == (content, finish), stop
+
+
 def test_thinking_switched_off_gives_the_answer_alone(oai: OpenAI) -> None:
     for extra in ({"reasoning_effort": "none"}, {"chat_template_kwargs": {"enable_thinking": False}}):
         r = oai.chat.completions.create(

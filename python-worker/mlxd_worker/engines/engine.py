@@ -435,6 +435,10 @@ class Engine:
             if finish is not None:
                 seq.detok.finalize()
                 text += seq.detok.last_segment
+            thought = False
+            if seq.thinking is not None:
+                # Stop sequences end the answer, not the thinking before it.
+                text, thought = self._split_thinking(seq, int(token), text, finish is not None, now)
             text, hit = seq.stops.feed(text)
             if hit:
                 if finish is None:
@@ -442,9 +446,6 @@ class Engine:
                 finish = "stop"
             elif finish is not None:
                 text += seq.stops.flush()
-            thought = False
-            if seq.thinking is not None:
-                text, thought = self._split_thinking(seq, int(token), text, finish is not None, now)
             calls = NO_CALLS
             if seq.extras:
                 text, calls = self._extras(seq, uid, int(token), text, finish is not None)
