@@ -83,6 +83,17 @@ struct InOutputFormat {
     schema: Option<Value>,
 }
 
+/// `output_config`: the answer's format (as `output_format`) and how much effort
+/// the model spends (a reasoning model's thinking effort).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputConfig {
+    #[serde(default)]
+    format: Option<InOutputFormat>,
+    #[serde(default)]
+    effort: Option<String>,
+}
+
 /// `thinking`: `{"type": "enabled", "budget_tokens": N}`, `{"type": "adaptive"}`
 /// or `{"type": "disabled"}`.
 #[derive(Debug, Deserialize)]
@@ -99,8 +110,13 @@ struct Thinking {
 fn thinking(
     t: Option<Thinking>,
     max_tokens: Option<u32>,
+    effort: Option<&str>,
 ) -> Result<Option<Box<ReasoningOptions>>, Error> {
-    let Some(t) = t else { return Ok(None) };
+    // output_config.effort: "low" | "medium" | "high" (and "max", the most).
+    let effort = effort.map(|e| if e == "max" { "high" } else { e });
+    let Some(t) = t else {
+        return request::reasoning(None, effort, None, "output_config.effort");
+    };
     let enabled = match t.kind.as_str() {
         "enabled" => true,
         "adaptive" => true,
@@ -127,7 +143,7 @@ fn thinking(
             ));
         }
     }
-    request::reasoning(Some(enabled), None, budget, "thinking")
+    request::reasoning(Some(enabled), effort, budget, "output_config.effort")
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +170,8 @@ struct MessagesRequest {
     output_format: Option<InOutputFormat>,
     #[serde(default)]
     thinking: Option<Thinking>,
+    #[serde(default)]
+    output_config: Option<OutputConfig>,
 }
 
 const FIELDS: &[(&str, FieldRule)] = &[
@@ -169,8 +187,16 @@ const FIELDS: &[(&str, FieldRule)] = &[
     ("tool_choice", FieldRule::Served),
     ("output_format", FieldRule::Served),
     ("thinking", FieldRule::Served),
+    ("output_config", FieldRule::Served),
     ("metadata", FieldRule::Ignored),
     ("service_tier", FieldRule::Ignored),
+    // Hints about Anthropic's own prompt cache: mlxd's prefix cache reuses
+    // whatever it can without them.
+    ("cache_control", FieldRule::Ignored),
+    // Server-side context editing (clearing old tool results and thinking past
+    // a threshold): the conversation is served as sent, and a model's earlier
+    // thinking does not reach its prompt unless its template keeps it.
+    ("context_management", FieldRule::Ignored),
 ];
 
 /// count_tokens takes the input fields only.
@@ -181,6 +207,10 @@ const COUNT_FIELDS: &[(&str, FieldRule)] = &[
     ("tools", FieldRule::Served),
     ("tool_choice", FieldRule::Served),
     ("thinking", FieldRule::Served),
+    ("cache_control", FieldRule::Ignored),
+    ("context_management", FieldRule::Ignored),
+    // The answer's format and effort change nothing in the prompt's count.
+    ("output_config", FieldRule::Ignored),
 ];
 
 fn unsupported_block(kind: &str) -> Error {
@@ -236,9 +266,26 @@ fn chat_messages(
         }
     }
     for m in messages {
+        if m.role == "system" {
+            // A system message mid-conversation (Claude Code sends them): it
+            // stays where it is; the worker renders it (chat_messages in
+            // requests/tools.py says how when the template refuses it there).
+            let text = text_of(m.content, "messages")?;
+            if !text.is_empty() {
+                out.push(ChatMessage {
+                    role: "system".into(),
+                    content: text,
+                    ..Default::default()
+                });
+            }
+            continue;
+        }
         if m.role != "user" && m.role != "assistant" {
             return Err(Error::invalid(
-                format!("unknown role '{}' (messages are 'user' or 'assistant'; the system prompt is 'system')", m.role),
+                format!(
+                    "unknown role '{}' (messages are 'user', 'assistant' or 'system')",
+                    m.role
+                ),
                 Some("messages"),
             ));
         }
@@ -357,7 +404,20 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
     gen.messages = Some(chat_messages(req.system, req.messages)?);
     gen.tools = tools(req.tools)?;
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
-    gen.format = match req.output_format {
+    let (config_format, effort) = match req.output_config {
+        Some(c) => (c.format, c.effort),
+        None => (None, None),
+    };
+    let output_format = match (req.output_format, config_format) {
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid(
+                "output_format and output_config.format cannot both be given",
+                Some("output_config"),
+            ))
+        }
+        (a, b) => a.or(b),
+    };
+    gen.format = match output_format {
         None => None,
         Some(InOutputFormat {
             kind,
@@ -376,7 +436,7 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
         }
     };
     request::check_format_with_tools(&gen, "output_format")?;
-    gen.reasoning = thinking(req.thinking, Some(max_tokens))?;
+    gen.reasoning = thinking(req.thinking, Some(max_tokens), effort.as_deref())?;
     Ok((gen, req.stream))
 }
 
@@ -592,7 +652,7 @@ pub async fn count_tokens(
     let gen = Generate {
         messages: Some(chat_messages(req.system, req.messages)?),
         tool_choice: tool_choice(req.tool_choice, &tools)?,
-        reasoning: thinking(req.thinking, None)?,
+        reasoning: thinking(req.thinking, None, None)?,
         tools,
         max_tokens: 1,
         top_p: 1.0,
@@ -715,6 +775,47 @@ mod tests {
         let m = parse(body).unwrap().messages.unwrap();
         assert_eq!(m[1].reasoning.as_deref(), Some("They said hi."));
         assert_eq!(m[1].content, "Hello!");
+    }
+
+    #[test]
+    fn claude_codes_fields_are_taken() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        let gen = parse(json!({
+            "model": "m", "max_tokens": 64,
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "system", "content": "The user is in Paris."},
+                {"role": "user", "content": "Weather?"},
+            ],
+            "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+            "cache_control": {"type": "ephemeral"},
+            "metadata": {"user_id": "u"},
+            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}},
+        }))
+        .unwrap();
+        let m = gen.messages.unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "system", "user"]);
+        assert_eq!(m[3].content, "The user is in Paris.");
+        assert!(matches!(
+            gen.format.as_deref(),
+            Some(OutputFormat::JsonSchema { .. })
+        ));
+        assert_eq!(gen.reasoning.unwrap().effort.as_deref(), Some("low"));
+        // One format, not two; an effort mlxd does not know is named.
+        let both = parse(json!({
+            "model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+            "output_format": {"type": "json_schema", "schema": schema},
+            "output_config": {"format": {"type": "json_schema", "schema": schema}},
+        }));
+        assert_eq!(both.unwrap_err().param(), Some("output_config"));
+        let effort = parse(json!({
+            "model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+            "output_config": {"effort": "extreme"},
+        }));
+        assert_eq!(effort.unwrap_err().param(), Some("output_config.effort"));
     }
 
     #[test]

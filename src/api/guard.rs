@@ -147,6 +147,23 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// Ollama's own documentation posts JSON with `curl -d` (a form Content-Type), and
+/// some of its clients send none: on Ollama's routes such a body is read as JSON
+/// when the request has no Origin. A browser always sends one with a cross-site
+/// POST, so a web page still cannot reach them with a form.
+fn ollama_plain_body(path: &str, headers: &HeaderMap) -> bool {
+    let kind = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|t| t.trim().to_ascii_lowercase());
+    let plain = match kind.as_deref() {
+        None => true,
+        Some(t) => t == "application/x-www-form-urlencoded" || t == "text/plain",
+    };
+    path.starts_with("/api/") && plain && !headers.contains_key(header::ORIGIN)
+}
+
 pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
     let deny = |status, code, message| deny(&path, status, code, message);
@@ -172,7 +189,7 @@ pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
         }
         _ => {}
     }
-    if req.method() == Method::POST && !is_json(headers) {
+    if req.method() == Method::POST && !is_json(headers) && !ollama_plain_body(&path, headers) {
         return deny(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -324,5 +341,23 @@ mod tests {
         )])));
         assert!(!is_json(&headers(&[("content-type", "text/plain")])));
         assert!(!is_json(&headers(&[])));
+    }
+
+    #[test]
+    fn ollama_routes_read_plain_bodies_only_without_an_origin() {
+        let form = ("content-type", "application/x-www-form-urlencoded");
+        assert!(ollama_plain_body("/api/chat", &headers(&[])));
+        assert!(ollama_plain_body("/api/generate", &headers(&[form])));
+        // A web page's cross-site form post carries its Origin.
+        let site = ("origin", "http://evil.example");
+        assert!(!ollama_plain_body("/api/chat", &headers(&[form, site])));
+        assert!(!ollama_plain_body(
+            "/v1/chat/completions",
+            &headers(&[form])
+        ));
+        assert!(!ollama_plain_body(
+            "/api/chat",
+            &headers(&[("content-type", "multipart/form-data")])
+        ));
     }
 }

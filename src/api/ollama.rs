@@ -553,8 +553,9 @@ impl Meta {
         });
         v["total_duration"] = json!(nanos(self.began.elapsed()));
         v["load_duration"] = json!(0);
-        // As Ollama counts: the prompt tokens evaluated (a cached prefix is not).
-        v["prompt_eval_count"] = json!(done.prompt_tokens.saturating_sub(done.cached_tokens));
+        // As Ollama counts: every prompt token, cached or evaluated (the duration
+        // is the evaluation's, which a cached prefix does not take).
+        v["prompt_eval_count"] = json!(done.prompt_tokens);
         v["prompt_eval_duration"] = json!(duration_ns(done.prompt_tokens, done.prompt_tps));
         v["eval_count"] = json!(done.completion_tokens);
         v["eval_duration"] = json!(duration_ns(done.completion_tokens, done.generation_tps));

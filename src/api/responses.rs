@@ -31,6 +31,10 @@ const FIELDS: &[(&str, FieldRule)] = &[
     ("text", FieldRule::Served),
     ("reasoning", FieldRule::Served),
     ("max_reasoning_tokens", FieldRule::Served),
+    ("include", FieldRule::Served),
+    // Bookkeeping and hints (Codex sends them): the answer is the same.
+    ("client_metadata", FieldRule::Ignored),
+    ("prompt_cache_key", FieldRule::Ignored),
     // Nothing is stored either way; the answer is the same.
     ("store", FieldRule::Ignored),
     ("metadata", FieldRule::Ignored),
@@ -41,8 +45,14 @@ const FIELDS: &[(&str, FieldRule)] = &[
         "truncation",
         FieldRule::OnlyNeutral(|v| v.as_str() == Some("disabled")),
     ),
-    ("include", FieldRule::OnlyNeutral(request::is_empty)),
 ];
+
+/// What `include` may ask for: the reasoning items' `encrypted_content`, which
+/// mlxd fills with the thinking itself (nothing is secret from a local client),
+/// so a stateless client that sends the items back gives the template its thinking.
+const INCLUDE_REASONING: &str = "reasoning.encrypted_content";
+/// Marks mlxd's `encrypted_content` (base64 of the thinking's text).
+const ENCRYPTED_PREFIX: &str = "mlxd1:";
 
 /// `reasoning`: how hard a reasoning model thinks.
 #[derive(Debug, Deserialize)]
@@ -50,6 +60,10 @@ const FIELDS: &[(&str, FieldRule)] = &[
 struct ReasoningParam {
     #[serde(default)]
     effort: Option<String>,
+    /// "auto", "concise" or "detailed": the thinking is also given as the
+    /// item's summary (mlxd writes no shorter one).
+    #[serde(default)]
+    summary: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +116,8 @@ struct ResponsesRequest {
     /// mlxd's thinking budget, as in chat completions.
     #[serde(default)]
     max_reasoning_tokens: Option<u32>,
+    #[serde(default)]
+    include: Option<Vec<String>>,
 }
 
 /// Text of a message item's content: a string, or input_text/output_text parts.
@@ -239,6 +255,13 @@ fn messages(instructions: Option<String>, input: Input) -> Result<Vec<ChatMessag
 /// A reasoning input item's text (its `content` parts; a summary stands in when
 /// only that came back).
 fn reasoning_text(item: &Value) -> Result<String, Error> {
+    if let Some(text) = item["encrypted_content"]
+        .as_str()
+        .and_then(|e| e.strip_prefix(ENCRYPTED_PREFIX))
+        .and_then(decode_base64)
+    {
+        return Ok(text);
+    }
     let parts = match (&item["content"], &item["summary"]) {
         (Value::Array(parts), _) if !parts.is_empty() => parts,
         (_, Value::Array(parts)) => parts,
@@ -262,6 +285,19 @@ fn reasoning_text(item: &Value) -> Result<String, Error> {
         }
     }
     Ok(text)
+}
+
+fn decode_base64(text: &str) -> Option<String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn encode_base64(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
@@ -330,6 +366,15 @@ struct Parsed {
     stream: bool,
     /// Echoed in the response object.
     echo: Value,
+    shape: ReasoningShape,
+}
+
+/// What a reasoning item carries besides its text: the thinking as its summary
+/// too (`reasoning.summary`), and as `encrypted_content` (`include`).
+#[derive(Clone, Copy, Default)]
+struct ReasoningShape {
+    summary: bool,
+    encrypted: bool,
 }
 
 fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed, Error> {
@@ -364,18 +409,43 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
     gen.format = output_format(req.text)?.map(Box::new);
     request::check_format_with_tools(&gen, "text.format")?;
-    let effort = req.reasoning.and_then(|r| r.effort);
+    let (effort, summary) = match req.reasoning {
+        Some(r) => (r.effort, r.summary),
+        None => (None, None),
+    };
     gen.reasoning = request::reasoning(
         None,
         effort.as_deref(),
         req.max_reasoning_tokens,
         "reasoning.effort",
     )?;
+    let summary = match summary.as_deref() {
+        None | Some("none") => false,
+        Some("auto" | "concise" | "detailed") => true,
+        Some(other) => {
+            return Err(Error::invalid(
+                format!("reasoning.summary '{other}' is not one of auto, concise, detailed"),
+                Some("reasoning.summary"),
+            ))
+        }
+    };
+    let include = req.include.unwrap_or_default();
+    if let Some(other) = include.iter().find(|i| *i != INCLUDE_REASONING) {
+        return Err(Error::invalid(
+            format!("include '{other}' is not supported (only '{INCLUDE_REASONING}')"),
+            Some("include"),
+        ));
+    }
+    let shape = ReasoningShape {
+        summary,
+        encrypted: !include.is_empty(),
+    };
     Ok(Parsed {
         model: req.model,
         gen,
         stream: req.stream,
         echo,
+        shape,
     })
 }
 
@@ -413,16 +483,22 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
             output: Vec::new(),
             text_item: None,
             reasoning_item: None,
+            shape: parsed.shape,
         };
         return Ok(core::stream(started, renderer, core::Framing::Sse));
     }
     let c = core::collect(started).await?;
     let mut output = Vec::new();
     if !c.reasoning.is_empty() {
-        output.push(reasoning_item(&core::new_id("rs"), &c.reasoning));
+        output.push(reasoning_item(
+            &core::new_id("rs"),
+            &c.reasoning,
+            parsed.shape,
+        ));
     }
     if !c.text.is_empty() {
-        output.push(message_item(&core::new_id("msg"), &c.text, "completed"));
+        let status = item_status(&c.done);
+        output.push(message_item(&core::new_id("msg"), &c.text, status));
     }
     output.extend(
         c.tool_calls
@@ -473,6 +549,15 @@ impl Shell {
     }
 }
 
+/// A message item's status at the end: cut by `max_output_tokens` or whole.
+fn item_status(done: &Done) -> &'static str {
+    if done.finish_reason == "length" {
+        "incomplete"
+    } else {
+        "completed"
+    }
+}
+
 fn message_item(id: &str, text: &str, status: &str) -> Value {
     let content = if status == "in_progress" {
         json!([])
@@ -484,13 +569,22 @@ fn message_item(id: &str, text: &str, status: &str) -> Value {
 
 /// A reasoning model's thinking: its text as `reasoning_text` content (mlxd
 /// writes no summaries).
-fn reasoning_item(id: &str, text: &str) -> Value {
-    let content = if text.is_empty() {
-        json!([])
+fn reasoning_item(id: &str, text: &str, shape: ReasoningShape) -> Value {
+    let (content, summary) = if text.is_empty() {
+        (json!([]), json!([]))
     } else {
-        json!([{"type": "reasoning_text", "text": text}])
+        let summary = if shape.summary {
+            json!([{"type": "summary_text", "text": text}])
+        } else {
+            json!([])
+        };
+        (json!([{"type": "reasoning_text", "text": text}]), summary)
     };
-    json!({"type": "reasoning", "id": id, "summary": [], "content": content})
+    let mut item = json!({"type": "reasoning", "id": id, "summary": summary, "content": content});
+    if shape.encrypted && !text.is_empty() {
+        item["encrypted_content"] = json!(format!("{ENCRYPTED_PREFIX}{}", encode_base64(text)));
+    }
+    item
 }
 
 fn function_item(call: &ToolCallFrame, status: &str) -> Value {
@@ -510,6 +604,7 @@ struct ResponsesStream {
     text_item: Option<(String, String)>,
     /// The open reasoning item: its id and text so far.
     reasoning_item: Option<(String, String)>,
+    shape: ReasoningShape,
 }
 
 impl ResponsesStream {
@@ -530,7 +625,16 @@ impl ResponsesStream {
             "response.reasoning_text.done",
             json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
         );
-        let item = reasoning_item(&id, &text);
+        if self.shape.summary {
+            let at = json!({"item_id": id, "output_index": index, "summary_index": 0});
+            let mut done = at.clone();
+            done["text"] = json!(text);
+            self.event(out, "response.reasoning_summary_text.done", done);
+            let mut part = at;
+            part["part"] = json!({"type": "summary_text", "text": text});
+            self.event(out, "response.reasoning_summary_part.done", part);
+        }
+        let item = reasoning_item(&id, &text, self.shape);
         self.event(
             out,
             "response.output_item.done",
@@ -539,7 +643,7 @@ impl ResponsesStream {
         self.output.push(item);
     }
 
-    fn close_text(&mut self, out: &mut Vec<u8>) {
+    fn close_text(&mut self, out: &mut Vec<u8>, status: &str) {
         let Some((id, text)) = self.text_item.take() else {
             return;
         };
@@ -552,7 +656,7 @@ impl ResponsesStream {
             "response.content_part.done",
             json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
         );
-        let item = message_item(&id, &text, "completed");
+        let item = message_item(&id, &text, status);
         self.event(
             out,
             "response.output_item.done",
@@ -570,15 +674,20 @@ impl core::Renderer for ResponsesStream {
     }
 
     fn reasoning(&mut self, text: &str, out: &mut Vec<u8>) {
-        self.close_text(out);
+        self.close_text(out, "completed");
         let index = self.output.len();
         if self.reasoning_item.is_none() {
             let id = core::new_id("rs");
+            let item = reasoning_item(&id, "", self.shape);
             self.event(
                 out,
                 "response.output_item.added",
-                json!({"output_index": index, "item": reasoning_item(&id, "")}),
+                json!({"output_index": index, "item": item}),
             );
+            if self.shape.summary {
+                self.event(out, "response.reasoning_summary_part.added", json!({"item_id": id,
+                    "output_index": index, "summary_index": 0, "part": {"type": "summary_text", "text": ""}}));
+            }
             self.reasoning_item = Some((id, String::new()));
         }
         let id = {
@@ -591,6 +700,13 @@ impl core::Renderer for ResponsesStream {
             "response.reasoning_text.delta",
             json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text}),
         );
+        if self.shape.summary {
+            self.event(
+                out,
+                "response.reasoning_summary_text.delta",
+                json!({"item_id": id, "output_index": index, "summary_index": 0, "delta": text}),
+            );
+        }
     }
 
     fn text(&mut self, text: &str, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
@@ -618,7 +734,7 @@ impl core::Renderer for ResponsesStream {
 
     fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
         self.close_reasoning(out);
-        self.close_text(out);
+        self.close_text(out, "completed");
         let index = self.output.len();
         let item = function_item(&call, "completed");
         let mut added = item.clone();
@@ -647,7 +763,7 @@ impl core::Renderer for ResponsesStream {
 
     fn done(&mut self, done: Done, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
         self.close_reasoning(out);
-        self.close_text(out);
+        self.close_text(out, item_status(&done));
         let r = self
             .shell
             .response(std::mem::take(&mut self.output), Some(&done));

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import anthropic
+import httpx
 import jsonschema
 import ollama
 import pytest
@@ -258,6 +260,9 @@ def test_responses_text(oai: OpenAI) -> None:
     resp = oai.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=12)
     assert "Paris" in resp.output_text
     assert resp.usage is not None and resp.usage.output_tokens >= 1
+    # A message cut by max_output_tokens is incomplete, as its response is.
+    cut = oai.responses.create(model=MODEL, input="Tell me a long story.", max_output_tokens=3)
+    assert cut.status == "incomplete" and cut.output[-1].status == "incomplete", cut
 
 
 def test_responses_forced_function_call_and_its_output_answered(oai: OpenAI) -> None:
@@ -524,3 +529,51 @@ def test_ollama_errors(olla: ollama.Client) -> None:
 def test_not_found_is_a_404_in_openai_shape(oai: OpenAI) -> None:
     with pytest.raises(NotFoundError):
         oai.chat.completions.create(model="no-such-model", messages=ASK_WEATHER, max_tokens=4)
+
+
+def test_ollama_routes_take_json_posted_as_a_form_as_curl_d_does(daemon_url: str) -> None:
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        r = httpx.post(f"{daemon_url}/api/generate", content=body, headers=headers, timeout=120)
+        assert r.status_code == 200, (headers, r.text)
+        assert r.json()["done"] is True
+    # Elsewhere a JSON body still needs its Content-Type.
+    r = httpx.post(
+        f"{daemon_url}/v1/chat/completions",
+        content=json.dumps({"model": MODEL, "messages": ASK_WEATHER}),
+        headers={"Content-Type": "text/plain"},
+        timeout=60,
+    )
+    assert r.status_code == 415, r.text
+
+
+def test_claude_codes_request_shapes_are_served(claude: anthropic.Anthropic) -> None:
+    # output_config.format (what messages.parse sends), a system message mid-conversation,
+    # cache_control hints and context_management, all at once.
+    messages: Any = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Think of a person.", "cache_control": {"type": "ephemeral"}}],
+        },
+        {"role": "assistant", "content": "Done."},
+        {"role": "system", "content": "Answer with JSON only."},
+        {"role": "user", "content": "Who is it?"},
+    ]
+    m = claude.messages.create(
+        model=MODEL,
+        max_tokens=40,
+        messages=messages,
+        extra_body={
+            "output_config": {"format": {"type": "json_schema", "schema": PERSON_SCHEMA}},
+            "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]},
+        },
+    )
+    block: Any = m.content[0]
+    jsonschema.validate(json.loads(block.text), PERSON_SCHEMA)
+    # max_tokens past the context is clamped to what is left, not refused.
+    long = claude.messages.create(model=MODEL, max_tokens=20_000, messages=ASK_WEATHER, stop_sequences=[" "])  # type: ignore[arg-type]
+    assert long.stop_reason in ("stop_sequence", "end_turn"), long
+    # A prompt past the context: Anthropic's wording, which Claude Code compacts on.
+    with pytest.raises(anthropic.BadRequestError) as err:
+        claude.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "word " * 9000}])
+    assert re.search(r"prompt is too long: \d+ tokens > 8191 maximum", str(err.value)), err.value

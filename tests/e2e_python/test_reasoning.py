@@ -109,8 +109,26 @@ def test_stop_sequences_end_the_answer_not_the_thinking(oai: OpenAI) -> None:
             stop=stop,
         )
         message = r.choices[0].message
-        assert getattr(message, "reasoning_content") == THINKING, stop
+        assert message.reasoning_content == THINKING, stop
         assert (message.content, r.choices[0].finish_reason) == (content, finish), stop
+
+
+def test_an_output_format_is_the_answer_even_when_the_template_opens_thinking(oai: OpenAI) -> None:
+    # The template opens <think> whatever it is asked; the worker closes it in the
+    # prompt, so the constrained text is the answer, not thinking.
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=MAX,
+        temperature=0,
+        response_format={"type": "json_object"},
+        extra_body={"max_reasoning_tokens": 2, "chat_template_kwargs": {"enable_thinking": True}},
+    )
+    message = r.choices[0].message
+    assert getattr(message, "reasoning_content", None) is None, message
+    assert (message.content or "").startswith("{"), message
+    assert r.usage is not None and r.usage.completion_tokens_details is not None
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_thinking_switched_off_gives_the_answer_alone(oai: OpenAI) -> None:
@@ -166,6 +184,39 @@ def test_responses_reasoning_item_then_message(oai: OpenAI) -> None:
     assert final.type == "response.completed"
     assert [item.type for item in final.response.output] == ["reasoning", "message"]
     assert final.response.output_text == ANSWER
+    # What Codex asks for: the summary and the content it sends back next turn.
+    codex = oai.responses.create(
+        model=MODEL,
+        input="What is two plus two?",
+        max_output_tokens=MAX,
+        reasoning={"effort": "medium", "summary": "auto"},
+        include=["reasoning.encrypted_content"],
+        store=False,
+    )
+    item: Any = codex.output[0]
+    assert [p.text for p in item.summary] == [THINKING] and item.encrypted_content, item
+    streamed = list(
+        oai.responses.create(
+            model=MODEL,
+            input="What is two plus two?",
+            max_output_tokens=MAX,
+            reasoning={"summary": "auto"},
+            stream=True,
+        )
+    )
+    summary = "".join(e.delta for e in streamed if e.type == "response.reasoning_summary_text.delta")
+    assert summary == THINKING
+    echoed = oai.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "What is two plus two?"},
+            {"type": "reasoning", "id": item.id, "summary": [], "encrypted_content": item.encrypted_content},
+            {"role": "assistant", "content": ANSWER},
+            {"role": "user", "content": "And two more?"},
+        ],  # type: ignore[list-item]
+        max_output_tokens=MAX,
+    )
+    assert echoed.output_text == ANSWER
     # A reasoning item sent back (as Codex does) is taken, and effort is checked.
     back = oai.responses.create(
         model=MODEL,

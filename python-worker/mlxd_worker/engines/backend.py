@@ -482,6 +482,11 @@ class MlxBackend:
 
     def _keep_snapshot(self, track: Track, n: int, cache: PromptCache) -> None:
         if self.prefix is not None and held(cache) == n:
+            import mlx.core as mx
+
+            # Evaluated now: a lazy slice of the batch's state would keep the whole
+            # batch's buffers alive for as long as the entry lives.
+            mx.eval([layer.state for layer in cache])
             self.prefix.put(track.history[:n], cache)
 
     def _step_lone(self, uid: int, lane: Lane) -> list[StepResult]:

@@ -248,8 +248,12 @@ class Engine:
 
     def _report(self, rid: int | None, e: Exception) -> None:
         """A worker error (about request `rid`, or the model's load: None) must
-        reach the daemon, not kill us."""
-        log.exception("engine error")
+        reach the daemon, not kill us. A client's mistake is one line; ours has
+        its traceback."""
+        if isinstance(e, RequestError):
+            log.warning("request %s refused: %s", rid, e)
+        else:
+            log.exception("engine error")
         code = "invalid_request" if isinstance(e, RequestError) else "worker"
         error: ErrorFrame = {"id": rid, "message": str(e), "code": code}
         self.transport.send(frames.ERROR, frames.json_payload(error))
@@ -354,13 +358,17 @@ class Engine:
         ids = plan.prompt_ids
         limit = self.backend.context_length
         if limit and len(ids) >= limit:
-            raise RequestError(f"prompt is {len(ids)} tokens; the model's context is {limit}")
-        max_tokens = int(req["max_tokens"])
-        if limit and len(ids) + max_tokens > limit:
+            # Anthropic's wording, which Claude Code (and other clients) look for to
+            # compact a conversation; the largest prompt leaves one token to generate.
             raise RequestError(
-                f"max_tokens is {max_tokens} but the prompt is {len(ids)} tokens and the model's context "
-                f"is {limit}: at most {limit - len(ids)} tokens can be generated"
+                f"prompt is too long: {len(ids)} tokens > {limit - 1} maximum (the model's context is {limit} "
+                "tokens, and at least one must be left to generate)"
             )
+        # What does not fit is not asked for: the answer stops at the context's end
+        # (finish reason "length"), as vLLM and Ollama do.
+        max_tokens = int(req["max_tokens"])
+        if limit:
+            max_tokens = min(max_tokens, limit - len(ids))
         seed = req.get("seed")
         sampler = self._samplers.get(
             float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)), None if seed is None else int(seed)
@@ -448,7 +456,7 @@ class Engine:
                 text += seq.stops.flush()
             calls = NO_CALLS
             if seq.extras:
-                text, calls = self._extras(seq, uid, int(token), text, finish is not None)
+                text, calls = self._extras(seq, uid, int(token), text, finish is not None, thought and not text)
             if text or (token not in eos and not thought):
                 if not self._pending:
                     self._pending_since = now
@@ -492,14 +500,19 @@ class Engine:
                 answer += piece
         return answer, thought
 
-    def _extras(self, seq: Sequence, uid: int, token: int, text: str, last: bool) -> tuple[str, tuple[ToolCall, ...]]:
-        """A token's logprobs entry, and its text split around the tool calls it
-        completes: (the text that precedes them, the calls)."""
+    def _extras(
+        self, seq: Sequence, uid: int, token: int, text: str, last: bool, thinking: bool = False
+    ) -> tuple[str, tuple[ToolCall, ...]]:
+        """A token's logprobs entry (none for a thinking token: logprobs are the
+        answer's), and its text split around the tool calls it completes: (the
+        text that precedes them, the calls)."""
         if seq.top_logprobs is not None:
             vectors = self.backend.step_logprobs.get(uid)
             if vectors and self._token_texts is not None:
-                entry = logprob_entry(vectors.pop(0), token, seq.top_logprobs, self._token_texts)
-                self._pending_logprobs.setdefault(seq.rid, []).append(entry)
+                vector = vectors.pop(0)
+                if not thinking:
+                    entry = logprob_entry(vector, token, seq.top_logprobs, self._token_texts)
+                    self._pending_logprobs.setdefault(seq.rid, []).append(entry)
         if seq.tools is None:
             return text, NO_CALLS
         pieces = seq.tools.feed(text)

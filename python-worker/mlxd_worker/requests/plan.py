@@ -114,9 +114,22 @@ class Planner:
                 kwargs["enable_thinking"] = enabled
             if asked.get("effort"):
                 kwargs["reasoning_effort"] = asked.get("effort")
-            ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
+            try:
+                ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
+            except Exception:
+                # Templates that allow a system message only first (Qwen's, Llama's)
+                # refuse one mid-conversation (Claude Code sends them): there it
+                # becomes a user turn that says what it is.
+                moved = _system_turns_as_user(messages)
+                if moved is None:
+                    raise
+                messages = moved
+                ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
             if self.boundaries:
-                cuts = self._boundaries(list(messages), kwargs, ids)
+                try:
+                    cuts = self._boundaries(list(messages), kwargs, ids)
+                except Exception:  # an optimisation only: a template that refuses a part
+                    cuts = []
         else:
             ids = list(tok.encode(req.get("prompt") or ""))
         if not ids:  # an empty completion prompt: start from BOS
@@ -174,11 +187,19 @@ class Planner:
                 raise RequestError(f"logprobs must be an integer from 0 to {MAX_TOP}, not {top!r}")
             plan.top_logprobs = top
         if self.reasoning is not None and req.get("messages") is not None:
-            asked = req.get("reasoning") or {}
-            budget = asked.get("max_tokens")
-            plan.reasoning = ReasoningPlan(
-                self.reasoning, self.reasoning.starts_inside(plan.prompt_ids), None if budget is None else int(budget)
-            )
+            fmt_r = self.reasoning
+            budget = (req.get("reasoning") or {}).get("max_tokens")
+            inside = fmt_r.starts_inside(plan.prompt_ids)
+            if plan.constraint is not None:
+                # The format shapes the output from its first token: a template that
+                # opened the thinking section anyway (some always do) gets it closed
+                # in the prompt, so the constrained text is the answer, and there is
+                # no thinking left to budget.
+                if inside:
+                    plan.prompt_ids = plan.prompt_ids + list(fmt_r.force_close)
+                    inside = False
+                budget = None
+            plan.reasoning = ReasoningPlan(fmt_r, inside, None if budget is None else int(budget))
         return plan
 
 
@@ -197,3 +218,21 @@ def _common(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _system_turns_as_user(messages: list[Any]) -> list[Any] | None:
+    """`messages` with each system message after the first non-system one turned
+    into a user turn ("System: ..."), merged into an adjacent user turn where
+    there is one (strict templates alternate roles); None when there is none."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    if not any(m["role"] == "system" for m in messages[first:]):
+        return None
+    out: list[Any] = list(messages[:first])
+    for m in messages[first:]:
+        if m["role"] == "system":
+            m = {"role": "user", "content": f"System: {m['content']}"}
+        if m["role"] == "user" and out and out[-1]["role"] == "user" and len(m) == 2 and len(out[-1]) == 2:
+            out[-1] = {"role": "user", "content": f"{out[-1]['content']}\n\n{m['content']}"}
+        else:
+            out.append(m)
+    return out

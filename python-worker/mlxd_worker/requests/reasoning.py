@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 NORMAL, REASONING = "normal", "reasoning"
 
+# Tokens at the end of a prompt that a template's generation prompt spans
+# (`<|im_start|>assistant\n<think>\n` and the like), as mlx-lm's server looks.
+GENERATION_TAIL = 12
+
 # GPT-OSS's harmony markers, as text (each a special token of its vocabulary).
 HARMONY_TOKENS = ("<|channel|>", "<|message|>", "<|end|>", "<|start|>")
 HARMONY_THINK = "<|channel|>analysis<|message|>"
@@ -54,8 +58,11 @@ class ReasoningFormat:
 
     def starts_inside(self, prompt: list[int]) -> bool:
         """Whether the prompt leaves the model inside a thinking section (the
-        template opened it)."""
-        return _last_at(prompt, self.opens) > _last_at(prompt, self.closes)
+        template opened it). Only the generation prompt's tail is looked at: a
+        `<think>` in a user's text or a tool's output (tokenized as the marker)
+        opens nothing."""
+        tail = prompt[-GENERATION_TAIL:]
+        return _last_at(tail, self.opens) > _last_at(tail, self.closes)
 
 
 def detect(tokenizer: TokenizerWrapper) -> ReasoningFormat | None:

@@ -1,0 +1,36 @@
+"""Planning a request's prompt: system messages mid-conversation for templates that
+take a system message only first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlxd_worker.requests.plan import _system_turns_as_user
+
+
+def test_a_system_message_mid_conversation_becomes_a_user_turn_merged_with_its_neighbour() -> None:
+    messages: list[Any] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "system", "content": "The user is in Paris."},
+        {"role": "user", "content": "Weather?"},
+    ]
+    assert _system_turns_as_user(messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "System: The user is in Paris.\n\nWeather?"},
+    ]
+    # Leading system messages are where every template wants them: nothing to move.
+    assert _system_turns_as_user(messages[:3]) is None
+    # A user turn carrying more than text (a tool result's id) is not merged into.
+    tool_turn: list[Any] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "system", "content": "Note."},
+        {"role": "tool", "content": "18C", "tool_call_id": "c1"},
+    ]
+    assert _system_turns_as_user(tool_turn) == [
+        {"role": "user", "content": "Hi\n\nSystem: Note."},
+        {"role": "tool", "content": "18C", "tool_call_id": "c1"},
+    ]
