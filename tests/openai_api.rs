@@ -131,6 +131,10 @@ async fn bad_requests_get_openai_errors_and_the_daemon_keeps_serving() {
         r#"{{"model": "smollm2-135m", "messages": [{{"role": "user", "content": "hi"}}], "stop": ["{}"]}}"#,
         "x".repeat(300)
     );
+    let long_prompt = format!(
+        r#"{{"model": "smollm2-135m", "messages": [{{"role": "user", "content": "{}"}}]}}"#,
+        "word ".repeat(9000)
+    );
     let cases: [(&str, u16, &str, &str); 6] = [
         ("{not json", 400, "invalid_request_error", "JSON"),
         (
@@ -151,12 +155,13 @@ async fn bad_requests_get_openai_errors_and_the_daemon_keeps_serving() {
             "invalid_request_error",
             "max_tokens",
         ),
-        // Past the model's context (8192 for SmolLM2): the 400 names both numbers.
+        // A prompt past the model's context (8192 for SmolLM2), in the wording
+        // clients look for (a max_tokens past it is clamped: below).
         (
-            r#"{"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}"#,
+            &long_prompt,
             400,
             "invalid_request_error",
-            "max_tokens is 9000 but the prompt is",
+            "tokens > 8191 maximum",
         ),
         (&long_stop, 400, "invalid_request_error", "stop sequence"),
     ];
@@ -177,11 +182,13 @@ async fn bad_requests_get_openai_errors_and_the_daemon_keeps_serving() {
             "{message:?} should mention {mentions}"
         );
     }
-    // Still serving, and still generating.
+    // Still serving, and still generating; a max_tokens past the context is
+    // clamped to what is left, not refused (the space stop keeps it short).
     let resp = chat(json!({
         "model": SHM_MODEL,
         "messages": [{"role": "user", "content": "Say hi"}],
-        "max_tokens": 2,
+        "max_tokens": 9000,
+        "stop": [" "],
     }))
     .await;
     assert_eq!(resp.status(), 200);

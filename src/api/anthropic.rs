@@ -103,6 +103,9 @@ struct Thinking {
     kind: String,
     #[serde(default)]
     budget_tokens: Option<u32>,
+    /// "summarized" or "omitted" (Claude Code's): omitted thinking is not sent.
+    #[serde(default)]
+    display: Option<String>,
 }
 
 /// A request's thinking as the core's: enabled with a budget, adaptive (the
@@ -381,6 +384,16 @@ fn tool_choice(c: Option<InToolChoice>, tools: &[Tool]) -> Result<ToolChoice, Er
     Ok(choice)
 }
 
+/// A request as the core's Generate, and how to answer it.
+pub struct Parsed {
+    pub model: String,
+    pub gen: Generate,
+    pub stream: bool,
+    /// The model's thinking goes out as thinking blocks (not with
+    /// `thinking.display: "omitted"`).
+    pub show_thinking: bool,
+}
+
 fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
     let max_tokens = req
         .max_tokens
@@ -435,19 +448,25 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
             ))
         }
     };
-    request::check_format_with_tools(&gen, "output_format")?;
+    request::forced_call_wins(&mut gen);
     gen.reasoning = thinking(req.thinking, Some(max_tokens), effort.as_deref())?;
     Ok((gen, req.stream))
 }
 
 /// The request as the core's Generate (the fuzz target's entry too).
-pub fn parse_messages(body: &Bytes) -> Result<(String, Generate, bool), Error> {
+pub fn parse_messages(body: &Bytes) -> Result<Parsed, Error> {
     let map = request::parse_object(body)?;
     request::check_fields(&map, &[FIELDS])?;
     let req: MessagesRequest = request::from_object(map)?;
     let model = req.model.clone();
+    let show_thinking = req.thinking.as_ref().and_then(|t| t.display.as_deref()) != Some("omitted");
     let (gen, stream) = generate(req)?;
-    Ok((model, gen, stream))
+    Ok(Parsed {
+        model,
+        gen,
+        stream,
+        show_thinking,
+    })
 }
 
 fn stop_reason(done: &Done) -> &'static str {
@@ -481,7 +500,12 @@ pub async fn messages(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, AnthropicError> {
-    let (model, gen, stream) = parse_messages(&body)?;
+    let Parsed {
+        model,
+        gen,
+        stream,
+        show_thinking,
+    } = parse_messages(&body)?;
     let target = Target::resolve(&state, &model)?;
     let id = core::new_id("msg");
     let req = core::CoreRequest {
@@ -495,13 +519,14 @@ pub async fn messages(
             id,
             model,
             open_block: None,
+            show_thinking,
             blocks: 0,
         };
         return Ok(core::stream(started, renderer, core::Framing::Sse));
     }
     let c = core::collect(started).await?;
     let mut content = Vec::new();
-    if !c.reasoning.is_empty() {
+    if !c.reasoning.is_empty() && show_thinking {
         // No signature: nothing signs a local model's thinking.
         content.push(json!({"type": "thinking", "thinking": c.reasoning, "signature": ""}));
     }
@@ -533,6 +558,7 @@ struct AnthropicStream {
     open_block: Option<&'static str>,
     /// Content blocks started so far (the next block's index).
     blocks: u32,
+    show_thinking: bool,
 }
 
 impl AnthropicStream {
@@ -587,6 +613,9 @@ impl core::Renderer for AnthropicStream {
     }
 
     fn reasoning(&mut self, text: &str, out: &mut Vec<u8>) {
+        if !self.show_thinking {
+            return;
+        }
         let delta = json!({"type": "thinking_delta", "thinking": text});
         self.block_delta("thinking", delta, out);
     }
@@ -677,7 +706,7 @@ mod tests {
     use super::*;
 
     fn parse(v: Value) -> Result<Generate, Error> {
-        parse_messages(&Bytes::from(v.to_string())).map(|(_, gen, _)| gen)
+        parse_messages(&Bytes::from(v.to_string())).map(|p| p.gen)
     }
 
     #[test]
@@ -789,7 +818,8 @@ mod tests {
                 {"role": "system", "content": "The user is in Paris."},
                 {"role": "user", "content": "Weather?"},
             ],
-            "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+            "thinking": {"type": "adaptive", "display": "omitted"},
             "cache_control": {"type": "ephemeral"},
             "metadata": {"user_id": "u"},
             "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": schema}},
@@ -803,7 +833,19 @@ mod tests {
             gen.format.as_deref(),
             Some(OutputFormat::JsonSchema { .. })
         ));
-        assert_eq!(gen.reasoning.unwrap().effort.as_deref(), Some("low"));
+        let r = gen.reasoning.unwrap();
+        assert_eq!((r.enabled, r.effort.as_deref()), (Some(true), Some("low")));
+        // Thinking shown unless the client asks for it omitted (Claude Code does).
+        let body = |display: &str| {
+            json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+                   "thinking": {"type": "adaptive", "display": display}})
+        };
+        let shown = |v: Value| {
+            parse_messages(&Bytes::from(v.to_string()))
+                .unwrap()
+                .show_thinking
+        };
+        assert!(!shown(body("omitted")) && shown(body("summarized")));
         // One format, not two; an effort mlxd does not know is named.
         let both = parse(json!({
             "model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],

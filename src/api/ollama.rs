@@ -354,7 +354,7 @@ fn parse_chat(
     gen.messages = Some(chat_messages(req.messages)?);
     gen.tools = tools(req.tools)?;
     gen.tool_choice = request::tool_choice(req.tool_choice, &gen.tools)?;
-    request::check_format_with_tools(&gen, "format")?;
+    request::forced_call_wins(&mut gen);
     Ok((req.common, Some(gen)))
 }
 

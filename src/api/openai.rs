@@ -749,7 +749,7 @@ fn chat_generate(
     gen.tools = tools(req.tools)?;
     gen.tool_choice = request::tool_choice(req.tool_choice, &gen.tools)?;
     gen.format = output_format(req.response_format)?.map(Box::new);
-    request::check_format_with_tools(&gen, "response_format")?;
+    request::forced_call_wins(&mut gen);
     gen.logprobs = request::logprobs_request(req.logprobs, req.top_logprobs)?;
     gen.reasoning = request::reasoning(
         req.chat_template_kwargs.and_then(|k| k.enable_thinking),

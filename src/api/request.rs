@@ -168,21 +168,18 @@ pub fn tool(
     })
 }
 
-/// A forced tool call decides the whole answer, so an output format cannot apply
-/// as well: refused, naming the dialect's format field.
-pub fn check_format_with_tools(gen: &Generate, format_field: &str) -> Result<(), Error> {
+/// A forced tool call decides the whole answer: an output format sent with it
+/// (instructor's Responses tools mode sends both) has nothing left to shape, so
+/// the call wins and the format is dropped.
+pub fn forced_call_wins(gen: &mut Generate) {
     let forced = matches!(
         gen.tool_choice,
         worker_protocol::frame::ToolChoice::Required
             | worker_protocol::frame::ToolChoice::Function(_)
     );
-    if forced && gen.format.is_some() {
-        return Err(Error::invalid(
-            format!("a forced tool call and {format_field} cannot be combined"),
-            Some(format_field),
-        ));
+    if forced {
+        gen.format = None;
     }
-    Ok(())
 }
 
 /// `logprobs: true` with `top_logprobs` alternatives (0..=20), as OpenAI's chat

@@ -83,6 +83,37 @@ struct InTool {
     description: Option<String>,
     #[serde(default)]
     parameters: Option<Value>,
+    /// A `namespace` tool's functions.
+    #[serde(default)]
+    tools: Option<Vec<InTool>>,
+}
+
+/// Tools the OpenAI platform runs itself: a local server cannot, so they are left
+/// out of the model's tools (and named in `x-mlxd-dropped-tools` and the log)
+/// rather than failing a client that always sends them (Codex sends web_search).
+const HOSTED_TOOLS: &[&str] = &[
+    "web_search",
+    "web_search_preview",
+    "file_search",
+    "code_interpreter",
+    "computer_use",
+    "computer_use_preview",
+    "image_generation",
+    "mcp",
+    "local_shell",
+];
+
+/// The header that names the hosted tools a request sent and mlxd left out.
+pub const DROPPED_TOOLS_HEADER: &str = "x-mlxd-dropped-tools";
+
+/// The tools offered to the model, where its calls' names come from, and what was
+/// left out.
+#[derive(Default)]
+struct Offered {
+    tools: Vec<Tool>,
+    /// A namespaced function's name -> its namespace (a call names both).
+    namespaces: std::collections::HashMap<String, String>,
+    dropped: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -300,22 +331,71 @@ fn encode_base64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
 }
 
-fn tools(tools: Option<Vec<InTool>>) -> Result<Vec<Tool>, Error> {
+/// Functions as they are; a `namespace` tool's functions flattened into the
+/// list (a call then names its namespace); hosted tools dropped.
+fn tools(tools: Option<Vec<InTool>>) -> Result<Offered, Error> {
+    let mut offered = Offered::default();
+    for t in tools.unwrap_or_default() {
+        match (t.kind.as_str(), t.name) {
+            ("function", Some(name)) => {
+                offered
+                    .tools
+                    .push(request::tool(name, t.description, t.parameters)?)
+            }
+            ("namespace", Some(space)) => {
+                for f in t.tools.unwrap_or_default() {
+                    let Some(name) = f.name.filter(|_| f.kind == "function") else {
+                        return Err(Error::invalid(
+                            format!(
+                                "namespace '{space}' holds a tool that is not a named function"
+                            ),
+                            Some("tools"),
+                        ));
+                    };
+                    if offered
+                        .namespaces
+                        .insert(name.clone(), space.clone())
+                        .is_some()
+                    {
+                        return Err(Error::invalid(
+                            format!("the function '{name}' is in two namespaces"),
+                            Some("tools"),
+                        ));
+                    }
+                    offered
+                        .tools
+                        .push(request::tool(name, f.description, f.parameters)?);
+                }
+            }
+            (kind, _) if HOSTED_TOOLS.contains(&kind) => offered.dropped.push(kind.to_string()),
+            ("function" | "namespace", None) => {
+                return Err(Error::invalid("a tool needs its name", Some("tools")))
+            }
+            (kind, _) => {
+                return Err(Error::invalid(
+                    format!(
+                        "tool type '{kind}' is not supported (only 'function' and 'namespace')"
+                    ),
+                    Some("tools"),
+                ))
+            }
+        }
+    }
+    if let Some(dup) = duplicate_name(&offered.tools) {
+        return Err(Error::invalid(
+            format!("two tools are named '{dup}'"),
+            Some("tools"),
+        ));
+    }
+    Ok(offered)
+}
+
+fn duplicate_name(tools: &[Tool]) -> Option<&str> {
+    let mut seen = std::collections::HashSet::new();
     tools
-        .unwrap_or_default()
-        .into_iter()
-        .map(|t| match (t.kind.as_str(), t.name) {
-            ("function", Some(name)) => request::tool(name, t.description, t.parameters),
-            ("function", None) => Err(Error::invalid(
-                "a function tool needs its name",
-                Some("tools"),
-            )),
-            (kind, _) => Err(Error::invalid(
-                format!("tool type '{kind}' is not supported (only 'function')"),
-                Some("tools"),
-            )),
-        })
-        .collect()
+        .iter()
+        .map(|t| t.name.as_str())
+        .find(|name| !seen.insert(*name))
 }
 
 /// "none" | "auto" | "required" | {"type": "function", "name": ...}.
@@ -367,6 +447,9 @@ struct Parsed {
     /// Echoed in the response object.
     echo: Value,
     shape: ReasoningShape,
+    /// Namespaced functions' namespaces, and the hosted tools left out.
+    namespaces: std::collections::HashMap<String, String>,
+    dropped: Vec<String>,
 }
 
 /// What a reasoning item carries besides its text: the thinking as its summary
@@ -405,10 +488,11 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
     }
     .to_generate()?;
     gen.messages = Some(messages(req.instructions, req.input)?);
-    gen.tools = tools(req.tools)?;
+    let offered = tools(req.tools)?;
+    gen.tools = offered.tools;
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
     gen.format = output_format(req.text)?.map(Box::new);
-    request::check_format_with_tools(&gen, "text.format")?;
+    request::forced_call_wins(&mut gen);
     let (effort, summary) = match req.reasoning {
         Some(r) => (r.effort, r.summary),
         None => (None, None),
@@ -446,6 +530,8 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
         stream: req.stream,
         echo,
         shape,
+        namespaces: offered.namespaces,
+        dropped: offered.dropped,
     })
 }
 
@@ -461,6 +547,10 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
     let target = Target::of_body(&state, &map)?;
     let parsed = parse(map, Target::default_max_tokens(target.as_ref()))?;
     let target = Target::required(target)?;
+    if !parsed.dropped.is_empty() {
+        tracing::info!(tools = ?parsed.dropped, "hosted tools left out: a local server cannot run them");
+    }
+    let dropped = parsed.dropped.join(",");
     let shell = Shell {
         id: core::new_id("resp"),
         model: parsed.model.clone(),
@@ -484,8 +574,12 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
             text_item: None,
             reasoning_item: None,
             shape: parsed.shape,
+            namespaces: parsed.namespaces,
         };
-        return Ok(core::stream(started, renderer, core::Framing::Sse));
+        return Ok(with_dropped(
+            core::stream(started, renderer, core::Framing::Sse),
+            &dropped,
+        ));
     }
     let c = core::collect(started).await?;
     let mut output = Vec::new();
@@ -503,9 +597,20 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
     output.extend(
         c.tool_calls
             .iter()
-            .map(|call| function_item(call, "completed")),
+            .map(|call| function_item(call, "completed", &parsed.namespaces)),
     );
-    Ok(axum::Json(shell.response(output, Some(&c.done))).into_response())
+    let response = axum::Json(shell.response(output, Some(&c.done))).into_response();
+    Ok(with_dropped(response, &dropped))
+}
+
+/// Names the hosted tools left out of the request, when there were any.
+fn with_dropped(mut response: Response, dropped: &str) -> Response {
+    if let Ok(value) = axum::http::HeaderValue::from_str(dropped) {
+        if !dropped.is_empty() {
+            response.headers_mut().insert(DROPPED_TOOLS_HEADER, value);
+        }
+    }
+    response
 }
 
 /// The response object's fixed parts.
@@ -587,9 +692,17 @@ fn reasoning_item(id: &str, text: &str, shape: ReasoningShape) -> Value {
     item
 }
 
-fn function_item(call: &ToolCallFrame, status: &str) -> Value {
-    json!({"type": "function_call", "id": format!("fc_{}", call.call_id), "call_id": call.call_id,
-           "name": call.name, "arguments": call.arguments, "status": status})
+fn function_item(
+    call: &ToolCallFrame,
+    status: &str,
+    namespaces: &std::collections::HashMap<String, String>,
+) -> Value {
+    let mut item = json!({"type": "function_call", "id": format!("fc_{}", call.call_id),
+        "call_id": call.call_id, "name": call.name, "arguments": call.arguments, "status": status});
+    if let Some(space) = namespaces.get(&call.name) {
+        item["namespace"] = json!(space);
+    }
+    item
 }
 
 /// The typed event stream: `response.created`, `response.in_progress`, per output
@@ -605,6 +718,7 @@ struct ResponsesStream {
     /// The open reasoning item: its id and text so far.
     reasoning_item: Option<(String, String)>,
     shape: ReasoningShape,
+    namespaces: std::collections::HashMap<String, String>,
 }
 
 impl ResponsesStream {
@@ -736,7 +850,7 @@ impl core::Renderer for ResponsesStream {
         self.close_reasoning(out);
         self.close_text(out, "completed");
         let index = self.output.len();
-        let item = function_item(&call, "completed");
+        let item = function_item(&call, "completed", &self.namespaces);
         let mut added = item.clone();
         added["arguments"] = json!("");
         added["status"] = json!("in_progress");
@@ -789,6 +903,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn codex_tools_are_flattened_and_hosted_ones_left_out() {
+        let f = |name: &str| json!({"type": "function", "name": name, "parameters": {"type": "object"}});
+        let body = json!({
+            "model": "m", "input": "hi", "store": false, "parallel_tool_calls": true,
+            "client_metadata": {"session_id": "s"}, "prompt_cache_key": "k",
+            "include": ["reasoning.encrypted_content"], "reasoning": {"summary": "auto"},
+            "tools": [f("exec_command"),
+                      {"type": "namespace", "name": "multi_agent_v1", "description": "agents",
+                       "tools": [f("close_agent"), f("spawn_agent")]},
+                      {"type": "web_search", "external_web_access": false}],
+        });
+        let p = parse(
+            request::parse_object(&Bytes::from(body.to_string())).unwrap(),
+            64,
+        )
+        .unwrap();
+        let names: Vec<&str> = p.gen.tools.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["exec_command", "close_agent", "spawn_agent"]);
+        assert_eq!(p.namespaces["spawn_agent"], "multi_agent_v1");
+        assert_eq!(p.dropped, ["web_search"]);
+        assert!(p.shape.summary && p.shape.encrypted);
+        let call = ToolCallFrame {
+            id: 1,
+            index: 0,
+            call_id: "call_1".into(),
+            name: "spawn_agent".into(),
+            arguments: "{}".into(),
+        };
+        assert_eq!(
+            function_item(&call, "completed", &p.namespaces)["namespace"],
+            "multi_agent_v1"
+        );
+        let other = [
+            ("include", json!(["file_search_call.results"])),
+            ("reasoning", json!({"summary": "long"})),
+        ];
+        for (field, value) in other {
+            let mut bad = body.clone();
+            bad[field] = value;
+            let e = parse(
+                request::parse_object(&Bytes::from(bad.to_string())).unwrap(),
+                64,
+            );
+            assert!(e.is_err(), "{field}");
+        }
+    }
+
+    #[test]
     fn items_become_the_core_messages() {
         let body = json!({
             "model": "m", "instructions": "Be brief.",
@@ -839,7 +1001,7 @@ mod tests {
                 "input",
             ),
             (
-                json!({"model": "m", "input": "hi", "tools": [{"type": "file_search"}]}),
+                json!({"model": "m", "input": "hi", "tools": [{"type": "custom", "name": "x"}]}),
                 "tools",
             ),
         ] {

@@ -577,3 +577,18 @@ def test_claude_codes_request_shapes_are_served(claude: anthropic.Anthropic) -> 
     with pytest.raises(anthropic.BadRequestError) as err:
         claude.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "word " * 9000}])
     assert re.search(r"prompt is too long: \d+ tokens > 8191 maximum", str(err.value)), err.value
+
+
+def test_a_forced_call_wins_over_an_output_format(oai: OpenAI) -> None:
+    # instructor's RESPONSES_TOOLS mode: a forced tool and text.format together.
+    resp = oai.responses.create(
+        model=MODEL,
+        input=ASK_WEATHER,  # type: ignore[arg-type]
+        tools=[RESPONSES_TOOL],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON_SCHEMA}},
+        max_output_tokens=CALL_TOKENS,
+    )
+    calls = [item for item in resp.output if item.type == "function_call"]
+    assert len(calls) == 1, resp.output
+    assert_weather_call(calls[0].name, calls[0].arguments)

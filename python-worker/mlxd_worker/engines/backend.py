@@ -23,6 +23,7 @@ from ..io.protocol import (
     SpeculativeOptions,
 )
 from ..lanes.drafting import DraftController
+from ..lanes.pacing import MIN_CHUNK, PrefillPacer
 from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
 from ..lanes.speculative import SpeculativeSequence, pair_problem
 from ..mlx_types import Model, PromptCache
@@ -180,6 +181,10 @@ class MlxBackend:
         self._prompt_cache_bytes = 0
         self._kv = KvOptions()
         self.snapshots = False
+        self._pacer = PrefillPacer(self._prefill_step)
+        # The batch's prefill: tokens each row had prefilled, and how many rows did.
+        self._prefill_progress: dict[int, int] = {}
+        self._prefill_rows = 1
 
     def load(self, model_path: str, options: LoadOptions) -> None:
         from mlx_lm.generate import BatchGenerator
@@ -189,6 +194,7 @@ class MlxBackend:
         self.context_length = context_length(model_path)
         max_batch = options.get("max_batch", 16)
         self._prefill_step = options.get("prefill_step", 2048)
+        self._pacer = PrefillPacer(self._prefill_step)
         self._kv = KvOptions.from_options(options)
         self._kv.check(_config(model_path))
         self._gen = BatchGenerator(
@@ -341,6 +347,7 @@ class MlxBackend:
                 kv=self._kv,
                 marks=marks,
                 base=base,
+                pacer=self._pacer,
             )
         return SoloSequence(
             self._model,
@@ -353,6 +360,7 @@ class MlxBackend:
             self._kv,
             marks=marks,
             base=base,
+            pacer=self._pacer,
         )
 
     def _to_batch(self, uid: int, ids: list[int], cache: PromptCache | None = None) -> None:
@@ -389,6 +397,7 @@ class MlxBackend:
         buid = self._batch_uid.pop(uid, None)
         if buid is not None:
             del self._our_uid[buid]
+            self._prefill_progress.pop(buid, None)
             caches = self._gen.remove([buid], return_prompt_caches=self.prefix is not None)
             if buid in caches:
                 self._keep_cache(uid, caches[buid][0])
@@ -450,7 +459,22 @@ class MlxBackend:
         for uid in self._waiting:
             self._to_batch(uid, self._tracks[uid].history)
         self._waiting = []
+        # The batch's prefill chunk follows the measured rate too, shared by the
+        # rows that prefill together; a call that prefilled is timed (with the
+        # decode step it also ran, which only makes the next chunk smaller).
+        self._gen.prefill_step_size = max(MIN_CHUNK, self._pacer.chunk() // self._prefill_rows)
+        started = time.perf_counter()
         prompt_responses, responses = self._gen.next()
+        prefilled = 0
+        for r in prompt_responses:
+            done_before = self._prefill_progress.get(r.uid, 0)
+            prefilled += r.progress[0] - done_before
+            self._prefill_progress[r.uid] = r.progress[0]
+            if r.end_of_prompt:
+                del self._prefill_progress[r.uid]
+        if prompt_responses:
+            self._prefill_rows = max(1, len(prompt_responses))
+            self._pacer.observe(prefilled, time.perf_counter() - started)
         if self.snapshots:
             self._snapshot_batch(prompt_responses)
         for r in responses:

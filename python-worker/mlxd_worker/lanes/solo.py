@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Optional, cast
 from ..cache.kv_cache import KvOptions
 from ..mlx_types import Model, PromptCache, Stream
 from ..requests.sampling import Sampler
+from .pacing import PrefillPacer
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -51,6 +52,7 @@ class SoloSequence:
         kv: KvOptions | None = None,
         marks: list[int] | None = None,
         base: int = 0,
+        pacer: PrefillPacer | None = None,
     ) -> None:
         self._model = model
         # Prompt tokens not yet in the cache (a prefix-cache hit holds the others).
@@ -58,6 +60,8 @@ class SoloSequence:
         self._left = max_tokens
         self._sampler = sampler
         self._prefill_step = prefill_step
+        # The chunk follows the machine's measured prefill rate (lanes/pacing.py).
+        self._pacer = pacer or PrefillPacer(prefill_step)
         self._stream = stream
         # The preset's KV settings: quantized (from some length on) or rotating.
         self._kv = kv or KvOptions()
@@ -90,14 +94,16 @@ class SoloSequence:
 
         with mx.stream(self._stream):
             if self._next is None:
-                one_pass = self._one_pass and len(self._pending) <= self._prefill_step and not self._marks
+                step = self._pacer.chunk()
+                one_pass = self._one_pass and len(self._pending) <= step and not self._marks
                 if len(self._pending) > 1 and not one_pass:
-                    n = min(self._prefill_step, len(self._pending) - 1)
+                    n = min(step, len(self._pending) - 1)
                     if self._marks:
                         n = min(n, self._marks[0] - self._base - self._fed)
-                    self._model(mx.array(self._pending[:n])[None], cache=self._cache)
-                    self._kv.quantize_if_due(self._cache)
-                    mx.eval([c.state for c in self._cache])
+                    with self._pacer.timing(n):
+                        self._model(mx.array(self._pending[:n])[None], cache=self._cache)
+                        self._kv.quantize_if_due(self._cache)
+                        mx.eval([c.state for c in self._cache])
                     self._pending = self._pending[n:]
                     self._fed += n
                     if self._marks and self._base + self._fed == self._marks[0]:
@@ -173,8 +179,9 @@ class ProcessedSoloSequence(SoloSequence):
         kv: KvOptions | None = None,
         marks: list[int] | None = None,
         base: int = 0,
+        pacer: PrefillPacer | None = None,
     ) -> None:
-        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache, kv, marks, base)
+        super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache, kv, marks, base, pacer)
         self._processors = processors
         self._keep_logprobs = keep_logprobs
         # One per queued forward pass, oldest first: tokens come out in that order.

@@ -163,10 +163,7 @@ class Planner:
         tool_fmt = self.tool_format
         grammar = None
         if choice.forced:
-            if fmt:
-                raise RequestError(
-                    f"tool_choice {choice.label()} forces a tool call, so a format cannot apply too: drop one"
-                )
+            # The call is the whole answer: a format sent with it has nothing to shape.
             if not tool_fmt.json_in_markers:
                 raise RequestError(
                     f"tool_choice {choice.label()} is not supported for this model's tool-call format '{tool_fmt.name}'"
