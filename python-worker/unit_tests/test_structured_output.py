@@ -242,7 +242,6 @@ def test_the_generic_tool_prompt_reaches_the_model(engine: Engine) -> None:
         ({"format": {"type": "xml"}}, "unknown format type"),
         ({"tools": TOOLS, "tool_choice": {"function": "nope"}}, "not among the request's tools"),
         ({"tool_choice": "required"}, "needs tools"),
-        ({"tools": TOOLS, "tool_choice": "required", "format": {"type": "json_object"}}, "cannot apply too"),
         ({"logprobs": 21}, "logprobs must be"),
     ],
 )

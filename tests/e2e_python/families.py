@@ -16,6 +16,7 @@ No tests live here; tests import this module.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import json
 import math
@@ -466,11 +467,10 @@ def greedy(
     KV8_GROUP); `max_kv_size`: they are mlx-lm's RotatingKVCache of that size, a plain window (mlxd keeps
     no sink tokens: mlx-lm's batch cannot). The other layers (sliding windows, recurrent state) stay as the
     model makes them."""
-    import mlx_lm
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
-    model, _ = mlx_lm.load(str(model_dir))
+    model = _loaded(Path(model_dir))
     cache = make_prompt_cache(model)
     for i, layer in enumerate(cache):
         if type(layer) is KVCache and kv_bits is not None:
@@ -485,6 +485,24 @@ def greedy(
         prompt_cache=cache,
     )
     return [int(token) for token, _ in steps]
+
+
+@functools.lru_cache(maxsize=8)
+def _loaded(model_dir: Path) -> nn.Module:
+    """mlx_lm.load's model, once per directory (a test compares several answers
+    of one model; generate_step is given a fresh cache each time)."""
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(model_dir))
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer(model_dir: Path) -> Any:
+    """mlx-lm's tokenizer of a model directory, once per directory."""
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(model_dir)
 
 
 def cache_kinds(model_dir: Path) -> list[str]:

@@ -30,6 +30,7 @@ from families import (
     family_dir,
     greedy,
 )
+from families import tokenizer as family_tokenizer
 
 MLXD = Path(__file__).resolve().parents[2] / "target" / "release" / "mlxd"
 PROMPT = "The quick brown fox"
@@ -50,9 +51,7 @@ def complete(url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS) ->
 def native_text(model_dir: Path, prompt: str, max_tokens: int = MAX_TOKENS, **cache: Any) -> str:
     """mlx-lm's greedy answer, ending at an end-of-sequence token as mlxd's does
     (`cache`: greedy's kv_bits or max_kv_size)."""
-    from mlx_lm.utils import load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = family_tokenizer(model_dir)
     ids = greedy(model_dir, list(tokenizer.encode(prompt)), max_tokens, **cache)
     for i, token in enumerate(ids):
         if token in tokenizer.eos_token_ids:

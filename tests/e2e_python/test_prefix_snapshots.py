@@ -17,6 +17,7 @@ import httpx
 import pytest
 from conftest import control
 from families import family_dir, greedy
+from families import tokenizer as family_tokenizer
 
 SYSTEM = (
     "You are a careful coding agent. You read files before you change them, you run the tests after every "
@@ -42,9 +43,7 @@ def chat(url: str, model: str, messages: list[dict[str, str]]) -> dict[str, Any]
 
 
 def native(model_dir: Any, messages: list[dict[str, str]]) -> str:
-    from mlx_lm.utils import load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = family_tokenizer(model_dir)
     ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     out = greedy(model_dir, ids, MAX_TOKENS)
     for i, token in enumerate(out):

@@ -6,8 +6,10 @@ one prefill chunk. A fixed chunk (`prefill_step`, 2048 by default) of a long pro
 takes a minute on a slow machine (attention grows with the context), long enough to
 be killed as hung. So the chunk follows the prefill rate measured on this machine:
 as many tokens as take about TARGET_SECONDS at the last rate, never more than the
-preset's `prefill_step`, never fewer than MIN_CHUNK. On a fast machine that is the
-preset's value; a prompt that fits one chunk there is split exactly as before.
+preset's `prefill_step`, never fewer than MIN_CHUNK, and growing from
+FIRST_LONG_CHUNK by at most GROWTH times the longest chunk measured. On a fast
+machine chunks reach the preset's value after a step or two; prompts up to
+FIRST_LONG_CHUNK tokens are split exactly as before.
 """
 
 from __future__ import annotations
@@ -25,17 +27,26 @@ MIN_CHUNK = 32
 MIN_OBSERVED = 8
 
 
+# A chunk at most this many times the longest one measured (and never capped
+# below FIRST_LONG_CHUNK): a rate measured on short chunks says little about long
+# ones, whose attention costs more per token, so chunks grow as they are measured.
+GROWTH = 4
+FIRST_LONG_CHUNK = 512
+
+
 class PrefillPacer:
     def __init__(self, max_chunk: int) -> None:
         self.max_chunk = max_chunk
         # Prompt tokens per second in the last measured chunk (None: none yet).
         self.rate: float | None = None
+        # The longest chunk measured so far.
+        self.longest = 0
 
     def chunk(self) -> int:
         """The next prefill chunk's length in tokens."""
-        if self.rate is None:
-            return self.max_chunk
-        return max(MIN_CHUNK, min(self.max_chunk, int(self.rate * TARGET_SECONDS)))
+        grown = max(FIRST_LONG_CHUNK, GROWTH * self.longest)
+        by_rate = self.max_chunk if self.rate is None else int(self.rate * TARGET_SECONDS)
+        return max(MIN_CHUNK, min(self.max_chunk, grown, by_rate))
 
     def observe(self, tokens: int, seconds: float) -> None:
         """A chunk of `tokens` took `seconds` (evaluated). The last one counts:
@@ -43,6 +54,7 @@ class PrefillPacer:
         the most recent one."""
         if tokens >= MIN_OBSERVED and seconds > 1e-4:
             self.rate = tokens / seconds
+            self.longest = max(self.longest, tokens)
 
     @contextmanager
     def timing(self, tokens: int) -> Iterator[None]:
