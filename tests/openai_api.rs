@@ -209,6 +209,14 @@ async fn models_lists_presets_and_healthz_answers() {
         ids.contains(&json!(SHM_MODEL)) && ids.contains(&json!(STDIO_MODEL)),
         "{ids:?}"
     );
+    // Each model's context, loaded or not (clients size requests by it).
+    let shm = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == SHM_MODEL)
+        .unwrap();
+    assert_eq!(shm["context_length"], 8192, "{shm}");
     let health = common::get_json(&format!("{}/healthz", daemon().url)).await;
     assert_eq!(health["status"], "ok");
 }

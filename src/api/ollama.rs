@@ -2,7 +2,6 @@
 //! `/api/tags`, `/api/ps`, `/api/show`, `/api/version`, in the shapes the
 //! official `ollama` client parses. Errors are `{"error": "..."}`.
 
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
@@ -19,7 +18,7 @@ use super::error::{Dialect, OllamaError};
 use super::request::{self, FieldRule, Target};
 use super::AppState;
 use crate::error::Error;
-use crate::presets::{KeepAlive, Preset, DEFAULT_MAX_TOKENS};
+use crate::presets::{KeepAlive, ModelFiles, Preset, DEFAULT_MAX_TOKENS};
 use crate::supervisor::Phase;
 
 /// The Ollama version whose API this follows (clients gate features on it).
@@ -610,65 +609,7 @@ impl core::Renderer for OllamaStream {
     }
 }
 
-/// What `/api/tags` and `/api/show` say about a model's files.
-struct ModelFacts {
-    size: u64,
-    family: String,
-    quantization: String,
-    context_length: Option<u64>,
-    config: Value,
-}
-
-fn model_facts(preset: &Preset, models_dir: &Path) -> ModelFacts {
-    let dir = preset.model_path(models_dir).ok();
-    let size = dir
-        .as_ref()
-        .and_then(|d| std::fs::read_dir(d).ok())
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
-    let config: Value = dir
-        .and_then(|d| std::fs::read_to_string(d.join("config.json")).ok())
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null);
-    let quantization = match config
-        .get("quantization")
-        .and_then(|q| q.get("bits"))
-        .and_then(Value::as_u64)
-    {
-        Some(bits) => format!("Q{bits}"),
-        None => config
-            .get("torch_dtype")
-            .and_then(Value::as_str)
-            .map_or("F16", |d| match d {
-                "float32" => "F32",
-                "bfloat16" => "BF16",
-                _ => "F16",
-            })
-            .to_string(),
-    };
-    ModelFacts {
-        size,
-        family: config
-            .get("model_type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        quantization,
-        context_length: config
-            .get("max_position_embeddings")
-            .and_then(Value::as_u64),
-        config,
-    }
-}
-
-fn details(f: &ModelFacts) -> Value {
+fn details(f: &ModelFiles) -> Value {
     json!({
         "parent_model": "", "format": "mlx", "family": f.family, "families": [f.family],
         "parameter_size": "", "quantization_level": f.quantization,
@@ -692,7 +633,7 @@ pub async fn tags(State(state): State<AppState>) -> axum::Json<Value> {
         .presets()
         .iter()
         .map(|p| {
-            let f = model_facts(p, models_dir);
+            let f = p.model_files(models_dir);
             json!({"name": p.name, "model": p.name, "modified_at": modified, "size": f.size,
                    "digest": digest(p), "details": details(&f)})
         })
@@ -709,7 +650,7 @@ pub async fn ps(State(state): State<AppState>) -> axum::Json<Value> {
         .filter(|w| w.state == Phase::Ready)
         .filter_map(|w| {
             let p = presets.resolve(&w.model)?;
-            let f = model_facts(p, models_dir);
+            let f = p.model_files(models_dir);
             let expires = match KeepAlive::parse(&w.keep_alive) {
                 Ok(KeepAlive::For(d)) if !w.pinned => Some(
                     SystemTime::now()
@@ -748,7 +689,7 @@ pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response
     let preset = presets
         .resolve(&name)
         .ok_or_else(|| Error::ModelNotFound(name.clone()))?;
-    let f = model_facts(preset, state.supervisor.models_dir());
+    let f = preset.model_files(state.supervisor.models_dir());
     let mut model_info = serde_json::Map::new();
     model_info.insert("general.architecture".into(), json!(f.family));
     if let Some(ctx) = f.context_length {

@@ -825,6 +825,10 @@ pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
         .map(|p| {
             let mut m =
                 json!({"id": p.name, "object": "model", "created": created, "owned_by": "mlxd"});
+            // What clients size requests by (and pick a model with): the model's
+            // context, from its config.json, loaded or not.
+            let files = p.model_files(state.supervisor.models_dir());
+            m["context_length"] = json!(files.context_length);
             let running = loaded.iter().find(|w| w.model == p.name);
             if let Some(facts) = running.and_then(|w| w.facts.as_ref()) {
                 // What the worker found at load: the family, its caches, and
