@@ -21,6 +21,10 @@ pub enum Error {
         message: String,
         param: Option<String>,
     },
+    /// The prompt fills the model's context (the message in Anthropic's wording,
+    /// which clients match to compact a conversation).
+    #[error("{0}")]
+    ContextOverflow(String),
     #[error("the model '{0}' does not exist")]
     ModelNotFound(String),
     #[error("worker for '{model}' is unavailable: {reason}")]
@@ -49,9 +53,10 @@ impl Error {
 
     pub fn source_of(&self) -> Source {
         match self {
-            Error::InvalidRequest { .. } | Error::ModelNotFound(_) | Error::NotAllowed(_) => {
-                Source::Client
-            }
+            Error::InvalidRequest { .. }
+            | Error::ContextOverflow(_)
+            | Error::ModelNotFound(_)
+            | Error::NotAllowed(_) => Source::Client,
             Error::WorkerUnavailable { .. }
             | Error::WorkerFailed { .. }
             | Error::Overloaded { .. }
@@ -62,7 +67,7 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Error::InvalidRequest { .. } | Error::ContextOverflow(_) => StatusCode::BAD_REQUEST,
             Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Error::NotAllowed(_) => StatusCode::FORBIDDEN,
             Error::WorkerUnavailable { .. }
@@ -77,6 +82,8 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::InvalidRequest { .. } => "invalid_request",
+            // OpenAI's code, which its clients match.
+            Error::ContextOverflow(_) => "context_length_exceeded",
             Error::ModelNotFound(_) => "model_not_found",
             Error::NotAllowed(_) => "model_not_allowed",
             Error::WorkerUnavailable { .. } => "worker_unavailable",
@@ -90,6 +97,7 @@ impl Error {
     pub fn param(&self) -> Option<&str> {
         match self {
             Error::InvalidRequest { param, .. } => param.as_deref(),
+            Error::ContextOverflow(_) => Some("messages"),
             Error::ModelNotFound(_) | Error::NotAllowed(_) => Some("model"),
             _ => None,
         }

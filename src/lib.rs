@@ -34,6 +34,7 @@ pub mod error;
 pub mod logs;
 pub mod memory;
 pub mod metrics;
+pub mod model_files;
 pub mod presets;
 pub mod serve;
 pub mod service;

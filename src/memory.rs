@@ -2,7 +2,7 @@
 //! model is expected to need, and which idle models to evict to make room. The
 //! arithmetic (`plan`) is pure; the operating system is behind `Probe`.
 
-use std::path::Path;
+use crate::model_files::{config_field, ModelFiles};
 use std::time::Duration;
 
 /// A size in the config: a share of physical memory (`"90%"`) or bytes (`"48GiB"`).
@@ -119,16 +119,11 @@ pub struct KvLayout {
 /// What a model is expected to need when loaded:
 /// weights on disk + runtime overhead + KV cache for `max_concurrent` sequences at
 /// the model's full context (see `kv_bytes`).
-pub fn estimate(model_dir: &Path, max_concurrent: u32, kv: KvLayout) -> Option<u64> {
-    let mut weights = 0u64;
-    for entry in std::fs::read_dir(model_dir).ok()?.flatten() {
-        if entry.path().extension().is_some_and(|e| e == "safetensors") {
-            weights += entry.metadata().ok()?.len();
-        }
+pub fn estimate(files: &ModelFiles, max_concurrent: u32, kv: KvLayout) -> Option<u64> {
+    if files.config.is_null() {
+        return None;
     }
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json")).ok()?).ok()?;
-    Some(weights + RUNTIME_OVERHEAD + kv_bytes(&config, max_concurrent, kv))
+    Some(files.size + RUNTIME_OVERHEAD + kv_bytes(&files.config, max_concurrent, kv))
 }
 
 /// The KV cache of `sequences` sequences, from a model's config.json:
@@ -138,7 +133,7 @@ pub fn estimate(model_dir: &Path, max_concurrent: u32, kv: KvLayout) -> Option<u
 /// quantized models); quantized to `bits`, bits/8 plus a scale and a bias of the
 /// activation dtype per `group_size` elements.
 pub fn kv_bytes(config: &serde_json::Value, sequences: u32, kv: KvLayout) -> u64 {
-    let get = |k: &str| config.get(k).and_then(serde_json::Value::as_u64);
+    let get = |k: &str| config_field(config, k).and_then(serde_json::Value::as_u64);
     let (Some(layers), Some(heads), Some(hidden)) = (
         get("num_hidden_layers"),
         get("num_attention_heads"),
@@ -153,7 +148,7 @@ pub fn kv_bytes(config: &serde_json::Value, sequences: u32, kv: KvLayout) -> u64
         context = context.min(u64::from(max));
     }
     let quantized = config.get("quantization").is_some();
-    let dtype = config.get("torch_dtype").and_then(|v| v.as_str());
+    let dtype = config_field(config, "torch_dtype").and_then(|v| v.as_str());
     let elem = if !quantized && matches!(dtype, None | Some("float32")) {
         4
     } else {

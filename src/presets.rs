@@ -566,13 +566,19 @@ impl Preset {
         let target = self
             .model_path(models_dir)
             .ok()
-            .and_then(|dir| crate::memory::estimate(&dir, self.max_concurrent, self.kv_layout()))
+            .map(|dir| crate::model_files::ModelFiles::read(Some(&dir)))
+            .and_then(|files| {
+                crate::memory::estimate(&files, self.max_concurrent, self.kv_layout())
+            })
             .unwrap_or(0);
         // A draft runs in the same worker for one sequence at a time (its KV is
         // counted at full precision: the safe side).
         let draft = self
             .draft_path(models_dir)
-            .and_then(|dir| crate::memory::estimate(&dir, 1, crate::memory::KvLayout::default()))
+            .map(|dir| crate::model_files::ModelFiles::read(Some(&dir)))
+            .and_then(|files| {
+                crate::memory::estimate(&files, 1, crate::memory::KvLayout::default())
+            })
             .map_or(0, |d| d.saturating_sub(crate::memory::RUNTIME_OVERHEAD));
         target + draft
     }
@@ -646,72 +652,8 @@ impl Preset {
     }
 
     /// What the model's files say, read from its directory (empty where absent).
-    pub fn model_files(&self, models_dir: &Path) -> ModelFiles {
-        ModelFiles::read(self.model_path(models_dir).ok().as_deref())
-    }
-}
-
-/// What a model's files say (Ollama's `/api/tags` and `/api/show`, OpenAI's
-/// `/v1/models`): the weights' size and the facts of its `config.json`.
-pub struct ModelFiles {
-    pub size: u64,
-    pub family: String,
-    pub quantization: String,
-    pub context_length: Option<u64>,
-    pub config: serde_json::Value,
-}
-
-impl ModelFiles {
-    fn read(dir: Option<&Path>) -> ModelFiles {
-        use serde_json::Value;
-        let size = dir
-            .and_then(|d| std::fs::read_dir(d).ok())
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
-        let config: Value = dir
-            .and_then(|d| std::fs::read_to_string(d.join("config.json")).ok())
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(Value::Null);
-        // A wrapped model (vision-language, some MoE) keeps its text model's facts
-        // in text_config.
-        let field = |key: &str| {
-            config
-                .get(key)
-                .or_else(|| config.get("text_config").and_then(|t| t.get(key)))
-                .cloned()
-        };
-        let quantization = match config
-            .get("quantization")
-            .and_then(|q| q.get("bits"))
-            .and_then(Value::as_u64)
-        {
-            Some(bits) => format!("Q{bits}"),
-            None => config
-                .get("torch_dtype")
-                .and_then(Value::as_str)
-                .map_or("F16", |d| match d {
-                    "float32" => "F32",
-                    "bfloat16" => "BF16",
-                    _ => "F16",
-                })
-                .to_string(),
-        };
-        ModelFiles {
-            size,
-            family: field("model_type")
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            quantization,
-            context_length: field("max_position_embeddings").and_then(|v| v.as_u64()),
-            config,
-        }
+    pub fn model_files(&self, models_dir: &Path) -> crate::model_files::ModelFiles {
+        crate::model_files::ModelFiles::read(self.model_path(models_dir).ok().as_deref())
     }
 }
 

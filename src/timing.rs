@@ -41,7 +41,7 @@ pub async fn timed_run(sup: &Supervisor, model: &str, gen: Generate) -> Result<T
                 });
             }
             Some(GenEvent::Error(e)) => return Err(e),
-            Some(GenEvent::ToolCall(_) | GenEvent::Logprobs(_)) => {}
+            Some(GenEvent::ToolCall(_) | GenEvent::Logprobs(_) | GenEvent::Admitted { .. }) => {}
             None => return Err(Error::Internal("the request ended without a result".into())),
         }
     }

@@ -500,8 +500,7 @@ pub async fn tune(mut cfg: Config, model: &str, opts: TuneOptions) -> anyhow::Re
             ..Default::default()
         }]),
         max_tokens: opts.max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
+        temperature: Some(0.0),
         ..Generate::default()
     };
     let home = cfg.home.clone();

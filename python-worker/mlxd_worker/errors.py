@@ -5,3 +5,11 @@ from __future__ import annotations
 
 class RequestError(Exception):
     """The request itself is bad (reported with code invalid_request)."""
+
+    code = "invalid_request"
+
+
+class ContextOverflow(RequestError):
+    """The prompt leaves nothing of the model's context to generate in."""
+
+    code = "context_length_exceeded"

@@ -1,5 +1,5 @@
-"""Planning a request's prompt: system messages mid-conversation for templates that
-take a system message only first."""
+"""Planning a request's prompt: stacked and mid-conversation system messages for
+templates that take one system message, first."""
 
 from __future__ import annotations
 
@@ -22,8 +22,14 @@ def test_a_system_message_mid_conversation_becomes_a_user_turn_merged_with_its_n
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "System: The user is in Paris.\n\nWeather?"},
     ]
-    # Leading system messages are where every template wants them: nothing to move.
+    # A leading system message is where every template wants it: nothing to move.
     assert _system_turns_as_user(messages[:3]) is None
+    # Stacked leading ones (Anthropic's `system` and a first system message) join.
+    stacked: list[Any] = [{"role": "system", "content": "Be brief."}, *messages[3:]]
+    assert _system_turns_as_user(stacked) == [
+        {"role": "system", "content": "Be brief.\n\nThe user is in Paris."},
+        {"role": "user", "content": "Weather?"},
+    ]
     # A user turn carrying more than text (a tool result's id) is not merged into.
     tool_turn: list[Any] = [
         {"role": "user", "content": "Hi"},

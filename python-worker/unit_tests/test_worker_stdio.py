@@ -71,6 +71,11 @@ def test_pure_python_worker_generates_and_exits_on_eof(worker: subprocess.Popen)
 
     question = [{"role": "user", "content": "What is the capital of France?"}]
     send(worker, frames.GENERATE, {"id": 41, "messages": question, "max_tokens": 12})
+    # First the prompt's size, before any token.
+    kind, payload = next_non_stats(worker, dec)
+    assert kind == frames.ADMITTED, payload
+    admitted = json.loads(payload)
+    assert admitted["id"] == 41 and admitted["prompt_tokens"] > 5
     text = ""
     while True:
         kind, payload = next_non_stats(worker, dec)
@@ -83,6 +88,7 @@ def test_pure_python_worker_generates_and_exits_on_eof(worker: subprocess.Popen)
     assert kind == frames.DONE
     done = json.loads(payload)
     assert done["id"] == 41 and done["completion_tokens"] >= 1
+    assert done["prompt_tokens"] == admitted["prompt_tokens"]
     assert "Paris" in text
 
     # Lifeline: closing stdin (the daemon dying) makes the worker exit.

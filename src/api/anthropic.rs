@@ -479,17 +479,25 @@ fn stop_reason(done: &Done) -> &'static str {
 }
 
 fn usage(done: &Done) -> Value {
-    // Anthropic counts prompt tokens read from a cache apart from input_tokens.
-    let mut u = json!({
-        "input_tokens": done.prompt_tokens.saturating_sub(done.cached_tokens),
-        "cache_read_input_tokens": done.cached_tokens,
-        "cache_creation_input_tokens": 0,
-        "output_tokens": done.completion_tokens,
-    });
+    let mut u = prompt_usage(
+        done.prompt_tokens,
+        done.cached_tokens,
+        done.completion_tokens,
+    );
     if let Some(counts) = &done.speculative {
         u["mlxd"] = core::speculative_usage(counts);
     }
     u
+}
+
+/// Anthropic counts prompt tokens read from a cache apart from input_tokens.
+fn prompt_usage(prompt_tokens: u32, cached_tokens: u32, output_tokens: u32) -> Value {
+    json!({
+        "input_tokens": prompt_tokens.saturating_sub(cached_tokens),
+        "cache_read_input_tokens": cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "output_tokens": output_tokens,
+    })
 }
 
 fn tool_use_block(call: &ToolCallFrame) -> Value {
@@ -521,6 +529,7 @@ pub async fn messages(
             open_block: None,
             show_thinking,
             blocks: 0,
+            started: false,
         };
         return Ok(core::stream(started, renderer, core::Framing::Sse));
     }
@@ -559,9 +568,29 @@ struct AnthropicStream {
     /// Content blocks started so far (the next block's index).
     blocks: u32,
     show_thinking: bool,
+    /// Whether `message_start` went out.
+    started: bool,
 }
 
 impl AnthropicStream {
+    /// `message_start`, with the prompt's usage when the worker told it (at
+    /// admission, before any token: Claude Code sizes its context by it).
+    fn start(&mut self, prompt_tokens: u32, cached_tokens: u32, out: &mut Vec<u8>) {
+        if std::mem::replace(&mut self.started, true) {
+            return;
+        }
+        let message = json!({
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": prompt_usage(prompt_tokens, cached_tokens, 0),
+        });
+        core::sse_event(
+            out,
+            "message_start",
+            &json!({"type": "message_start", "message": message}),
+        );
+    }
+
     fn close_block(&mut self, out: &mut Vec<u8>) {
         if self.open_block.take().is_some() {
             let index = self.blocks - 1;
@@ -572,11 +601,10 @@ impl AnthropicStream {
             );
         }
     }
-}
 
-impl AnthropicStream {
     /// A delta of a `kind` block, opening one (and closing another) first.
     fn block_delta(&mut self, kind: &'static str, delta: Value, out: &mut Vec<u8>) {
+        self.start(0, 0, out);
         if self.open_block != Some(kind) {
             self.close_block(out);
             let block = match kind {
@@ -595,17 +623,8 @@ impl AnthropicStream {
 }
 
 impl core::Renderer for AnthropicStream {
-    fn open(&mut self, out: &mut Vec<u8>) {
-        let message = json!({
-            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
-        });
-        core::sse_event(
-            out,
-            "message_start",
-            &json!({"type": "message_start", "message": message}),
-        );
+    fn admitted(&mut self, prompt_tokens: u32, cached_tokens: u32, out: &mut Vec<u8>) {
+        self.start(prompt_tokens, cached_tokens, out);
     }
 
     fn text(&mut self, text: &str, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
@@ -621,6 +640,7 @@ impl core::Renderer for AnthropicStream {
     }
 
     fn tool_call(&mut self, call: ToolCallFrame, out: &mut Vec<u8>) {
+        self.start(0, 0, out);
         self.close_block(out);
         let index = self.blocks;
         self.blocks += 1;
@@ -638,6 +658,7 @@ impl core::Renderer for AnthropicStream {
     }
 
     fn done(&mut self, done: Done, _logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>) {
+        self.start(done.prompt_tokens, done.cached_tokens, out);
         self.close_block(out);
         let delta = json!({
             "type": "message_delta",
@@ -649,6 +670,7 @@ impl core::Renderer for AnthropicStream {
     }
 
     fn error(&mut self, e: &Error, out: &mut Vec<u8>) {
+        self.start(0, 0, out);
         core::sse_event(out, "error", &Dialect::Anthropic.error_body(e));
     }
 }
@@ -684,7 +706,6 @@ pub async fn count_tokens(
         reasoning: thinking(req.thinking, None, None)?,
         tools,
         max_tokens: 1,
-        top_p: 1.0,
         count_only: true,
         ..Default::default()
     };

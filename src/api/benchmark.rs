@@ -144,7 +144,8 @@ pub async fn benchmark(
             ..Default::default()
         }]),
         max_tokens: req.max_tokens,
-        top_p: 1.0,
+        // Greedy whatever the model's defaults: drafting must give the same text.
+        temperature: Some(0.0),
         speculative: Some(speculative),
         ..Generate::default()
     };

@@ -146,6 +146,7 @@ pub async fn collect(mut started: Started) -> Result<Collected, Error> {
             GenEvent::Token { text: t, .. } => text.push_str(token_text(&t)),
             GenEvent::ToolCall(call) => tool_calls.push(call),
             GenEvent::Logprobs(mut entries) => logprobs.append(&mut entries),
+            GenEvent::Admitted { .. } => {}
             GenEvent::Done(done) => {
                 return Ok(Collected {
                     text,
@@ -166,6 +167,8 @@ pub async fn collect(mut started: Started) -> Result<Collected, Error> {
 pub trait Renderer: Send + 'static {
     /// Sent with the first event (a role chunk, `message_start`, ...).
     fn open(&mut self, _out: &mut Vec<u8>) {}
+    /// The worker took the request in (before its prefill): the prompt's size.
+    fn admitted(&mut self, _prompt_tokens: u32, _cached_tokens: u32, _out: &mut Vec<u8>) {}
     /// Text, with the logprobs of the tokens that produced it (when asked for).
     fn text(&mut self, text: &str, logprobs: Vec<TokenLogprob>, out: &mut Vec<u8>);
     /// Thinking text (a reasoning model's), in the dialect's own place for it.
@@ -266,6 +269,10 @@ pub fn stream<R: Renderer>(started: Started, renderer: R, framing: Framing) -> R
                     st.logprobs.append(&mut later);
                 }
                 GenEvent::Logprobs(mut entries) => st.logprobs.append(&mut entries),
+                GenEvent::Admitted {
+                    prompt_tokens,
+                    cached_tokens,
+                } => st.renderer.admitted(prompt_tokens, cached_tokens, &mut out),
                 GenEvent::ToolCall(call) => st.renderer.tool_call(call, &mut out),
                 GenEvent::Done(done) => {
                     st.ended = true;

@@ -149,8 +149,10 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// Ollama's own documentation posts JSON with `curl -d` (a form Content-Type), and
 /// some of its clients send none: on Ollama's routes such a body is read as JSON
-/// when the request has no Origin. A browser always sends one with a cross-site
-/// POST, so a web page still cannot reach them with a form.
+/// when the request has no Origin and no browser fetch metadata but `none` (a
+/// browser always sends an Origin with a cross-site POST, and current ones mark
+/// every request a page makes with `Sec-Fetch-Site`), so a web page still cannot
+/// reach them with a form.
 fn ollama_plain_body(path: &str, headers: &HeaderMap) -> bool {
     let kind = headers
         .get(header::CONTENT_TYPE)
@@ -161,7 +163,11 @@ fn ollama_plain_body(path: &str, headers: &HeaderMap) -> bool {
         None => true,
         Some(t) => t == "application/x-www-form-urlencoded" || t == "text/plain",
     };
-    path.starts_with("/api/") && plain && !headers.contains_key(header::ORIGIN)
+    // `none`: the user typed the address; a page's request says where it came from.
+    let from_page = headers
+        .get("sec-fetch-site")
+        .is_some_and(|site| site.as_bytes() != b"none");
+    path.starts_with("/api/") && plain && !headers.contains_key(header::ORIGIN) && !from_page
 }
 
 pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
@@ -351,6 +357,12 @@ mod tests {
         // A web page's cross-site form post carries its Origin.
         let site = ("origin", "http://evil.example");
         assert!(!ollama_plain_body("/api/chat", &headers(&[form, site])));
+        for from in ["same-origin", "same-site", "cross-site"] {
+            let fetch = ("sec-fetch-site", from);
+            assert!(!ollama_plain_body("/api/chat", &headers(&[form, fetch])));
+        }
+        let typed = ("sec-fetch-site", "none");
+        assert!(ollama_plain_body("/api/chat", &headers(&[form, typed])));
         assert!(!ollama_plain_body(
             "/v1/chat/completions",
             &headers(&[form])

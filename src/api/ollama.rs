@@ -18,7 +18,8 @@ use super::error::{Dialect, OllamaError};
 use super::request::{self, FieldRule, Target};
 use super::AppState;
 use crate::error::Error;
-use crate::presets::{KeepAlive, ModelFiles, Preset, DEFAULT_MAX_TOKENS};
+use crate::model_files::ModelFiles;
+use crate::presets::{KeepAlive, Preset, DEFAULT_MAX_TOKENS};
 use crate::supervisor::Phase;
 
 /// The Ollama version whose API this follows (clients gate features on it).

@@ -227,15 +227,15 @@ impl SamplingParams {
                 Some("max_tokens"),
             ));
         }
-        let temperature = self.temperature.unwrap_or(0.0);
-        if !(0.0..=2.0).contains(&temperature) {
+        // Absent: the worker takes the model's own default (generation_config.json).
+        let (temperature, top_p) = (self.temperature, self.top_p);
+        if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
             return Err(Error::invalid(
                 "temperature must be between 0 and 2",
                 Some("temperature"),
             ));
         }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
+        if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
             return Err(Error::invalid("top_p must be in (0, 1]", Some("top_p")));
         }
         if self.stop.len() > MAX_STOPS {
@@ -360,5 +360,7 @@ pub fn reasoning(
 /// What every accepted request satisfies (checked here, and by the fuzzer).
 pub fn assert_generate(gen: &Generate) {
     assert!((1..=MAX_TOKENS_LIMIT).contains(&gen.max_tokens));
-    assert!(gen.stop.len() <= MAX_STOPS && gen.top_p > 0.0 && gen.top_p <= 1.0);
+    assert!(gen.stop.len() <= MAX_STOPS);
+    assert!(gen.top_p.is_none_or(|p| p > 0.0 && p <= 1.0));
+    assert!(gen.temperature.is_none_or(|t| (0.0..=2.0).contains(&t)));
 }

@@ -86,6 +86,9 @@ struct InTool {
     /// A `namespace` tool's functions.
     #[serde(default)]
     tools: Option<Vec<InTool>>,
+    /// A `custom` tool's input format: text, or a Lark or regex grammar.
+    #[serde(default)]
+    format: Option<Value>,
 }
 
 /// Tools the OpenAI platform runs itself: a local server cannot, so they are left
@@ -103,6 +106,24 @@ const HOSTED_TOOLS: &[&str] = &[
     "local_shell",
 ];
 
+/// A hosted tool's type, also in its dated form (`web_search_preview_2025_03_11`).
+fn is_hosted(kind: &str) -> bool {
+    HOSTED_TOOLS
+        .iter()
+        .any(|hosted| match kind.strip_prefix(hosted) {
+            Some("") => true,
+            Some(rest) => is_date_suffix(rest),
+            None => false,
+        })
+}
+
+/// `_YYYY_MM_DD`, as OpenAI dates a tool's version.
+fn is_date_suffix(s: &str) -> bool {
+    let digits = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_digit());
+    matches!(s.split('_').collect::<Vec<_>>().as_slice(),
+        ["", y, m, d] if digits(y, 4) && digits(m, 2) && digits(d, 2))
+}
+
 /// The header that names the hosted tools a request sent and mlxd left out.
 pub const DROPPED_TOOLS_HEADER: &str = "x-mlxd-dropped-tools";
 
@@ -111,9 +132,17 @@ pub const DROPPED_TOOLS_HEADER: &str = "x-mlxd-dropped-tools";
 #[derive(Default)]
 struct Offered {
     tools: Vec<Tool>,
+    names: CallNames,
+    dropped: Vec<String>,
+}
+
+/// What a call's name says of the tool the client offered.
+#[derive(Default)]
+struct CallNames {
     /// A namespaced function's name -> its namespace (a call names both).
     namespaces: std::collections::HashMap<String, String>,
-    dropped: Vec<String>,
+    /// Custom (freeform) tools: a call is a `custom_tool_call` with raw input.
+    custom: std::collections::HashSet<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,12 +262,17 @@ fn messages(instructions: Option<String>, input: Input) -> Result<Vec<ChatMessag
                     ..Default::default()
                 });
             }
-            "function_call" => {
-                let text = str_field(&item, "arguments")?;
+            "function_call" | "custom_tool_call" => {
+                let arguments = if kind == "custom_tool_call" {
+                    json!({"input": str_field(&item, "input")?})
+                } else {
+                    let text = str_field(&item, "arguments")?;
+                    serde_json::from_str(&text).unwrap_or(Value::String(text))
+                };
                 let call = MessageToolCall {
                     id: str_field(&item, "call_id")?,
                     name: str_field(&item, "name")?,
-                    arguments: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                    arguments,
                 };
                 // Calls made in one turn belong to one assistant message.
                 match out.last_mut() {
@@ -250,7 +284,7 @@ fn messages(instructions: Option<String>, input: Input) -> Result<Vec<ChatMessag
                     }),
                 }
             }
-            "function_call_output" => {
+            "function_call_output" | "custom_tool_call_output" => {
                 let output = match &item["output"] {
                     Value::String(s) => s.clone(),
                     other => content_text(other)?,
@@ -353,6 +387,7 @@ fn tools(tools: Option<Vec<InTool>>) -> Result<Offered, Error> {
                         ));
                     };
                     if offered
+                        .names
                         .namespaces
                         .insert(name.clone(), space.clone())
                         .is_some()
@@ -367,14 +402,20 @@ fn tools(tools: Option<Vec<InTool>>) -> Result<Offered, Error> {
                         .push(request::tool(name, f.description, f.parameters)?);
                 }
             }
-            (kind, _) if HOSTED_TOOLS.contains(&kind) => offered.dropped.push(kind.to_string()),
-            ("function" | "namespace", None) => {
+            ("custom", Some(name)) => {
+                offered.names.custom.insert(name.clone());
+                offered
+                    .tools
+                    .push(custom_tool(name, t.description, t.format)?);
+            }
+            (kind, _) if is_hosted(kind) => offered.dropped.push(kind.to_string()),
+            ("function" | "namespace" | "custom", None) => {
                 return Err(Error::invalid("a tool needs its name", Some("tools")))
             }
             (kind, _) => {
                 return Err(Error::invalid(
                     format!(
-                        "tool type '{kind}' is not supported (only 'function' and 'namespace')"
+                        "tool type '{kind}' is not supported (only 'function', 'namespace' and 'custom')"
                     ),
                     Some("tools"),
                 ))
@@ -405,7 +446,9 @@ fn tool_choice(v: Option<Value>, tools: &[Tool]) -> Result<ToolChoice, Error> {
         Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
         Some(Value::String(s)) if s == "none" => ToolChoice::None,
         Some(Value::String(s)) if s == "required" => ToolChoice::Required,
-        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
+        Some(Value::Object(o))
+            if matches!(o.get("type").and_then(Value::as_str), Some("function" | "custom")) =>
+        {
             match o.get("name").and_then(Value::as_str) {
                 Some(name) => ToolChoice::Function(name.to_string()),
                 None => return Err(Error::invalid("tool_choice needs the function's name", Some("tool_choice"))),
@@ -447,8 +490,8 @@ struct Parsed {
     /// Echoed in the response object.
     echo: Value,
     shape: ReasoningShape,
-    /// Namespaced functions' namespaces, and the hosted tools left out.
-    namespaces: std::collections::HashMap<String, String>,
+    /// Namespaced and custom tools' names, and the hosted tools left out.
+    names: CallNames,
     dropped: Vec<String>,
 }
 
@@ -472,8 +515,9 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
         "instructions": map.get("instructions").cloned().unwrap_or(Value::Null),
         "tools": map.get("tools").cloned().unwrap_or(json!([])),
         "tool_choice": map.get("tool_choice").cloned().unwrap_or(json!("auto")),
-        "temperature": map.get("temperature").cloned().unwrap_or(json!(0.0)),
-        "top_p": map.get("top_p").cloned().unwrap_or(json!(1.0)),
+        // null: the model's own default (README "Sampling defaults").
+        "temperature": map.get("temperature").cloned().unwrap_or(Value::Null),
+        "top_p": map.get("top_p").cloned().unwrap_or(Value::Null),
         "max_output_tokens": map.get("max_output_tokens").cloned().unwrap_or(Value::Null),
         "text": map.get("text").cloned().unwrap_or(json!({"format": {"type": "text"}})),
         "reasoning": map.get("reasoning").cloned().unwrap_or(json!({"effort": null, "summary": null})),
@@ -530,7 +574,7 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
         stream: req.stream,
         echo,
         shape,
-        namespaces: offered.namespaces,
+        names: offered.names,
         dropped: offered.dropped,
     })
 }
@@ -574,7 +618,7 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
             text_item: None,
             reasoning_item: None,
             shape: parsed.shape,
-            namespaces: parsed.namespaces,
+            names: parsed.names,
         };
         return Ok(with_dropped(
             core::stream(started, renderer, core::Framing::Sse),
@@ -597,7 +641,7 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
     output.extend(
         c.tool_calls
             .iter()
-            .map(|call| function_item(call, "completed", &parsed.namespaces)),
+            .map(|call| call_item(call, "completed", &parsed.names)),
     );
     let response = axum::Json(shell.response(output, Some(&c.done))).into_response();
     Ok(with_dropped(response, &dropped))
@@ -692,17 +736,72 @@ fn reasoning_item(id: &str, text: &str, shape: ReasoningShape) -> Value {
     item
 }
 
-fn function_item(
-    call: &ToolCallFrame,
-    status: &str,
-    namespaces: &std::collections::HashMap<String, String>,
-) -> Value {
+/// A call's output item: a `function_call` (naming its namespace, when it has
+/// one), or a `custom_tool_call` carrying the input as the model wrote it.
+fn call_item(call: &ToolCallFrame, status: &str, names: &CallNames) -> Value {
+    if names.custom.contains(&call.name) {
+        return json!({"type": "custom_tool_call", "id": format!("ctc_{}", call.call_id),
+            "call_id": call.call_id, "name": call.name, "input": custom_input(call), "status": status});
+    }
     let mut item = json!({"type": "function_call", "id": format!("fc_{}", call.call_id),
         "call_id": call.call_id, "name": call.name, "arguments": call.arguments, "status": status});
-    if let Some(space) = namespaces.get(&call.name) {
+    if let Some(space) = names.namespaces.get(&call.name) {
         item["namespace"] = json!(space);
     }
     item
+}
+
+/// A custom tool's input: the model called it as a function of one string.
+fn custom_input(call: &ToolCallFrame) -> String {
+    match serde_json::from_str::<Value>(&call.arguments) {
+        Ok(Value::Object(mut args)) => match args.remove("input") {
+            Some(Value::String(input)) => input,
+            _ => call.arguments.clone(),
+        },
+        _ => call.arguments.clone(),
+    }
+}
+
+/// A custom (freeform) tool as the model sees it: a function of one string,
+/// `input`. A regex grammar becomes that string's `pattern`, so a constrained call
+/// (a forced one) matches it; a Lark grammar is given in the description.
+fn custom_tool(
+    name: String,
+    description: Option<String>,
+    format: Option<Value>,
+) -> Result<Tool, Error> {
+    let mut input = json!({"type": "string"});
+    let mut description = description.unwrap_or_default();
+    let f = format.unwrap_or(Value::Null);
+    match (f["type"].as_str(), f["syntax"].as_str(), f["definition"].as_str()) {
+        (None, ..) if f.is_null() => {}
+        (Some("text"), ..) => {}
+        // Anchored: a JSON schema's pattern searches, a grammar matches the whole input.
+        (Some("grammar"), Some("regex"), Some(regex)) => {
+            input["pattern"] = json!(format!("^(?:{regex})$"));
+        }
+        (Some("grammar"), Some("lark"), Some(lark)) => {
+            description.push_str(&format!(
+                "\n\nThe input is text in this Lark grammar:\n{lark}"
+            ));
+        }
+        _ => {
+            return Err(Error::invalid(
+                format!(
+                    "custom tool '{name}': format must be {{\"type\": \"text\"}} or \
+                     {{\"type\": \"grammar\", \"syntax\": \"lark\" or \"regex\", \"definition\": ...}}"
+                ),
+                Some("tools"),
+            ))
+        }
+    }
+    let parameters = json!({"type": "object", "properties": {"input": input},
+        "required": ["input"], "additionalProperties": false});
+    request::tool(
+        name,
+        (!description.is_empty()).then_some(description),
+        Some(parameters),
+    )
 }
 
 /// The typed event stream: `response.created`, `response.in_progress`, per output
@@ -718,7 +817,7 @@ struct ResponsesStream {
     /// The open reasoning item: its id and text so far.
     reasoning_item: Option<(String, String)>,
     shape: ReasoningShape,
-    namespaces: std::collections::HashMap<String, String>,
+    names: CallNames,
 }
 
 impl ResponsesStream {
@@ -850,9 +949,16 @@ impl core::Renderer for ResponsesStream {
         self.close_reasoning(out);
         self.close_text(out, "completed");
         let index = self.output.len();
-        let item = function_item(&call, "completed", &self.namespaces);
+        let item = call_item(&call, "completed", &self.names);
+        // A custom tool's input streams as such, a function's arguments as theirs.
+        let (field, events) = if item["type"] == "custom_tool_call" {
+            ("input", "response.custom_tool_call_input")
+        } else {
+            ("arguments", "response.function_call_arguments")
+        };
+        let text = item[field].clone();
         let mut added = item.clone();
-        added["arguments"] = json!("");
+        added[field] = json!("");
         added["status"] = json!("in_progress");
         let id = item["id"].clone();
         self.event(
@@ -862,11 +968,14 @@ impl core::Renderer for ResponsesStream {
         );
         self.event(
             out,
-            "response.function_call_arguments.delta",
-            json!({"item_id": id, "output_index": index, "delta": call.arguments}),
+            &format!("{events}.delta"),
+            json!({"item_id": id, "output_index": index, "delta": text}),
         );
-        self.event(out, "response.function_call_arguments.done",
-            json!({"item_id": id, "output_index": index, "name": call.name, "arguments": call.arguments}));
+        let mut finished = json!({"item_id": id, "output_index": index, field: text});
+        if field == "arguments" {
+            finished["name"] = json!(call.name);
+        }
+        self.event(out, &format!("{events}.done"), finished);
         self.event(
             out,
             "response.output_item.done",
@@ -912,7 +1021,8 @@ mod tests {
             "tools": [f("exec_command"),
                       {"type": "namespace", "name": "multi_agent_v1", "description": "agents",
                        "tools": [f("close_agent"), f("spawn_agent")]},
-                      {"type": "web_search", "external_web_access": false}],
+                      {"type": "web_search", "external_web_access": false},
+                      {"type": "web_search_preview_2025_03_11"}],
         });
         let p = parse(
             request::parse_object(&Bytes::from(body.to_string())).unwrap(),
@@ -921,8 +1031,18 @@ mod tests {
         .unwrap();
         let names: Vec<&str> = p.gen.tools.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["exec_command", "close_agent", "spawn_agent"]);
-        assert_eq!(p.namespaces["spawn_agent"], "multi_agent_v1");
-        assert_eq!(p.dropped, ["web_search"]);
+        assert_eq!(p.names.namespaces["spawn_agent"], "multi_agent_v1");
+        assert_eq!(p.dropped, ["web_search", "web_search_preview_2025_03_11"]);
+        for unknown in ["web_search_2025", "web_searcher", "file_search_2025_03_1x"] {
+            let body = json!({"model": "m", "input": "hi", "tools": [{"type": unknown}]});
+            let Err(err) = parse(
+                request::parse_object(&Bytes::from(body.to_string())).unwrap(),
+                64,
+            ) else {
+                panic!("tool type {unknown} was taken for a hosted tool");
+            };
+            assert!(err.to_string().contains(unknown), "{err}");
+        }
         assert!(p.shape.summary && p.shape.encrypted);
         let call = ToolCallFrame {
             id: 1,
@@ -932,7 +1052,7 @@ mod tests {
             arguments: "{}".into(),
         };
         assert_eq!(
-            function_item(&call, "completed", &p.namespaces)["namespace"],
+            call_item(&call, "completed", &p.names)["namespace"],
             "multi_agent_v1"
         );
         let other = [
@@ -1001,7 +1121,8 @@ mod tests {
                 "input",
             ),
             (
-                json!({"model": "m", "input": "hi", "tools": [{"type": "custom", "name": "x"}]}),
+                json!({"model": "m", "input": "hi", "tools": [{"type": "custom", "name": "x",
+                    "format": {"type": "grammar", "syntax": "ebnf", "definition": "x"}}]}),
                 "tools",
             ),
         ] {
@@ -1015,5 +1136,61 @@ mod tests {
                 other => panic!("{field}: {:?}", other.map(|p| p.model)),
             }
         }
+    }
+
+    #[test]
+    fn custom_tools_are_functions_of_one_string() {
+        let body = json!({
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "patch it"},
+                {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": "*** Begin Patch"},
+                {"type": "custom_tool_call_output", "call_id": "c1", "output": "done"},
+            ],
+            "tools": [
+                {"type": "custom", "name": "apply_patch", "description": "Edit files",
+                 "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+                {"type": "custom", "name": "shout",
+                 "format": {"type": "grammar", "syntax": "regex", "definition": "[A-Z]{3,8}"}},
+                {"type": "custom", "name": "note"},
+            ],
+            "tool_choice": {"type": "custom", "name": "shout"},
+        });
+        let p = parse(
+            request::parse_object(&Bytes::from(body.to_string())).unwrap(),
+            64,
+        )
+        .unwrap();
+        let tool = |name: &str| p.gen.tools.iter().find(|t| t.name == name).unwrap();
+        assert!(tool("apply_patch")
+            .description
+            .as_deref()
+            .unwrap()
+            .contains("start: /.+/"));
+        assert_eq!(
+            tool("shout").parameters["properties"]["input"]["pattern"],
+            "^(?:[A-Z]{3,8})$"
+        );
+        assert_eq!(tool("note").parameters["required"], json!(["input"]));
+        assert_eq!(p.gen.tool_choice, ToolChoice::Function("shout".into()));
+        // The history's call and its output, as any tool call and result.
+        let messages = p.gen.messages.as_ref().unwrap();
+        assert_eq!(
+            messages[1].tool_calls[0].arguments,
+            json!({"input": "*** Begin Patch"})
+        );
+        assert_eq!(messages[2].role, "tool");
+        assert_eq!(messages[2].tool_call_id.as_deref(), Some("c1"));
+        // The model's call comes back as a custom_tool_call with the raw input.
+        let call = ToolCallFrame {
+            id: 1,
+            index: 0,
+            call_id: "call_1".into(),
+            name: "shout".into(),
+            arguments: r#"{"input": "HELLO"}"#.into(),
+        };
+        let item = call_item(&call, "completed", &p.names);
+        assert_eq!(item["type"], "custom_tool_call");
+        assert_eq!(item["input"], "HELLO");
     }
 }

@@ -50,6 +50,11 @@ const TERM_GRACE: Duration = Duration::from_secs(2);
 /// arrived in (valid UTF-8, checked when the frame was read): no copy per token.
 #[derive(Debug)]
 pub enum GenEvent {
+    /// The worker took the request in: its prompt's size, before any token.
+    Admitted {
+        prompt_tokens: u32,
+        cached_tokens: u32,
+    },
     Token {
         token: u32,
         text: Bytes,
@@ -418,6 +423,7 @@ impl Incarnation {
             spec.draft_path = Some(draft.to_string_lossy().into_owned());
         }
         options.prompt_cache_bytes = preset.prompt_cache_limit(&cfg.models_dir);
+        options.context_length = preset.model_files(&cfg.models_dir).context_length;
         inc.send(Frame::Load(Load {
             model_path: model_path.to_string_lossy().into_owned(),
             model_name: preset.name.clone(),
@@ -604,6 +610,13 @@ impl Shared {
             Frame::Done(done) => self.finish(done.id, GenEvent::Done(done), n, reports),
             Frame::ToolCall(call) => self.route(call.id, GenEvent::ToolCall(call)),
             Frame::Logprobs(lp) => self.route(lp.id, GenEvent::Logprobs(lp.entries)),
+            Frame::Admitted(a) => self.route(
+                a.id,
+                GenEvent::Admitted {
+                    prompt_tokens: a.prompt_tokens,
+                    cached_tokens: a.cached_tokens,
+                },
+            ),
             Frame::Stats(stats) => {
                 crate::metrics::record_worker_stats(&self.model, &stats);
                 let mut last = self.stats.lock().expect("lock");
@@ -647,13 +660,13 @@ impl Shared {
             }
             Frame::Error(err) => match err.id {
                 Some(id) => {
-                    let e = if err.code == "invalid_request" {
-                        Error::invalid(err.message, None)
-                    } else {
-                        Error::WorkerFailed {
+                    let e = match err.code.as_str() {
+                        "invalid_request" => Error::invalid(err.message, None),
+                        "context_length_exceeded" => Error::ContextOverflow(err.message),
+                        _ => Error::WorkerFailed {
                             model: self.model.clone(),
                             reason: err.message,
-                        }
+                        },
                     };
                     self.finish(id, GenEvent::Error(e), n, reports);
                 }

@@ -9,8 +9,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
+import ollama
 import pytest
+from agent_model import CLAUDE_CODE_CALL, CODEX_CALL, agent_dir
 from families import (
     DISK,
     DRAFT,
@@ -24,6 +27,8 @@ from families import (
     ROTATING,
     family_dir,
 )
+from openai import OpenAI
+from scripted import plain_dir
 from thinking import thinker_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,13 +83,9 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     # A disagreeing draft (another family, the same tokenizer): self-drafting
     # accepts everything and would hide a rewind that keeps rejected tokens.
-    for family in DRAFTED:
-        (presets / f"family-{family}-drafted.toml").write_text(
-            f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n'
-            f'[speculative]\ndraft = "{family_dir(DRAFT)}"\nmode = "on"\nnum_draft_tokens = 3\n'
-        )
-    for family, mode in DRAFT_POLICY:
-        (presets / f"family-{family}-draft-{mode}.toml").write_text(
+    drafted = [(f"family-{f}-drafted", f, "on") for f in DRAFTED]
+    for name, family, mode in drafted + [(f"family-{f}-draft-{m}", f, m) for f, m in DRAFT_POLICY]:
+        (presets / f"{name}.toml").write_text(
             f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n'
             f'[speculative]\ndraft = "{family_dir(DRAFT)}"\nmode = "{mode}"\nnum_draft_tokens = 3\n'
         )
@@ -112,6 +113,16 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # the same with reasoning = "off".
     (presets / "thinker.toml").write_text(f'model = "{thinker_dir()}"\nkeep_alive = "60s"\n')
     (presets / "thinker-inline.toml").write_text(f'model = "{thinker_dir()}"\nkeep_alive = "30s"\nreasoning = "off"\n')
+    # A model whose generation_config.json asks for sampling (test_sampling_defaults).
+    # Its scripted token is barely likelier than any other (logit 2 against 0).
+    hot = plain_dir("hot", {"do_sample": True, "temperature": 1.5, "top_p": 1.0}, logit=2.0)
+    (presets / "scripted-hot.toml").write_text(f'model = "{hot}"\nkeep_alive = "30s"\n')
+    plain = plain_dir("plain", logit=2.0)
+    (presets / "scripted-plain.toml").write_text(f'model = "{plain}"\nkeep_alive = "30s"\n')
+    # Tool-calling models for the agent CLIs (test_agent_clis): the first turn
+    # calls the CLI's own tool, the next answers.
+    for name, call in [("agent-claude-code", CLAUDE_CODE_CALL), ("agent-codex", CODEX_CALL)]:
+        (presets / f"{name}.toml").write_text(f'model = "{agent_dir(*call)}"\nkeep_alive = "30s"\n')
     return presets
 
 
@@ -146,3 +157,20 @@ def daemon_url(session_presets: Path) -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+# The official clients, pointed at the session's daemon (no retries: a failure
+# shows as it happened).
+@pytest.fixture(scope="session")
+def oai(daemon_url: str) -> OpenAI:
+    return OpenAI(base_url=f"{daemon_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def claude(daemon_url: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=daemon_url, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def olla(daemon_url: str) -> ollama.Client:
+    return ollama.Client(host=daemon_url)

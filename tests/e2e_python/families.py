@@ -487,6 +487,26 @@ def greedy(
     return [int(token) for token, _ in steps]
 
 
+def greedy_text(model_dir: Path, prompt_ids: list[int], max_tokens: int, **cache: Any) -> str:
+    """mlx-lm's greedy answer as text, ending at an end-of-sequence token as mlxd's
+    does (`cache`: greedy's kv_bits or max_kv_size)."""
+    tok = tokenizer(Path(model_dir))
+    ids = greedy(model_dir, prompt_ids, max_tokens, **cache)
+    for i, token in enumerate(ids):
+        if token in tok.eos_token_ids:
+            ids = ids[:i]
+            break
+    # mlx-lm's streaming detokenizer, as stream_generate (and the worker) use it:
+    # a plain decode of the ids alone drops a leading space.
+    detokenizer = tok.detokenizer
+    detokenizer.reset()
+    for token in ids:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    text: str = detokenizer.text
+    return text
+
+
 @functools.lru_cache(maxsize=8)
 def _loaded(model_dir: Path) -> nn.Module:
     """mlx_lm.load's model, once per directory (a test compares several answers

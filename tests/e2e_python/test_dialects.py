@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import httpx
@@ -15,6 +15,7 @@ import jsonschema
 import ollama
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
+from pydantic import BaseModel
 
 MODEL = "smollm2-135m"
 CITY_SCHEMA: dict[str, Any] = {
@@ -49,21 +50,6 @@ PERSON_SCHEMA: dict[str, Any] = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def oai(daemon_url: str) -> OpenAI:
-    return OpenAI(base_url=f"{daemon_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def claude(daemon_url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=daemon_url, api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def olla(daemon_url: str) -> ollama.Client:
-    return ollama.Client(host=daemon_url)
 
 
 def assert_weather_call(name: str, arguments: Any) -> None:
@@ -375,7 +361,15 @@ def test_anthropic_streamed_tool_use_then_result_answered(claude: anthropic.Anth
         tools=[ANTHROPIC_TOOL],  # type: ignore[list-item]
         tool_choice={"type": "any"},
     ) as stream:
+        first = next(iter(stream))
         final = stream.get_final_message()
+    # message_start carries the prompt's size, known before any token (Claude Code
+    # sizes its context by it).
+    assert first.type == "message_start"
+    start, end = first.message.usage, final.usage
+    prompt = start.input_tokens + (start.cache_read_input_tokens or 0)
+    assert prompt == end.input_tokens + (end.cache_read_input_tokens or 0)
+    assert start.input_tokens > 0 and start.output_tokens == 0
     assert final.stop_reason == "tool_use"
     use = next(b for b in final.content if b.type == "tool_use")
     assert_weather_call(use.name, use.input)
@@ -577,6 +571,45 @@ def test_claude_codes_request_shapes_are_served(claude: anthropic.Anthropic) -> 
     with pytest.raises(anthropic.BadRequestError) as err:
         claude.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "word " * 9000}])
     assert re.search(r"prompt is too long: \d+ tokens > 8191 maximum", str(err.value)), err.value
+
+
+class Pioneer(BaseModel):
+    name: Literal["Ada", "Grace"]
+    age: Literal[36, 85]
+
+
+def test_anthropic_messages_parse_returns_its_typed_output(claude: anthropic.Anthropic) -> None:
+    # The SDK's own structured-output call (it sends output_config.format).
+    ask = [{"role": "user", "content": "Name a computing pioneer and her age."}]
+    m = claude.messages.parse(model=MODEL, max_tokens=40, messages=ask, output_format=Pioneer)  # type: ignore[arg-type]
+    assert isinstance(m.parsed_output, Pioneer), m.content
+
+
+def test_a_custom_tool_is_called_with_input_its_regex_grammar_allows(oai: OpenAI) -> None:
+    # A freeform tool (Codex's kind): the call carries its input as text, and a
+    # regex grammar holds a forced call's input to it.
+    shout = {
+        "type": "custom",
+        "name": "shout",
+        "description": "Shout one word",
+        "format": {"type": "grammar", "syntax": "regex", "definition": "[A-Z]{3,8}"},
+    }
+    for stream in (False, True):
+        args: Any = dict(
+            model=MODEL,
+            input="Shout a greeting.",
+            tools=[shout],
+            tool_choice={"type": "custom", "name": "shout"},
+            max_output_tokens=CALL_TOKENS,
+        )
+        if stream:
+            with oai.responses.stream(**args) as events:
+                resp = events.get_final_response()
+        else:
+            resp = oai.responses.create(**args)
+        calls: list[Any] = [item for item in resp.output if item.type == "custom_tool_call"]
+        assert len(calls) == 1 and calls[0].name == "shout", resp.output
+        assert re.fullmatch("[A-Z]{3,8}", calls[0].input), calls[0].input
 
 
 def test_a_forced_call_wins_over_an_output_format(oai: OpenAI) -> None:

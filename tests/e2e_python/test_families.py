@@ -28,7 +28,7 @@ from families import (
     ROTATING,
     cache_kinds,
     family_dir,
-    greedy,
+    greedy_text,
 )
 from families import tokenizer as family_tokenizer
 
@@ -49,23 +49,8 @@ def complete(url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS) ->
 
 
 def native_text(model_dir: Path, prompt: str, max_tokens: int = MAX_TOKENS, **cache: Any) -> str:
-    """mlx-lm's greedy answer, ending at an end-of-sequence token as mlxd's does
-    (`cache`: greedy's kv_bits or max_kv_size)."""
-    tokenizer = family_tokenizer(model_dir)
-    ids = greedy(model_dir, list(tokenizer.encode(prompt)), max_tokens, **cache)
-    for i, token in enumerate(ids):
-        if token in tokenizer.eos_token_ids:
-            ids = ids[:i]
-            break
-    # mlx-lm's streaming detokenizer, as stream_generate (and the worker) use it:
-    # a plain decode of the ids alone drops a leading space.
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    for token in ids:
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    text: str = detokenizer.text
-    return text
+    """mlx-lm's greedy answer to a raw prompt."""
+    return greedy_text(model_dir, list(family_tokenizer(model_dir).encode(prompt)), max_tokens, **cache)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

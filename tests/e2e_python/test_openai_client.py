@@ -9,14 +9,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MODELS = ["smollm2-135m", "smollm2-135m-stdio"]
 
 
-@pytest.fixture(scope="module")
-def client(daemon_url: str) -> OpenAI:
-    return OpenAI(base_url=f"{daemon_url}/v1", api_key="unused", max_retries=0)
-
-
 @pytest.mark.parametrize("model", MODELS)
-def test_non_streamed_chat_names_paris(client: OpenAI, model: str) -> None:
-    resp = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
+def test_non_streamed_chat_names_paris(oai: OpenAI, model: str) -> None:
+    resp = oai.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
     choice = resp.choices[0]
     assert "Paris" in (choice.message.content or "")
     assert choice.finish_reason in ("stop", "length")
@@ -25,8 +20,8 @@ def test_non_streamed_chat_names_paris(client: OpenAI, model: str) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_streamed_chat_names_paris_and_reports_usage(client: OpenAI, model: str) -> None:
-    stream = client.chat.completions.create(
+def test_streamed_chat_names_paris_and_reports_usage(oai: OpenAI, model: str) -> None:
+    stream = oai.chat.completions.create(
         model=model,
         messages=QUESTION,
         max_tokens=12,
@@ -50,8 +45,8 @@ def test_streamed_chat_names_paris_and_reports_usage(client: OpenAI, model: str)
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
-def test_stop_string_ends_the_answer_before_it(client: OpenAI) -> None:
-    resp = client.chat.completions.create(
+def test_stop_string_ends_the_answer_before_it(oai: OpenAI) -> None:
+    resp = oai.chat.completions.create(
         model="smollm2-135m", messages=QUESTION, max_tokens=12, temperature=0, stop=["Paris"]
     )
     content = resp.choices[0].message.content or ""
@@ -60,23 +55,23 @@ def test_stop_string_ends_the_answer_before_it(client: OpenAI) -> None:
     assert resp.choices[0].finish_reason == "stop"
 
 
-def test_four_bit_import_names_paris(client: OpenAI) -> None:
+def test_four_bit_import_names_paris(oai: OpenAI) -> None:
     """The 4-bit import (Q4_1/Q8_0 kept quantized) answers correctly, greedy."""
-    resp = client.chat.completions.create(model="smollm2-135m-q4", messages=QUESTION, max_tokens=10, temperature=0)
+    resp = oai.chat.completions.create(model="smollm2-135m-q4", messages=QUESTION, max_tokens=10, temperature=0)
     assert "Paris" in (resp.choices[0].message.content or "")
 
 
-def test_unknown_model_is_an_openai_not_found(client: OpenAI) -> None:
+def test_unknown_model_is_an_openai_not_found(oai: OpenAI) -> None:
     import openai
 
     with pytest.raises(openai.NotFoundError) as err:
-        client.chat.completions.create(model="no-such-model", messages=QUESTION, max_tokens=2)
+        oai.chat.completions.create(model="no-such-model", messages=QUESTION, max_tokens=2)
     assert err.value.code == "model_not_found"
 
 
-def test_same_seed_same_sample_at_temperature_one(client: OpenAI) -> None:
+def test_same_seed_same_sample_at_temperature_one(oai: OpenAI) -> None:
     def sample(seed: int) -> str:
-        resp = client.chat.completions.create(
+        resp = oai.chat.completions.create(
             model="smollm2-135m",
             messages=[{"role": "user", "content": "Name a color."}],
             max_tokens=8,

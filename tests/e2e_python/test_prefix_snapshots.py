@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import control
-from families import family_dir, greedy
+from families import family_dir, greedy_text
 from families import tokenizer as family_tokenizer
 
 SYSTEM = (
@@ -43,20 +43,8 @@ def chat(url: str, model: str, messages: list[dict[str, str]]) -> dict[str, Any]
 
 
 def native(model_dir: Any, messages: list[dict[str, str]]) -> str:
-    tokenizer = family_tokenizer(model_dir)
-    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    out = greedy(model_dir, ids, MAX_TOKENS)
-    for i, token in enumerate(out):
-        if token in tokenizer.eos_token_ids:
-            out = out[:i]
-            break
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    for token in out:
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    text: str = detokenizer.text
-    return text
+    ids = list(family_tokenizer(model_dir).apply_chat_template(messages, add_generation_prompt=True))
+    return greedy_text(model_dir, ids, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "gpt_oss", "gemma3_text"])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import anthropic
 import httpx
-import pytest
 from conftest import control, models_dir
 from openai import OpenAI
 
@@ -29,11 +28,6 @@ PARAGRAPH = (
 def system_prompt() -> str:
     # A fresh nonce first: no earlier test in the session shares this prefix.
     return f"[{uuid.uuid4()}] You answer questions about the museum. " + PARAGRAPH * 8
-
-
-@pytest.fixture(scope="module")
-def oai(daemon_url: str) -> OpenAI:
-    return OpenAI(base_url=f"{daemon_url}/v1", api_key="unused", max_retries=0)
 
 
 def ask(client: OpenAI, model: str, system: str, question: str, history: list | None = None):

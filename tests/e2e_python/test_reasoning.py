@@ -16,7 +16,6 @@ from typing import Any
 import anthropic
 import httpx
 import ollama
-import pytest
 from openai import OpenAI
 from thinking import ANSWER, REASONING_TOKENS, THINKING
 
@@ -24,21 +23,6 @@ MODEL = "thinker"
 ASK = [{"role": "user", "content": "What is two plus two?"}]
 # The whole script and its EOS fit.
 MAX = 24
-
-
-@pytest.fixture(scope="module")
-def oai(daemon_url: str) -> OpenAI:
-    return OpenAI(base_url=f"{daemon_url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def claude(daemon_url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=daemon_url, api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def llama(daemon_url: str) -> ollama.Client:
-    return ollama.Client(host=daemon_url)
 
 
 def test_openai_chat_separates_thinking_and_counts_it(oai: OpenAI) -> None:
@@ -286,18 +270,18 @@ def test_anthropic_thinking_blocks(claude: anthropic.Anthropic) -> None:
     assert [b.type for b in again.content] == ["thinking", "text"]
 
 
-def test_ollama_thinking_field(llama: ollama.Client) -> None:
-    r = llama.chat(model=MODEL, messages=ASK, options={"temperature": 0, "num_predict": MAX})
+def test_ollama_thinking_field(olla: ollama.Client) -> None:
+    r = olla.chat(model=MODEL, messages=ASK, options={"temperature": 0, "num_predict": MAX})
     assert r.message.thinking == THINKING
     assert r.message.content == ANSWER
-    off = llama.chat(model=MODEL, messages=ASK, think=False, options={"num_predict": MAX})
+    off = olla.chat(model=MODEL, messages=ASK, think=False, options={"num_predict": MAX})
     assert not off.message.thinking and off.message.content == ANSWER
     thinking, content = "", ""
-    for chunk in llama.chat(model=MODEL, messages=ASK, think=True, stream=True, options={"num_predict": MAX}):
+    for chunk in olla.chat(model=MODEL, messages=ASK, think=True, stream=True, options={"num_predict": MAX}):
         thinking += chunk.message.thinking or ""
         content += chunk.message.content or ""
     assert (thinking, content) == (THINKING, ANSWER)
-    g = llama.generate(model=MODEL, prompt="What is two plus two?", options={"num_predict": MAX})
+    g = olla.generate(model=MODEL, prompt="What is two plus two?", options={"num_predict": MAX})
     assert (g.thinking, g.response) == (THINKING, ANSWER)
 
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
 /// refuses a worker that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
@@ -38,11 +38,13 @@ pub enum Kind {
     ToolCall = 12,
     /// Worker → daemon: log probabilities of tokens about to be sent.
     Logprobs = 13,
+    /// Worker → daemon: a request was admitted (its prompt's size, before prefill).
+    Admitted = 14,
 }
 
 impl Kind {
     /// Every kind, for drift checks against the pure-Python codec.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Padding,
         Kind::Hello,
         Kind::Load,
@@ -57,6 +59,7 @@ impl Kind {
         Kind::ClearCache,
         Kind::ToolCall,
         Kind::Logprobs,
+        Kind::Admitted,
     ];
 
     pub fn from_u16(v: u16) -> Option<Kind> {
@@ -80,6 +83,7 @@ impl Kind {
             Kind::ClearCache => "CLEAR_CACHE",
             Kind::ToolCall => "TOOL_CALL",
             Kind::Logprobs => "LOGPROBS",
+            Kind::Admitted => "ADMITTED",
         }
     }
 }
@@ -177,6 +181,10 @@ pub struct LoadOptions {
     /// Test-only fault injection (a preset's `[faults]` table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultOptions>,
+    /// The model's context in tokens, as its config.json gives it (the daemon
+    /// reads it: one rule for what `/v1/models` says and what the worker refuses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u64>,
     /// The preset's `reasoning = "off"`: a reasoning model's thinking stays in
     /// the answer's text as the model wrote it, markers included.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -427,10 +435,12 @@ pub struct Generate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
     pub max_tokens: u32,
-    #[serde(default)]
-    pub temperature: f32,
-    #[serde(default = "one")]
-    pub top_p: f32,
+    /// Sampling; absent: the model's own default (its generation_config.json),
+    /// else greedy (temperature 0) and top_p 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
     #[serde(default)]
     pub stop: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -495,6 +505,17 @@ pub struct ToolCallFrame {
     pub arguments: String,
 }
 
+/// Worker → daemon: request `id` was admitted: its prompt's length in tokens and
+/// how many of them the prefix cache holds, known before its prefill starts (so a
+/// stream can open with them: Anthropic's `message_start` carries its usage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdmittedFrame {
+    pub id: u64,
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+}
+
 /// The log probability of one token, with the most likely alternatives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -522,10 +543,6 @@ pub struct TopLogprob {
 pub struct LogprobsFrame {
     pub id: u64,
     pub entries: Vec<TokenLogprob>,
-}
-
-fn one() -> f32 {
-    1.0
 }
 
 /// One token of one sequence inside a TokenBatch.
@@ -622,7 +639,8 @@ pub struct ErrorFrame {
     #[serde(default)]
     pub id: Option<u64>,
     pub message: String,
-    /// "invalid_request" (the client's fault) or "worker" (ours).
+    /// "invalid_request" (the client's fault), "context_length_exceeded" (the
+    /// client's too: the prompt leaves nothing of the context) or "worker" (ours).
     #[serde(default = "worker_code")]
     pub code: String,
 }
@@ -693,6 +711,7 @@ pub enum Frame {
     ClearCache,
     ToolCall(ToolCallFrame),
     Logprobs(LogprobsFrame),
+    Admitted(AdmittedFrame),
 }
 
 impl Frame {
@@ -711,6 +730,7 @@ impl Frame {
             Frame::ClearCache => Kind::ClearCache,
             Frame::ToolCall(_) => Kind::ToolCall,
             Frame::Logprobs(_) => Kind::Logprobs,
+            Frame::Admitted(_) => Kind::Admitted,
         }
     }
 
@@ -729,6 +749,7 @@ impl Frame {
             Frame::Stats(v) => json(out, v),
             Frame::ToolCall(v) => json(out, v),
             Frame::Logprobs(v) => json(out, v),
+            Frame::Admitted(v) => json(out, v),
             Frame::Cancel { id } => out.extend_from_slice(&id.to_le_bytes()),
             Frame::TokenBatch(b) => encode_token_batch(&b.entries, out),
             Frame::Shutdown | Frame::ClearCache => {}
@@ -762,6 +783,7 @@ impl Frame {
             Kind::Stats => Frame::Stats(json(kind, payload)?),
             Kind::ToolCall => Frame::ToolCall(json(kind, payload)?),
             Kind::Logprobs => Frame::Logprobs(json(kind, payload)?),
+            Kind::Admitted => Frame::Admitted(json(kind, payload)?),
             Kind::Cancel => {
                 let id = payload
                     .get(..8)
@@ -1020,6 +1042,11 @@ mod tests {
             logprobs: Some(2),
             count_only: true,
             ..Default::default()
+        }));
+        roundtrip(Frame::Admitted(AdmittedFrame {
+            id: 8,
+            prompt_tokens: 40,
+            cached_tokens: 32,
         }));
         roundtrip(Frame::ToolCall(ToolCallFrame {
             id: 8,

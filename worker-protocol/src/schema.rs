@@ -26,6 +26,7 @@ pub fn frame_schemas() -> Value {
     add(Kind::Stats, generator.subschema_for::<Stats>());
     add(Kind::ToolCall, generator.subschema_for::<ToolCallFrame>());
     add(Kind::Logprobs, generator.subschema_for::<LogprobsFrame>());
+    add(Kind::Admitted, generator.subschema_for::<AdmittedFrame>());
     let defs: serde_json::Map<String, Value> =
         generator.take_definitions(true).into_iter().collect();
     json!({"protocol_version": PROTOCOL_VERSION, "frames": frames, "$defs": defs})
@@ -116,6 +117,7 @@ pub fn examples() -> Vec<Frame> {
                     raise_in_step: 7,
                     garbage_after_step: 9,
                 }),
+                context_length: Some(8192),
                 reasoning_inline: true,
             }),
         }),
@@ -149,8 +151,8 @@ pub fn examples() -> Vec<Frame> {
             }]),
             prompt: Some("raw prompt".into()),
             max_tokens: 64,
-            temperature: 0.5,
-            top_p: 0.9,
+            temperature: Some(0.5),
+            top_p: Some(0.9),
             stop: vec!["\n\n".into()],
             seed: Some(11),
             speculative: Some(true),
@@ -231,6 +233,11 @@ pub fn examples() -> Vec<Frame> {
         Frame::Logprobs(LogprobsFrame {
             id: 7,
             entries: vec![entry(3, "a"), entry(4, "b")],
+        }),
+        Frame::Admitted(AdmittedFrame {
+            id: 7,
+            prompt_tokens: 12_000,
+            cached_tokens: 11_904,
         }),
     ]
 }

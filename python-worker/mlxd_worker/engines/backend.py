@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, cast
@@ -23,13 +24,13 @@ from ..io.protocol import (
     SpeculativeOptions,
 )
 from ..lanes.drafting import DraftController
-from ..lanes.pacing import MIN_CHUNK, PrefillPacer
+from ..lanes.pacing import PrefillPacer
 from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
 from ..lanes.speculative import SpeculativeSequence, pair_problem
 from ..mlx_types import Model, PromptCache
 from ..requests.constraint import SequenceConstraint, TokenConsumer
 from ..requests.reasoning import ReasoningBudget
-from ..requests.sampling import Sampler
+from ..requests.sampling import Sampler, SamplingDefaults
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -54,6 +55,8 @@ class Backend(Protocol):
     tokenizer: TokenizerWrapper
     eos: frozenset[int]
     context_length: int | None
+    # What a request that leaves temperature or top_p out gets.
+    sampling: SamplingDefaults
     # The draft policy, when the preset names a draft model.
     drafting: DraftController | None
     # The last step's logprobs vectors (log-softmax over the vocabulary), in token
@@ -93,11 +96,6 @@ def _config(model_path: str) -> dict[str, Any]:
             return dict(json.load(f))
     except OSError:
         return {}
-
-
-def context_length(model_path: str) -> int | None:
-    value = _config(model_path).get("max_position_embeddings")
-    return int(value) if value else None
 
 
 @dataclass
@@ -165,6 +163,7 @@ class MlxBackend:
         self.tokenizer = cast("TokenizerWrapper", None)
         self.eos: frozenset[int] = frozenset()
         self.context_length: int | None = None
+        self.sampling = SamplingDefaults()
         self.drafting: DraftController | None = None  # None: no draft configured
         self._model = cast(Model, None)
         self._draft: Model | None = None
@@ -182,16 +181,21 @@ class MlxBackend:
         self._kv = KvOptions()
         self.snapshots = False
         self._pacer = PrefillPacer(self._prefill_step)
-        # The batch's prefill: tokens each row had prefilled, and how many rows did.
-        self._prefill_progress: dict[int, int] = {}
-        self._prefill_rows = 1
+        # The batch's rows still in their prompt, by the batch's uid: the prompt
+        # tokens each has not fed yet, in insertion order (BatchGenerator's queue
+        # order); and those BatchGenerator has taken from its queue into its prompt
+        # batch.
+        self._prompt_left: dict[int, int] = {}
+        self._prompt_admitted: set[int] = set()
 
     def load(self, model_path: str, options: LoadOptions) -> None:
         from mlx_lm.generate import BatchGenerator
 
         self._model, self.tokenizer = _load(model_path)
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
-        self.context_length = context_length(model_path)
+        # The daemon reads it from config.json (one rule for what /v1/models says).
+        self.context_length = options.get("context_length")
+        self.sampling = SamplingDefaults.of_model(model_path)
         max_batch = options.get("max_batch", 16)
         self._prefill_step = options.get("prefill_step", 2048)
         self._pacer = PrefillPacer(self._prefill_step)
@@ -329,39 +333,28 @@ class MlxBackend:
                 generation_stream,
                 self._kv.shared(cache, self._model),
                 draft_cache,
+                pacer=self._pacer,
             )
         stream = generation_stream
         base = track.cached if prefix is not None else 0
         marks = [b for b in track.boundaries if b > base]
-        if track.processed:
-            return ProcessedSoloSequence(
-                self._model,
-                track.history[base:],
-                track.left,
-                track.sampler,
-                self._prefill_step,
-                stream,
-                track.processors(),
-                track.logprobs,
-                cache=prefix,
-                kv=self._kv,
-                marks=marks,
-                base=base,
-                pacer=self._pacer,
-            )
-        return SoloSequence(
-            self._model,
-            track.history[base:],
-            track.left,
-            track.sampler,
-            self._prefill_step,
-            stream,
-            prefix,
-            self._kv,
+        # What both lone lanes take; a processed one adds its processors.
+        lane: dict[str, Any] = dict(
+            model=self._model,
+            ids=track.history[base:],
+            max_tokens=track.left,
+            sampler=track.sampler,
+            prefill_step=self._prefill_step,
+            stream=stream,
+            cache=prefix,
+            kv=self._kv,
             marks=marks,
             base=base,
             pacer=self._pacer,
         )
+        if track.processed:
+            return ProcessedSoloSequence(processors=track.processors(), keep_logprobs=track.logprobs, **lane)
+        return SoloSequence(**lane)
 
     def _to_batch(self, uid: int, ids: list[int], cache: PromptCache | None = None) -> None:
         track = self._tracks[uid]
@@ -385,6 +378,7 @@ class MlxBackend:
         track.batch_tokens = 0
         self._batch_uid[uid] = buid
         self._our_uid[buid] = uid
+        self._prompt_left[buid] = len(ids)
 
     def remove(self, uid: int) -> None:
         """Stops a sequence (cancelled, or ended by a stop string); what it had
@@ -397,7 +391,7 @@ class MlxBackend:
         buid = self._batch_uid.pop(uid, None)
         if buid is not None:
             del self._our_uid[buid]
-            self._prefill_progress.pop(buid, None)
+            self._prompt_done(buid)
             caches = self._gen.remove([buid], return_prompt_caches=self.prefix is not None)
             if buid in caches:
                 self._keep_cache(uid, caches[buid][0])
@@ -462,18 +456,21 @@ class MlxBackend:
         # The batch's prefill chunk follows the measured rate too, shared by the
         # rows that prefill together; a call that prefilled is timed (with the
         # decode step it also ran, which only makes the next chunk smaller).
-        self._gen.prefill_step_size = max(MIN_CHUNK, self._pacer.chunk() // self._prefill_rows)
+        self._gen.prefill_step_size = self._pacer.chunk(max(1, self._prefill_rows()))
         started = time.perf_counter()
         prompt_responses, responses = self._gen.next()
         prefilled = 0
         for r in prompt_responses:
-            done_before = self._prefill_progress.get(r.uid, 0)
-            prefilled += r.progress[0] - done_before
-            self._prefill_progress[r.uid] = r.progress[0]
             if r.end_of_prompt:
-                del self._prefill_progress[r.uid]
-        if prompt_responses:
-            self._prefill_rows = max(1, len(prompt_responses))
+                # Its last token moved to the decode batch (fed by the next decode
+                # step): nothing of it was prefilled in this call.
+                self._prompt_done(r.uid)
+                continue
+            left = r.progress[1] - r.progress[0]
+            prefilled += self._prompt_left.get(r.uid, r.progress[1]) - left
+            self._prompt_left[r.uid] = left
+            self._prompt_admitted.add(r.uid)
+        if prefilled:
             self._pacer.observe(prefilled, time.perf_counter() - started)
         if self.snapshots:
             self._snapshot_batch(prompt_responses)
@@ -491,6 +488,31 @@ class MlxBackend:
                 self._keep_cache(uid, r.prompt_cache)
         self._leave_batch_if_alone(results)
         return results
+
+    def _prefill_rows(self) -> int:
+        """Rows that prefill in the next BatchGenerator.next(), sharing its chunk:
+        the rows of its prompt batch with more than their last token left (the
+        last one is fed by the first decode step), and the rows it admits from its
+        queue in that call, first come, while its prompt batch (counted before
+        finished prompts leave it) holds fewer than prefill_batch_size. A full
+        decode batch also holds admission back; that bound is left out, because
+        decode rows that finish in the same call make room first: the count may be
+        too high (smaller chunks), never too low."""
+        free = self._gen.prefill_batch_size - len(self._prompt_admitted)
+        rows = 0
+        for buid, left in self._prompt_left.items():
+            if buid not in self._prompt_admitted:
+                if free <= 0:
+                    continue
+                free -= 1
+            if left > 1:
+                rows += 1
+        return rows
+
+    def _prompt_done(self, buid: int) -> None:
+        """The row left its prompt: decoding, or gone from the batch."""
+        self._prompt_left.pop(buid, None)
+        self._prompt_admitted.discard(buid)
 
     def _snapshot_batch(self, prompt_responses: list[Any]) -> None:
         """The prefix cache's snapshots of batched sequences whose prefill just
@@ -572,6 +594,7 @@ class MlxBackend:
         cache, _ = self._gen.remove([buid], return_prompt_caches=True)[buid]
         del self._batch_uid[uid]
         del self._our_uid[buid]
+        self._prompt_done(buid)
         if held(cache) != len(track.history):
             raise RuntimeError(f"the batch's cache holds {held(cache)} tokens; the sequence has {len(track.history)}")
         trim_prompt_cache(cache, 1)
@@ -639,4 +662,9 @@ def _load(model_path: str) -> tuple[Model, TokenizerWrapper]:
 
     # Model files are untrusted: never run code shipped with them.
     loaded = mlx_lm.load(model_path, trust_remote_code=False, tokenizer_config={"trust_remote_code": False})
-    return cast(Model, loaded[0]), loaded[1]
+    tokenizer = loaded[1]
+    # The model's context bounds a prompt (the daemon's context_length); the
+    # tokenizer's model_max_length is advisory, often smaller (8192 for SmolLM2's),
+    # and transformers would warn of "indexing errors" on every longer prompt.
+    tokenizer.model_max_length = sys.maxsize
+    return cast(Model, loaded[0]), tokenizer

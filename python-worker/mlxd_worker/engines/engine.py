@@ -17,11 +17,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Union
 
-from ..errors import RequestError  # the client's fault: _report sends it as "invalid_request"
+from ..errors import ContextOverflow, RequestError  # the client's fault: _report sends its code
 from ..faults import GARBAGE_KIND, Faults
 from ..io import frames
 from ..io.flush import FlushPolicy
-from ..io.protocol import Done, ErrorFrame, Generate, Load, LogprobsFrame, Ready, Stats, TokenLogprob, ToolCallFrame
+from ..io.protocol import (
+    AdmittedFrame,
+    Done,
+    ErrorFrame,
+    Generate,
+    Load,
+    LogprobsFrame,
+    Ready,
+    Stats,
+    TokenLogprob,
+    ToolCallFrame,
+)
 from ..io.transport import Transport
 from ..requests.constraint import SequenceConstraint
 from ..requests.logprobs import TokenTexts, logprob_entry
@@ -254,7 +265,7 @@ class Engine:
             log.warning("request %s refused: %s", rid, e)
         else:
             log.exception("engine error")
-        code = "invalid_request" if isinstance(e, RequestError) else "worker"
+        code = e.code if isinstance(e, RequestError) else "worker"
         error: ErrorFrame = {"id": rid, "message": str(e), "code": code}
         self.transport.send(frames.ERROR, frames.json_payload(error))
 
@@ -360,7 +371,7 @@ class Engine:
         if limit and len(ids) >= limit:
             # Anthropic's wording, which Claude Code (and other clients) look for to
             # compact a conversation; the largest prompt leaves one token to generate.
-            raise RequestError(
+            raise ContextOverflow(
                 f"prompt is too long: {len(ids)} tokens > {limit - 1} maximum (the model's context is {limit} "
                 "tokens, and at least one must be left to generate)"
             )
@@ -370,8 +381,12 @@ class Engine:
         if limit:
             max_tokens = min(max_tokens, limit - len(ids))
         seed = req.get("seed")
+        # What the request leaves out, the model's own defaults decide.
+        temperature, top_p = req.get("temperature"), req.get("top_p")
         sampler = self._samplers.get(
-            float(req.get("temperature", 0.0)), float(req.get("top_p", 1.0)), None if seed is None else int(seed)
+            self.backend.sampling.temperature if temperature is None else float(temperature),
+            self.backend.sampling.top_p if top_p is None else float(top_p),
+            None if seed is None else int(seed),
         )
         # The backend never drafts constrained or logprobs sequences, whatever this says.
         speculative = req.get("speculative")
@@ -385,6 +400,13 @@ class Engine:
             budget=None if plan.reasoning is None else plan.reasoning.budget(),
             boundaries=plan.boundaries,
         )
+        # The prompt's size before its prefill (Anthropic's message_start says it).
+        admitted: AdmittedFrame = {
+            "id": rid,
+            "prompt_tokens": len(ids),
+            "cached_tokens": self.backend.cached_tokens(uid),
+        }
+        self.transport.send(frames.ADMITTED, frames.json_payload(admitted))
         tools = plan.tool_extractor()
         seq = Sequence(
             rid=rid,

@@ -17,7 +17,7 @@ from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats
 from ..lanes.drafting import DraftController
 from ..requests.constraint import SequenceConstraint
 from ..requests.reasoning import ReasoningBudget
-from ..requests.sampling import Sampler
+from ..requests.sampling import Sampler, SamplingDefaults
 from .backend import Detokenizer, StepResult
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class ReplayBackend:
         self.tokenizer = cast("TokenizerWrapper", None)  # set by load()
         self.eos: frozenset[int] = frozenset()
         self.context_length: int | None = None
+        self.sampling = SamplingDefaults()
         self.drafting: DraftController | None = None  # no draft model here
         self.step_logprobs: dict[int, list[mx.array]] = {}  # always empty: no logits
         self.snapshots = False

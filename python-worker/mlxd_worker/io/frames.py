@@ -19,6 +19,7 @@ from typing import Union, cast
 
 from .protocol import PROTOCOL_VERSION as PROTOCOL_VERSION  # the version lives with the types
 from .protocol import (
+    AdmittedFrame,
     Done,
     ErrorFrame,
     Generate,
@@ -47,6 +48,7 @@ SHUTDOWN = 10
 CLEAR_CACHE = 11
 TOOL_CALL = 12
 LOGPROBS = 13
+ADMITTED = 14
 
 KINDS: dict[str, int] = {
     "PADDING": PADDING,
@@ -63,6 +65,7 @@ KINDS: dict[str, int] = {
     "CLEAR_CACHE": CLEAR_CACHE,
     "TOOL_CALL": TOOL_CALL,
     "LOGPROBS": LOGPROBS,
+    "ADMITTED": ADMITTED,
 }
 
 _ENTRY = struct.Struct("<QII")
@@ -75,7 +78,7 @@ def encode(kind: int, payload: bytes, flags: int = 0) -> bytes:
 
 # The payload of a JSON frame: what the worker sends, and the Generate that the
 # http transport builds for the engine (the one frame it writes for itself).
-JsonFrame = Union[Hello, Ready, Done, ErrorFrame, Stats, ToolCallFrame, LogprobsFrame, Generate]
+JsonFrame = Union[Hello, Ready, Done, ErrorFrame, Stats, ToolCallFrame, LogprobsFrame, AdmittedFrame, Generate]
 
 
 def json_payload(frame: JsonFrame) -> bytes:

@@ -188,7 +188,7 @@ def serve(fanout: HttpFanout, submit: Callable[[int, bytes], None]) -> int:
             else:
                 error = cast(ErrorFrame, msg)
                 out = {"error": {"message": error["message"], "type": "server_error", "code": error.get("code")}}
-                status = 400 if error.get("code") == "invalid_request" else 502
+                status = 502 if error.get("code", "worker") == "worker" else 400
             data = json.dumps(out).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TypedDict, Union
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+
+
+class AdmittedFrame(TypedDict):
+    """Worker → daemon: request `id` was admitted: its prompt's length in tokens and
+    how many of them the prefix cache holds, known before its prefill starts (so a
+    stream can open with them: Anthropic's `message_start` carries its usage)."""
+
+    cached_tokens: int
+    id: int
+    prompt_tokens: int
 
 
 class DraftCounts(TypedDict):
@@ -50,7 +60,8 @@ class _ErrorFrameRequired(TypedDict):
 class ErrorFrame(_ErrorFrameRequired, total=False):
     """Worker → daemon: something failed, for one request (`id`) or the worker."""
 
-    #: "invalid_request" (the client's fault) or "worker" (ours).
+    #: "invalid_request" (the client's fault), "context_length_exceeded" (the
+    #: client's too: the prompt leaves nothing of the context) or "worker" (ours).
     code: str
     id: Optional[int]
 
@@ -157,12 +168,14 @@ class Generate(_GenerateRequired, total=False):
     #: benchmark compares both); None leaves it to the worker's policy.
     speculative: Optional[bool]
     stop: list[str]
-    temperature: float
+    #: Sampling; absent: the model's own default (its generation_config.json),
+    #: else greedy (temperature 0) and top_p 1.
+    temperature: Optional[float]
     tool_choice: ToolChoice
     #: Functions the model may call (rendered by the chat template, or in the
     #: system prompt when the template has no tool support).
     tools: list[Tool]
-    top_p: float
+    top_p: Optional[float]
 
 
 class _HelloRequired(TypedDict):
@@ -232,6 +245,9 @@ class SpeculativeOptions(_SpeculativeOptionsRequired, total=False):
 class LoadOptions(TypedDict, total=False):
     """A worker's engine settings: the preset's knobs as the worker reads them."""
 
+    #: The model's context in tokens, as its config.json gives it (the daemon
+    #: reads it: one rule for what `/v1/models` says and what the worker refuses).
+    context_length: Optional[int]
     #: Test-only fault injection (a preset's `[faults]` table).
     faults: Optional[FaultOptions]
     #: When the engine hands its pending tokens to the transport.
@@ -466,6 +482,7 @@ FlushOptions = Union[FlushOptionsStep, FlushOptionsTokens, FlushOptionsMs]
 
 # The payload type of each JSON frame kind.
 FRAME_TYPES: dict[str, Any] = {
+    "ADMITTED": AdmittedFrame,
     "DONE": Done,
     "ERROR": ErrorFrame,
     "GENERATE": Generate,

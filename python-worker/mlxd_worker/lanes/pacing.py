@@ -4,12 +4,25 @@ The daemon takes a worker that makes no progress for `hang_timeout` with request
 in flight for hung, and progress is counted per engine step: one decode step, or
 one prefill chunk. A fixed chunk (`prefill_step`, 2048 by default) of a long prompt
 takes a minute on a slow machine (attention grows with the context), long enough to
-be killed as hung. So the chunk follows the prefill rate measured on this machine:
-as many tokens as take about TARGET_SECONDS at the last rate, never more than the
-preset's `prefill_step`, never fewer than MIN_CHUNK, and growing from
-FIRST_LONG_CHUNK by at most GROWTH times the longest chunk measured. On a fast
-machine chunks reach the preset's value after a step or two; prompts up to
-FIRST_LONG_CHUNK tokens are split exactly as before.
+be killed as hung.
+
+The rule: a chunk is the preset's `prefill_step` (max_chunk), as in mlx-lm, unless
+that step would run past TARGET_SECONDS at the rate last measured on this machine,
+or past the growth cap; then it is `max_chunk / 2**k` for the smallest k that fits
+both, down to the last such step not below MIN_CHUNK. The growth cap: a step takes
+at most GROWTH times the longest step measured, and never less than
+FIRST_LONG_CHUNK, because a rate measured on short steps (the warm-up's) overstates
+that of long ones, whose attention costs more per token.
+
+Chunk lengths are therefore always one of max_chunk, max_chunk/2, max_chunk/4, ...:
+different chunkings give slightly different floating-point results, and a ladder
+keeps the choices few and stable from run to run. On a fast machine, once a step of
+max_chunk / GROWTH tokens has been measured (with the default 2048, the first long
+prompt's first chunk of FIRST_LONG_CHUNK), every chunk is max_chunk, so a prompt is
+split exactly as mlx-lm splits it.
+
+Rows prefilled together in one step (the batch) share the budget: each takes the
+largest ladder step whose total over the rows fits.
 """
 
 from __future__ import annotations
@@ -27,9 +40,10 @@ MIN_CHUNK = 32
 MIN_OBSERVED = 8
 
 
-# A chunk at most this many times the longest one measured (and never capped
-# below FIRST_LONG_CHUNK): a rate measured on short chunks says little about long
-# ones, whose attention costs more per token, so chunks grow as they are measured.
+# A step takes at most this many times the tokens of the longest one measured (and
+# is never capped below FIRST_LONG_CHUNK): a rate measured on short chunks says
+# little about long ones, whose attention costs more per token, so chunks grow as
+# they are measured.
 GROWTH = 4
 FIRST_LONG_CHUNK = 512
 
@@ -37,21 +51,26 @@ FIRST_LONG_CHUNK = 512
 class PrefillPacer:
     def __init__(self, max_chunk: int) -> None:
         self.max_chunk = max_chunk
-        # Prompt tokens per second in the last measured chunk (None: none yet).
+        # Prompt tokens per second in the last measured step (None: none yet).
         self.rate: float | None = None
-        # The longest chunk measured so far.
+        # The most tokens one measured step prefilled.
         self.longest = 0
 
-    def chunk(self) -> int:
-        """The next prefill chunk's length in tokens."""
-        grown = max(FIRST_LONG_CHUNK, GROWTH * self.longest)
-        by_rate = self.max_chunk if self.rate is None else int(self.rate * TARGET_SECONDS)
-        return max(MIN_CHUNK, min(self.max_chunk, grown, by_rate))
+    def chunk(self, rows: int = 1) -> int:
+        """The next prefill chunk's length in tokens, for each of `rows` sequences
+        prefilled together in one step: a step of the ladder max_chunk / 2**k."""
+        budget = float(max(FIRST_LONG_CHUNK, GROWTH * self.longest))
+        if self.rate is not None:
+            budget = min(budget, self.rate * TARGET_SECONDS)
+        step = self.max_chunk
+        while step * rows > budget and step // 2 >= MIN_CHUNK:
+            step //= 2
+        return step
 
     def observe(self, tokens: int, seconds: float) -> None:
-        """A chunk of `tokens` took `seconds` (evaluated). The last one counts:
-        the cost per token grows with the context, so the next chunk is sized by
-        the most recent one."""
+        """A step prefilling `tokens` (all rows together) took `seconds`
+        (evaluated). The last one counts: the cost per token grows with the
+        context, so the next chunk is sized by the most recent one."""
         if tokens >= MIN_OBSERVED and seconds > 1e-4:
             self.rate = tokens / seconds
             self.longest = max(self.longest, tokens)

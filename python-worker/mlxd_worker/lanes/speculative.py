@@ -15,11 +15,13 @@ plain sequence hands to BatchGenerator.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, cast
 
 from ..cache.layers import held, rewind_problem
 from ..mlx_types import Model, PromptCache, Stream
 from ..requests.sampling import Sampler
+from .pacing import PrefillPacer
 from .solo import Handover
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ class SpeculativeSequence:
         stream: Stream,
         cache: PromptCache | None = None,
         draft_cache: PromptCache | None = None,
+        pacer: PrefillPacer | None = None,
     ) -> None:
         """`history` is every token of the sequence so far (prompt and output);
         `cache` and `draft_cache`, when given, are the target's and the draft's KV
@@ -61,7 +64,8 @@ class SpeculativeSequence:
         self._left = max_tokens
         self._sampler = sampler
         self.num_draft = num_draft
-        self._prefill_step = prefill_step
+        # The chunk follows the machine's measured prefill rate (lanes/pacing.py).
+        self._pacer = pacer or PrefillPacer(prefill_step)
         self._stream = stream
         # What the last round drafted (0 while prefilling).
         self.last_drafted = 0
@@ -78,12 +82,16 @@ class SpeculativeSequence:
             return mx.argmax(logprobs, axis=-1)
         return self._sampler(logprobs)
 
-    def _prefill_chunk(self, model: Model, cache: PromptCache, pending: list[int]) -> list[int]:
+    def _prefill_chunk(self, model: Model, cache: PromptCache, pending: list[int], timed: bool) -> list[int]:
+        """Feeds `model` the next chunk of `pending`. Only the target's chunks are
+        timed: the draft prefills in chunks sized for the target, which is slower,
+        and its timings would overstate the target's rate."""
         import mlx.core as mx
 
-        n = min(self._prefill_step, len(pending) - 1)
-        model(mx.array(pending[:n])[None], cache=cache)
-        mx.eval([c.state for c in cache])
+        n = min(self._pacer.chunk(), len(pending) - 1)
+        with self._pacer.timing(n) if timed else nullcontext():
+            model(mx.array(pending[:n])[None], cache=cache)
+            mx.eval([c.state for c in cache])
         return pending[n:]
 
     def step(self) -> list[tuple[int, bool]]:
@@ -95,11 +103,13 @@ class SpeculativeSequence:
         self.last_drafted = 0
         with mx.stream(self._stream):
             if len(self._pending) > 1:
-                self._pending = self._prefill_chunk(self._model, self._cache, self._pending)
+                self._pending = self._prefill_chunk(self._model, self._cache, self._pending, timed=True)
                 return []
             if not self._draft_primed:
                 if len(self._draft_pending) > 1:
-                    self._draft_pending = self._prefill_chunk(self._draft, self._draft_cache, self._draft_pending)
+                    self._draft_pending = self._prefill_chunk(
+                        self._draft, self._draft_cache, self._draft_pending, timed=False
+                    )
                     return []
                 self._draft_primed = True
 

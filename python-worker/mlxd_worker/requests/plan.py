@@ -218,13 +218,19 @@ def _common(a: list[int], b: list[int]) -> int:
 
 
 def _system_turns_as_user(messages: list[Any]) -> list[Any] | None:
-    """`messages` with each system message after the first non-system one turned
-    into a user turn ("System: ..."), merged into an adjacent user turn where
-    there is one (strict templates alternate roles); None when there is none."""
+    """`messages` as templates that take one system message, first, want them:
+    leading system messages joined into one (an Anthropic `system` and a first
+    system message stack), and each later one turned into a user turn ("System:
+    ..."), merged into an adjacent user turn where there is one (strict templates
+    alternate roles); None when there is nothing to change."""
     first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    if not any(m["role"] == "system" for m in messages[first:]):
+    if first < 2 and not any(m["role"] == "system" for m in messages[first:]):
         return None
-    out: list[Any] = list(messages[:first])
+    out: list[Any] = []
+    if first == 1:
+        out.append(messages[0])
+    elif first > 1:
+        out.append({"role": "system", "content": "\n\n".join(str(m["content"]) for m in messages[:first])})
     for m in messages[first:]:
         if m["role"] == "system":
             m = {"role": "user", "content": f"System: {m['content']}"}

@@ -9,7 +9,11 @@ time instead, because it seeds the global generator).
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -21,6 +25,47 @@ Sampler = Callable[["mx.array"], "mx.array"]
 # Distinct (temperature, top_p) pairs kept: requests choose these freely, so the
 # cache must not grow with every value a client invents.
 MAX_SHARED = 64
+
+
+log = logging.getLogger("mlxd_worker")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves temperature or top_p out gets: the model's own
+    recommendation (its generation_config.json, as vLLM and transformers read it),
+    else greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    @staticmethod
+    def of_model(model_dir: str) -> SamplingDefaults:
+        try:
+            config = json.loads((Path(model_dir) / "generation_config.json").read_text())
+        except (OSError, ValueError):
+            return SamplingDefaults()
+        if not isinstance(config, dict) or config.get("do_sample") is False:
+            # Greedy by the model's own word (its temperature is then unused).
+            return SamplingDefaults()
+        defaults = SamplingDefaults(
+            temperature=_within(config.get("temperature"), 0.0, 2.0, 0.0),
+            top_p=_within(config.get("top_p"), 1e-9, 1.0, 1.0),
+        )
+        if defaults != SamplingDefaults():
+            log.info(
+                "sampling defaults from generation_config.json: temperature %s, top_p %s",
+                defaults.temperature,
+                defaults.top_p,
+            )
+        return defaults
+
+
+def _within(value: object, low: float, high: float, otherwise: float) -> float:
+    """`value` when it is a number in [low, high] (what a request may ask for)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+        return float(value)
+    return otherwise
 
 
 class SamplerCache:
