@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from agent_model import ANSWER, CLAUDE_CODE_CALL, CODEX_CALL, NOTES, ROOT, WORK_DIR
 
-CLIS = ROOT / "target" / "agent-clis" / "node_modules" / ".bin"
+CLIS = ROOT / "target" / "node" / "node_modules" / ".bin"
 NOTES_TEXT = "mlxd notes: the kettle is in the second cupboard"
 # What each CLI may take at most for its two requests (the model is tiny).
 TIMEOUT = 240
@@ -36,7 +36,7 @@ QUIET = {
 
 def cli(name: str) -> Path:
     path = CLIS / name
-    assert path.exists(), f"{path} is missing: scripts/test installs the agent CLIs (tests/agent-clis)"
+    assert path.exists(), f"{path} is missing: scripts/test installs the agent CLIs (tests/node)"
     return path
 
 
