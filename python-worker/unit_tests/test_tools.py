@@ -4,6 +4,7 @@ the generic prompt format, tool_choice checks, and strict schemas."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,16 @@ from mlxd_worker.errors import RequestError
 from mlxd_worker.requests import tools as tools_module
 from mlxd_worker.requests.constraint import closed_objects
 from mlxd_worker.requests.tool_stream import Piece, ToolCallExtractor
-from mlxd_worker.requests.tools import GENERIC, ToolCall, chat_messages, new_call_id, read_calls, tool_choice
+from mlxd_worker.requests.tools import (
+    GENERIC,
+    ToolCall,
+    ToolChoice,
+    chat_messages,
+    new_call_id,
+    raw_input_grammar,
+    read_calls,
+    tool_choice,
+)
 
 WEATHER = {
     "name": "get_weather",
@@ -215,3 +225,18 @@ def test_a_model_with_its_own_format_gets_openai_tools_and_hf_tool_calls() -> No
         {"role": "tool", "content": "2", "tool_call_id": "c1", "name": "f"},
     ]
     assert read_calls(fmt, '\n{"name": "f", "arguments": {"a": 1}}\n', [WEATHER]) == [ToolCall("f", '{"a": 1}')]
+
+
+def test_a_raw_custom_call_is_read_for_a_tool_with_a_lark_grammar() -> None:
+    lark: Any = {"name": "apply_patch", "parameters": {"type": "object"}, "lark": "start: /.+/"}
+    plain: Any = {"name": "shout", "parameters": {"type": "object"}}
+    body = '*** Begin Patch\n+ "quoted"\n*** End Patch'
+    assert read_calls(GENERIC, f"\napply_patch\n{body}\n", [plain, lark]) == [
+        ToolCall("apply_patch", json.dumps({"input": body}))
+    ]
+    # Only a tool with a grammar is read raw; JSON calls still read as ever.
+    with pytest.raises(ValueError):
+        read_calls(GENERIC, "\nshout\nHEY\n", [plain, lark])
+    assert raw_input_grammar([plain, lark], ToolChoice("function", "apply_patch")) == "start: /.+/"
+    assert raw_input_grammar([plain, lark], ToolChoice("function", "shout")) is None
+    assert raw_input_grammar([plain, lark], ToolChoice("required")) is None

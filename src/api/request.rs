@@ -165,6 +165,7 @@ pub fn tool(
         name,
         description,
         parameters,
+        lark: None,
     })
 }
 

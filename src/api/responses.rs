@@ -764,7 +764,8 @@ fn custom_input(call: &ToolCallFrame) -> String {
 
 /// A custom (freeform) tool as the model sees it: a function of one string,
 /// `input`. A regex grammar becomes that string's `pattern`, so a constrained call
-/// (a forced one) matches it; a Lark grammar is given in the description.
+/// (a forced one) matches it; a Lark grammar is given in the description, and a
+/// call forced to the tool writes its input raw, held to the grammar (worker).
 fn custom_tool(
     name: String,
     description: Option<String>,
@@ -772,6 +773,7 @@ fn custom_tool(
 ) -> Result<Tool, Error> {
     let mut input = json!({"type": "string"});
     let mut description = description.unwrap_or_default();
+    let mut grammar = None;
     let f = format.unwrap_or(Value::Null);
     match (f["type"].as_str(), f["syntax"].as_str(), f["definition"].as_str()) {
         (None, ..) if f.is_null() => {}
@@ -784,6 +786,7 @@ fn custom_tool(
             description.push_str(&format!(
                 "\n\nThe input is text in this Lark grammar:\n{lark}"
             ));
+            grammar = Some(lark.to_string());
         }
         _ => {
             return Err(Error::invalid(
@@ -797,11 +800,13 @@ fn custom_tool(
     }
     let parameters = json!({"type": "object", "properties": {"input": input},
         "required": ["input"], "additionalProperties": false});
-    request::tool(
+    let mut tool = request::tool(
         name,
         (!description.is_empty()).then_some(description),
         Some(parameters),
-    )
+    )?;
+    tool.lark = grammar;
+    Ok(tool)
 }
 
 /// The typed event stream: `response.created`, `response.in_progress`, per output
@@ -1167,6 +1172,8 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("start: /.+/"));
+        assert_eq!(tool("apply_patch").lark.as_deref(), Some("start: /.+/"));
+        assert_eq!(tool("shout").lark, None);
         assert_eq!(
             tool("shout").parameters["properties"]["input"]["pattern"],
             "^(?:[A-Z]{3,8})$"

@@ -585,14 +585,23 @@ def test_anthropic_messages_parse_returns_its_typed_output(claude: anthropic.Ant
     assert isinstance(m.parsed_output, Pioneer), m.content
 
 
-def test_a_custom_tool_is_called_with_input_its_regex_grammar_allows(oai: OpenAI) -> None:
-    # A freeform tool (Codex's kind): the call carries its input as text, and a
-    # regex grammar holds a forced call's input to it.
+@pytest.mark.parametrize(
+    "syntax,definition,allowed",
+    [
+        ("regex", "[A-Z]{3,8}", "[A-Z]{3,8}"),
+        ("lark", 'start: "HELLO " NAME "!"\nNAME: /[A-Z][a-z]{1,8}/', "HELLO [A-Z][a-z]{1,8}!"),
+    ],
+)
+def test_a_custom_tool_is_called_with_input_its_grammar_allows(
+    oai: OpenAI, syntax: str, definition: str, allowed: str
+) -> None:
+    # A freeform tool (Codex's kind): the call carries its input as text, and the
+    # tool's grammar holds a forced call's input to it.
     shout = {
         "type": "custom",
         "name": "shout",
-        "description": "Shout one word",
-        "format": {"type": "grammar", "syntax": "regex", "definition": "[A-Z]{3,8}"},
+        "description": "Shout a greeting",
+        "format": {"type": "grammar", "syntax": syntax, "definition": definition},
     }
     for stream in (False, True):
         args: Any = dict(
@@ -609,7 +618,7 @@ def test_a_custom_tool_is_called_with_input_its_regex_grammar_allows(oai: OpenAI
             resp = oai.responses.create(**args)
         calls: list[Any] = [item for item in resp.output if item.type == "custom_tool_call"]
         assert len(calls) == 1 and calls[0].name == "shout", resp.output
-        assert re.fullmatch("[A-Z]{3,8}", calls[0].input), calls[0].input
+        assert re.fullmatch(allowed, calls[0].input), calls[0].input
 
 
 def test_a_forced_call_wins_over_an_output_format(oai: OpenAI) -> None:

@@ -393,6 +393,10 @@ pub struct Tool {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub parameters: serde_json::Value,
+    /// A custom (freeform) tool's Lark grammar: a call forced to it writes its
+    /// input raw, after a line with the tool's name, held to the grammar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lark: Option<String>,
 }
 
 /// Whether and which tool the model must call. `Required` and `Function` are
@@ -1033,6 +1037,7 @@ mod tests {
                 name: "get_weather".into(),
                 description: None,
                 parameters: serde_json::json!({"type": "object"}),
+                lark: None,
             }],
             tool_choice: ToolChoice::Function("get_weather".into()),
             format: Some(Box::new(OutputFormat::JsonSchema {

@@ -67,6 +67,7 @@ pub fn examples() -> Vec<Frame> {
         name: "get_weather".into(),
         description: Some("The weather in a city".into()),
         parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+        lark: Some("start: /[A-Z]+/".into()),
     };
     let entry = |token: u32, text: &str| TokenLogprob {
         token,

@@ -140,6 +140,9 @@ class Tool(_ToolRequired, total=False):
     """A function the model may call: its JSON-schema parameters."""
 
     description: Optional[str]
+    #: A custom (freeform) tool's Lark grammar: a call forced to it writes its
+    #: input raw, after a line with the tool's name, held to the grammar.
+    lark: Optional[str]
 
 
 class _GenerateRequired(TypedDict):

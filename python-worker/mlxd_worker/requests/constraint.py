@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ..errors import RequestError
 from ..io.protocol import OutputFormat, Tool
-from .tools import ToolChoice, ToolFormat, call_schema
+from .tools import ToolChoice, ToolFormat, call_schema, raw_input_grammar
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -126,6 +126,13 @@ class Grammars:
         are held to the parameters as strict mode would (objects that leave
         additionalProperties unset get none): small models otherwise pad calls
         with keys copied from the schema."""
+        lark = raw_input_grammar(tools, choice)
+        if lark is not None:
+            # A custom tool's input, raw after its name's line, in the tool's own
+            # grammar (a sub-grammar: its rule names cannot clash with these).
+            name = json.dumps(choice.function, ensure_ascii=False)
+            main = f'start: {self._block(tool_fmt)}\ncall: {name} "\\n" input\ninput: @custom'
+            return json.dumps({"grammars": [{"lark_grammar": main}, {"name": "custom", "lark_grammar": lark}]})
         call = json.dumps(_styled(closed_objects(call_schema(tools, choice))))
         return self._lark(f"start: {self._block(tool_fmt)}\ncall: %json {call}")
 

@@ -293,9 +293,22 @@ def _generic_messages(messages: list[ChatMessage], tools: list[Tool]) -> list[Te
     return out
 
 
+def raw_input_grammar(tools: list[Tool], choice: ToolChoice) -> str | None:
+    """The Lark grammar of the custom tool a call is forced to, when it has one."""
+    if choice.function is None:
+        return None
+    return next((t.get("lark") for t in tools if t["name"] == choice.function), None)
+
+
 def read_calls(fmt: ToolFormat, text: str, tools: list[Tool]) -> list[ToolCall]:
     """The calls in the text between one pair of markers. ValueError when it is not
     a call (the caller then passes the text on as content)."""
+    # A custom tool's call written raw (a forced call to a tool with a Lark
+    # grammar): "\n<name>\n<input>\n" between the markers.
+    for t in tools:
+        head = f"\n{t['name']}\n"
+        if t.get("lark") and text.startswith(head) and text.endswith("\n"):
+            return [ToolCall(t["name"], json.dumps({"input": text[len(head) : -1]}, ensure_ascii=False))]
     try:
         parsed = fmt.parse(text, openai_tools(tools))
     except Exception as e:  # a parser may raise anything on text it cannot read
