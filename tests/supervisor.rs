@@ -347,6 +347,34 @@ async fn an_exception_in_the_engine_fails_started_work_and_moves_the_rest() {
     );
 }
 
+/// A worker that dies while prefilling a request has sent none of its answer: the
+/// request moves to the next worker and completes (the worker's admission, which
+/// it reports before the prefill, is not output).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_prefill_moves_its_request() {
+    let d = daemon();
+    let model = "smollm2-135m-prefill-kill";
+    let pid = pid_of(&start(d, model).await);
+    // ~2000 prompt tokens: seconds of prefill on any machine CI runs on.
+    let body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "word ".repeat(2000) + "Say hi."}],
+        "max_tokens": 2,
+        "temperature": 0,
+    });
+    let request = tokio::spawn(chat(d, body));
+    wait_for(d, model, "the request admitted", |r| {
+        r.is_some_and(|r| r["stats"]["active_sequences"] == 1)
+    })
+    .await;
+    signal(pid, Signal::SIGKILL);
+    let (status, v) = request.await.unwrap();
+    assert_eq!(status, 200, "the request was lost: {v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 2000, "{v}");
+    let row = d.ps_row(model).await.unwrap();
+    assert_ne!(pid_of(&row), pid, "{row}");
+}
+
 /// A frame of an unknown kind is a broken worker: it is killed (never trusted),
 /// its stream is told, and the model comes back.
 #[tokio::test(flavor = "multi_thread")]

@@ -5,6 +5,7 @@
 //! waiting for its first event, collecting a whole answer, stream framing (SSE or
 //! NDJSON), coalescing for slow clients and cancel-on-disconnect live here, once.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
@@ -28,10 +29,12 @@ pub struct CoreRequest {
     pub keep_alive: Option<KeepAlive>,
 }
 
-/// A generation whose worker has answered: its first event is in hand.
+/// A generation whose worker has answered: its first event is in hand (after
+/// the admission's, which does not count as an answer).
 pub struct Started {
     stream: GenStream,
-    first: Option<GenEvent>,
+    /// Events already taken from the stream, in order.
+    first: VecDeque<GenEvent>,
     /// Dropped with the response: a client that goes away is timed as cancelled.
     timer: RequestTimer,
 }
@@ -48,12 +51,12 @@ pub async fn start(state: &AppState, req: CoreRequest) -> Result<Started, Error>
     let mut timer = RequestTimer::start(&req.target.preset.name);
     match first_event(state, req).await {
         Ok((stream, first)) => {
-            if is_output(&first) {
+            if first.iter().any(is_output) {
                 timer.output();
             }
             Ok(Started {
                 stream,
-                first: Some(first),
+                first,
                 timer,
             })
         }
@@ -64,8 +67,13 @@ pub async fn start(state: &AppState, req: CoreRequest) -> Result<Started, Error>
     }
 }
 
-/// Asks the model's worker for a generation and waits for its first event.
-async fn first_event(state: &AppState, req: CoreRequest) -> Result<(GenStream, GenEvent), Error> {
+/// Asks the model's worker for a generation and waits for its first event past
+/// the admission (a worker that dies while prefilling has answered nothing: the
+/// request moves to the next one, or fails with a plain status).
+async fn first_event(
+    state: &AppState,
+    req: CoreRequest,
+) -> Result<(GenStream, VecDeque<GenEvent>), Error> {
     if req.target.preset.transport == TransportKind::Http {
         return Err(Error::invalid(
             format!(
@@ -79,10 +87,17 @@ async fn first_event(state: &AppState, req: CoreRequest) -> Result<(GenStream, G
     let mut stream = state
         .supervisor
         .generate(&req.target.preset, req.gen, req.keep_alive)?;
-    match stream.next().await {
-        Some(GenEvent::Error(e)) => Err(e),
-        Some(ev) => Ok((stream, ev)),
-        None => Err(Error::Internal("generation ended without a result".into())),
+    let mut taken = VecDeque::new();
+    loop {
+        match stream.next().await {
+            Some(GenEvent::Error(e)) => return Err(e),
+            Some(ev @ GenEvent::Admitted { .. }) => taken.push_back(ev),
+            Some(ev) => {
+                taken.push_back(ev);
+                return Ok((stream, taken));
+            }
+            None => return Err(Error::Internal("generation ended without a result".into())),
+        }
     }
 }
 
@@ -93,7 +108,7 @@ fn is_output(ev: &GenEvent) -> bool {
 
 impl Started {
     async fn next(&mut self) -> Option<GenEvent> {
-        let ev = match self.first.take() {
+        let ev = match self.first.pop_front() {
             Some(ev) => Some(ev),
             None => self.stream.next().await,
         };
@@ -103,7 +118,7 @@ impl Started {
 
     /// An event already waiting, if any (for coalescing).
     fn try_next(&mut self) -> Option<GenEvent> {
-        let ev = self.stream.try_next();
+        let ev = self.first.pop_front().or_else(|| self.stream.try_next());
         if ev.is_some() {
             self.observe(ev.as_ref());
         }

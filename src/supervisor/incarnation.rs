@@ -610,13 +610,17 @@ impl Shared {
             Frame::Done(done) => self.finish(done.id, GenEvent::Done(done), n, reports),
             Frame::ToolCall(call) => self.route(call.id, GenEvent::ToolCall(call)),
             Frame::Logprobs(lp) => self.route(lp.id, GenEvent::Logprobs(lp.entries)),
-            Frame::Admitted(a) => self.route(
-                a.id,
-                GenEvent::Admitted {
-                    prompt_tokens: a.prompt_tokens,
-                    cached_tokens: a.cached_tokens,
-                },
-            ),
+            // Not output: a request whose worker dies now has not started, and
+            // moves to the next worker.
+            Frame::Admitted(a) => {
+                let routes = self.routes.read().expect("lock");
+                if let Some(route) = routes.get(&a.id).filter(|r| !r.ended()) {
+                    let _ = route.tx.send(GenEvent::Admitted {
+                        prompt_tokens: a.prompt_tokens,
+                        cached_tokens: a.cached_tokens,
+                    });
+                }
+            }
             Frame::Stats(stats) => {
                 crate::metrics::record_worker_stats(&self.model, &stats);
                 let mut last = self.stats.lock().expect("lock");
