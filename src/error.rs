@@ -97,7 +97,6 @@ impl Error {
     pub fn param(&self) -> Option<&str> {
         match self {
             Error::InvalidRequest { param, .. } => param.as_deref(),
-            Error::ContextOverflow(_) => Some("messages"),
             Error::ModelNotFound(_) | Error::NotAllowed(_) => Some("model"),
             _ => None,
         }

@@ -355,18 +355,24 @@ async fn a_worker_killed_mid_prefill_moves_its_request() {
     let d = daemon();
     let model = "smollm2-135m-prefill-kill";
     let pid = pid_of(&start(d, model).await);
-    // ~2000 prompt tokens: seconds of prefill on any machine CI runs on.
+    // ~2000 prompt tokens: 8 prefill steps of 256, each held 300 ms by the preset.
     let body = json!({
         "model": model,
         "messages": [{"role": "user", "content": "word ".repeat(2000) + "Say hi."}],
         "max_tokens": 2,
         "temperature": 0,
     });
+    let tokens_before = d.ps_row(model).await.unwrap()["stats"]["batch_tokens_total"].clone();
     let request = tokio::spawn(chat(d, body));
     wait_for(d, model, "the request admitted", |r| {
         r.is_some_and(|r| r["stats"]["active_sequences"] == 1)
     })
     .await;
+    let row = d.ps_row(model).await.unwrap();
+    assert_eq!(
+        row["stats"]["batch_tokens_total"], tokens_before,
+        "a token came before the kill: {row}"
+    );
     signal(pid, Signal::SIGKILL);
     let (status, v) = request.await.unwrap();
     assert_eq!(status, 200, "the request was lost: {v}");

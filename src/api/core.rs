@@ -91,7 +91,12 @@ async fn first_event(
     loop {
         match stream.next().await {
             Some(GenEvent::Error(e)) => return Err(e),
-            Some(ev @ GenEvent::Admitted { .. }) => taken.push_back(ev),
+            // A request moved to a new worker is admitted again: the newest
+            // admission (its prompt cache) is the one that counts.
+            Some(ev @ GenEvent::Admitted { .. }) => {
+                taken.clear();
+                taken.push_back(ev);
+            }
             Some(ev) => {
                 taken.push_back(ev);
                 return Ok((stream, taken));

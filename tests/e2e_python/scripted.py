@@ -43,15 +43,28 @@ def build(
     generation_config: dict[str, Any] | None = None,
     logit: float = 80.0,
 ) -> Path:
-    """The model in `out` (built once; config.json is written last).
+    """The model in `out` (built once per script; config.json is written last).
 
     `successors` maps each scripted token to the one greedy decoding writes after
     it; `added` are tokens added to SmolLM2's tokenizer (id: text);
     `generation_config` is written as the model's generation_config.json; `logit`
     is the scripted successor's logit (every other token's is 0): the default
     makes sampling at any temperature write the script too."""
-    if (out / "config.json").is_file():
-        return out
+    # What the build was made from: a changed script rebuilds the directory.
+    key = json.dumps(
+        [
+            sorted(successors.items()),
+            sorted(added.items()),
+            chat_template,
+            max_position_embeddings,
+            generation_config,
+            logit,
+        ]
+    )
+    if (out / "config.json").is_file() and (out / "scripted.json").is_file():
+        if (out / "scripted.json").read_text() == key:
+            return out
+    shutil.rmtree(out, ignore_errors=True)
     from mlx_lm.models.llama import Model, ModelArgs
 
     assert len(successors) <= HIDDEN, "one basis vector per scripted token"
@@ -111,6 +124,7 @@ def build(
     (out / "chat_template.jinja").write_text(chat_template)
     if generation_config is not None:
         (out / "generation_config.json").write_text(json.dumps(generation_config))
+    (out / "scripted.json").write_text(key)
     (out / "config.json").write_text(json.dumps(config))
     return out
 
