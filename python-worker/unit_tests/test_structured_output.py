@@ -239,6 +239,8 @@ def test_the_generic_tool_prompt_reaches_the_model(engine: Engine) -> None:
     ("extra", "message"),
     [
         ({"format": {"type": "json_schema", "schema": {"type": "strin"}}}, "invalid format"),
+        # A schema that is only a reference to itself compiles, and admits nothing.
+        ({"format": {"type": "json_schema", "schema": {"$ref": "#"}}}, "admits no output"),
         ({"format": {"type": "xml"}}, "unknown format type"),
         ({"tools": TOOLS, "tool_choice": {"function": "nope"}}, "not among the request's tools"),
         ({"tool_choice": "required"}, "needs tools"),

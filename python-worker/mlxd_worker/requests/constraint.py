@@ -167,12 +167,19 @@ class Grammars:
     def constraint(self, grammar: str) -> SequenceConstraint:
         """A fresh matcher for one sequence; RequestError when the grammar is bad
         (an invalid schema), with llguidance's reason."""
+        import llguidance.numpy as lln
         from llguidance import LLMatcher
 
         ll = self.ll_tokenizer()
         matcher = LLMatcher(ll, grammar, log_level=0)
         if matcher.is_error():
             raise RequestError(f"invalid format: {_first_line(matcher.get_error())}")
+        # A grammar that admits no first token (a schema that is only a reference
+        # to itself, {"$ref": "#"}) is the client's mistake, found here (a mask
+        # costs about a millisecond), not in the batch's first step.
+        lln.fill_next_token_bitmask(matcher, lln.allocate_token_bitmask(1, ll.vocab_size), 0)
+        if matcher.is_error():
+            raise RequestError(f"invalid format: it admits no output ({_first_line(matcher.get_error())})")
         return SequenceConstraint(matcher, ll.vocab_size, self._eos)
 
 
