@@ -747,7 +747,10 @@ pub struct Policy {
     /// First wait before restarting a crashed worker; doubles per consecutive crash.
     pub backoff_first: Duration,
     pub backoff_max: Duration,
-    /// More than `max_crashes` within `crash_window` puts the model in Failed.
+    /// More than `max_crashes` within `crash_window` puts the model in Failed, and
+    /// so do more than `max_crashes` in a row that each came before or within
+    /// `crash_window` of their incarnation becoming ready (slow loads spread those
+    /// beyond any window); a run that long starts a fresh count.
     pub max_crashes: usize,
     pub crash_window: Duration,
     /// How long a stop waits for in-flight requests and the worker's own exit.

@@ -10,6 +10,9 @@
 //!     └──────────── stop ─────────────────────────────────────────────────────────────────── Failed ◀── (> 5 crashes in 60 s)
 //! ```
 //!
+//! Failed also ends a run of more than 5 crashes in a row, each before or within
+//! 60 s of becoming Ready, however long the loads between them took.
+//!
 //! At most one incarnation exists at a time: a new one is asked for only from
 //! Stopped or Backoff, which are reached only after the previous one has exited,
 //! and its process is launched only once the memory budget has admitted it
@@ -231,8 +234,12 @@ pub struct Machine {
     policy: Policy,
     /// Crash times within the window, oldest first.
     crashes: VecDeque<Instant>,
-    /// Crashes since the last stable run: sets the backoff.
+    /// Crashes since the last stable run (one Ready for a whole `crash_window`):
+    /// sets the backoff.
     consecutive: u32,
+    /// Crashes in a row, each before or within `crash_window` of its incarnation
+    /// becoming Ready: more than `max_crashes` fail the model.
+    quick_crashes: u32,
     /// Why we killed the worker, when we did: the crash reason its exit reports.
     fault: Option<String>,
     /// The exit we are waiting for was asked for (stop or keep-alive).
@@ -261,6 +268,7 @@ impl Machine {
             policy,
             crashes: VecDeque::new(),
             consecutive: 0,
+            quick_crashes: 0,
             fault: None,
             stopping: false,
             shutdown_sent: false,
@@ -539,6 +547,7 @@ impl Machine {
     fn reset_crashes(&mut self) {
         self.crashes.clear();
         self.consecutive = 0;
+        self.quick_crashes = 0;
     }
 
     /// Stop the current worker: drain what it runs, then Shutdown (or kill a load).
@@ -578,6 +587,15 @@ impl Machine {
             None => how,
         };
         self.last_exit = Some(reason.clone());
+        // A worker that served a whole window starts a fresh count, however it
+        // ended: a long run unloaded by keep-alive is as stable as one that died.
+        let stable = self
+            .ready_at
+            .is_some_and(|since| now.duration_since(since) >= self.policy.crash_window);
+        if stable {
+            self.consecutive = 0;
+            self.quick_crashes = 0;
+        }
         if self.stopping {
             self.state = State::Stopped;
             self.stopping = false;
@@ -595,12 +613,6 @@ impl Machine {
             out.push(Effect::RejectQueued(reason.clone()));
             out.push(Effect::Started(Err(reason.clone())));
         }
-        // A worker that served a whole window before dying starts a fresh count.
-        if let Some(since) = self.ready_at {
-            if now.duration_since(since) >= self.policy.crash_window {
-                self.consecutive = 0;
-            }
-        }
         while self
             .crashes
             .front()
@@ -610,12 +622,28 @@ impl Machine {
         }
         self.crashes.push_back(now);
         self.consecutive += 1;
-        if self.crashes.len() > self.policy.max_crashes {
-            let reason = format!(
-                "crashed {} times within {} s; last: {reason}",
-                self.crashes.len(),
-                self.policy.crash_window.as_secs()
-            );
+        if !stable {
+            self.quick_crashes += 1;
+        }
+        let window = self.policy.crash_window.as_secs();
+        let failed = if self.crashes.len() > self.policy.max_crashes {
+            Some(format!(
+                "crashed {} times within {window} s; last: {reason}",
+                self.crashes.len()
+            ))
+        } else if self.quick_crashes as usize > self.policy.max_crashes {
+            // Issue 28: a slow load (a big model, a busy machine) plus the backoff
+            // spreads crashes beyond any window, so a worker that dies soon after
+            // every load would reload forever; a run of such quick crashes fails
+            // the model however long each load took.
+            Some(format!(
+                "crashed {} times in a row, each before or within {window} s of becoming ready; last: {reason}",
+                self.quick_crashes
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = failed {
             self.state = State::Failed {
                 reason: reason.clone(),
             };
@@ -927,6 +955,145 @@ mod tests {
             Duration::from_secs(1),
             "count reset"
         );
+    }
+
+    /// Waits out the backoff, loads for `load` s (reading weights: progress),
+    /// serves `uptime` s and crashes. Returns the time of the crash.
+    fn slow_load_then_crash(h: &mut Harness, load: f64, uptime: f64) -> f64 {
+        let State::Backoff { until, .. } = h.m.state else {
+            panic!("{:?}", h.m.state)
+        };
+        let mut t = until.duration_since(h.t0).as_secs_f64();
+        let next = h.m.incarnation + 1;
+        assert_eq!(h.at(t).tick(false), vec![Effect::Spawn(next)]);
+        let loaded = t + load;
+        while t < loaded {
+            let grew = Event::Tick {
+                beat: false,
+                grew: true,
+            };
+            assert_eq!(h.at(t).send(grew), vec![]);
+            t += 1.0;
+        }
+        h.at(loaded).ready();
+        let crash = loaded + uptime;
+        h.at(crash).send(Event::Exited("exit status 1".into()));
+        crash
+    }
+
+    /// Issue 28: a worker that dies 1 s after each 30 s load never has six
+    /// crashes within a minute (the loads and the backoff spread them out), yet
+    /// it must not reload forever.
+    #[test]
+    fn slow_loads_that_crash_soon_after_ready_fail_the_model() {
+        let mut h = Harness::new();
+        h.send(Event::Start);
+        h.at(30.0).ready();
+        let mut crashes = vec![31.0];
+        h.at(31.0).send(Event::Exited("exit status 1".into()));
+        for _ in 0..5 {
+            assert!(
+                matches!(h.m.state, State::Backoff { .. }),
+                "{:?}",
+                h.m.state
+            );
+            crashes.push(slow_load_then_crash(&mut h, 30.0, 1.0));
+        }
+        assert_eq!(crashes, vec![31.0, 63.0, 96.0, 131.0, 170.0, 217.0]);
+        assert!(
+            crashes.windows(3).all(|w| w[2] - w[0] > 60.0),
+            "never three in a minute: the wall-clock rule alone would not fire"
+        );
+        let State::Failed { reason } = &h.m.state else {
+            panic!("{:?}", h.m.state)
+        };
+        assert_eq!(
+            reason,
+            "crashed 6 times in a row, each before or within 60 s of becoming ready; \
+             last: exit status 1"
+        );
+        assert_eq!(h.at(1000.0).tick(false), vec![], "failed stays failed");
+
+        // Loads that fail (never ready) count too: `mlxd start` keeps asking
+        // for a model whose 30 s loads fail, and it still ends.
+        let mut h = Harness::new();
+        h.send(Event::Start);
+        let mut t = 0.0;
+        for _ in 0..6 {
+            assert_ne!(h.m.state.phase(), Phase::Failed);
+            t += 30.0;
+            h.at(t).send(Event::LoadFailed("bad weights".into()));
+            h.at(t).send(Event::Exited("exit status 70".into()));
+            if let State::Backoff { until, .. } = h.m.state {
+                t = until.duration_since(h.t0).as_secs_f64();
+                let next = h.m.incarnation + 1;
+                assert_eq!(h.at(t).tick(false), vec![Effect::Spawn(next)]);
+            }
+        }
+        assert!(
+            matches!(&h.m.state, State::Failed { reason } if reason.starts_with("crashed 6 times in a row")),
+            "{:?}",
+            h.m.state
+        );
+    }
+
+    /// Issue 28: one incarnation that stays up for a whole window (however it
+    /// ends) starts the quick-crash count afresh.
+    #[test]
+    fn a_long_running_incarnation_resets_the_quick_crash_count() {
+        let mut h = Harness::new();
+        h.send(Event::Start);
+        h.at(30.0).ready();
+        h.at(31.0).send(Event::Exited("exit status 1".into()));
+        for _ in 0..4 {
+            slow_load_then_crash(&mut h, 30.0, 1.0);
+        }
+        // Five quick crashes; then one that served two minutes.
+        slow_load_then_crash(&mut h, 30.0, 120.0);
+        let State::Backoff { until, .. } = h.m.state else {
+            panic!("{:?}", h.m.state)
+        };
+        assert_eq!(until.duration_since(h.now), Duration::from_secs(1));
+        // Five quick ones again are not yet too many: the long run's crash was
+        // not quick.
+        for _ in 0..5 {
+            slow_load_then_crash(&mut h, 30.0, 1.0);
+            assert!(
+                matches!(h.m.state, State::Backoff { .. }),
+                "{:?}",
+                h.m.state
+            );
+        }
+        // A long run unloaded by keep-alive (no crash) resets the count too.
+        let State::Backoff { until, .. } = h.m.state else {
+            unreachable!()
+        };
+        let mut t = until.duration_since(h.t0).as_secs_f64();
+        h.at(t).tick(false);
+        t += 30.0;
+        h.at(t).ready();
+        t += 300.0;
+        assert_eq!(h.at(t).tick(false), vec![Effect::Shutdown]);
+        h.at(t).send(Event::Exited("exit status 0".into()));
+        assert_eq!(h.m.state, State::Stopped);
+        h.work.queued = 1;
+        h.send(Event::Demand);
+        t += 30.0;
+        h.at(t).ready();
+        h.at(t + 1.0).send(Event::Exited("exit status 1".into()));
+        let State::Backoff { until, .. } = h.m.state else {
+            panic!("{:?}", h.m.state)
+        };
+        assert_eq!(
+            until.duration_since(h.now),
+            Duration::from_secs(1),
+            "the backoff starts over too"
+        );
+        // And six quick ones in a row fail it.
+        for _ in 0..5 {
+            slow_load_then_crash(&mut h, 30.0, 1.0);
+        }
+        assert!(matches!(h.m.state, State::Failed { .. }), "{:?}", h.m.state);
     }
 
     #[test]
