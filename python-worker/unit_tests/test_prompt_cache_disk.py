@@ -429,3 +429,153 @@ def test_the_model_continues_from_a_cache_loaded_after_a_restart(model: Any, tmp
     full = net(mx.array(prompt)[None], cache=make_prompt_cache(net))[0, -1]
     assert mx.allclose(continued, full, atol=1e-3, rtol=1e-3).item()
     assert mx.argmax(continued).item() == mx.argmax(full).item()
+
+
+# --- entries checked against the model's own cache (issue 28) --------------------
+
+
+def checked(directory: Path, **kw: Any) -> PrefixCache:
+    """Tiers that know the model's cache: two layers of (1, 2, n, 8) float32 KV."""
+    return tiers(directory, probe=lambda n: [kv(n)], **kw)
+
+
+def rewrite(path: Path, header_change: Any = None, payload_change: Any = None) -> None:
+    """Rewrites a file's header (a function of its JSON) or payload (of its bytes),
+    keeping its name: a hostile or damaged file that still says what it belongs to."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, payload = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    if header_change is not None:
+        header_change(header)
+    if payload_change is not None:
+        payload = payload_change(payload)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + payload)
+
+
+def set_shapes(shape: list[int]) -> Any:
+    def change(header: dict[str, Any]) -> None:
+        for name, entry in header.items():
+            if name != "__metadata__":
+                entry["shape"] = shape
+
+    return change
+
+
+def set_dtype(header: dict[str, Any]) -> None:
+    for name, entry in header.items():
+        if name != "__metadata__":
+            entry["dtype"] = "I32"  # the same bytes read as integers
+
+
+def set_class(header: dict[str, Any]) -> None:
+    import json
+
+    layers = json.loads(header["__metadata__"]["layers"])
+    layers[1]["class"] = "ChunkedKVCache"
+    header["__metadata__"]["layers"] = json.dumps(layers)
+
+
+def drop_checksum(header: dict[str, Any]) -> None:
+    del header["__metadata__"]["checksum"]
+
+
+HOSTILE = {
+    # The same bytes under other shapes (heads and head dim swapped): its size and
+    # checksum still agree; a step would fail in concatenate.
+    "other shapes": (set_shapes([1, 8, 20, 2]), None),
+    "other dtype": (set_dtype, None),
+    "other layer class": (set_class, None),
+    "zeroed arrays": (None, lambda payload: bytes(len(payload))),
+    "random arrays": (None, lambda payload: random.Random(7).randbytes(len(payload))),
+    "one flipped byte": (None, lambda payload: payload[:100] + bytes([payload[100] ^ 1]) + payload[101:]),
+    "no checksum": (drop_checksum, None),
+}
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_file_with_the_right_identity_is_a_miss_and_goes(tmp_path: Path, kind: str) -> None:
+    pc = checked(tmp_path)
+    tokens = list(range(20))
+    pc.put(tokens, kv(20, seed=3))
+    pc = restart(pc, tmp_path, probe=lambda n: [kv(n)])  # the entry is indexed, memory is empty
+    (path,) = files(tmp_path)
+    rewrite(path, *HOSTILE[kind])
+    assert pc.take([*tokens, 1]).cache is None
+    assert disk_stats(pc)["stale_total"] == 1 and files(tmp_path) == []
+    # Found at start, a bad header is dropped there (the scan reads no arrays: a
+    # bad payload goes at its first lookup).
+    pc.put(tokens, kv(20, seed=3))
+    pc = restart(pc, tmp_path)
+    (path,) = files(tmp_path)
+    rewrite(path, *HOSTILE[kind])
+    pc = checked(tmp_path)
+    header_only = HOSTILE[kind][1] is None
+    assert disk_stats(pc)["entries"] == (0 if header_only else 1)
+    assert pc.take([*tokens, 1]).cache is None
+    assert disk_stats(pc)["stale_total"] == 1 and files(tmp_path) == []
+
+
+def test_an_intact_file_passes_every_check_and_loads_what_was_stored(tmp_path: Path) -> None:
+    pc = checked(tmp_path)
+    stored = kv(20, seed=3)
+    pc.put(list(range(20)), stored)
+    pc = restart(pc, tmp_path, probe=lambda n: [kv(n)])
+    found = pc.take([*range(20), 1])
+    assert found.cache is not None and found.cached == 20 and same(found.cache, stored, 20)
+    assert disk_stats(pc)["stale_total"] == 0
+
+
+def test_an_entry_of_another_model_shape_is_dropped_at_start(tmp_path: Path) -> None:
+    # Written by the same identity with other heads: a checksum cannot tell, the layout can.
+    pc = tiers(tmp_path)
+    pc.put(list(range(20)), kv(20, dim=16))
+    pc.put(list(range(100, 120)), kv(20, layers=3))
+    pc = restart(pc, tmp_path, probe=lambda n: [kv(n)])
+    assert disk_stats(pc)["entries"] == 0 and disk_stats(pc)["stale_total"] == 2 and files(tmp_path) == []
+
+
+def test_fewer_tokens_than_the_header_says_is_dropped_at_start(tmp_path: Path) -> None:
+    dc = DiskCache(tmp_path, GiB, "model-a")
+    tokens = tuple(range(449))
+    job = dc._prepare(tokens[:448], kv(448))  # 448 tokens of KV...
+    job.metadata["tokens"] = disk_cache._encode_tokens(tokens)  # ...claiming 449
+    disk_cache._write_safetensors(dc._path(disk_cache._key(tokens)), job.tensors, job.metadata)
+    dc.close()
+    pc = checked(tmp_path)
+    assert disk_stats(pc)["entries"] == 0 and disk_stats(pc)["stale_total"] == 1 and files(tmp_path) == []
+
+
+def test_an_entry_the_model_fails_on_leaves_both_tiers_and_the_next_lookup_misses(tmp_path: Path) -> None:
+    pc = checked(tmp_path)
+    tokens = list(range(20))
+    pc.put(tokens, kv(20))
+    tried: list[tuple[int, ...]] = []
+
+    def accept(cache: list[Any], held_tokens: tuple[int, ...]) -> None:
+        tried.append(held_tokens)
+        raise ValueError("[concatenate] shapes do not match")
+
+    pc = restart(pc, tmp_path, probe=lambda n: [kv(n)], accept=accept)
+    assert pc.take([*tokens, 1]).cache is None
+    assert tried == [tuple(tokens)]
+    stats = pc.stats()
+    assert stats["entries"] == 0 and disk_stats(pc)["stale_total"] == 1 and files(tmp_path) == []
+    assert pc.take([*tokens, 1]).cache is None and tried == [tuple(tokens)]  # gone: not tried again
+    assert stats["misses_total"] == 1 and pc.stats()["misses_total"] == 2
+
+
+def test_the_cache_directory_and_its_files_are_private(tmp_path: Path) -> None:
+    store = tmp_path / "cache"
+    store.mkdir(mode=0o755)
+    store.chmod(0o755)  # wider than the umask may give
+    pc = tiers(store)
+    pc.put(list(range(20)), kv(20))
+    assert pc.disk is not None and pc.disk.flush(10)
+    modes = {p.relative_to(tmp_path): p.stat().st_mode & 0o777 for p in [store, *store.rglob("*")]}
+    assert modes and all(m == (0o700 if (tmp_path / p).is_dir() else 0o600) for p, m in modes.items()), modes
+    pc.disk.close(10)

@@ -6,14 +6,17 @@ every dialect and /metrics."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
+import struct
 import time
 import uuid
 from pathlib import Path
 
 import anthropic
 import httpx
+import pytest
 from conftest import control, models_dir
 from openai import OpenAI
 
@@ -127,6 +130,66 @@ def test_a_killed_worker_finds_its_prefix_cache_on_disk(oai: OpenAI, session_pre
     control().post("/admin/restart", json={"model": model}).raise_for_status()
     assert set(store.rglob("*.safetensors")) - written, "nothing was written at the stop"
     assert cached(ask(oai, model, short, "Hello")) > 15
+
+
+def rewrite_entry(path: Path, kind: str) -> None:
+    """A hostile entry that keeps its name and identity: its arrays' shapes
+    (3 heads x 64 dims read as 6 x 32: the same bytes, size and checksum), or its
+    arrays zeroed under an intact header."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, payload = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    if kind == "other shapes":
+        for name, entry in header.items():
+            if name != "__metadata__":
+                b, heads, n, dims = entry["shape"]
+                entry["shape"] = [b, heads * 2, n, dims // 2]
+    else:
+        payload = bytes(len(payload))
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + payload)
+
+
+def metric(url: str, series: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("kind", ["other shapes", "zeroed arrays"])
+def test_a_hostile_cache_file_is_a_miss_and_the_model_keeps_serving(
+    oai: OpenAI, daemon_url: str, session_presets: Path, kind: str
+) -> None:
+    model = "smollm2-135m-disk"
+    store = session_presets.parent / "prompt-cache"
+    system = system_prompt()
+    before = set(store.rglob("*.safetensors"))
+    ask(oai, model, system, "When does it open?")
+    # A clean stop writes what memory holds: the entries of this conversation.
+    control().post("/admin/stop", json={"model": model}).raise_for_status()
+    mine = set(store.rglob("*.safetensors")) - before
+    assert mine, "no entry reached the disk"
+    for path in mine:
+        rewrite_entry(path, kind)
+    restarts = f'mlxd_worker_restarts_total{{model="{model}"}}'
+    restarts_before = metric(daemon_url, restarts)
+    answer = ask(oai, model, system, "Where are tickets sold?")
+    reference = ask(oai, REFERENCE, system, "Where are tickets sold?")
+    assert answer.choices[0].message.content == reference.choices[0].message.content
+    assert cached(answer) < 10, cached(answer)  # recomputed: nothing came from the bad files
+    assert not mine & set(store.rglob("*.safetensors")), "a bad file was left on disk"
+    # The worker that met the bad files (it started after they were written)
+    # counted them, and serves on: no crash, no restart.
+    deadline = time.monotonic() + 10
+    while True:
+        worker = next(w for w in control().get("/admin/ps").json()["workers"] if w["model"] == model)
+        if worker["stats"]["prompt_cache"]["disk"]["stale_total"] >= len(mine) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)  # Stats reach the daemon every second
+    assert worker["stats"]["prompt_cache"]["disk"]["stale_total"] >= len(mine), worker["stats"]
+    assert worker["state"] == "ready" and metric(daemon_url, restarts) == restarts_before, worker
 
 
 def test_a_quantized_kv_model_serves_concurrent_requests(oai: OpenAI) -> None:

@@ -9,12 +9,17 @@ holds (uint32 little-endian, base64), the layers' mlx-lm class names and their
 scalar state (JSON). The header alone says what a file holds and whether it
 belongs: the index is built from headers at start, without reading tensors.
 
-Never a wrong answer: a file whose identity, versions or format differ, whose
-size disagrees with its header, that does not load, or whose cache holds another
-number of tokens than its header says is a miss; it is deleted and counted (the
-Stats frame's `prompt_cache.disk.stale_total`). Files are written to a temporary
-name and renamed (after fsync), so a crash leaves either the old state or the
-whole new file.
+Never a wrong answer: a file is a miss, deleted and counted (the Stats frame's
+`prompt_cache.disk.stale_total`), when its identity, versions or format differ,
+its size disagrees with its header, its layers are not what the model's own cache
+holds for its token count (classes, dtypes, shapes, scalars: entry_layout.py), its
+arrays' bytes do not match the checksum written with them (xxh3-128 of the
+payload), it does not load, or the model fails on it: before a loaded entry is
+handed over, the model is fed one token on a copy of it (`accept`), so an entry
+that would fail a step fails there, alone, and never reaches the batch. Files are
+written to a temporary name and renamed (after fsync), so a crash leaves either
+the old state or the whole new file. Directories are 0700 and files 0600: the
+headers hold the prompts' tokens.
 
 Threads: the engine thread looks entries up and loads them (on the request path
 anyway: a load is one read of the file) and, when it hands an entry over, slices
@@ -56,6 +61,7 @@ import base64
 import copy
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -73,6 +79,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
 
 from ..io.protocol import DiskCacheStats
 from ..mlx_types import CacheLayer, PromptCache
+from .entry_layout import LONG, SHORT, LayerDescription, Layout
 from .layers import held
 from .prefix_cache import TokenTrie, can_trim
 
@@ -82,8 +89,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlxd_worker")
 
-# Our file format; a change makes every older file stale.
-FORMAT_VERSION = "1"
+# Our file format; a change makes every older file stale (2: payload checksums).
+FORMAT_VERSION = "2"
 SUFFIX = ".safetensors"
 # The tokenizer files hashed into a model's identity, when present.
 TOKENIZER_FILES = (
@@ -95,14 +102,21 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+# How the metadata's checksum of an entry's payload begins.
+CHECKSUM = "xxh3-128:"
 # safetensors' own limit on a header (as in MLX's reader).
 MAX_HEADER = 100_000_000
 
 # A cache's layers, as mlx-lm's classes or the worker's (see to_disk/from_disk).
 Layers = PromptCache
 Convert = Callable[[Layers], Layers]
+# The model's caches of every form an entry can take, holding n tokens (for the layout).
+Probe = Callable[[int], list[Layers]]
+# Feeds the model one token on a copy of a loaded entry; raises if the entry is bad.
+Accept = Callable[[Layers, tuple[int, ...]], None]
 # A tensor as the writer gets it: (safetensors dtype, shape, evaluated contiguous array).
 Tensor = tuple[str, list[int], "mx.array"]
+Scalar = None | bool | int | float | str
 C = TypeVar("C")
 
 
@@ -180,6 +194,8 @@ class DiskCache:
         max_pending: int = 8,
         max_pending_bytes: int = 1 << 30,
         owner: str | None = None,
+        probe: Optional[Probe] = None,
+        accept: Optional[Accept] = None,
     ) -> None:
         """`identity`: what the cached values depend on (model_identity plus the
         KV settings). `to_disk` turns a cache's layers into mlx-lm's own classes
@@ -188,7 +204,10 @@ class DiskCache:
         are written through on put (see the module docstring). The writer's queue
         holds at most `max_pending` jobs and `max_pending_bytes` (one job at least).
         `owner`: what the identity is of (the model's directory and KV settings);
-        its other identities' directories are removed (see the module docstring)."""
+        its other identities' directories are removed (see the module docstring).
+        `probe`: the model's own caches (entry_layout.py), which every entry's
+        layout is checked against; `accept`: the trial a loaded entry must pass
+        (see the module docstring). Tests of the mechanics may leave both out."""
         self.max_bytes = max_bytes
         self.identity = identity
         self.min_disk_tokens = min_disk_tokens
@@ -197,8 +216,11 @@ class DiskCache:
         self._max_pending = max_pending
         self._max_pending_bytes = max_pending_bytes
         self._expect = {**runtime_versions(), "identity": identity}
+        self._layout = None if probe is None else self._learn(probe)
+        self._accept = accept
         self.dir = Path(directory) / hashlib.sha256(identity.encode()).hexdigest()[:24]
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(Path(directory))
+        _private_dir(self.dir)
         # The index: least recently used first (file mtime), and by tokens.
         self._entries: OrderedDict[str, DiskEntry] = OrderedDict()
         self._trie: TokenTrie[DiskEntry] = TokenTrie()
@@ -247,7 +269,7 @@ class DiskCache:
             oldest = next(iter(self._entries.values()))
             self._forget(oldest)
             _unlink(self._path(oldest.key))
-        (self.dir / "identity").write_text(self.identity + "\n")
+        _write_private(self.dir / "identity", self.identity + "\n")
 
     def _reclaim(self, directory: Path, owner: str) -> None:
         """Removes the directories of `owner`'s other identities, and marks ours."""
@@ -266,18 +288,37 @@ class DiskCache:
             # (counted as dropped) and its lookups miss, never a wrong answer.
             shutil.rmtree(other, ignore_errors=True)
             self.reclaimed += removed
-        (self.dir / "owner").write_text(mark)
+        _write_private(self.dir / "owner", mark)
+
+    def _learn(self, probe: Probe) -> Layout:
+        def forms(n: int) -> list[list[LayerDescription]]:
+            return [[_describe(i, c)[2] for i, c in enumerate(self._disk_form(cache))] for cache in probe(n)]
+
+        return Layout.learn(forms(SHORT), forms(LONG))
+
+    def _disk_form(self, cache: Layers) -> list[CacheLayer]:
+        return [_compact(c) for c in self._to_disk(cache)]
 
     def _entry_of(self, path: Path, size: int) -> DiskEntry:
         """The index entry of a file, from its header (Stale: it must go)."""
-        meta, _ = _read_header(path, size)
-        for k, v in self._expect.items():
-            if meta.get(k) != v:
-                raise Stale(f"{k} {meta.get(k)!r}, expected {v!r}")
-        tokens = _tokens_of(meta)
+        meta, header, _ = _read_header(path, size)
+        tokens = self._check_header(meta, header)
         if path.name != _key(tokens) + SUFFIX:
             raise Stale("the name does not match the tokens")
         return DiskEntry(_key(tokens), tokens, size, meta.get("trimmable") == "1")
+
+    def _check_header(self, meta: dict[str, str], header: dict[str, Any]) -> tuple[int, ...]:
+        """The tokens of a header that belongs here and describes the layers the
+        model's cache would hold for them (Stale otherwise)."""
+        for k, v in self._expect.items():
+            if meta.get(k) != v:
+                raise Stale(f"{k} {meta.get(k)!r}, expected {v!r}")
+        if not meta.get("checksum", "").startswith(CHECKSUM):
+            raise Stale("no checksum")
+        tokens = _tokens_of(meta)
+        if self._layout is not None:
+            self._layout.check(_described(meta, header), len(tokens))
+        return tokens
 
     def _add(self, entry: DiskEntry) -> None:
         old = self._entries.pop(entry.key, None)
@@ -335,20 +376,22 @@ class DiskCache:
 
         path = self._path(entry.key)
         try:
-            size = path.stat().st_size
-            meta, _ = _read_header(path, size)
-            for k, v in self._expect.items():
-                if meta.get(k) != v:
-                    raise Stale(f"{k} {meta.get(k)!r}, expected {v!r}")
-            if _tokens_of(meta) != entry.tokens:
+            data = path.read_bytes()  # one read: the checksum and the arrays see the same bytes
+            meta, header, start = _parse_header(data, len(data))
+            if self._check_header(meta, header) != entry.tokens:
                 raise Stale("other tokens than the index says")
-            arrays, _ = cast("tuple[dict[str, mx.array], dict[str, str]]", mx.load(str(path), return_metadata=True))
+            if _checksum(memoryview(data)[start:]) != meta.get("checksum"):
+                raise Stale("the arrays' checksum does not match: the file changed after it was written")
+            arrays = cast("dict[str, mx.array]", mx.load(io.BytesIO(data), format="safetensors"))
+            del data
             layers = _build(arrays, meta)
             mx.eval([c.state for c in layers])  # read it all now: a bad file fails here, not in a step
             layers = self._from_disk(layers)
             n = len(entry.tokens)
             if held(layers) != n or any(getattr(c, "offset", n) != n for c in layers):
                 raise Stale(f"holds {held(layers)} tokens, its header says {n}")
+            if self._accept is not None:
+                self._accept(layers, entry.tokens)
         except FileNotFoundError:
             with self._lock:
                 self._forget(entry)  # evicted meanwhile (or by another worker)
@@ -418,29 +461,14 @@ class DiskCache:
 
     def _prepare(self, tokens: tuple[int, ...], cache: Layers) -> _Job:
         import mlx.core as mx
-        from mlx.utils import tree_flatten
-        from mlx_lm.models import cache as mlx_cache
 
-        layers = [_compact(c) for c in self._to_disk(cache)]
+        layers = self._disk_form(cache)
         tensors: dict[str, Tensor] = {}
         described = []
         for i, layer in enumerate(layers):
-            name = type(layer).__name__
-            if not isinstance(getattr(mlx_cache, name, None), type) or type(layer) is not getattr(mlx_cache, name):
-                raise ValueError(f"{name} is not one of mlx-lm's cache classes (give DiskCache a to_disk)")
-            scalars: dict[str, None | bool | int | float | str] = {}
-            for path, leaf in cast("list[tuple[str, object]]", tree_flatten(layer.state)):
-                if isinstance(leaf, mx.array):
-                    dtype = _st_dtypes().get(leaf.dtype)
-                    if dtype is None:
-                        raise ValueError(f"cannot store {leaf.dtype}")
-                    raw = mx.contiguous(leaf.view(mx.uint16) if leaf.dtype == mx.bfloat16 else leaf)
-                    tensors[f"{i}.{path}"] = (dtype, list(leaf.shape), raw)
-                elif leaf is None or isinstance(leaf, (bool, int, float, str)):
-                    scalars[path] = leaf
-                else:
-                    raise ValueError(f"cannot store a {type(leaf).__name__} in {name}'s state")
-            described.append({"class": name, "scalars": scalars})
+            arrays, scalars, _ = _describe(i, layer)
+            tensors.update(arrays)
+            described.append({"class": type(layer).__name__, "scalars": scalars})
         mx.eval([t[2] for t in tensors.values()])
         metadata = {
             **self._expect,
@@ -584,18 +612,26 @@ def _tokens_of(meta: dict[str, str]) -> tuple[int, ...]:
     return tuple(struct.unpack(f"<{n}I", raw))
 
 
-def _read_header(path: Path, size: int) -> tuple[dict[str, str], dict[str, Any]]:
+def _read_header(path: Path, size: int) -> tuple[dict[str, str], dict[str, Any], int]:
     """A safetensors file's metadata and tensor entries, read from its header
-    alone; Stale when the header is unreadable or the file's size disagrees."""
+    alone (see _parse_header)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        return _parse_header(head + f.read(min(length, MAX_HEADER)), size)
+
+
+def _parse_header(data: bytes, size: int) -> tuple[dict[str, str], dict[str, Any], int]:
+    """The metadata, tensor entries and data offset of a safetensors file of
+    `size` bytes from its first bytes; Stale when the header is unreadable, its
+    entries do not tile the data, or the file's size disagrees."""
+    if len(data) < 8:
+        raise Stale("truncated header")
+    length = struct.unpack("<Q", data[:8])[0]
+    if not 0 < length < MAX_HEADER or 8 + length > min(size, len(data)):
+        raise Stale("bad header length")
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise Stale("truncated header")
-            length = struct.unpack("<Q", head)[0]
-            if not 0 < length < MAX_HEADER or 8 + length > size:
-                raise Stale("bad header length")
-            header = json.loads(f.read(length))
+        header = json.loads(data[8 : 8 + length])
     except (ValueError, UnicodeDecodeError) as e:
         raise Stale(f"bad header: {e}") from e
     if not isinstance(header, dict):
@@ -607,30 +643,103 @@ def _read_header(path: Path, size: int) -> tuple[dict[str, str], dict[str, Any]]
     for entry in header.values():
         try:
             begin, stop = (int(x) for x in entry["data_offsets"])
+            shape = [int(x) for x in entry["shape"]]
+            itemsize = _ITEMSIZE[entry["dtype"]]
         except (TypeError, KeyError, ValueError) as e:
             raise Stale("bad tensor entry") from e
-        if not 0 <= begin <= stop:
+        if not 0 <= begin <= stop or any(x < 0 for x in shape) or stop - begin != itemsize * _product(shape):
             raise Stale("bad tensor entry")
         end = max(end, stop)
     if 8 + length + end != size:
         raise Stale(f"{size} bytes, the header says {8 + length + end}")
-    return meta, header
+    return meta, header, 8 + length
+
+
+# Bytes per element of the safetensors dtypes the disk tier writes.
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "U16": 2, "U32": 4, "U64": 8}
+_ITEMSIZE |= {"I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+def _product(shape: list[int]) -> int:
+    out = 1
+    for x in shape:
+        out *= x
+    return out
+
+
+def _checksum(payload: Buffer) -> str:
+    """The payload's checksum as the metadata carries it."""
+    import xxhash
+
+    return CHECKSUM + xxhash.xxh3_128_hexdigest(payload)
+
+
+def _describe(i: int, layer: CacheLayer) -> tuple[dict[str, Tensor], dict[str, Scalar], LayerDescription]:
+    """Layer `i` (one of mlx-lm's classes, compacted) as a file holds it: its
+    arrays (named `<i>.<path in its state>`, evaluated lazily by the caller), its
+    scalar state, and both as the layout sees them."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import cache as mlx_cache
+
+    name = type(layer).__name__
+    if not isinstance(getattr(mlx_cache, name, None), type) or type(layer) is not getattr(mlx_cache, name):
+        raise ValueError(f"{name} is not one of mlx-lm's cache classes (give DiskCache a to_disk)")
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Scalar] = {}
+    for path, leaf in cast("list[tuple[str, object]]", tree_flatten(layer.state)):
+        if isinstance(leaf, mx.array):
+            dtype = _st_dtypes().get(leaf.dtype)
+            if dtype is None:
+                raise ValueError(f"cannot store {leaf.dtype}")
+            raw = mx.contiguous(leaf.view(mx.uint16) if leaf.dtype == mx.bfloat16 else leaf)
+            tensors[f"{i}.{path}"] = (dtype, list(leaf.shape), raw)
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            scalars[path] = leaf
+        else:
+            raise ValueError(f"cannot store a {type(leaf).__name__} in {name}'s state")
+    window = getattr(layer, "max_size", None)
+    description = LayerDescription(
+        name,
+        {k.partition(".")[2]: (d, tuple(shape)) for k, (d, shape, _) in tensors.items()},
+        scalars,
+        window if isinstance(window, int) else None,
+    )
+    return tensors, scalars, description
+
+
+def _described(meta: dict[str, str], header: dict[str, Any]) -> list[LayerDescription]:
+    """A file's layers as its header describes them (Stale when it cannot)."""
+    try:
+        layers = json.loads(meta["layers"])
+        out = [LayerDescription(str(d["class"]), {}, dict(d["scalars"])) for d in layers]
+        for name, entry in header.items():
+            layer, _, path = name.partition(".")
+            out[int(layer)].tensors[path] = (str(entry["dtype"]), tuple(int(x) for x in entry["shape"]))
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise Stale(f"bad layer description: {e}") from e
+    return out
 
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file, from evaluated contiguous arrays (read through the
     buffer protocol: no MLX op runs on this thread)."""
-    header: dict[str, object] = {"__metadata__": metadata}
+    import xxhash
+
+    entries: dict[str, object] = {}
     offset = 0
     views: list[memoryview] = []
+    digest = xxhash.xxh3_128()
     for name, (dtype, shape, arr) in tensors.items():
         view = memoryview(cast("Buffer", arr)).cast("B")  # (mlx's stubs omit the buffer protocol)
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + view.nbytes]}
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + view.nbytes]}
         offset += view.nbytes
         views.append(view)
+        digest.update(view)
+    header = {"__metadata__": {**metadata, "checksum": CHECKSUM + digest.hexdigest()}, **entries}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for view in views:
@@ -681,6 +790,19 @@ def _compact(layer: CacheLayer) -> CacheLayer:
 
 def _extends(job: _Job, key: tuple[int, ...]) -> bool:
     return job.tokens[: len(key)] == key and (len(job.tokens) == len(key) or job.trimmable)
+
+
+def _private_dir(path: Path) -> None:
+    """A directory only its owner can read (created so, or tightened)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an older file of wider mode
 
 
 def _unlink(path: Path) -> None:

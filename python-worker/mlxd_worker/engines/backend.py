@@ -3,6 +3,7 @@ the replay engine. Both advance every live sequence by one token per step."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from ..lanes.drafting import DraftController
 from ..lanes.pacing import PrefillPacer
 from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
 from ..lanes.speculative import SpeculativeSequence, pair_problem
-from ..mlx_types import Model, PromptCache
+from ..mlx_types import CacheLayer, Model, PromptCache
 from ..requests.constraint import SequenceConstraint, TokenConsumer
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
@@ -241,8 +242,44 @@ class MlxBackend:
                 to_disk=quantized_kv.to_disk,
                 from_disk=quantized_kv.from_disk,
                 owner=f"{os.path.realpath(self._model_path)}|{kv}",
+                probe=self._probe_caches,
+                accept=self._try_entry,
             )
         self.prefix = PrefixCache(self._prompt_cache_bytes, disk, keep_rotated=self._kv.max_kv_size is None)
+
+    def _probe_caches(self, n: int) -> list[PromptCache]:
+        """The caches of every form a prompt-cache entry of this model can take,
+        after n tokens (the disk tier learns its entries' layout from them):
+        fresh ones as the lone lane makes them, and with kv_bits set from a later
+        start, quantized too."""
+        import mlx.core as mx
+
+        cache = self._kv.make(self._model)
+        self._model(mx.array([list(range(1, n + 1))]), cache=cache)
+        mx.eval([layer.state for layer in cache])
+        forms = [cache]
+        if self._kv.quantized and self._kv.quantized_kv_start > 0:
+            quantized = list(cache)
+            self._kv.quantize(quantized)
+            forms.append(quantized)
+        return forms
+
+    def _try_entry(self, cache: PromptCache, tokens: tuple[int, ...]) -> None:
+        """The trial of an entry loaded from disk: the model is fed one token on
+        a copy of it. An entry that would fail a step (or make the model's output
+        non-finite) raises here, where only its lookup fails, not in the batch."""
+        import mlx.core as mx
+        from mlx.utils import tree_map
+
+        trial: list[CacheLayer] = []
+        for layer in cache:
+            twin = copy.copy(layer)
+            # New array objects: an in-place update of the twin leaves the entry as it is.
+            twin.state = tree_map(lambda x: mx.array(x) if isinstance(x, mx.array) else x, layer.state)
+            trial.append(twin)
+        logits = self._model(mx.array([[tokens[-1]]]), cache=trial)
+        if not bool(mx.all(mx.isfinite(logits)).item()):
+            raise ValueError("the model's output on it is not finite")
 
     def close(self) -> None:
         """At exit (engine thread): what the prefix cache holds in memory and the
