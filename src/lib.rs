@@ -31,6 +31,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod home;
 pub mod logs;
 pub mod memory;
 pub mod metrics;

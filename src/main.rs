@@ -151,11 +151,27 @@ fn parse_kv_bits(s: &str) -> Result<KvBits, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Nothing mlxd or its workers create is readable by other users (home.rs).
+    mlxd::home::set_private_umask();
     let cli = Cli::parse();
     let mut cfg = Config::load()?;
+    // The commands that write into the home check it is ours and private first.
+    let writes_home = matches!(cli.command, Cmd::Serve { .. } | Cmd::Import { .. });
+    let tightened = if writes_home {
+        mlxd::home::make_private(&cfg.home)?
+    } else {
+        0
+    };
     // The daemon also logs to files; the guard flushes them when main returns.
     let log_dir = matches!(cli.command, Cmd::Serve { .. }).then(|| mlxd::logs::logs_dir(&cfg.home));
     let _log_guard = mlxd::logs::init(log_dir.as_deref());
+    if tightened > 0 {
+        tracing::warn!(
+            home = %cfg.home.display(),
+            entries = tightened,
+            "other users could read mlxd's home: group and other permissions removed"
+        );
+    }
     if let Some(p) = cli.port {
         cfg.port = p;
     }

@@ -6,7 +6,9 @@
 
 mod common;
 
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use common::{spawn_daemon, Daemon};
 use reqwest::{Client, Method, StatusCode};
@@ -26,6 +28,20 @@ fn daemon() -> &'static Daemon {
             "allowed_origins = [\"http://localhost:3000\"]\n",
         )
         .unwrap();
+        // A model whose prompt cache spills into the home (what a user's preset may do).
+        std::fs::create_dir_all(home().join("presets")).unwrap();
+        std::fs::write(
+            home().join("presets/private-cache.toml"),
+            format!(
+                "model = \"smollm2-135m\"\n[performance]\nprompt_cache_dir = \"{}\"\n",
+                home().join("prompt-cache").display()
+            ),
+        )
+        .unwrap();
+        // Made as a user's umask (022) makes them: readable by everyone.
+        for (path, mode) in [(home(), 0o755), (home().join("config.toml"), 0o644)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
         let models = std::env::var("MLXD_MODELS_DIR")
             .unwrap_or_else(|_| format!("{}/.mlxd/models", std::env::var("HOME").unwrap()));
         spawn_daemon(&[
@@ -361,4 +377,80 @@ fn connections_beyond_the_cap_are_closed() {
     again.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(d.shut_down().success());
+}
+
+/// Issue 28: other local users can read nothing of mlxd's home. The home was made
+/// 0755 with a 0644 config (tightened at start); then the daemon, a worker and
+/// its prompt cache's disk tier write logs, run files, the control socket and a
+/// cache entry (whose header holds the prompt's tokens): every directory is 0700
+/// and every file 0600.
+#[tokio::test]
+async fn nothing_under_the_home_is_readable_by_other_users() {
+    let prompt = "The museum opens at nine and closes at six. ".repeat(40);
+    let resp = Client::new()
+        .post(format!("{}/v1/chat/completions", daemon().url))
+        .bearer_auth(KEY)
+        .json(&serde_json::json!({
+            "model": "private-cache",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 2,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let entries = || {
+        walk(&home())
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".safetensors"))
+            .count()
+    };
+    while entries() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no prompt-cache entry was written"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for path in walk(&home()) {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let kind = if meta.is_dir() {
+            "dir"
+        } else if meta.file_type().is_socket() {
+            "socket"
+        } else {
+            "file"
+        };
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(
+            meta.mode() & 0o777,
+            want,
+            "{} ({kind}) is {:o}",
+            path.display(),
+            meta.mode() & 0o777
+        );
+        *seen.entry(kind).or_insert(0) += 1;
+    }
+    // What was looked at: the home, logs, run files, presets, the cache and its entry.
+    assert!(seen["dir"] >= 4 && seen["file"] >= 5, "{seen:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => out.extend(walk(&path)),
+            Ok(_) => out.push(path),
+            Err(_) => {} // a temporary file gone meanwhile
+        }
+    }
+    out
 }
