@@ -235,12 +235,36 @@ def test_the_generic_tool_prompt_reaches_the_model(engine: Engine) -> None:
     assert text.startswith("<|im_start|>system\n# Tools\n")
 
 
+CYCLIC = {"$defs": {"a": {"$ref": "#/$defs/b", "description": "A"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+
+
+def test_a_recursive_schema_through_a_property_is_a_tree_and_compiles(engine: Engine) -> None:
+    planner = engine._planner
+    assert planner is not None
+    tree = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "kids": {"type": "array", "items": {"$ref": "#"}}},
+        "required": ["name"],
+    }
+    grammar = planner.grammars.for_format({"type": "json_schema", "schema": tree})
+    assert accepts(engine, grammar, '{"name": "a", "kids": [{"name": "b", "kids": []}]}')
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         ({"format": {"type": "json_schema", "schema": {"type": "strin"}}}, "invalid format"),
-        # A schema that is only a reference to itself compiles, and admits nothing.
-        ({"format": {"type": "json_schema", "schema": {"$ref": "#"}}}, "admits no output"),
+        # References that lead back to themselves admit nothing (issue 28: these
+        # were a 502 from the batch's first step).
+        ({"format": {"type": "json_schema", "schema": {"$ref": "#"}}}, 'a cycle with nothing in between ("#" -> "#")'),
+        (
+            {"format": {"type": "json_schema", "schema": CYCLIC}},
+            '("#/$defs/a" -> "#/$defs/b" -> "#/$defs/a")',
+        ),
+        ({"format": {"type": "json_schema", "schema": {"if": {"type": "string"}, "then": {}}}}, "Unimplemented keys"),
+        ({"format": {"type": "json_schema", "schema": {"type": "string", "maxLength": 1, "minLength": 3}}}, "Unsat"),
+        # Compile time grows with the grammar: a schema past the bound is refused unread.
+        ({"format": {"type": "json_schema", "schema": {"enum": [f"v{i:07}" for i in range(120_000)]}}}, "1024 KiB"),
         ({"format": {"type": "xml"}}, "unknown format type"),
         ({"tools": TOOLS, "tool_choice": {"function": "nope"}}, "not among the request's tools"),
         ({"tool_choice": "required"}, "needs tools"),

@@ -44,6 +44,13 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 
 _metal: bool | None = None
 
+# The largest grammar compiled (a schema's JSON text with its styling, or a forced
+# call's tools). Compile time grows with it, on the reader thread, which plans
+# every request: on a 2-core Linux CPU host the slowest schemas tried compiled in
+# 0.5 s at 0.4 MiB, and llguidance refuses most larger ones itself ("schema too
+# large") after parsing them; its own fuel limits bound the rest.
+MAX_GRAMMAR_BYTES = 1 << 20
+
 J = TypeVar("J")
 
 
@@ -78,10 +85,52 @@ def format_schema(fmt: OutputFormat) -> dict[str, Any]:
         schema: object = fmt.get("schema")
         if not isinstance(schema, dict):
             raise RequestError("format json_schema needs a schema (a JSON object)")
+        cycle = reference_cycle(schema)
+        if cycle is not None:
+            raise RequestError(f"invalid format: {cycle}")
         return closed_objects(schema) if fmt.get("strict") else schema
     # The daemon's OutputFormat has only the two; a frame written by hand (the
     # tests) may say anything.
     raise RequestError(f"unknown format type {json.dumps(fmt.get('type'))}")
+
+
+# Keys that leave a schema that is only a reference what the reference says.
+_ANNOTATIONS = frozenset({"$ref", "$defs", "definitions", "$schema", "$id", "$comment", "title", "description"})
+_ANNOTATIONS |= {"default", "examples"}
+
+
+def reference_cycle(schema: dict[str, Any]) -> str | None:
+    """Where a schema's references lead back to themselves with nothing in
+    between (`{"$ref": "#"}`, or a -> b -> a through `$defs`): no JSON value
+    matches it, and llguidance would only say that the grammar admits nothing.
+    Recursion through a property or an item (a tree) is fine and not reported."""
+
+    def resolve(ref: str) -> object:
+        if not ref.startswith("#"):
+            return None  # remote references are llguidance's to refuse
+        node: object = schema
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    starts: list[tuple[str, object]] = [("#", schema)]
+    for key in ("$defs", "definitions"):
+        defs = schema.get(key)
+        if isinstance(defs, dict):
+            starts += [(f"#/{key}/{name}", sub) for name, sub in defs.items()]
+    for name, node in starts:
+        path = [name]
+        while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node.keys() <= _ANNOTATIONS:
+            ref = node["$ref"]
+            if ref in path:
+                chain = " -> ".join(json.dumps(p) for p in [*path[path.index(ref) :], ref])
+                return f"its references form a cycle with nothing in between ({chain}): no JSON value matches it"
+            path.append(ref)
+            node = resolve(ref)
+    return None
 
 
 def _styled(schema: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +220,11 @@ class Grammars:
         from llguidance import LLMatcher
 
         ll = self.ll_tokenizer()
+        if len(grammar) > MAX_GRAMMAR_BYTES:
+            raise RequestError(
+                f"invalid format: the schema (with any tools' parameters) makes a grammar of {len(grammar) >> 10} "
+                f"KiB, more than the {MAX_GRAMMAR_BYTES >> 10} KiB mlxd compiles; send a smaller schema or fewer tools"
+            )
         matcher = LLMatcher(ll, grammar, log_level=0)
         if matcher.is_error():
             raise RequestError(f"invalid format: {_first_line(matcher.get_error())}")
