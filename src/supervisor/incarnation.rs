@@ -7,8 +7,7 @@
 //! a previous incarnation can never be mistaken for one from the current.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::process::ExitStatusExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use worker_protocol::frame::{token_batch_entries, Hello, Load, ModelFacts, Stats
 use worker_protocol::segment::{new_name, Direction, Heartbeat, Segment};
 use worker_protocol::{Frame, PROTOCOL_VERSION};
 
+use super::exit::{cgroup_oom_kills, describe_exit, MemoryAtDeath};
 use super::registry::ShmRegistry;
 use super::spawn;
 use crate::config::{is_model_dir, Config};
@@ -133,8 +133,11 @@ pub struct Shared {
     routes: RwLock<HashMap<u64, Route>>,
     /// Latest Stats frame.
     stats: Mutex<Stats>,
-    /// Memory went up between the last two Stats: a SIGKILL now is likely the OOM killer.
-    growing: AtomicBool,
+    /// The memory limit the load was admitted with (0: none), and the worker's
+    /// last measured footprint: a death with the one near the other is likely
+    /// out of memory.
+    memory_limit: u64,
+    footprint: AtomicU64,
     /// The process has been reaped: its pid may belong to someone else now.
     exited: AtomicBool,
     hello: Mutex<Option<Hello>>,
@@ -241,7 +244,8 @@ impl Incarnation {
             model: preset.name.clone(),
             routes: RwLock::new(HashMap::new()),
             stats: Mutex::new(Stats::default()),
-            growing: Default::default(),
+            memory_limit,
+            footprint: Default::default(),
             exited: Default::default(),
             hello: Mutex::new(None),
             facts: Mutex::new(None),
@@ -251,6 +255,8 @@ impl Incarnation {
             tokens_routed: metrics::counter!("mlxd_tokens_total", "model" => preset.name.clone()),
         });
         let segment_name = shared.segment_name();
+        // Read before the process exists, so that an OOM kill at once still counts.
+        let oom_kills_at_spawn = cgroup_oom_kills();
         let mut child = spawn::command(
             cfg,
             &preset.name,
@@ -391,11 +397,19 @@ impl Incarnation {
         tokio::spawn(async move {
             let status = child.wait().await;
             sh.exited.store(true, Ordering::Release);
+            let memory = MemoryAtDeath {
+                footprint: sh.footprint.load(Ordering::Relaxed),
+                limit: sh.memory_limit,
+                oom_kill_rose: matches!(
+                    (oom_kills_at_spawn, cgroup_oom_kills()),
+                    (Some(before), Some(after)) if after > before
+                ),
+            };
             // Let the reader deliver what the worker published before it died.
             let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
             sh.unlink_segment();
             let how = match status {
-                Ok(s) => describe_exit(s, sh.growing.load(Ordering::Relaxed)),
+                Ok(s) => describe_exit(s, memory),
                 Err(e) => format!("could not be reaped: {e}"),
             };
             let tail = sh.stderr_tail(5);
@@ -482,23 +496,10 @@ impl Incarnation {
     pub fn hello(&self) -> Option<Hello> {
         self.shared.hello.lock().expect("lock").clone()
     }
-}
 
-/// "exited with status 1", "killed by signal 9 (SIGKILL): likely out of memory".
-fn describe_exit(status: std::process::ExitStatus, growing: bool) -> String {
-    if let Some(sig) = status.signal() {
-        let name = nix::sys::signal::Signal::try_from(sig)
-            .map(|s| s.as_str())
-            .unwrap_or("?");
-        let oom = matches!(sig, libc::SIGKILL | libc::SIGABRT) && growing;
-        return format!(
-            "killed by signal {sig} ({name}){}",
-            if oom { ": likely out of memory" } else { "" }
-        );
-    }
-    match status.code() {
-        Some(code) => format!("exited with status {code}"),
-        None => format!("exited ({status})"),
+    /// The slot measured the worker's footprint: kept to describe its death.
+    pub fn note_footprint(&self, bytes: u64) {
+        self.shared.footprint.store(bytes, Ordering::Relaxed);
     }
 }
 
@@ -624,7 +625,6 @@ impl Shared {
             Frame::Stats(stats) => {
                 crate::metrics::record_worker_stats(&self.model, &stats);
                 let mut last = self.stats.lock().expect("lock");
-                self.growing.store(stats.rss > last.rss, Ordering::Relaxed);
                 *last = stats;
                 if last.engine_failed {
                     return Err("the worker reports that its engine has failed".into());

@@ -7,6 +7,7 @@
 //! ```
 
 mod budget;
+mod exit;
 mod incarnation;
 mod registry;
 pub mod reload;

@@ -650,12 +650,17 @@ impl Slot {
             Some(inc) => {
                 let own = self.probe.footprint(inc.pid).unwrap_or(0);
                 let gpu = inc.hello().is_some_and(|h| h.device == "gpu");
-                if gpu && !cfg!(target_os = "macos") {
+                let footprint = if gpu && !cfg!(target_os = "macos") {
                     let stats = inc.stats();
                     own + stats.active_memory + stats.cache_memory
                 } else {
                     own
+                };
+                // A process already gone reads 0: its last real reading stays.
+                if own > 0 {
+                    inc.note_footprint(footprint);
                 }
+                footprint
             }
             None => 0,
         };
