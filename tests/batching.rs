@@ -183,16 +183,17 @@ async fn cancelling_one_stream_leaves_the_batch_intact() {
 }
 
 /// With one slot and a queue of one, a third concurrent request is refused at
-/// once with 503, Retry-After and an OpenAI-shaped error; the queued one still
-/// completes.
+/// once with 503, Retry-After and an OpenAI-shaped error (and so are Anthropic's
+/// and Ollama's, in their shapes); the queued one still completes.
 #[tokio::test]
 async fn a_full_queue_answers_503() {
     let model = "smollm2-135m-queue";
     let client = reqwest::Client::new();
     let url = format!("{}/v1/completions", daemon().url);
     let body = |n: u32| json!({"model": model, "prompt": "Once upon a time", "max_tokens": n, "stream": true});
-    // The first request takes the slot: wait until its first chunk arrives.
-    let mut first = client.post(&url).json(&body(40)).send().await.unwrap();
+    // The first request takes the slot: wait until its first chunk arrives. Long
+    // enough that the queue stays full while every dialect is refused.
+    let mut first = client.post(&url).json(&body(100)).send().await.unwrap();
     assert_eq!(first.status(), 200);
     first.chunk().await.unwrap();
     // The second waits in the queue.
@@ -220,6 +221,8 @@ async fn a_full_queue_answers_503() {
     let v: Value = third.json().await.unwrap();
     assert_eq!(v["error"]["code"], "model_overloaded", "{v}");
     assert_eq!(v["error"]["type"], "server_error");
+    common::assert_503_in_every_dialect(&daemon().url, model, "model_overloaded", "at capacity")
+        .await;
     // Nothing was lost: the first and the queued second both finish.
     let rest = first.text().await.unwrap();
     assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");

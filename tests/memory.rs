@@ -155,7 +155,8 @@ fn metric(text: &str, name: &str) -> f64 {
 
 /// Above the shed mark (MLXD_MEMORY_SHED below one model's footprint), a stream in
 /// flight carries on to its end, new requests get 503 memory_pressure with
-/// Retry-After, and the worker is told to give MLX's cache back.
+/// Retry-After (in every dialect's shape), and the worker is told to give MLX's
+/// cache back.
 #[tokio::test(flavor = "multi_thread")]
 async fn above_the_shed_mark_new_requests_are_refused_and_streams_finish() {
     let d = spawn_daemon(&[("MLXD_MEMORY_SHED", "300MiB")]);
@@ -193,6 +194,7 @@ async fn above_the_shed_mark_new_requests_are_refused_and_streams_finish() {
     assert_eq!(resp.headers()["retry-after"], "1");
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "memory_pressure", "{v}");
+    common::assert_503_in_every_dialect(&d.url, "mem-a", "memory_pressure", "shed mark").await;
     while let Some(chunk) = stream.chunk().await.unwrap() {
         body.push_str(&String::from_utf8_lossy(&chunk));
     }

@@ -166,3 +166,78 @@ pub fn cli_ok(port: u16, args: &[&str], env: &[(&str, Option<&std::ffi::OsStr>)]
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Issue 28: while `model` refuses new requests (a full queue, memory pressure),
+/// the same refusal reaches every dialect as a 503 with `Retry-After: 1` and a
+/// body in that dialect's own shape, saying `says`. `code` is OpenAI's
+/// `error.code`.
+#[allow(dead_code)]
+pub async fn assert_503_in_every_dialect(base: &str, model: &str, code: &str, says: &str) {
+    use serde_json::{json, Value};
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let asks = [
+        (
+            "/v1/messages",
+            json!({"model": model, "max_tokens": 8, "messages": messages}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": model, "messages": messages, "stream": false}),
+        ),
+        (
+            "/api/generate",
+            json!({"model": model, "prompt": "hi", "stream": false}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": model, "input": "hi", "max_output_tokens": 16}),
+        ),
+    ];
+    // At once: the condition must still hold for the last of them.
+    let answers = futures::future::join_all(asks.iter().map(|(path, body)| {
+        let request = client.post(format!("{base}{path}")).json(body).send();
+        async move {
+            let resp = request.await.unwrap();
+            let status = resp.status().as_u16();
+            let retry_after = resp.headers().get("retry-after").cloned();
+            let text = resp.text().await.unwrap();
+            (status, retry_after, text)
+        }
+    }))
+    .await;
+    for ((path, _), (status, retry_after, text)) in asks.iter().zip(answers) {
+        assert_eq!(status, 503, "{path}: {text}");
+        assert_eq!(
+            retry_after.as_ref().and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "{path}: Retry-After"
+        );
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: {text}"));
+        let message = match *path {
+            "/v1/messages" => {
+                assert_eq!(v["type"], "error", "{path}: {v}");
+                assert_eq!(v["error"]["type"], "overloaded_error", "{path}: {v}");
+                assert_eq!(v.as_object().unwrap().len(), 2, "{path}: {v}");
+                assert_eq!(v["error"].as_object().unwrap().len(), 2, "{path}: {v}");
+                &v["error"]["message"]
+            }
+            "/api/chat" | "/api/generate" => {
+                assert_eq!(v.as_object().unwrap().len(), 1, "{path}: {v}");
+                &v["error"]
+            }
+            _ => {
+                assert_eq!(v["error"]["code"], code, "{path}: {v}");
+                assert_eq!(v["error"]["type"], "server_error", "{path}: {v}");
+                &v["error"]["message"]
+            }
+        };
+        let message = message
+            .as_str()
+            .unwrap_or_else(|| panic!("{path}: no message in {v}"));
+        assert!(message.contains(says), "{path}: {message}");
+    }
+}
