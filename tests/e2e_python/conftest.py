@@ -75,6 +75,8 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (presets / "smollm2-135m-disk.toml").write_text(
         f'model = "smollm2-135m"\n[performance]\nprompt_cache_dir = "{at / "prompt-cache"}"\n'
     )
+    # A worker taken for hung after 2 quiet seconds (test_huge_requests).
+    (presets / "smollm2-135m-quick-hang.toml").write_text('model = "smollm2-135m"\nhang_timeout = "2s"\n')
     # One tiny random-weight model per mlx-lm family (test_families), built once
     # under target/families.
     for family in FAMILIES:

@@ -48,6 +48,10 @@ log = logging.getLogger("mlxd_worker")
 
 # Tokens each lone lane decodes when auto mode measures plain against drafted.
 CALIBRATION_TOKENS = 16
+# An idle engine still beats this often: while the reader thread plans a request
+# (a chat template over 100,000 messages takes seconds), the daemon already counts
+# it in flight and would take a silent worker for a hung one.
+IDLE_BEAT_S = 0.5
 
 # A token that completes no tool call (shared: plain sequences allocate nothing).
 NO_CALLS: tuple[ToolCall, ...] = ()
@@ -222,9 +226,9 @@ class Engine:
             self._flush()
         while True:
             try:
-                item = self.inbox.get(block=block)
+                item = self.inbox.get(block=block, timeout=IDLE_BEAT_S if block else None)
             except queue.Empty:
-                return
+                return  # (the caller beats, then waits again)
             block = False
             if item is None:
                 self._running = False
