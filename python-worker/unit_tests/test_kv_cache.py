@@ -181,3 +181,42 @@ def test_rotating_kv_serves_past_its_size_in_both_lanes(prompts: list[list[int]]
     assert rotating[0].offset > size  # the reference did wrap
     together = run(backend, prompts, max_tokens=12)
     assert all(len(t) == 12 or t[-1] in backend.eos for t in together)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"kv_bits": 8, "kv_group_size": 64},
+        # Entries of both forms: plain below quantized_kv_start, quantized past it.
+        {"kv_bits": 8, "kv_group_size": 64, "quantized_kv_start": 60},
+        {"max_kv_size": 256},
+    ],
+    ids=["full", "kv8", "kv8-from-60", "rotating"],
+)
+def test_every_kv_setting_finds_its_own_disk_entries_valid(
+    prompts: list[list[int]], tmp_path: Path, options: dict[str, Any]
+) -> None:
+    """Issue 28: entries are checked against the layout the backend learns from
+    the model's own caches (and tried on a copy). A genuine entry of every KV
+    setting must pass: a check too strict would turn the disk tier into misses."""
+
+    def backend() -> MlxBackend:
+        b = MlxBackend()
+        b.load(str(MODEL), {**options, "prompt_cache_bytes": 1 << 30, "prompt_cache_dir": str(tmp_path)})  # type: ignore[typeddict-item]
+        b.start_prompt_cache()
+        return b
+
+    first = backend()
+    short, long = prompts[0], prompts[1] + prompts[2]  # 45 and 87 tokens with their answers
+    answers = run(first, [short]), run(first, [long])
+    first.close()  # what memory holds goes to disk
+    second = backend()
+    for prompt, answer in zip((short, long), answers):
+        uid = second.insert([*prompt, *answer[0]], 2, None)
+        assert second.cached_tokens(uid) > len(prompt) - 2, options
+        while not any(finish for u, _, finish in second.step() if u == uid):
+            pass
+    disk = second.prompt_cache_stats()["disk"]  # type: ignore[index,typeddict-item]
+    assert disk["hits_total"] == 2 and disk["stale_total"] == 0, disk
+    second.close()
