@@ -3,14 +3,37 @@
 //! the daemon and its workers create is 0700 (directories) or 0600 (files): the
 //! process umask is 0077 from the start of `main`, and workers inherit it. A home
 //! made before that (or by hand) with wider permissions is tightened when the
-//! daemon starts; one that belongs to another user is refused, since whoever owns
-//! it can read and replace what mlxd keeps there.
+//! daemon starts: the home itself and mlxd's own entries in it ([`OWN_ENTRIES`]),
+//! never anything else a user keeps there (`MLXD_HOME=~` must not chmod a whole
+//! home directory). A home, or an entry of mlxd's in it, that belongs to another
+//! user is refused, since whoever owns it can read and replace what mlxd keeps
+//! there (a planted preset or config). A volume that ignores modes (FAT, exFAT)
+//! is served with a warning.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// What the daemon and its workers create: owner-only.
 pub const UMASK: u32 = 0o077;
+
+/// What mlxd keeps in its home (besides its control sockets, `mlxd*.sock`).
+pub const OWN_ENTRIES: &[&str] = &[
+    "config.toml",
+    "presets",
+    "models",
+    "logs",
+    "run",
+    "prompt-cache",
+];
+
+/// What making a home private did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tightened {
+    /// Entries whose group and other permissions were removed.
+    pub changed: usize,
+    /// Entries whose mode could not be changed (a volume that ignores modes).
+    pub failed: usize,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HomeError {
@@ -34,9 +57,9 @@ pub fn set_private_umask() {
 }
 
 /// Creates `home` (0700) or checks that we own it, then takes group and other
-/// permissions off it and everything under it that we own (symbolic links are
-/// neither followed nor changed). Returns how many entries were tightened.
-pub fn make_private(home: &Path) -> Result<usize, HomeError> {
+/// permissions off it and off mlxd's own entries in it, recursively (symbolic
+/// links are neither followed nor changed).
+pub fn make_private(home: &Path) -> Result<Tightened, HomeError> {
     let io = |source| HomeError::Io {
         path: home.to_path_buf(),
         source,
@@ -46,18 +69,18 @@ pub fn make_private(home: &Path) -> Result<usize, HomeError> {
         .mode(0o700)
         .create(home)
         .map_err(io)?;
-    let meta = std::fs::metadata(home).map_err(io)?;
     let me = nix::unistd::geteuid().as_raw();
-    if let Some(owner) = foreign_owner(meta.uid(), me) {
-        return Err(HomeError::NotOwned {
-            path: home.to_path_buf(),
-            owner,
-            me,
-        });
+    let mut done = Tightened::default();
+    tighten(home, me, false, &mut done)?;
+    for entry in std::fs::read_dir(home).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let socket = name.starts_with("mlxd") && name.ends_with(".sock");
+        if OWN_ENTRIES.contains(&name) || socket {
+            tighten(&path, me, true, &mut done)?;
+        }
     }
-    let mut tightened = 0;
-    tighten(home, me, &mut tightened).map_err(io)?;
-    Ok(tightened)
+    Ok(done)
 }
 
 /// The owner of a directory we must not use: another user's (root may use any).
@@ -70,23 +93,41 @@ pub fn private_mode(mode: u32) -> u32 {
     mode & !UMASK & 0o7777
 }
 
-fn tighten(path: &Path, me: u32, tightened: &mut usize) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(path)?;
-    if meta.file_type().is_symlink() || meta.uid() != me {
+fn tighten(path: &Path, me: u32, recurse: bool, done: &mut Tightened) -> Result<(), HomeError> {
+    let io = |source| HomeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        // Gone meanwhile (a worker's temporary file): nothing to tighten.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other.map_err(io)?,
+    };
+    if meta.file_type().is_symlink() {
         return Ok(());
+    }
+    if let Some(owner) = foreign_owner(meta.uid(), me) {
+        return Err(HomeError::NotOwned {
+            path: path.to_path_buf(),
+            owner,
+            me,
+        });
     }
     let mode = meta.mode() & 0o7777;
     if private_mode(mode) != mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(private_mode(mode)))?;
-        *tightened += 1;
+        let private = std::fs::Permissions::from_mode(private_mode(mode));
+        match std::fs::set_permissions(path, private) {
+            Ok(()) => done.changed += 1,
+            Err(_) => done.failed += 1,
+        }
     }
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            match tighten(&entry?.path(), me, tightened) {
-                // Gone meanwhile (a worker's temporary file): nothing to tighten.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                other => other?,
-            }
+    if recurse && meta.is_dir() {
+        let entries = match std::fs::read_dir(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => other.map_err(io)?,
+        };
+        for entry in entries {
+            tighten(&entry.map_err(io)?.path(), me, true, done)?;
         }
     }
     Ok(())
@@ -117,26 +158,41 @@ mod tests {
         let home = dir.join("home");
         std::fs::create_dir_all(home.join("logs")).unwrap();
         std::fs::write(home.join("logs/mlxd.log"), "x").unwrap();
+        std::fs::write(home.join("config.toml"), "").unwrap();
+        std::fs::write(home.join("notes.txt"), "a user's own file").unwrap();
         std::fs::write(dir.join("elsewhere"), "y").unwrap();
-        std::os::unix::fs::symlink(dir.join("elsewhere"), home.join("link")).unwrap();
+        std::os::unix::fs::symlink(dir.join("elsewhere"), home.join("logs/link")).unwrap();
         for (path, mode) in [
             (home.clone(), 0o755),
             (home.join("logs"), 0o775),
             (home.join("logs/mlxd.log"), 0o644),
+            (home.join("config.toml"), 0o644),
+            (home.join("notes.txt"), 0o644),
             (dir.join("elsewhere"), 0o644),
         ] {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
         }
-        assert_eq!(make_private(&home).unwrap(), 3);
+        let done = make_private(&home).unwrap();
+        assert_eq!(
+            done,
+            Tightened {
+                changed: 4,
+                failed: 0
+            }
+        );
         let mode = |p: PathBuf| std::fs::metadata(p).unwrap().mode() & 0o777;
         assert_eq!(mode(home.clone()), 0o700);
         assert_eq!(mode(home.join("logs")), 0o700);
         assert_eq!(mode(home.join("logs/mlxd.log")), 0o600);
+        assert_eq!(mode(home.join("config.toml")), 0o600);
+        // Not mlxd's: a home shared with a user's own files leaves them alone.
+        assert_eq!(mode(home.join("notes.txt")), 0o644);
         // A link is not followed: what it points to is not ours to change.
         assert_eq!(mode(dir.join("elsewhere")), 0o644);
+        let again = make_private(&home).unwrap();
         assert_eq!(
-            make_private(&home).unwrap(),
-            0,
+            again,
+            Tightened::default(),
             "a second start has nothing to do"
         );
     }

@@ -175,16 +175,23 @@ async fn main() -> anyhow::Result<()> {
     let tightened = if writes_home {
         mlxd::home::make_private(&cfg.home)?
     } else {
-        0
+        mlxd::home::Tightened::default()
     };
     // The daemon also logs to files; the guard flushes them when main returns.
     let log_dir = matches!(cli.command, Cmd::Serve { .. }).then(|| mlxd::logs::logs_dir(&cfg.home));
     let _log_guard = mlxd::logs::init(log_dir.as_deref());
-    if tightened > 0 {
+    if tightened.changed > 0 {
         tracing::warn!(
             home = %cfg.home.display(),
-            entries = tightened,
+            entries = tightened.changed,
             "other users could read mlxd's home: group and other permissions removed"
+        );
+    }
+    if tightened.failed > 0 {
+        tracing::warn!(
+            home = %cfg.home.display(),
+            entries = tightened.failed,
+            "cannot make these entries of mlxd's home private (a volume that ignores file modes?)"
         );
     }
     if let Some(p) = cli.port {

@@ -220,3 +220,45 @@ def test_every_kv_setting_finds_its_own_disk_entries_valid(
     disk = second.prompt_cache_stats()["disk"]  # type: ignore[index,typeddict-item]
     assert disk["hits_total"] == 2 and disk["stale_total"] == 0, disk
     second.close()
+
+
+def test_an_entry_the_model_answers_nan_on_is_dropped_and_recomputed(prompts: list[list[int]], tmp_path: Path) -> None:
+    """Issue 28: an entry with the model's own layout and a valid checksum (written
+    by a worker) whose values make the model's output non-finite fails its trial:
+    a miss, the file deleted, the answer computed without it."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    options: dict[str, Any] = {"prompt_cache_bytes": 1 << 30, "prompt_cache_dir": str(tmp_path)}
+    first = MlxBackend()
+    first.load(str(MODEL), options)  # type: ignore[arg-type]
+    first.start_prompt_cache()
+    prompt = prompts[0]
+    cache = make_prompt_cache(first._model)
+    first._model(mx.array([prompt]), cache=cache)
+    for layer in cache:
+        layer.keys = mx.full(layer.keys.shape, float("nan"), dtype=layer.keys.dtype)
+    mx.eval([layer.state for layer in cache])
+    assert first.prefix is not None and first.prefix.disk is not None
+    assert first.prefix.disk.write(prompt, cache) and first.prefix.disk.flush(30)
+    first.close()
+    second = MlxBackend()
+    second.load(str(MODEL), options)  # type: ignore[arg-type]
+    second.start_prompt_cache()
+    assert run(second, [[*prompt, 42]], 4)[0] == native([*prompt, 42], 4)
+    disk = second.prompt_cache_stats()["disk"]  # type: ignore[index,typeddict-item]
+    assert disk["hits_total"] == 0 and disk["stale_total"] == 1 and disk["entries"] == 0, disk
+    second.close()
+
+
+def test_a_disk_tier_that_cannot_start_leaves_the_model_serving(
+    prompts: list[list[int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_probe(self: MlxBackend, n: int) -> list[Any]:
+        raise ValueError("DeepseekV4LayerCache is not one of mlx-lm's cache classes")
+
+    monkeypatch.setattr(MlxBackend, "_probe_caches", no_probe)
+    backend = MlxBackend()
+    backend.load(str(MODEL), {"prompt_cache_bytes": 1 << 30, "prompt_cache_dir": str(tmp_path)})  # type: ignore[typeddict-item]
+    backend.start_prompt_cache()
+    assert backend.prefix is not None and backend.prefix.disk is None  # the memory tier alone
+    assert run(backend, prompts[:1], 2)

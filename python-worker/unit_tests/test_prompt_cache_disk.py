@@ -570,12 +570,18 @@ def test_an_entry_the_model_fails_on_leaves_both_tiers_and_the_next_lookup_misse
 
 
 def test_the_cache_directory_and_its_files_are_private(tmp_path: Path) -> None:
-    store = tmp_path / "cache"
-    store.mkdir(mode=0o755)
-    store.chmod(0o755)  # wider than the umask may give
+    store = tmp_path / "cache"  # created by the cache: private
     pc = tiers(store)
     pc.put(list(range(20)), kv(20))
     assert pc.disk is not None and pc.disk.flush(10)
     modes = {p.relative_to(tmp_path): p.stat().st_mode & 0o777 for p in [store, *store.rglob("*")]}
     assert modes and all(m == (0o700 if (tmp_path / p).is_dir() else 0o600) for p, m in modes.items()), modes
     pc.disk.close(10)
+    # A directory the preset names that exists already (shared, or not ours) keeps
+    # its mode; the cache's own directory in it is private all the same.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    dc = DiskCache(shared, GiB, "model-a")
+    assert shared.stat().st_mode & 0o7777 == 0o1777 and dc.dir.stat().st_mode & 0o777 == 0o700
+    dc.close(10)

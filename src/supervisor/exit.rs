@@ -19,9 +19,12 @@ pub struct MemoryAtDeath {
     pub footprint: u64,
     /// The memory limit its load was admitted with (0: none).
     pub limit: u64,
-    /// The cgroup's `oom_kill` count rose between the worker's spawn and its
-    /// death (Linux with cgroup v2; false where it cannot be read).
+    /// The cgroup's `oom_kill` count rose between the last measurement (about
+    /// a second before) and the worker's death (Linux; false where it cannot be
+    /// read).
     pub oom_kill_rose: bool,
+    /// The daemon itself killed the worker (a stop, a hang, a memory cap).
+    pub killed_by_daemon: bool,
 }
 
 /// "exited with status 1", "killed by signal 9 (SIGKILL)", "killed by signal 9
@@ -52,6 +55,9 @@ pub fn describe_exit(status: ExitStatus, memory: MemoryAtDeath) -> String {
 /// an allocation fails, so only a full footprint speaks for that one.
 fn oom_evidence(sig: i32, memory: MemoryAtDeath) -> Vec<String> {
     let mut evidence = vec![];
+    if memory.killed_by_daemon {
+        return evidence; // the daemon says why it killed
+    }
     if sig == libc::SIGKILL && memory.oom_kill_rose {
         evidence.push("the cgroup's oom_kill count rose".to_string());
     }
@@ -130,6 +136,7 @@ mod tests {
             footprint: 4 * GIB,
             limit: 8 * GIB,
             oom_kill_rose: false,
+            killed_by_daemon: false,
         };
         assert_eq!(
             describe_exit(killed(libc::SIGKILL), memory),
@@ -148,6 +155,7 @@ mod tests {
             footprint: 92 * GIB / 10,
             limit: 10 * GIB,
             oom_kill_rose: false,
+            killed_by_daemon: false,
         };
         assert_eq!(
             describe_exit(killed(libc::SIGKILL), memory),
@@ -165,6 +173,20 @@ mod tests {
         assert_eq!(
             describe_exit(killed(libc::SIGTERM), memory),
             "killed by signal 15 (SIGTERM)"
+        );
+    }
+
+    #[test]
+    fn a_kill_the_daemon_sent_is_never_called_out_of_memory() {
+        let memory = MemoryAtDeath {
+            footprint: 10 * GIB,
+            limit: 10 * GIB,
+            oom_kill_rose: true,
+            killed_by_daemon: true,
+        };
+        assert_eq!(
+            describe_exit(killed(libc::SIGKILL), memory),
+            "killed by signal 9 (SIGKILL)"
         );
     }
 

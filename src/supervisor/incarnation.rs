@@ -20,6 +20,9 @@ use worker_protocol::segment::{new_name, Direction, Heartbeat, Segment};
 use worker_protocol::{Frame, PROTOCOL_VERSION};
 
 use super::exit::{cgroup_oom_kills, describe_exit, MemoryAtDeath};
+
+/// An OOM-kill count not read (no cgroup file).
+const NO_COUNT: u64 = u64::MAX;
 use super::registry::ShmRegistry;
 use super::spawn;
 use crate::config::{is_model_dir, Config};
@@ -138,6 +141,12 @@ pub struct Shared {
     /// out of memory.
     memory_limit: u64,
     footprint: AtomicU64,
+    /// The cgroup's OOM-kill count at the last measurement (NO_COUNT: unread): a
+    /// rise between it and the death, a second or so, is evidence; a rise over
+    /// the worker's whole life may be another process's.
+    oom_kills: AtomicU64,
+    /// The daemon sent the kill (a stop, a hang, a cap): no evidence of anything.
+    killed_by_daemon: AtomicBool,
     /// The process has been reaped: its pid may belong to someone else now.
     exited: AtomicBool,
     hello: Mutex<Option<Hello>>,
@@ -253,10 +262,11 @@ impl Incarnation {
             registry,
             stderr_tail: Mutex::new(VecDeque::new()),
             tokens_routed: metrics::counter!("mlxd_tokens_total", "model" => preset.name.clone()),
+            // Read before the process exists, so that an OOM kill at once still counts.
+            oom_kills: AtomicU64::new(cgroup_oom_kills().unwrap_or(NO_COUNT)),
+            killed_by_daemon: AtomicBool::new(false),
         });
         let segment_name = shared.segment_name();
-        // Read before the process exists, so that an OOM kill at once still counts.
-        let oom_kills_at_spawn = cgroup_oom_kills();
         let mut child = spawn::command(
             cfg,
             &preset.name,
@@ -397,13 +407,13 @@ impl Incarnation {
         tokio::spawn(async move {
             let status = child.wait().await;
             sh.exited.store(true, Ordering::Release);
+            let before = sh.oom_kills.load(Ordering::Relaxed);
             let memory = MemoryAtDeath {
                 footprint: sh.footprint.load(Ordering::Relaxed),
                 limit: sh.memory_limit,
-                oom_kill_rose: matches!(
-                    (oom_kills_at_spawn, cgroup_oom_kills()),
-                    (Some(before), Some(after)) if after > before
-                ),
+                oom_kill_rose: before != NO_COUNT
+                    && cgroup_oom_kills().is_some_and(|after| after > before),
+                killed_by_daemon: sh.killed_by_daemon.load(Ordering::Acquire),
             };
             // Let the reader deliver what the worker published before it died.
             let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
@@ -464,6 +474,7 @@ impl Incarnation {
         if self.shared.exited.load(Ordering::Acquire) {
             return;
         }
+        self.shared.killed_by_daemon.store(true, Ordering::Release);
         spawn::kill_group(pid, nix::sys::signal::Signal::SIGTERM);
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -497,9 +508,13 @@ impl Incarnation {
         self.shared.hello.lock().expect("lock").clone()
     }
 
-    /// The slot measured the worker's footprint: kept to describe its death.
+    /// The slot measured the worker's footprint: kept, with the cgroup's OOM-kill
+    /// count of the same moment, to describe its death.
     pub fn note_footprint(&self, bytes: u64) {
         self.shared.footprint.store(bytes, Ordering::Relaxed);
+        if let Some(count) = cgroup_oom_kills() {
+            self.shared.oom_kills.store(count, Ordering::Relaxed);
+        }
     }
 }
 

@@ -597,6 +597,11 @@ impl Machine {
             self.quick_crashes = 0;
         }
         if self.stopping {
+            if self.ready_at.is_some() {
+                // Ended on purpose (a keep-alive unload, a stop) after it served:
+                // whatever it lived, the crashes before it are not "in a row".
+                self.quick_crashes = 0;
+            }
             self.state = State::Stopped;
             self.stopping = false;
             let mut out = vec![
@@ -1094,6 +1099,53 @@ mod tests {
             slow_load_then_crash(&mut h, 30.0, 1.0);
         }
         assert!(matches!(h.m.state, State::Failed { .. }), "{:?}", h.m.state);
+    }
+
+    /// Ollama clients often unload after each request (`keep_alive: 0`): a short
+    /// run that ends on purpose breaks a run of quick crashes, so six crashes
+    /// spread over days never fail the model.
+    #[test]
+    fn a_short_run_unloaded_on_purpose_breaks_the_run_of_quick_crashes() {
+        let mut h = Harness::with(Policy {
+            keep_alive: KeepAlive::For(Duration::from_secs(5)),
+            ..Policy::default()
+        });
+        h.send(Event::Start);
+        h.at(30.0).ready();
+        h.at(31.0).send(Event::Exited("exit status 1".into()));
+        for _ in 0..4 {
+            slow_load_then_crash(&mut h, 30.0, 1.0);
+        }
+        // Five quick crashes; then a run of 10 s unloaded by keep-alive.
+        let State::Backoff { until, .. } = h.m.state else {
+            panic!("{:?}", h.m.state)
+        };
+        let mut t = until.duration_since(h.t0).as_secs_f64();
+        h.at(t).tick(false);
+        t += 30.0;
+        h.at(t).ready();
+        t += 10.0;
+        assert_eq!(h.at(t).tick(false), vec![Effect::Shutdown]);
+        h.at(t).send(Event::Exited("exit status 0".into()));
+        assert_eq!(h.m.state, State::Stopped);
+        // Five more quick crashes are five in a row, not ten.
+        h.work.queued = 1;
+        h.send(Event::Demand);
+        h.at(t + 30.0).ready();
+        h.at(t + 31.0).send(Event::Exited("exit status 1".into()));
+        for _ in 0..4 {
+            slow_load_then_crash(&mut h, 30.0, 1.0);
+            assert!(
+                matches!(h.m.state, State::Backoff { .. }),
+                "{:?}",
+                h.m.state
+            );
+        }
+        slow_load_then_crash(&mut h, 30.0, 1.0);
+        assert!(
+            matches!(h.m.state, State::Failed { .. }),
+            "the sixth in a row fails it"
+        );
     }
 
     #[test]

@@ -61,7 +61,6 @@ import base64
 import copy
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -75,7 +74,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional, TypeVar, cast
 
 from ..io.protocol import DiskCacheStats
 from ..mlx_types import CacheLayer, PromptCache
@@ -104,6 +103,8 @@ TOKENIZER_FILES = (
 )
 # How the metadata's checksum of an entry's payload begins.
 CHECKSUM = "xxh3-128:"
+# Bytes read at a time to check a payload's checksum.
+CHUNK = 8 << 20
 # safetensors' own limit on a header (as in MLX's reader).
 MAX_HEADER = 100_000_000
 
@@ -219,7 +220,9 @@ class DiskCache:
         self._layout = None if probe is None else self._learn(probe)
         self._accept = accept
         self.dir = Path(directory) / hashlib.sha256(identity.encode()).hexdigest()[:24]
-        _private_dir(Path(directory))
+        # The preset's directory is created private, not changed if it exists (it
+        # may be shared, or not ours); our own directory in it is made private.
+        Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
         _private_dir(self.dir)
         # The index: least recently used first (file mtime), and by tokens.
         self._entries: OrderedDict[str, DiskEntry] = OrderedDict()
@@ -376,22 +379,34 @@ class DiskCache:
 
         path = self._path(entry.key)
         try:
-            data = path.read_bytes()  # one read: the checksum and the arrays see the same bytes
-            meta, header, start = _parse_header(data, len(data))
-            if self._check_header(meta, header) != entry.tokens:
-                raise Stale("other tokens than the index says")
-            if _checksum(memoryview(data)[start:]) != meta.get("checksum"):
-                raise Stale("the arrays' checksum does not match: the file changed after it was written")
-            arrays = cast("dict[str, mx.array]", mx.load(io.BytesIO(data), format="safetensors"))
-            del data
-            layers = _build(arrays, meta)
-            mx.eval([c.state for c in layers])  # read it all now: a bad file fails here, not in a step
+            # One open file: the checksum and the arrays read the same bytes, even
+            # if a writer renames a new file into place meanwhile.
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(8)
+                length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                meta, header, start = _parse_header(head + f.read(min(length, MAX_HEADER)), size)
+                if self._check_header(meta, header) != entry.tokens:
+                    raise Stale("other tokens than the index says")
+                if _file_checksum(f, start) != meta.get("checksum"):
+                    raise Stale("the arrays' checksum does not match: the file changed after it was written")
+                f.seek(0)
+                arrays = cast("dict[str, mx.array]", mx.load(f, format="safetensors"))
+                layers = _build(arrays, meta)
+                mx.eval([c.state for c in layers])  # read it all now: a bad file fails here, not in a step
             layers = self._from_disk(layers)
             n = len(entry.tokens)
             if held(layers) != n or any(getattr(c, "offset", n) != n for c in layers):
                 raise Stale(f"holds {held(layers)} tokens, its header says {n}")
             if self._accept is not None:
-                self._accept(layers, entry.tokens)
+                try:
+                    self._accept(layers, entry.tokens)
+                except Exception as e:
+                    if _out_of_memory(e):
+                        # Not the entry's fault: a miss, and the file stays.
+                        log.warning("prompt cache: no memory to try an entry from disk: %s", e)
+                        return None
+                    raise
         except FileNotFoundError:
             with self._lock:
                 self._forget(entry)  # evicted meanwhile (or by another worker)
@@ -667,11 +682,22 @@ def _product(shape: list[int]) -> int:
     return out
 
 
-def _checksum(payload: Buffer) -> str:
-    """The payload's checksum as the metadata carries it."""
+def _file_checksum(f: BinaryIO, start: int) -> str:
+    """The checksum of an open file's payload (from `start` to its end), as the
+    metadata carries it; read in chunks, so a large entry is not held twice."""
     import xxhash
 
-    return CHECKSUM + xxhash.xxh3_128_hexdigest(payload)
+    digest = xxhash.xxh3_128()
+    f.seek(start)
+    while chunk := f.read(CHUNK):
+        digest.update(chunk)
+    return CHECKSUM + digest.hexdigest()
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """An allocation failure (Python's, or MLX's past its memory limit)."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "memory" in text or "allocat" in text
 
 
 def _describe(i: int, layer: CacheLayer) -> tuple[dict[str, Tensor], dict[str, Scalar], LayerDescription]:
@@ -778,8 +804,12 @@ def _compact(layer: CacheLayer) -> CacheLayer:
     """A full-precision or quantized layer cut to the tokens it holds (its
     buffer grows in steps of 256 and may hold trimmed tokens); others as they are."""
     from mlx.utils import tree_map
-    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+    from mlx_lm.models.cache import CacheList, KVCache, QuantizedKVCache
 
+    if type(layer) is CacheList:
+        whole = copy.copy(layer)
+        whole.caches = tuple(_compact(c) for c in layer.caches)
+        return whole
     if type(layer) not in (KVCache, QuantizedKVCache) or layer.keys is None:
         return layer
     n = layer.offset

@@ -235,16 +235,20 @@ class MlxBackend:
             from ..cache.disk_cache import DiskCache, model_identity
 
             kv = self._kv.describe()
-            disk = DiskCache(
-                self._disk_dir,
-                self._disk_bytes,
-                f"{model_identity(self._model_path)}|{kv}",
-                to_disk=quantized_kv.to_disk,
-                from_disk=quantized_kv.from_disk,
-                owner=f"{os.path.realpath(self._model_path)}|{kv}",
-                probe=self._probe_caches,
-                accept=self._try_entry,
-            )
+            try:
+                disk = DiskCache(
+                    self._disk_dir,
+                    self._disk_bytes,
+                    f"{model_identity(self._model_path)}|{kv}",
+                    to_disk=quantized_kv.to_disk,
+                    from_disk=quantized_kv.from_disk,
+                    owner=f"{os.path.realpath(self._model_path)}|{kv}",
+                    probe=self._probe_caches,
+                    accept=self._try_entry,
+                )
+            except Exception as e:  # a directory we cannot use, a cache the format cannot hold
+                # The model serves on with the memory tier alone.
+                log.warning("prompt cache: the disk tier is off: %s: %s", type(e).__name__, e)
         self.prefix = PrefixCache(self._prompt_cache_bytes, disk, keep_rotated=self._kv.max_kv_size is None)
 
     def _probe_caches(self, n: int) -> list[PromptCache]:

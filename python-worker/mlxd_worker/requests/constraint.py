@@ -220,9 +220,10 @@ class Grammars:
         from llguidance import LLMatcher
 
         ll = self.ll_tokenizer()
-        if len(grammar) > MAX_GRAMMAR_BYTES:
+        size = len(grammar.encode())
+        if size > MAX_GRAMMAR_BYTES:
             raise RequestError(
-                f"invalid format: the schema (with any tools' parameters) makes a grammar of {len(grammar) >> 10} "
+                f"invalid format: the schema (with any tools' parameters) makes a grammar of {size >> 10} "
                 f"KiB, more than the {MAX_GRAMMAR_BYTES >> 10} KiB mlxd compiles; send a smaller schema or fewer tools"
             )
         matcher = LLMatcher(ll, grammar, log_level=0)
