@@ -749,10 +749,13 @@ pub struct Policy {
     pub backoff_max: Duration,
     /// More than `max_crashes` within `crash_window` puts the model in Failed, and
     /// so do more than `max_crashes` in a row that each came before or within
-    /// `crash_window` of their incarnation becoming ready (slow loads spread those
-    /// beyond any window); a run that long starts a fresh count.
+    /// `quick_uptime` of their incarnation becoming ready (slow loads spread those
+    /// beyond any window: a model that dies right after every load); a longer run,
+    /// or one ended on purpose, breaks the row. A run of `crash_window` resets the
+    /// backoff.
     pub max_crashes: usize,
     pub crash_window: Duration,
+    pub quick_uptime: Duration,
     /// How long a stop waits for in-flight requests and the worker's own exit.
     pub stop_grace: Duration,
     /// No progress for this long with requests in flight: the worker is hung.
@@ -770,6 +773,9 @@ impl Default for Policy {
             backoff_max: Duration::from_secs(30),
             max_crashes: 5,
             crash_window: Duration::from_secs(60),
+            // Short of the gaps between outside kills (the soak's, an OOM killer's
+            // now and then), long enough for a first request to kill a new worker.
+            quick_uptime: Duration::from_secs(10),
             stop_grace: Duration::from_secs(10),
             hang_timeout: Duration::from_secs(60),
             load_timeout: Duration::from_secs(300),

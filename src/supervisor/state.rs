@@ -589,13 +589,17 @@ impl Machine {
         self.last_exit = Some(reason.clone());
         // A worker that served a whole window starts a fresh count, however it
         // ended: a long run unloaded by keep-alive is as stable as one that died.
-        let stable = self
-            .ready_at
-            .is_some_and(|since| now.duration_since(since) >= self.policy.crash_window);
+        let uptime = self.ready_at.map(|since| now.duration_since(since));
+        let stable = uptime.is_some_and(|up| up >= self.policy.crash_window);
         if stable {
             self.consecutive = 0;
-            self.quick_crashes = 0;
         }
+        // A failed load, or a death soon after Ready, continues a row of quick
+        // crashes; a worker that served longer breaks it.
+        let quick = match uptime {
+            None => true,
+            Some(up) => up < self.policy.quick_uptime,
+        };
         if self.stopping {
             if self.ready_at.is_some() {
                 // Ended on purpose (a keep-alive unload, a stop) after it served:
@@ -627,10 +631,9 @@ impl Machine {
         }
         self.crashes.push_back(now);
         self.consecutive += 1;
-        if !stable {
-            self.quick_crashes += 1;
-        }
+        self.quick_crashes = if quick { self.quick_crashes + 1 } else { 0 };
         let window = self.policy.crash_window.as_secs();
+        let quick_s = self.policy.quick_uptime.as_secs();
         let failed = if self.crashes.len() > self.policy.max_crashes {
             Some(format!(
                 "crashed {} times within {window} s; last: {reason}",
@@ -642,7 +645,7 @@ impl Machine {
             // every load would reload forever; a run of such quick crashes fails
             // the model however long each load took.
             Some(format!(
-                "crashed {} times in a row, each before or within {window} s of becoming ready; last: {reason}",
+                "crashed {} times in a row, each before or within {quick_s} s of becoming ready; last: {reason}",
                 self.quick_crashes
             ))
         } else {
@@ -1014,7 +1017,7 @@ mod tests {
         };
         assert_eq!(
             reason,
-            "crashed 6 times in a row, each before or within 60 s of becoming ready; \
+            "crashed 6 times in a row, each before or within 10 s of becoming ready; \
              last: exit status 1"
         );
         assert_eq!(h.at(1000.0).tick(false), vec![], "failed stays failed");
@@ -1099,6 +1102,37 @@ mod tests {
             slow_load_then_crash(&mut h, 30.0, 1.0);
         }
         assert!(matches!(h.m.state, State::Failed { .. }), "{:?}", h.m.state);
+    }
+
+    /// Outside kills now and then (an OOM killer, the soak's faults) hit workers
+    /// that have served a while: a crash 30 s after Ready breaks a row of quick
+    /// ones, and a model killed every minute or so is restarted every time.
+    #[test]
+    fn a_crash_after_the_quick_uptime_breaks_the_row() {
+        let mut h = Harness::new();
+        h.send(Event::Start);
+        h.at(30.0).ready();
+        h.at(31.0).send(Event::Exited("exit status 1".into()));
+        for _ in 0..4 {
+            slow_load_then_crash(&mut h, 30.0, 1.0);
+        }
+        slow_load_then_crash(&mut h, 30.0, 30.0);
+        for _ in 0..5 {
+            slow_load_then_crash(&mut h, 30.0, 1.0);
+            assert!(
+                matches!(h.m.state, State::Backoff { .. }),
+                "{:?}",
+                h.m.state
+            );
+        }
+        for _ in 0..20 {
+            slow_load_then_crash(&mut h, 5.0, 40.0);
+            assert!(
+                matches!(h.m.state, State::Backoff { .. }),
+                "{:?}",
+                h.m.state
+            );
+        }
     }
 
     /// Ollama clients often unload after each request (`keep_alive: 0`): a short
