@@ -266,11 +266,37 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
                 println!("    {}: {}", limit.feature, limit.reason);
             }
         }
+        if let Some(line) = memory_line(&w) {
+            println!("    {line}");
+        }
         if let Some(spec) = &w.stats.speculative {
             println!("    {}", speculative_line(spec));
         }
     }
     Ok(())
+}
+
+/// `ps`'s memory line: weights, KV in use and promised, the reserve, the prefix
+/// cache, and the headroom left in the worker's share.
+fn memory_line(w: &SlotInfo) -> Option<String> {
+    let kv = w.stats.kv.as_ref()?;
+    let share = w.memory_limit?;
+    let cache = w.stats.prompt_cache.as_ref().map_or(0, |pc| pc.bytes);
+    let mut line = format!(
+        "memory: weights {}, KV {} in use ({} reserved to max_tokens), reserve {}, prompt cache {}, \
+         share {}, headroom {}",
+        human_bytes(kv.weights_bytes),
+        human_bytes(kv.in_use_bytes),
+        human_bytes(kv.reserved_bytes),
+        human_bytes(w.estimate.as_ref().map_or(0, |e| e.reserve_bytes)),
+        human_bytes(cache),
+        human_bytes(share),
+        human_bytes(w.headroom_bytes()),
+    );
+    if kv.waiting > 0 {
+        line += &format!("; {} waiting for KV memory", kv.waiting);
+    }
+    Some(line)
 }
 
 /// `ps`'s line for a model with a draft: what it does now, why, and its counters.
@@ -350,20 +376,31 @@ pub async fn benchmark(
 pub fn list(cfg: &Config) -> anyhow::Result<()> {
     let presets = Presets::load(&cfg.presets_dirs)?;
     println!(
-        "{:<24} {:<24} {:<9} {:<9}",
-        "PRESET", "MODEL", "TRANSPORT", "IMPORTED"
+        "{:<24} {:<24} {:<9} {:<9} {:>9} {:>10}",
+        "PRESET", "MODEL", "TRANSPORT", "IMPORTED", "WEIGHTS", "KV/TOKEN"
     );
     let mut referenced = std::collections::HashSet::new();
     for p in presets.iter() {
         let path = p.model_path(&cfg.models_dir)?;
         referenced.insert(path.clone());
-        let have = if is_model_dir(&path) { "yes" } else { "no" };
+        let have = is_model_dir(&path);
+        let e = p.estimate(&cfg.models_dir, cfg.kv_reserve);
+        let (weights, per_token) = if have {
+            (
+                human_bytes(e.weights_bytes),
+                human_small(e.kv_bytes_per_token),
+            )
+        } else {
+            ("-".into(), "-".into())
+        };
         println!(
-            "{:<24} {:<24} {:<9} {:<9}",
+            "{:<24} {:<24} {:<9} {:<9} {:>9} {:>10}",
             p.name,
             p.model,
             p.transport.to_string(),
-            have
+            if have { "yes" } else { "no" },
+            weights,
+            per_token
         );
     }
     let mut others = Vec::new();
@@ -424,4 +461,174 @@ pub fn import(
         bail!("import failed ({status})");
     }
     Ok(())
+}
+
+/// `mlxd estimate`'s question: a model (a preset's name or a model directory),
+/// a working set, and optionally another machine's cap.
+pub struct EstimateAsk<'a> {
+    pub model: &'a str,
+    /// Tokens per sequence of the working set (default: the model's context).
+    pub context: Option<u64>,
+    /// Sequences of the working set (default 1).
+    pub concurrency: Option<u64>,
+    /// Another machine's cap (`--cap`): what is loaded here does not count.
+    pub cap: Option<&'a str>,
+}
+
+/// Prints a model's memory, part by part, and whether it fits the cap with what
+/// the daemon has loaded now. Ok(true) when it fits (exit 0), Ok(false) when not.
+pub async fn estimate(cfg: &Config, ask: EstimateAsk<'_>) -> anyhow::Result<bool> {
+    use crate::memory::{human, Limit};
+    let presets = Presets::load(&cfg.presets_dirs)?;
+    let preset = match presets.resolve(ask.model) {
+        Some(p) => crate::presets::Preset::clone(p),
+        None => {
+            let dir = std::path::Path::new(ask.model);
+            let dir = if dir.is_dir() {
+                std::fs::canonicalize(dir)?
+            } else {
+                cfg.models_dir.join(ask.model)
+            };
+            if !is_model_dir(&dir) {
+                bail!(
+                    "no preset or model directory named {:?} (see `mlxd list`)",
+                    ask.model
+                );
+            }
+            let text = format!("model = {}", toml::Value::String(dir.display().to_string()));
+            let name = dir
+                .file_name()
+                .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+            crate::presets::Preset::parse(&text, &name)?
+        }
+    };
+    let e = preset.estimate(&cfg.models_dir, cfg.kv_reserve);
+    let path = preset.model_path(&cfg.models_dir)?;
+    let files = crate::model_files::ModelFiles::read(Some(&path));
+    let concurrency = ask.concurrency.unwrap_or(1).max(1);
+    let context = ask
+        .context
+        .or(e.context_length)
+        .unwrap_or(crate::memory::DEFAULT_KV_RESERVE_TOKENS);
+    let working = e.kv_for(context * concurrency, concurrency);
+    println!(
+        "{} ({}): {} {}, {} context",
+        preset.name,
+        path.display(),
+        if files.family.is_empty() {
+            "?"
+        } else {
+            &files.family
+        },
+        files.quantization,
+        e.context_length
+            .map_or("an unknown".into(), |c| format!("a {c}-token"))
+    );
+    println!("  weights          {:>10}", human(e.weights_bytes));
+    println!("  runtime          {:>10}", human(e.runtime_bytes));
+    if e.draft_bytes > 0 {
+        println!(
+            "  draft            {:>10}  (weights and its KV)",
+            human(e.draft_bytes)
+        );
+    }
+    match &e.kv_shape {
+        Some(shape) => {
+            let mut line = format!(
+                "  KV per token     {:>10}  ({} bytes",
+                human_small(e.kv_bytes_per_token),
+                e.kv_bytes_per_token
+            );
+            for w in &shape.windows {
+                line += &format!(
+                    "; {} of it only for the last {} tokens",
+                    w.bytes_per_token, w.tokens
+                );
+            }
+            if shape.bytes_per_sequence > 0 {
+                line += &format!(
+                    "; plus {} per sequence of recurrent state",
+                    human(shape.bytes_per_sequence)
+                );
+            }
+            println!("{line})");
+        }
+        None => println!("  KV per token              ?  (config.json does not say)"),
+    }
+    println!(
+        "  KV reserve       {:>10}  ({} tokens shared by up to {} sequences, guaranteed at load: kv_reserve)",
+        human(e.reserve_bytes),
+        e.reserve_tokens,
+        preset.max_concurrent
+    );
+    let load = preset.memory_need(&cfg.models_dir, cfg.kv_reserve);
+    println!("  load needs       {:>10}", human(load));
+    println!(
+        "  working set      {:>10}  (KV of {concurrency} × {context} tokens)",
+        human(working)
+    );
+    // Running it needs the load and whatever of the working set the reserve does
+    // not cover (granted at run time from the free budget).
+    let needs = load + working.saturating_sub(e.reserve_bytes);
+    let (cap, loaded, whose) = match ask.cap {
+        Some(text) => {
+            let limit = Limit::parse(text).map_err(|e| anyhow::anyhow!("--cap {e}"))?;
+            let total = crate::sys::system().total;
+            (limit.resolve(total), 0, format!("the cap of {text}"))
+        }
+        None => {
+            let total = crate::sys::system().total;
+            let cap = cfg.memory_cap.resolve(total);
+            // What the running daemon holds (nothing when none runs), less this
+            // model's own row.
+            let loaded = match admin(cfg, "memory", None).await {
+                Ok(m) => m["models"]
+                    .as_array()
+                    .map(|rows| {
+                        rows.iter()
+                            .filter(|r| r["model"] != preset.name.as_str())
+                            .map(|r| {
+                                let f = r["footprint_bytes"].as_u64().unwrap_or(0);
+                                f.max(r["estimate_bytes"].as_u64().unwrap_or(0))
+                            })
+                            .sum()
+                    })
+                    .unwrap_or(0),
+                Err(_) => 0,
+            };
+            (cap, loaded, format!("this machine's cap of {}", human(cap)))
+        }
+    };
+    let fits = needs + loaded <= cap;
+    println!(
+        "{}: needs {} with that working set; {whose}{} leaves {}",
+        if fits { "fits" } else { "does not fit" },
+        human(needs),
+        if loaded > 0 {
+            format!(" less {} loaded now", human(loaded))
+        } else {
+            String::new()
+        },
+        human(cap.saturating_sub(loaded)),
+    );
+    if !fits {
+        let room = cap.saturating_sub(loaded + load.saturating_sub(e.reserve_bytes));
+        let per_token = e.kv_bytes_per_token.max(1);
+        println!(
+            "  to make it fit: a smaller context or fewer sequences (about {} tokens of KV fit), \
+             kv_bits = 8 (one byte per KV element instead of two or four), a smaller kv_reserve, \
+             or fewer models loaded",
+            room / per_token
+        );
+    }
+    Ok(fits)
+}
+
+/// "45.0 KiB" for per-token figures (`human` starts at MiB).
+fn human_small(b: u64) -> String {
+    if b >= 1 << 20 {
+        crate::memory::human(b)
+    } else {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::memory::Limit;
+use crate::memory::{KvReserve, Limit};
 
 /// Default port: clear of Ollama (11434), LM Studio (1234) and mlx_lm.server (8080).
 pub const DEFAULT_PORT: u16 = 11411;
@@ -55,6 +55,10 @@ pub struct FileConfig {
     /// Above this total, new generation requests are refused (503) until memory
     /// falls ("95%" by default). Env MLXD_MEMORY_SHED overrides.
     pub memory_shed: Option<String>,
+    /// The KV every model is guaranteed at load unless its preset says otherwise:
+    /// tokens shared by its sequences (`65536`) or a size (`"8GiB"`). Default:
+    /// 32,768 tokens, or the model's context if smaller.
+    pub kv_reserve: Option<KvReserve>,
 }
 
 /// The resolved configuration.
@@ -82,6 +86,8 @@ pub struct Config {
     pub memory_cap: Limit,
     /// See `FileConfig::memory_shed`.
     pub memory_shed: Limit,
+    /// See `FileConfig::kv_reserve`.
+    pub kv_reserve: Option<KvReserve>,
 }
 
 /// The source tree this binary was built from: shipped presets, the worker
@@ -199,6 +205,7 @@ impl Config {
             allowed_origins: file.allowed_origins,
             memory_cap,
             memory_shed,
+            kv_reserve: file.kv_reserve,
             host: file.host.unwrap_or_else(|| "127.0.0.1".into()),
             port,
             models_dir,

@@ -39,6 +39,14 @@ pub enum Error {
         "memory is above the shed mark: '{0}' takes no new requests until it falls; retry shortly"
     )]
     MemoryPressure(String),
+    /// The request's KV cache (prompt + max_tokens) could never fit the model's
+    /// share of memory, even alone: the message names the tokens and bytes.
+    #[error("{0}")]
+    KvTooLarge(String),
+    /// An allocation failed inside a model step (the worker recovered; the
+    /// sequences that needed the memory end with this).
+    #[error("{0}")]
+    OutOfMemory(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -56,23 +64,28 @@ impl Error {
             Error::InvalidRequest { .. }
             | Error::ContextOverflow(_)
             | Error::ModelNotFound(_)
-            | Error::NotAllowed(_) => Source::Client,
+            | Error::NotAllowed(_)
+            | Error::KvTooLarge(_) => Source::Client,
             Error::WorkerUnavailable { .. }
             | Error::WorkerFailed { .. }
             | Error::Overloaded { .. }
-            | Error::MemoryPressure(_) => Source::Worker,
+            | Error::MemoryPressure(_)
+            | Error::OutOfMemory(_) => Source::Worker,
             Error::Internal(_) => Source::Daemon,
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::InvalidRequest { .. } | Error::ContextOverflow(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidRequest { .. } | Error::ContextOverflow(_) | Error::KvTooLarge(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Error::NotAllowed(_) => StatusCode::FORBIDDEN,
             Error::WorkerUnavailable { .. }
             | Error::Overloaded { .. }
-            | Error::MemoryPressure(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | Error::MemoryPressure(_)
+            | Error::OutOfMemory(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::WorkerFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -90,6 +103,8 @@ impl Error {
             Error::WorkerFailed { .. } => "worker_failed",
             Error::Overloaded { .. } => "model_overloaded",
             Error::MemoryPressure(_) => "memory_pressure",
+            Error::KvTooLarge(_) => "kv_cache_too_large",
+            Error::OutOfMemory(_) => "out_of_memory",
             Error::Internal(_) => "internal_error",
         }
     }

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod home;
+pub mod kv_shape;
 pub mod logs;
 pub mod memory;
 pub mod metrics;

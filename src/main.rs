@@ -120,6 +120,22 @@ enum Cmd {
     },
     /// Show presets and imported models.
     List,
+    /// What a model needs in memory (weights, KV per token, the reserve, a
+    /// working set) and whether it fits the cap; exits 1 when it does not.
+    Estimate {
+        /// A preset's name, an imported model's name, or a model directory.
+        model: String,
+        /// Tokens per sequence of the working set (default: the model's context).
+        #[arg(long)]
+        context: Option<u64>,
+        /// Sequences of the working set.
+        #[arg(long)]
+        concurrency: Option<u64>,
+        /// Ask about another machine's cap ("512GB", "460GiB"); what is loaded
+        /// here does not count. MLXD_MEMORY_CAP sets this machine's.
+        #[arg(long)]
+        cap: Option<String>,
+    },
     /// Import a llama GGUF file as an MLX model.
     Import {
         gguf: PathBuf,
@@ -284,6 +300,23 @@ async fn main() -> anyhow::Result<()> {
             mlxd::logs::print(source, lines, follow).await
         }
         Cmd::List => mlxd::cli::list(&cfg),
+        Cmd::Estimate {
+            model,
+            context,
+            concurrency,
+            cap,
+        } => {
+            let ask = mlxd::cli::EstimateAsk {
+                model: &model,
+                context,
+                concurrency,
+                cap: cap.as_deref(),
+            };
+            if !mlxd::cli::estimate(&cfg, ask).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Import {
             gguf,
             name,

@@ -2,7 +2,7 @@
 //! model is expected to need, and which idle models to evict to make room. The
 //! arithmetic (`plan`) is pure; the operating system is behind `Probe`.
 
-use crate::model_files::{config_field, ModelFiles};
+use crate::model_files::ModelFiles;
 use std::time::Duration;
 
 /// A size in the config: a share of physical memory (`"90%"`) or bytes (`"48GiB"`).
@@ -104,65 +104,141 @@ pub const FOOTPRINT_SOURCE: &str = if cfg!(target_os = "macos") {
 /// replay worker (tokenizer only) measures ~120 MiB of PSS here.
 pub const RUNTIME_OVERHEAD: u64 = 150 << 20;
 
-/// How a worker keeps its KV cache (a preset's `[performance]` keys), as far as
-/// its size is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct KvLayout {
-    /// Quantized to this many bits per element (None: the activation dtype).
-    pub bits: Option<u32>,
-    /// Elements sharing one scale and one bias when quantized.
-    pub group_size: u32,
-    /// A rotating cache that keeps only the last this-many tokens.
-    pub max_tokens: Option<u32>,
+pub use crate::kv_shape::KvLayout;
+use crate::kv_shape::{self, working_set_bytes};
+use worker_protocol::frame::KvShape;
+
+/// Tokens of KV a model is guaranteed when no preset or config says otherwise
+/// (or its context, if smaller): the working set of a few agents, not the worst
+/// case of every sequence at full context.
+pub const DEFAULT_KV_RESERVE_TOKENS: u64 = 32_768;
+
+/// The KV a model is guaranteed at load (`kv_reserve`, per preset or in the
+/// config): a count of tokens shared by all its sequences, or a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvReserve {
+    Tokens(u64),
+    Bytes(u64),
 }
 
-/// What a model is expected to need when loaded:
-/// weights on disk + runtime overhead + KV cache for `max_concurrent` sequences at
-/// the model's full context (see `kv_bytes`).
-pub fn estimate(files: &ModelFiles, max_concurrent: u32, kv: KvLayout) -> Option<u64> {
-    if files.config.is_null() {
-        return None;
-    }
-    Some(files.size + RUNTIME_OVERHEAD + kv_bytes(&files.config, max_concurrent, kv))
-}
-
-/// The KV cache of `sequences` sequences, from a model's config.json:
-/// 2 × layers × kv_heads × head_dim elements per token, for the model's full
-/// context or the rotating cache's `max_tokens` if smaller. Bytes per element: 4
-/// for a float32 model, else 2 (the activations of float16/bfloat16 and of
-/// quantized models); quantized to `bits`, bits/8 plus a scale and a bias of the
-/// activation dtype per `group_size` elements.
-pub fn kv_bytes(config: &serde_json::Value, sequences: u32, kv: KvLayout) -> u64 {
-    let get = |k: &str| config_field(config, k).and_then(serde_json::Value::as_u64);
-    let (Some(layers), Some(heads), Some(hidden)) = (
-        get("num_hidden_layers"),
-        get("num_attention_heads"),
-        get("hidden_size"),
-    ) else {
-        return 0;
-    };
-    let kv_heads = get("num_key_value_heads").unwrap_or(heads);
-    let head_dim = get("head_dim").unwrap_or(hidden / heads.max(1));
-    let mut context = get("max_position_embeddings").unwrap_or(4096);
-    if let Some(max) = kv.max_tokens {
-        context = context.min(u64::from(max));
-    }
-    let quantized = config.get("quantization").is_some();
-    let dtype = config_field(config, "torch_dtype").and_then(|v| v.as_str());
-    let elem = if !quantized && matches!(dtype, None | Some("float32")) {
-        4
-    } else {
-        2
-    };
-    let elements = 2 * layers * kv_heads * head_dim * context * u64::from(sequences);
-    match kv.bits {
-        None => elements * elem,
-        // bits/8 + 2·elem/group bytes per element, in integers:
-        // (bits·group + 16·elem) / (8·group).
-        Some(bits) => {
-            let group = u64::from(kv.group_size.max(1));
-            elements * (u64::from(bits) * group + 16 * elem) / (8 * group)
+impl KvReserve {
+    /// `65536`, `"65536 tokens"`, `"64K tokens"`: tokens; `"8GiB"`: bytes.
+    pub fn parse(s: &str) -> Result<KvReserve, String> {
+        let s = s.trim();
+        let tokens = s
+            .strip_suffix("tokens")
+            .or_else(|| s.strip_suffix("token"))
+            .map(str::trim);
+        match tokens {
+            Some(n) => {
+                let (digits, mult) = match n.strip_suffix(['K', 'k']) {
+                    Some(d) => (d, 1024),
+                    None => (n, 1),
+                };
+                digits
+                    .trim()
+                    .parse::<u64>()
+                    .map(|v| KvReserve::Tokens(v * mult))
+                    .map_err(|_| format!("{s:?}: write a count of tokens (\"32768 tokens\", \"64K tokens\") or a size (\"8GiB\")"))
+            }
+            None if s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty() => Ok(
+                KvReserve::Tokens(s.parse().map_err(|_| format!("{s:?} is too large"))?),
+            ),
+            None => parse_bytes(s).map(KvReserve::Bytes),
         }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KvReserve {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KvReserve, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Tokens(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Tokens(n) => Ok(KvReserve::Tokens(n)),
+            Raw::Text(s) => KvReserve::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl serde::Serialize for KvReserve {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            KvReserve::Tokens(n) => s.serialize_u64(*n),
+            KvReserve::Bytes(b) => s.serialize_str(&b.to_string()),
+        }
+    }
+}
+
+/// What loading a model is expected to take, part by part (`mlxd estimate`,
+/// `/admin/memory`, the load admission).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Estimate {
+    /// The weights on disk (the safetensors files).
+    pub weights_bytes: u64,
+    /// MLX, Python and the tokenizer before any weight.
+    pub runtime_bytes: u64,
+    /// The draft model's weights and its KV for one sequence of the reserve.
+    pub draft_bytes: u64,
+    /// KV bytes per token while a sequence is shorter than every sliding window.
+    pub kv_bytes_per_token: u64,
+    /// The KV cache as a function of tokens (None: the config does not say).
+    pub kv_shape: Option<KvShape>,
+    /// The model's context (config.json).
+    pub context_length: Option<u64>,
+    /// Tokens of KV guaranteed at load, shared by all sequences, and their bytes.
+    pub reserve_tokens: u64,
+    pub reserve_bytes: u64,
+}
+
+impl Estimate {
+    /// What the load admission charges.
+    pub fn total(&self) -> u64 {
+        self.weights_bytes + self.runtime_bytes + self.draft_bytes + self.reserve_bytes
+    }
+
+    /// The KV of `tokens` tokens over up to `sequences` sequences.
+    pub fn kv_for(&self, tokens: u64, sequences: u64) -> u64 {
+        self.kv_shape
+            .as_ref()
+            .map_or(0, |shape| working_set_bytes(shape, tokens, sequences))
+    }
+}
+
+/// What a model needs at load: its weights, the runtime, and a KV reserve of
+/// `reserve` (tokens are capped at the model's context) shared by up to
+/// `max_concurrent` sequences. KV beyond the reserve is granted at run time by
+/// the worker's own accounting (docs/design/MEMORY.md).
+pub fn estimate(
+    files: &ModelFiles,
+    max_concurrent: u32,
+    kv: KvLayout,
+    reserve: KvReserve,
+) -> Estimate {
+    let shape = kv_shape::kv_shape(&files.config, kv);
+    let context = kv_shape::context_length(&files.config);
+    let sequences = u64::from(max_concurrent.max(1));
+    let (reserve_tokens, reserve_bytes) = match (reserve, &shape) {
+        (KvReserve::Bytes(b), Some(shape)) => (b / shape.first_token_bytes().max(1), b),
+        (KvReserve::Bytes(b), None) => (0, b),
+        (KvReserve::Tokens(t), Some(shape)) => {
+            let t = context.map_or(t, |c| t.min(c));
+            (t, working_set_bytes(shape, t, sequences))
+        }
+        (KvReserve::Tokens(_), None) => (0, 0),
+    };
+    Estimate {
+        weights_bytes: files.size,
+        runtime_bytes: RUNTIME_OVERHEAD,
+        draft_bytes: 0,
+        kv_bytes_per_token: shape.as_ref().map_or(0, KvShape::first_token_bytes),
+        kv_shape: shape,
+        context_length: context,
+        reserve_tokens,
+        reserve_bytes,
     }
 }
 
@@ -318,66 +394,5 @@ mod tests {
             plan(1 << 30, "m", 900 << 20, &[r("m", 900, false, false, 0)]),
             Plan::Admit
         );
-    }
-
-    #[test]
-    fn the_kv_estimate_follows_the_config() {
-        let smollm2 = serde_json::json!({
-            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-            "hidden_size": 576, "max_position_embeddings": 8192
-        });
-        // 2 × 30 layers × 3 heads × 64 dims × 4 bytes = 46,080 bytes per token.
-        let full = KvLayout::default();
-        assert_eq!(kv_bytes(&smollm2, 1, full), 46_080 * 8192);
-        let mut q4 = smollm2.clone();
-        q4["quantization"] = serde_json::json!({"bits": 4});
-        assert_eq!(kv_bytes(&q4, 2, full), 23_040 * 8192 * 2);
-    }
-
-    #[test]
-    fn a_rotating_kv_cache_counts_only_its_window() {
-        let smollm2 = serde_json::json!({
-            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-            "hidden_size": 576, "max_position_embeddings": 8192
-        });
-        let window = KvLayout {
-            max_tokens: Some(1024),
-            ..KvLayout::default()
-        };
-        assert_eq!(kv_bytes(&smollm2, 2, window), 46_080 * 1024 * 2);
-        // A window past the context changes nothing.
-        let wide = KvLayout {
-            max_tokens: Some(1 << 20),
-            ..KvLayout::default()
-        };
-        assert_eq!(
-            kv_bytes(&smollm2, 1, wide),
-            kv_bytes(&smollm2, 1, KvLayout::default())
-        );
-    }
-
-    #[test]
-    fn a_quantized_kv_cache_counts_bits_scales_and_biases() {
-        let smollm2 = serde_json::json!({
-            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-            "hidden_size": 576, "max_position_embeddings": 8192
-        });
-        // 11,520 elements per token; float32 model: 8 bits + a 4-byte scale and
-        // bias per 64 elements = 1 + 8/64 = 1.125 bytes per element.
-        let eight = KvLayout {
-            bits: Some(8),
-            group_size: 64,
-            max_tokens: None,
-        };
-        assert_eq!(kv_bytes(&smollm2, 1, eight), 11_520 * 8192 * 9 / 8);
-        // 4 bits, group 32, a float16 model: 0.5 + 4/32 = 0.625 bytes per element.
-        let mut half = smollm2.clone();
-        half["torch_dtype"] = "float16".into();
-        let four = KvLayout {
-            bits: Some(4),
-            group_size: 32,
-            max_tokens: Some(4096),
-        };
-        assert_eq!(kv_bytes(&half, 2, four), 11_520 * 4096 * 2 * 5 / 8);
     }
 }

@@ -37,10 +37,22 @@ impl ModelFiles {
                     .sum()
             })
             .unwrap_or(0);
-        let config: Value = dir
+        let mut config: Value = dir
             .and_then(|d| std::fs::read_to_string(d.join("config.json")).ok())
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or(Value::Null);
+        // A config that names no dtype (mlx-lm's conversions often do not) gets
+        // the one its weights are stored in: the activations' (and KV's) dtype.
+        let named = config_field(&config, "torch_dtype")
+            .or_else(|| config_field(&config, "dtype"))
+            .is_some();
+        if let (false, Some(obj), Some(dtype)) = (
+            named,
+            config.as_object_mut(),
+            dir.and_then(weights_float_dtype),
+        ) {
+            obj.insert("torch_dtype".into(), dtype.into());
+        }
         let field = |key: &str| config_field(&config, key).cloned();
         let quantization = match config
             .get("quantization")
@@ -68,4 +80,45 @@ impl ModelFiles {
             config,
         }
     }
+}
+
+/// The activations' dtype as the weights decide it, from the safetensors header
+/// of the model's first weights file.
+fn weights_float_dtype(dir: &Path) -> Option<&'static str> {
+    use std::io::Read;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    let mut file = std::fs::File::open(files.first()?).ok()?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    // A header is a few MB at most; a sparse stand-in file has none.
+    if len == 0 || len > 64 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).ok()?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header).ok()?;
+    let float = |v: &Value| match v.get("dtype").and_then(Value::as_str) {
+        Some("F32") => Some("float32"),
+        Some("BF16") => Some("bfloat16"),
+        Some("F16") => Some("float16"),
+        _ => None,
+    };
+    // The embedding's output is the first activation (a quantized one's scales
+    // decide it: float32 scales promote float16 norms); then the norms.
+    let named = |part: &str| {
+        header
+            .iter()
+            .filter(|(name, _)| name.contains(part))
+            .find_map(|(_, v)| float(v))
+    };
+    named("embed")
+        .or_else(|| named("norm"))
+        .or_else(|| header.values().find_map(float))
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use worker_protocol::frame::{FaultOptions, FlushOptions, LoadOptions, SpeculativeOptions};
 
+use crate::memory::{Estimate, KvLayout, KvReserve};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
@@ -182,6 +184,12 @@ pub struct Preset {
     /// `max_concurrent` sequences (README, "Memory").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_estimate: Option<String>,
+    /// The KV a model is guaranteed at load, in tokens shared by its sequences
+    /// (`65536`, `"64K tokens"`) or bytes (`"8GiB"`); default: the config's
+    /// `kv_reserve`, else 32,768 tokens or the model's context if smaller. KV
+    /// beyond it is granted at run time from the free budget (README, "Memory").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_reserve: Option<crate::memory::KvReserve>,
     /// The prefix cache's limit ("1GiB"; "0" turns it off). Default: a quarter
     /// of what the model is expected to need (README, "Prompt cache").
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -528,8 +536,8 @@ impl Preset {
     }
 
     /// How the worker keeps the KV cache, for the memory estimate.
-    pub fn kv_layout(&self) -> crate::memory::KvLayout {
-        crate::memory::KvLayout {
+    pub fn kv_layout(&self) -> KvLayout {
+        KvLayout {
             bits: self.performance.kv_bits,
             group_size: self
                 .performance
@@ -555,40 +563,58 @@ impl Preset {
         crate::memory::parse_bytes(size).ok()
     }
 
-    /// What loading this model is expected to take, in bytes.
-    pub fn memory_need(&self, models_dir: &Path) -> u64 {
+    /// What loading this model is expected to take, part by part: its weights,
+    /// the runtime, the draft's weights and KV, and the KV reserve (the preset's
+    /// `kv_reserve`, else `default_reserve` from the config, else 32,768 tokens).
+    pub fn estimate(&self, models_dir: &Path, default_reserve: Option<KvReserve>) -> Estimate {
+        let reserve = self
+            .kv_reserve
+            .or(default_reserve)
+            .unwrap_or(KvReserve::Tokens(crate::memory::DEFAULT_KV_RESERVE_TOKENS));
+        if self.engine == EngineKind::Replay {
+            return Estimate {
+                runtime_bytes: crate::memory::RUNTIME_OVERHEAD,
+                ..Estimate::default()
+            };
+        }
+        let read = |dir: PathBuf| crate::model_files::ModelFiles::read(Some(&dir));
+        let Some(files) = self.model_path(models_dir).ok().map(read) else {
+            return Estimate::default();
+        };
+        let mut estimate =
+            crate::memory::estimate(&files, self.max_concurrent, self.kv_layout(), reserve);
+        // A draft runs in the same worker for one sequence at a time: its weights
+        // and its KV for the reserve's tokens, at full precision (the safe side).
+        if let Some(draft) = self.draft_path(models_dir).map(read) {
+            let tokens = match estimate.reserve_tokens {
+                0 => crate::memory::DEFAULT_KV_RESERVE_TOKENS,
+                t => t,
+            };
+            let d =
+                crate::memory::estimate(&draft, 1, KvLayout::default(), KvReserve::Tokens(tokens));
+            estimate.draft_bytes = d.weights_bytes + d.reserve_bytes;
+        }
+        estimate
+    }
+
+    /// What the load admission charges, in bytes: `memory_estimate` when the
+    /// preset sets one, else the estimate's total.
+    pub fn memory_need(&self, models_dir: &Path, default_reserve: Option<KvReserve>) -> u64 {
         if let Some(m) = self.memory_estimate.as_deref() {
             return crate::memory::parse_bytes(m).unwrap_or(0);
         }
-        if self.engine == EngineKind::Replay {
-            return crate::memory::RUNTIME_OVERHEAD;
+        match self.estimate(models_dir, default_reserve) {
+            e if e == Estimate::default() => 0,
+            e => e.total(),
         }
-        let target = self
-            .model_path(models_dir)
-            .ok()
-            .map(|dir| crate::model_files::ModelFiles::read(Some(&dir)))
-            .and_then(|files| {
-                crate::memory::estimate(&files, self.max_concurrent, self.kv_layout())
-            })
-            .unwrap_or(0);
-        // A draft runs in the same worker for one sequence at a time (its KV is
-        // counted at full precision: the safe side).
-        let draft = self
-            .draft_path(models_dir)
-            .map(|dir| crate::model_files::ModelFiles::read(Some(&dir)))
-            .and_then(|files| {
-                crate::memory::estimate(&files, 1, crate::memory::KvLayout::default())
-            })
-            .map_or(0, |d| d.saturating_sub(crate::memory::RUNTIME_OVERHEAD));
-        target + draft
     }
 
     /// The prefix cache's limit in bytes (0: off).
-    pub fn prompt_cache_limit(&self, models_dir: &Path) -> u64 {
+    pub fn prompt_cache_limit(&self, models_dir: &Path, default_reserve: Option<KvReserve>) -> u64 {
         match self.prompt_cache_bytes.as_deref() {
             Some(s) => cache_bytes(s).unwrap_or(0),
             None if self.engine == EngineKind::Replay => 0,
-            None => self.memory_need(models_dir) / 4,
+            None => self.memory_need(models_dir, default_reserve) / 4,
         }
     }
 
@@ -1005,7 +1031,7 @@ mod tests {
         let models = Path::new("/nonexistent");
         let limit = |extra: &str| {
             Preset::parse(&format!("model = \"m\"\n{extra}"), "x")
-                .map(|p| p.prompt_cache_limit(models))
+                .map(|p| p.prompt_cache_limit(models, None))
         };
         assert_eq!(limit("prompt_cache_bytes = \"64MiB\"").unwrap(), 64 << 20);
         assert_eq!(limit("prompt_cache_bytes = \"0\"").unwrap(), 0);
@@ -1027,7 +1053,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!((p.max_concurrent, p.prefill_step, p.max_queue), (4, 512, 8));
-        assert_eq!(p.prompt_cache_limit(Path::new("/nonexistent")), 64 << 20);
+        assert_eq!(
+            p.prompt_cache_limit(Path::new("/nonexistent"), None),
+            64 << 20
+        );
         assert_eq!(p.performance.max_concurrent, None, "folded into the field");
         let options = options_json(&p);
         assert_eq!(
@@ -1177,46 +1206,75 @@ mod tests {
         assert!(err.contains("replay"), "{err}");
     }
 
+    fn model_dir(name: &str, models: &[(&str, usize, &str)]) -> PathBuf {
+        let dir = crate::test_support::scratch_dir(name);
+        for (model, bytes, config) in models {
+            std::fs::create_dir_all(dir.join(model)).unwrap();
+            std::fs::write(dir.join(model).join("model.safetensors"), vec![0u8; *bytes]).unwrap();
+            std::fs::write(dir.join(model).join("config.json"), config).unwrap();
+        }
+        dir
+    }
+
+    /// 2 layers × 4 KV heads × 64 dims: 2 × 2 × 4 × 64 = 1,024 float32 elements
+    /// (4,096 bytes) per token; a context of 4,096.
+    const SMALL: &str = r#"{"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256,
+        "max_position_embeddings": 4096}"#;
+
     #[test]
-    fn the_memory_need_counts_a_quantized_or_rotating_kv_cache() {
-        let dir = std::env::temp_dir().join(format!("mlxd-kv-need-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("t")).unwrap();
-        std::fs::write(dir.join("t").join("model.safetensors"), vec![0u8; 1000]).unwrap();
-        std::fs::write(
-            dir.join("t").join("config.json"),
-            r#"{"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256,
-                "max_position_embeddings": 4096}"#,
-        )
-        .unwrap();
-        let need = |perf: &str| {
-            Preset::parse(
-                &format!("model = \"t\"\nmax_concurrent = 2\n[performance]\n{perf}"),
-                "x",
-            )
-            .unwrap()
-            .memory_need(&dir)
+    fn the_memory_need_charges_a_reserve_of_the_working_set_not_every_sequence_at_full_context() {
+        let dir = model_dir("kv-need", &[("t", 1000, SMALL)]);
+        let need = |extra: &str, default: Option<KvReserve>| {
+            Preset::parse(&format!("model = \"t\"\nmax_concurrent = 16\n{extra}"), "x")
+                .unwrap()
+                .memory_need(&dir, default)
         };
         let fixed = 1000 + crate::memory::RUNTIME_OVERHEAD;
-        // 2 × 2 layers × 4 heads × 64 dims = 1024 float32 elements per token.
-        let full = 1024 * 4 * 4096 * 2;
-        assert_eq!(need(""), fixed + full);
-        assert_eq!(need("max_kv_size = 1024"), fixed + full / 4);
-        // 8 bits + a float32 scale and bias per 64 elements: 1.125 bytes, not 4.
-        assert_eq!(need("kv_bits = 8"), fixed + 1024 * 4096 * 2 * 9 / 8);
+        let per_token = 4096;
+        // The default reserve: 32,768 tokens, capped at the context (4,096),
+        // whatever max_concurrent says.
+        assert_eq!(need("", None), fixed + per_token * 4096);
+        assert_eq!(need("kv_reserve = 1000", None), fixed + per_token * 1000);
+        assert_eq!(
+            need("kv_reserve = \"1K tokens\"", None),
+            fixed + per_token * 1024
+        );
+        assert_eq!(need("kv_reserve = \"1MiB\"", None), fixed + (1 << 20));
+        // The config's default applies where the preset says nothing.
+        assert_eq!(
+            need("", Some(KvReserve::Tokens(10))),
+            fixed + per_token * 10
+        );
+        assert_eq!(
+            need("kv_reserve = 20", Some(KvReserve::Tokens(10))),
+            fixed + per_token * 20
+        );
+        // A rotating cache of 256 tokens: 16 sequences hold 1,000 tokens in
+        // all; 8-bit KV is 1.125 bytes per element, not 4.
+        assert_eq!(
+            need("kv_reserve = 1000\n[performance]\nmax_kv_size = 256", None),
+            fixed + per_token * 1000
+        );
+        assert_eq!(
+            need("kv_reserve = 1000\n[performance]\nkv_bits = 8", None),
+            fixed + 1024 * 1000 * 9 / 8
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn the_memory_need_counts_the_draft_weights() {
-        let dir = std::env::temp_dir().join(format!("mlxd-draft-need-{}", std::process::id()));
-        for (name, bytes) in [("t", 1000usize), ("d", 300)] {
-            std::fs::create_dir_all(dir.join(name)).unwrap();
-            std::fs::write(dir.join(name).join("model.safetensors"), vec![0u8; bytes]).unwrap();
-            std::fs::write(dir.join(name).join("config.json"), "{}").unwrap();
-        }
-        let plain = Preset::parse("model = \"t\"", "x").unwrap();
-        let drafting = Preset::parse("model = \"t\"\n[speculative]\ndraft = \"d\"", "x").unwrap();
-        assert_eq!(drafting.memory_need(&dir) - plain.memory_need(&dir), 300);
+    fn the_memory_need_counts_the_draft_weights_and_its_kv() {
+        let dir = model_dir("draft-need", &[("t", 1000, SMALL), ("d", 300, SMALL)]);
+        let plain = Preset::parse("model = \"t\"\nkv_reserve = 100", "x").unwrap();
+        let drafting = Preset::parse(
+            "model = \"t\"\nkv_reserve = 100\n[speculative]\ndraft = \"d\"",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            drafting.memory_need(&dir, None) - plain.memory_need(&dir, None),
+            300 + 4096 * 100
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

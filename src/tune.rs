@@ -798,7 +798,7 @@ mod tests {
             (back.performance.kv_bits, back.performance.kv_group_size),
             (Some(8), Some(32))
         );
-        assert_eq!(back.prompt_cache_limit(Path::new("/none")), 64 << 20);
+        assert_eq!(back.prompt_cache_limit(Path::new("/none"), None), 64 << 20);
         assert_eq!(back.speculative.as_ref().unwrap().mode, SpecMode::Off);
         assert!(
             written.contains("# my model") && written.contains("# keep me"),
@@ -838,7 +838,7 @@ mod tests {
         let options = c.worker_options();
         assert_eq!(options.kv_bits, Some(8));
         assert_eq!(options.speculative.unwrap().mode, "on");
-        assert_eq!(c.prompt_cache_limit(Path::new("/none")), 0);
+        assert_eq!(c.prompt_cache_limit(Path::new("/none"), None), 0);
         // A rotating cache cannot be quantized: that candidate is refused.
         let rotating =
             Preset::parse("model = \"m\"\n[performance]\nmax_kv_size = 1024", "m").unwrap();

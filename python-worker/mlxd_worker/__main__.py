@@ -19,7 +19,7 @@ from .engines.engine import Engine, make_backend
 from .io import frames
 from .io.protocol import Hello, Stats
 from .io.transport import ShmTransport, StdioTransport, Transport
-from .stats import blas_library, rss_bytes
+from .stats import blas_library, discrete_gpu_memory, rss_bytes
 
 log = logging.getLogger("mlxd_worker")
 
@@ -49,6 +49,8 @@ def _stats_loop(engine: Engine, transport: Transport) -> None:
             "prompt_cache": engine.backend.prompt_cache_stats(),
             **engine.counters.snapshot(),
         }
+        if engine.kv.shape is not None:
+            stats["kv"] = engine.kv.stats(engine.kv_in_use(), len(engine.waiting_for_memory))
         transport.send(frames.STATS, frames.json_payload(stats))
 
 
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         "native_protocol": transport.native,
         "http_port": http_port,
     }
+    device_memory = discrete_gpu_memory()
+    if device_memory is not None:
+        hello["device_memory"] = device_memory
     transport.send(frames.HELLO, frames.json_payload(hello))
     engine_thread = threading.Thread(target=engine.run, name="engine", daemon=True)
     engine_thread.start()
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("stdin closed: the daemon is gone, exiting")
             break
         kind, _flags, payload = frame
-        if kind in (frames.LOAD, frames.GENERATE, frames.CANCEL, frames.CLEAR_CACHE):
+        if kind in (frames.LOAD, frames.GENERATE, frames.CANCEL, frames.CLEAR_CACHE, frames.MEMORY_LIMIT):
             engine.submit(kind, payload)
         elif kind == frames.SHUTDOWN:
             log.info("shutdown requested")

@@ -22,6 +22,12 @@ class InjectedFault(RuntimeError):
     """Raised inside a decode step by ``raise_in_step``."""
 
 
+class InjectedOutOfMemory(RuntimeError):
+    """Raised inside a decode step by ``out_of_memory_in_step``, worded as MLX's
+    Metal allocator words a failed allocation (the Linux CPU allocator cannot
+    fail one: it crashes the process, docs/design/MEMORY.md)."""
+
+
 @dataclass(frozen=True)
 class Faults:
     # Sleep forever inside Load, before the model is read (no progress at all).
@@ -32,6 +38,8 @@ class Faults:
     raise_in_step: int = 0
     # Send a frame of an unknown kind after the N-th decode step.
     garbage_after_step: int = 0
+    # Fail the N-th decode step as a failed MLX allocation.
+    out_of_memory_in_step: int = 0
 
     @staticmethod
     def from_options(options: LoadOptions) -> Faults:
@@ -43,6 +51,7 @@ class Faults:
             step_delay_s=float(raw.get("step_delay_ms", 0)) / 1000.0,
             raise_in_step=int(raw.get("raise_in_step", 0)),
             garbage_after_step=int(raw.get("garbage_after_step", 0)),
+            out_of_memory_in_step=int(raw.get("out_of_memory_in_step", 0)),
         )
 
     def in_load(self) -> None:
@@ -54,6 +63,8 @@ class Faults:
             time.sleep(self.step_delay_s)
         if self.raise_in_step and step == self.raise_in_step:
             raise InjectedFault(f"injected fault in decode step {step}")
+        if self.out_of_memory_in_step and step == self.out_of_memory_in_step:
+            raise InjectedOutOfMemory(f"[metal::malloc] Unable to allocate 1073741824 bytes (injected in step {step})")
 
     def garbage_due(self, step: int) -> bool:
         return bool(self.garbage_after_step) and step == self.garbage_after_step

@@ -30,3 +30,6 @@ class Model(Protocol):
     tokens), feeding their keys and values into `cache`."""
 
     def __call__(self, inputs: mx.array, cache: PromptCache | None = None) -> mx.array: ...
+
+    # nn.Module's: the weights as a nested dict of arrays.
+    def parameters(self) -> dict[str, Any]: ...

@@ -30,3 +30,21 @@ def blas_library() -> str | None:
         return "openblas"
     names = sorted(os.path.basename(p) for p in paths)
     return names[0] if names else None
+
+
+def discrete_gpu_memory() -> int | None:
+    """A discrete GPU's own memory as MLX reports it (MLX CUDA on Linux): the
+    daemon's budget cannot exceed it. None on the CPU and on a Mac, where the GPU
+    shares the host's memory that the daemon already counts."""
+    if sys.platform == "darwin":
+        return None
+    import mlx.core as mx
+
+    if mx.default_device() != mx.gpu:
+        return None
+    info = mx.device_info()
+    for key in ("memory_size", "total_memory"):
+        value = info.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -4,7 +4,7 @@
 //! first, never cut off), and answers the slot that asked.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +21,8 @@ use crate::memory::{self, human, Plan, Probe, Resident};
 pub struct Admit {
     pub model: String,
     pub need: u64,
+    /// The settings that would make it fit, appended to a refusal.
+    pub hint: String,
     pub reply: oneshot::Sender<Result<u64, String>>,
 }
 
@@ -33,6 +35,9 @@ pub struct Budget {
     slots: Slots,
     /// Above the shed mark: new generation requests are refused.
     shedding: Arc<AtomicBool>,
+    /// The smallest discrete GPU memory a worker reported (0: none): on MLX
+    /// CUDA the budget is the device's memory, not the host's.
+    device_memory: Arc<AtomicU64>,
 }
 
 /// How often the shedding watch looks at memory.
@@ -57,6 +62,29 @@ pub struct ModelMemory {
     pub state: Phase,
     pub footprint_bytes: u64,
     pub estimate_bytes: u64,
+    /// The weights (and a draft's) as the worker's MLX holds them; before the
+    /// worker says, the safetensors' size.
+    pub weights_bytes: u64,
+    /// The KV of the sequences in flight, what they may still grow to, the
+    /// reserve the load guaranteed, and the prefix cache.
+    pub kv_in_use_bytes: u64,
+    pub kv_reserved_bytes: u64,
+    pub kv_reserve_bytes: u64,
+    pub prompt_cache_bytes: u64,
+    /// KV bytes per token (while shorter than every sliding window).
+    pub kv_bytes_per_token: u64,
+    /// The worker's share of the budget, and what of it is neither held nor
+    /// promised: room for more KV.
+    pub share_bytes: u64,
+    pub headroom_bytes: u64,
+    /// What of the share KV and the prefix cache may fill (the share less what
+    /// the worker holds with nothing in flight).
+    pub kv_capacity_bytes: u64,
+    /// Requests waiting for KV memory, refused because theirs could never fit,
+    /// and prefix-cache entries dropped to make room for one.
+    pub waiting_for_memory: u32,
+    pub kv_refused_total: u64,
+    pub kv_evicted_for_room_total: u64,
     pub pinned: bool,
     /// Unix time of its last request.
     pub last_used: Option<u64>,
@@ -73,6 +101,7 @@ impl Budget {
             probe,
             slots,
             shedding: Arc::new(AtomicBool::new(false)),
+            device_memory: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -100,7 +129,10 @@ impl Budget {
         let budget = self.clone();
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
-                let result = budget.admit(&req.model, req.need).await;
+                let result = budget
+                    .admit(&req.model, req.need)
+                    .await
+                    .map_err(|why| why + &req.hint);
                 match &result {
                     Ok(limit) => tracing::info!(
                         model = %req.model,
@@ -117,7 +149,17 @@ impl Budget {
     }
 
     pub fn cap(&self) -> u64 {
-        self.cfg.memory_cap.resolve(self.probe.system().total)
+        self.cfg.memory_cap.resolve(self.total())
+    }
+
+    /// The memory the budget is a share of: the host's, or a discrete GPU's
+    /// when a worker reported a smaller one.
+    fn total(&self) -> u64 {
+        let host = self.probe.system().total;
+        match self.device_memory.load(Ordering::Relaxed) {
+            0 => host,
+            device => host.min(device),
+        }
     }
 
     async fn infos(&self) -> Vec<(mpsc::UnboundedSender<Command>, SlotInfo)> {
@@ -137,6 +179,7 @@ impl Budget {
     /// Above the shed mark (the workers together, or the whole machine): refuse new
     /// requests and ask every worker to give its cache back, once per episode.
     async fn watch(&self) {
+        self.share().await;
         let report = self.report().await;
         let machine_used = report.total_bytes.saturating_sub(report.available_bytes);
         let over = report.used_bytes > report.shed_bytes || machine_used > report.shed_bytes;
@@ -158,20 +201,31 @@ impl Budget {
         }
     }
 
+    /// Tells each running worker its share of the budget: the cap less what the
+    /// others hold (each at least its estimate, so their reserves stay theirs).
+    /// A worker grows its KV into its share; the share shrinks as others load.
+    async fn share(&self) {
+        let infos = self.infos().await;
+        if let Some(device) = infos.iter().filter_map(|(_, i)| i.device_memory).min() {
+            self.device_memory.store(device, Ordering::Relaxed);
+        }
+        let residents: Vec<Resident> = infos.iter().filter_map(|(_, i)| resident(i)).collect();
+        let cap = self.cap();
+        for (slot, info) in &infos {
+            if info.state != Phase::Ready {
+                continue;
+            }
+            let _ = slot.send(Command::MemoryLimit(share_of(cap, &info.model, &residents)));
+        }
+    }
+
     async fn admit(&self, model: &str, need: u64) -> Result<u64, String> {
         for _ in 0..ROUNDS {
             let infos = self.infos().await;
             let residents: Vec<Resident> = infos.iter().filter_map(|(_, i)| resident(i)).collect();
             let cap = self.cap();
             let victims = match memory::plan(cap, model, need, &residents) {
-                Plan::Admit => {
-                    let others: u64 = residents
-                        .iter()
-                        .filter(|r| r.model != model)
-                        .map(|r| r.bytes)
-                        .sum();
-                    return Ok(cap.saturating_sub(others));
-                }
+                Plan::Admit => return Ok(share_of(cap, model, &residents)),
                 Plan::Refuse(why) => return Err(why),
                 Plan::Evict(victims) => victims,
             };
@@ -208,6 +262,28 @@ impl Budget {
             .map(|(_, i)| i)
             .filter(|i| i.state != Phase::Stopped)
             .map(|i| ModelMemory {
+                weights_bytes: i
+                    .stats
+                    .kv
+                    .as_ref()
+                    .map(|kv| kv.weights_bytes)
+                    .or(i.estimate.as_ref().map(|e| e.weights_bytes + e.draft_bytes))
+                    .unwrap_or(0),
+                kv_in_use_bytes: i.stats.kv.as_ref().map_or(0, |kv| kv.in_use_bytes),
+                kv_reserved_bytes: i.stats.kv.as_ref().map_or(0, |kv| kv.reserved_bytes),
+                kv_reserve_bytes: i.estimate.as_ref().map_or(0, |e| e.reserve_bytes),
+                kv_bytes_per_token: i.estimate.as_ref().map_or(0, |e| e.kv_bytes_per_token),
+                prompt_cache_bytes: i.stats.prompt_cache.as_ref().map_or(0, |pc| pc.bytes),
+                share_bytes: i.memory_limit.unwrap_or(0),
+                headroom_bytes: i.headroom_bytes(),
+                waiting_for_memory: i.stats.kv.as_ref().map_or(0, |kv| kv.waiting),
+                kv_capacity_bytes: i.stats.kv.as_ref().map_or(0, |kv| kv.capacity_bytes),
+                kv_refused_total: i.stats.kv.as_ref().map_or(0, |kv| kv.refused_total),
+                kv_evicted_for_room_total: i
+                    .stats
+                    .kv
+                    .as_ref()
+                    .map_or(0, |kv| kv.evicted_for_room_total),
                 model: i.model,
                 state: i.state,
                 footprint_bytes: i.footprint_bytes,
@@ -218,8 +294,9 @@ impl Budget {
             })
             .collect();
         let used = models.iter().map(|m| m.footprint_bytes).sum();
-        let cap_bytes = self.cfg.memory_cap.resolve(system.total);
-        let shed_bytes = self.cfg.memory_shed.resolve(system.total);
+        let total = self.total();
+        let cap_bytes = self.cfg.memory_cap.resolve(total);
+        let shed_bytes = self.cfg.memory_shed.resolve(total);
         metrics::gauge!("mlxd_memory_used_bytes").set(used as f64);
         // Exported beside the usage so that a dashboard can draw the limits it is
         // measured against (they follow the machine's total when given as shares).
@@ -243,8 +320,11 @@ fn resident(i: &SlotInfo) -> Option<Resident> {
         // No process, and none before its admission (Admitting asks in turn).
         Phase::Stopped | Phase::Admitting | Phase::Backoff | Phase::Failed => return None,
         // A load in progress will grow to its estimate.
-        Phase::Starting => i.footprint_bytes.max(i.estimate_bytes),
-        Phase::Ready | Phase::Draining | Phase::Crashed => i.footprint_bytes,
+        // A loaded one holds at least its estimate: its KV reserve stays its own
+        // while unused.
+        Phase::Starting | Phase::Ready | Phase::Draining | Phase::Crashed => {
+            i.footprint_bytes.max(i.estimate_bytes)
+        }
     };
     Some(Resident {
         model: i.model.clone(),
@@ -253,4 +333,14 @@ fn resident(i: &SlotInfo) -> Option<Resident> {
         busy: i.inflight + i.queued > 0,
         idle: Duration::from_secs_f64(i.idle_s.max(0.0)),
     })
+}
+
+/// `model`'s share of `cap`: what the other residents do not hold.
+fn share_of(cap: u64, model: &str, residents: &[Resident]) -> u64 {
+    let others: u64 = residents
+        .iter()
+        .filter(|r| r.model != model)
+        .map(|r| r.bytes)
+        .sum();
+    cap.saturating_sub(others)
 }

@@ -446,7 +446,8 @@ impl Incarnation {
         if let (Some(spec), Some(draft)) = (options.speculative.as_mut(), draft_path) {
             spec.draft_path = Some(draft.to_string_lossy().into_owned());
         }
-        options.prompt_cache_bytes = preset.prompt_cache_limit(&cfg.models_dir);
+        options.prompt_cache_bytes = preset.prompt_cache_limit(&cfg.models_dir, cfg.kv_reserve);
+        options.kv_shape = preset.estimate(&cfg.models_dir, cfg.kv_reserve).kv_shape;
         options.context_length = preset.model_files(&cfg.models_dir).context_length;
         inc.send(Frame::Load(Load {
             model_path: model_path.to_string_lossy().into_owned(),
@@ -682,6 +683,8 @@ impl Shared {
                     let e = match err.code.as_str() {
                         "invalid_request" => Error::invalid(err.message, None),
                         "context_length_exceeded" => Error::ContextOverflow(err.message),
+                        "kv_cache_too_large" => Error::KvTooLarge(err.message),
+                        "out_of_memory" => Error::OutOfMemory(err.message),
                         _ => Error::WorkerFailed {
                             model: self.model.clone(),
                             reason: err.message,

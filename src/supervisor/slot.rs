@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use metrics::{Counter, Gauge};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use worker_protocol::frame::{Generate, ModelFacts, Stats};
+use worker_protocol::frame::{Generate, MemoryLimitFrame, ModelFacts, Stats};
 use worker_protocol::Frame;
 
 use super::budget::Admit;
@@ -21,7 +21,7 @@ use super::request::{Job, Lease, Pending};
 use super::state::{Arrival, Effect, Event, Machine, Phase, Refusal, State, Work};
 use crate::config::Config;
 use crate::error::Error;
-use crate::memory::Probe;
+use crate::memory::{Estimate, Probe};
 use crate::presets::{Policy, Preset};
 
 /// How often the slot checks deadlines and the worker's progress.
@@ -62,6 +62,8 @@ pub enum Command {
     },
     /// Memory is short: the worker gives MLX's cache back.
     ClearCache,
+    /// The budget's arbiter: the worker's share of the budget is now this.
+    MemoryLimit(u64),
     Info(oneshot::Sender<SlotInfo>),
     /// A reload changed the model's preset: a running worker is replaced the way
     /// `Restart` does it (drained; queued requests wait for the new one); replies
@@ -117,6 +119,15 @@ pub struct SlotInfo {
     /// What the model is expected to need (preset, or the estimate formula).
     #[serde(default)]
     pub estimate_bytes: u64,
+    /// The estimate part by part (weights, runtime, draft, KV reserve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+    /// The worker's share of the budget (its MLX memory limit), while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
+    /// A discrete GPU's own memory, as the worker reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_memory: Option<u64>,
     /// Unix time of its last request, and seconds since.
     #[serde(default)]
     pub last_used: Option<u64>,
@@ -174,8 +185,9 @@ pub struct Slot {
     probe: Arc<dyn Probe>,
     /// The worker's footprint at the last measurement.
     footprint: u64,
-    /// What a load of this model needs (computed when it asks).
+    /// What a load of this model needs (computed when it asks), part by part.
     need: u64,
+    estimate: Estimate,
     last_used: Option<(Instant, std::time::SystemTime)>,
     ticks: u64,
 }
@@ -225,6 +237,7 @@ impl Slot {
             probe,
             footprint: 0,
             need: 0,
+            estimate: Estimate::default(),
             last_used: None,
             ticks: 0,
         };
@@ -285,7 +298,12 @@ impl Slot {
     fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::Spawn(n) => {
-                self.need = self.preset.memory_need(&self.cfg.models_dir);
+                self.estimate = self
+                    .preset
+                    .estimate(&self.cfg.models_dir, self.cfg.kv_reserve);
+                self.need = self
+                    .preset
+                    .memory_need(&self.cfg.models_dir, self.cfg.kv_reserve);
                 // The load waits for the arbiter (which may first have to drain and
                 // stop other models) in the machine's Admitting state; its answer
                 // comes back as a command, so this loop never blocks.
@@ -295,6 +313,7 @@ impl Slot {
                     let admit = Admit {
                         model: self.preset.name.clone(),
                         need: self.need,
+                        hint: fit_hint(&self.preset, &self.estimate),
                         reply,
                     };
                     arbiter.send(admit).is_ok()
@@ -529,6 +548,20 @@ impl Slot {
                     Err(why) => self.feed(Event::Refused(why)),
                 }
             }
+            Command::MemoryLimit(limit) => {
+                if let Some(inc) = &self.current {
+                    // Sent when it moved by more than 1/64: the worker's
+                    // accounting follows the budget without a frame per tick.
+                    let moved = limit.abs_diff(self.admitted_limit) > self.admitted_limit / 64;
+                    if moved && self.machine.state.phase() == Phase::Ready {
+                        tracing::debug!(model = %self.name(), limit = %crate::memory::human(limit), "memory share changed");
+                        self.admitted_limit = limit;
+                        inc.send(Frame::MemoryLimit(MemoryLimitFrame {
+                            memory_limit: limit,
+                        }));
+                    }
+                }
+            }
             Command::ClearCache => match &self.current {
                 Some(inc) => {
                     inc.send(Frame::ClearCache);
@@ -698,6 +731,10 @@ impl Slot {
             keep_alive: self.machine.keep_alive.describe(),
             footprint_bytes: self.footprint,
             estimate_bytes: self.need,
+            estimate: (self.estimate != Estimate::default()).then(|| self.estimate.clone()),
+            memory_limit: (self.current.is_some() && self.admitted_limit > 0)
+                .then_some(self.admitted_limit),
+            device_memory: hello.as_ref().and_then(|h| h.device_memory),
             last_used: self.last_used.and_then(|(_, wall)| {
                 wall.duration_since(std::time::UNIX_EPOCH)
                     .ok()
@@ -707,5 +744,57 @@ impl Slot {
                 .last_used
                 .map_or(1e9, |(at, _)| at.elapsed().as_secs_f64()),
         }
+    }
+}
+
+/// The settings that would make a refused model fit, for the refusal message.
+fn fit_hint(preset: &Preset, estimate: &Estimate) -> String {
+    let mut ways = Vec::new();
+    if estimate.reserve_bytes > 0 {
+        ways.push(format!(
+            "a smaller kv_reserve (now {} tokens, {})",
+            estimate.reserve_tokens,
+            crate::memory::human(estimate.reserve_bytes)
+        ));
+    }
+    // Sequences cost beyond their tokens only with windows or recurrent state.
+    let per_sequence = estimate
+        .kv_shape
+        .as_ref()
+        .is_some_and(|s| s.bytes_per_sequence > 0 || !s.windows.is_empty());
+    if per_sequence && preset.max_concurrent > 1 {
+        ways.push(format!(
+            "a lower max_concurrent (now {})",
+            preset.max_concurrent
+        ));
+    }
+    if preset.performance.kv_bits.is_none() && estimate.kv_bytes_per_token > 0 {
+        ways.push("kv_bits = 8 (one byte per KV element instead of two or four)".into());
+    }
+    if estimate.draft_bytes > 0 {
+        ways.push(format!(
+            "no draft model ({})",
+            crate::memory::human(estimate.draft_bytes)
+        ));
+    }
+    if ways.is_empty() {
+        return String::new();
+    }
+    format!("; to make it fit, try {}", ways.join(", or "))
+}
+
+impl SlotInfo {
+    /// What of the worker's share is neither in use (its footprint) nor promised
+    /// to the sequences in flight beyond what they hold now: room for more KV.
+    pub fn headroom_bytes(&self) -> u64 {
+        let Some(share) = self.memory_limit else {
+            return 0;
+        };
+        let promised = self
+            .stats
+            .kv
+            .as_ref()
+            .map_or(0, |kv| kv.reserved_bytes.saturating_sub(kv.in_use_bytes));
+        share.saturating_sub(self.footprint_bytes + promised)
     }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
 /// refuses a worker that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
@@ -40,11 +40,13 @@ pub enum Kind {
     Logprobs = 13,
     /// Worker → daemon: a request was admitted (its prompt's size, before prefill).
     Admitted = 14,
+    /// Daemon → worker: its share of the memory budget changed.
+    MemoryLimit = 15,
 }
 
 impl Kind {
     /// Every kind, for drift checks against the pure-Python codec.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Padding,
         Kind::Hello,
         Kind::Load,
@@ -60,6 +62,7 @@ impl Kind {
         Kind::ToolCall,
         Kind::Logprobs,
         Kind::Admitted,
+        Kind::MemoryLimit,
     ];
 
     pub fn from_u16(v: u16) -> Option<Kind> {
@@ -84,6 +87,7 @@ impl Kind {
             Kind::ToolCall => "TOOL_CALL",
             Kind::Logprobs => "LOGPROBS",
             Kind::Admitted => "ADMITTED",
+            Kind::MemoryLimit => "MEMORY_LIMIT",
         }
     }
 }
@@ -122,6 +126,10 @@ pub struct Hello {
     /// The loopback port the worker serves generations on (`http` transport only).
     #[serde(default)]
     pub http_port: Option<u16>,
+    /// A discrete GPU's own memory (MLX CUDA): the budget cannot exceed it.
+    /// Absent on the CPU and on a Mac, whose GPU shares the host's memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_memory: Option<u64>,
 }
 
 /// Daemon → worker: load this model.
@@ -172,6 +180,11 @@ pub struct LoadOptions {
     /// The worker's share of the memory budget, as MLX's memory limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_limit: Option<u64>,
+    /// The KV cache's bytes as a function of a sequence's tokens (the daemon
+    /// reads it from config.json): what the worker reserves for each sequence
+    /// before admitting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_shape: Option<KvShape>,
     /// The draft model and how to use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<SpeculativeOptions>,
@@ -189,6 +202,50 @@ pub struct LoadOptions {
     /// the answer's text as the model wrote it, markers included.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reasoning_inline: bool,
+}
+
+/// The KV cache's size as a function of one sequence's tokens:
+/// `bytes_per_token · n + Σ window.bytes_per_token · min(n, window.tokens) +
+/// bytes_per_sequence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KvShape {
+    /// Per token, the layers that keep every token (full attention, MLA latents).
+    pub bytes_per_token: u64,
+    /// Layers that keep at most a window of tokens (sliding-window attention, a
+    /// rotating cache), grouped by window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<KvWindow>,
+    /// Per sequence whatever its length (linear attention and SSM state).
+    #[serde(default)]
+    pub bytes_per_sequence: u64,
+}
+
+/// Sliding-window layers of one window size, together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KvWindow {
+    pub tokens: u64,
+    pub bytes_per_token: u64,
+}
+
+impl KvShape {
+    /// One sequence of `tokens` tokens.
+    pub fn sequence_bytes(&self, tokens: u64) -> u64 {
+        self.bytes_per_token * tokens
+            + self
+                .windows
+                .iter()
+                .map(|w| w.bytes_per_token * tokens.min(w.tokens))
+                .sum::<u64>()
+            + self.bytes_per_sequence
+    }
+
+    /// Bytes per token while a sequence is shorter than every window (the figure
+    /// `mlxd list` shows; long sequences cost `bytes_per_token` per token more).
+    pub fn first_token_bytes(&self) -> u64 {
+        self.bytes_per_token + self.windows.iter().map(|w| w.bytes_per_token).sum::<u64>()
+    }
 }
 
 fn default_max_batch() -> u32 {
@@ -246,6 +303,10 @@ pub struct FaultOptions {
     /// Send a frame of an unknown kind after the N-th decode step.
     #[serde(default)]
     pub garbage_after_step: u64,
+    /// Fail the N-th decode step as MLX fails an allocation past the device's
+    /// memory (a Mac's Metal or CUDA raise; the Linux CPU allocator cannot).
+    #[serde(default)]
+    pub out_of_memory_in_step: u64,
 }
 
 /// Worker → daemon: the model is loaded and warmed up.
@@ -697,6 +758,39 @@ pub struct Stats {
     /// Present when the prefix cache is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_cache: Option<PromptCacheStats>,
+    /// The worker's KV accounting (absent from the replay engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv: Option<Box<KvStats>>,
+}
+
+/// What the worker holds and has promised (Stats): `/admin/memory` and `mlxd ps`
+/// show it per model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KvStats {
+    /// The model's weights (and the draft's) as MLX holds them.
+    pub weights_bytes: u64,
+    /// The KV caches of the sequences in flight, as their arrays measure.
+    pub in_use_bytes: u64,
+    /// What the sequences in flight may grow to (each reserved to its
+    /// `max_tokens` when admitted).
+    pub reserved_bytes: u64,
+    /// The share of the budget that KV and the prefix cache may fill together.
+    pub capacity_bytes: u64,
+    /// Requests waiting for KV memory to free up.
+    pub waiting: u32,
+    /// Requests refused because their KV could never fit, and prefix-cache
+    /// entries dropped to make room for a request.
+    pub refused_total: u64,
+    pub evicted_for_room_total: u64,
+}
+
+/// Daemon → worker: the worker's share of the budget changed (another model
+/// loaded or left, or the device's memory became known).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryLimitFrame {
+    pub memory_limit: u64,
 }
 
 /// A decoded frame.
@@ -716,6 +810,7 @@ pub enum Frame {
     ToolCall(ToolCallFrame),
     Logprobs(LogprobsFrame),
     Admitted(AdmittedFrame),
+    MemoryLimit(MemoryLimitFrame),
 }
 
 impl Frame {
@@ -735,6 +830,7 @@ impl Frame {
             Frame::ToolCall(_) => Kind::ToolCall,
             Frame::Logprobs(_) => Kind::Logprobs,
             Frame::Admitted(_) => Kind::Admitted,
+            Frame::MemoryLimit(_) => Kind::MemoryLimit,
         }
     }
 
@@ -754,6 +850,7 @@ impl Frame {
             Frame::ToolCall(v) => json(out, v),
             Frame::Logprobs(v) => json(out, v),
             Frame::Admitted(v) => json(out, v),
+            Frame::MemoryLimit(v) => json(out, v),
             Frame::Cancel { id } => out.extend_from_slice(&id.to_le_bytes()),
             Frame::TokenBatch(b) => encode_token_batch(&b.entries, out),
             Frame::Shutdown | Frame::ClearCache => {}
@@ -788,6 +885,7 @@ impl Frame {
             Kind::ToolCall => Frame::ToolCall(json(kind, payload)?),
             Kind::Logprobs => Frame::Logprobs(json(kind, payload)?),
             Kind::Admitted => Frame::Admitted(json(kind, payload)?),
+            Kind::MemoryLimit => Frame::MemoryLimit(json(kind, payload)?),
             Kind::Cancel => {
                 let id = payload
                     .get(..8)
@@ -999,6 +1097,10 @@ mod tests {
             blas: Some("openblas".into()),
             native_protocol: true,
             http_port: Some(8080),
+            device_memory: None,
+        }));
+        roundtrip(Frame::MemoryLimit(MemoryLimitFrame {
+            memory_limit: 1 << 30,
         }));
         roundtrip(Frame::Generate(Generate {
             id: 7,

@@ -27,6 +27,10 @@ pub fn frame_schemas() -> Value {
     add(Kind::ToolCall, generator.subschema_for::<ToolCallFrame>());
     add(Kind::Logprobs, generator.subschema_for::<LogprobsFrame>());
     add(Kind::Admitted, generator.subschema_for::<AdmittedFrame>());
+    add(
+        Kind::MemoryLimit,
+        generator.subschema_for::<MemoryLimitFrame>(),
+    );
     let defs: serde_json::Map<String, Value> =
         generator.take_definitions(true).into_iter().collect();
     json!({"protocol_version": PROTOCOL_VERSION, "frames": frames, "$defs": defs})
@@ -88,6 +92,7 @@ pub fn examples() -> Vec<Frame> {
             blas: Some("libopenblas".into()),
             native_protocol: true,
             http_port: Some(8123),
+            device_memory: Some(80 << 30),
         }),
         Frame::Load(Load {
             model_path: "/models/m".into(),
@@ -104,6 +109,14 @@ pub fn examples() -> Vec<Frame> {
                 prompt_cache_dir: Some("/cache".into()),
                 prompt_cache_disk_bytes: Some(4 << 30),
                 memory_limit: Some(8 << 30),
+                kv_shape: Some(KvShape {
+                    bytes_per_token: 46_080,
+                    windows: vec![KvWindow {
+                        tokens: 128,
+                        bytes_per_token: 1024,
+                    }],
+                    bytes_per_sequence: 4096,
+                }),
                 speculative: Some(SpeculativeOptions {
                     draft: "d".into(),
                     draft_path: Some("/models/d".into()),
@@ -117,6 +130,7 @@ pub fn examples() -> Vec<Frame> {
                     step_delay_ms: 5,
                     raise_in_step: 7,
                     garbage_after_step: 9,
+                    out_of_memory_in_step: 11,
                 }),
                 context_length: Some(8192),
                 reasoning_inline: true,
@@ -223,6 +237,15 @@ pub fn examples() -> Vec<Frame> {
                     dropped_total: 12,
                 })),
             }),
+            kv: Some(Box::new(KvStats {
+                weights_bytes: 13,
+                in_use_bytes: 14,
+                reserved_bytes: 15,
+                capacity_bytes: 16,
+                waiting: 17,
+                refused_total: 18,
+                evicted_for_room_total: 19,
+            })),
         }),
         Frame::ToolCall(ToolCallFrame {
             id: 7,
@@ -239,6 +262,9 @@ pub fn examples() -> Vec<Frame> {
             id: 7,
             prompt_tokens: 12_000,
             cached_tokens: 11_904,
+        }),
+        Frame::MemoryLimit(MemoryLimitFrame {
+            memory_limit: 6 << 30,
         }),
     ]
 }

@@ -281,6 +281,24 @@ class PrefixCache:
             for gone in evicted:
                 self.disk.write(gone.tokens, gone.cache)
 
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def shrink(self, target_bytes: int) -> int:
+        """Drops the least recently used entries until the memory tier holds at
+        most `target_bytes` (what the disk tier lacks spills there first): room for
+        a request's KV comes out of the cache before any request waits or is
+        refused. Returns how many entries went."""
+        evicted: list[_Entry] = []
+        with self._lock:
+            while self._entries and self._bytes > target_bytes:
+                evicted.append(self._drop(next(iter(self._entries.values()))))
+        if self.disk is not None:
+            for gone in evicted:
+                self.disk.write(gone.tokens, gone.cache)
+        return len(evicted)
+
     def _drop(self, entry: _Entry) -> _Entry:
         del self._entries[entry.tokens]
         self._trie.remove(entry.tokens)

@@ -88,6 +88,10 @@ class Backend(Protocol):
     def cached_tokens(self, uid: int) -> int: ...
     def start_prompt_cache(self) -> None: ...
     def prompt_cache_stats(self) -> PromptCacheStats | None: ...
+    def weights_bytes(self) -> int: ...
+    def prompt_cache_bytes(self) -> int: ...
+    def shrink_prompt_cache(self, target_bytes: int) -> int: ...
+    def drop_all(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -169,6 +173,7 @@ class MlxBackend:
         self._model = cast(Model, None)
         self._draft: Model | None = None
         self._gen = cast("BatchGenerator", None)
+        self._max_batch = 16
         self._prefill_step = 2048
         self._next_uid = 0
         self._solo: tuple[int, Lane] | None = None
@@ -190,8 +195,6 @@ class MlxBackend:
         self._prompt_admitted: set[int] = set()
 
     def load(self, model_path: str, options: LoadOptions) -> None:
-        from mlx_lm.generate import BatchGenerator
-
         self._model, self.tokenizer = _load(model_path)
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         # The daemon reads it from config.json (one rule for what /v1/models says).
@@ -202,14 +205,8 @@ class MlxBackend:
         self._pacer = PrefillPacer(self._prefill_step)
         self._kv = KvOptions.from_options(options)
         self._kv.check(_config(model_path))
-        self._gen = BatchGenerator(
-            self._model,
-            stop_tokens=[[t] for t in sorted(self.eos)],
-            completion_batch_size=max_batch,
-            prefill_batch_size=min(max_batch, 8),
-            prefill_step_size=self._prefill_step,
-            max_kv_size=self._kv.max_kv_size,
-        )
+        self._max_batch = max_batch
+        self._gen = self._new_generator()
         spec = options.get("speculative")
         if spec:
             self._load_draft(model_path, spec)
@@ -222,6 +219,48 @@ class MlxBackend:
         self._disk_dir = options.get("prompt_cache_dir")
         disk_bytes = options.get("prompt_cache_disk_bytes")
         self._disk_bytes = 4 << 30 if disk_bytes is None else disk_bytes
+
+    def _new_generator(self) -> BatchGenerator:
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
+            self._model,
+            stop_tokens=[[t] for t in sorted(self.eos)],
+            completion_batch_size=self._max_batch,
+            prefill_batch_size=min(self._max_batch, 8),
+            prefill_step_size=self._prefill_step,
+            max_kv_size=self._kv.max_kv_size,
+        )
+
+    def weights_bytes(self) -> int:
+        """The model's (and the draft's) parameters as MLX holds them."""
+        from mlx.utils import tree_flatten
+
+        total = 0
+        for model in (self._model, self._draft):
+            if model is not None:
+                leaves = cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))
+                total += sum(int(array.nbytes) for _, array in leaves)
+        return total
+
+    def prompt_cache_bytes(self) -> int:
+        return 0 if self.prefix is None else self.prefix.bytes
+
+    def shrink_prompt_cache(self, target_bytes: int) -> int:
+        return 0 if self.prefix is None else self.prefix.shrink(target_bytes)
+
+    def drop_all(self) -> None:
+        """After a step failed (out of memory): forgets every sequence, keeps
+        nothing of theirs, and starts a fresh batch (the old one's state is
+        whatever the failed step left)."""
+        self._solo = None
+        self._waiting = []
+        self._batch_uid.clear()
+        self._our_uid.clear()
+        self._prompt_left.clear()
+        self._prompt_admitted.clear()
+        self.step_logprobs = {}
+        self._gen = self._new_generator()
 
     def start_prompt_cache(self) -> None:
         """Turns the prefix cache on (after warm-up, whose sequences it should

@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -42,7 +43,9 @@ from ..requests.sampling import SamplerCache
 from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
 from ..requests.tools import ToolCall, new_call_id
+from ..stats import rss_bytes
 from .backend import Backend, Detokenizer, MlxBackend
+from .kv_budget import KvBudget, KvShape, mib
 
 log = logging.getLogger("mlxd_worker")
 
@@ -59,6 +62,14 @@ NO_CALLS: tuple[ToolCall, ...] = ()
 # An entry's token field with this bit set carries thinking text (frame.rs
 # REASONING_FLAG: token ids stay far below it).
 REASONING_FLAG = 1 << 31
+
+# How MLX words a failed allocation (Metal, CUDA, the C++ allocator): a step that
+# raises one of these fails its sequences, and the worker serves on.
+OUT_OF_MEMORY_MARKS = ("out of memory", "unable to allocate", "[metal::malloc]", "cudamalloc", "bad_alloc")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(mark in str(e).lower() for mark in OUT_OF_MEMORY_MARKS)
 
 
 @dataclass
@@ -123,6 +134,17 @@ class Planned:
     plan: RequestPlan
 
 
+@dataclass
+class Admission:
+    """A planned request checked against the context, with the tokens it may
+    reach (prompt + max_tokens) and the KV bytes those take."""
+
+    planned: Planned
+    max_tokens: int
+    need: int
+    since: float
+
+
 # The inbox: (kind, payload) as the frame came, a planned Generate, or None to stop.
 InboxItem = Union[tuple[int, bytes], tuple[int, Planned], None]
 
@@ -159,6 +181,10 @@ class Engine:
         self.heartbeat = 0
         # Set when the engine can no longer serve; the process exits right after.
         self.failed = False
+        # KV accounting against the worker's share of the budget, and the
+        # requests waiting (in arrival order) for KV memory to free up.
+        self.kv = KvBudget()
+        self.waiting_for_memory: deque[Admission] = deque()
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
@@ -189,7 +215,9 @@ class Engine:
         try:
             while self._running:
                 self._beat()
-                self._drain_inbox(block=not self._by_uid)
+                self._drain_inbox(block=not self._by_uid and not self.waiting_for_memory)
+                if self.waiting_for_memory:
+                    self._admit_waiting()
                 if self._by_uid:
                     self._step()
             self.backend.close()
@@ -245,6 +273,15 @@ class Engine:
         if kind == frames.CANCEL:
             self._cancel(frames.decode_cancel(item))
             return
+        if kind == frames.MEMORY_LIMIT:
+            # Another model loaded or left: this worker's share changed.
+            import mlx.core as mx
+
+            limit = frames.decode_memory_limit(item)["memory_limit"]
+            mx.set_memory_limit(limit)
+            self.kv.limit = limit
+            log.info("memory share now %s (KV capacity %s)", mib(limit), mib(self.kv.capacity or 0))
+            return
         if kind == frames.CLEAR_CACHE:
             # The daemon is short of memory: hand MLX's buffer cache back (on the
             # engine thread, which owns MLX); sequences in flight carry on.
@@ -279,6 +316,7 @@ class Engine:
         self.flush_policy = FlushPolicy.from_options(options)
         self.faults = Faults.from_options(options)
         limit = options.get("memory_limit")
+        self.kv = KvBudget(KvShape.from_options(options), int(limit) if limit else None)
         if limit:
             # This worker's share of the daemon's budget: MLX frees its cache and
             # then fails an allocation past it instead of pushing the machine to swap.
@@ -294,6 +332,7 @@ class Engine:
         self._token_texts = TokenTexts(self.backend.tokenizer)
         self._warm_up()
         self.backend.start_prompt_cache()
+        self._measure_baseline()
         ready: Ready = {
             "load_seconds": time.perf_counter() - t0,
             "context_length": self.backend.context_length,
@@ -306,6 +345,36 @@ class Engine:
             ready["model"] = facts
         self.transport.send(frames.READY, frames.json_payload(ready))
         log.info("loaded %s in %.1fs (flush %s)", req["model_name"], time.perf_counter() - t0, self.flush_policy)
+
+    def _measure_baseline(self) -> None:
+        """What the worker holds with nothing in flight (weights, runtime,
+        compiled kernels): the share less this is its KV capacity."""
+        import mlx.core as mx
+
+        mx.clear_cache()
+        self.kv.weights = self.backend.weights_bytes()
+        self.kv.baseline = max(rss_bytes(), mx.get_active_memory())
+        self.kv.started = True
+        if self.kv.capacity is not None:
+            log.info(
+                "KV capacity %s of a %s share (weights %s, baseline %s)",
+                mib(self.kv.capacity),
+                mib(self.kv.limit or 0),
+                mib(self.kv.weights),
+                mib(self.kv.baseline),
+            )
+
+    def kv_in_use(self) -> int:
+        """The KV the sequences in flight hold now (from the stats thread)."""
+        for _ in range(3):
+            try:
+                sequences = list(self._by_rid.values())
+                break
+            except RuntimeError:  # changed by the engine thread meanwhile
+                continue
+        else:
+            return 0
+        return sum(self.kv.need(s.prompt_tokens + s.completion_tokens) for s in sequences)
 
     def _warm_up(self) -> None:
         """Compile kernels on our time, not on a user's first request: one sequence
@@ -366,13 +435,66 @@ class Engine:
         self.transport.send(frames.DONE, frames.json_payload(done))
 
     def _admit(self, planned: Planned) -> None:
-        req, plan = planned.req, planned.plan
-        rid = int(req["id"])
-        with self.counters.lock:
-            self.counters.queued -= 1
-        ids = plan.prompt_ids
+        """Starts a request now, or queues it behind others waiting for KV memory
+        (first come, first served), or refuses one that could never fit."""
+        admission = self._check(planned)
+        if self.waiting_for_memory or not self._room_for(admission.need):
+            if not self.waiting_for_memory:
+                log.info(
+                    "request %s waits for KV memory: it needs %s, %s are reserved",
+                    planned.req.get("id"),
+                    mib(admission.need),
+                    mib(self.kv.reserved),
+                )
+            self.waiting_for_memory.append(admission)
+            return
+        self._start(admission)
+
+    def _admit_waiting(self) -> None:
+        """Starts the requests at the head of the memory queue that fit now."""
+        while self.waiting_for_memory:
+            head = self.waiting_for_memory[0]
+            try:
+                self.kv.check_ever_fits(head.need, len(head.planned.plan.prompt_ids) + head.max_tokens)
+                if not self._room_for(head.need):
+                    return
+            except Exception as e:
+                self.waiting_for_memory.popleft()
+                with self.counters.lock:
+                    self.counters.queued -= 1
+                self._report(head.planned.req.get("id"), e)
+                continue
+            self.waiting_for_memory.popleft()
+            waited = time.perf_counter() - head.since
+            log.info("request %s waited %.2fs for KV memory", head.planned.req.get("id"), waited)
+            try:
+                self._start(head)
+            except Exception as e:
+                self._report(head.planned.req.get("id"), e)
+
+    def _room_for(self, need: int) -> bool:
+        """Whether `need` more bytes of KV fit the share; the prefix cache gives
+        back what it must (least recently used first) before anyone waits."""
+        cached = self.backend.prompt_cache_bytes()
+        free = self.kv.free(cached)
+        if free is None or need <= free:
+            return True
+        if cached > 0:
+            dropped = self.backend.shrink_prompt_cache(max(0, cached - (need - free)))
+            if dropped:
+                self.kv.evicted_for_room_total += dropped
+                log.info("dropped %d prefix-cache entries to make room for %s of KV", dropped, mib(need))
+            free = self.kv.free(self.backend.prompt_cache_bytes())
+        return free is None or need <= free
+
+    def _check(self, planned: Planned) -> Admission:
+        """The request against the model's context and the worker's memory:
+        raises for one that could never run."""
+        ids = planned.plan.prompt_ids
         limit = self.backend.context_length
         if limit and len(ids) >= limit:
+            with self.counters.lock:
+                self.counters.queued -= 1
             # Anthropic's wording, which Claude Code (and other clients) look for to
             # compact a conversation; the largest prompt leaves one token to generate.
             raise ContextOverflow(
@@ -381,9 +503,25 @@ class Engine:
             )
         # What does not fit is not asked for: the answer stops at the context's end
         # (finish reason "length"), as vLLM and Ollama do.
-        max_tokens = int(req["max_tokens"])
+        max_tokens = int(planned.req["max_tokens"])
         if limit:
             max_tokens = min(max_tokens, limit - len(ids))
+        need = self.kv.need(len(ids) + max_tokens)
+        try:
+            self.kv.check_ever_fits(need, len(ids) + max_tokens)
+        except Exception:
+            with self.counters.lock:
+                self.counters.queued -= 1
+            raise
+        return Admission(planned, max_tokens, need, time.perf_counter())
+
+    def _start(self, admission: Admission) -> None:
+        planned, max_tokens = admission.planned, admission.max_tokens
+        req, plan = planned.req, planned.plan
+        rid = int(req["id"])
+        with self.counters.lock:
+            self.counters.queued -= 1
+        ids = plan.prompt_ids
         seed = req.get("seed")
         # What the request leaves out, the model's own defaults decide.
         temperature, top_p = req.get("temperature"), req.get("top_p")
@@ -428,19 +566,45 @@ class Engine:
             seq.thinking, seq.tracker = plan.reasoning.text(), plan.reasoning.tracker()
         self._by_uid[uid] = seq
         self._by_rid[rid] = seq
+        self.kv.reserve(rid, admission.need)
         with self.counters.lock:
             self.counters.active += 1
 
     def _cancel(self, rid: int) -> None:
         seq = self._by_rid.get(rid)
-        if seq is None:  # finished already, or never admitted
+        if seq is None:  # finished already, waiting for memory, or never admitted
+            self._cancel_waiting(rid)
             return
         self.backend.remove(seq.uid)
         self._finish(seq, "cancelled")
 
+    def _cancel_waiting(self, rid: int) -> None:
+        for admission in self.waiting_for_memory:
+            if int(admission.planned.req["id"]) == rid:
+                self.waiting_for_memory.remove(admission)
+                with self.counters.lock:
+                    self.counters.queued -= 1
+                    self.counters.cancelled += 1
+                done: Done = {
+                    "id": rid,
+                    "finish_reason": "cancelled",
+                    "prompt_tokens": len(admission.planned.plan.prompt_ids),
+                    "completion_tokens": 0,
+                    "prompt_tps": 0.0,
+                    "generation_tps": 0.0,
+                }
+                self.transport.send(frames.DONE, frames.json_payload(done))
+                return
+
     def _step(self) -> None:
-        self.faults.before_step(self.counters.steps + 1)
-        results = self.backend.step()
+        try:
+            self.faults.before_step(self.counters.steps + 1)
+            results = self.backend.step()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            self._out_of_memory(e)
+            return
         now = time.perf_counter()
         eos = self.backend.eos
         ended: list[tuple[Sequence, str]] = []
@@ -588,6 +752,7 @@ class Engine:
     def _forget(self, seq: Sequence, cancelled: bool) -> None:
         del self._by_uid[seq.uid]
         del self._by_rid[seq.rid]
+        self.kv.release(seq.rid)
         with self.counters.lock:
             self.counters.active -= 1
             if cancelled:
@@ -595,13 +760,33 @@ class Engine:
             else:
                 self.counters.completed += 1
 
-    def _fail(self, seq: Sequence, message: str) -> None:
+    def _out_of_memory(self, e: Exception) -> None:
+        """A step failed to allocate: every sequence in it needed the memory. They
+        end with an out-of-memory error (with the numbers), MLX's buffer cache goes
+        back, and the worker serves the next requests on a fresh batch."""
+        import mlx.core as mx
+
+        sequences = list(self._by_uid.values())
+        with self.counters.lock:
+            self.counters.steps += 1  # it ran (and failed): the next one is the next step
+        message = (
+            f"out of memory: {e} (the worker held {mib(mx.get_active_memory())} of MLX memory, "
+            f"{mib(self.kv.limit or 0)} share; {len(sequences)} sequences were in the step)"
+        )
+        log.error("%s; the worker carries on", message)
+        self.backend.drop_all()
+        mx.clear_cache()
+        for seq in sequences:
+            seq.ended = True
+            self._fail(seq, message, code="out_of_memory")
+
+    def _fail(self, seq: Sequence, message: str, code: str = "worker") -> None:
         """Ends one request with an error; the others carry on."""
         self._flush()
         self._forget(seq, cancelled=False)
         self.backend.take_counts(seq.uid)
         log.error("request %d failed: %s", seq.rid, message)
-        error: ErrorFrame = {"id": seq.rid, "message": message, "code": "worker"}
+        error: ErrorFrame = {"id": seq.rid, "message": message, "code": code}
         self.transport.send(frames.ERROR, frames.json_payload(error))
 
     def _finish(self, seq: Sequence, finish: str) -> None:

@@ -143,6 +143,18 @@ class ReplayBackend:
     def prompt_cache_stats(self) -> PromptCacheStats | None:
         return None
 
+    def weights_bytes(self) -> int:
+        return 0  # no model
+
+    def prompt_cache_bytes(self) -> int:
+        return 0
+
+    def shrink_prompt_cache(self, target_bytes: int) -> int:
+        return 0
+
+    def drop_all(self) -> None:
+        self._live.clear()
+
     def start_prompt_cache(self) -> None:
         pass
 

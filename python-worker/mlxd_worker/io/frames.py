@@ -26,6 +26,7 @@ from .protocol import (
     Hello,
     Load,
     LogprobsFrame,
+    MemoryLimitFrame,
     Ready,
     Stats,
     ToolCallFrame,
@@ -49,6 +50,7 @@ CLEAR_CACHE = 11
 TOOL_CALL = 12
 LOGPROBS = 13
 ADMITTED = 14
+MEMORY_LIMIT = 15
 
 KINDS: dict[str, int] = {
     "PADDING": PADDING,
@@ -66,6 +68,7 @@ KINDS: dict[str, int] = {
     "TOOL_CALL": TOOL_CALL,
     "LOGPROBS": LOGPROBS,
     "ADMITTED": ADMITTED,
+    "MEMORY_LIMIT": MEMORY_LIMIT,
 }
 
 _ENTRY = struct.Struct("<QII")
@@ -93,6 +96,10 @@ def decode_load(payload: bytes) -> Load:
 
 def decode_generate(payload: bytes) -> Generate:
     return cast(Generate, json.loads(payload))
+
+
+def decode_memory_limit(payload: bytes) -> MemoryLimitFrame:
+    return cast(MemoryLimitFrame, json.loads(payload))
 
 
 def encode_token_batch(entries: Iterable[tuple[int, int, str]]) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TypedDict, Union
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class AdmittedFrame(TypedDict):
@@ -195,6 +195,9 @@ class Hello(_HelloRequired, total=False):
     blas: Optional[str]
     #: Where MLX runs: "cpu" or "gpu".
     device: str
+    #: A discrete GPU's own memory (MLX CUDA): the budget cannot exceed it.
+    #: Absent on the CPU and on a Mac, whose GPU shares the host's memory.
+    device_memory: Optional[int]
     #: The loopback port the worker serves generations on (`http` transport only).
     http_port: Optional[int]
     #: Whether the worker uses the Rust extension module (false: pure-Python stdio).
@@ -209,6 +212,9 @@ class FaultOptions(TypedDict, total=False):
     garbage_after_step: int
     #: Sleep forever inside Load, before the model is read.
     hang_in_load: bool
+    #: Fail the N-th decode step as MLX fails an allocation past the device's
+    #: memory (a Mac's Metal or CUDA raise; the Linux CPU allocator cannot).
+    out_of_memory_in_step: int
     #: Raise inside the N-th decode step (1-based).
     raise_in_step: int
     #: Milliseconds each decode step takes longer.
@@ -227,6 +233,30 @@ class FlushOptionsTokens(TypedDict):
 class FlushOptionsMs(TypedDict):
     every: Literal["ms"]
     ms: float
+
+
+class KvWindow(TypedDict):
+    """Sliding-window layers of one window size, together."""
+
+    bytes_per_token: int
+    tokens: int
+
+
+class _KvShapeRequired(TypedDict):
+    #: Per token, the layers that keep every token (full attention, MLA latents).
+    bytes_per_token: int
+
+
+class KvShape(_KvShapeRequired, total=False):
+    """The KV cache's size as a function of one sequence's tokens:
+    `bytes_per_token · n + Σ window.bytes_per_token · min(n, window.tokens) +
+    bytes_per_sequence`."""
+
+    #: Per sequence whatever its length (linear attention and SSM state).
+    bytes_per_sequence: int
+    #: Layers that keep at most a window of tokens (sliding-window attention, a
+    #: rotating cache), grouped by window.
+    windows: list[KvWindow]
 
 
 class _SpeculativeOptionsRequired(TypedDict):
@@ -259,6 +289,10 @@ class LoadOptions(TypedDict, total=False):
     #: length from which the lone lane quantizes.
     kv_bits: Optional[int]
     kv_group_size: Optional[int]
+    #: The KV cache's bytes as a function of a sequence's tokens (the daemon
+    #: reads it from config.json): what the worker reserves for each sequence
+    #: before admitting it.
+    kv_shape: Optional[KvShape]
     #: Sequences decoding at once (the preset's `max_concurrent`).
     max_batch: int
     #: A rotating KV cache of this many tokens.
@@ -320,6 +354,13 @@ class LogprobsFrame(TypedDict):
 
     entries: list[TokenLogprob]
     id: int
+
+
+class MemoryLimitFrame(TypedDict):
+    """Daemon → worker: the worker's share of the budget changed (another model
+    loaded or left, or the device's memory became known)."""
+
+    memory_limit: int
 
 
 class FeatureLimit(TypedDict):
@@ -396,6 +437,27 @@ class Ready(_ReadyRequired, total=False):
     speculative: Optional[SpecStatus]
 
 
+class KvStats(TypedDict):
+    """What the worker holds and has promised (Stats): `/admin/memory` and `mlxd ps`
+    show it per model."""
+
+    #: The share of the budget that KV and the prefix cache may fill together.
+    capacity_bytes: int
+    evicted_for_room_total: int
+    #: The KV caches of the sequences in flight, as their arrays measure.
+    in_use_bytes: int
+    #: Requests refused because their KV could never fit, and prefix-cache
+    #: entries dropped to make room for a request.
+    refused_total: int
+    #: What the sequences in flight may grow to (each reserved to its
+    #: `max_tokens` when admitted).
+    reserved_bytes: int
+    #: Requests waiting for KV memory to free up.
+    waiting: int
+    #: The model's weights (and the draft's) as MLX holds them.
+    weights_bytes: int
+
+
 class DiskCacheStats(TypedDict):
     """The prefix cache's disk tier (`prompt_cache_dir`)."""
 
@@ -448,6 +510,8 @@ class Stats(TypedDict, total=False):
     #: The engine's progress counter (advanced every loop iteration and prefill
     #: chunk). Over shm the daemon reads it from the segment header instead.
     heartbeat: int
+    #: The worker's KV accounting (absent from the replay engine).
+    kv: Optional[KvStats]
     peak_memory: int
     #: Present when the prefix cache is on.
     prompt_cache: Optional[PromptCacheStats]
@@ -492,6 +556,7 @@ FRAME_TYPES: dict[str, Any] = {
     "HELLO": Hello,
     "LOAD": Load,
     "LOGPROBS": LogprobsFrame,
+    "MEMORY_LIMIT": MemoryLimitFrame,
     "READY": Ready,
     "STATS": Stats,
     "TOOL_CALL": ToolCallFrame,
