@@ -613,13 +613,13 @@ pub async fn estimate(cfg: &Config, ask: EstimateAsk<'_>) -> anyhow::Result<bool
     );
     if !fits {
         let room = cap.saturating_sub(loaded + load.saturating_sub(e.reserve_bytes));
-        let per_token = e.kv_bytes_per_token.max(1);
-        println!(
-            "  to make it fit: a smaller context or fewer sequences (about {} tokens of KV fit), \
-             kv_bits = 8 (one byte per KV element instead of two or four), a smaller kv_reserve, \
-             or fewer models loaded",
-            room / per_token
-        );
+        let mut ways = vec![format!(
+            "a smaller context or fewer sequences (about {} tokens of KV fit)",
+            room / e.kv_bytes_per_token.max(1)
+        )];
+        ways.extend(preset.ways_to_fit(&e));
+        ways.push("fewer models loaded".into());
+        println!("  to make it fit: {}", ways.join(", or "));
     }
     Ok(fits)
 }

@@ -64,6 +64,45 @@ fn get(config: &Value, key: &str) -> Option<u64> {
     config_field(config, key).and_then(Value::as_u64)
 }
 
+fn family(config: &Value) -> &str {
+    config_field(config, "model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+/// The families whose mlx-lm class builds its caches from the config's
+/// `layer_types` (others, Qwen2/3 and Gemma 2 among them, cache every layer in
+/// full whatever the list says); Gemma 3 and Qwen3-Next/3.5 list what their
+/// pattern gives anyway.
+const LAYER_TYPES_FAMILIES: [&str; 22] = [
+    "afmoe",
+    "exaone_moe",
+    "gear",
+    "gemma3",
+    "gemma3_text",
+    "gemma3n",
+    "gemma4_text",
+    "gpt_oss",
+    "granitemoehybrid",
+    "laguna",
+    "lfm2",
+    "lfm2_moe",
+    "llama",
+    "mellum",
+    "ministral3",
+    "olmo3",
+    "olmo_hybrid",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "qwen3_next",
+    "step3p5",
+    "spark2_5",
+];
+
+/// MLA families whose mlx-lm class caches full per-head keys and values rather
+/// than the compressed latent.
+const PER_HEAD_MLA_FAMILIES: [&str; 3] = ["deepseek_v2", "minicpm3", "youtu_llm"];
+
 /// Each layer's kind, following mlx-lm's `make_cache`: the config's
 /// `layer_types` when it has them; Gemma 3's `sliding_window_pattern` (every
 /// p-th layer global); Qwen3-Next/3.5's `full_attention_interval` (every n-th
@@ -78,7 +117,10 @@ fn layers(config: &Value, count: u64) -> Vec<Layer> {
     let window = get(config, "sliding_window").or(gemma3.then_some(512));
     let pattern = get(config, "sliding_window_pattern").or(gemma3.then_some(6));
     let windowed = |w: Option<u64>| w.map_or(Layer::Full, Layer::Window);
-    if let Some(types) = config_field(config, "layer_types").and_then(Value::as_array) {
+    let listed = config_field(config, "layer_types")
+        .and_then(Value::as_array)
+        .filter(|_| LAYER_TYPES_FAMILIES.contains(&family(config)));
+    if let Some(types) = listed {
         return types
             .iter()
             .map(|t| match t.as_str().unwrap_or("") {
@@ -135,12 +177,21 @@ fn linear_state_bytes(config: &Value, elem: u64) -> u64 {
     kernel.saturating_sub(1) * conv_dim * elem + value_heads * value_dim * key_dim * 4
 }
 
-/// Bytes per token of one attention layer at full precision: MLA keeps its
-/// compressed latent and rotary key (`kv_lora_rank + qk_rope_head_dim`
-/// elements), attention keeps keys and values for each KV head.
+/// Elements per token of one attention layer: MLA keeps its compressed latent
+/// and rotary key (`kv_lora_rank + qk_rope_head_dim`; DeepSeek-V3.2's indexer
+/// adds its keys, kept as keys and values) except in the families that expand
+/// it per head; attention keeps keys and values for each KV head.
 fn attention_elements(config: &Value) -> Option<u64> {
     if let Some(rank) = get(config, "kv_lora_rank") {
-        return Some(rank + get(config, "qk_rope_head_dim").unwrap_or(0));
+        let rope = get(config, "qk_rope_head_dim").unwrap_or(0);
+        if PER_HEAD_MLA_FAMILIES.contains(&family(config)) {
+            let heads = get(config, "num_attention_heads")?;
+            let nope = get(config, "qk_nope_head_dim").unwrap_or(0);
+            let value = get(config, "v_head_dim").unwrap_or(nope + rope);
+            return Some(heads * (nope + rope + value));
+        }
+        let indexer = get(config, "index_head_dim").map_or(0, |d| 2 * d);
+        return Some(rank + rope + indexer);
     }
     let heads = get(config, "num_attention_heads")?;
     let kv_heads = get(config, "num_key_value_heads").unwrap_or(heads);
@@ -195,6 +246,12 @@ fn add_window(shape: &mut KvShape, tokens: u64, bytes_per_token: u64) {
             bytes_per_token,
         }),
     }
+}
+
+/// Whether the worker can quantize this model's KV (`kv_bits`): mlx-lm's
+/// quantized attention takes neither an MLA latent nor attention sinks.
+pub fn kv_quantizable(config: &Value) -> bool {
+    get(config, "kv_lora_rank").is_none() && !family(config).starts_with("gpt_oss")
 }
 
 /// The KV of `tokens` tokens spread over up to `sequences` sequences, at most
@@ -334,6 +391,45 @@ mod tests {
         for name in ["deepseek-v3", "kimi-k2-instruct"] {
             assert_eq!(shape(name).bytes_per_token, 61 * 576 * 2, "{name}");
         }
+    }
+
+    #[test]
+    fn mla_families_that_expand_per_head_pay_every_head() {
+        // DeepSeek-V2-Lite: mlx-lm's deepseek_v2 caches 16 heads × (128 + 64)
+        // keys and 16 × 128 values per layer.
+        let lite = json!({"model_type": "deepseek_v2", "num_hidden_layers": 27,
+            "num_attention_heads": 16, "num_key_value_heads": 16, "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "torch_dtype": "bfloat16"});
+        let shape = kv_shape(&lite, KvLayout::default()).unwrap();
+        assert_eq!(shape.bytes_per_token, 27 * 16 * (192 + 128) * 2);
+        // DeepSeek-V3.2 keeps its indexer's keys beside the latent.
+        let mut v32 = fixture("deepseek-v3");
+        v32["model_type"] = "deepseek_v32".into();
+        v32["index_head_dim"] = 128.into();
+        let shape = kv_shape(&v32, KvLayout::default()).unwrap();
+        assert_eq!(shape.bytes_per_token, 61 * (576 + 256) * 2);
+    }
+
+    #[test]
+    fn layer_types_count_only_where_mlx_lm_reads_them() {
+        // Qwen3 caches every layer in full, whatever a config's list says.
+        let mut qwen = fixture("qwen3-8b");
+        qwen["layer_types"] = json!(vec!["sliding_attention"; 36]);
+        qwen["sliding_window"] = 4096.into();
+        assert_eq!(
+            kv_shape(&qwen, KvLayout::default()).unwrap(),
+            shape("qwen3-8b")
+        );
+        // Llama reads them.
+        let mut llama = fixture("llama-3.1-8b-instruct");
+        llama["layer_types"] = json!(["sliding_attention", "full_attention"].repeat(16));
+        llama["sliding_window"] = 4096.into();
+        let s = kv_shape(&llama, KvLayout::default()).unwrap();
+        assert_eq!(
+            (s.bytes_per_token, s.windows),
+            (16 * 4096, window(4096, 16 * 4096))
+        );
     }
 
     #[test]

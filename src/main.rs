@@ -312,10 +312,15 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 cap: cap.as_deref(),
             };
-            if !mlxd::cli::estimate(&cfg, ask).await? {
-                std::process::exit(1);
+            // 0 fits, 1 does not, 2 the question was wrong (scripts tell them apart).
+            match mlxd::cli::estimate(&cfg, ask).await {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    std::process::exit(2)
+                }
             }
-            Ok(())
         }
         Cmd::Import {
             gguf,

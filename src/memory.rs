@@ -192,6 +192,10 @@ pub struct Estimate {
     /// Tokens of KV guaranteed at load, shared by all sequences, and their bytes.
     pub reserve_tokens: u64,
     pub reserve_bytes: u64,
+    /// Whether `kv_bits` can quantize this model's cache (not an MLA latent,
+    /// not GPT-OSS's attention sinks: the worker refuses those).
+    #[serde(default)]
+    pub kv_quantizable: bool,
 }
 
 impl Estimate {
@@ -239,6 +243,7 @@ pub fn estimate(
         context_length: context,
         reserve_tokens,
         reserve_bytes,
+        kv_quantizable: kv_shape::kv_quantizable(&files.config),
     }
 }
 

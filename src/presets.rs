@@ -609,6 +609,39 @@ impl Preset {
         }
     }
 
+    /// The settings that would lower what this preset needs, with the figures
+    /// they act on (a refused load's message, `mlxd estimate`).
+    pub fn ways_to_fit(&self, estimate: &Estimate) -> Vec<String> {
+        let human = crate::memory::human;
+        let mut ways = Vec::new();
+        if estimate.reserve_bytes > 0 {
+            ways.push(format!(
+                "a smaller kv_reserve (now {} tokens, {})",
+                estimate.reserve_tokens,
+                human(estimate.reserve_bytes)
+            ));
+        }
+        // Sequences cost beyond their tokens only with windows or recurrent state.
+        let per_sequence = estimate
+            .kv_shape
+            .as_ref()
+            .is_some_and(|s| s.bytes_per_sequence > 0 || !s.windows.is_empty());
+        if per_sequence && self.max_concurrent > 1 {
+            ways.push(format!(
+                "a lower max_concurrent (now {})",
+                self.max_concurrent
+            ));
+        }
+        let quantizable = estimate.kv_quantizable && self.performance.max_kv_size.is_none();
+        if quantizable && self.performance.kv_bits.is_none() && estimate.kv_bytes_per_token > 0 {
+            ways.push("kv_bits = 8 (one byte per KV element instead of two or four)".into());
+        }
+        if estimate.draft_bytes > 0 {
+            ways.push(format!("no draft model ({})", human(estimate.draft_bytes)));
+        }
+        ways
+    }
+
     /// The prefix cache's limit in bytes (0: off).
     pub fn prompt_cache_limit(&self, models_dir: &Path, default_reserve: Option<KvReserve>) -> u64 {
         match self.prompt_cache_bytes.as_deref() {

@@ -65,10 +65,83 @@ fn list_shows_presets_and_whether_they_are_imported() {
         .lines()
         .find(|l| l.starts_with("smollm2-135m "))
         .expect(&out);
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[3], "yes", "the test model is imported: {row}");
+    // Its weights, and 2 × 30 layers × 3 KV heads × 64 × 4 bytes of KV a token.
+    assert_eq!(cols[4..], ["513", "MiB", "45.0", "KiB"], "{row}");
+}
+
+/// `mlxd estimate` without a daemon, on a model directory holding MiniMax-M2's
+/// published config.json and a sparse 129 GB weights file (only sizes are read):
+/// it fits a 512 GB Mac Studio and not a 64 GB laptop, says why, and says so in
+/// its exit code; a working set of long contexts is counted beyond the reserve.
+#[test]
+fn estimate_says_whether_a_model_fits_another_machine() {
+    let dir = std::env::temp_dir().join(format!("mlxd-estimate-{}", std::process::id()));
+    let model = dir.join("minimax-m2");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(
+        common::root().join("tests/fixtures/model-configs/minimax-m2.json"),
+        model.join("config.json"),
+    )
+    .unwrap();
+    std::fs::File::create(model.join("model.safetensors"))
+        .unwrap()
+        .set_len(129_000_000_000)
+        .unwrap();
+    let estimate = |extra: &[&str]| {
+        let out = mlxd()
+            .arg("estimate")
+            .arg(&model)
+            .args(extra)
+            .env("MLXD_HOME", &dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        // Columns aligned with spaces: compared word by word.
+        let words: Vec<&str> = text.split_whitespace().collect();
+        (out.status.code(), words.join(" "))
+    };
+    let (code, out) = estimate(&["--cap", "512GB"]);
+    assert_eq!(code, Some(0), "{out}");
+    // 62 layers × 2 × 8 KV heads × 128 × 2 bytes (16-bit activations of an
+    // FP8 checkpoint) = 253,952 bytes a token; 32,768 tokens reserved = 7.8 GiB.
+    assert!(out.contains("(253952 bytes)"), "{out}");
+    assert!(out.contains("KV reserve 7.8 GiB (32768 tokens"), "{out}");
+    assert!(out.contains("weights 120.1 GiB"), "{out}");
     assert!(
-        row.trim_end().ends_with("yes"),
-        "the test model is imported: {row}"
+        out.starts_with("minimax-m2 (") && out.contains(" fits: needs "),
+        "{out}"
     );
+    let (code, out) = estimate(&["--cap", "64GB"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("does not fit") && out.contains("to make it fit"),
+        "{out}"
+    );
+    // Four sequences at the full 196,608-token context: 186 GiB of KV beyond
+    // the weights still fits 512 GB; eight do not.
+    let (code, out) = estimate(&[
+        "--cap",
+        "512GB",
+        "--context",
+        "196608",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("working set 186.0 GiB"), "{out}");
+    let (code, _) = estimate(&[
+        "--cap",
+        "512GB",
+        "--context",
+        "196608",
+        "--concurrency",
+        "8",
+    ]);
+    assert_eq!(code, Some(1));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A daemon killed with SIGKILL leaves no worker behind: the worker's stdin (its

@@ -116,6 +116,21 @@ async fn kv_is_reserved_at_load_granted_at_run_time_and_refused_with_numbers() {
         "the first holds its reservation: {waiting}"
     );
     assert!(!second.is_finished(), "the second waits for memory");
+    // A third waits behind it, and its client gives up: it leaves the queue.
+    let third = reqwest::Client::new()
+        .post(&chat)
+        .json(&ask("kv-q4-a", "Hello", 7000))
+        .send();
+    let third = tokio::spawn(third);
+    row_when(&d, "kv-q4-a", "two waiting", |r| {
+        r["waiting_for_memory"] == 2
+    })
+    .await;
+    third.abort();
+    row_when(&d, "kv-q4-a", "back to one waiting", |r| {
+        r["waiting_for_memory"] == 1
+    })
+    .await;
     drop(first); // the first ends (a client that goes away)
     let (status, v) = second.await.unwrap();
     assert_eq!(status, 200, "the waiting request completes: {v}");

@@ -48,3 +48,40 @@ def discrete_gpu_memory() -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def footprint_bytes() -> int:
+    """The worker's own footprint as the daemon measures it (sys.rs): on macOS
+    the physical footprint (proc_pid_rusage; it counts Metal buffers, which RSS
+    misses), on Linux the resident set, plus MLX's device memory on a discrete
+    GPU, whose memory RSS does not hold."""
+    if sys.platform == "darwin":
+        phys = _darwin_phys_footprint()
+        if phys is not None:
+            return phys
+        import mlx.core as mx
+
+        return max(rss_bytes(), int(mx.get_active_memory()))
+    rss = rss_bytes()
+    if discrete_gpu_memory() is not None:
+        import mlx.core as mx
+
+        rss += int(mx.get_active_memory())
+    return rss
+
+
+def _darwin_phys_footprint() -> int | None:
+    """`ri_phys_footprint` of proc_pid_rusage(RUSAGE_INFO_V2): after a 16-byte
+    UUID, the eighth 64-bit field."""
+    import ctypes
+    import ctypes.util
+
+    path = ctypes.util.find_library("proc") or "/usr/lib/libSystem.B.dylib"
+    try:
+        libproc = ctypes.CDLL(path)
+        buf = (ctypes.c_uint64 * 40)()
+        if libproc.proc_pid_rusage(os.getpid(), 2, ctypes.byref(buf)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return int(buf[2 + 7])

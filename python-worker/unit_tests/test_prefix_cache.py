@@ -92,3 +92,16 @@ def test_a_short_hit_on_a_long_entry_copies_only_what_it_uses(model: Any) -> Non
     model(mx.array(prompt[10:])[None], cache=found.cache)
     again = pc.take(stored + [1])
     assert again.cached == 300 and again.cache is not None and held(again.cache) == 300
+
+
+def test_shrinking_drops_the_least_recently_used_entries_first(model: Any) -> None:
+    pc = PrefixCache(1 << 30)
+    for start in (600, 700, 800):
+        pc.put(list(range(start, start + 20)), filled(model, list(range(start, start + 20))))
+    one = pc.bytes // 3
+    assert pc.take(list(range(600, 625))).cached == 20  # 600 is now the most recent
+    assert pc.shrink(one) == 2
+    assert pc.bytes == one and pc.stats()["entries"] == 1
+    assert pc.take(list(range(600, 625))).cached == 20
+    assert pc.take(list(range(700, 725))).cache is None and pc.take(list(range(800, 825))).cache is None
+    assert pc.shrink(one) == 0

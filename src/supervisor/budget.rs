@@ -91,6 +91,9 @@ pub struct ModelMemory {
     pub inflight: usize,
 }
 
+/// The smallest share a worker is told (see `share`).
+const MIN_SHARE: u64 = 64 << 20;
+
 /// How many plan → evict rounds one load may take before it gives up.
 const ROUNDS: usize = 4;
 
@@ -215,7 +218,10 @@ impl Budget {
             if info.state != Phase::Ready {
                 continue;
             }
-            let _ = slot.send(Command::MemoryLimit(share_of(cap, &info.model, &residents)));
+            // Never 0, which MLX and the worker would read as "no limit": an
+            // over-committed worker refuses what could never fit its sliver.
+            let share = share_of(cap, &info.model, &residents).max(MIN_SHARE);
+            let _ = slot.send(Command::MemoryLimit(share));
         }
     }
 
@@ -320,10 +326,16 @@ fn resident(i: &SlotInfo) -> Option<Resident> {
         // No process, and none before its admission (Admitting asks in turn).
         Phase::Stopped | Phase::Admitting | Phase::Backoff | Phase::Failed => return None,
         // A load in progress will grow to its estimate.
-        // A loaded one holds at least its estimate: its KV reserve stays its own
-        // while unused.
+        // A loaded one holds at least its estimate (its KV reserve stays its own
+        // while unused) and at least what it has promised its sequences: their
+        // KV to max_tokens and its prefix cache beside its baseline, so that two
+        // workers do not count the same free memory for their reservations.
         Phase::Starting | Phase::Ready | Phase::Draining | Phase::Crashed => {
-            i.footprint_bytes.max(i.estimate_bytes)
+            let promised = i.stats.kv.as_ref().map_or(0, |kv| {
+                let cache = i.stats.prompt_cache.as_ref().map_or(0, |pc| pc.bytes);
+                kv.baseline_bytes + kv.reserved_bytes + cache
+            });
+            i.footprint_bytes.max(i.estimate_bytes).max(promised)
         }
     };
     Some(Resident {

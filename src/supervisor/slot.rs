@@ -749,34 +749,10 @@ impl Slot {
 
 /// The settings that would make a refused model fit, for the refusal message.
 fn fit_hint(preset: &Preset, estimate: &Estimate) -> String {
-    let mut ways = Vec::new();
-    if estimate.reserve_bytes > 0 {
-        ways.push(format!(
-            "a smaller kv_reserve (now {} tokens, {})",
-            estimate.reserve_tokens,
-            crate::memory::human(estimate.reserve_bytes)
-        ));
+    if preset.memory_estimate.is_some() {
+        return "; the preset's memory_estimate sets what it needs".into();
     }
-    // Sequences cost beyond their tokens only with windows or recurrent state.
-    let per_sequence = estimate
-        .kv_shape
-        .as_ref()
-        .is_some_and(|s| s.bytes_per_sequence > 0 || !s.windows.is_empty());
-    if per_sequence && preset.max_concurrent > 1 {
-        ways.push(format!(
-            "a lower max_concurrent (now {})",
-            preset.max_concurrent
-        ));
-    }
-    if preset.performance.kv_bits.is_none() && estimate.kv_bytes_per_token > 0 {
-        ways.push("kv_bits = 8 (one byte per KV element instead of two or four)".into());
-    }
-    if estimate.draft_bytes > 0 {
-        ways.push(format!(
-            "no draft model ({})",
-            crate::memory::human(estimate.draft_bytes)
-        ));
-    }
+    let ways = preset.ways_to_fit(estimate);
     if ways.is_empty() {
         return String::new();
     }

@@ -770,6 +770,8 @@ pub struct Stats {
 pub struct KvStats {
     /// The model's weights (and the draft's) as MLX holds them.
     pub weights_bytes: u64,
+    /// What the worker holds with nothing in flight (weights, runtime, kernels).
+    pub baseline_bytes: u64,
     /// The KV caches of the sequences in flight, as their arrays measure.
     pub in_use_bytes: u64,
     /// What the sequences in flight may grow to (each reserved to its

@@ -239,6 +239,7 @@ pub fn examples() -> Vec<Frame> {
             }),
             kv: Some(Box::new(KvStats {
                 weights_bytes: 13,
+                baseline_bytes: 20,
                 in_use_bytes: 14,
                 reserved_bytes: 15,
                 capacity_bytes: 16,

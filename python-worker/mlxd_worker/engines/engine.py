@@ -43,7 +43,7 @@ from ..requests.sampling import SamplerCache
 from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
 from ..requests.tools import ToolCall, new_call_id
-from ..stats import rss_bytes
+from ..stats import footprint_bytes
 from .backend import Backend, Detokenizer, MlxBackend
 from .kv_budget import KvBudget, KvShape, mib
 
@@ -137,11 +137,11 @@ class Planned:
 @dataclass
 class Admission:
     """A planned request checked against the context, with the tokens it may
-    reach (prompt + max_tokens) and the KV bytes those take."""
+    reach (prompt + max_tokens, its KV reservation)."""
 
     planned: Planned
     max_tokens: int
-    need: int
+    tokens: int
     since: float
 
 
@@ -353,7 +353,7 @@ class Engine:
 
         mx.clear_cache()
         self.kv.weights = self.backend.weights_bytes()
-        self.kv.baseline = max(rss_bytes(), mx.get_active_memory())
+        self.kv.baseline = footprint_bytes()
         self.kv.started = True
         if self.kv.capacity is not None:
             log.info(
@@ -374,7 +374,7 @@ class Engine:
                 continue
         else:
             return 0
-        return sum(self.kv.need(s.prompt_tokens + s.completion_tokens) for s in sequences)
+        return self.kv.batch_bytes(s.prompt_tokens + s.completion_tokens for s in sequences)
 
     def _warm_up(self) -> None:
         """Compile kernels on our time, not on a user's first request: one sequence
@@ -436,14 +436,20 @@ class Engine:
 
     def _admit(self, planned: Planned) -> None:
         """Starts a request now, or queues it behind others waiting for KV memory
-        (first come, first served), or refuses one that could never fit."""
-        admission = self._check(planned)
-        if self.waiting_for_memory or not self._room_for(admission.need):
+        (first come, first served), or refuses one that could never run."""
+        try:
+            admission = self._check(planned)
+            wait = bool(self.waiting_for_memory) or not self._room_for(admission.tokens)
+        except Exception:
+            with self.counters.lock:
+                self.counters.queued -= 1
+            raise
+        if wait:
             if not self.waiting_for_memory:
                 log.info(
                     "request %s waits for KV memory: it needs %s, %s are reserved",
                     planned.req.get("id"),
-                    mib(admission.need),
+                    mib(self.kv.need(admission.tokens)),
                     mib(self.kv.reserved),
                 )
             self.waiting_for_memory.append(admission)
@@ -451,12 +457,13 @@ class Engine:
         self._start(admission)
 
     def _admit_waiting(self) -> None:
-        """Starts the requests at the head of the memory queue that fit now."""
+        """Starts the requests at the head of the memory queue that fit now (a
+        smaller share may have made one impossible: it is refused)."""
         while self.waiting_for_memory:
             head = self.waiting_for_memory[0]
             try:
-                self.kv.check_ever_fits(head.need, len(head.planned.plan.prompt_ids) + head.max_tokens)
-                if not self._room_for(head.need):
+                self.kv.check_ever_fits(head.tokens)
+                if not self._room_for(head.tokens):
                     return
             except Exception as e:
                 self.waiting_for_memory.popleft()
@@ -472,20 +479,23 @@ class Engine:
             except Exception as e:
                 self._report(head.planned.req.get("id"), e)
 
-    def _room_for(self, need: int) -> bool:
-        """Whether `need` more bytes of KV fit the share; the prefix cache gives
-        back what it must (least recently used first) before anyone waits."""
-        cached = self.backend.prompt_cache_bytes()
-        free = self.kv.free(cached)
-        if free is None or need <= free:
+    def _room_for(self, tokens: int) -> bool:
+        """Whether a sequence of `tokens` fits beside the reservations; the prefix
+        cache gives back what it must (least recently used first) before anyone
+        waits, but only when that makes room."""
+        capacity = self.kv.capacity
+        if capacity is None:
             return True
-        if cached > 0:
-            dropped = self.backend.shrink_prompt_cache(max(0, cached - (need - free)))
-            if dropped:
-                self.kv.evicted_for_room_total += dropped
-                log.info("dropped %d prefix-cache entries to make room for %s of KV", dropped, mib(need))
-            free = self.kv.free(self.backend.prompt_cache_bytes())
-        return free is None or need <= free
+        reserved = self.kv.reserved_with(tokens)
+        if reserved > capacity:
+            return False  # others must finish first: the cache cannot make room
+        if reserved + self.backend.prompt_cache_bytes() <= capacity:
+            return True
+        dropped = self.backend.shrink_prompt_cache(capacity - reserved)
+        if dropped:
+            self.kv.evicted_for_room_total += dropped
+            log.info("dropped %d prefix-cache entries to make room for %s of KV", dropped, mib(self.kv.need(tokens)))
+        return reserved + self.backend.prompt_cache_bytes() <= capacity
 
     def _check(self, planned: Planned) -> Admission:
         """The request against the model's context and the worker's memory:
@@ -493,8 +503,6 @@ class Engine:
         ids = planned.plan.prompt_ids
         limit = self.backend.context_length
         if limit and len(ids) >= limit:
-            with self.counters.lock:
-                self.counters.queued -= 1
             # Anthropic's wording, which Claude Code (and other clients) look for to
             # compact a conversation; the largest prompt leaves one token to generate.
             raise ContextOverflow(
@@ -506,14 +514,8 @@ class Engine:
         max_tokens = int(planned.req["max_tokens"])
         if limit:
             max_tokens = min(max_tokens, limit - len(ids))
-        need = self.kv.need(len(ids) + max_tokens)
-        try:
-            self.kv.check_ever_fits(need, len(ids) + max_tokens)
-        except Exception:
-            with self.counters.lock:
-                self.counters.queued -= 1
-            raise
-        return Admission(planned, max_tokens, need, time.perf_counter())
+        self.kv.check_ever_fits(len(ids) + max_tokens)
+        return Admission(planned, max_tokens, len(ids) + max_tokens, time.perf_counter())
 
     def _start(self, admission: Admission) -> None:
         planned, max_tokens = admission.planned, admission.max_tokens
@@ -566,7 +568,7 @@ class Engine:
             seq.thinking, seq.tracker = plan.reasoning.text(), plan.reasoning.tracker()
         self._by_uid[uid] = seq
         self._by_rid[rid] = seq
-        self.kv.reserve(rid, admission.need)
+        self.kv.reserve(rid, admission.tokens)
         with self.counters.lock:
             self.counters.active += 1
 

@@ -7,12 +7,15 @@ share is its capacity for KV and the prefix cache together.
 
 A sequence reserves its KV to `max_tokens` (prompt + answer, capped at the
 context) when it is admitted and gives it back when it ends, so that the KV of
-the sequences in flight can never outgrow the share. The engine asks `verdict`
-before admitting: now, wait (others will finish), or never (not even alone).
+the sequences in flight can never outgrow the share; sequences together are
+counted as mlx-lm's batch holds them, each as long as the longest. Before a
+request starts the engine asks: never (not even alone: refused), now, or later
+(it waits while others finish).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import RequestError
@@ -58,62 +61,67 @@ class KvBudget:
     shape: KvShape | None = None
     # The worker's share of the budget (None: no budget, nothing is enforced).
     limit: int | None = None
-    # What the worker holds with no sequence in flight: weights, runtime.
+    # What the worker holds with nothing in flight: weights, runtime.
     baseline: int = 0
     weights: int = 0
     started: bool = False
     refused_total: int = 0
     evicted_for_room_total: int = 0
-    # Reserved bytes by request id.
-    _reserved: dict[int, int] = field(default_factory=dict)
-    _reserved_total: int = 0
+    # Reserved tokens (prompt + max_tokens) by request id.
+    _tokens: dict[int, int] = field(default_factory=dict)
 
     @property
     def capacity(self) -> int | None:
         """What KV and the prefix cache may fill together (None: unlimited)."""
-        if not self.started or self.shape is None or not self.limit:
+        if not self.started or self.shape is None or self.limit is None:
             return None
         return max(0, self.limit - self.baseline)
 
-    @property
-    def reserved(self) -> int:
-        return self._reserved_total
-
     def need(self, tokens: int) -> int:
+        """One sequence of `tokens` alone."""
         return 0 if self.shape is None else self.shape.sequence_bytes(tokens)
 
-    def free(self, cache_bytes: int) -> int | None:
-        """Room for another sequence's KV beside the prefix cache's `cache_bytes`."""
-        capacity = self.capacity
-        return None if capacity is None else capacity - self._reserved_total - cache_bytes
+    def batch_bytes(self, tokens: Iterable[int]) -> int:
+        """mlx-lm's batch caches are rectangular (rows left-padded to the longest),
+        so sequences together hold their count times the longest one's KV."""
+        lengths = list(tokens)
+        return len(lengths) * self.need(max(lengths)) if lengths else 0
 
-    def check_ever_fits(self, need: int, tokens: int) -> None:
+    @property
+    def reserved(self) -> int:
+        return self.batch_bytes(self._tokens.values())
+
+    def reserved_with(self, tokens: int) -> int:
+        """The reservations if one more sequence of `tokens` joined."""
+        return self.batch_bytes([*self._tokens.values(), tokens])
+
+    def check_ever_fits(self, tokens: int) -> None:
         """Refuses a request whose KV exceeds the whole capacity: it could not run
         even alone with the prefix cache empty."""
         capacity = self.capacity
+        need = self.need(tokens)
         if capacity is None or need <= capacity:
             return
         self.refused_total += 1
-        assert self.limit is not None
         raise KvTooLarge(
             f"this request needs {tokens} tokens of KV cache ({mib(need)}: prompt + max_tokens), more than "
-            f"this model's share of memory can ever hold: {mib(capacity)} for KV of a {mib(self.limit)} share "
+            f"this model's share of memory can ever hold: {mib(capacity)} for KV of a {mib(self.limit or 0)} share "
             f"({mib(self.baseline)} taken by weights and runtime); lower max_tokens or shorten the prompt, or "
             "give the model more memory (memory cap, fewer models loaded, kv_bits)"
         )
 
-    def reserve(self, rid: int, need: int) -> None:
-        self._reserved[rid] = need
-        self._reserved_total += need
+    def reserve(self, rid: int, tokens: int) -> None:
+        self._tokens[rid] = tokens
 
     def release(self, rid: int) -> None:
-        self._reserved_total -= self._reserved.pop(rid, 0)
+        self._tokens.pop(rid, None)
 
     def stats(self, in_use: int, waiting: int) -> KvStats:
         return {
             "weights_bytes": self.weights,
+            "baseline_bytes": self.baseline,
             "in_use_bytes": in_use,
-            "reserved_bytes": self._reserved_total,
+            "reserved_bytes": self.reserved,
             "capacity_bytes": self.capacity or 0,
             "waiting": waiting,
             "refused_total": self.refused_total,

@@ -441,6 +441,8 @@ class KvStats(TypedDict):
     """What the worker holds and has promised (Stats): `/admin/memory` and `mlxd ps`
     show it per model."""
 
+    #: What the worker holds with nothing in flight (weights, runtime, kernels).
+    baseline_bytes: int
     #: The share of the budget that KV and the prefix cache may fill together.
     capacity_bytes: int
     evicted_for_room_total: int
