@@ -72,7 +72,10 @@ def field(text: str, name: str) -> str:
 
 def estimates() -> None:
     configs = ROOT / "tests" / "fixtures" / "model-configs"
-    print("| model | KV/token | reserve (32K tokens) | load needs (4-bit weights) | 512 GB | 64 GB | 1 seq at full context |")
+    print(
+        "| model | KV/token | reserve (32K tokens) | load needs (4-bit weights) | 512 GB | 64 GB "
+        "| 1 seq at full context |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, billions in PARAMS.items():
