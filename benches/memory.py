@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -108,7 +109,12 @@ def measured() -> None:
         [str(MLXD), "serve", "--port", "0", "--presets-dir", str(ROOT / "tests" / "presets"), "--exit-on-stdin-eof"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env={**os.environ, "MLXD_HOME": str(home), "MLXD_PYTHON": os.environ.get("MLXD_PYTHON", sys.executable)},
+        env={
+            **os.environ,
+            "MLXD_HOME": str(home),
+            "MLXD_MODELS_DIR": os.environ.get("MLXD_MODELS_DIR", str(Path.home() / ".mlxd" / "models")),
+            "MLXD_PYTHON": os.environ.get("MLXD_PYTHON", sys.executable),
+        },
         text=True,
     )
     assert daemon.stdout is not None
@@ -127,7 +133,10 @@ def measured() -> None:
             {"model": preset, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0}
         ).encode()
         request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"content-type": "application/json"})
-        urllib.request.urlopen(request, timeout=300).read()
+        try:
+            urllib.request.urlopen(request, timeout=300).read()
+        except urllib.error.HTTPError as e:
+            raise SystemExit(f"{preset}: {e.code} {e.read().decode()}") from e
         time.sleep(2.5)
         row = next(r for r in admin(sock, "/admin/memory")["models"] if r["model"] == preset)
         mib = 1 << 20
