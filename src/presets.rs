@@ -190,7 +190,8 @@ pub struct Preset {
     /// beyond it is granted at run time from the free budget (README, "Memory").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_reserve: Option<crate::memory::KvReserve>,
-    /// The prefix cache's limit ("1GiB"; "0" turns it off). Default: a quarter
+    /// The prefix cache's limit ("1GiB"; "0" turns it off). Default: the KV of
+    /// four sequences of 32,768 tokens (or the context, if shorter), or a quarter
     /// of what the model is expected to need (README, "Prompt cache").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_cache_bytes: Option<String>,
@@ -647,7 +648,21 @@ impl Preset {
         match self.prompt_cache_bytes.as_deref() {
             Some(s) => cache_bytes(s).unwrap_or(0),
             None if self.engine == EngineKind::Replay => 0,
-            None => self.memory_need(models_dir, default_reserve) / 4,
+            // Room for four long conversations (or a quarter of the need, if
+            // more): the worker gives it back when a request needs the memory.
+            None => {
+                let estimate = self.estimate(models_dir, default_reserve);
+                let long = estimate
+                    .context_length
+                    .map_or(crate::memory::DEFAULT_KV_RESERVE_TOKENS, |c| {
+                        c.min(crate::memory::DEFAULT_KV_RESERVE_TOKENS)
+                    });
+                let conversations = estimate
+                    .kv_shape
+                    .as_ref()
+                    .map_or(0, |shape| 4 * shape.sequence_bytes(long));
+                conversations.max(self.memory_need(models_dir, default_reserve) / 4)
+            }
         }
     }
 
@@ -1292,6 +1307,16 @@ mod tests {
             need("kv_reserve = 1000\n[performance]\nkv_bits = 8", None),
             fixed + 1024 * 1000 * 9 / 8
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_default_prompt_cache_holds_four_long_conversations() {
+        let dir = model_dir("cache-default", &[("t", 1000, SMALL)]);
+        let preset = Preset::parse("model = \"t\"", "x").unwrap();
+        // Four sequences at the 4,096-token context, 4,096 bytes a token: 64 MiB,
+        // more than a quarter of the need (1000 B + 150 MiB + a 16 MiB reserve).
+        assert_eq!(preset.prompt_cache_limit(&dir, None), 4 * 4096 * 4096);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

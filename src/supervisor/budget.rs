@@ -182,8 +182,11 @@ impl Budget {
     /// Above the shed mark (the workers together, or the whole machine): refuse new
     /// requests and ask every worker to give its cache back, once per episode.
     async fn watch(&self) {
-        self.share().await;
-        let report = self.report().await;
+        // One round of questions to the slots (each measures its worker's
+        // footprint) serves both the shares and the shed check.
+        let infos = self.infos().await;
+        self.share(&infos);
+        let report = self.report_of(infos);
         let machine_used = report.total_bytes.saturating_sub(report.available_bytes);
         let over = report.used_bytes > report.shed_bytes || machine_used > report.shed_bytes;
         let was = self.shedding.swap(over, Ordering::Relaxed);
@@ -207,14 +210,13 @@ impl Budget {
     /// Tells each running worker its share of the budget: the cap less what the
     /// others hold (each at least its estimate, so their reserves stay theirs).
     /// A worker grows its KV into its share; the share shrinks as others load.
-    async fn share(&self) {
-        let infos = self.infos().await;
+    fn share(&self, infos: &[(mpsc::UnboundedSender<Command>, SlotInfo)]) {
         if let Some(device) = infos.iter().filter_map(|(_, i)| i.device_memory).min() {
             self.device_memory.store(device, Ordering::Relaxed);
         }
         let residents: Vec<Resident> = infos.iter().filter_map(|(_, i)| resident(i)).collect();
         let cap = self.cap();
-        for (slot, info) in &infos {
+        for (slot, info) in infos {
             if info.state != Phase::Ready {
                 continue;
             }
@@ -260,10 +262,13 @@ impl Budget {
     }
 
     pub async fn report(&self) -> MemoryReport {
+        let infos = self.infos().await;
+        self.report_of(infos)
+    }
+
+    fn report_of(&self, infos: Vec<(mpsc::UnboundedSender<Command>, SlotInfo)>) -> MemoryReport {
         let system = self.probe.system();
-        let models: Vec<ModelMemory> = self
-            .infos()
-            .await
+        let models: Vec<ModelMemory> = infos
             .into_iter()
             .map(|(_, i)| i)
             .filter(|i| i.state != Phase::Stopped)
