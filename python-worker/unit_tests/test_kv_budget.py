@@ -25,6 +25,11 @@ def test_a_sequence_costs_its_tokens_its_windows_and_its_state() -> None:
     assert shape == KvShape(100, ((128, 10),), 5000)
     assert shape.sequence_bytes(1000) == 100 * 1000 + 10 * 128 + 5000
     assert shape.sequence_bytes(50) == 100 * 50 + 10 * 50 + 5000
+    # A window also holds the prefill chunk being fed into it.
+    chunked = KvShape.from_options(
+        {"prefill_step": 512, "kv_shape": {"bytes_per_token": 100, "windows": [{"tokens": 128, "bytes_per_token": 10}]}}
+    )
+    assert chunked == KvShape(100, ((640, 10),), 0)
     assert KvShape.from_options({}) is None
 
 

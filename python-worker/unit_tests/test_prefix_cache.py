@@ -105,3 +105,32 @@ def test_shrinking_drops_the_least_recently_used_entries_first(model: Any) -> No
     assert pc.take(list(range(600, 625))).cached == 20
     assert pc.take(list(range(700, 725))).cache is None and pc.take(list(range(800, 825))).cache is None
     assert pc.shrink(one) == 0
+
+
+def test_a_kept_entry_holds_its_own_arrays_not_the_batch_it_came_from() -> None:
+    """A layer extracted from mlx-lm's batch (a lazy contiguous slice, or a view
+    for a recurrent layer) would keep the whole batch's arrays alive."""
+    import gc
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    from mlxd_worker.cache.prefix_cache import detached
+
+    gc.collect()
+    keys, values, state = (mx.zeros((8, 4, 1024, 64)) for _ in range(3))
+    mx.eval(keys, values, state)
+    parents = keys.nbytes + values.nbytes + state.nbytes
+    kv = KVCache()
+    kv.keys, kv.values = mx.contiguous(keys[2:3, :, :100]), mx.contiguous(values[2:3, :, :100])
+    kv.offset = 100
+    recurrent = ArraysCache(1)
+    recurrent.cache = [state[2:3]]
+    cache = detached([kv, recurrent])
+    mx.eval(kv.keys, kv.values, recurrent.cache[0])  # what detached started
+    gc.collect()
+    before = mx.get_active_memory()
+    del keys, values, state
+    gc.collect()
+    assert before - mx.get_active_memory() == parents, "the batch's arrays are freed"
+    assert len(cache) == 2

@@ -255,7 +255,7 @@ class PrefixCache:
         n = held(cache)
         if n < 2 or n > len(tokens) or (not self.keep_rotated and is_rotated(cache)):
             return
-        entry = _Entry(tuple(tokens[:n]), cache, _nbytes(cache), can_trim(cache))
+        entry = _Entry(tuple(tokens[:n]), detached(cache), _nbytes(cache), can_trim(cache))
         self._insert(entry)
         if self.disk is not None and n >= self.disk.min_disk_tokens:
             self.disk.write(entry.tokens, entry.cache)
@@ -355,6 +355,36 @@ def _private_prefix(cache: PromptCache, n: int) -> PromptCache:
     if held(whole) > n:
         trim_prompt_cache(whole, held(whole) - n)
     return whole
+
+
+def detached(cache: PromptCache) -> PromptCache:
+    """`cache` with arrays of its own (evaluated in the background), in place. A layer extracted
+    from mlx-lm's batch is a lazy copy of a slice of the whole batch's arrays (a
+    KV layer) or a view into them (a recurrent layer): kept as it is, an entry
+    would hold every row of the batch alive, far more memory than it counts."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, CacheList
+
+    pending: list[mx.array] = []
+
+    def own(layer: object) -> None:
+        if isinstance(layer, CacheList):
+            for part in layer.caches:
+                own(part)
+            return
+        if isinstance(layer, ArraysCache):
+            layer.cache = [None if a is None else mx.contiguous(a) for a in layer.cache]
+        for value in getattr(layer, "__dict__", {}).values():
+            if isinstance(value, mx.array):
+                pending.append(value)
+            elif isinstance(value, (tuple, list)):
+                pending.extend(v for v in value if isinstance(v, mx.array))
+
+    for layer in cache:
+        own(layer)
+    # Asynchronously: a finishing sequence must not drain the batch's pipeline.
+    mx.async_eval(pending)
+    return cache
 
 
 def _nbytes(cache: PromptCache) -> int:

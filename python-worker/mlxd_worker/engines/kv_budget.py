@@ -42,12 +42,16 @@ class KvShape:
 
     @staticmethod
     def from_options(options: LoadOptions) -> KvShape | None:
+        """The daemon's shape, with each window widened by a prefill chunk: a
+        rotating cache holds its window and the chunk being fed until the step
+        trims it (mlx-lm's RotatingKVCache._update_concat)."""
         raw = options.get("kv_shape")
         if raw is None:
             return None
+        chunk = int(options.get("prefill_step") or 0)
         return KvShape(
             bytes_per_token=int(raw["bytes_per_token"]),
-            windows=tuple((int(w["tokens"]), int(w["bytes_per_token"])) for w in raw.get("windows") or ()),
+            windows=tuple((int(w["tokens"]) + chunk, int(w["bytes_per_token"])) for w in raw.get("windows") or ()),
             bytes_per_sequence=int(raw.get("bytes_per_sequence") or 0),
         )
 
