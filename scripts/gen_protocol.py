@@ -39,6 +39,7 @@ class Generator:
         self.defs: dict[str, Schema] = schema["$defs"]
         self.frames: dict[str, Schema] = schema["frames"]
         self.version: int = schema["protocol_version"]
+        self.batch_size_bounds: list[int] = schema["batch_size_bounds"]
         self.classes: list[str] = []
         self.aliases: list[str] = []
         self.done: set[str] = set()
@@ -148,7 +149,9 @@ class Generator:
             frame_types[kind] = self.type_of(schema, kind.title().replace("_", ""))
         for name in sorted(self.defs):
             self.define(name)
-        out = HEADER + f"PROTOCOL_VERSION = {self.version}\n\n\n"
+        out = HEADER + f"PROTOCOL_VERSION = {self.version}\n"
+        out += "# StepStats.batch_size_steps: the buckets' upper bounds (and one past them).\n"
+        out += f"BATCH_SIZE_BOUNDS = {tuple(self.batch_size_bounds)}\n\n\n"
         out += "\n\n".join(self.classes) + "\n\n"
         out += "\n".join(self.aliases) + "\n"
         out += "# The payload type of each JSON frame kind.\n"

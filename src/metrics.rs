@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use metrics::{KeyName, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use worker_protocol::frame::{SpecStatus, Stats};
+use worker_protocol::frame::{SpecStatus, Stats, StepStats, BATCH_SIZE_BOUNDS};
 
 use crate::error::{Error, Source};
 
@@ -95,6 +95,10 @@ pub const FAMILIES: &[Family] = &[
         "Tokens the worker's decode steps produced."),
     family("mlxd_worker_token_frames_total", Counter, COUNT,
         "TokenBatch frames the worker sent (fewer than steps under a flush policy)."),
+    family("mlxd_worker_engine_seconds", Gauge, SECONDS,
+        "The worker's engine time while sequences were in flight, by part: prefill and decode (the model's passes) and host (its own work between passes: admissions, detokenizing, stop strings, frames). A running total since the worker started: use rate()."),
+    family("mlxd_worker_batch_size_bucket", Counter, COUNT,
+        "Engine steps that advanced at most `le` sequences (cumulative buckets of a histogram: histogram_quantile works on them; the sum and count are mlxd_worker_batch_tokens_total and mlxd_worker_batch_steps_total)."),
     // Workers: the transport.
     family("mlxd_worker_frames_total", Counter, COUNT,
         "Protocol frames between the daemon and the worker, by direction."),
@@ -300,6 +304,9 @@ pub fn record_worker_stats(model: &str, s: &Stats) {
         .absolute(s.batch_tokens_total);
     metrics::counter!("mlxd_worker_token_frames_total", "model" => m())
         .absolute(s.token_frames_total);
+    if let Some(steps) = &s.steps {
+        record_steps(model, steps);
+    }
     if let Some(spec) = &s.speculative {
         record_speculative(model, spec);
     }
@@ -328,6 +335,28 @@ pub fn record_worker_stats(model: &str, s: &Stats) {
             writes("written", disk.writes_total);
             writes("dropped", disk.dropped_total);
         }
+    }
+}
+
+/// The engine's time by part and its steps as a batch-size histogram.
+fn record_steps(model: &str, s: &StepStats) {
+    let m = || model.to_string();
+    for (part, seconds) in [
+        ("prefill", s.prefill_seconds_total),
+        ("decode", s.decode_seconds_total),
+        ("host", s.host_seconds_total),
+    ] {
+        metrics::gauge!("mlxd_worker_engine_seconds", "model" => m(), "part" => part).set(seconds);
+    }
+    let bounds = BATCH_SIZE_BOUNDS
+        .iter()
+        .map(|b| b.to_string())
+        .chain(["+Inf".to_string()]);
+    let mut below = 0;
+    for (le, count) in bounds.zip(s.batch_size_steps.iter()) {
+        below += count;
+        metrics::counter!("mlxd_worker_batch_size_bucket", "model" => m(), "le" => le)
+            .absolute(below);
     }
 }
 

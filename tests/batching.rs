@@ -130,6 +130,33 @@ async fn concurrent_streams_keep_their_own_tokens() {
         steps > 0.0 && tokens / steps > 2.0,
         "mean batch {tokens}/{steps}"
     );
+    // /metrics says so too: steps that advanced more than one sequence (the
+    // batch-size histogram), and where the engine's time went.
+    let bucket = |text: &str, le: &str| {
+        metric(
+            text,
+            "mlxd_worker_batch_size_bucket",
+            &format!("{MODEL}\",le=\"{le}"),
+        )
+    };
+    let batched_steps = (bucket(&after, "+Inf") - bucket(&after, "1"))
+        - (bucket(&before, "+Inf") - bucket(&before, "1"));
+    assert!(batched_steps > 0.0, "no step advanced two sequences");
+    assert_eq!(
+        bucket(&after, "+Inf") - bucket(&before, "+Inf"),
+        steps,
+        "every step is in the histogram"
+    );
+    let part = |text: &str, part: &str| {
+        metric(
+            text,
+            "mlxd_worker_engine_seconds",
+            &format!("{MODEL}\",part=\"{part}"),
+        )
+    };
+    for p in ["prefill", "decode", "host"] {
+        assert!(part(&after, p) > part(&before, p), "no {p} time counted");
+    }
 }
 
 /// Dropping one stream mid-generation cancels it in the worker; the others in

@@ -761,6 +761,33 @@ pub struct Stats {
     /// The worker's KV accounting (absent from the replay engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv: Option<Box<KvStats>>,
+    /// Where the engine's time goes and how full its steps are (absent before
+    /// the first step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Box<StepStats>>,
+}
+
+/// The upper bounds of the batch-size buckets of [`StepStats::batch_size_steps`]
+/// (sequences a step advanced); a last bucket past them counts larger batches.
+pub const BATCH_SIZE_BOUNDS: [u32; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+
+/// The engine's time by part, and its steps by batch size (Stats): /metrics
+/// exports them, so an operator sees whether the model, the prefill of new
+/// arrivals or the worker's own per-token work bounds throughput.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepStats {
+    /// Seconds in the model's prefill passes (prompts, in chunks).
+    pub prefill_seconds_total: f64,
+    /// Seconds in the model's decode passes (waiting for a step's tokens).
+    pub decode_seconds_total: f64,
+    /// Seconds of the engine's own work between passes while sequences were in
+    /// flight: admissions, detokenizing, stop strings, tool calls, frames.
+    pub host_seconds_total: f64,
+    /// Steps by the sequences they advanced: one count per bucket of
+    /// [`BATCH_SIZE_BOUNDS`] (at most that many, more than the previous bound),
+    /// and a last one for larger steps.
+    pub batch_size_steps: Vec<u64>,
 }
 
 /// What the worker holds and has promised (Stats): `/admin/memory` and `mlxd ps`

@@ -33,7 +33,12 @@ pub fn frame_schemas() -> Value {
     );
     let defs: serde_json::Map<String, Value> =
         generator.take_definitions(true).into_iter().collect();
-    json!({"protocol_version": PROTOCOL_VERSION, "frames": frames, "$defs": defs})
+    json!({
+        "protocol_version": PROTOCOL_VERSION,
+        "batch_size_bounds": BATCH_SIZE_BOUNDS,
+        "frames": frames,
+        "$defs": defs
+    })
 }
 
 /// Decodes a JSON frame as the daemon does (unknown fields refused) and
@@ -246,6 +251,12 @@ pub fn examples() -> Vec<Frame> {
                 waiting: 17,
                 refused_total: 18,
                 evicted_for_room_total: 19,
+            })),
+            steps: Some(Box::new(StepStats {
+                prefill_seconds_total: 1.5,
+                decode_seconds_total: 2.5,
+                host_seconds_total: 0.25,
+                batch_size_steps: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
             })),
         }),
         Frame::ToolCall(ToolCallFrame {

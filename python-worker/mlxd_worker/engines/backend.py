@@ -45,6 +45,19 @@ log = logging.getLogger("mlxd_worker")
 StepResult = tuple[int, int, Optional[str]]
 
 
+@dataclass
+class ModelTimes:
+    """Seconds the model's passes took since load, by kind (the engine's Stats
+    report them beside its own time between passes)."""
+
+    prefill: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.prefill + self.decode
+
+
 class Detokenizer(Protocol):
     def add_token(self, token: int) -> None: ...
     def finalize(self) -> None: ...
@@ -66,6 +79,8 @@ class Backend(Protocol):
     # The prefix cache keeps snapshots at a prompt's turn boundaries (a model
     # whose cache cannot be cut back to a shorter prefix).
     snapshots: bool
+    # What the model's passes took (the replay engine has none: all zero).
+    times: ModelTimes
 
     def load(self, model_path: str, options: LoadOptions) -> None: ...
     def insert(
@@ -193,6 +208,7 @@ class MlxBackend:
         # batch.
         self._prompt_left: dict[int, int] = {}
         self._prompt_admitted: set[int] = set()
+        self.times = ModelTimes()
 
     def load(self, model_path: str, options: LoadOptions) -> None:
         self._model, self.tokenizer = _load(model_path)
@@ -538,7 +554,10 @@ class MlxBackend:
         # decode step it also ran, which only makes the next chunk smaller).
         self._gen.prefill_step_size = self._pacer.chunk(max(1, self._prefill_rows()))
         started = time.perf_counter()
-        prompt_responses, responses = self._gen.next()
+        with self._gen.stats() as spent:
+            prompt_responses, responses = self._gen.next()
+        self.times.prefill += spent.prompt_time
+        self.times.decode += spent.decode_time
         prefilled = 0
         for r in prompt_responses:
             if r.end_of_prompt:
@@ -625,6 +644,10 @@ class MlxBackend:
             for n, snapshot in lane.take_snapshots():
                 self._keep_snapshot(track, n, snapshot)
         seconds = time.perf_counter() - started
+        if first:
+            self.times.prefill += seconds
+        else:
+            self.times.decode += seconds
         if track.logprobs and out:
             # A sequence that keeps logprobs runs in the processed lane, which kept them.
             assert isinstance(lane, ProcessedSoloSequence) and lane.last_logprobs is not None

@@ -9,6 +9,7 @@ engine drains the inbox between steps.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import queue
@@ -23,6 +24,7 @@ from ..faults import GARBAGE_KIND, Faults
 from ..io import frames
 from ..io.flush import FlushPolicy
 from ..io.protocol import (
+    BATCH_SIZE_BOUNDS,
     AdmittedFrame,
     Done,
     ErrorFrame,
@@ -31,6 +33,7 @@ from ..io.protocol import (
     LogprobsFrame,
     Ready,
     Stats,
+    StepStats,
     TokenLogprob,
     ToolCallFrame,
 )
@@ -44,7 +47,7 @@ from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
 from ..requests.tools import ToolCall, new_call_id
 from ..stats import footprint_bytes
-from .backend import Backend, Detokenizer, MlxBackend
+from .backend import Backend, Detokenizer, MlxBackend, ModelTimes
 from .kv_budget import KvBudget, KvShape, mib
 
 log = logging.getLogger("mlxd_worker")
@@ -83,12 +86,41 @@ class Counters:
     steps: int = 0
     step_tokens: int = 0
     frames: int = 0
+    # Where the engine's time went while sequences were in flight, and its steps
+    # by batch size (StepStats).
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    host_seconds: float = 0.0
+    batch_sizes: list[int] = field(default_factory=lambda: [0] * (len(BATCH_SIZE_BOUNDS) + 1))
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stepped(self, sequences: int, tokens: int) -> None:
+        """One step ran: it advanced `sequences` sequences by `tokens` tokens."""
+        with self.lock:
+            self.steps += 1
+            self.step_tokens += tokens
+            self.batch_sizes[bisect.bisect_left(BATCH_SIZE_BOUNDS, sequences)] += 1
+
+    def timed(self, busy: float, model: ModelTimes, before: ModelTimes) -> None:
+        """An engine iteration took `busy` seconds; the model's passes went from
+        `before` to `model` meanwhile (the rest was the engine's own work)."""
+        prefill, decode = model.prefill - before.prefill, model.decode - before.decode
+        with self.lock:
+            self.prefill_seconds += prefill
+            self.decode_seconds += decode
+            self.host_seconds += max(0.0, busy - prefill - decode)
 
     def snapshot(self) -> Stats:
         """The Stats frame's request-flow counters (the rest is the stats loop's)."""
         with self.lock:
+            steps: StepStats = {
+                "prefill_seconds_total": self.prefill_seconds,
+                "decode_seconds_total": self.decode_seconds,
+                "host_seconds_total": self.host_seconds,
+                "batch_size_steps": list(self.batch_sizes),
+            }
             return {
+                "steps": steps,
                 "active_sequences": self.active,
                 "queued_sequences": self.queued,
                 "completed_total": self.completed,
@@ -215,11 +247,18 @@ class Engine:
         try:
             while self._running:
                 self._beat()
-                self._drain_inbox(block=not self._by_uid and not self.waiting_for_memory)
+                started = time.perf_counter()
+                idle = not self._by_uid and not self.waiting_for_memory
+                self._drain_inbox(block=idle)
+                if idle:  # the wait for work is not the engine's time
+                    started = time.perf_counter()
                 if self.waiting_for_memory:
                     self._admit_waiting()
                 if self._by_uid:
+                    times = self.backend.times
+                    before = ModelTimes(times.prefill, times.decode)
                     self._step()
+                    self.counters.timed(time.perf_counter() - started, times, before)
             self.backend.close()
         except BaseException as e:  # noqa: BLE001 - whatever it was, we cannot serve
             self._die(e)
@@ -659,9 +698,8 @@ class Engine:
             if finish is not None:
                 seq.ended = True
                 ended.append((seq, finish))
-        with self.counters.lock:
-            self.counters.steps += 1
-            self.counters.step_tokens += len(results)
+        advanced = len({uid for uid, _, _ in results}) if len(results) > 1 else len(results)
+        self.counters.stepped(advanced, len(results))
         if self.faults.garbage_due(self.counters.steps):
             self.transport.send(GARBAGE_KIND, b"\xde\xad\xbe\xef")
         if ended or failed:

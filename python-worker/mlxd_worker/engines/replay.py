@@ -18,7 +18,7 @@ from ..lanes.drafting import DraftController
 from ..requests.constraint import SequenceConstraint
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
-from .backend import Detokenizer, StepResult
+from .backend import Detokenizer, ModelTimes, StepResult
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -58,6 +58,7 @@ class ReplayBackend:
     def __init__(self) -> None:
         self.tokenizer = cast("TokenizerWrapper", None)  # set by load()
         self.eos: frozenset[int] = frozenset()
+        self.times = ModelTimes()  # no model: the engine's time is all its own
         self.context_length: int | None = None
         self.sampling = SamplingDefaults()
         self.drafting: DraftController | None = None  # no draft model here

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, TypedDict, Union
 
 PROTOCOL_VERSION = 4
+# StepStats.batch_size_steps: the buckets' upper bounds (and one past them).
+BATCH_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class AdmittedFrame(TypedDict):
@@ -494,6 +496,24 @@ class PromptCacheStats(_PromptCacheStatsRequired, total=False):
     disk: Optional[DiskCacheStats]
 
 
+class StepStats(TypedDict):
+    """The engine's time by part, and its steps by batch size (Stats): /metrics
+    exports them, so an operator sees whether the model, the prefill of new
+    arrivals or the worker's own per-token work bounds throughput."""
+
+    #: Steps by the sequences they advanced: one count per bucket of
+    #: [`BATCH_SIZE_BOUNDS`] (at most that many, more than the previous bound),
+    #: and a last one for larger steps.
+    batch_size_steps: list[int]
+    #: Seconds in the model's decode passes (waiting for a step's tokens).
+    decode_seconds_total: float
+    #: Seconds of the engine's own work between passes while sequences were in
+    #: flight: admissions, detokenizing, stop strings, tool calls, frames.
+    host_seconds_total: float
+    #: Seconds in the model's prefill passes (prompts, in chunks).
+    prefill_seconds_total: float
+
+
 class Stats(TypedDict, total=False):
     """Worker → daemon, every second: memory and load."""
 
@@ -522,6 +542,9 @@ class Stats(TypedDict, total=False):
     rss: int
     #: Present when the preset names a draft model.
     speculative: Optional[SpecStatus]
+    #: Where the engine's time goes and how full its steps are (absent before
+    #: the first step).
+    steps: Optional[StepStats]
     #: TokenBatch frames sent (fewer than steps under a "N tokens"/"T ms" flush policy).
     token_frames_total: int
 
