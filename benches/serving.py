@@ -7,13 +7,17 @@ In one invocation, on the same model, prompts and greedy settings:
 - `mlx_lm.server`: mlx-lm's own HTTP server.
 
 Scenarios: one stream with a short prompt and with a ~500-token prompt (decode tok/s
-and TTFT), then concurrency 1/4/8/16 (aggregate tok/s, p50/p95 TTFT). Sides are
+and TTFT), then concurrency 1/4/8/16 (aggregate tok/s, p50/p95 TTFT). Native batching
+is BatchGenerator with `--native-batch` rows (default: 32), or `c` at concurrency c with
+`--native-batch c`. `mlxd-wide` is a preset with `max_concurrent` = the largest level.
+For each mlxd side the worker's engine time per scenario (prefill, decode, its own
+work between passes: host) and mean batch come from /metrics. Sides are
 interleaved run by run; figures are medians over runs with min..max, and each is
 compared with native. Every request's prompt starts with a fresh nonce so no side
 gets a prompt-cache hit. TTFT is measured from the call (native: from before the
 chat template) to the first text.
 
-    scripts/bench serving [--runs 5] [--max-tokens 32] [--concurrency 1,4,8,16]
+    scripts/bench serving [--runs 5] [--max-tokens 32] [--concurrency 1,4,8,16] [--native-batch 32|c]
         [--model smollm2-135m] [--models-dir DIR] [--mlxd PATH] [--json-out FILE] [--quick]
 """
 
@@ -84,10 +88,12 @@ def run_native_single(model: Any, tokenizer: Any, msgs: list[dict[str, str]], ma
     return {"t0": t0, "stamps": stamps, "tokens": len(stamps)}
 
 
-def run_native_batch(model: Any, tokenizer: Any, batch: list[list[dict[str, str]]], max_tokens: int) -> list[dict]:
+def run_native_batch(
+    model: Any, tokenizer: Any, batch: list[list[dict[str, str]]], max_tokens: int, rows: int = 32
+) -> list[dict]:
     from mlx_lm.generate import BatchGenerator
 
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], completion_batch_size=32)
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], completion_batch_size=rows)
     t0 = time.perf_counter()
     prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in batch]
     uids = gen.insert(prompts, max_tokens=[max_tokens] * len(prompts))
@@ -139,10 +145,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_mlxd(mlxd: str, model: str, models_dir: str, presets: Path) -> tuple[subprocess.Popen, str]:
+def start_mlxd(mlxd: str, model: str, models_dir: str, presets: Path, wide: int) -> tuple[subprocess.Popen, str]:
     presets.mkdir(parents=True, exist_ok=True)
     (presets / f"{model}.toml").write_text(f'model = "{model}"\n')
     (presets / f"{model}-stdio.toml").write_text(f'model = "{model}"\ntransport = "stdio"\n')
+    (presets / f"{model}-wide.toml").write_text(f'model = "{model}"\nmax_concurrent = {wide}\n')
     proc = subprocess.Popen(
         [mlxd, "serve", "--port", "0", "--presets-dir", str(presets), "--exit-on-stdin-eof"],
         stdin=subprocess.PIPE,
@@ -201,6 +208,27 @@ def batch_figures(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+ENGINE_PARTS = ("prefill", "decode", "host")
+
+
+def engine_counters(url: str, model: str) -> dict[str, float]:
+    """The worker's engine seconds by part, and its steps and tokens (/metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {p: 0.0 for p in (*ENGINE_PARTS, "steps", "tokens")}
+    label = f'model="{model}"'
+    for line in text.splitlines():
+        if label not in line or line.startswith("#"):
+            continue
+        name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+        if name == "mlxd_worker_engine_seconds":
+            out[line.split('part="', 1)[1].split('"', 1)[0]] = value
+        elif name == "mlxd_worker_batch_steps_total":
+            out["steps"] = value
+        elif name == "mlxd_worker_batch_tokens_total":
+            out["tokens"] = value
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     v = sorted(values)
     return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
@@ -215,6 +243,7 @@ def main() -> None:
     ap.add_argument("--models-dir", default=os.environ.get("MLXD_MODELS_DIR", str(Path.home() / ".mlxd/models")))
     ap.add_argument("--mlxd", default=str(ROOT / "target/release/mlxd"))
     ap.add_argument("--sides", default="native,mlxd-shm,mlxd-stdio,mlx_lm.server")
+    ap.add_argument("--native-batch", default="32", help="BatchGenerator's rows: a number, or c (the concurrency)")
     ap.add_argument("--json-out")
     ap.add_argument("--quick", action="store_true", help="2 runs, concurrency 1 and 8")
     ap.add_argument("--skip-single", action="store_true", help="only the concurrency scenarios")
@@ -252,17 +281,27 @@ def main() -> None:
 
     try:
         if "native" in wanted:
+
+            def native_rows(batch: list[Any]) -> int:
+                return len(batch) if args.native_batch == "c" else int(args.native_batch)
+
             sides["native"] = (
                 lambda msgs, n: run_native_single(model, tokenizer, msgs, n),
-                lambda batch, n: run_native_batch(model, tokenizer, batch, n),
+                lambda batch, n: run_native_batch(model, tokenizer, batch, n, native_rows(batch)),
             )
-        if "mlxd-shm" in wanted or "mlxd-stdio" in wanted:
-            proc, url = start_mlxd(args.mlxd, args.model, args.models_dir, tmp / "presets")
+        mlxd_models: dict[str, str] = {}  # side -> its preset's name
+        mlxd_url = ""
+        if {"mlxd-shm", "mlxd-stdio", "mlxd-wide"} & set(wanted):
+            proc, mlxd_url = start_mlxd(args.mlxd, args.model, args.models_dir, tmp / "presets", max(levels))
             procs.append(proc)
-            if "mlxd-shm" in wanted:
-                sides["mlxd-shm"] = http_side(url, args.model)
-            if "mlxd-stdio" in wanted:
-                sides["mlxd-stdio"] = http_side(url, f"{args.model}-stdio")
+            for side, name in (
+                ("mlxd-shm", args.model),
+                ("mlxd-stdio", f"{args.model}-stdio"),
+                ("mlxd-wide", f"{args.model}-wide"),
+            ):
+                if side in wanted:
+                    sides[side] = http_side(mlxd_url, name)
+                    mlxd_models[side] = name
         if "mlx_lm.server" in wanted:
             proc, url = start_mlx_lm_server(model_path)
             procs.append(proc)
@@ -284,11 +323,19 @@ def main() -> None:
             report[label] = summarize_single(label, got)
         for c in levels:
             got_b: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
+            engine: dict[str, dict[str, float]] = {k: {} for k in mlxd_models}
             for _ in range(args.runs):
                 for name, (_, batch) in sides.items():
                     prompts = [messages(TOPICS[i % len(TOPICS)]) for i in range(c)]
+                    before = engine_counters(mlxd_url, mlxd_models[name]) if name in mlxd_models else {}
                     got_b[name].append(batch_figures(batch(prompts, args.max_tokens)))
+                    if name in mlxd_models:
+                        time.sleep(1.2)  # the worker's next Stats frame
+                        after = engine_counters(mlxd_url, mlxd_models[name])
+                        for k, v in after.items():
+                            engine[name][k] = engine[name].get(k, 0.0) + v - before[k]
             report[f"concurrency-{c}"] = summarize_batch(f"concurrency {c}", got_b)
+            report[f"concurrency-{c}"]["engine"] = summarize_engine(engine)
     finally:
         for p in procs:
             p.terminate()
@@ -316,6 +363,23 @@ def main() -> None:
     print(line)
     if args.json_out:
         Path(args.json_out).write_text(line)
+
+
+def summarize_engine(engine: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Where each mlxd side's worker spent the scenario's runs (all runs together)."""
+    out: dict[str, Any] = {}
+    for name, e in engine.items():
+        if not e:
+            continue
+        busy = sum(e[p] for p in ENGINE_PARTS) or 1.0
+        steps = e["steps"] or 1.0
+        shares = " ".join(f"{p} {e[p]:.2f}s ({100 * e[p] / busy:.0f}%)" for p in ENGINE_PARTS)
+        print(
+            f"  {name} engine: {shares}; {e['steps']:.0f} steps, mean batch {e['tokens'] / steps:.1f}, "
+            f"host {1000 * e['host'] / steps:.2f} ms/step"
+        )
+        out[name] = e
+    return out
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:

@@ -254,10 +254,16 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
             println!("    last exit: {last}");
         }
         if let Some(facts) = &w.facts {
+            let sized = if w.max_concurrent_auto {
+                " (sized to the device)"
+            } else {
+                ""
+            };
             println!(
-                "    family {}, caches {}",
+                "    family {}, caches {}, batch up to {}{sized}",
                 facts.family,
-                facts.cache_kinds.join(" + ")
+                facts.cache_kinds.join(" + "),
+                w.max_concurrent
             );
             if let Some(format) = &facts.reasoning {
                 println!("    reasoning: {format}, apart from the answer");
@@ -559,7 +565,7 @@ pub async fn estimate(cfg: &Config, ask: EstimateAsk<'_>) -> anyhow::Result<bool
         "  KV reserve       {:>10}  ({} tokens shared by up to {} sequences, guaranteed at load: kv_reserve)",
         human(e.reserve_bytes),
         e.reserve_tokens,
-        preset.max_concurrent
+        preset.concurrency(None)
     );
     let load = preset.memory_need(&cfg.models_dir, cfg.kv_reserve);
     println!("  load needs       {:>10}", human(load));

@@ -156,8 +156,10 @@ pub struct Preset {
     #[serde(default, skip_serializing_if = "ReasoningMode::is_auto")]
     pub reasoning: ReasoningMode,
     /// Requests generating at once (the batch size); more wait in the queue.
-    #[serde(default = "default_max_concurrent")]
-    pub max_concurrent: u32,
+    /// Absent, the worker sizes its batch to its device (Ready says how many):
+    /// see [`Preset::concurrency`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
     /// Requests that may wait for a slot; beyond that the answer is 503.
     #[serde(default = "default_max_queue")]
     pub max_queue: u32,
@@ -352,9 +354,12 @@ fn default_max_tokens() -> u32 {
 /// max_tokens for a request that names none, when its preset sets none either.
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
 
-fn default_max_concurrent() -> u32 {
-    16
-}
+/// What the daemon assumes of a preset without `max_concurrent` until its worker
+/// says what it chose (the memory estimate, the queue's room before the first
+/// load): the worker's own rule for the device this daemon's workers most likely
+/// have (python-worker/mlxd_worker/engines/sizing.py): a Mac's GPU batches 64
+/// sequences; elsewhere 16, the CPU's (a CUDA worker says 64 when ready).
+pub const ASSUMED_MAX_CONCURRENT: u32 = if cfg!(target_os = "macos") { 64 } else { 16 };
 
 fn default_max_queue() -> u32 {
     64
@@ -401,7 +406,7 @@ impl Preset {
     fn fold_performance(&mut self) -> anyhow::Result<()> {
         let perf = &mut self.performance;
         if let Some(n) = perf.max_concurrent.take() {
-            self.max_concurrent = n;
+            self.max_concurrent = Some(n);
         }
         if let Some(n) = perf.prefill_step.take() {
             self.prefill_step = n;
@@ -442,7 +447,10 @@ impl Preset {
             anyhow::ensure!(valid_name(n), "invalid model name {n:?}");
         }
         anyhow::ensure!(p.max_tokens > 0, "max_tokens must be positive");
-        anyhow::ensure!(p.max_concurrent > 0, "max_concurrent must be positive");
+        anyhow::ensure!(
+            p.max_concurrent != Some(0),
+            "max_concurrent must be positive"
+        );
         anyhow::ensure!(p.prefill_step > 0, "prefill_step must be positive");
         anyhow::ensure!(
             p.transport != TransportKind::Http || cfg!(feature = "bench-http"),
@@ -583,7 +591,7 @@ impl Preset {
             return Estimate::default();
         };
         let mut estimate =
-            crate::memory::estimate(&files, self.max_concurrent, self.kv_layout(), reserve);
+            crate::memory::estimate(&files, self.concurrency(None), self.kv_layout(), reserve);
         // A draft runs in the same worker for one sequence at a time: its weights
         // and its KV for the reserve's tokens, at full precision (the safe side).
         if let Some(draft) = self.draft_path(models_dir).map(read) {
@@ -596,6 +604,14 @@ impl Preset {
             estimate.draft_bytes = d.weights_bytes + d.reserve_bytes;
         }
         estimate
+    }
+
+    /// Requests generating at once: `max_concurrent`, else what the worker chose
+    /// for its device (`chosen`, from its Ready), else [`ASSUMED_MAX_CONCURRENT`].
+    pub fn concurrency(&self, chosen: Option<u32>) -> u32 {
+        self.max_concurrent
+            .or(chosen)
+            .unwrap_or(ASSUMED_MAX_CONCURRENT)
     }
 
     /// What the load admission charges, in bytes: `memory_estimate` when the
@@ -627,10 +643,10 @@ impl Preset {
             .kv_shape
             .as_ref()
             .is_some_and(|s| s.bytes_per_sequence > 0 || !s.windows.is_empty());
-        if per_sequence && self.max_concurrent > 1 {
+        if per_sequence && self.concurrency(None) > 1 {
             ways.push(format!(
                 "a lower max_concurrent (now {})",
-                self.max_concurrent
+                self.concurrency(None)
             ));
         }
         let quantizable = estimate.kv_quantizable && self.performance.max_kv_size.is_none();
@@ -961,8 +977,13 @@ mod tests {
         let p = Preset::parse("model = \"m\"", "x").unwrap();
         assert_eq!(
             (p.flush, p.max_concurrent, p.max_queue, p.engine),
-            (FlushPolicy::Step, 16, 64, EngineKind::Mlx)
+            (FlushPolicy::Step, None, 64, EngineKind::Mlx)
         );
+        // Left out, the worker sizes the batch (Load says nothing) and the daemon
+        // admits what it chose; a preset's own value wins over both.
+        assert!(options_json(&p).get("max_batch").is_none());
+        assert_eq!(p.concurrency(Some(64)), 64);
+        assert_eq!(p.concurrency(None), ASSUMED_MAX_CONCURRENT);
         let p = Preset::parse(
             "model = \"m\"\nflush = \"8 tokens\"\nengine = \"replay\"\nmax_concurrent = 2",
             "x",
@@ -970,9 +991,16 @@ mod tests {
         .unwrap();
         assert_eq!(
             (p.flush, p.engine, p.max_concurrent),
-            (FlushPolicy::Tokens(8), EngineKind::Replay, 2)
+            (FlushPolicy::Tokens(8), EngineKind::Replay, Some(2))
         );
         assert_eq!(options_json(&p)["flush"]["tokens"], 8);
+        assert_eq!(
+            (
+                options_json(&p)["max_batch"].clone(),
+                p.concurrency(Some(64))
+            ),
+            (2.into(), 2)
+        );
         let p = Preset::parse("model = \"m\"\nflush = \"2.5 ms\"", "x").unwrap();
         assert_eq!(p.flush, FlushPolicy::Millis(2.5));
         for bad in ["\"0 tokens\"", "\"fast\"", "\"-1 ms\"", "\"3 parsecs\""] {
@@ -1100,7 +1128,10 @@ mod tests {
             "x",
         )
         .unwrap();
-        assert_eq!((p.max_concurrent, p.prefill_step, p.max_queue), (4, 512, 8));
+        assert_eq!(
+            (p.max_concurrent, p.prefill_step, p.max_queue),
+            (Some(4), 512, 8)
+        );
         assert_eq!(
             p.prompt_cache_limit(Path::new("/nonexistent"), None),
             64 << 20
@@ -1126,7 +1157,7 @@ mod tests {
         // The top level still works for presets written before the table.
         let old =
             Preset::parse("model = \"m\"\nmax_concurrent = 2\nprefill_step = 256", "x").unwrap();
-        assert_eq!((old.max_concurrent, old.prefill_step), (2, 256));
+        assert_eq!((old.max_concurrent, old.prefill_step), (Some(2), 256));
     }
 
     #[test]

@@ -260,7 +260,7 @@ pub fn profile_file(
     let back = Preset::parse(&written, stem)
         .with_context(|| format!("the profile written for {} does not parse", dest.display()))?;
     anyhow::ensure!(
-        back.max_concurrent == profile.max_concurrent
+        back.max_concurrent == Some(profile.max_concurrent)
             && back.prefill_step == profile.prefill_step
             && back.performance.kv_bits == profile.kv_bits
             && profile
@@ -422,7 +422,7 @@ fn candidate(base: &Preset, knobs: Knobs, index: usize, most: u32) -> anyhow::Re
     p.name = format!("{}-tune-{index}", base.name);
     p.aliases.clear();
     p.source = None;
-    p.max_concurrent = most;
+    p.max_concurrent = Some(most);
     p.max_queue = p.max_queue.max(most);
     p.prefill_step = knobs.prefill_step;
     p.performance.kv_bits = knobs.kv_bits;
@@ -764,7 +764,7 @@ mod tests {
         assert_eq!(p.source.as_deref(), Some(dest.as_path()));
         assert_eq!(
             (p.max_concurrent, p.prefill_step, p.performance.kv_bits),
-            (4, 512, Some(8))
+            (Some(4), 512, Some(8))
         );
         // A second run rewrites the user's file in place.
         let again = destination(p, &shipped, &home);
@@ -792,7 +792,7 @@ mod tests {
         let back = Preset::parse(&written, "m").unwrap();
         assert_eq!(
             (back.max_concurrent, back.prefill_step, back.max_queue),
-            (4, 512, 9)
+            (Some(4), 512, 9)
         );
         assert_eq!(
             (back.performance.kv_bits, back.performance.kv_group_size),
@@ -815,7 +815,10 @@ mod tests {
         // An inline table is rewritten as a table.
         let inline = "model = \"m\"\nperformance = { kv_bits = 4 }\n";
         let written = with_profile(inline, &profile(2, 512, None), "note").unwrap();
-        assert_eq!(Preset::parse(&written, "m").unwrap().max_concurrent, 2);
+        assert_eq!(
+            Preset::parse(&written, "m").unwrap().max_concurrent,
+            Some(2)
+        );
     }
 
     #[test]

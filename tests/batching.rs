@@ -241,6 +241,19 @@ async fn a_full_queue_answers_503() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(queued, 1, "the second request should be queued");
+    // The preset's own max_concurrent holds, not the size the worker would choose.
+    let (_, ps) = daemon().admin("ps", None).await;
+    let slot = ps["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["model"] == model)
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&slot["max_concurrent"], &slot["max_concurrent_auto"]),
+        (&json!(1), &json!(false))
+    );
     // The third finds the queue full.
     let third = client.post(&url).json(&body(2)).send().await.unwrap();
     assert_eq!(third.status(), 503);

@@ -170,6 +170,9 @@ fn workers_exit_when_their_daemon_is_killed() {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no worker in ps:\n{ps}"));
+    // Its preset leaves max_concurrent out: the worker sized the batch to its
+    // device (a CPU here) and the daemon admits that many.
+    assert!(ps.contains("batch up to 16 (sized to the device)"), "{ps}");
 
     own.kill().unwrap(); // SIGKILL: no chance to stop its workers
     own.wait().unwrap();

@@ -152,6 +152,8 @@ pub struct Shared {
     hello: Mutex<Option<Hello>>,
     /// What the worker found the model to be (its Ready frame).
     facts: Mutex<Option<ModelFacts>>,
+    /// The batch the worker runs (its Ready frame; 0 until then).
+    max_batch: std::sync::atomic::AtomicU32,
     /// Held until the worker's Hello proves it has mapped the segment, then unlinked;
     /// unlinked on exit if the worker never got that far.
     segment: Mutex<Option<Segment>>,
@@ -258,6 +260,7 @@ impl Incarnation {
             exited: Default::default(),
             hello: Mutex::new(None),
             facts: Mutex::new(None),
+            max_batch: Default::default(),
             segment: Mutex::new(segment),
             registry,
             stderr_tail: Mutex::new(VecDeque::new()),
@@ -505,6 +508,11 @@ impl Incarnation {
         self.shared.facts.lock().expect("lock").clone()
     }
 
+    /// The sequences the worker decodes at once, once Ready.
+    pub fn max_batch(&self) -> Option<u32> {
+        Some(self.shared.max_batch.load(Ordering::Relaxed)).filter(|&n| n > 0)
+    }
+
     pub fn hello(&self) -> Option<Hello> {
         self.shared.hello.lock().expect("lock").clone()
     }
@@ -659,7 +667,9 @@ impl Shared {
                 *self.hello.lock().expect("lock") = Some(hello);
             }
             Frame::Ready(ready) => {
-                tracing::info!(model = %self.model, incarnation = n, load_seconds = ready.load_seconds, "worker ready");
+                tracing::info!(model = %self.model, incarnation = n, load_seconds = ready.load_seconds, max_batch = ?ready.max_batch, "worker ready");
+                self.max_batch
+                    .store(ready.max_batch.unwrap_or(0), Ordering::Relaxed);
                 if let Some(spec) = ready.speculative {
                     if spec.active {
                         tracing::info!(model = %self.model, draft = %spec.draft, num_draft_tokens = spec.num_draft_tokens, mode = %spec.mode, "speculative decoding active: {}", spec.reason);

@@ -106,6 +106,12 @@ pub struct SlotInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<ModelFacts>,
     pub inflight: usize,
+    /// Requests generating at once at most (`max_concurrent`, or what the
+    /// worker chose for its device), and whether the preset left it to the worker.
+    #[serde(default)]
+    pub max_concurrent: usize,
+    #[serde(default)]
+    pub max_concurrent_auto: bool,
     /// Requests waiting for a place.
     #[serde(default)]
     pub queued: usize,
@@ -397,7 +403,7 @@ impl Slot {
     fn dispatch(&mut self) {
         while self.machine.serving() {
             let Some(inc) = &self.current else { break };
-            if self.sent.len() + self.leases >= self.preset.max_concurrent as usize {
+            if self.sent.len() + self.leases >= self.concurrency() {
                 break;
             }
             let Some(p) = self.queue.pop_front() else {
@@ -611,7 +617,7 @@ impl Slot {
             queued: self.queue.len(),
             active: self.sent.len() + self.leases,
             max_queue: self.preset.max_queue as usize,
-            max_concurrent: self.preset.max_concurrent as usize,
+            max_concurrent: self.concurrency(),
         };
         let model = self.preset.name.clone();
         match self.machine.admit(Instant::now(), arrival) {
@@ -700,6 +706,13 @@ impl Slot {
         self.metrics.footprint.set(self.footprint as f64);
     }
 
+    /// Requests the worker generates at once: the preset's `max_concurrent`, else
+    /// the batch its worker chose for its device (Ready).
+    fn concurrency(&self) -> usize {
+        let chosen = self.current.as_ref().and_then(|i| i.max_batch());
+        self.preset.concurrency(chosen) as usize
+    }
+
     fn info(&self) -> SlotInfo {
         let inc = self.current.as_ref();
         let hello = inc.and_then(|i| i.hello());
@@ -726,6 +739,8 @@ impl Slot {
             stats: inc.map(|i| i.stats()).unwrap_or_default(),
             facts: inc.and_then(|i| i.facts()),
             inflight: self.sent.len() + self.leases,
+            max_concurrent: self.concurrency(),
+            max_concurrent_auto: self.preset.max_concurrent.is_none(),
             queued: self.queue.len(),
             pinned: self.machine.pinned,
             keep_alive: self.machine.keep_alive.describe(),

@@ -149,9 +149,10 @@ pub struct Load {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadOptions {
-    /// Sequences decoding at once (the preset's `max_concurrent`).
-    #[serde(default = "default_max_batch")]
-    pub max_batch: u32,
+    /// Sequences decoding at once (the preset's `max_concurrent`); absent, the
+    /// worker sizes the batch to its device and says so in Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u32>,
     /// Prompt tokens prefilled per model call.
     #[serde(default = "default_prefill_step")]
     pub prefill_step: u32,
@@ -248,10 +249,6 @@ impl KvShape {
     }
 }
 
-fn default_max_batch() -> u32 {
-    16
-}
-
 fn default_prefill_step() -> u32 {
     2048
 }
@@ -322,6 +319,10 @@ pub struct Ready {
     /// What the worker found the model to be (absent for the replay engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<Box<ModelFacts>>,
+    /// The sequences it decodes at once: Load's `max_batch`, or what it chose for
+    /// its device when Load left it out (the daemon then admits that many).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u32>,
 }
 
 /// A loaded model as the worker sees it: its family, the cache layer kinds

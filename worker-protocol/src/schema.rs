@@ -103,7 +103,7 @@ pub fn examples() -> Vec<Frame> {
             model_path: "/models/m".into(),
             model_name: "m".into(),
             options: Box::new(LoadOptions {
-                max_batch: 8,
+                max_batch: Some(8),
                 prefill_step: 512,
                 flush: FlushOptions::Tokens { tokens: 4 },
                 kv_bits: Some(8),
@@ -154,6 +154,7 @@ pub fn examples() -> Vec<Frame> {
                 }],
                 reasoning: Some("<think>…</think>".into()),
             })),
+            max_batch: Some(64),
         }),
         Frame::Generate(Generate {
             id: 7,

@@ -32,6 +32,7 @@ from ..mlx_types import CacheLayer, Model, PromptCache
 from ..requests.constraint import SequenceConstraint, TokenConsumer
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
+from .sizing import default_max_batch, on_gpu
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -81,6 +82,8 @@ class Backend(Protocol):
     snapshots: bool
     # What the model's passes took (the replay engine has none: all zero).
     times: ModelTimes
+    # Sequences decoding at once (Load's max_batch, or sized to the device).
+    max_batch: int
 
     def load(self, model_path: str, options: LoadOptions) -> None: ...
     def insert(
@@ -188,7 +191,7 @@ class MlxBackend:
         self._model = cast(Model, None)
         self._draft: Model | None = None
         self._gen = cast("BatchGenerator", None)
-        self._max_batch = 16
+        self.max_batch = 16
         self._prefill_step = 2048
         self._next_uid = 0
         self._solo: tuple[int, Lane] | None = None
@@ -216,12 +219,12 @@ class MlxBackend:
         # The daemon reads it from config.json (one rule for what /v1/models says).
         self.context_length = options.get("context_length")
         self.sampling = SamplingDefaults.of_model(model_path)
-        max_batch = options.get("max_batch", 16)
+        max_batch = options.get("max_batch") or default_max_batch(on_gpu())
         self._prefill_step = options.get("prefill_step", 2048)
         self._pacer = PrefillPacer(self._prefill_step)
         self._kv = KvOptions.from_options(options)
         self._kv.check(_config(model_path))
-        self._max_batch = max_batch
+        self.max_batch = max_batch
         self._gen = self._new_generator()
         spec = options.get("speculative")
         if spec:
@@ -242,8 +245,8 @@ class MlxBackend:
         return BatchGenerator(
             self._model,
             stop_tokens=[[t] for t in sorted(self.eos)],
-            completion_batch_size=self._max_batch,
-            prefill_batch_size=min(self._max_batch, 8),
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(self.max_batch, 8),
             prefill_step_size=self._prefill_step,
             max_kv_size=self._kv.max_kv_size,
         )
@@ -556,8 +559,10 @@ class MlxBackend:
         started = time.perf_counter()
         with self._gen.stats() as spent:
             prompt_responses, responses = self._gen.next()
+        # The rest of the call (a finished prompt's first decode pass, joins) is
+        # the model's too: counted as decode.
         self.times.prefill += spent.prompt_time
-        self.times.decode += spent.decode_time
+        self.times.decode += time.perf_counter() - started - spent.prompt_time
         prefilled = 0
         for r in prompt_responses:
             if r.end_of_prompt:

@@ -376,6 +376,7 @@ class Engine:
             "load_seconds": time.perf_counter() - t0,
             "context_length": self.backend.context_length,
             "speculative": self.backend.speculative_status(),
+            "max_batch": self.backend.max_batch,
         }
         facts = self.backend.model_facts()
         if facts is not None:

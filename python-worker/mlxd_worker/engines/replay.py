@@ -19,6 +19,7 @@ from ..requests.constraint import SequenceConstraint
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
 from .backend import Detokenizer, ModelTimes, StepResult
+from .sizing import default_max_batch
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -59,6 +60,7 @@ class ReplayBackend:
         self.tokenizer = cast("TokenizerWrapper", None)  # set by load()
         self.eos: frozenset[int] = frozenset()
         self.times = ModelTimes()  # no model: the engine's time is all its own
+        self.max_batch = 16
         self.context_length: int | None = None
         self.sampling = SamplingDefaults()
         self.drafting: DraftController | None = None  # no draft model here
@@ -76,6 +78,8 @@ class ReplayBackend:
         from mlx_lm.utils import load_tokenizer
 
         self.tokenizer = load_tokenizer(Path(model_path), {"trust_remote_code": False})
+        # Nothing computes: the batch is only the admission limit, as on a CPU.
+        self.max_batch = options.get("max_batch") or default_max_batch(on_gpu=False)
         # No model runs, so no context limits a replay: it streams text forever.
         self.context_length = None
         text = str(options.get("replay_text") or REPLAY_TEXT)

@@ -295,8 +295,9 @@ class LoadOptions(TypedDict, total=False):
     #: reads it from config.json): what the worker reserves for each sequence
     #: before admitting it.
     kv_shape: Optional[KvShape]
-    #: Sequences decoding at once (the preset's `max_concurrent`).
-    max_batch: int
+    #: Sequences decoding at once (the preset's `max_concurrent`); absent, the
+    #: worker sizes the batch to its device and says so in Ready.
+    max_batch: Optional[int]
     #: A rotating KV cache of this many tokens.
     max_kv_size: Optional[int]
     #: The worker's share of the memory budget, as MLX's memory limit.
@@ -433,6 +434,9 @@ class Ready(_ReadyRequired, total=False):
     """Worker → daemon: the model is loaded and warmed up."""
 
     context_length: Optional[int]
+    #: The sequences it decodes at once: Load's `max_batch`, or what it chose for
+    #: its device when Load left it out (the daemon then admits that many).
+    max_batch: Optional[int]
     #: What the worker found the model to be (absent for the replay engine).
     model: Optional[ModelFacts]
     #: Present when the preset names a draft model.

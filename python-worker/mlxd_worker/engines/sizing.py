@@ -1,0 +1,29 @@
+"""The batch a worker runs when its preset leaves `max_concurrent` out: what
+`mlxd tune` finds on each kind of device, chosen at load without running it.
+
+On a GPU (Metal, CUDA) one decode step reads every weight once whatever the
+batch, so rows are nearly free until the step turns compute-bound: mlx-lm's
+BatchGenerator at 64 rows delivers ~1,700 tok/s on a 1B 4-bit model on an H100
+against ~900 at 8 (docs/bench). A 64-row batch is only an upper bound: each
+request's KV is reserved against the worker's memory share as it is admitted
+(kv_budget.py), so a large model on a small machine runs fewer at once and the
+rest wait. On a CPU the step is compute-bound early, and a wide batch mostly
+stretches everyone's time to first token: 16, as before.
+The daemon assumes the same rule until the worker's Ready says what it chose
+(src/presets.rs ASSUMED_MAX_CONCURRENT).
+"""
+
+from __future__ import annotations
+
+GPU_BATCH = 64
+CPU_BATCH = 16
+
+
+def default_max_batch(on_gpu: bool) -> int:
+    return GPU_BATCH if on_gpu else CPU_BATCH
+
+
+def on_gpu() -> bool:
+    import mlx.core as mx
+
+    return bool(mx.default_device() == mx.gpu)
