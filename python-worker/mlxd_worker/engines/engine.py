@@ -66,6 +66,12 @@ NO_CALLS: tuple[ToolCall, ...] = ()
 # REASONING_FLAG: token ids stay far below it).
 REASONING_FLAG = 1 << 31
 
+# An idle engine woken by a request while the reader thread is already planning
+# the next one (a burst: many clients at once) waits up to this long for the
+# rest, so that they prefill together in the batch's first steps instead of the
+# first running alone and the others joining it one step at a time.
+GATHER_S = 0.05
+
 # How MLX words a failed allocation (Metal, CUDA, the C++ allocator): a step that
 # raises one of these fails its sequences, and the worker serves on.
 OUT_OF_MEMORY_MARKS = ("out of memory", "unable to allocate", "[metal::malloc]", "cudamalloc", "bad_alloc")
@@ -217,6 +223,8 @@ class Engine:
         # requests waiting (in arrival order) for KV memory to free up.
         self.kv = KvBudget()
         self.waiting_for_memory: deque[Admission] = deque()
+        # Set while the reader thread plans a Generate (see GATHER_S).
+        self.planning = False
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
@@ -227,17 +235,23 @@ class Engine:
             self.inbox.put((kind, payload))
             return
         req = frames.decode_generate(payload)
+        # Cleared only once the request is in the inbox: a gathering engine never
+        # sees the reader idle with a request on its way.
+        self.planning = True
         try:
             if req.get("count_only"):
                 self._count(req)
                 return
-            planned = Planned(req, self._plan(req))
-        except Exception as e:
-            self._report(req.get("id"), e)
-            return
-        with self.counters.lock:
-            self.counters.queued += 1
-        self.inbox.put((kind, planned))
+            try:
+                planned = Planned(req, self._plan(req))
+            except Exception as e:
+                self._report(req.get("id"), e)
+                return
+            with self.counters.lock:
+                self.counters.queued += 1
+            self.inbox.put((kind, planned))
+        finally:
+            self.planning = False
 
     def stop(self) -> None:
         self.inbox.put(None)
@@ -252,6 +266,9 @@ class Engine:
                 self._drain_inbox(block=idle)
                 if idle:  # the wait for work is not the engine's time
                     started = time.perf_counter()
+                    if self._by_uid:
+                        self._gather()
+                        started = time.perf_counter()
                 if self.waiting_for_memory:
                     self._admit_waiting()
                 if self._by_uid:
@@ -301,6 +318,24 @@ class Engine:
                 self._running = False
                 return
             self._handle(*item)
+
+    def _gather(self) -> None:
+        """The first request after idleness: while the reader thread is planning
+        more (a burst), they are admitted before the first step, up to GATHER_S."""
+        deadline = time.perf_counter() + GATHER_S
+        while self._running and self.planning:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            try:
+                item = self.inbox.get(timeout=min(left, 0.005))
+            except queue.Empty:
+                continue
+            if item is None:
+                self._running = False
+                return
+            self._handle(*item)
+            self._drain_inbox(block=False)
 
     def _handle(self, kind: int, item: bytes | Planned) -> None:
         if isinstance(item, Planned):  # a Generate

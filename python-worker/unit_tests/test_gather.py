@@ -1,0 +1,89 @@
+"""A burst of requests reaching an idle engine starts in one step (engine.GATHER_S):
+the engine waits for the requests the reader thread is still planning; a lone
+request does not wait. The replay engine: no model, the scheduler as it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlxd_worker.engines.engine import GATHER_S, Engine
+from mlxd_worker.engines.replay import ReplayBackend
+from mlxd_worker.io import frames
+
+MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
+
+
+class Recorder:
+    name = "recorder"
+    native = False
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, Any]] = []
+
+    def send(self, kind: int, payload: bytes) -> None:
+        self.frames.append((kind, payload))
+
+    def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
+        self.frames.append((frames.TOKEN_BATCH, list(entries)))
+
+    def beat(self) -> None:
+        pass
+
+    def recv(self) -> tuple[int, int, bytes] | None:
+        return None
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    assert MODEL.is_dir(), "scripts/setup imports the test model"
+    e = Engine(Recorder(), ReplayBackend())
+    e._load({"model_path": str(MODEL), "model_name": "replay", "options": {}})
+    yield e
+
+
+def generate(rid: int) -> bytes:
+    return json.dumps({"id": rid, "prompt": "hi", "max_tokens": 4}).encode()
+
+
+def first_step_batch(engine: Engine) -> int:
+    """Sequences the first step advances, counted as the engine's loop counts them."""
+    before = list(engine.counters.batch_sizes)
+    engine._step()
+    (bucket,) = [i for i, (a, b) in enumerate(zip(before, engine.counters.batch_sizes)) if b != a]
+    return [1, 2, 4, 8][bucket] if bucket < 4 else 99
+
+
+def test_a_burst_from_idle_starts_in_one_step(engine: Engine) -> None:
+    engine.submit(frames.GENERATE, generate(1))
+
+    def reader() -> None:  # the rest of the burst, planned while the engine wakes
+        engine.planning = True
+        time.sleep(0.01)
+        engine.submit(frames.GENERATE, generate(2))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.002)
+    engine._drain_inbox(block=True)
+    engine._gather()
+    thread.join()
+    assert len(engine._by_uid) == 2
+    assert first_step_batch(engine) == 2
+
+
+def test_a_lone_request_does_not_wait(engine: Engine) -> None:
+    engine.submit(frames.GENERATE, generate(1))
+    started = time.perf_counter()
+    engine._drain_inbox(block=True)
+    engine._gather()
+    assert time.perf_counter() - started < GATHER_S / 2
+    assert len(engine._by_uid) == 1
+    assert first_step_batch(engine) == 1
