@@ -98,7 +98,7 @@ pub const FAMILIES: &[Family] = &[
     family("mlxd_worker_engine_seconds", Gauge, SECONDS,
         "The worker's engine time while sequences were in flight, by part: prefill and decode (the model's passes) and host (its own work between passes: admissions, detokenizing, stop strings, frames). A running total since the worker started: use rate()."),
     family("mlxd_worker_batch_size_bucket", Counter, COUNT,
-        "Engine steps that advanced at most `le` sequences (cumulative buckets of a histogram: histogram_quantile works on them; the sum and count are mlxd_worker_batch_tokens_total and mlxd_worker_batch_steps_total)."),
+        "Engine steps that advanced at most `le` sequences (le=\"0\": steps that only prefilled), as the cumulative buckets of a histogram: histogram_quantile works on them; the +Inf bucket equals mlxd_worker_batch_steps_total."),
     // Workers: the transport.
     family("mlxd_worker_frames_total", Counter, COUNT,
         "Protocol frames between the daemon and the worker, by direction."),

@@ -355,11 +355,12 @@ fn default_max_tokens() -> u32 {
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
 
 /// What the daemon assumes of a preset without `max_concurrent` until its worker
-/// says what it chose (the memory estimate, the queue's room before the first
-/// load): the worker's own rule for the device this daemon's workers most likely
-/// have (python-worker/mlxd_worker/engines/sizing.py): a Mac's GPU batches 64
-/// sequences; elsewhere 16, the CPU's (a CUDA worker says 64 when ready).
-pub const ASSUMED_MAX_CONCURRENT: u32 = if cfg!(target_os = "macos") { 64 } else { 16 };
+/// has said what it chose (python-worker/mlxd_worker/engines/sizing.py: 64 on a
+/// GPU, 16 on a CPU): the memory estimate's sequences, which cost beyond their
+/// tokens only for windowed or recurrent caches, and the queue's room before the
+/// first load. Kept at the former default, so no load is charged more than before;
+/// each request's KV is reserved by the worker as it starts, whatever this says.
+pub const ASSUMED_MAX_CONCURRENT: u32 = 16;
 
 fn default_max_queue() -> u32 {
     64

@@ -335,15 +335,19 @@ async fn a_lone_stream_joins_the_batch_mid_generation_intact() {
         .await
         .unwrap();
     // Wait until the first has produced text, so it is decoding when the second comes.
-    let mut body = String::new();
-    while !body.contains("\"text\":\"") || body.matches("\"text\":").count() < 2 {
-        body += &String::from_utf8_lossy(&resp.chunk().await.unwrap().unwrap());
+    // Bytes until the end: a read may end inside a multi-byte character.
+    let mut bytes = Vec::new();
+    while {
+        let body = String::from_utf8_lossy(&bytes);
+        !body.contains("\"text\":\"") || body.matches("\"text\":").count() < 2
+    } {
+        bytes.extend_from_slice(&resp.chunk().await.unwrap().unwrap());
     }
     let second_joined = stream_completion(MODEL, second, 8).await;
     while let Some(chunk) = resp.chunk().await.unwrap() {
-        body += &String::from_utf8_lossy(&chunk);
+        bytes.extend_from_slice(&chunk);
     }
-    let first_joined = parse_stream(&body);
+    let first_joined = parse_stream(&String::from_utf8(bytes).unwrap());
     assert_eq!(first_joined.text, first_alone.text);
     assert_eq!(
         first_joined.completion_tokens,
@@ -369,10 +373,12 @@ async fn a_slow_client_gets_coalesced_chunks() {
         .unwrap();
     // Stall: the socket buffers fill, and tokens pile up behind them.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut body = String::new();
+    // Bytes first: a read may end inside a multi-byte character (the text has "—").
+    let mut bytes = Vec::new();
     while let Some(chunk) = resp.chunk().await.unwrap() {
-        body += &String::from_utf8_lossy(&chunk);
+        bytes.extend_from_slice(&chunk);
     }
+    let body = String::from_utf8(bytes).unwrap();
     let slow = parse_stream(&body);
     assert_eq!(slow.completion_tokens, tokens as u64);
     assert_eq!(slow.text, fast.text, "every token, in order");
@@ -381,4 +387,53 @@ async fn a_slow_client_gets_coalesced_chunks() {
         events < tokens as usize / 2,
         "{events} SSE chunks for {tokens} tokens"
     );
+}
+
+/// A preset without max_concurrent generates as many requests at once as its
+/// worker chose for its device (a replay worker standing in for a GPU host that
+/// batches 4), and the rest wait in the daemon's queue; every request still gets
+/// all its tokens. The daemon's own assumption before the load is 16, so a queue
+/// here can only come from the worker's choice.
+#[tokio::test]
+async fn the_worker_sizes_the_batch_when_the_preset_does_not() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let model = "replay-device-batch";
+    stream_completion(model, "hi", 2).await; // loaded and ready
+    let done = AtomicBool::new(false);
+    let streams = async {
+        let out = join_all((0..6).map(|_| stream_completion(model, "hi", 30))).await;
+        done.store(true, Ordering::Relaxed);
+        out
+    };
+    let watch = async {
+        let (mut most_inflight, mut most_queued, mut slot) = (0, 0, Value::Null);
+        while !done.load(Ordering::Relaxed) {
+            let (_, ps) = daemon().admin("ps", None).await;
+            if let Some(w) = ps["workers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|w| w["model"] == model)
+            {
+                most_inflight = most_inflight.max(w["inflight"].as_u64().unwrap_or(0));
+                most_queued = most_queued.max(w["queued"].as_u64().unwrap_or(0));
+                slot = w.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (most_inflight, most_queued, slot)
+    };
+    let (finished, (most_inflight, most_queued, slot)) = tokio::join!(streams, watch);
+    for c in &finished {
+        assert_eq!(
+            (c.completion_tokens, c.finish_reason.as_str()),
+            (30, "length")
+        );
+    }
+    assert_eq!(
+        (&slot["max_concurrent"], &slot["max_concurrent_auto"]),
+        (&json!(4), &json!(true))
+    );
+    assert_eq!(most_inflight, 4, "at most the worker's batch at once");
+    assert!(most_queued >= 1, "the rest waited in the daemon's queue");
 }

@@ -1,8 +1,9 @@
 # Call 2 (carry .gpu/b): the CUDA wheel joined and installed, the daemon binary, a
 # synthetic 1B 4-bit model (SHAPE=8b for the larger one).
 set -e
-cat /tmp/g/cuda.part.aa .gpu/b/cuda.part.ab > /tmp/g/mlx_cuda_13-0-py3-none-manylinux_2_35_x86_64.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/g/mlx_cuda_13-*.whl
+wheel=/tmp/g/$(cat /tmp/g/cuda.name)
+cat /tmp/g/cuda.part.aa .gpu/b/cuda.part.ab > "$wheel"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
 cp .gpu/b/mlxd /tmp/g/mlxd && chmod +x /tmp/g/mlxd
 source benches/gpu/env.sh
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.__version__)"

@@ -53,6 +53,7 @@ class Faults:
             garbage_after_step=int(raw.get("garbage_after_step", 0)),
             out_of_memory_in_step=int(raw.get("out_of_memory_in_step", 0)),
         )
+        # (`device_batch` is read where the batch is sized: engines/sizing.py.)
 
     def in_load(self) -> None:
         while self.hang_in_load:

@@ -194,6 +194,8 @@ pub struct Slot {
     /// What a load of this model needs (computed when it asks), part by part.
     need: u64,
     estimate: Estimate,
+    /// The batch the last ready worker chose (a preset without max_concurrent).
+    chosen_batch: Option<u32>,
     last_used: Option<(Instant, std::time::SystemTime)>,
     ticks: u64,
 }
@@ -244,6 +246,7 @@ impl Slot {
             footprint: 0,
             need: 0,
             estimate: Estimate::default(),
+            chosen_batch: None,
             last_used: None,
             ticks: 0,
         };
@@ -639,7 +642,12 @@ impl Slot {
             return; // from an incarnation already handled
         }
         match report {
-            Report::Ready => self.feed(Event::Ready),
+            Report::Ready => {
+                if let Some(n) = self.current.as_ref().and_then(|i| i.max_batch()) {
+                    self.chosen_batch = Some(n);
+                }
+                self.feed(Event::Ready)
+            }
             Report::LoadFailed(message) => self.feed(Event::LoadFailed(message)),
             Report::Misbehaved(why) => {
                 tracing::error!(model = %self.name(), incarnation = n, "{why}");
@@ -707,10 +715,11 @@ impl Slot {
     }
 
     /// Requests the worker generates at once: the preset's `max_concurrent`, else
-    /// the batch its worker chose for its device (Ready).
+    /// the batch its worker chose for its device (Ready; remembered across
+    /// restarts, so a new incarnation's queue has the same room).
     fn concurrency(&self) -> usize {
         let chosen = self.current.as_ref().and_then(|i| i.max_batch());
-        self.preset.concurrency(chosen) as usize
+        self.preset.concurrency(chosen.or(self.chosen_batch)) as usize
     }
 
     fn info(&self) -> SlotInfo {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
 /// refuses a worker that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
@@ -304,6 +304,10 @@ pub struct FaultOptions {
     /// memory (a Mac's Metal or CUDA raise; the Linux CPU allocator cannot).
     #[serde(default)]
     pub out_of_memory_in_step: u64,
+    /// The batch the worker's device would choose when the preset leaves
+    /// `max_concurrent` out (a CPU host cannot show a GPU's choice otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_batch: Option<u32>,
 }
 
 /// Worker → daemon: the model is loaded and warmed up.
@@ -762,15 +766,16 @@ pub struct Stats {
     /// The worker's KV accounting (absent from the replay engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv: Option<Box<KvStats>>,
-    /// Where the engine's time goes and how full its steps are (absent before
-    /// the first step).
+    /// Where the engine's time goes and how full its steps are (absent from
+    /// workers that predate it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<Box<StepStats>>,
 }
 
 /// The upper bounds of the batch-size buckets of [`StepStats::batch_size_steps`]
-/// (sequences a step advanced); a last bucket past them counts larger batches.
-pub const BATCH_SIZE_BOUNDS: [u32; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+/// (sequences a step advanced; 0: a step that only prefilled); a last bucket past
+/// them counts larger batches.
+pub const BATCH_SIZE_BOUNDS: [u32; 9] = [0, 1, 2, 4, 8, 16, 32, 64, 128];
 
 /// The engine's time by part, and its steps by batch size (Stats): /metrics
 /// exports them, so an operator sees whether the model, the prefill of new

@@ -136,6 +136,7 @@ pub fn examples() -> Vec<Frame> {
                     raise_in_step: 7,
                     garbage_after_step: 9,
                     out_of_memory_in_step: 11,
+                    device_batch: Some(7),
                 }),
                 context_length: Some(8192),
                 reasoning_inline: true,
@@ -257,7 +258,7 @@ pub fn examples() -> Vec<Frame> {
                 prefill_seconds_total: 1.5,
                 decode_seconds_total: 2.5,
                 host_seconds_total: 0.25,
-                batch_size_steps: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+                batch_size_steps: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
             })),
         }),
         Frame::ToolCall(ToolCallFrame {

@@ -32,7 +32,7 @@ from ..mlx_types import CacheLayer, Model, PromptCache
 from ..requests.constraint import SequenceConstraint, TokenConsumer
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
-from .sizing import default_max_batch, on_gpu
+from . import sizing
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -219,7 +219,7 @@ class MlxBackend:
         # The daemon reads it from config.json (one rule for what /v1/models says).
         self.context_length = options.get("context_length")
         self.sampling = SamplingDefaults.of_model(model_path)
-        max_batch = options.get("max_batch") or default_max_batch(on_gpu())
+        max_batch = sizing.max_batch(options, sizing.on_gpu())
         self._prefill_step = options.get("prefill_step", 2048)
         self._pacer = PrefillPacer(self._prefill_step)
         self._kv = KvOptions.from_options(options)
@@ -537,7 +537,9 @@ class MlxBackend:
         if self._solo is not None:  # company arrived: the lone sequence joins the batch
             uid, lane = self._solo
             self._solo = None
-            moved = lane.handover()
+            handover_started = time.perf_counter()
+            moved = lane.handover()  # waits for the lane's queued token: the model's time
+            self.times.decode += time.perf_counter() - handover_started
             finish = None
             if moved.emitted is not None:
                 finish = self._finish_of(moved.emitted, moved.max_tokens)
@@ -649,7 +651,7 @@ class MlxBackend:
             for n, snapshot in lane.take_snapshots():
                 self._keep_snapshot(track, n, snapshot)
         seconds = time.perf_counter() - started
-        if first:
+        if first or not out:  # a prefill chunk yields nothing
             self.times.prefill += seconds
         else:
             self.times.decode += seconds

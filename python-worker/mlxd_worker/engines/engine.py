@@ -225,6 +225,8 @@ class Engine:
         self.waiting_for_memory: deque[Admission] = deque()
         # Set while the reader thread plans a Generate (see GATHER_S).
         self.planning = False
+        # When a blocking wait for the inbox last returned an item.
+        self._woke_at = 0.0
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
@@ -234,11 +236,12 @@ class Engine:
         if kind != frames.GENERATE:
             self.inbox.put((kind, payload))
             return
-        req = frames.decode_generate(payload)
-        # Cleared only once the request is in the inbox: a gathering engine never
-        # sees the reader idle with a request on its way.
+        # Cleared only once the request is in the inbox. (Between two frames the
+        # reader is not planning: a burst whose next frame has not reached the
+        # worker yet ends the gather.)
         self.planning = True
         try:
+            req = frames.decode_generate(payload)
             if req.get("count_only"):
                 self._count(req)
                 return
@@ -264,11 +267,10 @@ class Engine:
                 started = time.perf_counter()
                 idle = not self._by_uid and not self.waiting_for_memory
                 self._drain_inbox(block=idle)
-                if idle:  # the wait for work is not the engine's time
-                    started = time.perf_counter()
+                if idle:  # waiting for work is not the engine's time; admitting it is
+                    started = self._woke_at
                     if self._by_uid:
-                        self._gather()
-                        started = time.perf_counter()
+                        started += self._gather()
                 if self.waiting_for_memory:
                     self._admit_waiting()
                 if self._by_uid:
@@ -313,29 +315,37 @@ class Engine:
                 item = self.inbox.get(block=block, timeout=IDLE_BEAT_S if block else None)
             except queue.Empty:
                 return  # (the caller beats, then waits again)
+            if block:
+                self._woke_at = time.perf_counter()
             block = False
             if item is None:
                 self._running = False
                 return
             self._handle(*item)
 
-    def _gather(self) -> None:
+    def _gather(self) -> float:
         """The first request after idleness: while the reader thread is planning
-        more (a burst), they are admitted before the first step, up to GATHER_S."""
+        more (a burst), they are admitted before the first step, up to GATHER_S.
+        Returns the seconds spent waiting for them."""
         deadline = time.perf_counter() + GATHER_S
+        waited = 0.0
         while self._running and self.planning:
             left = deadline - time.perf_counter()
             if left <= 0:
-                return
+                break
+            wait_started = time.perf_counter()
             try:
                 item = self.inbox.get(timeout=min(left, 0.005))
             except queue.Empty:
+                waited += time.perf_counter() - wait_started
                 continue
+            waited += time.perf_counter() - wait_started
             if item is None:
                 self._running = False
-                return
+                break
             self._handle(*item)
             self._drain_inbox(block=False)
+        return waited
 
     def _handle(self, kind: int, item: bytes | Planned) -> None:
         if isinstance(item, Planned):  # a Generate

@@ -19,7 +19,7 @@ from ..requests.constraint import SequenceConstraint
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
 from .backend import Detokenizer, ModelTimes, StepResult
-from .sizing import default_max_batch
+from .sizing import max_batch
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -79,7 +79,7 @@ class ReplayBackend:
 
         self.tokenizer = load_tokenizer(Path(model_path), {"trust_remote_code": False})
         # Nothing computes: the batch is only the admission limit, as on a CPU.
-        self.max_batch = options.get("max_batch") or default_max_batch(on_gpu=False)
+        self.max_batch = max_batch(options, gpu=False)
         # No model runs, so no context limits a replay: it streams text forever.
         self.context_length = None
         text = str(options.get("replay_text") or REPLAY_TEXT)

@@ -16,12 +16,19 @@ The daemon assumes the same rule until the worker's Ready says what it chose
 
 from __future__ import annotations
 
+from ..io.protocol import LoadOptions
+
 GPU_BATCH = 64
 CPU_BATCH = 16
 
 
-def default_max_batch(on_gpu: bool) -> int:
-    return GPU_BATCH if on_gpu else CPU_BATCH
+def max_batch(options: LoadOptions, gpu: bool) -> int:
+    """Load's `max_batch` (the preset's max_concurrent), else the device's: a
+    preset's `[faults] device_batch` stands in for a device this host lacks."""
+    chosen = options.get("max_batch") or (options.get("faults") or {}).get("device_batch")
+    if chosen:
+        return int(chosen)
+    return GPU_BATCH if gpu else CPU_BATCH
 
 
 def on_gpu() -> bool:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TypedDict, Union
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 # StepStats.batch_size_steps: the buckets' upper bounds (and one past them).
-BATCH_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128)
+BATCH_SIZE_BOUNDS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class AdmittedFrame(TypedDict):
@@ -210,6 +210,9 @@ class FaultOptions(TypedDict, total=False):
     """What a real worker cannot be made to do on demand, for the supervisor's
     tests (python-worker/mlxd_worker/faults.py)."""
 
+    #: The batch the worker's device would choose when the preset leaves
+    #: `max_concurrent` out (a CPU host cannot show a GPU's choice otherwise).
+    device_batch: Optional[int]
     #: Send a frame of an unknown kind after the N-th decode step.
     garbage_after_step: int
     #: Sleep forever inside Load, before the model is read.
@@ -546,8 +549,8 @@ class Stats(TypedDict, total=False):
     rss: int
     #: Present when the preset names a draft model.
     speculative: Optional[SpecStatus]
-    #: Where the engine's time goes and how full its steps are (absent before
-    #: the first step).
+    #: Where the engine's time goes and how full its steps are (absent from
+    #: workers that predate it).
     steps: Optional[StepStats]
     #: TokenBatch frames sent (fewer than steps under a "N tokens"/"T ms" flush policy).
     token_frames_total: int
