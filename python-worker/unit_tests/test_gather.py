@@ -10,35 +10,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from recorder import Recorder
 
 from mlxd_worker.engines.engine import GATHER_S, Engine
 from mlxd_worker.engines.replay import ReplayBackend
 from mlxd_worker.io import frames
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
-
-
-class Recorder:
-    name = "recorder"
-    native = False
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[int, Any]] = []
-
-    def send(self, kind: int, payload: bytes) -> None:
-        self.frames.append((kind, payload))
-
-    def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
-        self.frames.append((frames.TOKEN_BATCH, list(entries)))
-
-    def beat(self) -> None:
-        pass
-
-    def recv(self) -> tuple[int, int, bytes] | None:
-        return None
 
 
 @pytest.fixture

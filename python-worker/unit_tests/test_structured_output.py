@@ -14,6 +14,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from recorder import Recorder
 
 from mlxd_worker.engines.backend import MlxBackend
 from mlxd_worker.engines.engine import Engine
@@ -36,28 +37,6 @@ TOOLS = [
 ]
 ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON."}]
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-class Recorder:
-    """A transport that keeps every frame the engine sends, decoded."""
-
-    name = "recorder"
-    native = False
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[int, Any]] = []
-
-    def send(self, kind: int, payload: bytes) -> None:
-        self.frames.append((kind, json.loads(payload)))
-
-    def send_tokens(self, entries: list[tuple[int, int, str]]) -> None:
-        self.frames.append((frames.TOKEN_BATCH, list(entries)))
-
-    def beat(self) -> None:
-        pass
-
-    def recv(self) -> tuple[int, int, bytes] | None:
-        return None
 
 
 @pytest.fixture(scope="module")
