@@ -4,7 +4,11 @@ In one invocation, on the same model, prompt and greedy settings:
 - `native`: mlx-lm in-process, `stream_generate` plain, and with the worker's
   llguidance logits processor for the same schema (the mask, nothing else);
 - `mlxd`: a real daemon, one stream (runs interleaved plain/schema) and 8 streams at
-  once (aggregate tok/s), with `response_format: json_schema`.
+  once (aggregate tok/s), with `response_format: json_schema`;
+- `batch`: mlx-lm's BatchGenerator in-process at B rows (`--batch-sizes`), every row
+  constrained or none: decode tok/s plain, with mlx-lm's own step (each row's
+  processor in turn) and with the worker's (engines/masked_batch.py: all rows'
+  masks at once, filled while the forward pass runs).
 The schema holds one string with a large minLength, so a constrained answer runs to
 max_tokens like a plain one: both decode the same number of tokens. Decode tok/s
 counts tokens after the first over the time from the first to the last; figures are
@@ -13,6 +17,7 @@ is that over 1/tps(schema).
 
     scripts/bench constrained [--runs 5] [--max-tokens 48] [--model smollm2-135m]
         [--models-dir DIR] [--mlxd PATH] [--json-out FILE]
+        [--parts native,mlxd,batch] [--batch-sizes 8,64]
 """
 
 from __future__ import annotations
@@ -70,6 +75,62 @@ def native(args: argparse.Namespace) -> dict[str, list[float]]:
         constraint.prompt_len = len(ids)  # what the backend sets at insert
         processor = constraint.processor(list(ids))
         out["schema"].append(native_run(model, tokenizer, ids, args.max_tokens, processor))
+    return out
+
+
+def batch_run(model: Any, gen_rows: list[list[int]], n: int, procs: list[list[Any]] | None, masked: bool) -> float:
+    """Decode tok/s of one BatchGenerator filled with `gen_rows` at once: tokens after
+    each row's first over the time from the first decode step to the last."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mlxd_worker.engines.masked_batch import MaskedGenerationBatch
+
+    gen = BatchGenerator(model, stop_tokens=[], completion_batch_size=len(gen_rows), prefill_batch_size=len(gen_rows))
+    if masked:
+        gen._generation_batch = MaskedGenerationBatch.empty(gen.model, gen.sampler)
+    gen.insert(gen_rows, max_tokens=[n] * len(gen_rows), logits_processors=procs)
+    tokens, start = 0, 0.0
+    while True:
+        _, responses = gen.next()
+        if responses and not start:
+            start = time.perf_counter()  # the first tokens: prefill done
+        elif responses:
+            tokens += len(responses)
+        elif start:
+            break
+    span = time.perf_counter() - start
+    gen.close()
+    return tokens / span
+
+
+def batch(args: argparse.Namespace) -> dict[str, list[float]]:
+    import mlx_lm
+
+    sys.path.insert(0, str(ROOT / "python-worker"))
+    from mlxd_worker.requests.constraint import Grammars
+
+    model, tokenizer = mlx_lm.load(str(Path(args.models_dir) / args.model))
+    ids = list(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True))
+    grammars = Grammars(tokenizer, frozenset(tokenizer.eos_token_ids))
+    grammar = grammars.for_format({"type": "json_schema", "schema": SCHEMA})
+
+    def processors(b: int) -> list[list[Any]]:
+        out = []
+        for _ in range(b):
+            constraint = grammars.constraint(grammar)
+            constraint.prompt_len = len(ids)
+            out.append([constraint.processor(list(ids))])
+        return out
+
+    out: dict[str, list[float]] = {}
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        rows = [list(ids) for _ in range(b)]
+        batch_run(model, rows, 4, None, False)  # warm-up
+        batch_run(model, rows, 4, processors(b), True)
+        for _ in range(args.runs):
+            out.setdefault(f"plain_b{b}", []).append(batch_run(model, rows, args.max_tokens, None, False))
+            out.setdefault(f"mlx_lm_b{b}", []).append(batch_run(model, rows, args.max_tokens, processors(b), False))
+            out.setdefault(f"ours_b{b}", []).append(batch_run(model, rows, args.max_tokens, processors(b), True))
     return out
 
 
@@ -161,12 +222,29 @@ def main() -> None:
     p.add_argument("--models-dir", default=os.environ.get("MLXD_MODELS_DIR") or str(home / "models"))
     p.add_argument("--mlxd", default=str(ROOT / "target" / "release" / "mlxd"))
     p.add_argument("--json-out")
+    p.add_argument("--parts", default="native,mlxd,batch")
+    p.add_argument("--batch-sizes", default="8,64")
     args = p.parse_args()
+    parts = args.parts.split(",")
 
-    nat = native(args)
-    ours = mlxd(args)
+    rows = batch(args) if "batch" in parts else {}
+    nat = native(args) if "native" in parts else {}
+    ours = mlxd(args) if "mlxd" in parts else {}
     print(f"constrained decoding ({platform.machine()}, {args.model}, {args.max_tokens} tokens, {args.runs} runs)")
     print(f"{'':26}{'tok/s median (min..max)':>26}")
+    for b in [int(x) for x in args.batch_sizes.split(",")] if rows else []:
+        plain, theirs, mine = rows[f"plain_b{b}"], rows[f"mlx_lm_b{b}"], rows[f"ours_b{b}"]
+        print(f"{f'batch B={b} plain':26}{summary(plain):>26}")
+        print(f"{f'batch B={b} mlx-lm step':26}{summary(theirs):>26}")
+        print(f"{f'batch B={b} mlxd step':26}{summary(mine):>26}")
+        print(
+            f"  schema/plain: mlx-lm's step {med(theirs) / med(plain):.2f}x, mlxd's {med(mine) / med(plain):.2f}x; "
+            f"mlxd/mlx-lm {med(mine) / med(theirs):.2f}x"
+        )
+    if not ours or not nat:
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({"batch": rows, "args": vars(args)}, indent=1))
+        return
     for name, xs in [
         ("native plain", nat["plain"]),
         ("native json_schema", nat["schema"]),
@@ -193,7 +271,8 @@ def main() -> None:
         f"json_schema {med(ours['schema']) / med(nat['schema']):.2f}x"
     )
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"native": nat, "mlxd": ours, "args": vars(args)}, indent=1))
+        figures = {"native": nat, "mlxd": ours, "batch": rows, "args": vars(args)}
+        Path(args.json_out).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

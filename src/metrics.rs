@@ -115,7 +115,7 @@ pub const FAMILIES: &[Family] = &[
         "1 while memory is above the shed mark (new requests refused), else 0."),
     // Prompt cache.
     family("mlxd_prompt_cache_lookups_total", Counter, COUNT,
-        "Prompt cache lookups, by result (hit, miss)."),
+        "Prompt cache lookups, by result (hit, miss) and reason (continued, diverged, cold, evicted, too_short)."),
     family("mlxd_prompt_cache_cached_tokens_total", Counter, COUNT,
         "Prompt tokens served from the cache instead of prefilled."),
     family("mlxd_prompt_cache_entries", Gauge, COUNT,
@@ -311,10 +311,11 @@ pub fn record_worker_stats(model: &str, s: &Stats) {
         record_speculative(model, spec);
     }
     if let Some(pc) = &s.prompt_cache {
-        metrics::counter!("mlxd_prompt_cache_lookups_total", "model" => m(), "result" => "hit")
-            .absolute(pc.hits_total);
-        metrics::counter!("mlxd_prompt_cache_lookups_total", "model" => m(), "result" => "miss")
-            .absolute(pc.misses_total);
+        for (result, reason, n) in pc.lookups.by_outcome() {
+            metrics::counter!("mlxd_prompt_cache_lookups_total", "model" => m(), "result" => result,
+                "reason" => reason)
+            .absolute(n);
+        }
         metrics::counter!("mlxd_prompt_cache_cached_tokens_total", "model" => m())
             .absolute(pc.cached_tokens_total);
         metrics::gauge!("mlxd_prompt_cache_entries", "model" => m()).set(pc.entries as f64);
@@ -396,7 +397,6 @@ fn record_speculative(model: &str, s: &SpecStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use worker_protocol::frame::PromptCacheStats;
 
     /// The exporter's text after touching every family (through the code that
     /// records it where a unit test can reach that code, by name otherwise).
@@ -407,7 +407,7 @@ mod tests {
             describe_all();
             let stats = Stats {
                 speculative: Some(Box::default()),
-                prompt_cache: Some(PromptCacheStats::default()),
+                prompt_cache: Some(Box::default()),
                 ..Stats::default()
             };
             record_worker_stats("m", &stats);

@@ -24,11 +24,14 @@ def model() -> Any:
     return mlx_lm.load(str(MODEL))[0]
 
 
-def filled(model: Any, tokens: list[int]) -> list[Any]:
+def filled(model: Any, tokens: list[int], max_kv_size: int | None = None) -> list[Any]:
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    if max_kv_size is None:
+        cache = make_prompt_cache(model)
+    else:
+        cache = [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
     model(mx.array(tokens)[None], cache=cache)
     mx.eval([c.state for c in cache])
     return cache
@@ -40,7 +43,7 @@ def test_a_longer_prompt_gets_the_stored_prefix_and_feeds_the_rest(model: Any) -
     pc.put(stored, filled(model, stored))
     found = pc.take([*stored, 7, 8, 9])
     assert found.cached == 40 and found.cache is not None and held(found.cache) == 40
-    assert pc.stats()["hits_total"] == 1 and pc.stats()["cached_tokens_total"] == 40
+    assert pc.stats()["lookups"]["hit_continued"] == 1 and pc.stats()["cached_tokens_total"] == 40
 
 
 def test_the_same_prompt_leaves_its_last_token_to_feed(model: Any) -> None:
@@ -74,7 +77,41 @@ def test_an_unrelated_prompt_misses_and_the_limit_evicts(model: Any) -> None:
     assert pc.take(list(range(500, 525))).cached == 20
     assert pc.take([9, 9, 9]).cache is None
     stats = pc.stats()
-    assert stats["entries"] == 1 and stats["misses_total"] == 2 and stats["bytes"] <= stats["max_bytes"]
+    assert stats["entries"] == 1 and stats["lookups"]["miss_cold"] == 2 and stats["bytes"] <= stats["max_bytes"]
+
+
+def test_each_lookup_is_counted_by_why_it_hit_or_missed(model: Any) -> None:
+    """What an operator reads on /metrics: a conversation that goes on is a
+    continued hit; a rewritten system prompt parts from it early (a diverged hit,
+    or a miss where the cache cannot be cut back); a cache too small evicts."""
+    system = list(range(100, 170))  # longer than the tokens an evicted entry is remembered by
+    conversation = [*system, 1, 2, 3]
+    one = filled(model, conversation)
+    pc = PrefixCache(int(sum(c.nbytes for c in one) * 1.5))  # room for one entry
+    pc.put(conversation, one)
+    assert pc.take([*conversation, 4, 5]).cached == len(conversation)
+    assert pc.take([*system[:10], *range(900, 960)]).cached == 10
+    assert pc.take([7]).cache is None
+    assert pc.take([900, 901, 902]).cache is None
+    other = list(range(2000, 2073))
+    pc.put(other, filled(model, other))  # pushes the conversation out
+    assert pc.take([*conversation, 6]).cache is None
+    assert pc.stats()["lookups"] == {
+        "hit_continued": 1,
+        "hit_diverged": 1,
+        "miss_cold": 1,
+        "miss_diverged": 0,
+        "miss_evicted": 1,
+        "miss_too_short": 1,
+    }
+    # A rotated cache (a preset's max_kv_size) cannot be cut back to where a prompt parts from it.
+    rotating = PrefixCache(1 << 30)
+    long = list(range(3000, 3040))
+    rotating.put(long, filled(model, long, max_kv_size=32))
+    assert rotating.take([*long, 9]).cached == 40
+    assert rotating.take([*long[:20], 9, 9]).cache is None
+    lookups = rotating.stats()["lookups"]
+    assert (lookups["hit_continued"], lookups["miss_diverged"]) == (1, 1)
 
 
 def test_a_short_hit_on_a_long_entry_copies_only_what_it_uses(model: Any) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlxd_worker.requests.constraint import mask_logits
 from mlxd_worker.requests.reasoning import ReasoningBudget, ReasoningFormat, ReasoningText, ReasoningTracker, detect
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
@@ -95,11 +96,11 @@ def test_harmony_tracker_and_budget_force_the_whole_closing_header(harmony: tupl
     vocab = 49152 + len(HARMONY)
     logits = mx.zeros((1, vocab))
     for token in thinking + words:
-        assert budget.masked(logits) is logits  # free while under budget
+        assert mask_logits([[budget]], logits) is logits  # free while under budget
         budget.consume(token)
     forced: list[int] = []
     while True:
-        masked = budget.masked(logits)
+        masked = mask_logits([[budget]], logits)
         if masked is logits:
             break
         allowed = [i for i, v in enumerate(masked[0].tolist()) if v != float("-inf")]

@@ -310,3 +310,77 @@ def test_a_forced_call_needs_a_format_whose_calls_are_json_between_markers(engin
     with pytest.raises(RequestError, match=message):
         planner.plan(req)
     assert planner.plan({**req, "tool_choice": "auto"}).constraint is None
+
+
+def test_the_batch_masks_its_rows_together_as_mlx_lm_masks_them_one_by_one(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy tokens of a batch mixing constrained and plain rows, one joining
+    mid-decode: the batch that masks every row in one op (masked_batch.py) gives
+    what mlx-lm's own batch gives calling each row's processor in turn."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mlxd_worker.engines import masked_batch
+    from mlxd_worker.requests.constraint import Grammars
+
+    backend = engine.backend
+    assert isinstance(backend, MlxBackend)
+    tok = backend.tokenizer
+    grammars = Grammars(tok, backend.eos)
+    asks = ["Describe a person as JSON.", "Say hello.", "A city, as JSON?", "A person, in JSON?"]
+    prompts = [
+        list(tok.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True)) for a in asks
+    ]
+    closed = {**PERSON, "additionalProperties": False}
+    schemas: list[dict[str, Any] | None] = [closed, None, CITY, closed]
+    batched_masks = 0
+    one_op = masked_batch.mask_logits
+
+    def counted(*args: Any) -> Any:
+        nonlocal batched_masks
+        batched_masks += 1
+        return one_op(*args)
+
+    monkeypatch.setattr(masked_batch, "mask_logits", counted)
+
+    def generate(masked: bool) -> list[list[int]]:
+        gen = BatchGenerator(backend._model, stop_tokens=[[t] for t in sorted(backend.eos)], completion_batch_size=8)
+        if masked:
+            gen._generation_batch = masked_batch.MaskedGenerationBatch.empty(gen.model, gen.sampler)
+
+        def insert(rows: range) -> list[int]:
+            procs: list[list[Any]] = []
+            for i in rows:
+                schema = schemas[i]
+                if schema is None:
+                    procs.append([])
+                    continue
+                c = grammars.constraint(grammars.for_format({"type": "json_schema", "schema": schema}))
+                c.prompt_len = len(prompts[i])
+                procs.append([c.processor(list(prompts[i]))])
+            return list(gen.insert([prompts[i] for i in rows], max_tokens=[24] * len(rows), logits_processors=procs))
+
+        uids = insert(range(3))
+        out: dict[int, list[int]] = {}
+        steps = 0
+        while True:
+            if steps == 4:
+                uids += insert(range(3, 4))  # joins rows already decoding
+            _, responses = gen.next()
+            for r in responses:
+                out.setdefault(r.uid, []).append(r.token)
+            steps += 1
+            if steps > 4 and not responses and len(out) == len(uids):
+                break
+        gen.close()
+        return [out[u] for u in uids]
+
+    mlx_lm_way = generate(masked=False)
+    assert batched_masks == 0
+    ours = generate(masked=True)
+    assert batched_masks > 0
+    assert ours == mlx_lm_way
+    for i, tokens in enumerate(ours):
+        if schemas[i] is not None:
+            assert tokens[-1] in backend.eos, tokens
+            jsonschema.validate(json.loads(tok.decode(tokens[:-1])), schemas[i])

@@ -92,7 +92,7 @@ async fn snapshot(w: &mut Watch) -> Value {
             _ => (None, None),
         };
         let cache = info.stats.prompt_cache.as_ref();
-        let lookups = cache.map_or(0, |c| c.hits_total + c.misses_total);
+        let lookups = cache.map_or(0, |c| c.lookups.total());
         rows.push(json!({
             "model": info.model,
             "state": info.state,
@@ -110,7 +110,7 @@ async fn snapshot(w: &mut Watch) -> Value {
             "requests": ttft_count as u64,
             "spec_acceptance": info.stats.speculative.as_ref().filter(|s| s.active).map(|s| s.acceptance),
             "cache_hit_rate": (lookups > 0).then(|| {
-                cache.map_or(0.0, |c| c.hits_total as f64 / lookups as f64)
+                cache.map_or(0.0, |c| c.lookups.hits() as f64 / lookups as f64)
             }),
         }));
     }

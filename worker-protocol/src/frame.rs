@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
 /// refuses a worker that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
@@ -672,9 +672,8 @@ fn is_zero(n: &u32) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PromptCacheStats {
-    /// Requests that found a cached prefix, and those that did not.
-    pub hits_total: u64,
-    pub misses_total: u64,
+    /// Requests that looked a prefix up, by outcome.
+    pub lookups: PromptCacheLookups,
     /// Prompt tokens served from the cache instead of prefilled.
     pub cached_tokens_total: u64,
     /// What the cache holds now, and its limit.
@@ -684,6 +683,52 @@ pub struct PromptCacheStats {
     /// The disk tier, when the preset has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<Box<DiskCacheStats>>,
+}
+
+/// The prefix cache's lookups by outcome (one per request with a prompt), so an
+/// operator sees why reuse fails: an agent that rewrites its system prompt parts
+/// from its cached conversation early (`hit_diverged` at a small token, or
+/// `miss_diverged` where the cache cannot be cut), a cache too small evicts
+/// (`miss_evicted`). The worker's debug log says where each one parted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PromptCacheLookups {
+    /// Hits whose prompt goes on from the cached prompt they reuse (or ends inside it).
+    pub hit_continued: u64,
+    /// Hits whose prompt parts from the cached prompt inside it: only the tokens
+    /// before the parting were reused.
+    pub hit_diverged: u64,
+    /// Misses: nothing cached shares the prompt's start.
+    pub miss_cold: u64,
+    /// Misses: a cached prompt shares the start, but its cache cannot be cut back
+    /// to where they part (rotating or recurrent layers).
+    pub miss_diverged: u64,
+    /// Misses: the prompt's start was cached, and was evicted since.
+    pub miss_evicted: u64,
+    /// Misses: the prompt is too short to reuse anything (one token).
+    pub miss_too_short: u64,
+}
+
+impl PromptCacheLookups {
+    /// Each count with its result (`hit`, `miss`) and reason, as /metrics labels them.
+    pub fn by_outcome(&self) -> [(&'static str, &'static str, u64); 6] {
+        [
+            ("hit", "continued", self.hit_continued),
+            ("hit", "diverged", self.hit_diverged),
+            ("miss", "cold", self.miss_cold),
+            ("miss", "diverged", self.miss_diverged),
+            ("miss", "evicted", self.miss_evicted),
+            ("miss", "too_short", self.miss_too_short),
+        ]
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hit_continued + self.hit_diverged
+    }
+
+    pub fn total(&self) -> u64 {
+        self.by_outcome().iter().map(|(_, _, n)| n).sum()
+    }
 }
 
 /// The prefix cache's disk tier (`prompt_cache_dir`).
@@ -762,7 +807,7 @@ pub struct Stats {
     pub speculative: Option<Box<SpecStatus>>,
     /// Present when the prefix cache is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_cache: Option<PromptCacheStats>,
+    pub prompt_cache: Option<Box<PromptCacheStats>>,
     /// The worker's KV accounting (absent from the replay engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv: Option<Box<KvStats>>,

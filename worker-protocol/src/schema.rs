@@ -228,9 +228,15 @@ pub fn examples() -> Vec<Frame> {
             heartbeat: 12,
             engine_failed: true,
             speculative: Some(Box::new(spec_status)),
-            prompt_cache: Some(PromptCacheStats {
-                hits_total: 1,
-                misses_total: 2,
+            prompt_cache: Some(Box::new(PromptCacheStats {
+                lookups: PromptCacheLookups {
+                    hit_continued: 1,
+                    hit_diverged: 16,
+                    miss_cold: 2,
+                    miss_diverged: 17,
+                    miss_evicted: 18,
+                    miss_too_short: 19,
+                },
                 cached_tokens_total: 3,
                 entries: 4,
                 bytes: 5,
@@ -243,7 +249,7 @@ pub fn examples() -> Vec<Frame> {
                     writes_total: 11,
                     dropped_total: 12,
                 })),
-            }),
+            })),
             kv: Some(Box::new(KvStats {
                 weights_bytes: 13,
                 baseline_bytes: 20,

@@ -21,14 +21,15 @@ arrays); `stats` may be called from any thread.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Generic, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Literal, Optional, TypeVar
 
-from ..io.protocol import PromptCacheStats
+from ..io.protocol import PromptCacheLookups, PromptCacheStats
 from ..mlx_types import CacheLayer, PromptCache
 from .layers import held, is_rotated
 
@@ -37,6 +38,17 @@ if TYPE_CHECKING:
 
 # Entries at most, whatever their size (the byte limit usually binds first).
 MAX_ENTRIES = 256
+
+# An evicted entry is remembered by its first tokens (a hash), so a later prompt
+# starting the same way is told apart as `miss_evicted` from a cold one; entries
+# shorter than this are not remembered. Bounded: the oldest are forgotten.
+EVICTED_KEY_TOKENS = 64
+MAX_EVICTED_KEYS = 4096
+
+log = logging.getLogger("mlxd_worker")
+
+# A lookup's outcome: the name of the `PromptCacheLookups` count it adds to.
+Outcome = Literal["hit_continued", "hit_diverged", "miss_cold", "miss_diverged", "miss_evicted", "miss_too_short"]
 
 V = TypeVar("V")
 
@@ -204,19 +216,27 @@ class PrefixCache:
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._trie: TokenTrie[_Entry] = TokenTrie()
         self._bytes = 0
-        self.hits = 0
+        self.lookups: PromptCacheLookups = {
+            "hit_continued": 0,
+            "hit_diverged": 0,
+            "miss_cold": 0,
+            "miss_diverged": 0,
+            "miss_evicted": 0,
+            "miss_too_short": 0,
+        }
         self.disk_hits = 0
-        self.misses = 0
         self.cached_tokens = 0
+        self._evicted: OrderedDict[int, None] = OrderedDict()
         # Stats are read from the stats thread; the engine thread changes them.
         self._lock = threading.Lock()
 
     def take(self, prompt: list[int]) -> Lookup:
         """The longest cached prefix of `prompt` (a private copy), leaving at least
         one token to feed; from disk when the disk has a longer one than memory.
-        Counts a hit (and a disk hit) or a miss."""
+        Counts the lookup by outcome (and a disk hit)."""
         with self._lock:
             found = self._trie.best(prompt, lambda e: e.trimmable)
+            shared = self._trie.search(tuple(prompt))[1]
         source: _Entry | None = None
         cached = 0
         if found is not None:
@@ -238,14 +258,46 @@ class PrefixCache:
             cache = _private_prefix(source.cache, cached)
             if cached == 0 or held(cache) != cached:
                 cache, cached = None, 0  # nothing usable (or a cache that is not what it claims)
+        outcome = self._outcome(prompt, None if cache is None else source, cached, shared)
         with self._lock:
-            if cache is None:
-                self.misses += 1
-            else:
-                self.hits += 1
+            self.lookups[outcome] += 1
+            if cache is not None:
                 self.disk_hits += from_disk
                 self.cached_tokens += cached
         return Lookup(cache, cached)
+
+    def _outcome(self, prompt: list[int], source: _Entry | None, cached: int, shared: int) -> Outcome:
+        """Which `PromptCacheLookups` count a lookup adds to; where the prompt parted
+        from a cached one goes to the debug log. `shared`: the tokens the prompt
+        shares with the memory tier's nearest entry."""
+        if source is not None:
+            if cached == len(source.tokens) or cached == len(prompt) - 1:
+                return "hit_continued"
+            log.debug(
+                "prompt cache: the prompt (%d tokens) diverged at token %d from a cached prompt of %d; reused %d",
+                len(prompt),
+                cached,
+                len(source.tokens),
+                cached,
+            )
+            return "hit_diverged"
+        if len(prompt) < 2:
+            return "miss_too_short"
+        if shared < EVICTED_KEY_TOKENS <= len(prompt):
+            with self._lock:
+                evicted = hash(tuple(prompt[:EVICTED_KEY_TOKENS])) in self._evicted
+            if evicted:
+                log.debug("prompt cache: the prompt's first %d tokens were cached and evicted", EVICTED_KEY_TOKENS)
+                return "miss_evicted"
+        if shared > 0:
+            log.debug(
+                "prompt cache: the prompt (%d tokens) diverged at token %d from a cached prompt whose cache "
+                "cannot be cut there (rotating or recurrent layers)",
+                len(prompt),
+                shared,
+            )
+            return "miss_diverged"
+        return "miss_cold"
 
     def put(self, tokens: list[int], cache: PromptCache | None) -> None:
         """Keeps `cache`, which holds `tokens[:held(cache)]` (and is handed over:
@@ -276,7 +328,7 @@ class PrefixCache:
             self._trie.add(entry.tokens, entry)
             self._bytes += entry.nbytes
             while self._entries and (len(self._entries) > MAX_ENTRIES or self._bytes > self.max_bytes):
-                evicted.append(self._drop(next(iter(self._entries.values()))))
+                evicted.append(self._evict(next(iter(self._entries.values()))))
         if self.disk is not None:
             for gone in evicted:
                 self.disk.write(gone.tokens, gone.cache)
@@ -293,11 +345,20 @@ class PrefixCache:
         evicted: list[_Entry] = []
         with self._lock:
             while self._entries and self._bytes > target_bytes:
-                evicted.append(self._drop(next(iter(self._entries.values()))))
+                evicted.append(self._evict(next(iter(self._entries.values()))))
         if self.disk is not None:
             for gone in evicted:
                 self.disk.write(gone.tokens, gone.cache)
         return len(evicted)
+
+    def _evict(self, entry: _Entry) -> _Entry:
+        """Drops an entry for room, remembering how it started (lock held)."""
+        if len(entry.tokens) >= EVICTED_KEY_TOKENS:
+            self._evicted[hash(entry.tokens[:EVICTED_KEY_TOKENS])] = None
+            self._evicted.move_to_end(hash(entry.tokens[:EVICTED_KEY_TOKENS]))
+            while len(self._evicted) > MAX_EVICTED_KEYS:
+                self._evicted.popitem(last=False)
+        return self._drop(entry)
 
     def _drop(self, entry: _Entry) -> _Entry:
         del self._entries[entry.tokens]
@@ -322,8 +383,7 @@ class PrefixCache:
         """The Stats frame's `prompt_cache` (with `disk`, the disk tier's, when on)."""
         with self._lock:
             out: PromptCacheStats = {
-                "hits_total": self.hits,
-                "misses_total": self.misses,
+                "lookups": {**self.lookups},
                 "cached_tokens_total": self.cached_tokens,
                 "entries": len(self._entries),
                 "bytes": self._bytes,

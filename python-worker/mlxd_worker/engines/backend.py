@@ -54,10 +54,6 @@ class ModelTimes:
     prefill: float = 0.0
     decode: float = 0.0
 
-    @property
-    def total(self) -> float:
-        return self.prefill + self.decode
-
 
 class Detokenizer(Protocol):
     def add_token(self, token: int) -> None: ...
@@ -242,7 +238,9 @@ class MlxBackend:
     def _new_generator(self) -> BatchGenerator:
         from mlx_lm.generate import BatchGenerator
 
-        return BatchGenerator(
+        from .masked_batch import MaskedGenerationBatch
+
+        gen = BatchGenerator(
             self._model,
             stop_tokens=[[t] for t in sorted(self.eos)],
             completion_batch_size=self.max_batch,
@@ -250,6 +248,9 @@ class MlxBackend:
             prefill_step_size=self._prefill_step,
             max_kv_size=self._kv.max_kv_size,
         )
+        # Constrained rows masked for the whole batch at once (masked_batch.py).
+        gen._generation_batch = MaskedGenerationBatch.empty(gen.model, gen.sampler)
+        return gen
 
     def weights_bytes(self) -> int:
         """The model's (and the draft's) parameters as MLX holds them."""

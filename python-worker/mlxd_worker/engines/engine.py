@@ -337,9 +337,9 @@ class Engine:
             try:
                 item = self.inbox.get(timeout=min(left, 0.005))
             except queue.Empty:
-                waited += time.perf_counter() - wait_started
                 continue
-            waited += time.perf_counter() - wait_started
+            finally:
+                waited += time.perf_counter() - wait_started
             if item is None:
                 self._running = False
                 break

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TypedDict, Union
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 # StepStats.batch_size_steps: the buckets' upper bounds (and one past them).
 BATCH_SIZE_BOUNDS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -484,16 +484,38 @@ class DiskCacheStats(TypedDict):
     writes_total: int
 
 
+class PromptCacheLookups(TypedDict):
+    """The prefix cache's lookups by outcome (one per request with a prompt), so an
+    operator sees why reuse fails: an agent that rewrites its system prompt parts
+    from its cached conversation early (`hit_diverged` at a small token, or
+    `miss_diverged` where the cache cannot be cut), a cache too small evicts
+    (`miss_evicted`). The worker's debug log says where each one parted."""
+
+    #: Hits whose prompt goes on from the cached prompt they reuse (or ends inside it).
+    hit_continued: int
+    #: Hits whose prompt parts from the cached prompt inside it: only the tokens
+    #: before the parting were reused.
+    hit_diverged: int
+    #: Misses: nothing cached shares the prompt's start.
+    miss_cold: int
+    #: Misses: a cached prompt shares the start, but its cache cannot be cut back
+    #: to where they part (rotating or recurrent layers).
+    miss_diverged: int
+    #: Misses: the prompt's start was cached, and was evicted since.
+    miss_evicted: int
+    #: Misses: the prompt is too short to reuse anything (one token).
+    miss_too_short: int
+
+
 class _PromptCacheStatsRequired(TypedDict):
     bytes: int
     #: Prompt tokens served from the cache instead of prefilled.
     cached_tokens_total: int
     #: What the cache holds now, and its limit.
     entries: int
-    #: Requests that found a cached prefix, and those that did not.
-    hits_total: int
+    #: Requests that looked a prefix up, by outcome.
+    lookups: PromptCacheLookups
     max_bytes: int
-    misses_total: int
 
 
 class PromptCacheStats(_PromptCacheStatsRequired, total=False):

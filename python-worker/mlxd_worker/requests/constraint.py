@@ -2,18 +2,21 @@
 valid against a schema) or a forced tool call, enforced token by token.
 
 Each constrained sequence has one matcher (`SequenceConstraint`). Before each token
-is sampled, a logits processor computes the matcher's token mask and sets the
-logits of every token the grammar does not allow to -inf; once the grammar is
-complete only EOS is allowed, so generation ends there. The processor works in both
-lanes, mlx-lm's BatchGenerator (per-sequence `logits_processors`) and the lone lane
-(lanes/solo.py), which call it the same way: `processor(context, logits)`, where
-`context[-1]` is the token just fed to the model.
+is sampled, the matcher's token mask sets the logits of every token the grammar
+does not allow to -inf; once the grammar is complete only EOS is allowed, so
+generation ends there. The lone lanes (lanes/solo.py) and a sequence's first token
+in mlx-lm's BatchGenerator call a logits processor per sequence,
+`processor(context, logits)`, where `context[-1]` is the token just fed to the
+model; the batch's decode steps (engines/masked_batch.py) fill every row's mask
+together and apply them in one op (`step_masks`, `apply_token_mask`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ..errors import RequestError
@@ -23,7 +26,7 @@ from .tools import ToolChoice, ToolFormat, call_schema, raw_input_grammar
 if TYPE_CHECKING:
     import mlx.core as mx
     import numpy as np
-    from llguidance import LLMatcher, LLTokenizer
+    from llguidance import LLExecutor, LLMatcher, LLTokenizer
     from llguidance._lib import JsonCompileOptions
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from numpy.typing import NDArray
@@ -249,10 +252,8 @@ class SequenceConstraint:
     """
 
     def __init__(self, matcher: LLMatcher, vocab_size: int, eos: list[int]) -> None:
-        import llguidance.numpy as lln
-
         self.matcher = matcher
-        self._bitmask = lln.allocate_token_bitmask(1, vocab_size)
+        self.vocab_size = vocab_size
         self._eos = frozenset(eos)
         self.prompt_len = 0  # set when the sequence is inserted
         self.seen = 0
@@ -271,34 +272,38 @@ class SequenceConstraint:
         if not self.matcher.consume_token(token):
             self.error = f"the output format rejected token {token}: {_first_line(self.matcher.get_error())}"
 
-    def masked(self, logits: mx.array) -> mx.array:
-        import llguidance.numpy as lln
+    def grammar(self) -> SequenceConstraint | None:
+        return self if self.error is None else None
 
-        if self.error is None:
-            lln.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-            if self.matcher.is_error():
-                self.error = f"the output format failed: {_first_line(self.matcher.get_error())}"
+    def restrict(self, words: Bitmask) -> bool:
+        if self.error is None and self.matcher.is_error():
+            self.error = f"the output format failed: {_first_line(self.matcher.get_error())}"
         if self.error is not None:  # end the sequence: EOS only
             import numpy as np
 
-            words = self._bitmask.view(np.uint32)
-            words[:] = 0
+            bits = words.view(np.uint32)
+            bits[:] = 0
             for token in self._eos:
-                words[0, token // 32] |= np.uint32(1 << (token % 32))
-        return apply_token_mask(logits, self._bitmask)
+                bits[token // 32] |= np.uint32(1 << (token % 32))
+        return True
 
 
 class TokenConsumer(Protocol):
     """What a lane's logits processor drives: something that sees each generated
-    token once, in order, and masks the logits of the next (an output format's
-    matcher; a thinking budget, requests/reasoning.py). `prompt_len` is set when
-    the sequence is inserted; `seen` counts the generated tokens consumed."""
+    token once, in order, and narrows which token may come next (an output
+    format's matcher; a thinking budget, requests/reasoning.py). `prompt_len` is
+    set when the sequence is inserted; `seen` counts the generated tokens consumed.
+
+    A step's mask for a row is built in two passes (`step_masks`): each consumer
+    with a `grammar()` has its matcher fill the row (all rows' grammars together),
+    then every consumer `restrict`s the row in place (True when it narrowed it)."""
 
     prompt_len: int
     seen: int
 
     def consume(self, token: int) -> None: ...
-    def masked(self, logits: mx.array) -> mx.array: ...
+    def grammar(self) -> SequenceConstraint | None: ...
+    def restrict(self, words: Bitmask) -> bool: ...
     def processor(self, history: list[int]) -> LaneProcessor: ...
 
 
@@ -312,29 +317,94 @@ class LaneProcessor:
     this is the first call, the lane's last token if the matcher has not seen it.
     A fresh processor per lane entry keeps the count right across lane switches:
     the tokens a lane computed but never handed out die with it.
+
+    Lanes call it as mlx-lm calls a logits processor, `processor(context, logits)`;
+    the batch (engines/masked_batch.py) calls `advance` for every row, then masks
+    all rows at once.
     """
 
     def __init__(self, consumer: TokenConsumer, history: list[int]) -> None:
-        self._consumer = consumer
+        self.consumer = consumer
         self._history = history
         self._handed_before = len(history) - consumer.prompt_len
         self._calls = 0
 
-    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
-        c = self._consumer
+    def advance(self, last: int | mx.array) -> None:
+        """Brings the consumer up to the lane's next token; `last` is the token the
+        lane fed last (read only when the consumer has not seen it)."""
+        c = self.consumer
         for token in self._history[c.prompt_len + c.seen :]:
             c.consume(token)
         sampled = self._handed_before + self._calls  # generated tokens that exist now
         if self._calls > 0 and c.seen < sampled:
-            c.consume(cast(int, context[-1].item()))  # a token id
+            c.consume(int(last))  # a token id
         self._calls += 1
-        return c.masked(logits)
+
+    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
+        self.advance(context[-1])
+        return mask_logits([[self.consumer]], logits)
+
+
+# llguidance fills grammar masks in parallel on its own threads (one per core).
+# With fewer cores than this the threads only take time from MLX's own (on a
+# 2-core host eight masks filled in turn took half the time of the parallel call).
+PARALLEL_FILL_MIN_CORES = 4
+_executor: LLExecutor | None = None
+
+
+def step_masks(rows: Sequence[Sequence[TokenConsumer]], width: int) -> Bitmask | None:
+    """One step's token masks for a batch of `width`-wide logits: row e allows what
+    every consumer of row e allows (a row without consumers, everything); None when
+    no row is narrowed. At most one grammar per row."""
+    import llguidance.numpy as lln
+    import numpy as np
+
+    bitmask = np.full((len(rows), (width + 31) // 32), -1, np.int32)
+    fills = [(e, g) for e, consumers in enumerate(rows) for c in consumers if (g := c.grammar()) is not None]
+    if fills:
+        scratch = lln.allocate_token_bitmask(len(fills), fills[0][1].vocab_size)
+        pairs = [(g.matcher, i) for i, (_, g) in enumerate(fills)]
+        if len(pairs) > 1 and (os.cpu_count() or 1) >= PARALLEL_FILL_MIN_CORES:
+            lln.fill_next_token_bitmask_par(_llg_executor(), pairs, scratch)
+        else:
+            for matcher, i in pairs:
+                lln.fill_next_token_bitmask(matcher, scratch, i)
+        # Columns past the tokenizer's vocabulary (models pad their output layer)
+        # are never allowed in a grammar's row.
+        filled = [e for e, _ in fills]
+        shared = min(scratch.shape[1], bitmask.shape[1])
+        bitmask[filled] = 0
+        bitmask[filled, :shared] = scratch[:, :shared]
+    narrowed = False
+    for e, consumers in enumerate(rows):
+        for c in consumers:
+            narrowed = c.restrict(bitmask[e]) or narrowed
+    return bitmask if narrowed else None
+
+
+def mask_logits(rows: Sequence[Sequence[TokenConsumer]], logits: mx.array) -> mx.array:
+    """`logits` (one row per entry of `rows`) with every token its row's consumers
+    forbid set to -inf; the same array when none forbids anything."""
+    bitmask = step_masks(rows, logits.shape[-1])
+    return logits if bitmask is None else apply_token_mask(logits, bitmask)
+
+
+def _llg_executor() -> LLExecutor:
+    global _executor
+    if _executor is None:
+        from llguidance import LLExecutor
+
+        _executor = LLExecutor()
+    return _executor
+
+
+_bit_positions: dict[int, tuple[mx.array, mx.array]] = {}
 
 
 def apply_token_mask(logits: mx.array, bitmask: Bitmask) -> mx.array:
-    """Sets the logits of tokens the bitmask (llguidance's int32 words, bit i of
-    word w = token 32*w + i) does not allow to -inf. Columns past the tokenizer's
-    vocabulary (models pad their output layer) are never allowed."""
+    """Sets the logits (B×V) of tokens the bitmask (B×W llguidance int32 words, bit
+    i of word w = token 32*w + i, W*32 ≥ V) does not allow to -inf, in one op for
+    the batch. The words travel to the device, not a byte per token."""
     import mlx.core as mx
 
     global _metal
@@ -346,13 +416,14 @@ def apply_token_mask(logits: mx.array, bitmask: Bitmask) -> mx.array:
         return apply_token_bitmask(logits, bitmask)
     import numpy as np
 
-    allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little")
     width = logits.shape[-1]
-    if allowed.size >= width:
-        allowed = allowed[:width]
-    else:
-        allowed = np.concatenate([allowed, np.zeros(width - allowed.size, np.uint8)])
-    return mx.where(mx.array(allowed.view(np.bool_)), logits, float("-inf"))
+    if width not in _bit_positions:
+        columns = mx.arange(width, dtype=mx.uint32)
+        _bit_positions[width] = (columns // 32, columns % 32)
+    word, bit = _bit_positions[width]
+    words = mx.array(bitmask.view(np.uint32))
+    allowed = (mx.right_shift(mx.take(words, word, axis=-1), bit) & 1).astype(mx.bool_)
+    return mx.where(allowed, logits, float("-inf"))
 
 
 def _first_line(message: str) -> str:

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 from .constraint import LaneProcessor
 
 if TYPE_CHECKING:
-    import mlx.core as mx
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from .constraint import Bitmask
 
 NORMAL, REASONING = "normal", "reasoning"
 
@@ -187,14 +188,21 @@ class ReasoningBudget:
             del self._forcing[0]
         self.tracker.feed(token)
 
-    def masked(self, logits: mx.array) -> mx.array:
+    def grammar(self) -> None:
+        return None
+
+    def restrict(self, words: Bitmask) -> bool:
         t = self.tracker
         if not self._forcing and t.inside and t.tokens >= self._budget:
             # Over budget (again, if the model opened a new section): close it.
             self._forcing = list(self._fmt.force_close)
         if not self._forcing:
-            return logits
-        import mlx.core as mx
+            return False
+        import numpy as np
 
-        allowed = mx.arange(logits.shape[-1]) == self._forcing[0]
-        return mx.where(allowed, logits, float("-inf"))
+        token = self._forcing[0]
+        bits = words.view(np.uint32)
+        kept = bits[token // 32] & np.uint32(1 << (token % 32))
+        bits[:] = 0
+        bits[token // 32] = kept
+        return True
