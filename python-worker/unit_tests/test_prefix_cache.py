@@ -90,15 +90,17 @@ def test_each_lookup_is_counted_by_why_it_hit_or_missed(model: Any) -> None:
     pc = PrefixCache(int(sum(c.nbytes for c in one) * 1.5))  # room for one entry
     pc.put(conversation, one)
     assert pc.take([*conversation, 4, 5]).cached == len(conversation)
+    assert pc.take(conversation[:20]).cached == 19  # a prompt inside a cached one
     assert pc.take([*system[:10], *range(900, 960)]).cached == 10
+    assert pc.take([*conversation[:-1], 999]).cached == len(conversation) - 1  # parts at its last token
     assert pc.take([7]).cache is None
     assert pc.take([900, 901, 902]).cache is None
-    other = list(range(2000, 2073))
+    other = [*system[:3], *range(2000, 2070)]  # the same template opening, another conversation
     pc.put(other, filled(model, other))  # pushes the conversation out
-    assert pc.take([*conversation, 6]).cache is None
+    assert pc.take([*conversation, 6]).cache is None  # not the 3 template tokens: a miss
     assert pc.stats()["lookups"] == {
-        "hit_continued": 1,
-        "hit_diverged": 1,
+        "hit_continued": 2,
+        "hit_diverged": 2,
         "miss_cold": 1,
         "miss_diverged": 0,
         "miss_evicted": 1,
@@ -110,8 +112,9 @@ def test_each_lookup_is_counted_by_why_it_hit_or_missed(model: Any) -> None:
     rotating.put(long, filled(model, long, max_kv_size=32))
     assert rotating.take([*long, 9]).cached == 40
     assert rotating.take([*long[:20], 9, 9]).cache is None
+    assert rotating.take(long).cache is None  # the same prompt again: it cannot be cut back by one
     lookups = rotating.stats()["lookups"]
-    assert (lookups["hit_continued"], lookups["miss_diverged"]) == (1, 1)
+    assert (lookups["hit_continued"], lookups["miss_diverged"]) == (1, 2)
 
 
 def test_a_short_hit_on_a_long_entry_copies_only_what_it_uses(model: Any) -> None:

@@ -250,6 +250,12 @@ class PrefixCache:
                     source = _Entry(on_disk[0].tokens, loaded, _nbytes(loaded), can_trim(loaded))
                     cached, from_disk = on_disk[1], True
                     self._insert(source)  # it is on disk already: an eviction will not rewrite it
+        outcome: Outcome | None = None
+        if cached < EVICTED_KEY_TOKENS and shared < EVICTED_KEY_TOKENS and self._was_evicted(prompt):
+            # At most a template's first tokens from another prompt: what this one
+            # needed was evicted. Counted (and served) as the miss it is.
+            log.debug("prompt cache: the prompt's first %d tokens were cached and evicted", EVICTED_KEY_TOKENS)
+            source, cached, outcome = None, 0, "miss_evicted"
         cache: PromptCache | None = None
         if source is not None:
             with self._lock:
@@ -258,7 +264,8 @@ class PrefixCache:
             cache = _private_prefix(source.cache, cached)
             if cached == 0 or held(cache) != cached:
                 cache, cached = None, 0  # nothing usable (or a cache that is not what it claims)
-        outcome = self._outcome(prompt, None if cache is None else source, cached, shared)
+        if outcome is None:
+            outcome = self._outcome(prompt, None if cache is None else source, cached, shared)
         with self._lock:
             self.lookups[outcome] += 1
             if cache is not None:
@@ -266,12 +273,21 @@ class PrefixCache:
                 self.cached_tokens += cached
         return Lookup(cache, cached)
 
+    def _was_evicted(self, prompt: list[int]) -> bool:
+        if len(prompt) < EVICTED_KEY_TOKENS:
+            return False
+        key = hash(tuple(prompt[:EVICTED_KEY_TOKENS]))
+        with self._lock:
+            return key in self._evicted
+
     def _outcome(self, prompt: list[int], source: _Entry | None, cached: int, shared: int) -> Outcome:
-        """Which `PromptCacheLookups` count a lookup adds to; where the prompt parted
-        from a cached one goes to the debug log. `shared`: the tokens the prompt
-        shares with the memory tier's nearest entry."""
+        """Which `PromptCacheLookups` count a lookup adds to (`miss_evicted` is
+        decided before); where the prompt parted from a cached one goes to the debug
+        log. `shared`: the tokens the prompt shares with the memory tier's nearest
+        entry."""
         if source is not None:
-            if cached == len(source.tokens) or cached == len(prompt) - 1:
+            within = len(source.tokens) >= len(prompt) and source.tokens[: len(prompt)] == tuple(prompt)
+            if cached == len(source.tokens) or within:
                 return "hit_continued"
             log.debug(
                 "prompt cache: the prompt (%d tokens) diverged at token %d from a cached prompt of %d; reused %d",
@@ -283,19 +299,21 @@ class PrefixCache:
             return "hit_diverged"
         if len(prompt) < 2:
             return "miss_too_short"
-        if shared < EVICTED_KEY_TOKENS <= len(prompt):
-            with self._lock:
-                evicted = hash(tuple(prompt[:EVICTED_KEY_TOKENS])) in self._evicted
-            if evicted:
-                log.debug("prompt cache: the prompt's first %d tokens were cached and evicted", EVICTED_KEY_TOKENS)
-                return "miss_evicted"
         if shared > 0:
-            log.debug(
-                "prompt cache: the prompt (%d tokens) diverged at token %d from a cached prompt whose cache "
-                "cannot be cut there (rotating or recurrent layers)",
-                len(prompt),
-                shared,
-            )
+            # Only a cache that cannot be trimmed (rotating or recurrent layers) gets here.
+            if shared >= len(prompt) - 1:
+                log.debug(
+                    "prompt cache: the prompt (%d tokens) ends inside a cached prompt whose cache cannot be "
+                    "cut back to leave a token to feed (rotating or recurrent layers)",
+                    len(prompt),
+                )
+            else:
+                log.debug(
+                    "prompt cache: the prompt (%d tokens) diverged at token %d from a cached prompt whose cache "
+                    "cannot be cut back there (rotating or recurrent layers)",
+                    len(prompt),
+                    shared,
+                )
             return "miss_diverged"
         return "miss_cold"
 
