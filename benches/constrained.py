@@ -9,15 +9,16 @@ In one invocation, on the same model, prompt and greedy settings:
   constrained or none: decode tok/s plain, with mlx-lm's own step (each row's
   processor in turn) and with the worker's (engines/masked_batch.py: all rows'
   masks at once, filled while the forward pass runs).
-The schema holds one string with a large minLength, so a constrained answer runs to
-max_tokens like a plain one: both decode the same number of tokens. Decode tok/s
+The schema (`--schema story`) holds one string with a large minLength, so a
+constrained answer runs to max_tokens like a plain one: both decode the same number
+of tokens; `--schema records` is rows of fixed keys (most tokens forced). Decode tok/s
 counts tokens after the first over the time from the first to the last; figures are
 medians with min..max. The cost per token is 1/tps(schema) - 1/tps(plain); its share
 is that over 1/tps(schema).
 
     scripts/bench constrained [--runs 5] [--max-tokens 48] [--model smollm2-135m]
         [--models-dir DIR] [--mlxd PATH] [--json-out FILE]
-        [--parts native,mlxd,batch] [--batch-sizes 8,64]
+        [--parts native,mlxd,batch] [--batch-sizes 8,64] [--schema story|records]
 """
 
 from __future__ import annotations
@@ -45,6 +46,31 @@ SCHEMA = {
     "properties": {"story": {"type": "string", "minLength": 4000}},
     "required": ["story"],
 }
+# `--schema records`: rows of fixed keys, as an agent's structured output looks. The
+# keys and punctuation between the values are forced: a lone mlxd stream feeds them
+# in the pass of the token before (fast-forward), mlx-lm's processor one per step.
+RECORDS = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "minItems": 500,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 10},
+                    "id": {"type": "integer", "minimum": 0, "maximum": 99},
+                    "done": {"type": "boolean"},
+                },
+                "required": ["name", "id", "done"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["items"],
+    "additionalProperties": False,
+}
+SCHEMAS = {"story": SCHEMA, "records": RECORDS}
 CONCURRENCY = 8
 
 
@@ -66,7 +92,7 @@ def native(args: argparse.Namespace) -> dict[str, list[float]]:
     model, tokenizer = mlx_lm.load(str(Path(args.models_dir) / args.model))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     grammars = Grammars(tokenizer, frozenset(tokenizer.eos_token_ids))
-    grammar = grammars.for_format({"type": "json_schema", "schema": SCHEMA})
+    grammar = grammars.for_format({"type": "json_schema", "schema": SCHEMAS[args.schema]})
     native_run(model, tokenizer, ids, 8, None)  # warm-up
     out: dict[str, list[float]] = {"plain": [], "schema": []}
     for _ in range(args.runs):
@@ -112,7 +138,7 @@ def batch(args: argparse.Namespace) -> dict[str, list[float]]:
     model, tokenizer = mlx_lm.load(str(Path(args.models_dir) / args.model))
     ids = list(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True))
     grammars = Grammars(tokenizer, frozenset(tokenizer.eos_token_ids))
-    grammar = grammars.for_format({"type": "json_schema", "schema": SCHEMA})
+    grammar = grammars.for_format({"type": "json_schema", "schema": SCHEMAS[args.schema]})
 
     def processors(b: int) -> list[list[Any]]:
         out = []
@@ -140,7 +166,7 @@ def start_mlxd(args: argparse.Namespace, home: Path) -> tuple[subprocess.Popen, 
     return proc, url
 
 
-def stream_once(url: str, n: int, schema: bool) -> tuple[list[float], int]:
+def stream_once(url: str, n: int, schema: dict[str, Any] | None) -> tuple[list[float], int]:
     """Arrival times of a streamed answer's text chunks (a slow reader gets several
     tokens in one), and the tokens it decoded (from its usage chunk)."""
     body: dict[str, Any] = {
@@ -151,7 +177,7 @@ def stream_once(url: str, n: int, schema: bool) -> tuple[list[float], int]:
         "stream_options": {"include_usage": True},
     }
     if schema:
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
     stamps: list[float] = []
     tokens = 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
@@ -172,7 +198,7 @@ def decode_tps(run: tuple[list[float], int]) -> float:
     return (tokens - 1) / span if span > 0 else 0.0
 
 
-def concurrent_tps(url: str, n: int, schema: bool) -> float:
+def concurrent_tps(url: str, n: int, schema: dict[str, Any] | None) -> float:
     with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
         runs = list(pool.map(lambda _: stream_once(url, n, schema), range(CONCURRENCY)))
     first = min(stamps[0] for stamps, _ in runs)
@@ -185,13 +211,14 @@ def mlxd(args: argparse.Namespace) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_mlxd(args, Path(tmp))
         try:
-            stream_once(url, 8, True)  # load, and compile the masked path
+            schema = SCHEMAS[args.schema]
+            stream_once(url, 24, schema)  # load, and compile the masked path
             for _ in range(args.runs):
-                out["plain"].append(decode_tps(stream_once(url, args.max_tokens, False)))
-                out["schema"].append(decode_tps(stream_once(url, args.max_tokens, True)))
+                out["plain"].append(decode_tps(stream_once(url, args.max_tokens, None)))
+                out["schema"].append(decode_tps(stream_once(url, args.max_tokens, schema)))
             for _ in range(max(1, args.runs // 2)):
-                out["plain_c8"].append(concurrent_tps(url, args.max_tokens, False))
-                out["schema_c8"].append(concurrent_tps(url, args.max_tokens, True))
+                out["plain_c8"].append(concurrent_tps(url, args.max_tokens, None))
+                out["schema_c8"].append(concurrent_tps(url, args.max_tokens, schema))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -224,13 +251,17 @@ def main() -> None:
     p.add_argument("--json-out")
     p.add_argument("--parts", default="native,mlxd,batch")
     p.add_argument("--batch-sizes", default="8,64")
+    p.add_argument("--schema", choices=sorted(SCHEMAS), default="story")
     args = p.parse_args()
     parts = args.parts.split(",")
 
     rows = batch(args) if "batch" in parts else {}
     nat = native(args) if "native" in parts else {}
     ours = mlxd(args) if "mlxd" in parts else {}
-    print(f"constrained decoding ({platform.machine()}, {args.model}, {args.max_tokens} tokens, {args.runs} runs)")
+    print(
+        f"constrained decoding ({platform.machine()}, {args.model}, {args.max_tokens} tokens, {args.runs} runs, "
+        f"schema {args.schema})"
+    )
     print(f"{'':26}{'tok/s median (min..max)':>26}")
     for b in [int(x) for x in args.batch_sizes.split(",")] if rows else []:
         plain, theirs, mine = rows[f"plain_b{b}"], rows[f"mlx_lm_b{b}"], rows[f"ours_b{b}"]

@@ -139,7 +139,7 @@ def test_a_replaced_model_reclaims_its_old_identitys_directory(tmp_path: Path) -
     new = DiskCache(tmp_path, GiB, "model-a-reimported|kv", owner="/models/a|kv")
     assert new.reclaimed == 1 and not old.dir.exists()
     assert kept.dir.exists() and other_kv.dir.exists() and len(files(tmp_path)) == 2
-    assert new.lookup(list(range(50, 75))) is None  # the old entry is not the new model's
+    assert new.lookup(list(range(50, 75))).value is None  # the old entry is not the new model's
     new.close(10)
     # The same identity again (a restart) keeps its own entries.
     again = DiskCache(tmp_path, GiB, "model-b|kv", owner="/models/b|kv")
@@ -374,7 +374,7 @@ def test_the_token_trie_finds_what_a_scan_finds() -> None:
                 want = max(want, len(s))
             elif trimmable:
                 want = max(want, min(common, len(prompt) - 1))
-        assert (got[1] if got else 0) == want, (sorted(stored), prompt, got)
+        assert got.usable == want, (sorted(stored), prompt, got)
     for key in list(stored):
         assert trie.remove(key) == key
     assert trie.remove((0, 1)) is None and not trie._root.edges
@@ -586,3 +586,22 @@ def test_the_cache_directory_and_its_files_are_private(tmp_path: Path) -> None:
     dc = DiskCache(shared, GiB, "model-a")
     assert shared.stat().st_mode & 0o7777 == 0o1777 and dc.dir.stat().st_mode & 0o777 == 0o700
     dc.close(10)
+
+
+def test_a_prompt_parting_from_an_uncuttable_entry_on_disk_is_a_diverged_miss(tmp_path: Path) -> None:
+    """Where reuse fails is told from the disk tier too, not only from memory."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache
+
+    pc = tiers(tmp_path)
+    tokens = list(range(100, 140))
+    recurrent = ArraysCache(1)  # a hybrid model's state: it cannot be cut back
+    recurrent[0] = mx.ones((1, 4, 8))
+    pc.put(tokens, [*kv(40, layers=1), recurrent])
+    pc = restart(pc, tmp_path)  # only the disk holds it now
+    assert pc.take([*tokens, 1]).cached == 40  # going on from it is a hit
+    pc = restart(pc, tmp_path)
+    assert pc.take([*tokens[:20], 7, 8]).cache is None
+    assert pc.take(list(range(500, 540))).cache is None
+    lookups = pc.stats()["lookups"]
+    assert (lookups["miss_diverged"], lookups["miss_cold"]) == (1, 1)

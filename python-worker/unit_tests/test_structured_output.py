@@ -384,3 +384,82 @@ def test_the_batch_masks_its_rows_together_as_mlx_lm_masks_them_one_by_one(
         if schemas[i] is not None:
             assert tokens[-1] in backend.eos, tokens
             jsonschema.validate(json.loads(tok.decode(tokens[:-1])), schemas[i])
+
+
+def forced_greedy(engine: Engine, prompt: list[int], schema: dict[str, Any], max_tokens: int) -> list[int]:
+    """What a lone constrained request should produce, built from llguidance and
+    mlx-lm directly: the tokens the grammar forces go in with the previous token
+    (one pass), every other token is the masked logits' argmax."""
+    import llguidance.numpy as lln
+    import mlx.core as mx
+    from llguidance import LLMatcher
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxd_worker.requests.constraint import Grammars, apply_token_mask
+
+    backend = engine.backend
+    assert isinstance(backend, MlxBackend)
+    grammars = Grammars(backend.tokenizer, backend.eos)
+    matcher = LLMatcher(grammars.ll_tokenizer(), grammars.for_format({"type": "json_schema", "schema": schema}))
+    cache = make_prompt_cache(backend._model)
+    backend._model(mx.array(prompt[:-1])[None], cache=cache)
+
+    def forced(limit: int) -> list[int]:
+        ff = [t for t in matcher.compute_ff_tokens() if t not in backend.eos][:limit]
+        assert matcher.consume_tokens(ff)
+        return ff
+
+    out = forced(max_tokens - 1)
+    feed = [prompt[-1], *out]
+    while len(out) < max_tokens:
+        logits = backend._model(mx.array(feed)[None], cache=cache)[:, -1, :]
+        bitmask = lln.allocate_token_bitmask(1, grammars.ll_tokenizer().vocab_size)
+        lln.fill_next_token_bitmask(matcher, bitmask, 0)
+        token = int(mx.argmax(apply_token_mask(logits, bitmask), axis=-1).item())
+        out.append(token)
+        if token in backend.eos:
+            break
+        assert matcher.consume_token(token)
+        feed = [token, *forced(max_tokens - len(out))]
+        out += feed[1:]
+    return out
+
+
+def test_a_lone_request_feeds_the_tokens_its_format_forces_in_one_pass(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON schema spells out its keys and punctuation: the lone lane feeds those
+    tokens with the token before them instead of one pass each, and the output is
+    what forced-then-greedy decoding gives (also when max_tokens cuts it short)."""
+    backend = engine.backend
+    assert isinstance(backend, MlxBackend)
+    tok = backend.tokenizer
+    prompt = list(tok.apply_chat_template(ASK_PERSON, add_generation_prompt=True))
+    closed = {**PERSON, "additionalProperties": False}
+    want = forced_greedy(engine, prompt, closed, 32)
+    assert want[-1] in backend.eos
+    passes = 0
+    forward = type(backend._model).__call__
+
+    def counted(self: Any, *args: Any, **kw: Any) -> Any:
+        nonlocal passes
+        passes += 1
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(type(backend._model), "__call__", counted)
+    fmt = {"type": "json_schema", "schema": closed, "strict": True}
+    run(engine, {"id": 60, "messages": ASK_PERSON, "max_tokens": 32, "format": fmt})
+    out = of(engine, 60)
+    assert out["error"] is None and out["done"]["finish_reason"] == "stop", out
+    assert out["text"] == tok.decode(want[:-1])
+    jsonschema.validate(json.loads(out["text"]), closed)
+    generated = out["done"]["completion_tokens"]
+    assert generated == len(want) - 1
+    # Two passes for the prompt (all but its last token, then the last), then one
+    # per sampled token: the forced ones (`{"name": "`, `", "age": `, ...) cost none.
+    assert passes < 2 + generated - 5, (passes, generated)
+    cut = len(want) // 2
+    run(engine, {"id": 61, "messages": ASK_PERSON, "max_tokens": cut, "format": fmt})
+    out = of(engine, 61)
+    assert out["done"]["finish_reason"] == "length" and out["done"]["completion_tokens"] == cut
+    assert out["text"] == tok.decode(want[:cut])

@@ -80,7 +80,7 @@ from ..io.protocol import DiskCacheStats
 from ..mlx_types import CacheLayer, PromptCache
 from .entry_layout import LONG, SHORT, LayerDescription, Layout
 from .layers import held
-from .prefix_cache import TokenTrie, can_trim
+from .prefix_cache import Match, TokenTrie, can_trim
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -349,9 +349,10 @@ class DiskCache:
             self.stale += 1
         _unlink(path)
 
-    def lookup(self, prompt: Sequence[int]) -> tuple[DiskEntry, int] | None:
+    def lookup(self, prompt: Sequence[int]) -> Match[DiskEntry]:
         """The entry that gives the most tokens of `prompt`, leaving one to feed
-        (after trimming if it holds more), and that many tokens."""
+        (after trimming if it holds more), that many tokens, and how many tokens
+        the disk shares with `prompt`."""
         with self._lock:
             return self._trie.best(prompt, lambda e: e.trimmable)
 

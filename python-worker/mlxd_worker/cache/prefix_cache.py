@@ -173,14 +173,15 @@ class TokenTrie(Generic[V]):
             level = [child for node in level for _, child in node.edges.values()]
         return None
 
-    def best(self, prompt: Sequence[int], trimmable: Callable[[V], bool]) -> tuple[V, int] | None:
+    def best(self, prompt: Sequence[int], trimmable: Callable[[V], bool]) -> Match[V]:
         """The value that gives the most tokens of `prompt` while leaving at least
         one to feed, and that many tokens: a stored prefix as it is, or (when its
         cache can be trimmed) the whole prompt or an entry that goes on past
-        where the prompt parts from it, trimmed back."""
+        where the prompt parts from it, trimmed back. Also how many tokens of
+        `prompt` the tree holds at all (what a miss shared with some entry)."""
         key = tuple(prompt)
         if len(key) < 2:
-            return None
+            return Match(None, 0, 0)
         found, common, below = self.search(key)
         best: V | None = None
         usable = 0
@@ -193,7 +194,17 @@ class TokenTrie(Generic[V]):
             longer = self.first_below(below, trimmable)
             if longer is not None:
                 best, usable = longer, n
-        return None if best is None else (best, usable)
+        return Match(best, usable, common)
+
+
+@dataclass(frozen=True)
+class Match(Generic[V]):
+    """`TokenTrie.best`'s answer: the value to reuse (None: none), how many of the
+    prompt's tokens it gives, and how many the tree shares with the prompt."""
+
+    value: V | None
+    usable: int
+    shared: int
 
 
 @dataclass
@@ -235,21 +246,21 @@ class PrefixCache:
         one token to feed; from disk when the disk has a longer one than memory.
         Counts the lookup by outcome (and a disk hit)."""
         with self._lock:
-            found = self._trie.best(prompt, lambda e: e.trimmable)
-            shared = self._trie.search(tuple(prompt))[1]
-        source: _Entry | None = None
-        cached = 0
-        if found is not None:
-            source, cached = found
+            in_memory = self._trie.best(prompt, lambda e: e.trimmable)
+        source, cached, shared = in_memory.value, in_memory.usable, in_memory.shared
         from_disk = False
         if self.disk is not None:
             on_disk = self.disk.lookup(prompt)
-            if on_disk is not None and on_disk[1] > cached:
-                loaded = self.disk.load(on_disk[0])
+            disk_shared = on_disk.shared
+            if on_disk.value is not None and on_disk.usable > cached:
+                loaded = self.disk.load(on_disk.value)
                 if loaded is not None:
-                    source = _Entry(on_disk[0].tokens, loaded, _nbytes(loaded), can_trim(loaded))
-                    cached, from_disk = on_disk[1], True
+                    source = _Entry(on_disk.value.tokens, loaded, _nbytes(loaded), can_trim(loaded))
+                    cached, from_disk = on_disk.usable, True
                     self._insert(source)  # it is on disk already: an eviction will not rewrite it
+                else:
+                    disk_shared = 0  # the entry was unreadable and is gone
+            shared = max(shared, disk_shared)
         outcome: Outcome | None = None
         if cached < EVICTED_KEY_TOKENS and shared < EVICTED_KEY_TOKENS and self._was_evicted(prompt):
             # At most a template's first tokens from another prompt: what this one
@@ -283,8 +294,8 @@ class PrefixCache:
     def _outcome(self, prompt: list[int], source: _Entry | None, cached: int, shared: int) -> Outcome:
         """Which `PromptCacheLookups` count a lookup adds to (`miss_evicted` is
         decided before); where the prompt parted from a cached one goes to the debug
-        log. `shared`: the tokens the prompt shares with the memory tier's nearest
-        entry."""
+        log. `shared`: the tokens the prompt shares with the nearest entry of either
+        tier."""
         if source is not None:
             within = len(source.tokens) >= len(prompt) and source.tokens[: len(prompt)] == tuple(prompt)
             if cached == len(source.tokens) or within:
@@ -372,8 +383,9 @@ class PrefixCache:
     def _evict(self, entry: _Entry) -> _Entry:
         """Drops an entry for room, remembering how it started (lock held)."""
         if len(entry.tokens) >= EVICTED_KEY_TOKENS:
-            self._evicted[hash(entry.tokens[:EVICTED_KEY_TOKENS])] = None
-            self._evicted.move_to_end(hash(entry.tokens[:EVICTED_KEY_TOKENS]))
+            key = hash(entry.tokens[:EVICTED_KEY_TOKENS])
+            self._evicted[key] = None
+            self._evicted.move_to_end(key)
             while len(self._evicted) > MAX_EVICTED_KEYS:
                 self._evicted.popitem(last=False)
         return self._drop(entry)

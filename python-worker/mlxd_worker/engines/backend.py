@@ -29,7 +29,7 @@ from ..lanes.pacing import PrefillPacer
 from ..lanes.solo import LogitsProcessor, ProcessedSoloSequence, SoloSequence
 from ..lanes.speculative import SpeculativeSequence, pair_problem
 from ..mlx_types import CacheLayer, Model, PromptCache
-from ..requests.constraint import SequenceConstraint, TokenConsumer
+from ..requests.constraint import LaneProcessor, SequenceConstraint, TokenConsumer
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
 from . import sizing
@@ -453,7 +453,15 @@ class MlxBackend:
             pacer=self._pacer,
         )
         if track.processed:
-            return ProcessedSoloSequence(processors=track.processors(), keep_logprobs=track.logprobs, **lane)
+            processors = track.processors()
+            # Forced tokens are fed ahead only where the format is the lane's one consumer
+            # (a thinking budget would have to see them too).
+            fast_forward = None
+            if track.constraint is not None and track.budget is None:
+                fast_forward = cast(LaneProcessor, processors[0]).fast_forward
+            return ProcessedSoloSequence(
+                processors=processors, keep_logprobs=track.logprobs, fast_forward=fast_forward, **lane
+            )
         return SoloSequence(**lane)
 
     def _to_batch(self, uid: int, ids: list[int], cache: PromptCache | None = None) -> None:

@@ -110,17 +110,31 @@ class SoloSequence:
                         self._snapshots.append((self._marks.pop(0), copy.deepcopy(self._cache)))
                     if len(self._pending) > 1:
                         return []
-                self._next = self._forward(mx.array(self._pending))
+                # Tokens an output format forces at the start ride on the prompt's last pass.
+                opening = self._forced_after(None, self._left - 1)
+                self._left -= len(opening)
+                self._next = self._forward(mx.array(self._pending + opening))
                 self._kv.quantize_if_due(self._cache)
                 self._pending = []
                 mx.async_eval(self._next)
+            else:
+                opening = []
             current = self._next
             self._left -= 1
+            forced: list[int] = []
             if self._left > 0:
-                self._next = self._forward(current)
+                forced = self._forced_after(current, self._left)
+                self._left -= len(forced)
+            if self._left > 0:
+                self._next = self._forward(mx.array([current.item(), *forced]) if forced else current)
                 self._kv.quantize_if_due(self._cache)
                 mx.async_eval(self._next)
-            return [(cast(int, current.item()), False)]
+            return [(t, False) for t in (*opening, cast(int, current.item()), *forced)]
+
+    def _forced_after(self, last: mx.array | None, limit: int) -> list[int]:
+        """Tokens to feed after `last` (None: after the prompt) without sampling
+        them, at most `limit`: none in a plain lane (ProcessedSoloSequence)."""
+        return []
 
     def take_snapshots(self) -> list[tuple[int, PromptCache]]:
         """Copies of the cache taken where the prefill crossed a boundary: (the
@@ -154,6 +168,8 @@ class SoloSequence:
 
 # processor(context, logits) -> logits, as mlx-lm calls logits processors.
 LogitsProcessor = Callable[["mx.array", "mx.array"], "mx.array"]
+# fast_forward(last token or None, limit) -> forced tokens to feed after it.
+FastForward = Callable[[Optional[int], int], list[int]]
 
 
 class ProcessedSoloSequence(SoloSequence):
@@ -180,10 +196,14 @@ class ProcessedSoloSequence(SoloSequence):
         marks: list[int] | None = None,
         base: int = 0,
         pacer: PrefillPacer | None = None,
+        fast_forward: FastForward | None = None,
     ) -> None:
         super().__init__(model, ids, max_tokens, sampler, prefill_step, stream, cache, kv, marks, base, pacer)
         self._processors = processors
         self._keep_logprobs = keep_logprobs
+        # An output format's forced tokens, fed in the pass that samples the next
+        # token (not one pass each; requests/constraint.py LaneProcessor.fast_forward).
+        self._fast_forward = None if keep_logprobs else fast_forward
         # One per queued forward pass, oldest first: tokens come out in that order.
         self._queued_logprobs: deque[mx.array] = deque()
         # The logprobs of the token the last step() returned (when kept).
@@ -201,6 +221,11 @@ class ProcessedSoloSequence(SoloSequence):
         if self._sampler is None:
             return mx.argmax(logprobs, axis=-1)
         return self._sampler(logprobs)
+
+    def _forced_after(self, last: mx.array | None, limit: int) -> list[int]:
+        if self._fast_forward is None or limit <= 0:
+            return []
+        return self._fast_forward(None if last is None else cast(int, last.item()), limit)
 
     def step(self) -> list[tuple[int, bool]]:
         out = super().step()

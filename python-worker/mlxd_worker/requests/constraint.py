@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ..errors import RequestError
@@ -235,10 +235,11 @@ class Grammars:
         # A grammar that admits no first token (a schema that is only a reference
         # to itself, {"$ref": "#"}) is the client's mistake, found here (a mask
         # costs about a millisecond), not in the batch's first step.
-        lln.fill_next_token_bitmask(matcher, lln.allocate_token_bitmask(1, ll.vocab_size), 0)
+        first = lln.allocate_token_bitmask(1, ll.vocab_size)
+        lln.fill_next_token_bitmask(matcher, first, 0)
         if matcher.is_error():
             raise RequestError(f"invalid format: it admits no output ({_first_line(matcher.get_error())})")
-        return SequenceConstraint(matcher, ll.vocab_size, self._eos)
+        return SequenceConstraint(matcher, ll.vocab_size, self._eos, first[0])
 
 
 class SequenceConstraint:
@@ -251,12 +252,16 @@ class SequenceConstraint:
     lane has sampled but not yet handed out (mlx-lm pipelines one step ahead).
     """
 
-    def __init__(self, matcher: LLMatcher, vocab_size: int, eos: list[int]) -> None:
+    def __init__(self, matcher: LLMatcher, vocab_size: int, eos: list[int], first: Bitmask | None = None) -> None:
         self.matcher = matcher
+        # The mask of the first token, computed when the grammar was checked: the
+        # first step reuses it (the matcher is where it was until a token is consumed).
+        self.ready_mask = first
         self.vocab_size = vocab_size
         self._eos = frozenset(eos)
         self.prompt_len = 0  # set when the sequence is inserted
         self.seen = 0
+        self.ended = False  # it consumed an end-of-sequence token
         # Why the matcher stopped accepting tokens (a token the grammar rejects:
         # a bug, never expected); the engine ends the request with it.
         self.error: str | None = None
@@ -267,6 +272,9 @@ class SequenceConstraint:
 
     def consume(self, token: int) -> None:
         self.seen += 1
+        self.ready_mask = None
+        if token in self._eos:
+            self.ended = True
         if token in self._eos or self.error is not None:
             return
         if not self.matcher.consume_token(token):
@@ -275,16 +283,26 @@ class SequenceConstraint:
     def grammar(self) -> SequenceConstraint | None:
         return self if self.error is None else None
 
+    def forced(self, limit: int) -> list[int]:
+        """The tokens the grammar forces next (llguidance's fast-forward tokens, in
+        the tokenizer's own spelling of the forced text), at most `limit`, consumed:
+        a lane feeds them in one pass instead of sampling them one step each."""
+        if limit <= 0 or self.ended or self.error is not None or self.matcher.is_error() or self.matcher.is_stopped():
+            return []
+        out: list[int] = []
+        for token in self.matcher.compute_ff_tokens()[:limit]:
+            if token in self._eos:
+                break
+            out.append(token)
+        for token in out:
+            self.consume(token)
+        return out
+
     def restrict(self, words: Bitmask) -> bool:
         if self.error is None and self.matcher.is_error():
             self.error = f"the output format failed: {_first_line(self.matcher.get_error())}"
         if self.error is not None:  # end the sequence: EOS only
-            import numpy as np
-
-            bits = words.view(np.uint32)
-            bits[:] = 0
-            for token in self._eos:
-                bits[token // 32] |= np.uint32(1 << (token % 32))
+            allow_only(words, self._eos)
         return True
 
 
@@ -328,17 +346,32 @@ class LaneProcessor:
         self._history = history
         self._handed_before = len(history) - consumer.prompt_len
         self._calls = 0
+        self._forced = 0  # tokens this lane fed as forced (fast_forward), not sampled
+
+    def _catch_up(self, last: int | mx.array | None) -> None:
+        c = self.consumer
+        for token in self._history[c.prompt_len + c.seen :]:
+            c.consume(token)
+        sampled = self._handed_before + self._calls + self._forced  # generated tokens that exist now
+        if last is not None and self._calls > 0 and c.seen < sampled:
+            c.consume(int(last))  # a token id
 
     def advance(self, last: int | mx.array) -> None:
         """Brings the consumer up to the lane's next token; `last` is the token the
         lane fed last (read only when the consumer has not seen it)."""
-        c = self.consumer
-        for token in self._history[c.prompt_len + c.seen :]:
-            c.consume(token)
-        sampled = self._handed_before + self._calls  # generated tokens that exist now
-        if self._calls > 0 and c.seen < sampled:
-            c.consume(int(last))  # a token id
+        self._catch_up(last)
         self._calls += 1
+
+    def fast_forward(self, last: int | None, limit: int) -> list[int]:
+        """For a lone lane between calls: brings the consumer up to `last` (the
+        lane's newest token; None before the first call) and returns the tokens its
+        grammar forces after it (at most `limit`), which the lane feeds with `last`
+        in its next call and hands out as generated."""
+        self._catch_up(last)
+        grammar = self.consumer.grammar()
+        forced = [] if grammar is None else grammar.forced(limit)
+        self._forced += len(forced)
+        return forced
 
     def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
         self.advance(context[-1])
@@ -352,6 +385,19 @@ PARALLEL_FILL_MIN_CORES = 4
 _executor: LLExecutor | None = None
 
 
+def allow_only(words: Bitmask, tokens: Iterable[int], *, if_allowed: bool = False) -> None:
+    """Narrows one row's packed mask (bit t of word t // 32: token t may come next)
+    to `tokens`; with `if_allowed`, to those of them the row allowed already."""
+    import numpy as np
+
+    bits = words.view(np.uint32)
+    before = bits.copy() if if_allowed else None
+    bits[:] = 0
+    for token in tokens:
+        bit = np.uint32(1 << (token % 32))
+        bits[token // 32] |= bit if before is None else before[token // 32] & bit
+
+
 def step_masks(rows: Sequence[Sequence[TokenConsumer]], width: int) -> Bitmask | None:
     """One step's token masks for a batch of `width`-wide logits: row e allows what
     every consumer of row e allows (a row without consumers, everything); None when
@@ -363,7 +409,12 @@ def step_masks(rows: Sequence[Sequence[TokenConsumer]], width: int) -> Bitmask |
     fills = [(e, g) for e, consumers in enumerate(rows) for c in consumers if (g := c.grammar()) is not None]
     if fills:
         scratch = lln.allocate_token_bitmask(len(fills), fills[0][1].vocab_size)
-        pairs = [(g.matcher, i) for i, (_, g) in enumerate(fills)]
+        pairs = []
+        for i, (_, g) in enumerate(fills):
+            if g.ready_mask is not None:
+                scratch[i] = g.ready_mask
+            else:
+                pairs.append((g.matcher, i))
         if len(pairs) > 1 and (os.cpu_count() or 1) >= PARALLEL_FILL_MIN_CORES:
             lln.fill_next_token_bitmask_par(_llg_executor(), pairs, scratch)
         else:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .constraint import LaneProcessor
+from .constraint import LaneProcessor, allow_only
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -198,11 +198,5 @@ class ReasoningBudget:
             self._forcing = list(self._fmt.force_close)
         if not self._forcing:
             return False
-        import numpy as np
-
-        token = self._forcing[0]
-        bits = words.view(np.uint32)
-        kept = bits[token // 32] & np.uint32(1 << (token % 32))
-        bits[:] = 0
-        bits[token // 32] = kept
+        allow_only(words, self._forcing[:1], if_allowed=True)
         return True
