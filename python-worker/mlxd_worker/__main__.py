@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from .engines.backend import CLOSE_TIMEOUT
 from .engines.engine import Engine, make_backend
@@ -20,6 +21,9 @@ from .io import frames
 from .io.protocol import Hello, Stats
 from .io.transport import ShmTransport, StdioTransport, Transport
 from .stats import blas_library, discrete_gpu_memory, rss_bytes
+
+if TYPE_CHECKING:
+    from .engines.embedding import EmbeddingEngine
 
 log = logging.getLogger("mlxd_worker")
 
@@ -33,7 +37,7 @@ def _private_stdout() -> int:
     return out
 
 
-def _stats_loop(engine: Engine, transport: Transport) -> None:
+def _stats_loop(engine: Engine | EmbeddingEngine, transport: Transport) -> None:
     import mlx.core as mx
 
     while True:
@@ -43,14 +47,8 @@ def _stats_loop(engine: Engine, transport: Transport) -> None:
             "peak_memory": mx.get_peak_memory(),
             "cache_memory": mx.get_cache_memory(),
             "rss": rss_bytes(),
-            "heartbeat": engine.heartbeat,
-            "engine_failed": engine.failed,
-            "speculative": engine.backend.speculative_status(),
-            "prompt_cache": engine.backend.prompt_cache_stats(),
-            **engine.counters.snapshot(),
+            **engine.stats(),
         }
-        if engine.kv.shape is not None:
-            stats["kv"] = engine.kv.stats(engine.kv_in_use(), len(engine.waiting_for_memory))
         transport.send(frames.STATS, frames.json_payload(stats))
 
 
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", choices=["shm", "stdio", "http"], default="stdio")
     ap.add_argument("--segment", help="shared-memory segment name (shm transport)")
     ap.add_argument("--generation", type=int, help="the incarnation the segment must belong to")
-    ap.add_argument("--engine", choices=["mlx", "replay"], default="mlx")
+    ap.add_argument("--engine", choices=["mlx", "replay", "embedding"], default="mlx")
     ap.add_argument("--model", help="the model's name (so that ps and logs tell whose worker this is)")
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -74,9 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         transport = StdioTransport(0, out_fd)
 
-    engine = Engine(transport, make_backend(args.engine))
+    engine: Engine | EmbeddingEngine
+    if args.engine == "embedding":
+        from .engines.embedding import EmbeddingEngine
+
+        engine = EmbeddingEngine(transport)
+    else:
+        engine = Engine(transport, make_backend(args.engine))
     http_port = None
     if args.transport == "http":
+        assert isinstance(engine, Engine), "the http transport serves generation only"
         from .io.http_server import HttpFanout, serve
 
         fanout = HttpFanout(transport)
@@ -108,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             log.info("stdin closed: the daemon is gone, exiting")
             break
         kind, _flags, payload = frame
-        if kind in (frames.LOAD, frames.GENERATE, frames.CANCEL, frames.CLEAR_CACHE, frames.MEMORY_LIMIT):
+        if kind in (
+            frames.LOAD,
+            frames.GENERATE,
+            frames.EMBED,
+            frames.CANCEL,
+            frames.CLEAR_CACHE,
+            frames.MEMORY_LIMIT,
+        ):
             engine.submit(kind, payload)
         elif kind == frames.SHUTDOWN:
             log.info("shutdown requested")

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
 /// refuses a worker that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
@@ -42,11 +42,15 @@ pub enum Kind {
     Admitted = 14,
     /// Daemon → worker: its share of the memory budget changed.
     MemoryLimit = 15,
+    /// Daemon → worker: vectors for some inputs (a worker in embedding mode).
+    Embed = 16,
+    /// Worker → daemon: an Embed's vectors.
+    Embeddings = 17,
 }
 
 impl Kind {
     /// Every kind, for drift checks against the pure-Python codec.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Padding,
         Kind::Hello,
         Kind::Load,
@@ -63,6 +67,8 @@ impl Kind {
         Kind::Logprobs,
         Kind::Admitted,
         Kind::MemoryLimit,
+        Kind::Embed,
+        Kind::Embeddings,
     ];
 
     pub fn from_u16(v: u16) -> Option<Kind> {
@@ -88,6 +94,8 @@ impl Kind {
             Kind::Logprobs => "LOGPROBS",
             Kind::Admitted => "ADMITTED",
             Kind::MemoryLimit => "MEMORY_LIMIT",
+            Kind::Embed => "EMBED",
+            Kind::Embeddings => "EMBEDDINGS",
         }
     }
 }
@@ -873,6 +881,36 @@ pub struct MemoryLimitFrame {
     pub memory_limit: u64,
 }
 
+/// Daemon → worker: request `id` wants one vector per input, in order. Inputs are
+/// texts (`texts`) or token-id lists (`tokens`), never both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Embed {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub texts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<Vec<u32>>,
+    /// Cut an input longer than the model's limit to the limit (else the request is
+    /// refused, naming the limit).
+    #[serde(default)]
+    pub truncate: bool,
+    /// Keep the first `dimensions` values of each vector, renormalized (Matryoshka).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
+}
+
+/// Worker → daemon: request `id`'s vectors, in its inputs' order, each as base64 of
+/// little-endian f32 (OpenAI's `encoding_format: "base64"` as it is).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingsFrame {
+    pub id: u64,
+    pub vectors: Vec<String>,
+    /// Tokens the inputs came to (after any truncation).
+    pub prompt_tokens: u32,
+}
+
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
@@ -891,6 +929,8 @@ pub enum Frame {
     Logprobs(LogprobsFrame),
     Admitted(AdmittedFrame),
     MemoryLimit(MemoryLimitFrame),
+    Embed(Embed),
+    Embeddings(EmbeddingsFrame),
 }
 
 impl Frame {
@@ -911,6 +951,8 @@ impl Frame {
             Frame::Logprobs(_) => Kind::Logprobs,
             Frame::Admitted(_) => Kind::Admitted,
             Frame::MemoryLimit(_) => Kind::MemoryLimit,
+            Frame::Embed(_) => Kind::Embed,
+            Frame::Embeddings(_) => Kind::Embeddings,
         }
     }
 
@@ -931,6 +973,8 @@ impl Frame {
             Frame::Logprobs(v) => json(out, v),
             Frame::Admitted(v) => json(out, v),
             Frame::MemoryLimit(v) => json(out, v),
+            Frame::Embed(v) => json(out, v),
+            Frame::Embeddings(v) => json(out, v),
             Frame::Cancel { id } => out.extend_from_slice(&id.to_le_bytes()),
             Frame::TokenBatch(b) => encode_token_batch(&b.entries, out),
             Frame::Shutdown | Frame::ClearCache => {}
@@ -966,6 +1010,8 @@ impl Frame {
             Kind::Logprobs => Frame::Logprobs(json(kind, payload)?),
             Kind::Admitted => Frame::Admitted(json(kind, payload)?),
             Kind::MemoryLimit => Frame::MemoryLimit(json(kind, payload)?),
+            Kind::Embed => Frame::Embed(json(kind, payload)?),
+            Kind::Embeddings => Frame::Embeddings(json(kind, payload)?),
             Kind::Cancel => {
                 let id = payload
                     .get(..8)
@@ -1181,6 +1227,18 @@ mod tests {
         }));
         roundtrip(Frame::MemoryLimit(MemoryLimitFrame {
             memory_limit: 1 << 30,
+        }));
+        roundtrip(Frame::Embed(Embed {
+            id: 9,
+            texts: vec!["héllo".into(), String::new()],
+            truncate: true,
+            dimensions: Some(64),
+            ..Default::default()
+        }));
+        roundtrip(Frame::Embeddings(EmbeddingsFrame {
+            id: 9,
+            vectors: vec!["AACAPw==".into()],
+            prompt_tokens: 5,
         }));
         roundtrip(Frame::Generate(Generate {
             id: 7,

@@ -11,7 +11,7 @@ pub fn frame_decode(data: &[u8]) {
     let (head, payload) = data.split_at(data.len().min(4));
     let mut h = [0u8; 4];
     h[..head.len()].copy_from_slice(head);
-    let kind = u16::from_le_bytes([h[0], h[1]]) % 16;
+    let kind = u16::from_le_bytes([h[0], h[1]]) % 18;
     let flags = u16::from_le_bytes([h[2], h[3]]);
     if let Ok(Frame::TokenBatch(batch)) = Frame::decode(kind, flags, payload) {
         // What decodes must re-encode to the same entries.

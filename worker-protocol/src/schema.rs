@@ -31,6 +31,11 @@ pub fn frame_schemas() -> Value {
         Kind::MemoryLimit,
         generator.subschema_for::<MemoryLimitFrame>(),
     );
+    add(Kind::Embed, generator.subschema_for::<Embed>());
+    add(
+        Kind::Embeddings,
+        generator.subschema_for::<EmbeddingsFrame>(),
+    );
     let defs: serde_json::Map<String, Value> =
         generator.take_definitions(true).into_iter().collect();
     json!({
@@ -285,6 +290,19 @@ pub fn examples() -> Vec<Frame> {
         }),
         Frame::MemoryLimit(MemoryLimitFrame {
             memory_limit: 6 << 30,
+        }),
+        // A real Embed carries texts or tokens, not both: the example sets every field.
+        Frame::Embed(Embed {
+            id: 8,
+            texts: vec!["The sky is blue".into()],
+            tokens: vec![vec![101, 1996, 3712, 102]],
+            truncate: true,
+            dimensions: Some(256),
+        }),
+        Frame::Embeddings(EmbeddingsFrame {
+            id: 8,
+            vectors: vec!["AACAPwAAAEA=".into()],
+            prompt_tokens: 6,
         }),
     ]
 }

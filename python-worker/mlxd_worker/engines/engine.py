@@ -195,6 +195,18 @@ def make_backend(engine: str) -> Backend:
     return MlxBackend()
 
 
+def report_error(transport: Transport, rid: int | None, e: Exception) -> None:
+    """A worker error (about request `rid`, or the model's load: None) must reach
+    the daemon, not kill us. A client's mistake is one line; ours has its traceback."""
+    if isinstance(e, RequestError):
+        log.warning("request %s refused: %s", rid, e)
+    else:
+        log.exception("engine error")
+    code = e.code if isinstance(e, RequestError) else "worker"
+    error: ErrorFrame = {"id": rid, "message": str(e), "code": code}
+    transport.send(frames.ERROR, frames.json_payload(error))
+
+
 class Engine:
     def __init__(self, transport: Transport, backend: Backend) -> None:
         self.transport = transport
@@ -258,6 +270,19 @@ class Engine:
 
     def stop(self) -> None:
         self.inbox.put(None)
+
+    def stats(self) -> Stats:
+        """The Stats frame's engine part (the stats loop adds memory figures)."""
+        stats: Stats = {
+            "heartbeat": self.heartbeat,
+            "engine_failed": self.failed,
+            "speculative": self.backend.speculative_status(),
+            "prompt_cache": self.backend.prompt_cache_stats(),
+            **self.counters.snapshot(),
+        }
+        if self.kv.shape is not None:
+            stats["kv"] = self.kv.stats(self.kv_in_use(), len(self.waiting_for_memory))
+        return stats
 
     # -- the engine thread ---------------------------------------------------
     def run(self) -> None:
@@ -383,16 +408,7 @@ class Engine:
                 raise
 
     def _report(self, rid: int | None, e: Exception) -> None:
-        """A worker error (about request `rid`, or the model's load: None) must
-        reach the daemon, not kill us. A client's mistake is one line; ours has
-        its traceback."""
-        if isinstance(e, RequestError):
-            log.warning("request %s refused: %s", rid, e)
-        else:
-            log.exception("engine error")
-        code = e.code if isinstance(e, RequestError) else "worker"
-        error: ErrorFrame = {"id": rid, "message": str(e), "code": code}
-        self.transport.send(frames.ERROR, frames.json_payload(error))
+        report_error(self.transport, rid, e)
 
     def _load(self, req: Load) -> None:
         t0 = time.perf_counter()

@@ -21,6 +21,8 @@ from .protocol import PROTOCOL_VERSION as PROTOCOL_VERSION  # the version lives 
 from .protocol import (
     AdmittedFrame,
     Done,
+    Embed,
+    EmbeddingsFrame,
     ErrorFrame,
     Generate,
     Hello,
@@ -51,6 +53,8 @@ TOOL_CALL = 12
 LOGPROBS = 13
 ADMITTED = 14
 MEMORY_LIMIT = 15
+EMBED = 16
+EMBEDDINGS = 17
 
 KINDS: dict[str, int] = {
     "PADDING": PADDING,
@@ -69,6 +73,8 @@ KINDS: dict[str, int] = {
     "LOGPROBS": LOGPROBS,
     "ADMITTED": ADMITTED,
     "MEMORY_LIMIT": MEMORY_LIMIT,
+    "EMBED": EMBED,
+    "EMBEDDINGS": EMBEDDINGS,
 }
 
 _ENTRY = struct.Struct("<QII")
@@ -81,7 +87,9 @@ def encode(kind: int, payload: bytes, flags: int = 0) -> bytes:
 
 # The payload of a JSON frame: what the worker sends, and the Generate that the
 # http transport builds for the engine (the one frame it writes for itself).
-JsonFrame = Union[Hello, Ready, Done, ErrorFrame, Stats, ToolCallFrame, LogprobsFrame, AdmittedFrame, Generate]
+JsonFrame = Union[
+    Hello, Ready, Done, ErrorFrame, Stats, ToolCallFrame, LogprobsFrame, AdmittedFrame, Generate, EmbeddingsFrame
+]
 
 
 def json_payload(frame: JsonFrame) -> bytes:
@@ -96,6 +104,10 @@ def decode_load(payload: bytes) -> Load:
 
 def decode_generate(payload: bytes) -> Generate:
     return cast(Generate, json.loads(payload))
+
+
+def decode_embed(payload: bytes) -> Embed:
+    return cast(Embed, json.loads(payload))
 
 
 def decode_memory_limit(payload: bytes) -> MemoryLimitFrame:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TypedDict, Union
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 # StepStats.batch_size_steps: the buckets' upper bounds (and one past them).
 BATCH_SIZE_BOUNDS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -53,6 +53,33 @@ class Done(_DoneRequired, total=False):
     speculative: Optional[DraftCounts]
     #: The stop sequence that ended the request (finish_reason "stop").
     stop_sequence: Optional[str]
+
+
+class _EmbedRequired(TypedDict):
+    id: int
+
+
+class Embed(_EmbedRequired, total=False):
+    """Daemon → worker: request `id` wants one vector per input, in order. Inputs are
+    texts (`texts`) or token-id lists (`tokens`), never both."""
+
+    #: Keep the first `dimensions` values of each vector, renormalized (Matryoshka).
+    dimensions: Optional[int]
+    texts: list[str]
+    tokens: list[list[int]]
+    #: Cut an input longer than the model's limit to the limit (else the request is
+    #: refused, naming the limit).
+    truncate: bool
+
+
+class EmbeddingsFrame(TypedDict):
+    """Worker → daemon: request `id`'s vectors, in its inputs' order, each as base64 of
+    little-endian f32 (OpenAI's `encoding_format: "base64"` as it is)."""
+
+    id: int
+    #: Tokens the inputs came to (after any truncation).
+    prompt_tokens: int
+    vectors: list[str]
 
 
 class _ErrorFrameRequired(TypedDict):
@@ -605,6 +632,8 @@ FlushOptions = Union[FlushOptionsStep, FlushOptionsTokens, FlushOptionsMs]
 FRAME_TYPES: dict[str, Any] = {
     "ADMITTED": AdmittedFrame,
     "DONE": Done,
+    "EMBED": Embed,
+    "EMBEDDINGS": EmbeddingsFrame,
     "ERROR": ErrorFrame,
     "GENERATE": Generate,
     "HELLO": Hello,
