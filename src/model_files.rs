@@ -24,7 +24,31 @@ pub struct ModelFiles {
     pub config: Value,
 }
 
+/// The `model_type`s of the encoders the embedding engine serves
+/// (python-worker/mlxd_worker/models/encoder.py `ENCODER_TYPES`).
+pub const ENCODER_TYPES: &[&str] = &["bert", "roberta", "xlm-roberta"];
+
+/// Whether the model in `dir` is an encoder (read from its config.json alone).
+pub fn config_is_encoder(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .is_some_and(|config| is_encoder(&config))
+}
+
+fn is_encoder(config: &Value) -> bool {
+    config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| ENCODER_TYPES.contains(&t))
+}
+
 impl ModelFiles {
+    /// An embedding model (see [`config_is_encoder`]).
+    pub fn is_encoder(&self) -> bool {
+        is_encoder(&self.config)
+    }
+
     pub fn read(dir: Option<&Path>) -> ModelFiles {
         let size = dir
             .and_then(|d| std::fs::read_dir(d).ok())

@@ -51,6 +51,9 @@ pub enum EngineKind {
     Mlx,
     /// A fixed text's tokens as fast as the protocol allows: measures the token path.
     Replay,
+    /// Vectors of texts (an encoder: BERT family). Chosen by the model's own config
+    /// for a preset that leaves `engine` at "mlx"; writing it only states the fact.
+    Embedding,
 }
 
 impl EngineKind {
@@ -58,6 +61,7 @@ impl EngineKind {
         match self {
             EngineKind::Mlx => "mlx",
             EngineKind::Replay => "replay",
+            EngineKind::Embedding => "embedding",
         }
     }
 }
@@ -517,7 +521,7 @@ impl Preset {
                 "a rotating KV cache cannot be quantized (mlx-lm): choose kv_bits or max_kv_size"
             );
         }
-        if self.engine == EngineKind::Replay {
+        if self.engine != EngineKind::Mlx {
             let kv_keys = [
                 ("kv_bits", perf.kv_bits.is_some()),
                 ("kv_group_size", perf.kv_group_size.is_some()),
@@ -526,7 +530,8 @@ impl Preset {
             ];
             if let Some((key, _)) = kv_keys.iter().find(|(_, set)| *set) {
                 anyhow::bail!(
-                    "performance.{key} needs engine \"mlx\": the replay engine keeps no KV cache"
+                    "performance.{key} needs engine \"mlx\": the {} engine keeps no KV cache",
+                    self.engine.as_str()
                 );
             }
         }
@@ -591,6 +596,16 @@ impl Preset {
         let Some(files) = self.model_path(models_dir).ok().map(read) else {
             return Estimate::default();
         };
+        if files.is_encoder() {
+            // An encoder keeps no KV: its weights, the runtime, and a batch's
+            // activations (bounded by the worker's 16k padded tokens per pass).
+            return Estimate {
+                weights_bytes: files.size,
+                runtime_bytes: crate::memory::RUNTIME_OVERHEAD,
+                context_length: files.context_length,
+                ..Estimate::default()
+            };
+        }
         let mut estimate =
             crate::memory::estimate(&files, self.concurrency(None), self.kv_layout(), reserve);
         // A draft runs in the same worker for one sequence at a time: its weights
@@ -665,6 +680,7 @@ impl Preset {
         match self.prompt_cache_bytes.as_deref() {
             Some(s) => cache_bytes(s).unwrap_or(0),
             None if self.engine == EngineKind::Replay => 0,
+            None if self.worker_engine(models_dir) == EngineKind::Embedding => 0,
             // Room for four long conversations (or a quarter of the need, if
             // more): the worker gives it back when a request needs the memory.
             None => {
@@ -745,6 +761,25 @@ impl Preset {
     /// What the model's files say, read from its directory (empty where absent).
     pub fn model_files(&self, models_dir: &Path) -> crate::model_files::ModelFiles {
         crate::model_files::ModelFiles::read(self.model_path(models_dir).ok().as_deref())
+    }
+
+    /// The engine the worker runs: the preset's, except that a model whose config
+    /// is an encoder (BERT family) is served by the embedding engine.
+    pub fn worker_engine(&self, models_dir: &Path) -> EngineKind {
+        match self.engine {
+            EngineKind::Mlx => {
+                let encoder = self
+                    .model_path(models_dir)
+                    .ok()
+                    .is_some_and(|dir| crate::model_files::config_is_encoder(&dir));
+                if encoder {
+                    EngineKind::Embedding
+                } else {
+                    EngineKind::Mlx
+                }
+            }
+            other => other,
+        }
     }
 }
 

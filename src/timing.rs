@@ -41,6 +41,12 @@ pub async fn timed_run(sup: &Supervisor, model: &str, gen: Generate) -> Result<T
                 });
             }
             Some(GenEvent::Error(e)) => return Err(e),
+            Some(GenEvent::Embeddings(_)) => {
+                return Err(Error::invalid(
+                    format!("'{model}' is an embedding model: it generates nothing to time"),
+                    Some("model"),
+                ))
+            }
             Some(GenEvent::ToolCall(_) | GenEvent::Logprobs(_) | GenEvent::Admitted { .. }) => {}
             None => return Err(Error::Internal("the request ended without a result".into())),
         }

@@ -12,13 +12,15 @@ use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::Response;
 use serde_json::{json, Value};
-use worker_protocol::frame::{Done, DraftCounts, Generate, TokenLogprob, ToolCallFrame};
+use worker_protocol::frame::{
+    Done, DraftCounts, Embed, EmbeddingsFrame, Generate, TokenLogprob, ToolCallFrame,
+};
 
 use super::request::Target;
 use super::AppState;
 use crate::error::Error;
 use crate::metrics::{Outcome, RequestTimer};
-use crate::presets::{KeepAlive, TransportKind};
+use crate::presets::{EngineKind, KeepAlive, TransportKind};
 use crate::supervisor::{token_text, GenEvent, GenStream};
 
 /// What every dialect asks the core for.
@@ -74,6 +76,21 @@ async fn first_event(
     state: &AppState,
     req: CoreRequest,
 ) -> Result<(GenStream, VecDeque<GenEvent>), Error> {
+    if req
+        .target
+        .preset
+        .worker_engine(state.supervisor.models_dir())
+        == EngineKind::Embedding
+    {
+        return Err(Error::invalid(
+            format!(
+                "'{}' is an embedding model: it answers /v1/embeddings and /api/embed, not \
+                 generation requests",
+                req.target.requested
+            ),
+            Some("model"),
+        ));
+    }
     if req.target.preset.transport == TransportKind::Http {
         return Err(Error::invalid(
             format!(
@@ -177,9 +194,102 @@ pub async fn collect(mut started: Started) -> Result<Collected, Error> {
                 })
             }
             GenEvent::Error(e) => return Err(e),
+            GenEvent::Embeddings(_) => return Err(not_a_generation()),
         }
     }
     Err(Error::Internal("generation ended without a result".into()))
+}
+
+/// What the embedding endpoints ask the core for.
+pub struct EmbedRequest {
+    pub target: Target,
+    pub embed: Embed,
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// One vector per input, in order, as the worker sent them (base64 of
+/// little-endian f32: OpenAI's `encoding_format: "base64"`).
+pub struct Embedded {
+    pub vectors: Vec<String>,
+    pub prompt_tokens: u32,
+    /// From the request's arrival to its answer.
+    pub seconds: f64,
+}
+
+impl Embedded {
+    /// The vectors as numbers (OpenAI's float format, Ollama's).
+    pub fn floats(&self) -> Result<Vec<Vec<f32>>, Error> {
+        use base64::Engine as _;
+        self.vectors
+            .iter()
+            .map(|v| {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(v)
+                    .map_err(|e| Error::Internal(format!("the worker sent a bad vector: {e}")))?;
+                Ok(bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            })
+            .collect()
+    }
+}
+
+/// Asks the model's worker for the vectors of `req.embed`'s inputs. A model that
+/// is not an embedding model is the client's mistake (400), said before any load.
+pub async fn embed(state: &AppState, req: EmbedRequest) -> Result<Embedded, Error> {
+    let preset = &req.target.preset;
+    if preset.worker_engine(state.supervisor.models_dir()) != EngineKind::Embedding {
+        return Err(Error::invalid(
+            format!(
+                "'{}' is not an embedding model (its config is not an encoder such as BERT)",
+                req.target.requested
+            ),
+            Some("model"),
+        ));
+    }
+    let began = std::time::Instant::now();
+    let mut timer = RequestTimer::start(&preset.name);
+    let mut stream = match state.supervisor.embed(preset, req.embed, req.keep_alive) {
+        Ok(stream) => stream,
+        Err(e) => {
+            timer.finish(Outcome::of(&e));
+            return Err(e);
+        }
+    };
+    let result = loop {
+        match stream.next().await {
+            Some(GenEvent::Embeddings(EmbeddingsFrame {
+                vectors,
+                prompt_tokens,
+                ..
+            })) => {
+                break Ok(Embedded {
+                    vectors,
+                    prompt_tokens,
+                    seconds: began.elapsed().as_secs_f64(),
+                })
+            }
+            Some(GenEvent::Error(e)) => break Err(e),
+            Some(GenEvent::Admitted { .. }) => {}
+            Some(_) => {
+                break Err(Error::Internal(
+                    "the worker answered an embedding request with text".into(),
+                ))
+            }
+            None => break Err(Error::Internal("embedding ended without a result".into())),
+        }
+    };
+    match &result {
+        Ok(_) => timer.finish(Outcome::Ok),
+        Err(e) => timer.finish(Outcome::of(e)),
+    }
+    result
+}
+
+/// A generation answered with vectors: a worker that misread its frame.
+fn not_a_generation() -> Error {
+    Error::Internal("the worker answered a generation with embeddings".into())
 }
 
 /// A dialect's stream: turns the core's events into the bytes its clients parse.
@@ -302,6 +412,10 @@ pub fn stream<R: Renderer>(started: Started, renderer: R, framing: Framing) -> R
                 GenEvent::Error(e) => {
                     st.ended = true;
                     st.renderer.error(&e, &mut out);
+                }
+                GenEvent::Embeddings(_) => {
+                    st.ended = true;
+                    st.renderer.error(&not_a_generation(), &mut out);
                 }
             }
             if !out.is_empty() {

@@ -683,6 +683,111 @@ struct ShowRequest {
     name: Option<String>,
 }
 
+/// `POST /api/embed`.
+#[derive(Deserialize)]
+struct EmbedRequest {
+    model: String,
+    input: request::EmbedInput,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    dimensions: Option<u32>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+/// `POST /api/embeddings` (Ollama's older form: one prompt).
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+/// An embedding's `options` change nothing in its vector (Ollama's sampling and
+/// hardware options): accepted as an object and left alone.
+fn embed_options(v: &Value) -> bool {
+    v.is_object() || v.is_null()
+}
+
+const EMBED_FIELDS: &[(&str, FieldRule)] = &[
+    ("model", FieldRule::Served),
+    ("input", FieldRule::Served),
+    ("truncate", FieldRule::Served),
+    ("dimensions", FieldRule::Served),
+    ("keep_alive", FieldRule::Served),
+    ("options", FieldRule::OnlyNeutral(embed_options)),
+];
+
+const EMBEDDINGS_FIELDS: &[(&str, FieldRule)] = &[
+    ("model", FieldRule::Served),
+    ("prompt", FieldRule::Served),
+    ("keep_alive", FieldRule::Served),
+    ("options", FieldRule::OnlyNeutral(embed_options)),
+];
+
+/// Runs an Embed on the request's model.
+async fn embed_vectors(
+    state: &AppState,
+    target: Target,
+    embed: worker_protocol::frame::Embed,
+    keep_alive: &Option<Value>,
+) -> Result<core::Embedded, Error> {
+    let keep_alive = request::keep_alive(keep_alive)?;
+    core::embed(
+        state,
+        core::EmbedRequest {
+            target,
+            embed,
+            keep_alive,
+        },
+    )
+    .await
+}
+
+pub async fn embed(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
+    let map = request::parse_object(&body)?;
+    let target = Target::of_body(&state, &map)?;
+    request::check_fields(&map, &[EMBED_FIELDS])?;
+    let req: EmbedRequest = request::from_object(map)?;
+    let target = Target::required(target)?;
+    // Ollama answers an empty list with no vectors (and loads nothing).
+    if matches!(&req.input, request::EmbedInput::Texts(t) if t.is_empty()) {
+        return Ok(axum::Json(json!({"model": req.model, "embeddings": []})).into_response());
+    }
+    // Ollama cuts inputs to the model's context unless told not to.
+    let truncate = req.truncate.unwrap_or(true);
+    let embed = request::embed_frame(req.input, truncate, req.dimensions, "input")?;
+    let out = embed_vectors(&state, target, embed, &req.keep_alive).await?;
+    Ok(axum::Json(json!({
+        "model": req.model,
+        "embeddings": out.floats()?,
+        "total_duration": (out.seconds * 1e9) as u64,
+        "load_duration": 0,
+        "prompt_eval_count": out.prompt_tokens,
+    }))
+    .into_response())
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, OllamaError> {
+    let map = request::parse_object(&body)?;
+    let target = Target::of_body(&state, &map)?;
+    request::check_fields(&map, &[EMBEDDINGS_FIELDS])?;
+    let req: EmbeddingsRequest = request::from_object(map)?;
+    let target = Target::required(target)?;
+    if req.prompt.is_empty() {
+        return Ok(axum::Json(json!({"embedding": []})).into_response());
+    }
+    let embed = request::embed_frame(request::EmbedInput::Text(req.prompt), true, None, "prompt")?;
+    let out = embed_vectors(&state, target, embed, &req.keep_alive).await?;
+    let vector = out.floats()?.into_iter().next().unwrap_or_default();
+    Ok(axum::Json(json!({"embedding": vector})).into_response())
+}
+
 pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
     let req: ShowRequest = request::from_object(request::parse_object(&body)?)?;
     let name = req.model.or(req.name).unwrap_or_default();

@@ -815,6 +815,82 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
     .await
 }
 
+/// `POST /v1/embeddings`.
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: request::EmbedInput,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u32>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+const EMBEDDINGS_FIELDS: &[(&str, FieldRule)] = &[
+    ("model", FieldRule::Served),
+    ("input", FieldRule::Served),
+    ("encoding_format", FieldRule::Served),
+    ("dimensions", FieldRule::Served),
+    ("keep_alive", FieldRule::Served),
+    ("user", FieldRule::Ignored),
+];
+
+pub async fn embeddings(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let map = request::parse_object(&body)?;
+    let target = Target::of_body(&state, &map)?;
+    request::check_fields(&map, &[EMBEDDINGS_FIELDS])?;
+    let req: EmbeddingsRequest = request::from_object(map)?;
+    let target = Target::required(target)?;
+    let as_base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(Error::invalid(
+                format!("encoding_format must be \"float\" or \"base64\", not {other:?}"),
+                Some("encoding_format"),
+            )
+            .into())
+        }
+    };
+    if matches!(&req.input, request::EmbedInput::Text(t) if t.is_empty()) {
+        return Err(Error::invalid("input must not be an empty string", Some("input")).into());
+    }
+    // OpenAI refuses an input longer than the model's limit rather than cut it.
+    let embed = request::embed_frame(req.input, false, req.dimensions, "input")?;
+    let keep_alive = request::keep_alive(&req.keep_alive)?;
+    let out = core::embed(
+        &state,
+        core::EmbedRequest {
+            target,
+            embed,
+            keep_alive,
+        },
+    )
+    .await?;
+    let data: Vec<Value> = if as_base64 {
+        out.vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+            .collect()
+    } else {
+        out.floats()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+            .collect()
+    };
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": req.model,
+        "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
+    }))
+    .into_response())
+}
+
 pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
     let created = unix_now();
     let loaded = state.supervisor.ps().await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
-use worker_protocol::frame::{Generate, ReasoningOptions, Tool, ToolChoice};
+use worker_protocol::frame::{Embed, Generate, ReasoningOptions, Tool, ToolChoice};
 
 use super::AppState;
 use crate::error::Error;
@@ -364,4 +364,66 @@ pub fn assert_generate(gen: &Generate) {
     assert!(gen.stop.len() <= MAX_STOPS);
     assert!(gen.top_p.is_none_or(|p| p > 0.0 && p <= 1.0));
     assert!(gen.temperature.is_none_or(|t| (0.0..=2.0).contains(&t)));
+}
+
+/// An embedding request's inputs as OpenAI and Ollama write them: one text, texts,
+/// one input's token ids, or several inputs' token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EmbedInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// Inputs in one embedding request at most (OpenAI's limit).
+pub const MAX_EMBED_INPUTS: usize = 2048;
+
+/// The Embed frame for `input` (its `id` set by the supervisor). An input list
+/// that is empty, too long, or holds an empty token list is refused naming `field`.
+pub fn embed_frame(
+    input: EmbedInput,
+    truncate: bool,
+    dimensions: Option<u32>,
+    field: &str,
+) -> Result<Embed, Error> {
+    let (texts, tokens) = match input {
+        EmbedInput::Text(t) => (vec![t], vec![]),
+        EmbedInput::Texts(t) => (t, vec![]),
+        EmbedInput::Tokens(ids) => (vec![], vec![ids]),
+        EmbedInput::TokenLists(lists) => (vec![], lists),
+    };
+    let count = texts.len() + tokens.len();
+    if count == 0 {
+        return Err(Error::invalid(
+            format!("{field} must not be empty"),
+            Some(field),
+        ));
+    }
+    if count > MAX_EMBED_INPUTS {
+        return Err(Error::invalid(
+            format!("{field} holds {count} inputs; at most {MAX_EMBED_INPUTS} per request"),
+            Some(field),
+        ));
+    }
+    if tokens.iter().any(Vec::is_empty) {
+        return Err(Error::invalid(
+            format!("{field} holds an empty list of token ids"),
+            Some(field),
+        ));
+    }
+    if dimensions == Some(0) {
+        return Err(Error::invalid(
+            "dimensions must be at least 1",
+            Some("dimensions"),
+        ));
+    }
+    Ok(Embed {
+        id: 0,
+        texts,
+        tokens,
+        truncate,
+        dimensions,
+    })
 }

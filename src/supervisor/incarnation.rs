@@ -69,13 +69,18 @@ pub enum GenEvent {
     /// Log probabilities of the tokens that follow (requests that asked for them).
     Logprobs(Vec<worker_protocol::frame::TokenLogprob>),
     Done(worker_protocol::frame::Done),
+    /// The vectors of an Embed request (its only event).
+    Embeddings(worker_protocol::frame::EmbeddingsFrame),
     Error(Error),
 }
 
 impl GenEvent {
-    /// Whether more events follow this one (false for Done and Error).
+    /// Whether more events follow this one (false for Done, Embeddings and Error).
     pub fn is_final(&self) -> bool {
-        matches!(self, GenEvent::Done(_) | GenEvent::Error(_))
+        matches!(
+            self,
+            GenEvent::Done(_) | GenEvent::Embeddings(_) | GenEvent::Error(_)
+        )
     }
 }
 
@@ -274,7 +279,7 @@ impl Incarnation {
             cfg,
             &preset.name,
             transport,
-            preset.engine,
+            preset.worker_engine(&cfg.models_dir),
             segment_name.as_deref().map(|s| (s, n)),
         )
         .spawn()
@@ -633,6 +638,7 @@ impl Shared {
         };
         match frame {
             Frame::Done(done) => self.finish(done.id, GenEvent::Done(done), n, reports),
+            Frame::Embeddings(e) => self.finish(e.id, GenEvent::Embeddings(e), n, reports),
             Frame::ToolCall(call) => self.route(call.id, GenEvent::ToolCall(call)),
             Frame::Logprobs(lp) => self.route(lp.id, GenEvent::Logprobs(lp.entries)),
             // Not output: a request whose worker dies now has not started, and

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use worker_protocol::frame::Generate;
+use worker_protocol::frame::{Embed, Generate};
 
 pub use budget::MemoryReport;
 pub use incarnation::{token_text, GenEvent};
@@ -187,12 +187,38 @@ impl Supervisor {
         mut gen: Generate,
         keep_alive: Option<KeepAlive>,
     ) -> Result<GenStream> {
+        self.submit_stream(preset, keep_alive, |id, tx| {
+            gen.id = id;
+            Job::Generate { gen, tx }
+        })
+    }
+
+    /// Queues an Embed on the model (loading it if needed); its vectors (or an
+    /// error) arrive on the returned stream.
+    pub fn embed(
+        &self,
+        preset: &Preset,
+        mut embed: Embed,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<GenStream> {
+        self.submit_stream(preset, keep_alive, |id, tx| {
+            embed.id = id;
+            Job::Embed { embed, tx }
+        })
+    }
+
+    /// Queues the job `job(id, tx)` builds and returns the stream of its events.
+    fn submit_stream(
+        &self,
+        preset: &Preset,
+        keep_alive: Option<KeepAlive>,
+        job: impl FnOnce(u64, mpsc::UnboundedSender<GenEvent>) -> Job,
+    ) -> Result<GenStream> {
         self.check_memory(&preset.name)?;
         let (name, slot) = self.slot_of(preset)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        gen.id = id;
-        let p = self.pending(id, &name, Job::Generate { gen, tx }, keep_alive);
+        let p = self.pending(id, &name, job(id, tx), keep_alive);
         Self::send(&slot, Command::Submit(Box::new(p)))?;
         Ok(GenStream {
             id,

@@ -3,7 +3,7 @@
 //! transport, a lease on the worker's port.
 
 use tokio::sync::{mpsc, oneshot};
-use worker_protocol::frame::Generate;
+use worker_protocol::frame::{Embed, Generate};
 
 use super::incarnation::GenEvent;
 use super::slot::Command;
@@ -28,6 +28,11 @@ pub enum Job {
         gen: Generate,
         tx: mpsc::UnboundedSender<GenEvent>,
     },
+    /// Its one answer is `GenEvent::Embeddings` (or an Error).
+    Embed {
+        embed: Embed,
+        tx: mpsc::UnboundedSender<GenEvent>,
+    },
     Lease {
         reply: oneshot::Sender<Result<Lease>>,
     },
@@ -37,7 +42,7 @@ impl Pending {
     /// Ends the request with `e` (the client gets it in its dialect).
     pub fn fail(self, e: Error) {
         match self.job {
-            Job::Generate { tx, .. } => {
+            Job::Generate { tx, .. } | Job::Embed { tx, .. } => {
                 let _ = tx.send(GenEvent::Error(e));
             }
             Job::Lease { reply } => {
@@ -49,7 +54,7 @@ impl Pending {
     /// The client has gone away (nobody would read the answer).
     pub fn abandoned(&self) -> bool {
         match &self.job {
-            Job::Generate { tx, .. } => tx.is_closed(),
+            Job::Generate { tx, .. } | Job::Embed { tx, .. } => tx.is_closed(),
             Job::Lease { reply } => reply.is_closed(),
         }
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use metrics::{Counter, Gauge};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use worker_protocol::frame::{Generate, MemoryLimitFrame, ModelFacts, Stats};
+use worker_protocol::frame::{Embed, Generate, MemoryLimitFrame, ModelFacts, Stats};
 use worker_protocol::Frame;
 
 use super::budget::Admit;
@@ -154,8 +154,24 @@ struct SlotMetrics {
 /// A request the current incarnation was given, kept so that it can be handed to
 /// the next one if this one dies before starting it.
 struct Sent {
-    gen: Generate,
+    asked: Asked,
     retries: u8,
+}
+
+/// What a sent request asked the worker for.
+enum Asked {
+    Generate(Generate),
+    Embed(Embed),
+}
+
+impl Asked {
+    /// The job that asks for it again, answering on `tx`.
+    fn job(self, tx: mpsc::UnboundedSender<GenEvent>) -> Job {
+        match self {
+            Asked::Generate(gen) => Job::Generate { gen, tx },
+            Asked::Embed(embed) => Job::Embed { embed, tx },
+        }
+    }
 }
 
 pub struct Slot {
@@ -426,7 +442,18 @@ impl Slot {
                     self.sent.insert(
                         p.id,
                         Sent {
-                            gen,
+                            asked: Asked::Generate(gen),
+                            retries: p.retries,
+                        },
+                    );
+                }
+                Job::Embed { embed, tx } => {
+                    inc.shared.open_route(p.id, tx);
+                    inc.send(Frame::Embed(embed.clone()));
+                    self.sent.insert(
+                        p.id,
+                        Sent {
+                            asked: Asked::Embed(embed),
                             retries: p.retries,
                         },
                     );
@@ -468,10 +495,7 @@ impl Slot {
                 Some(sent) if !route.started() && sent.retries < MAX_RETRIES => {
                     again.push(Pending {
                         id,
-                        job: Job::Generate {
-                            gen: sent.gen,
-                            tx: route.tx,
-                        },
+                        job: sent.asked.job(route.tx),
                         may_start: true,
                         keep_alive: None,
                         retries: sent.retries + 1,

@@ -1,0 +1,128 @@
+"""Embeddings through the daemon with the official clients: all-MiniLM-L6-v2 (the
+shipped preset `all-minilm-l6-v2`, installed by scripts/setup) served by a worker in
+embedding mode, against the model card's published vector and the worker's own
+encoder (itself checked against a numpy BERT in python-worker/unit_tests)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import ollama
+import openai
+import pytest
+from conftest import control
+from openai import OpenAI
+
+MODEL = "all-minilm-l6-v2"
+EXAMPLE = "This is an example sentence"
+# sentence-transformers' own first values for EXAMPLE (the model card).
+EXAMPLE_START = [0.0677, 0.0635, 0.0487, 0.0793, 0.0374]
+CLOSE = ["A man is eating food.", "A man is eating a piece of bread."]
+FAR = "Stock markets fell sharply after the central bank raised interest rates."
+
+
+def test_openai_embeddings_are_the_models_vectors(oai: OpenAI) -> None:
+    resp = oai.embeddings.create(model=MODEL, input=[EXAMPLE, *CLOSE, FAR])
+    assert resp.model == MODEL and [d.index for d in resp.data] == [0, 1, 2, 3]
+    v = np.array([d.embedding for d in resp.data])
+    assert v.shape == (4, 384)
+    assert np.allclose(v[0, :5], EXAMPLE_START, atol=1e-4)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    sim = v @ v.T
+    assert sim[1, 2] > sim[1, 3] + 0.3  # close sentences above an unrelated one
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens > 4
+
+
+def test_base64_token_ids_and_dimensions(oai: OpenAI, daemon_url: str) -> None:
+    floats = np.array(oai.embeddings.create(model=MODEL, input=EXAMPLE).data[0].embedding)
+    # The openai client asks for base64 by itself and decodes it: read the raw form too.
+    raw = httpx.post(
+        f"{daemon_url}/v1/embeddings", json={"model": MODEL, "input": EXAMPLE, "encoding_format": "base64"}
+    ).json()
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, floats, atol=1e-6)
+    # The same text as token ids (BERT's own, without [CLS]/[SEP]: the worker frames them).
+    ids = [2023, 2003, 2019, 2742, 6251]
+    by_ids = np.array(oai.embeddings.create(model=MODEL, input=[ids]).data[0].embedding)
+    assert float(by_ids @ floats) > 0.9999
+    short = np.array(oai.embeddings.create(model=MODEL, input=EXAMPLE, dimensions=32).data[0].embedding)
+    assert short.shape == (32,) and np.allclose(short, floats[:32] / np.linalg.norm(floats[:32]), atol=1e-5)
+
+
+def test_ollama_embed_and_the_older_embeddings(olla: ollama.Client) -> None:
+    got = olla.embed(model=MODEL, input=[EXAMPLE, FAR])
+    v = np.array(got.embeddings)
+    assert v.shape == (2, 384) and np.allclose(v[0, :5], EXAMPLE_START, atol=1e-4)
+    assert got.prompt_eval_count and got.prompt_eval_count > 4
+    old = olla.embeddings(model="all-minilm", prompt=EXAMPLE)  # the alias, the older route
+    assert np.allclose(np.array(old.embedding), v[0], atol=1e-5)
+    assert olla.embed(model=MODEL, input=[]).embeddings == []
+
+
+def test_a_long_input_is_cut_only_where_the_dialect_says(oai: OpenAI, olla: ollama.Client, daemon_url: str) -> None:
+    long = "word " * 600  # past the model's 256 tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.embeddings.create(model=MODEL, input=["fine", long])
+    assert "256" in e.value.message and "input 1" in e.value.message
+    assert len(olla.embed(model=MODEL, input=long).embeddings[0]) == 384  # Ollama truncates by default
+    refused = httpx.post(f"{daemon_url}/api/embed", json={"model": MODEL, "input": long, "truncate": False})
+    assert refused.status_code == 400 and "256" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path, body, needle",
+    [
+        ("/v1/embeddings", {"model": MODEL, "input": ""}, "empty"),
+        ("/v1/embeddings", {"model": MODEL, "input": []}, "empty"),
+        ("/v1/embeddings", {"model": MODEL, "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ("/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": 0}, "dimensions"),
+        ("/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": 4096}, "384"),
+        ("/v1/embeddings", {"model": MODEL, "input": "x", "colour": "red"}, "colour"),
+        ("/v1/embeddings", {"model": "smollm2-135m", "input": "x"}, "not an embedding model"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, "embedding"),
+        ("/api/embed", {"model": MODEL, "input": "x", "colour": "red"}, "colour"),
+        ("/api/embed", {"model": "no-such-model", "input": "x"}, "no-such-model"),
+    ],
+)
+def test_bad_requests_get_a_clear_error_in_their_dialect(daemon_url: str, path: str, body: dict, needle: str) -> None:
+    resp = httpx.post(f"{daemon_url}{path}", json=body, timeout=60)
+    assert resp.status_code in (400, 404), resp.text
+    err = resp.json()["error"]
+    message = err if path.startswith("/api/") else err["message"]
+    assert isinstance(message, str) and needle in message, resp.text
+
+
+def test_many_clients_at_once_each_get_their_own_vectors(oai: OpenAI) -> None:
+    texts = [f"Request {i} is about {'cats' if i % 2 else 'the stock market'} and little else." for i in range(24)]
+    alone = {t: np.array(oai.embeddings.create(model=MODEL, input=t).data[0].embedding) for t in texts[:3]}
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda t: oai.embeddings.create(model=MODEL, input=[t, t.upper()]), texts))
+    for t, resp in zip(texts, got):
+        assert len(resp.data) == 2
+        if t in alone:
+            assert float(np.array(resp.data[0].embedding) @ alone[t]) > 0.99999
+
+
+def test_a_killed_embedding_worker_loses_no_request(oai: OpenAI) -> None:
+    """Requests queued or running when the worker dies are answered by the next one
+    (an Embed has no output to have started), never lost."""
+    oai.embeddings.create(model=MODEL, input="up")
+    (worker,) = [w for w in control().get("/admin/ps").json()["workers"] if w["model"] == MODEL]
+    texts = [("word " * 200 + str(i)) for i in range(64)]
+
+    def ask(i: int) -> int:
+        return len(oai.embeddings.create(model=MODEL, input=texts[i : i + 8]).data)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, i) for i in range(0, 64, 8)]
+        time.sleep(0.3)
+        os.kill(worker["pid"], signal.SIGKILL)
+        assert [f.result(timeout=300) for f in futures] == [8] * 8
+    (after,) = [w for w in control().get("/admin/ps").json()["workers"] if w["model"] == MODEL]
+    assert after["pid"] != worker["pid"]
