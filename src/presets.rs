@@ -597,11 +597,11 @@ impl Preset {
             return Estimate::default();
         };
         if files.is_encoder() {
-            // An encoder keeps no KV: its weights, the runtime, and a batch's
-            // activations (bounded by the worker's 16k padded tokens per pass).
+            // An encoder keeps no KV: its weights, the runtime, and one pass's
+            // activations, counted with the runtime.
             return Estimate {
                 weights_bytes: files.size,
-                runtime_bytes: crate::memory::RUNTIME_OVERHEAD,
+                runtime_bytes: crate::memory::RUNTIME_OVERHEAD + encoder_activations(&files),
                 context_length: files.context_length,
                 ..Estimate::default()
             };
@@ -781,6 +781,27 @@ impl Preset {
             other => other,
         }
     }
+}
+
+/// Padded tokens in one pass of the embedding engine
+/// (python-worker/mlxd_worker/engines/embedding.py `MAX_BATCH_TOKENS`).
+pub const ENCODER_BATCH_TOKENS: u64 = 8192;
+
+/// The float32 activations of one full encoder pass: per token, every head's
+/// attention scores over its row (at most the position table long), the hidden
+/// states a block keeps, and the feed-forward's inner layer (with its activation).
+fn encoder_activations(files: &crate::model_files::ModelFiles) -> u64 {
+    let get = |key: &str, default: u64| {
+        crate::model_files::config_field(&files.config, key)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(default)
+    };
+    let hidden = get("hidden_size", 768);
+    let row = files.context_length.unwrap_or(512).min(8192);
+    let per_token = get("num_attention_heads", 12) * row
+        + 4 * hidden
+        + 2 * get("intermediate_size", 4 * hidden);
+    ENCODER_BATCH_TOKENS * per_token * 4
 }
 
 /// A directory written absolute or from the home directory (`~/cache`).

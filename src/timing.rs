@@ -21,6 +21,9 @@ pub struct TimedRun {
 pub async fn timed_run(sup: &Supervisor, model: &str, gen: Generate) -> Result<TimedRun, Error> {
     let began = Instant::now();
     let preset = sup.resolve(model)?;
+    if preset.worker_engine(sup.models_dir()) == crate::presets::EngineKind::Embedding {
+        return Err(embedding_model(model));
+    }
     let mut stream = sup.generate(&preset, gen, None)?;
     let (mut first, mut last) = (None, None);
     loop {
@@ -41,12 +44,7 @@ pub async fn timed_run(sup: &Supervisor, model: &str, gen: Generate) -> Result<T
                 });
             }
             Some(GenEvent::Error(e)) => return Err(e),
-            Some(GenEvent::Embeddings(_)) => {
-                return Err(Error::invalid(
-                    format!("'{model}' is an embedding model: it generates nothing to time"),
-                    Some("model"),
-                ))
-            }
+            Some(GenEvent::Embeddings(_)) => return Err(embedding_model(model)),
             Some(GenEvent::ToolCall(_) | GenEvent::Logprobs(_) | GenEvent::Admitted { .. }) => {}
             None => return Err(Error::Internal("the request ended without a result".into())),
         }
@@ -65,6 +63,14 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
     } else {
         (xs[mid - 1] + xs[mid]) / 2.0
     }
+}
+
+/// Timing a generation on an embedding model (`mlxd tune`, the benchmark route).
+fn embedding_model(model: &str) -> Error {
+    Error::invalid(
+        format!("'{model}' is an embedding model: it generates nothing to time"),
+        Some("model"),
+    )
 }
 
 #[cfg(test)]

@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         engine = Engine(transport, make_backend(args.engine))
     http_port = None
-    if args.transport == "http":
-        assert isinstance(engine, Engine), "the http transport serves generation only"
+    # The http transport's proxy is for generation; an embedding worker answers
+    # its frames over stdio all the same.
+    if args.transport == "http" and isinstance(engine, Engine):
         from .io.http_server import HttpFanout, serve
 
         fanout = HttpFanout(transport)

@@ -49,7 +49,8 @@ def answer(engine: EmbeddingEngine, req: dict[str, Any], timeout: float = 60) ->
     deadline = threading.Event()
     for _ in range(int(timeout * 20)):
         for kind, payload in list(rec.frames):
-            if kind in (frames.EMBEDDINGS, frames.ERROR) and payload.get("id") == req["id"]:
+            final = kind == frames.ERROR or (kind == frames.EMBEDDINGS and not payload.get("more"))
+            if final and payload.get("id") == req["id"]:
                 return kind, payload
         deadline.wait(0.05)
     raise AssertionError(f"no answer to {req['id']}")
@@ -99,6 +100,42 @@ def test_a_long_input_is_refused_or_truncated_as_asked(engine: EmbeddingEngine) 
     assert engine.model is not None
     cut = engine.model.tokenizer(long, truncation=True, max_length=256)["input_ids"]
     assert np.allclose(vectors(ok)[0], np.array(engine.model.embed([list(cut)]))[0], atol=1e-5)
+
+
+def test_a_long_answer_comes_in_several_frames_in_order(
+    engine: EmbeddingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embedding, "MAX_ANSWER_FRAME_BYTES", 5000)  # two 384-dim vectors a frame
+    texts = [f"input {i}" for i in range(7)]
+    kind, last = answer(engine, {"id": 9, "texts": texts})
+    rec = engine.transport
+    assert isinstance(rec, Recorder)
+    parts = [p for k, p in rec.frames if k == frames.EMBEDDINGS and p["id"] == 9]
+    assert [p.get("more", False) for p in parts] == [True, True, True, False]
+    assert last["prompt_tokens"] > 0 and all(p["prompt_tokens"] == 0 for p in parts[:-1])
+    joined = np.concatenate([vectors(p) for p in parts])
+    monkeypatch.undo()
+    assert np.allclose(joined, vectors(answer(engine, {"id": 10, "texts": texts})[1]), atol=1e-5)
+
+
+def test_what_this_worker_cannot_serve_is_answered_not_dropped(engine: EmbeddingEngine) -> None:
+    kind, err = answer(engine, {"id": 11, "tokens": [[101, 40000]]})
+    assert kind == frames.ERROR and "40000" in err["message"] and "30521" in err["message"]
+    rec = engine.transport
+    assert isinstance(rec, Recorder)
+    engine.submit(frames.GENERATE, json.dumps({"id": 12, "prompt": "hi", "max_tokens": 4}).encode())
+    ((_, err),) = [(k, p) for k, p in rec.frames if k == frames.ERROR and p.get("id") == 12]
+    assert "embedding model" in err["message"]
+
+
+def test_a_generating_worker_answers_an_embed_with_an_error() -> None:
+    from mlxd_worker.engines.backend import MlxBackend
+    from mlxd_worker.engines.engine import Engine
+
+    rec = Recorder()
+    Engine(rec, MlxBackend()).submit(frames.EMBED, json.dumps({"id": 13, "texts": ["x"]}).encode())
+    ((kind, err),) = rec.frames
+    assert kind == frames.ERROR and err["id"] == 13 and "no embeddings" in err["message"]
 
 
 def test_many_requests_at_once_are_batched_by_length_and_each_answered(

@@ -239,6 +239,15 @@ impl Embedded {
 /// is not an embedding model is the client's mistake (400), said before any load.
 pub async fn embed(state: &AppState, req: EmbedRequest) -> Result<Embedded, Error> {
     let preset = &req.target.preset;
+    if preset.transport == TransportKind::Http {
+        return Err(Error::invalid(
+            format!(
+                "'{}' runs on the http transport, which serves only plain OpenAI generation",
+                req.target.requested
+            ),
+            Some("model"),
+        ));
+    }
     if preset.worker_engine(state.supervisor.models_dir()) != EngineKind::Embedding {
         return Err(Error::invalid(
             format!(
@@ -257,18 +266,23 @@ pub async fn embed(state: &AppState, req: EmbedRequest) -> Result<Embedded, Erro
             return Err(e);
         }
     };
+    let mut vectors = Vec::new();
     let result = loop {
         match stream.next().await {
             Some(GenEvent::Embeddings(EmbeddingsFrame {
-                vectors,
+                vectors: part,
                 prompt_tokens,
+                more,
                 ..
             })) => {
-                break Ok(Embedded {
-                    vectors,
-                    prompt_tokens,
-                    seconds: began.elapsed().as_secs_f64(),
-                })
+                vectors.extend(part);
+                if !more {
+                    break Ok(Embedded {
+                        vectors,
+                        prompt_tokens,
+                        seconds: began.elapsed().as_secs_f64(),
+                    });
+                }
             }
             Some(GenEvent::Error(e)) => break Err(e),
             Some(GenEvent::Admitted { .. }) => {}

@@ -69,18 +69,19 @@ pub enum GenEvent {
     /// Log probabilities of the tokens that follow (requests that asked for them).
     Logprobs(Vec<worker_protocol::frame::TokenLogprob>),
     Done(worker_protocol::frame::Done),
-    /// The vectors of an Embed request (its only event).
+    /// Vectors of an Embed request, in order (the last part has `more: false`).
     Embeddings(worker_protocol::frame::EmbeddingsFrame),
     Error(Error),
 }
 
 impl GenEvent {
-    /// Whether more events follow this one (false for Done, Embeddings and Error).
+    /// Whether this event ends its request (Done, Error, an answer's last vectors).
     pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            GenEvent::Done(_) | GenEvent::Embeddings(_) | GenEvent::Error(_)
-        )
+        match self {
+            GenEvent::Done(_) | GenEvent::Error(_) => true,
+            GenEvent::Embeddings(e) => !e.more,
+            _ => false,
+        }
     }
 }
 
@@ -638,6 +639,7 @@ impl Shared {
         };
         match frame {
             Frame::Done(done) => self.finish(done.id, GenEvent::Done(done), n, reports),
+            Frame::Embeddings(e) if e.more => self.route(e.id, GenEvent::Embeddings(e)),
             Frame::Embeddings(e) => self.finish(e.id, GenEvent::Embeddings(e), n, reports),
             Frame::ToolCall(call) => self.route(call.id, GenEvent::ToolCall(call)),
             Frame::Logprobs(lp) => self.route(lp.id, GenEvent::Logprobs(lp.entries)),

@@ -86,6 +86,7 @@ def test_a_long_input_is_cut_only_where_the_dialect_says(oai: OpenAI, olla: olla
         ("/v1/embeddings", {"model": MODEL, "input": "x", "colour": "red"}, "colour"),
         ("/v1/embeddings", {"model": "smollm2-135m", "input": "x"}, "not an embedding model"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, "embedding"),
+        ("/v1/embeddings", {"model": MODEL, "input": [[101, 999999]]}, "token id 999999"),
         ("/api/embed", {"model": MODEL, "input": "x", "colour": "red"}, "colour"),
         ("/api/embed", {"model": "no-such-model", "input": "x"}, "no-such-model"),
     ],
@@ -96,6 +97,18 @@ def test_bad_requests_get_a_clear_error_in_their_dialect(daemon_url: str, path: 
     err = resp.json()["error"]
     message = err if path.startswith("/api/") else err["message"]
     assert isinstance(message, str) and needle in message, resp.text
+
+
+def test_an_answer_larger_than_a_ring_frame_arrives_whole(oai: OpenAI) -> None:
+    """1,500 vectors are ~3 MB of base64: more than one frame of the worker's event
+    ring takes, so the worker sends them in parts and the daemon joins them."""
+    texts = [f"item {i}" for i in range(1500)]
+    resp = oai.embeddings.create(model=MODEL, input=texts)
+    assert [d.index for d in resp.data] == list(range(1500))
+    v = np.array([d.embedding for d in resp.data])
+    assert v.shape == (1500, 384) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    one = np.array(oai.embeddings.create(model=MODEL, input=texts[1234]).data[0].embedding)
+    assert float(one @ v[1234]) > 0.99999
 
 
 def test_many_clients_at_once_each_get_their_own_vectors(oai: OpenAI) -> None:

@@ -901,14 +901,19 @@ pub struct Embed {
 }
 
 /// Worker → daemon: request `id`'s vectors, in its inputs' order, each as base64 of
-/// little-endian f32 (OpenAI's `encoding_format: "base64"` as it is).
+/// little-endian f32 (OpenAI's `encoding_format: "base64"` as it is). A long answer
+/// comes in several frames (each well inside a ring's frame limit), in order; the
+/// last has `more: false`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingsFrame {
     pub id: u64,
     pub vectors: Vec<String>,
-    /// Tokens the inputs came to (after any truncation).
+    /// Tokens the inputs came to (after any truncation); on the last frame.
     pub prompt_tokens: u32,
+    /// More of this answer's vectors follow in another frame.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// A decoded frame.
@@ -1239,6 +1244,7 @@ mod tests {
             id: 9,
             vectors: vec!["AACAPw==".into()],
             prompt_tokens: 5,
+            more: true,
         }));
         roundtrip(Frame::Generate(Generate {
             id: 7,

@@ -303,6 +303,7 @@ pub fn examples() -> Vec<Frame> {
             id: 8,
             vectors: vec!["AACAPwAAAEA=".into()],
             prompt_tokens: 6,
+            more: true,
         }),
     ]
 }

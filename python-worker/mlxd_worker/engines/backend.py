@@ -686,7 +686,9 @@ class MlxBackend:
                 track.drafted += lane.last_drafted
                 track.accepted += accepted
                 d.on_round(lane.last_drafted, accepted, len(results), seconds, now)
-            elif not first:
+            elif not first and not isinstance(lane, ProcessedSoloSequence):
+                # A processed lane's pace (masks, forced tokens fed ahead) is not
+                # what drafting competes with.
                 d.on_plain(len(results), seconds, now)
         return results
 

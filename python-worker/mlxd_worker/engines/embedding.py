@@ -4,7 +4,7 @@ Requests (Embed frames) are tokenized on the reader thread as they arrive, like 
 Generate's planning, so the engine thread only runs the encoder. The engine takes
 every input waiting, sorts the inputs by length and runs them in batches of similar
 length (little padding, and the padding is masked: models/encoder.py), at most
-`max_batch` inputs and `MAX_BATCH_TOKENS` padded tokens per pass; between passes it
+`MAX_BATCH_ROWS` inputs and `MAX_BATCH_TOKENS` padded tokens per pass; between passes it
 beats and reads its inbox, so a long request does not stop the heartbeat and new
 requests join the next round. A request's Embeddings frame leaves when its last
 input is done.
@@ -33,8 +33,12 @@ from .engine import IDLE_BEAT_S, Counters, report_error
 log = logging.getLogger("mlxd_worker")
 
 # Padded tokens in one encoder pass (rows × the longest row): bounds the pass's
-# activations (12 heads × tokens² attention scores per row at most 512 tokens).
-MAX_BATCH_TOKENS = 16384
+# activations, which the daemon's memory estimate charges for
+# (src/presets.rs ENCODER_BATCH_TOKENS).
+MAX_BATCH_TOKENS = 8192
+# The vectors in one Embeddings frame stay under this many bytes of JSON: a ring
+# takes frames up to half its size (the daemon's event ring is 4 MiB).
+MAX_ANSWER_FRAME_BYTES = 1 << 20
 # Inputs in one pass.
 MAX_BATCH_ROWS = 64
 
@@ -70,6 +74,10 @@ class EmbeddingEngine:
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
+        if kind == frames.GENERATE:  # the daemon sends none; a clear answer if it did
+            rid = frames.decode_generate(payload).get("id")
+            self._report(rid, RequestError("this worker serves an embedding model: it generates no text"))
+            return
         if kind != frames.EMBED:
             self.inbox.put((kind, payload))
             return
@@ -90,6 +98,13 @@ class EmbeddingEngine:
         texts, tokens = req.get("texts") or [], req.get("tokens") or []
         if texts and tokens:
             raise RequestError("an Embed carries texts or token ids, not both")
+        if not texts and not tokens:
+            raise RequestError("an Embed needs at least one input")
+        vocab = model.encoder.config.vocab_size
+        for i, ids in enumerate(tokens):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"input {i} holds token id {bad}; this model's ids are 0 to {vocab - 1}")
         truncate = bool(req.get("truncate"))
         rows = [model.tokenize(t) for t in texts] + [model.with_special_tokens(ids) for ids in tokens]
         for i, row in enumerate(rows):
@@ -220,7 +235,16 @@ class EmbeddingEngine:
                 take += 1
             batch, pending = pending[:take], pending[take:]
             started = time.perf_counter()
-            vectors = np.array(model.embed([job.rows[i] for job, i in batch]), dtype=np.float32)
+            try:
+                vectors = np.array(model.embed([job.rows[i] for job, i in batch]), dtype=np.float32)
+            except Exception as e:  # a pass MLX refused (memory): its requests fail, the worker goes on
+                for job in {id(job): job for job, _ in batch}.values():
+                    if self._jobs.pop(job.rid, None) is not None:
+                        self._report(job.rid, e)
+                        with self.counters.lock:
+                            self.counters.active -= 1
+                pending = [(job, i) for job, i in pending if job.rid in self._jobs]
+                continue
             seconds = time.perf_counter() - started
             # An encoder pass reads a whole input at once: it is booked as prefill.
             self.counters.timed(seconds, ModelTimes(seconds, 0.0), ModelTimes(0.0, 0.0))
@@ -238,17 +262,23 @@ class EmbeddingEngine:
             pending = [(job, i) for job, i in pending if job.rid in self._jobs]
 
     def _answer(self, job: Job) -> None:
-        assert self.model is not None
+        """The request's vectors, in frames of at most MAX_ANSWER_FRAME_BYTES."""
         out: list[str] = []
+        size = 0
         for vector in job.vectors:
             assert vector is not None
-            if job.dimensions is not None:
+            if job.dimensions is not None:  # Matryoshka: the first values, unit length again
                 vector = vector[: job.dimensions]
-                if self.model.pooling.normalize:
-                    vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-            out.append(base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode())
-        frame: EmbeddingsFrame = {"id": job.rid, "vectors": out, "prompt_tokens": sum(len(r) for r in job.rows)}
-        self.transport.send(frames.EMBEDDINGS, frames.json_payload(frame))
+                vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+            encoded = base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode()
+            if out and size + len(encoded) + 3 > MAX_ANSWER_FRAME_BYTES:
+                part: EmbeddingsFrame = {"id": job.rid, "vectors": out, "prompt_tokens": 0, "more": True}
+                self.transport.send(frames.EMBEDDINGS, frames.json_payload(part))
+                out, size = [], 0
+            out.append(encoded)
+            size += len(encoded) + 3
+        last: EmbeddingsFrame = {"id": job.rid, "vectors": out, "prompt_tokens": sum(len(r) for r in job.rows)}
+        self.transport.send(frames.EMBEDDINGS, frames.json_payload(last))
         with self.counters.lock:
             self.counters.active -= 1
             self.counters.completed += 1

@@ -245,6 +245,12 @@ class Engine:
         """A Generate's chat template, tokenization and grammar run here, on the
         reader thread, so that this CPU work overlaps the engine's model steps
         instead of stalling the batch (MLX releases the GIL while it computes)."""
+        if kind == frames.EMBED:  # the daemon sends none to a generating model; a clear answer if it did
+            rid = frames.decode_embed(payload).get("id")
+            report_error(
+                self.transport, rid, RequestError("this worker serves a generating model: it has no embeddings")
+            )
+            return
         if kind != frames.GENERATE:
             self.inbox.put((kind, payload))
             return

@@ -72,14 +72,21 @@ class Embed(_EmbedRequired, total=False):
     truncate: bool
 
 
-class EmbeddingsFrame(TypedDict):
-    """Worker → daemon: request `id`'s vectors, in its inputs' order, each as base64 of
-    little-endian f32 (OpenAI's `encoding_format: "base64"` as it is)."""
-
+class _EmbeddingsFrameRequired(TypedDict):
     id: int
-    #: Tokens the inputs came to (after any truncation).
+    #: Tokens the inputs came to (after any truncation); on the last frame.
     prompt_tokens: int
     vectors: list[str]
+
+
+class EmbeddingsFrame(_EmbeddingsFrameRequired, total=False):
+    """Worker → daemon: request `id`'s vectors, in its inputs' order, each as base64 of
+    little-endian f32 (OpenAI's `encoding_format: "base64"` as it is). A long answer
+    comes in several frames (each well inside a ring's frame limit), in order; the
+    last has `more: false`."""
+
+    #: More of this answer's vectors follow in another frame.
+    more: bool
 
 
 class _ErrorFrameRequired(TypedDict):
