@@ -4,11 +4,11 @@ all-MiniLM-L6-v2, as scripts/setup installs it."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+import bert_reference
 import numpy as np
 import pytest
 
@@ -30,54 +30,13 @@ def model() -> encoder.EmbeddingModel:
     return encoder.load(MODEL)
 
 
-def numpy_bert(model_dir: Path, ids: list[int]) -> np.ndarray:
-    """sentence-transformers' all-MiniLM-L6-v2 in numpy: BERT, mean pooling, L2 norm."""
-    from safetensors.numpy import load_file
-
-    w = load_file(str(model_dir / "model.safetensors"))
-    c = json.loads((model_dir / "config.json").read_text())
-    eps, heads = c["layer_norm_eps"], c["num_attention_heads"]
-    erf = np.frompyfunc(math.erf, 1, 1)
-
-    def norm(x: np.ndarray, p: str) -> np.ndarray:
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + eps) * w[p + ".weight"] + w[p + ".bias"]
-
-    def linear(x: np.ndarray, p: str) -> np.ndarray:
-        return x @ w[p + ".weight"].T + w[p + ".bias"]
-
-    n = len(ids)
-    x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n]
-    x = norm(x + w["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm").astype(np.float64)
-    for i in range(c["num_hidden_layers"]):
-        p = f"encoder.layer.{i}."
-        d = x.shape[-1] // heads
-        q, k, v = (
-            linear(x, p + f"attention.self.{m}").reshape(n, heads, d).transpose(1, 0, 2)
-            for m in ("query", "key", "value")
-        )
-        scores = q @ k.transpose(0, 2, 1) / math.sqrt(d)
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        attended = (scores / scores.sum(-1, keepdims=True)) @ v
-        x = norm(
-            linear(attended.transpose(1, 0, 2).reshape(n, -1), p + "attention.output.dense") + x,
-            p + "attention.output.LayerNorm",
-        )
-        h = linear(x, p + "intermediate.dense")
-        h = 0.5 * h * (1.0 + erf(h / math.sqrt(2.0)).astype(np.float64))
-        x = norm(linear(h, p + "output.dense") + x, p + "output.LayerNorm")
-    pooled = x.mean(0)
-    return pooled / np.linalg.norm(pooled)
-
-
 def test_vectors_equal_a_numpy_bert_of_the_same_weights(model: encoder.EmbeddingModel) -> None:
     rows = [model.tokenize(s) for s in SENTENCES]
     assert rows[0][0] == 101 and rows[0][-1] == 102  # [CLS] ... [SEP], as the model was trained
     got = np.array(model.embed(rows))  # one batch: the short rows are padded
     assert got.shape == (len(SENTENCES), 384)
     for row, vector in zip(rows, got):
-        want = numpy_bert(MODEL, row)
+        want = bert_reference.sentence_vector(MODEL, row)
         cosine = float(vector @ want / np.linalg.norm(vector))
         assert cosine >= 0.9999, cosine
         assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
@@ -131,3 +90,24 @@ def test_the_sentence_transformers_files_set_pooling_and_length(tmp_path: Path, 
 def test_an_encoder_it_cannot_serve_is_refused_with_the_reason(config: dict[str, Any], reason: str) -> None:
     with pytest.raises(encoder.EncoderError, match=reason):
         encoder.EncoderConfig.from_dict(config)
+
+
+def test_a_cross_encoders_relevance_equals_numpy_of_its_weights(tmp_path: Path) -> None:
+    """A BertForSequenceClassification (random, written like Hugging Face saves one):
+    each (query, document) pair's score is the sigmoid of its logit, with the
+    document's token types, batched with padding."""
+    directory = bert_reference.write_tiny_cross_encoder(tmp_path / "reranker", MODEL)
+    model = encoder.load(directory)
+    assert model.head is not None
+    docs = [
+        "Paris is the capital of France.",
+        "Bananas are yellow.",
+        "The capital city of France is Paris, on the Seine.",
+    ]
+    pairs = [model.pair("What is the capital of France?", d) for d in docs]
+    assert pairs[0][1][-1] == 1 and pairs[0][1][0] == 0  # the document's tokens are type 1
+    got = np.array(model.relevance([ids for ids, _ in pairs], [types for _, types in pairs]))
+    want = [bert_reference.relevance(directory, ids, types) for ids, types in pairs]
+    assert np.allclose(got, want, atol=1e-5), (got, want)
+    long = model.pair("query", "word " * 400)
+    assert len(long[0]) == model.max_tokens == 128  # the document is cut to fit

@@ -211,6 +211,8 @@ pub struct EmbedRequest {
 /// little-endian f32: OpenAI's `encoding_format: "base64"`).
 pub struct Embedded {
     pub vectors: Vec<String>,
+    /// A rerank's answer instead: each input's relevance to the query, in order.
+    pub scores: Vec<f32>,
     pub prompt_tokens: u32,
     /// From the request's arrival to its answer.
     pub seconds: f64,
@@ -249,9 +251,14 @@ pub async fn embed(state: &AppState, req: EmbedRequest) -> Result<Embedded, Erro
         ));
     }
     if preset.worker_engine(state.supervisor.models_dir()) != EngineKind::Embedding {
+        let what = if req.embed.query.is_some() {
+            "a rerank or embedding model"
+        } else {
+            "an embedding model"
+        };
         return Err(Error::invalid(
             format!(
-                "'{}' is not an embedding model (its config is not an encoder such as BERT)",
+                "'{}' is not {what} (its config is not an encoder such as BERT)",
                 req.target.requested
             ),
             Some("model"),
@@ -266,19 +273,22 @@ pub async fn embed(state: &AppState, req: EmbedRequest) -> Result<Embedded, Erro
             return Err(e);
         }
     };
-    let mut vectors = Vec::new();
+    let (mut vectors, mut scores) = (Vec::new(), Vec::new());
     let result = loop {
         match stream.next().await {
             Some(GenEvent::Embeddings(EmbeddingsFrame {
                 vectors: part,
+                scores: part_scores,
                 prompt_tokens,
                 more,
                 ..
             })) => {
                 vectors.extend(part);
+                scores.extend(part_scores);
                 if !more {
                     break Ok(Embedded {
                         vectors,
+                        scores,
                         prompt_tokens,
                         seconds: began.elapsed().as_secs_f64(),
                     });

@@ -21,6 +21,7 @@ mod http_proxy;
 pub mod ollama;
 pub mod openai;
 pub mod request;
+pub mod rerank;
 pub mod responses;
 pub mod ui;
 
@@ -53,6 +54,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
     ("POST", "/v1/embeddings"),
+    ("POST", "/v1/rerank"),
+    ("POST", "/rerank"),
     ("POST", "/v1/responses"),
     ("POST", "/v1/messages"),
     ("POST", "/v1/messages/count_tokens"),
@@ -83,6 +86,7 @@ fn handler(path: &str) -> axum::routing::MethodRouter<AppState> {
         "/v1/completions" => post(openai::completions),
         "/v1/models" => get(openai::models),
         "/v1/embeddings" => post(openai::embeddings),
+        "/v1/rerank" | "/rerank" => post(rerank::rerank),
         "/v1/responses" => post(responses::responses),
         "/v1/messages" => post(anthropic::messages),
         "/v1/messages/count_tokens" => post(anthropic::count_tokens),

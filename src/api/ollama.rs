@@ -747,11 +747,8 @@ async fn embed_vectors(
 }
 
 pub async fn embed(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
-    let map = request::parse_object(&body)?;
-    let target = Target::of_body(&state, &map)?;
-    request::check_fields(&map, &[EMBED_FIELDS])?;
-    let req: EmbedRequest = request::from_object(map)?;
-    let target = Target::required(target)?;
+    let (target, req): (Target, EmbedRequest) =
+        request::parse_checked(&state, &body, &[EMBED_FIELDS])?;
     // Ollama answers an empty list with no vectors (and loads nothing).
     if matches!(&req.input, request::EmbedInput::Texts(t) if t.is_empty()) {
         return Ok(axum::Json(json!({"model": req.model, "embeddings": []})).into_response());
@@ -774,11 +771,8 @@ pub async fn embeddings(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Response, OllamaError> {
-    let map = request::parse_object(&body)?;
-    let target = Target::of_body(&state, &map)?;
-    request::check_fields(&map, &[EMBEDDINGS_FIELDS])?;
-    let req: EmbeddingsRequest = request::from_object(map)?;
-    let target = Target::required(target)?;
+    let (target, req): (Target, EmbeddingsRequest) =
+        request::parse_checked(&state, &body, &[EMBEDDINGS_FIELDS])?;
     if req.prompt.is_empty() {
         return Ok(axum::Json(json!({"embedding": []})).into_response());
     }

@@ -838,11 +838,8 @@ const EMBEDDINGS_FIELDS: &[(&str, FieldRule)] = &[
 ];
 
 pub async fn embeddings(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let map = request::parse_object(&body)?;
-    let target = Target::of_body(&state, &map)?;
-    request::check_fields(&map, &[EMBEDDINGS_FIELDS])?;
-    let req: EmbeddingsRequest = request::from_object(map)?;
-    let target = Target::required(target)?;
+    let (target, req): (Target, EmbeddingsRequest) =
+        request::parse_checked(&state, &body, &[EMBEDDINGS_FIELDS])?;
     let as_base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

@@ -73,6 +73,20 @@ pub fn parse_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, Erro
     }
 }
 
+/// A body parsed as a dialect's request: its model resolved, its fields checked
+/// against `rules`, then deserialized (for routes with no defaults from the preset).
+pub fn parse_checked<T: for<'de> Deserialize<'de>>(
+    state: &AppState,
+    body: &Bytes,
+    rules: &[&[(&str, FieldRule)]],
+) -> Result<(Target, T), Error> {
+    let map = parse_object(body)?;
+    let target = Target::of_body(state, &map)?;
+    check_fields(&map, rules)?;
+    let req = from_object(map)?;
+    Ok((Target::required(target)?, req))
+}
+
 /// Deserializes a checked object into a dialect's request type.
 pub fn from_object<T: for<'de> Deserialize<'de>>(
     map: serde_json::Map<String, Value>,
@@ -425,5 +439,6 @@ pub fn embed_frame(
         tokens,
         truncate,
         dimensions,
+        query: None,
     })
 }

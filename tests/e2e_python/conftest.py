@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import anthropic
 import httpx
@@ -32,6 +35,21 @@ from scripted import plain_dir
 from thinking import thinker_dir
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _worker_test_module(name: str) -> ModuleType:
+    """A helper module of the worker's own tests (python-worker/unit_tests), by its
+    path: that directory on sys.path would shadow this conftest with its own."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "python-worker" / "unit_tests" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The numpy BERT and the tiny cross-encoder the worker's own tests use.
+bert_reference = sys.modules.get("bert_reference") or _worker_test_module("bert_reference")
 
 
 def control(timeout: float = 600) -> httpx.Client:
@@ -121,6 +139,9 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (presets / "scripted-hot.toml").write_text(f'model = "{hot}"\nkeep_alive = "30s"\n')
     plain = plain_dir("plain", logit=2.0)
     (presets / "scripted-plain.toml").write_text(f'model = "{plain}"\nkeep_alive = "30s"\n')
+    # A tiny random cross-encoder (test_embeddings' rerank).
+    reranker = bert_reference.write_tiny_cross_encoder(at / "tiny-reranker", models_dir() / "all-minilm-l6-v2")
+    (presets / "tiny-reranker.toml").write_text(f'model = "{reranker}"\nkeep_alive = "30s"\n')
     # Tool-calling models for the agent CLIs (test_agent_clis): the first turn
     # calls the CLI's own tool, the next answers.
     for name, call in [("agent-claude-code", CLAUDE_CODE_CALL), ("agent-codex", CODEX_CALL)]:

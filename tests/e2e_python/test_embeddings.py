@@ -10,12 +10,14 @@ import concurrent.futures
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import ollama
 import openai
 import pytest
+import tomllib
 from conftest import control
 from openai import OpenAI
 
@@ -139,3 +141,47 @@ def test_a_killed_embedding_worker_loses_no_request(oai: OpenAI) -> None:
         assert [f.result(timeout=300) for f in futures] == [8] * 8
     (after,) = [w for w in control().get("/admin/ps").json()["workers"] if w["model"] == MODEL]
     assert after["pid"] != worker["pid"]
+
+
+DOCS = ["Berlin is in Germany.", "Paris is the capital of France.", "Bananas are yellow."]
+
+
+def test_rerank_orders_documents_by_relevance(daemon_url: str) -> None:
+    """The default embedding model reranks by cosine: the relevant document first,
+    in the Jina / Cohere / llama-server shape, top_n and return_documents honoured."""
+    body = {
+        "model": MODEL,
+        "query": "What is the capital of France?",
+        "documents": [DOCS[0], {"text": DOCS[1]}, DOCS[2]],
+    }
+    got = httpx.post(f"{daemon_url}/v1/rerank", json=body, timeout=60).json()
+    results = got["results"]
+    assert [r["index"] for r in results][0] == 1 and results[0]["document"] == {"text": DOCS[1]}
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+    short = httpx.post(f"{daemon_url}/rerank", json={**body, "top_n": 1, "return_documents": False}).json()
+    assert short["results"] == [{"index": 1, "relevance_score": pytest.approx(scores[0], abs=1e-5)}]
+
+
+def test_a_cross_encoder_scores_pairs_as_numpy_does(daemon_url: str, session_presets: Path) -> None:
+    from bert_reference import relevance
+
+    from mlxd_worker.models import encoder
+
+    directory = Path(tomllib.loads((session_presets / "tiny-reranker.toml").read_text())["model"])
+    query = "What is the capital of France?"
+    got = httpx.post(
+        f"{daemon_url}/v1/rerank", json={"model": "tiny-reranker", "query": query, "documents": DOCS}, timeout=120
+    ).json()
+    tokenizer = encoder.load(directory)
+    want = [relevance(directory, *tokenizer.pair(query, d)) for d in DOCS]
+    by_index = {r["index"]: r["relevance_score"] for r in got["results"]}
+    assert np.allclose([by_index[i] for i in range(3)], want, atol=1e-5)
+    assert [r["index"] for r in got["results"]] == sorted(range(3), key=lambda i: -want[i])
+    # A cross-encoder gives no vectors; a chat model no scores.
+    refused = httpx.post(f"{daemon_url}/v1/embeddings", json={"model": "tiny-reranker", "input": "x"}, timeout=60)
+    assert refused.status_code == 400 and "rerank" in refused.json()["error"]["message"]
+    chat = httpx.post(f"{daemon_url}/v1/rerank", json={"model": "smollm2-135m", "query": "q", "documents": ["d"]})
+    assert chat.status_code == 400 and "not a rerank" in chat.json()["error"]["message"]
+    empty = httpx.post(f"{daemon_url}/v1/rerank", json={"model": MODEL, "query": "q", "documents": []})
+    assert empty.status_code == 400 and "documents" in empty.json()["error"]["message"]

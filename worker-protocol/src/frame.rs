@@ -898,6 +898,11 @@ pub struct Embed {
     /// Keep the first `dimensions` values of each vector, renormalized (Matryoshka).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dimensions: Option<u32>,
+    /// Rerank: the answer is each input's relevance to this query (`scores`), not
+    /// vectors. A cross-encoder scores each (query, input) pair; an embedding model
+    /// gives the cosine of their vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 /// Worker → daemon: request `id`'s vectors, in its inputs' order, each as base64 of
@@ -914,6 +919,9 @@ pub struct EmbeddingsFrame {
     /// More of this answer's vectors follow in another frame.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub more: bool,
+    /// A rerank's answer: one relevance score per input, in order (no vectors).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scores: Vec<f32>,
 }
 
 /// A decoded frame.
@@ -1238,6 +1246,7 @@ mod tests {
             texts: vec!["héllo".into(), String::new()],
             truncate: true,
             dimensions: Some(64),
+            query: Some("q".into()),
             ..Default::default()
         }));
         roundtrip(Frame::Embeddings(EmbeddingsFrame {
@@ -1245,6 +1254,7 @@ mod tests {
             vectors: vec!["AACAPw==".into()],
             prompt_tokens: 5,
             more: true,
+            scores: vec![0.5, 0.25],
         }));
         roundtrip(Frame::Generate(Generate {
             id: 7,

@@ -298,12 +298,14 @@ pub fn examples() -> Vec<Frame> {
             tokens: vec![vec![101, 1996, 3712, 102]],
             truncate: true,
             dimensions: Some(256),
+            query: Some("What colour is the sky?".into()),
         }),
         Frame::Embeddings(EmbeddingsFrame {
             id: 8,
             vectors: vec!["AACAPwAAAEA=".into()],
             prompt_tokens: 6,
             more: true,
+            scores: vec![0.875],
         }),
     ]
 }

@@ -45,11 +45,18 @@ MAX_BATCH_ROWS = 64
 
 @dataclass
 class Job:
-    """One Embed request: its inputs' token rows and the vectors done so far."""
+    """One Embed request: its inputs' token rows and the results done so far (a
+    vector per row; a cross-encoder's relevance, as a 0-d array, per pair row).
+
+    `mode`: "embed" (vectors), "pairs" (a cross-encoder's (query, input) rows,
+    `types` their token types) or "cosine" (rerank by an embedding model: row 0 is
+    the query, the answer each input's cosine with it)."""
 
     rid: int
     rows: list[list[int]]
     dimensions: int | None
+    mode: str = "embed"
+    types: list[list[int]] | None = None
     vectors: list[np.ndarray | None] = field(default_factory=list)
     left: int = 0
 
@@ -105,6 +112,11 @@ class EmbeddingEngine:
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
                 raise RequestError(f"input {i} holds token id {bad}; this model's ids are 0 to {vocab - 1}")
+        query = req.get("query")
+        if query is not None:
+            return self._plan_rerank(req["id"], model, query, texts, tokens)
+        if model.head is not None:
+            raise RequestError("this model scores query-document pairs (rerank): it gives no embeddings")
         truncate = bool(req.get("truncate"))
         rows = [model.tokenize(t) for t in texts] + [model.with_special_tokens(ids) for ids in tokens]
         for i, row in enumerate(rows):
@@ -119,6 +131,23 @@ class EmbeddingEngine:
         if dimensions is not None and not 1 <= dimensions <= model.dims:
             raise RequestError(f"dimensions must be between 1 and {model.dims} for this model, not {dimensions}")
         return Job(req["id"], rows, dimensions)
+
+    @staticmethod
+    def _plan_rerank(
+        rid: int, model: encoder.EmbeddingModel, query: str, texts: list[str], tokens: list[list[int]]
+    ) -> Job:
+        """Documents are cut to fit (a long document is scored on its start); a query
+        that leaves no room is refused."""
+        if tokens:
+            raise RequestError("rerank documents are texts, not token ids")
+        if len(model.tokenize(query)) + 8 > model.max_tokens:
+            raise ContextOverflow(f"the query leaves no room for a document in the model's {model.max_tokens} tokens")
+        if model.head is not None:
+            pairs = [model.pair(query, t) for t in texts]
+            return Job(rid, [ids for ids, _ in pairs], None, "pairs", [types for _, types in pairs])
+        rows = [model.tokenize(t) for t in (query, *texts)]
+        rows = [model.truncated(r) if len(r) > model.max_tokens else r for r in rows]
+        return Job(rid, rows, None, "cosine")
 
     def stop(self) -> None:
         self.inbox.put(None)
@@ -221,22 +250,29 @@ class EmbeddingEngine:
         """Every input waiting, by length, in batches; each finished request answered."""
         model = self.model
         assert model is not None
+        # Pair rows (a cross-encoder's relevance) and vector rows run in passes of their own.
         pending = sorted(
             ((job, i) for job in self._jobs.values() for i, v in enumerate(job.vectors) if v is None),
-            key=lambda p: len(p[0].rows[p[1]]),
+            key=lambda p: (p[0].mode == "pairs", len(p[0].rows[p[1]])),
         )
         while pending:
-            width = len(pending[0][0].rows[pending[0][1]])
+            pairs = pending[0][0].mode == "pairs"
             take = 1
             while take < min(len(pending), MAX_BATCH_ROWS):
-                width = len(pending[take][0].rows[pending[take][1]])
-                if width * (take + 1) > MAX_BATCH_TOKENS:
+                job, i = pending[take]
+                if (job.mode == "pairs") != pairs or len(job.rows[i]) * (take + 1) > MAX_BATCH_TOKENS:
                     break
                 take += 1
             batch, pending = pending[:take], pending[take:]
             started = time.perf_counter()
             try:
-                vectors = np.array(model.embed([job.rows[i] for job, i in batch]), dtype=np.float32)
+                rows = [job.rows[i] for job, i in batch]
+                if pairs:
+                    types = [job.types[i] for job, i in batch if job.types is not None]
+                    out = model.relevance(rows, types)
+                else:
+                    out = model.embed(rows)
+                vectors = np.array(out, dtype=np.float32)
             except Exception as e:  # a pass MLX refused (memory): its requests fail, the worker goes on
                 for job in {id(job): job for job, _ in batch}.values():
                     if self._jobs.pop(job.rid, None) is not None:
@@ -262,7 +298,11 @@ class EmbeddingEngine:
             pending = [(job, i) for job, i in pending if job.rid in self._jobs]
 
     def _answer(self, job: Job) -> None:
-        """The request's vectors, in frames of at most MAX_ANSWER_FRAME_BYTES."""
+        """The request's vectors, in frames of at most MAX_ANSWER_FRAME_BYTES; or
+        its inputs' relevance scores."""
+        if job.mode != "embed":
+            self._answer_scores(job)
+            return
         out: list[str] = []
         size = 0
         for vector in job.vectors:
@@ -279,6 +319,24 @@ class EmbeddingEngine:
             size += len(encoded) + 3
         last: EmbeddingsFrame = {"id": job.rid, "vectors": out, "prompt_tokens": sum(len(r) for r in job.rows)}
         self.transport.send(frames.EMBEDDINGS, frames.json_payload(last))
+        with self.counters.lock:
+            self.counters.active -= 1
+            self.counters.completed += 1
+
+    def _answer_scores(self, job: Job) -> None:
+        results = [v for v in job.vectors if v is not None]
+        if job.mode == "pairs":
+            scores = [float(v) for v in results]
+        else:  # cosine of each input with the query (row 0)
+            unit = [v / max(float(np.linalg.norm(v)), 1e-12) for v in results]
+            scores = [float(unit[0] @ d) for d in unit[1:]]
+        frame: EmbeddingsFrame = {
+            "id": job.rid,
+            "vectors": [],
+            "scores": scores,
+            "prompt_tokens": sum(len(r) for r in job.rows),
+        }
+        self.transport.send(frames.EMBEDDINGS, frames.json_payload(frame))
         with self.counters.lock:
             self.counters.active -= 1
             self.counters.completed += 1

@@ -65,6 +65,10 @@ class Embed(_EmbedRequired, total=False):
 
     #: Keep the first `dimensions` values of each vector, renormalized (Matryoshka).
     dimensions: Optional[int]
+    #: Rerank: the answer is each input's relevance to this query (`scores`), not
+    #: vectors. A cross-encoder scores each (query, input) pair; an embedding model
+    #: gives the cosine of their vectors.
+    query: Optional[str]
     texts: list[str]
     tokens: list[list[int]]
     #: Cut an input longer than the model's limit to the limit (else the request is
@@ -87,6 +91,8 @@ class EmbeddingsFrame(_EmbeddingsFrameRequired, total=False):
 
     #: More of this answer's vectors follow in another frame.
     more: bool
+    #: A rerank's answer: one relevance score per input, in order (no vectors).
+    scores: list[float]
 
 
 class _ErrorFrameRequired(TypedDict):

@@ -211,13 +211,51 @@ class Encoder(Module):
         self.embeddings = _Embeddings(config)
         self.encoder = _Encoder(config)
 
-    def __call__(self, ids: mx.array, attention: mx.array) -> mx.array:
-        x = self.embeddings(ids, mx.zeros_like(ids))
+    def __call__(self, ids: mx.array, attention: mx.array, types: mx.array | None = None) -> mx.array:
+        x = self.embeddings(ids, mx.zeros_like(ids) if types is None else types)
         # Additive mask over keys: padded keys get -inf-like scores for every query.
         keys_mask = mx.where(attention[:, None, None, :] > 0, 0.0, -1e9).astype(x.dtype)
         for layer in self.encoder.layer:
             x = layer(x, keys_mask)
         return x
+
+
+class _Dense(Module):
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = Linear(c.hidden_size, c.hidden_size)
+
+
+class _RobertaClassifier(Module):
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = Linear(c.hidden_size, 1)
+
+
+class CrossEncoderHead(Module):
+    """A sequence-classification head with one label: the relevance logit of a
+    (query, document) pair read from its first token's state. BERT pools it
+    (`pooler.dense`, tanh) before `classifier`; RoBERTa has `classifier.dense`
+    (tanh) then `classifier.out_proj`."""
+
+    def __init__(self, c: EncoderConfig) -> None:
+        super().__init__()
+        self._bert = c.model_type == "bert"
+        if self._bert:
+            self.pooler = _Dense(c)
+            self.classifier: Module = Linear(c.hidden_size, 1)
+        else:
+            self.classifier = _RobertaClassifier(c)
+
+    def __call__(self, states: mx.array) -> mx.array:
+        first = states[:, 0]
+        if self._bert:
+            logits: mx.array = self.classifier(mx.tanh(self.pooler.dense(first)))
+        else:
+            head = cast(_RobertaClassifier, self.classifier)
+            logits = head.out_proj(mx.tanh(head.dense(first)))
+        return logits[:, 0]
 
 
 @dataclass(frozen=True)
@@ -285,6 +323,8 @@ class EmbeddingModel:
     max_tokens: int
     dims: int
     name: str = ""
+    # A cross-encoder's relevance head (a rerank model); None for an embedding model.
+    head: CrossEncoderHead | None = None
     _frame: tuple[list[int], list[int]] | None = None
 
     def tokenize(self, text: str) -> list[int]:
@@ -311,13 +351,35 @@ class EmbeddingModel:
         keep = self.max_tokens - closing
         return row[:keep] + row[len(row) - closing :]
 
-    def embed(self, rows: list[list[int]]) -> mx.array:
-        """Unit (when the model normalizes) vectors of token-id rows, one batch pass;
-        every row at most `max_tokens` long."""
+    def pair(self, query: str, document: str) -> tuple[list[int], list[int]]:
+        """A (query, document) pair as one input and its token types, the document
+        cut so that the pair fits `max_tokens` (the query is never cut)."""
+        enc = self.tokenizer(query, document, truncation="only_second", max_length=self.max_tokens)
+        ids = list(enc["input_ids"])
+        types = list(enc.get("token_type_ids") or [0] * len(ids))
+        return ids, types
+
+    def _padded(self, rows: list[list[int]]) -> tuple[mx.array, mx.array]:
         width = max(len(r) for r in rows)
         pad = self.encoder.config.pad_token_id
         ids = mx.array([r + [pad] * (width - len(r)) for r in rows])
         attention = mx.array([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return ids, attention
+
+    def relevance(self, rows: list[list[int]], types: list[list[int]]) -> mx.array:
+        """A cross-encoder's relevance (sigmoid of its logit, 0..1) of each pair row."""
+        assert self.head is not None
+        ids, attention = self._padded(rows)
+        width = ids.shape[1]
+        token_types = mx.array([t + [0] * (width - len(t)) for t in types])
+        scores = mx.sigmoid(self.head(self.encoder(ids, attention, token_types)))
+        mx.eval(scores)
+        return scores
+
+    def embed(self, rows: list[list[int]]) -> mx.array:
+        """Unit (when the model normalizes) vectors of token-id rows, one batch pass;
+        every row at most `max_tokens` long."""
+        ids, attention = self._padded(rows)
         vectors = self.pooling(self.encoder(ids, attention), attention)
         mx.eval(vectors)
         return vectors
@@ -334,9 +396,15 @@ def load(model_dir: str | Path) -> EmbeddingModel:
 
     path = Path(model_dir)
     try:
-        config = EncoderConfig.from_dict(json.loads((path / "config.json").read_text()))
+        raw = json.loads((path / "config.json").read_text())
+        config = EncoderConfig.from_dict(raw)
     except (OSError, ValueError) as e:
         raise EncoderError(f"{path / 'config.json'}: {e}") from None
+    classifier = any(str(a).endswith("ForSequenceClassification") for a in raw.get("architectures") or [])
+    if classifier:
+        labels = int(raw.get("num_labels") or len(raw.get("id2label") or {}) or 1)
+        if labels != 1:
+            raise EncoderError(f"{path}: a classifier with {labels} labels is not a reranker (one relevance logit)")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise EncoderError(f"{path}: no .safetensors weights")
@@ -357,12 +425,22 @@ def load(model_dir: str | Path) -> EmbeddingModel:
         raise EncoderError(f"{path}: the weights lack {', '.join(sorted(missing)[:3])}")
     encoder.load_weights(list(kept.items()))
     mx.eval(encoder.parameters())
+    head = None
+    if classifier:
+        head = CrossEncoderHead(config)
+        wanted_head = {name for name, _ in _flat_names(head)}
+        found = {n.removeprefix("bert."): v for n, v in weights.items() if n.removeprefix("bert.") in wanted_head}
+        if wanted_head - found.keys():
+            raise EncoderError(f"{path}: the weights lack {', '.join(sorted(wanted_head - found.keys())[:3])}")
+        head.load_weights(list(found.items()))
+        mx.eval(head.parameters())
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     limit = config.max_tokens
     st_config = path / "sentence_bert_config.json"
     if st_config.is_file():
         limit = min(limit, int(json.loads(st_config.read_text()).get("max_seq_length") or limit))
-    return EmbeddingModel(encoder, tokenizer, Pooling.from_dir(path), limit, config.hidden_size, path.name)
+    pooling = Pooling() if classifier else Pooling.from_dir(path)
+    return EmbeddingModel(encoder, tokenizer, pooling, limit, config.hidden_size, path.name, head)
 
 
 def cast_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
