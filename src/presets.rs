@@ -207,6 +207,9 @@ pub struct Preset {
     /// Speculative decoding with a draft model (README, "Speculative decoding").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<Speculative>,
+    /// A chat model as reranker (`[rerank]`, README "Embeddings").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<Rerank>,
     /// Test-only fault injection passed to the worker (see mlxd_worker/faults.py).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultOptions>,
@@ -214,6 +217,23 @@ pub struct Preset {
     /// or next to the user's presets when it is a shipped one).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// A preset's `[rerank]` table: its chat model answers `/v1/rerank` by the yes/no
+/// method (Qwen3-Reranker's): the relevance of a document is the model's
+/// probability of answering "yes" rather than "no" when asked whether it meets the
+/// query under `instruction`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rerank {
+    /// "yes_no", the one method there is.
+    pub method: String,
+    #[serde(default = "default_rerank_instruction")]
+    pub instruction: String,
+}
+
+fn default_rerank_instruction() -> String {
+    "Given a web search query, retrieve relevant passages that answer the query".into()
 }
 
 /// A preset's `[performance]` table: every speed knob in one place, which is what
@@ -457,6 +477,17 @@ impl Preset {
             "max_concurrent must be positive"
         );
         anyhow::ensure!(p.prefill_step > 0, "prefill_step must be positive");
+        if let Some(rerank) = &p.rerank {
+            anyhow::ensure!(
+                rerank.method == "yes_no",
+                "rerank.method must be \"yes_no\", not {:?}",
+                rerank.method
+            );
+            anyhow::ensure!(
+                p.engine == EngineKind::Mlx,
+                "[rerank] needs engine \"mlx\" (a chat model)"
+            );
+        }
         anyhow::ensure!(
             p.transport != TransportKind::Http || cfg!(feature = "bench-http"),
             "transport \"http\" exists only in benchmark builds (--features bench-http): it \
@@ -741,6 +772,7 @@ impl Preset {
             prompt_cache_disk_bytes: disk,
             faults: self.faults.clone(),
             reasoning_inline: self.reasoning == ReasoningMode::Off,
+            rerank_instruction: self.rerank.as_ref().map(|r| r.instruction.clone()),
             speculative: self.speculative.as_ref().map(|spec| SpeculativeOptions {
                 draft: spec.draft.clone(),
                 draft_path: None,
@@ -1006,6 +1038,22 @@ mod tests {
             .resolve("smollm2-135m")
             .expect("the default model is shipped");
         assert_eq!(p.transport, TransportKind::Shm);
+    }
+
+    #[test]
+    fn a_rerank_table_reaches_the_worker_and_bad_ones_are_refused() {
+        let p = Preset::parse("model = \"m\"\n[rerank]\nmethod = \"yes_no\"", "x").unwrap();
+        assert_eq!(
+            options_json(&p)["rerank_instruction"],
+            default_rerank_instruction()
+        );
+        let bad = Preset::parse("model = \"m\"\n[rerank]\nmethod = \"cosine\"", "x");
+        assert!(bad.unwrap_err().to_string().contains("yes_no"));
+        let replay = "model = \"m\"\nengine = \"replay\"\n[rerank]\nmethod = \"yes_no\"";
+        assert!(Preset::parse(replay, "x").is_err());
+        assert!(options_json(&Preset::parse("model = \"m\"", "x").unwrap())
+            .get("rerank_instruction")
+            .is_none());
     }
 
     #[test]

@@ -250,7 +250,10 @@ pub async fn embed(state: &AppState, req: EmbedRequest) -> Result<Embedded, Erro
             Some("model"),
         ));
     }
-    if preset.worker_engine(state.supervisor.models_dir()) != EngineKind::Embedding {
+    let chat_reranker = req.embed.query.is_some() && preset.rerank.is_some();
+    if !chat_reranker
+        && preset.worker_engine(state.supervisor.models_dir()) != EngineKind::Embedding
+    {
         let what = if req.embed.query.is_some() {
             "a rerank or embedding model"
         } else {
@@ -258,7 +261,8 @@ pub async fn embed(state: &AppState, req: EmbedRequest) -> Result<Embedded, Erro
         };
         return Err(Error::invalid(
             format!(
-                "'{}' is not {what} (its config is not an encoder such as BERT)",
+                "'{}' is not {what} (its config is not an encoder such as BERT, and its \
+                 preset has no [rerank])",
                 req.target.requested
             ),
             Some("model"),

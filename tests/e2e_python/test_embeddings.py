@@ -185,3 +185,52 @@ def test_a_cross_encoder_scores_pairs_as_numpy_does(daemon_url: str, session_pre
     assert chat.status_code == 400 and "not a rerank" in chat.json()["error"]["message"]
     empty = httpx.post(f"{daemon_url}/v1/rerank", json={"model": MODEL, "query": "q", "documents": []})
     assert empty.status_code == 400 and "documents" in empty.json()["error"]["message"]
+
+
+def test_a_chat_model_reranks_by_its_yes_no_verdict(daemon_url: str) -> None:
+    """A preset's [rerank] makes SmolLM2 a reranker: each document's score is the
+    model's probability of "yes" over "no" as the first token of its answer to
+    Qwen3-Reranker's question, as mlx-lm's own forward pass gives it."""
+    import math
+
+    import mlx.core as mx
+    import mlx_lm
+    from conftest import models_dir
+
+    query = "What is the capital of France?"
+    got = httpx.post(
+        f"{daemon_url}/v1/rerank",
+        json={"model": "smollm2-135m-rerank", "query": query, "documents": DOCS},
+        timeout=300,
+    ).json()
+    model, tok = mlx_lm.load(str(models_dir() / "smollm2-135m"))
+    yes, no = tok.encode("yes", add_special_tokens=False)[0], tok.encode("no", add_special_tokens=False)[0]
+    want = []
+    for doc in DOCS:
+        messages = [
+            {
+                "role": "system",
+                "content": "Judge whether the Document meets the requirements based on the Query and the Instruct "
+                'provided. Note that the answer can only be "yes" or "no".',
+            },
+            {
+                "role": "user",
+                "content": "<Instruct>: Find the passage that answers the question\n"
+                f"<Query>: {query}\n<Document>: {doc}",
+            },
+        ]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+        last = model(mx.array(ids)[None])[0, -1]
+        want.append(1 / (1 + math.exp(float(last[no]) - float(last[yes]))))
+    by_index = {r["index"]: r["relevance_score"] for r in got["results"]}
+    assert np.allclose([by_index[i] for i in range(3)], want, atol=1e-4), (by_index, want)
+    assert got["usage"]["prompt_tokens"] > 3 * 40
+    # Still a chat model: it generates as before, and gives no vectors.
+    chat = httpx.post(
+        f"{daemon_url}/v1/chat/completions",
+        json={"model": "smollm2-135m-rerank", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+        timeout=120,
+    )
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
+    vectors = httpx.post(f"{daemon_url}/v1/embeddings", json={"model": "smollm2-135m-rerank", "input": "x"})
+    assert vectors.status_code == 400

@@ -211,6 +211,10 @@ pub struct LoadOptions {
     /// the answer's text as the model wrote it, markers included.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reasoning_inline: bool,
+    /// The preset's `[rerank]`: this chat model also answers reranks (an Embed
+    /// with a query) by the yes/no method, judging relevance under this instruction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank_instruction: Option<String>,
 }
 
 /// The KV cache's size as a function of one sequence's tokens:

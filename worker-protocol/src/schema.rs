@@ -145,6 +145,7 @@ pub fn examples() -> Vec<Frame> {
                 }),
                 context_length: Some(8192),
                 reasoning_inline: true,
+                rerank_instruction: Some("Find passages that answer the question".into()),
             }),
         }),
         Frame::Ready(Ready {

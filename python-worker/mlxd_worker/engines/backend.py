@@ -96,6 +96,7 @@ class Backend(Protocol):
     def remove(self, uid: int) -> None: ...
     def step(self) -> list[StepResult]: ...
     def detokenizer(self) -> Detokenizer: ...
+    def last_logits(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]: ...
     def take_counts(self, uid: int) -> DraftCounts | None: ...
     def speculative_status(self) -> SpecStatus | None: ...
     def model_facts(self) -> ModelFacts | None: ...
@@ -155,6 +156,10 @@ class Track:
 
 
 Lane = Union[SoloSequence, SpeculativeSequence]
+
+# Tokens (rows × the longest) in one pass of `last_logits`: its logits are that many
+# vocabulary-wide rows (512 × 150k × 4 bytes ≈ 300 MB at most).
+LOGITS_PASS_TOKENS = 512
 
 # A sequence leaves the batch to draft again only if the draft's catch-up prefill
 # is at most this many times the tokens it has left to decode.
@@ -726,6 +731,28 @@ class MlxBackend:
     def detokenizer(self) -> Detokenizer:
         detok: Detokenizer = self.tokenizer.detokenizer
         return detok
+
+    def last_logits(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """The logits of `token_ids` at each prompt's last position, no cache kept:
+        prompts in passes of similar length, right-padded (a causal model's real
+        positions never see the padding after them)."""
+        import mlx.core as mx
+
+        out: dict[int, list[float]] = {}
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        while order:
+            take = 1
+            while take < len(order) and len(prompts[order[take]]) * (take + 1) <= LOGITS_PASS_TOKENS:
+                take += 1
+            rows, order = order[:take], order[take:]
+            width = len(prompts[rows[-1]])
+            ids = mx.array([prompts[i] + [prompts[i][-1]] * (width - len(prompts[i])) for i in rows])
+            logits = self._model(ids)
+            last = logits[mx.arange(len(rows)), mx.array([len(prompts[i]) - 1 for i in rows])]
+            picked = last[:, mx.array(token_ids)].astype(mx.float32)
+            for i, values in zip(rows, cast("list[list[float]]", picked.tolist())):
+                out[i] = values
+        return [out[i] for i in range(len(prompts))]
 
     def speculative_status(self) -> SpecStatus | None:
         return None if self.drafting is None else self.drafting.status()

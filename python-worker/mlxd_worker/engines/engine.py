@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import os
 import queue
 import threading
@@ -27,6 +28,8 @@ from ..io.protocol import (
     BATCH_SIZE_BOUNDS,
     AdmittedFrame,
     Done,
+    Embed,
+    EmbeddingsFrame,
     ErrorFrame,
     Generate,
     Load,
@@ -42,6 +45,7 @@ from ..requests.constraint import SequenceConstraint
 from ..requests.logprobs import TokenTexts, logprob_entry
 from ..requests.plan import Planner, Prompt, RequestPlan
 from ..requests.reasoning import ReasoningText, ReasoningTracker, detect
+from ..requests.rerank import RerankPlan, judge_prompt, verdict_tokens
 from ..requests.sampling import SamplerCache
 from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
@@ -184,7 +188,7 @@ class Admission:
 
 
 # The inbox: (kind, payload) as the frame came, a planned Generate, or None to stop.
-InboxItem = Union[tuple[int, bytes], tuple[int, Planned], None]
+InboxItem = Union[tuple[int, bytes], tuple[int, Planned], tuple[int, RerankPlan], None]
 
 
 def make_backend(engine: str) -> Backend:
@@ -225,6 +229,8 @@ class Engine:
         self._planner: Planner | None = None  # once a model is loaded
         self._token_texts: TokenTexts | None = None
         self._running = True
+        # The preset's [rerank] instruction (this chat model also reranks), from Load.
+        self._rerank_instruction: str | None = None
         self.faults = Faults()
         # Advanced on every loop iteration (one decode step or prefill chunk): the
         # daemon's hang detector watches it while requests are in flight.
@@ -245,11 +251,12 @@ class Engine:
         """A Generate's chat template, tokenization and grammar run here, on the
         reader thread, so that this CPU work overlaps the engine's model steps
         instead of stalling the batch (MLX releases the GIL while it computes)."""
-        if kind == frames.EMBED:  # the daemon sends none to a generating model; a clear answer if it did
-            rid = frames.decode_embed(payload).get("id")
-            report_error(
-                self.transport, rid, RequestError("this worker serves a generating model: it has no embeddings")
-            )
+        if kind == frames.EMBED:
+            embed = frames.decode_embed(payload)
+            try:
+                self.inbox.put((kind, self._plan_rerank(embed)))
+            except Exception as e:
+                report_error(self.transport, embed.get("id"), e)
             return
         if kind != frames.GENERATE:
             self.inbox.put((kind, payload))
@@ -273,6 +280,22 @@ class Engine:
             self.inbox.put((kind, planned))
         finally:
             self.planning = False
+
+    def _plan_rerank(self, req: Embed) -> RerankPlan:
+        """A rerank by this chat model (its preset's `[rerank]`); anything else an
+        Embed asks of a generating model is refused."""
+        query = req.get("query")
+        if self._rerank_instruction is None or query is None:
+            raise RequestError("this worker serves a generating model: it has no embeddings")
+        if req.get("tokens"):
+            raise RequestError("rerank documents are texts, not token ids")
+        tok = self.backend.tokenizer
+        prompts = [judge_prompt(tok, self._rerank_instruction, query, d) for d in req.get("texts") or []]
+        limit = self.backend.context_length
+        for i, p in enumerate(prompts):
+            if limit and len(p) > limit:
+                raise ContextOverflow(f"document {i} makes a prompt of {len(p)} tokens, past the model's {limit}")
+        return RerankPlan(req["id"], prompts)
 
     def stop(self) -> None:
         self.inbox.put(None)
@@ -378,7 +401,10 @@ class Engine:
             self._drain_inbox(block=False)
         return waited
 
-    def _handle(self, kind: int, item: bytes | Planned) -> None:
+    def _handle(self, kind: int, item: bytes | Planned | RerankPlan) -> None:
+        if isinstance(item, RerankPlan):
+            self._rerank(item)
+            return
         if isinstance(item, Planned):  # a Generate
             try:
                 self._admit(item)
@@ -416,6 +442,23 @@ class Engine:
     def _report(self, rid: int | None, e: Exception) -> None:
         report_error(self.transport, rid, e)
 
+    def _rerank(self, plan: RerankPlan) -> None:
+        """Scores the documents between two steps (the batch waits for it)."""
+        try:
+            yes, no = verdict_tokens(self.backend.tokenizer)
+            logits = self.backend.last_logits(plan.prompts, [yes, no])
+        except Exception as e:
+            self._report(plan.rid, e)
+            return
+        scores = [1.0 / (1.0 + math.exp(n - y)) for y, n in logits]  # softmax over the two, "yes"'s share
+        frame: EmbeddingsFrame = {
+            "id": plan.rid,
+            "vectors": [],
+            "scores": scores,
+            "prompt_tokens": sum(len(p) for p in plan.prompts),
+        }
+        self.transport.send(frames.EMBEDDINGS, frames.json_payload(frame))
+
     def _load(self, req: Load) -> None:
         t0 = time.perf_counter()
         options = req.get("options") or {}
@@ -431,6 +474,7 @@ class Engine:
             mx.set_memory_limit(int(limit))
             log.info("MLX memory limit %d MiB", int(limit) >> 20)
         self.faults.in_load()
+        self._rerank_instruction = options.get("rerank_instruction")
         self.backend.load(req["model_path"], options)
         # The preset's reasoning = "off" leaves thinking in the text, markers and all.
         reasoning = None if options.get("reasoning_inline") else detect(self.backend.tokenizer)

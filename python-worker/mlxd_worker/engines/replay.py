@@ -166,5 +166,8 @@ class ReplayBackend:
     def close(self) -> None:
         pass
 
+    def last_logits(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        raise RequestError("the replay engine has no model to score with")
+
     def detokenizer(self) -> Detokenizer:
         return _ReplayDetokenizer(self._pieces)

@@ -358,6 +358,9 @@ class LoadOptions(TypedDict, total=False):
     reasoning_inline: bool
     #: The replay engine's text (benchmarks; a built-in text when absent).
     replay_text: Optional[str]
+    #: The preset's `[rerank]`: this chat model also answers reranks (an Embed
+    #: with a query) by the yes/no method, judging relevance under this instruction.
+    rerank_instruction: Optional[str]
     #: The draft model and how to use it.
     speculative: Optional[SpeculativeOptions]
 
