@@ -757,13 +757,22 @@ pub async fn embed(State(state): State<AppState>, body: Bytes) -> Result<Respons
     let truncate = req.truncate.unwrap_or(true);
     let embed = request::embed_frame(req.input, truncate, req.dimensions, "input")?;
     let out = embed_vectors(&state, target, embed, &req.keep_alive).await?;
-    Ok(axum::Json(json!({
-        "model": req.model,
-        "embeddings": out.floats()?,
-        "total_duration": (out.seconds * 1e9) as u64,
-        "load_duration": 0,
-        "prompt_eval_count": out.prompt_tokens,
-    }))
+    // A typed struct, not a `json!` tree: f32s written in their shortest form.
+    #[derive(serde::Serialize)]
+    struct Embedded {
+        model: String,
+        embeddings: Vec<Vec<f32>>,
+        total_duration: u64,
+        load_duration: u64,
+        prompt_eval_count: u32,
+    }
+    Ok(axum::Json(Embedded {
+        model: req.model,
+        embeddings: out.floats()?,
+        total_duration: (out.seconds * 1e9) as u64,
+        load_duration: 0,
+        prompt_eval_count: out.prompt_tokens,
+    })
     .into_response())
 }
 
@@ -778,8 +787,12 @@ pub async fn embeddings(
     }
     let embed = request::embed_frame(request::EmbedInput::Text(req.prompt), true, None, "prompt")?;
     let out = embed_vectors(&state, target, embed, &req.keep_alive).await?;
-    let vector = out.floats()?.into_iter().next().unwrap_or_default();
-    Ok(axum::Json(json!({"embedding": vector})).into_response())
+    #[derive(serde::Serialize)]
+    struct Embedding {
+        embedding: Vec<f32>,
+    }
+    let embedding = out.floats()?.into_iter().next().unwrap_or_default();
+    Ok(axum::Json(Embedding { embedding }).into_response())
 }
 
 pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {

@@ -866,26 +866,62 @@ pub async fn embeddings(State(state): State<AppState>, body: Bytes) -> Result<Re
         },
     )
     .await?;
-    let data: Vec<Value> = if as_base64 {
-        out.vectors
-            .iter()
-            .enumerate()
-            .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
-            .collect()
+    let vectors: Vec<Vector> = if as_base64 {
+        out.vectors.iter().cloned().map(Vector::Base64).collect()
     } else {
-        out.floats()?
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
-            .collect()
+        out.floats()?.into_iter().map(Vector::Floats).collect()
     };
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "model": req.model,
-        "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
-    }))
+    let data = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, embedding)| EmbeddingItem {
+            object: "embedding",
+            index,
+            embedding,
+        })
+        .collect();
+    let usage = EmbeddingUsage {
+        prompt_tokens: out.prompt_tokens,
+        total_tokens: out.prompt_tokens,
+    };
+    Ok(axum::Json(EmbeddingList {
+        object: "list",
+        data,
+        model: req.model,
+        usage,
+    })
     .into_response())
+}
+
+// The answer as typed structs, not a `json!` tree: serde_json writes an f32 in its
+// shortest form ("0.06765687"), where a Value would hold it as f64 and write twice
+// the digits.
+#[derive(serde::Serialize)]
+struct EmbeddingList {
+    object: &'static str,
+    data: Vec<EmbeddingItem>,
+    model: String,
+    usage: EmbeddingUsage,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingItem {
+    object: &'static str,
+    index: usize,
+    embedding: Vector,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Vector {
+    Floats(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: u32,
+    total_tokens: u32,
 }
 
 pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
