@@ -7,8 +7,8 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::core;
 use super::error::ApiError;
@@ -90,21 +90,52 @@ pub async fn rerank(State(state): State<AppState>, body: Bytes) -> Result<Respon
     order.sort_by(|&a, &b| out.scores[b].total_cmp(&out.scores[a]).then(a.cmp(&b)));
     order.truncate(req.top_n.unwrap_or(order.len()));
     let with_documents = req.return_documents.unwrap_or(true);
-    let results: Vec<Value> = order
+    let results = order
         .into_iter()
-        .map(|i| {
-            let mut r = json!({"index": i, "relevance_score": out.scores[i]});
-            if with_documents {
-                r["document"] = json!({"text": req.documents[i].text()});
-            }
-            r
+        .map(|i| RankedDocument {
+            index: i,
+            relevance_score: out.scores[i],
+            document: with_documents.then(|| Text {
+                text: req.documents[i].text().to_owned(),
+            }),
         })
         .collect();
-    Ok(axum::Json(json!({
-        "id": core::new_id("rerank"),
-        "model": req.model,
-        "results": results,
-        "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
-    }))
+    Ok(axum::Json(Reranked {
+        id: core::new_id("rerank"),
+        model: req.model,
+        results,
+        usage: Usage {
+            prompt_tokens: out.prompt_tokens,
+            total_tokens: out.prompt_tokens,
+        },
+    })
     .into_response())
+}
+
+// Typed, not a `json!` tree: scores written as the f32 they are.
+#[derive(Serialize)]
+struct Reranked {
+    id: String,
+    model: String,
+    results: Vec<RankedDocument>,
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct RankedDocument {
+    index: usize,
+    relevance_score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    document: Option<Text>,
+}
+
+#[derive(Serialize)]
+struct Text {
+    text: String,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: u32,
+    total_tokens: u32,
 }

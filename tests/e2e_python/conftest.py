@@ -142,9 +142,10 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A tiny random cross-encoder (test_embeddings' rerank).
     reranker = bert_reference.write_tiny_cross_encoder(at / "tiny-reranker", models_dir() / "all-minilm-l6-v2")
     (presets / "tiny-reranker.toml").write_text(f'model = "{reranker}"\nkeep_alive = "30s"\n')
-    # SmolLM2 as a reranker by the yes/no method (test_embeddings).
-    (presets / "smollm2-135m-rerank.toml").write_text(
-        'model = "smollm2-135m"\nkeep_alive = "30s"\n[rerank]\nmethod = "yes_no"\n'
+    # A tiny hybrid chat model (linear and full attention, SmolLM2's tokenizer) as a
+    # reranker by the yes/no method (test_embeddings).
+    (presets / "tiny-chat-rerank.toml").write_text(
+        f'model = "{family_dir("qwen3_next")}"\nkeep_alive = "30s"\n[rerank]\nmethod = "yes_no"\n'
         'instruction = "Find the passage that answers the question"\n'
     )
     # Tool-calling models for the agent CLIs (test_agent_clis): the first turn

@@ -188,25 +188,28 @@ def test_a_cross_encoder_scores_pairs_as_numpy_does(daemon_url: str, session_pre
 
 
 def test_a_chat_model_reranks_by_its_yes_no_verdict(daemon_url: str) -> None:
-    """A preset's [rerank] makes SmolLM2 a reranker: each document's score is the
-    model's probability of "yes" over "no" as the first token of its answer to
-    Qwen3-Reranker's question, as mlx-lm's own forward pass gives it."""
+    """A preset's [rerank] makes a chat model a reranker (a tiny random hybrid: linear
+    and full attention layers): each document's score is the model's probability of
+    "yes" over "no" as the first token of its answer to Qwen3-Reranker's question, as
+    mlx-lm's own forward pass gives it, short prompts batched and a long one chunked."""
     import math
 
     import mlx.core as mx
     import mlx_lm
-    from conftest import models_dir
+    from families import family_dir
 
     query = "What is the capital of France?"
+    # The last one makes a prompt past one pass's 512 tokens: prefilled in chunks.
+    documents = [*DOCS, "Paris, on the Seine, is the capital city of France. " * 60]
     got = httpx.post(
         f"{daemon_url}/v1/rerank",
-        json={"model": "smollm2-135m-rerank", "query": query, "documents": DOCS},
+        json={"model": "tiny-chat-rerank", "query": query, "documents": documents},
         timeout=300,
     ).json()
-    model, tok = mlx_lm.load(str(models_dir() / "smollm2-135m"))
+    model, tok = mlx_lm.load(str(family_dir("qwen3_next")))
     yes, no = tok.encode("yes", add_special_tokens=False)[0], tok.encode("no", add_special_tokens=False)[0]
     want = []
-    for doc in DOCS:
+    for doc in documents:
         messages = [
             {
                 "role": "system",
@@ -222,15 +225,16 @@ def test_a_chat_model_reranks_by_its_yes_no_verdict(daemon_url: str) -> None:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
         last = model(mx.array(ids)[None])[0, -1]
         want.append(1 / (1 + math.exp(float(last[no]) - float(last[yes]))))
+        assert doc != documents[-1] or len(ids) > 512
     by_index = {r["index"]: r["relevance_score"] for r in got["results"]}
-    assert np.allclose([by_index[i] for i in range(3)], want, atol=1e-4), (by_index, want)
-    assert got["usage"]["prompt_tokens"] > 3 * 40
+    assert np.allclose([by_index[i] for i in range(4)], want, atol=1e-4), (by_index, want)
+    assert got["usage"]["prompt_tokens"] > 512 + 3 * 40
     # Still a chat model: it generates as before, and gives no vectors.
     chat = httpx.post(
         f"{daemon_url}/v1/chat/completions",
-        json={"model": "smollm2-135m-rerank", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+        json={"model": "tiny-chat-rerank", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
         timeout=120,
     )
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
-    vectors = httpx.post(f"{daemon_url}/v1/embeddings", json={"model": "smollm2-135m-rerank", "input": "x"})
+    vectors = httpx.post(f"{daemon_url}/v1/embeddings", json={"model": "tiny-chat-rerank", "input": "x"})
     assert vectors.status_code == 400

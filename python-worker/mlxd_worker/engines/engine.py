@@ -443,14 +443,18 @@ class Engine:
         report_error(self.transport, rid, e)
 
     def _rerank(self, plan: RerankPlan) -> None:
-        """Scores the documents between two steps (the batch waits for it)."""
+        """Scores the documents between two steps: the decode batch waits for it;
+        the engine beats after every pass, so a long rerank is not taken for a hang."""
         try:
             yes, no = verdict_tokens(self.backend.tokenizer)
-            logits = self.backend.last_logits(plan.prompts, [yes, no])
+            logits = self.backend.last_logits(plan.prompts, [yes, no], between=self._beat)
+            # "yes"'s share of the two, as a logistic of their difference (no overflow).
+            scores = [0.5 * (1.0 + math.tanh((y - n) / 2.0)) for y, n in logits]
+            if not all(math.isfinite(x) for x in scores):
+                raise RuntimeError("the model's verdict logits are not finite numbers")
         except Exception as e:
             self._report(plan.rid, e)
             return
-        scores = [1.0 / (1.0 + math.exp(n - y)) for y, n in logits]  # softmax over the two, "yes"'s share
         frame: EmbeddingsFrame = {
             "id": plan.rid,
             "vectors": [],
@@ -476,6 +480,8 @@ class Engine:
         self.faults.in_load()
         self._rerank_instruction = options.get("rerank_instruction")
         self.backend.load(req["model_path"], options)
+        if self._rerank_instruction is not None:
+            verdict_tokens(self.backend.tokenizer)  # a model that cannot say yes or no fails its load
         # The preset's reasoning = "off" leaves thinking in the text, markers and all.
         reasoning = None if options.get("reasoning_inline") else detect(self.backend.tokenizer)
         self._planner = Planner(self.backend.tokenizer, self.backend.eos, reasoning, self.backend.snapshots)

@@ -10,7 +10,7 @@ logits: a request for logprobs, an output format or a forced tool call is refuse
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Callable, cast
 
 from ..errors import RequestError
 from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
@@ -166,7 +166,9 @@ class ReplayBackend:
     def close(self) -> None:
         pass
 
-    def last_logits(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+    def last_logits(
+        self, prompts: list[list[int]], token_ids: list[int], between: Callable[[], None] | None = None
+    ) -> list[list[float]]:
         raise RequestError("the replay engine has no model to score with")
 
     def detokenizer(self) -> Detokenizer:

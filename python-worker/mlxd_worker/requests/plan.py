@@ -115,7 +115,9 @@ class Planner:
             if asked.get("effort"):
                 kwargs["reasoning_effort"] = asked.get("effort")
             try:
-                ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
+                ids = template_ids(
+                    tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+                )
             except Exception:
                 # Templates that allow a system message only first (Qwen's, Llama's)
                 # refuse one mid-conversation (Claude Code sends them): there it
@@ -124,7 +126,9 @@ class Planner:
                 if moved is None:
                     raise
                 messages = moved
-                ids = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs))
+                ids = template_ids(
+                    tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+                )
             if self.boundaries:
                 try:
                     cuts = self._boundaries(list(messages), kwargs, ids)
@@ -149,8 +153,8 @@ class Planner:
             system += 1
         if 0 < system < len(messages):
             head = messages[:system] + [{"role": "user", "content": ""}]
-            cuts.append(_common(_ids(tok.apply_chat_template(head, tokenize=True, **kwargs)), ids))
-        cuts.append(_common(_ids(tok.apply_chat_template(messages, tokenize=True, **kwargs)), ids))
+            cuts.append(_common(template_ids(tok.apply_chat_template(head, tokenize=True, **kwargs)), ids))
+        cuts.append(_common(template_ids(tok.apply_chat_template(messages, tokenize=True, **kwargs)), ids))
         return sorted({c for c in cuts if 1 < c < len(ids) - 1})
 
     def plan(self, req: Generate) -> RequestPlan:
@@ -200,7 +204,7 @@ class Planner:
         return plan
 
 
-def _ids(rendered: object) -> list[int]:
+def template_ids(rendered: object) -> list[int]:
     """apply_chat_template's tokens, whichever form the tokenizer returns them in."""
     if isinstance(rendered, dict) or hasattr(rendered, "input_ids"):
         rendered = rendered["input_ids"]  # type: ignore[index]

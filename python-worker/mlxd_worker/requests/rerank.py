@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import RequestError
+
 # Qwen3-Reranker's system message.
 JUDGE = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
@@ -32,14 +34,23 @@ def judge_messages(instruction: str, query: str, document: str) -> list[dict[str
 
 def judge_prompt(tokenizer: Any, instruction: str, query: str, document: str) -> list[int]:
     """The conversation's tokens up to the answer (thinking off: the answer is the verdict)."""
-    ids = tokenizer.apply_chat_template(
-        judge_messages(instruction, query, document), add_generation_prompt=True, tokenize=True, enable_thinking=False
+    from .plan import template_ids
+
+    return template_ids(
+        tokenizer.apply_chat_template(
+            judge_messages(instruction, query, document),
+            add_generation_prompt=True,
+            tokenize=True,
+            enable_thinking=False,
+        )
     )
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
 def verdict_tokens(tokenizer: Any) -> tuple[int, int]:
-    """The first token of "yes" and of "no"."""
+    """The tokens of "yes" and of "no"; RequestError when the tokenizer has no
+    single, distinct token for each (the method compares the two)."""
     yes = tokenizer.encode("yes", add_special_tokens=False)
     no = tokenizer.encode("no", add_special_tokens=False)
+    if len(yes) != 1 or len(no) != 1 or yes == no:
+        raise RequestError(f'this model\'s tokenizer spells "yes" as {yes} and "no" as {no}: not one token each')
     return int(yes[0]), int(no[0])
