@@ -2,7 +2,7 @@
 through mlxd with many clients at once.
 
 In one invocation, on the same model and inputs (sentences of 8-40 words):
-- `native`: the worker's encoder in-process (models/encoder.py), one input per pass,
+- `native`: the worker's embedding model in-process (models/embedder.py), one input per pass,
   then passes of 64 inputs sorted by length: the model's batched forward-pass rate;
 - `mlxd`: a real daemon, `/v1/embeddings` with one input per request from 1 client,
   and from 16 clients at once (each request one input): what dynamic batching gives
@@ -41,9 +41,9 @@ def sentences(n: int) -> list[str]:
 
 def native(args: argparse.Namespace, texts: list[str]) -> dict[str, list[float]]:
     sys.path.insert(0, str(ROOT / "python-worker"))
-    from mlxd_worker.models import encoder
+    from mlxd_worker.models import embedder
 
-    model = encoder.load(Path(args.models_dir) / args.model)
+    model = embedder.load(Path(args.models_dir) / args.model)
     rows = [model.tokenize(t) for t in texts]
     model.embed(rows[:64])  # warm-up
     out: dict[str, list[float]] = {"one_by_one": [], "batched": []}

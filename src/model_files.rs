@@ -28,12 +28,29 @@ pub struct ModelFiles {
 /// (python-worker/mlxd_worker/models/encoder.py `ENCODER_TYPES`).
 pub const ENCODER_TYPES: &[&str] = &["bert", "roberta", "xlm-roberta"];
 
-/// Whether the model in `dir` is an encoder (read from its config.json alone).
-pub fn config_is_encoder(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .is_some_and(|config| is_encoder(&config))
+/// Whether the model in `dir` is an embedding model by its own files: an encoder
+/// (its config.json's `model_type`), or a decoder whose sentence-transformers
+/// `modules.json` has a Pooling module (Qwen3-Embedding). The worker decides the
+/// same (python-worker/mlxd_worker/models/embedder.py `serves_embeddings`).
+pub fn serves_embeddings(dir: &Path) -> bool {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+    };
+    if read("config.json").is_some_and(|config| is_encoder(&config)) {
+        return true;
+    }
+    read("modules.json")
+        .as_ref()
+        .and_then(Value::as_array)
+        .is_some_and(|modules| {
+            modules.iter().any(|m| {
+                m.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.ends_with(".Pooling"))
+            })
+        })
 }
 
 fn is_encoder(config: &Value) -> bool {
@@ -44,11 +61,6 @@ fn is_encoder(config: &Value) -> bool {
 }
 
 impl ModelFiles {
-    /// An embedding model (see [`config_is_encoder`]).
-    pub fn is_encoder(&self) -> bool {
-        is_encoder(&self.config)
-    }
-
     pub fn read(dir: Option<&Path>) -> ModelFiles {
         let size = dir
             .and_then(|d| std::fs::read_dir(d).ok())

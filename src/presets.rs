@@ -51,8 +51,10 @@ pub enum EngineKind {
     Mlx,
     /// A fixed text's tokens as fast as the protocol allows: measures the token path.
     Replay,
-    /// Vectors of texts (an encoder: BERT family). Chosen by the model's own config
-    /// for a preset that leaves `engine` at "mlx"; writing it only states the fact.
+    /// Vectors of texts. Chosen by the model's own files for a preset that leaves
+    /// `engine` at "mlx" (an encoder, or a decoder with sentence-transformers pooling:
+    /// [`crate::model_files::serves_embeddings`]); written, it makes any decoder an
+    /// embedding model pooled at its last token.
     Embedding,
 }
 
@@ -627,9 +629,9 @@ impl Preset {
         let Some(files) = self.model_path(models_dir).ok().map(read) else {
             return Estimate::default();
         };
-        if files.is_encoder() {
-            // An encoder keeps no KV: its weights, the runtime, and one pass's
-            // activations, counted with the runtime.
+        if self.worker_engine(models_dir) == EngineKind::Embedding {
+            // An embedding model keeps no KV: its weights, the runtime, and one
+            // pass's activations, counted with the runtime.
             return Estimate {
                 weights_bytes: files.size,
                 runtime_bytes: crate::memory::RUNTIME_OVERHEAD + encoder_activations(&files),
@@ -795,16 +797,16 @@ impl Preset {
         crate::model_files::ModelFiles::read(self.model_path(models_dir).ok().as_deref())
     }
 
-    /// The engine the worker runs: the preset's, except that a model whose config
-    /// is an encoder (BERT family) is served by the embedding engine.
+    /// The engine the worker runs: the preset's, except that a model whose files say
+    /// it is an embedding model is served by the embedding engine.
     pub fn worker_engine(&self, models_dir: &Path) -> EngineKind {
         match self.engine {
             EngineKind::Mlx => {
-                let encoder = self
+                let embeds = self
                     .model_path(models_dir)
                     .ok()
-                    .is_some_and(|dir| crate::model_files::config_is_encoder(&dir));
-                if encoder {
+                    .is_some_and(|dir| crate::model_files::serves_embeddings(&dir));
+                if embeds {
                     EngineKind::Embedding
                 } else {
                     EngineKind::Mlx
@@ -1038,6 +1040,42 @@ mod tests {
             .resolve("smollm2-135m")
             .expect("the default model is shipped");
         assert_eq!(p.transport, TransportKind::Shm);
+    }
+
+    #[test]
+    fn embedding_models_are_known_by_their_files_or_by_the_preset() {
+        let dir = std::env::temp_dir().join(format!("mlxd-embedder-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = r#"{"model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "intermediate_size": 128, "max_position_embeddings": 32768}"#;
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        std::fs::write(dir.join("model.safetensors"), vec![0u8; 4096]).unwrap();
+        let preset = |extra: &str| {
+            Preset::parse(
+                &format!("model = {:?}\n{extra}", dir.to_str().unwrap()),
+                "x",
+            )
+            .unwrap()
+        };
+        let plain = preset("");
+        assert_eq!(plain.worker_engine(&dir), EngineKind::Mlx);
+        assert!(plain.estimate(&dir, None).kv_bytes_per_token > 0);
+        // A chat checkpoint named as an embedding model by its preset.
+        let named = preset("engine = \"embedding\"");
+        assert_eq!(named.worker_engine(&dir), EngineKind::Embedding);
+        // Qwen3-Embedding's sentence-transformers files make it one without a word.
+        let modules =
+            r#"[{"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#;
+        std::fs::write(dir.join("modules.json"), modules).unwrap();
+        assert_eq!(plain.worker_engine(&dir), EngineKind::Embedding);
+        let estimate = plain.estimate(&dir, None);
+        assert_eq!(
+            (estimate.kv_bytes_per_token, estimate.reserve_tokens),
+            (0, 0)
+        );
+        assert!(estimate.runtime_bytes > crate::memory::RUNTIME_OVERHEAD);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

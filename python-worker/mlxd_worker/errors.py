@@ -13,3 +13,7 @@ class ContextOverflow(RequestError):
     """The prompt leaves nothing of the model's context to generate in."""
 
     code = "context_length_exceeded"
+
+
+class UnservableModel(Exception):
+    """A model directory this worker cannot serve (a load error), with the reason."""

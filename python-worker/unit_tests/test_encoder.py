@@ -12,7 +12,8 @@ import bert_reference
 import numpy as np
 import pytest
 
-from mlxd_worker.models import encoder
+from mlxd_worker.errors import UnservableModel
+from mlxd_worker.models import embedder, encoder
 
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "all-minilm-l6-v2"
 SENTENCES = [
@@ -25,12 +26,12 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def model() -> encoder.EmbeddingModel:
+def model() -> embedder.EmbeddingModel:
     assert MODEL.is_dir(), "scripts/setup installs the embedding model"
-    return encoder.load(MODEL)
+    return embedder.load(MODEL)
 
 
-def test_vectors_equal_a_numpy_bert_of_the_same_weights(model: encoder.EmbeddingModel) -> None:
+def test_vectors_equal_a_numpy_bert_of_the_same_weights(model: embedder.EmbeddingModel) -> None:
     rows = [model.tokenize(s) for s in SENTENCES]
     assert rows[0][0] == 101 and rows[0][-1] == 102  # [CLS] ... [SEP], as the model was trained
     got = np.array(model.embed(rows))  # one batch: the short rows are padded
@@ -42,28 +43,28 @@ def test_vectors_equal_a_numpy_bert_of_the_same_weights(model: encoder.Embedding
         assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_the_vector_on_the_models_card(model: encoder.EmbeddingModel) -> None:
+def test_the_vector_on_the_models_card(model: embedder.EmbeddingModel) -> None:
     """sentence-transformers' own first values for its example sentence."""
     got = np.array(model.embed([model.tokenize("This is an example sentence")]))[0, :5]
     assert np.allclose(got, [0.0677, 0.0635, 0.0487, 0.0793, 0.0374], atol=1e-4), got
 
 
-def test_close_sentences_are_closer_than_unrelated_ones(model: encoder.EmbeddingModel) -> None:
+def test_close_sentences_are_closer_than_unrelated_ones(model: embedder.EmbeddingModel) -> None:
     v = np.array(model.embed([model.tokenize(s) for s in SENTENCES]))
     sim = v @ v.T
     assert sim[0, 1] > max(sim[0, 2], sim[0, 3], sim[0, 4]) + 0.3
     assert sim[1, 0] > sim[1, 4] and sim[3, 0] > sim[3, 4]
 
 
-def test_a_vector_does_not_depend_on_its_batch(model: encoder.EmbeddingModel) -> None:
+def test_a_vector_does_not_depend_on_its_batch(model: embedder.EmbeddingModel) -> None:
     rows = [model.tokenize(s) for s in SENTENCES]
     alone = np.array(model.embed([rows[0]]))[0]
     batched = np.array(model.embed([rows[4], rows[0]]))[1]
     assert float(alone @ batched) >= 0.99999
 
 
-def test_the_sentence_transformers_files_set_pooling_and_length(tmp_path: Path, model: encoder.EmbeddingModel) -> None:
-    assert model.pooling == encoder.Pooling("mean", normalize=True)
+def test_the_sentence_transformers_files_set_pooling_and_length(tmp_path: Path, model: embedder.EmbeddingModel) -> None:
+    assert model.pooling == embedder.Pooling("mean", normalize=True)
     assert model.max_tokens == 256  # sentence_bert_config.json's max_seq_length, not the 512 positions
     (tmp_path / "modules.json").write_text(
         json.dumps(
@@ -75,7 +76,7 @@ def test_the_sentence_transformers_files_set_pooling_and_length(tmp_path: Path, 
     )
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
-    assert encoder.Pooling.from_dir(tmp_path) == encoder.Pooling("cls", normalize=False)
+    assert embedder.Pooling.from_dir(tmp_path) == embedder.Pooling("cls", normalize=False)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +89,7 @@ def test_the_sentence_transformers_files_set_pooling_and_length(tmp_path: Path, 
     ],
 )
 def test_an_encoder_it_cannot_serve_is_refused_with_the_reason(config: dict[str, Any], reason: str) -> None:
-    with pytest.raises(encoder.EncoderError, match=reason):
+    with pytest.raises(UnservableModel, match=reason):
         encoder.EncoderConfig.from_dict(config)
 
 
@@ -97,7 +98,7 @@ def test_a_cross_encoders_relevance_equals_numpy_of_its_weights(tmp_path: Path) 
     each (query, document) pair's score is the sigmoid of its logit, with the
     document's token types, batched with padding."""
     directory = bert_reference.write_tiny_cross_encoder(tmp_path / "reranker", MODEL)
-    model = encoder.load(directory)
+    model = embedder.load(directory)
     assert model.head is not None
     docs = [
         "Paris is the capital of France.",

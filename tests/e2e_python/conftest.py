@@ -50,6 +50,8 @@ def _worker_test_module(name: str) -> ModuleType:
 
 # The numpy BERT and the tiny cross-encoder the worker's own tests use.
 bert_reference = sys.modules.get("bert_reference") or _worker_test_module("bert_reference")
+# The tiny Qwen3 in Qwen3-Embedding's layout and its mlx-lm reference vectors.
+decoder_embedder = sys.modules.get("decoder_embedder") or _worker_test_module("decoder_embedder")
 
 
 def control(timeout: float = 600) -> httpx.Client:
@@ -142,6 +144,9 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A tiny random cross-encoder (test_embeddings' rerank).
     reranker = bert_reference.write_tiny_cross_encoder(at / "tiny-reranker", models_dir() / "all-minilm-l6-v2")
     (presets / "tiny-reranker.toml").write_text(f'model = "{reranker}"\nkeep_alive = "30s"\n')
+    # A decoder embedding model, known as one by its sentence-transformers files.
+    qwen3_embedding = decoder_embedder.write(at / "tiny-qwen3-embedding", models_dir() / "smollm2-135m")
+    (presets / "tiny-qwen3-embedding.toml").write_text(f'model = "{qwen3_embedding}"\nkeep_alive = "30s"\n')
     # A tiny hybrid chat model (linear and full attention, SmolLM2's tokenizer) as a
     # reranker by the yes/no method (test_embeddings).
     (presets / "tiny-chat-rerank.toml").write_text(

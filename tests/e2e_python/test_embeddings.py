@@ -166,14 +166,14 @@ def test_rerank_orders_documents_by_relevance(daemon_url: str) -> None:
 def test_a_cross_encoder_scores_pairs_as_numpy_does(daemon_url: str, session_presets: Path) -> None:
     from bert_reference import relevance
 
-    from mlxd_worker.models import encoder
+    from mlxd_worker.models import embedder
 
     directory = Path(tomllib.loads((session_presets / "tiny-reranker.toml").read_text())["model"])
     query = "What is the capital of France?"
     got = httpx.post(
         f"{daemon_url}/v1/rerank", json={"model": "tiny-reranker", "query": query, "documents": DOCS}, timeout=120
     ).json()
-    tokenizer = encoder.load(directory)
+    tokenizer = embedder.load(directory)
     want = [relevance(directory, *tokenizer.pair(query, d)) for d in DOCS]
     by_index = {r["index"]: r["relevance_score"] for r in got["results"]}
     assert np.allclose([by_index[i] for i in range(3)], want, atol=1e-5)
@@ -185,6 +185,40 @@ def test_a_cross_encoder_scores_pairs_as_numpy_does(daemon_url: str, session_pre
     assert chat.status_code == 400 and "not a rerank" in chat.json()["error"]["message"]
     empty = httpx.post(f"{daemon_url}/v1/rerank", json={"model": MODEL, "query": "q", "documents": []})
     assert empty.status_code == 400 and "documents" in empty.json()["error"]["message"]
+
+
+def test_a_decoder_embedding_model_gives_its_last_token_vectors(
+    oai: OpenAI, daemon_url: str, session_presets: Path
+) -> None:
+    """A tiny Qwen3 in Qwen3-Embedding's layout, with a preset that says nothing but
+    its path (its sentence-transformers files make it an embedding model): vectors
+    are mlx-lm's own backbone's last-token states, a rerank's query gets the model's
+    query prompt, and a chat request is refused."""
+    from decoder_embedder import QUERY_PROMPT, vector
+    from transformers import AutoTokenizer
+
+    name = "tiny-qwen3-embedding"
+    directory = Path(tomllib.loads((session_presets / f"{name}.toml").read_text())["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+
+    def reference(text: str) -> np.ndarray:
+        return vector(directory, list(tokenizer(text, add_special_tokens=True)["input_ids"]))
+
+    texts = [*CLOSE, FAR]
+    got = np.array([d.embedding for d in oai.embeddings.create(model=name, input=texts).data])
+    assert got.shape == (3, 64)
+    for text, v in zip(texts, got):
+        assert float(v @ reference(text)) >= 0.9999
+    query = "What is the capital of France?"
+    ranked = httpx.post(
+        f"{daemon_url}/v1/rerank", json={"model": name, "query": query, "documents": DOCS}, timeout=120
+    ).json()
+    q = reference(QUERY_PROMPT + query)
+    want = [float(q @ reference(d)) for d in DOCS]
+    by_index = {r["index"]: r["relevance_score"] for r in ranked["results"]}
+    assert np.allclose([by_index[i] for i in range(len(DOCS))], want, atol=1e-4)
+    with pytest.raises(openai.BadRequestError, match="embedding"):
+        oai.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
 
 def test_a_chat_model_reranks_by_its_yes_no_verdict(daemon_url: str) -> None:

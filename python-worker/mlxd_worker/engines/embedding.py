@@ -1,9 +1,9 @@
 """The engine of a worker serving an embedding model (`--engine embedding`).
 
 Requests (Embed frames) are tokenized on the reader thread as they arrive, like a
-Generate's planning, so the engine thread only runs the encoder. The engine takes
+Generate's planning, so the engine thread only runs the model. The engine takes
 every input waiting, sorts the inputs by length and runs them in batches of similar
-length (little padding, and the padding is masked: models/encoder.py), at most
+length (little padding, and the padding is masked: models/embedder.py), at most
 `MAX_BATCH_ROWS` inputs and `MAX_BATCH_TOKENS` padded tokens per pass; between passes it
 beats and reads its inbox, so a long request does not stop the heartbeat and new
 requests join the next round. A request's Embeddings frame leaves when its last
@@ -26,7 +26,7 @@ from ..errors import ContextOverflow, RequestError
 from ..io import frames
 from ..io.protocol import Embed, EmbeddingsFrame, Load, ModelFacts, Ready, Stats
 from ..io.transport import Transport
-from ..models import encoder
+from ..models import embedder
 from .backend import ModelTimes
 from .engine import IDLE_BEAT_S, Counters, report_error
 
@@ -73,7 +73,7 @@ class EmbeddingEngine:
         self.transport = transport
         self.inbox: queue.Queue[InboxItem] = queue.Queue()
         self.counters = Counters()
-        self.model: encoder.EmbeddingModel | None = None
+        self.model: embedder.EmbeddingModel | None = None
         self.heartbeat = 0
         self.failed = False
         self._running = True
@@ -107,7 +107,7 @@ class EmbeddingEngine:
             raise RequestError("an Embed carries texts or token ids, not both")
         if not texts and not tokens:
             raise RequestError("an Embed needs at least one input")
-        vocab = model.encoder.config.vocab_size
+        vocab = model.vocab_size
         for i, ids in enumerate(tokens):
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
@@ -118,7 +118,7 @@ class EmbeddingEngine:
         if model.head is not None:
             raise RequestError("this model scores query-document pairs (rerank): it gives no embeddings")
         truncate = bool(req.get("truncate"))
-        rows = [model.tokenize(t) for t in texts] + [model.with_special_tokens(ids) for ids in tokens]
+        rows = [model.tokenize(model.prompted(t)) for t in texts] + [model.with_special_tokens(ids) for ids in tokens]
         for i, row in enumerate(rows):
             if len(row) > model.max_tokens:
                 if not truncate:
@@ -134,12 +134,16 @@ class EmbeddingEngine:
 
     @staticmethod
     def _plan_rerank(
-        rid: int, model: encoder.EmbeddingModel, query: str, texts: list[str], tokens: list[list[int]]
+        rid: int, model: embedder.EmbeddingModel, query: str, texts: list[str], tokens: list[list[int]]
     ) -> Job:
         """Documents are cut to fit (a long document is scored on its start); a query
-        that leaves no room is refused."""
+        that leaves no room is refused. An embedding model's query and documents get
+        its query and document prompts."""
         if tokens:
             raise RequestError("rerank documents are texts, not token ids")
+        if model.head is None:
+            query = model.prompted(query, "query")
+            texts = [model.prompted(t, "document") for t in texts]
         if len(model.tokenize(query)) + 8 > model.max_tokens:
             raise ContextOverflow(f"the query leaves no room for a document in the model's {model.max_tokens} tokens")
         if model.head is not None:
@@ -227,9 +231,9 @@ class EmbeddingEngine:
             import mlx.core as mx
 
             mx.set_memory_limit(int(limit))
-        self.model = encoder.load(req["model_path"])
+        self.model = embedder.load(req["model_path"])
         self.model.embed([self.model.tokenize("warm up")])  # compiles the kernels
-        facts: ModelFacts = {"family": self.model.encoder.config.model_type, "cache_kinds": [], "limits": []}
+        facts: ModelFacts = {"family": self.model.family, "cache_kinds": [], "limits": []}
         ready: Ready = {
             "load_seconds": time.perf_counter() - t0,
             "context_length": self.model.max_tokens,
