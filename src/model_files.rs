@@ -26,7 +26,7 @@ pub struct ModelFiles {
 
 /// The `model_type`s of the encoders the embedding engine serves
 /// (python-worker/mlxd_worker/models/encoder.py `ENCODER_TYPES`).
-pub const ENCODER_TYPES: &[&str] = &["bert", "roberta", "xlm-roberta"];
+pub const ENCODER_TYPES: &[&str] = &["bert", "roberta", "xlm-roberta", "modernbert"];
 
 /// Whether the model in `dir` is an embedding model by its own files: an encoder
 /// (its config.json's `model_type`), or a decoder whose sentence-transformers

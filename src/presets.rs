@@ -1075,6 +1075,10 @@ mod tests {
             (0, 0)
         );
         assert!(estimate.runtime_bytes > crate::memory::RUNTIME_OVERHEAD);
+        // An encoder is one by its config alone.
+        std::fs::remove_file(dir.join("modules.json")).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "modernbert"}"#).unwrap();
+        assert_eq!(plain.worker_engine(&dir), EngineKind::Embedding);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

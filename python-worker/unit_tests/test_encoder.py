@@ -112,3 +112,19 @@ def test_a_cross_encoders_relevance_equals_numpy_of_its_weights(tmp_path: Path) 
     assert np.allclose(got, want, atol=1e-5), (got, want)
     long = model.pair("query", "word " * 400)
     assert len(long[0]) == model.max_tokens == 128  # the document is cut to fit
+
+
+def test_a_modernbert_equals_numpy_of_its_weights(tmp_path: Path) -> None:
+    """A tiny random ModernBERT (masked-LM layout, mean pooling): rotary positions,
+    GeGLU, and a local window narrower than the inputs on its middle layer; batched
+    with padding, each vector equals the numpy ModernBertModel's."""
+    directory = bert_reference.write_tiny_modernbert(tmp_path / "modernbert", MODEL)
+    model = embedder.load(directory)
+    assert (model.family, model.dims, model.pooling) == ("modernbert", 64, embedder.Pooling("mean", True))
+    rows = [model.tokenize(s) for s in SENTENCES]
+    assert max(len(r) for r in rows) > 2 * bert_reference.MODERNBERT_LOCAL
+    got = np.array(model.embed(rows))
+    for row, vector in zip(rows, got):
+        want = bert_reference.modernbert_vector(directory, row)
+        assert float(vector @ want) >= 0.9999
+        assert np.allclose(vector, want, atol=1e-4)

@@ -2,7 +2,7 @@
 sentence-transformers files say.
 
 Two kinds of backbone give the states:
-- a BERT-family encoder (encoder.py): bidirectional, padded keys masked;
+- a BERT-family encoder (encoder.py, modernbert.py): bidirectional, padded keys masked;
 - a decoder of an mlx-lm family (Qwen3-Embedding, e5-mistral and the like), built by
   mlx-lm's own model class without its LM head. Rows are right-padded: under the
   causal mask a real token never sees the padding after it.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 import mlx.core as mx
 
 from ..errors import UnservableModel
-from . import encoder
+from . import encoder, modernbert
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -99,7 +99,10 @@ class Pooling:
             last = attention.astype(mx.int32).sum(axis=1) - 1
             pooled = mx.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
         else:
-            pooled = (states * weights).sum(axis=1) / (counts if self.mode == "mean" else mx.sqrt(counts))
+            # where, not a product: a padded row's states may be NaN (a row of
+            # masked keys), and NaN·0 is NaN.
+            summed = mx.where(weights > 0, states, 0.0).sum(axis=1)
+            pooled = summed / (counts if self.mode == "mean" else mx.sqrt(counts))
         if self.normalize:
             pooled = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
         return pooled
@@ -212,9 +215,16 @@ def load(model_dir: str | Path) -> EmbeddingModel:
     except (OSError, ValueError) as e:
         raise UnservableModel(f"{path / 'config.json'}: {e}") from None
     head = None
-    if encoder.is_encoder(raw):
+    backbone: Backbone
+    if raw.get("model_type") == "modernbert":
+        if encoder.is_classifier(raw):
+            raise UnservableModel(f"{path}: a ModernBERT cross-encoder is not served (its embeddings are)")
+        bert = modernbert.load(path, raw)
+        backbone = bert
+        limit, pad, default_pooling = bert.config.max_position_embeddings, bert.config.pad_token_id, "mean"
+    elif encoder.is_encoder(raw):
         enc, head = encoder.load(path, raw)
-        backbone: Backbone = enc
+        backbone = enc
         limit, pad, default_pooling = enc.config.max_tokens, enc.config.pad_token_id, "mean"
     else:
         backbone = _decoder(path, raw)

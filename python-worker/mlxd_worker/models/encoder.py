@@ -29,7 +29,10 @@ from mlx.nn.layers.normalization import LayerNorm
 
 from ..errors import UnservableModel
 
-ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+# The BERT layout this module implements, and every encoder the worker serves
+# (ModernBERT: modernbert.py).
+BERT_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+ENCODER_TYPES = BERT_TYPES | {"modernbert"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> EncoderConfig:
         model_type = str(config.get("model_type", ""))
-        if model_type not in ENCODER_TYPES:
+        if model_type not in BERT_TYPES:
             raise UnservableModel(
                 f"model_type {model_type!r} is not an encoder mlxd serves ({', '.join(sorted(ENCODER_TYPES))})"
             )
@@ -274,7 +277,7 @@ def load(path: Path, raw: dict[str, Any]) -> tuple[Encoder, CrossEncoderHead | N
     for f in files:
         weights.update(cast_weights(cast("dict[str, mx.array]", mx.load(str(f)))))
     encoder = Encoder(config)
-    wanted = {name for name, _ in _flat_names(encoder)}
+    wanted = {name for name, _ in flat_names(encoder)}
     # Checkpoints carry extras the encoder does not use: the pooler, a MLM head,
     # position_ids buffers; a "bert." prefix when saved from a task model.
     kept = {}
@@ -290,7 +293,7 @@ def load(path: Path, raw: dict[str, Any]) -> tuple[Encoder, CrossEncoderHead | N
     head = None
     if classifier:
         head = CrossEncoderHead(config)
-        wanted_head = {name for name, _ in _flat_names(head)}
+        wanted_head = {name for name, _ in flat_names(head)}
         found = {n.removeprefix("bert."): v for n, v in weights.items() if n.removeprefix("bert.") in wanted_head}
         if wanted_head - found.keys():
             raise UnservableModel(f"{path}: the weights lack {', '.join(sorted(wanted_head - found.keys())[:3])}")
@@ -304,7 +307,7 @@ def cast_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return {k: v for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
 
 
-def _flat_names(module: Module) -> list[tuple[str, Any]]:
+def flat_names(module: Module) -> list[tuple[str, Any]]:
     from mlx.utils import tree_flatten
 
     return cast("list[tuple[str, Any]]", tree_flatten(module.parameters()))
