@@ -47,7 +47,7 @@ def write(out: Path, tokenizer_from: Path, seed: int = 0, layout: str = "sentenc
         weights["lm_head.weight"] = mx.random.normal((CONFIG["vocab_size"], CONFIG["hidden_size"])) * 0.02
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), weights)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (tokenizer_from / name).is_file():
             shutil.copyfile(tokenizer_from / name, out / name)
     if layout == "sentence-transformers":

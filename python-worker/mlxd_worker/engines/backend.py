@@ -9,8 +9,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Union, cast
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, cast
 
 from ..cache.kv_cache import KvOptions
 from ..cache.layers import held, kinds, rewind_problem
@@ -96,9 +97,7 @@ class Backend(Protocol):
     def remove(self, uid: int) -> None: ...
     def step(self) -> list[StepResult]: ...
     def detokenizer(self) -> Detokenizer: ...
-    def last_logits(
-        self, prompts: list[list[int]], token_ids: list[int], between: Callable[[], None] | None = None
-    ) -> list[list[float]]: ...
+    def logit_passes(self, prompts: list[list[int]], token_ids: list[int]) -> LogitPasses: ...
     def take_counts(self, uid: int) -> DraftCounts | None: ...
     def speculative_status(self) -> SpecStatus | None: ...
     def model_facts(self) -> ModelFacts | None: ...
@@ -158,8 +157,10 @@ class Track:
 
 
 Lane = Union[SoloSequence, SpeculativeSequence]
+# One model pass per step; returns the logits (Backend.logit_passes).
+LogitPasses = Generator[None, None, list[list[float]]]
 
-# Tokens (rows × the longest) in one pass of `last_logits`, whose logits are that many
+# Tokens (rows × the longest) in one pass of `logit_passes`, whose logits are that many
 # vocabulary-wide rows (512 × 150k × 4 bytes ≈ 300 MB at most); longer prompts are
 # prefilled in chunks of this many.
 LOGITS_PASS_TOKENS = 512
@@ -735,15 +736,15 @@ class MlxBackend:
         detok: Detokenizer = self.tokenizer.detokenizer
         return detok
 
-    def last_logits(
-        self, prompts: list[list[int]], token_ids: list[int], between: Callable[[], None] | None = None
-    ) -> list[list[float]]:
-        """The logits of `token_ids` at each prompt's last position, no cache kept.
+    def logit_passes(self, prompts: list[list[int]], token_ids: list[int]) -> LogitPasses:
+        """The logits of `token_ids` at each prompt's last position, no cache kept,
+        one model pass per step of the generator (the engine runs its decode steps
+        between them); the generator's return value is the logits, by prompt.
         Short prompts go in passes of similar length, right-padded (a causal model's
         real positions never see the padding after them); a longer one is prefilled
         in chunks through a cache of its own, then its last token alone, so no pass
-        holds more than LOGITS_PASS_TOKENS rows of vocabulary-wide logits.
-        `between` runs after every pass (the engine's heartbeat)."""
+        holds more than LOGITS_PASS_TOKENS rows of vocabulary-wide logits. A pass's
+        time counts as prefill."""
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -756,24 +757,28 @@ class MlxBackend:
             while take < len(short) and len(prompts[short[take]]) * (take + 1) <= LOGITS_PASS_TOKENS:
                 take += 1
             rows, short = short[:take], short[take:]
+            started = time.perf_counter()
             width = len(prompts[rows[-1]])
             ids = mx.array([prompts[i] + [prompts[i][-1]] * (width - len(prompts[i])) for i in rows])
             last = self._model(ids)[mx.arange(len(rows)), mx.array([len(prompts[i]) - 1 for i in rows])]
             for i, values in zip(rows, cast("list[list[float]]", last[:, picks].astype(mx.float32).tolist())):
                 out[i] = values
-            if between is not None:
-                between()
+            self.times.prefill += time.perf_counter() - started
+            yield
         for i in (i for i in order if len(prompts[i]) > LOGITS_PASS_TOKENS):
             cache = make_prompt_cache(self._model)
             head = prompts[i][:-1]
             for start in range(0, len(head), LOGITS_PASS_TOKENS):
+                started = time.perf_counter()
                 # Only the cache is evaluated: the chunk's logits are never computed.
                 self._model(mx.array(head[start : start + LOGITS_PASS_TOKENS])[None], cache=cache)
                 mx.eval([c.state for c in cache])
-                if between is not None:
-                    between()
+                self.times.prefill += time.perf_counter() - started
+                yield
+            started = time.perf_counter()
             last = self._model(mx.array(prompts[i][-1:])[None], cache=cache)[0, -1]
             out[i] = cast("list[float]", last[picks].astype(mx.float32).tolist())
+            self.times.prefill += time.perf_counter() - started
         return [out[i] for i in range(len(prompts))]
 
     def speculative_status(self) -> SpecStatus | None:

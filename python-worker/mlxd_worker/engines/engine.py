@@ -51,7 +51,7 @@ from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
 from ..requests.tools import ToolCall, new_call_id
 from ..stats import footprint_bytes
-from .backend import Backend, Detokenizer, MlxBackend, ModelTimes
+from .backend import Backend, Detokenizer, LogitPasses, MlxBackend, ModelTimes
 from .kv_budget import KvBudget, KvShape, mib
 
 log = logging.getLogger("mlxd_worker")
@@ -188,6 +188,14 @@ class Admission:
 
 
 # The inbox: (kind, payload) as the frame came, a planned Generate, or None to stop.
+@dataclass
+class Rerank:
+    """A rerank the engine runs: its plan and its model passes (Backend.logit_passes)."""
+
+    plan: RerankPlan
+    passes: LogitPasses
+
+
 InboxItem = Union[tuple[int, bytes], tuple[int, Planned], tuple[int, RerankPlan], None]
 
 
@@ -231,6 +239,9 @@ class Engine:
         self._running = True
         # The preset's [rerank] instruction (this chat model also reranks), from Load.
         self._rerank_instruction: str | None = None
+        # Reranks in progress, first come first served: one model pass per loop
+        # iteration, between decode steps.
+        self._reranks: deque[Rerank] = deque()
         self.faults = Faults()
         # Advanced on every loop iteration (one decode step or prefill chunk): the
         # daemon's hang detector watches it while requests are in flight.
@@ -254,9 +265,13 @@ class Engine:
         if kind == frames.EMBED:
             embed = frames.decode_embed(payload)
             try:
-                self.inbox.put((kind, self._plan_rerank(embed)))
+                plan = self._plan_rerank(embed)
             except Exception as e:
                 report_error(self.transport, embed.get("id"), e)
+                return
+            with self.counters.lock:
+                self.counters.queued += 1
+            self.inbox.put((kind, plan))
             return
         if kind != frames.GENERATE:
             self.inbox.put((kind, payload))
@@ -319,7 +334,7 @@ class Engine:
             while self._running:
                 self._beat()
                 started = time.perf_counter()
-                idle = not self._by_uid and not self.waiting_for_memory
+                idle = not self._by_uid and not self.waiting_for_memory and not self._reranks
                 self._drain_inbox(block=idle)
                 if idle:  # waiting for work is not the engine's time; admitting it is
                     started = self._woke_at
@@ -327,10 +342,13 @@ class Engine:
                         started += self._gather()
                 if self.waiting_for_memory:
                     self._admit_waiting()
-                if self._by_uid:
+                if self._by_uid or self._reranks:
                     times = self.backend.times
                     before = ModelTimes(times.prefill, times.decode)
-                    self._step()
+                    if self._reranks:
+                        self._rerank_pass()
+                    if self._by_uid:
+                        self._step()
                     self.counters.timed(time.perf_counter() - started, times, before)
             self.backend.close()
         except BaseException as e:  # noqa: BLE001 - whatever it was, we cannot serve
@@ -403,7 +421,7 @@ class Engine:
 
     def _handle(self, kind: int, item: bytes | Planned | RerankPlan) -> None:
         if isinstance(item, RerankPlan):
-            self._rerank(item)
+            self._start_rerank(item)
             return
         if isinstance(item, Planned):  # a Generate
             try:
@@ -442,26 +460,62 @@ class Engine:
     def _report(self, rid: int | None, e: Exception) -> None:
         report_error(self.transport, rid, e)
 
-    def _rerank(self, plan: RerankPlan) -> None:
-        """Scores the documents between two steps: the decode batch waits for it;
-        the engine beats after every pass, so a long rerank is not taken for a hang."""
+    def _start_rerank(self, plan: RerankPlan) -> None:
+        with self.counters.lock:
+            self.counters.queued -= 1
         try:
             yes, no = verdict_tokens(self.backend.tokenizer)
-            logits = self.backend.last_logits(plan.prompts, [yes, no], between=self._beat)
-            # "yes"'s share of the two, as a logistic of their difference (no overflow).
-            scores = [0.5 * (1.0 + math.tanh((y - n) / 2.0)) for y, n in logits]
-            if not all(math.isfinite(x) for x in scores):
-                raise RuntimeError("the model's verdict logits are not finite numbers")
+            passes = self.backend.logit_passes(plan.prompts, [yes, no])
         except Exception as e:
             self._report(plan.rid, e)
             return
+        with self.counters.lock:
+            self.counters.active += 1
+        self._reranks.append(Rerank(plan, passes))
+
+    def _rerank_pass(self) -> None:
+        """The first rerank's next model pass; its scores once the last is done.
+        A decode step follows, so the batch waits one pass, not a whole rerank."""
+        rerank = self._reranks[0]
+        try:
+            next(rerank.passes)
+            return
+        except StopIteration as done:
+            logits: list[list[float]] = done.value
+        except Exception as e:  # a pass MLX refused (memory): this request fails, the rest go on
+            self._reranks.popleft()
+            self._report(rerank.plan.rid, e)
+            with self.counters.lock:
+                self.counters.active -= 1
+            return
+        self._reranks.popleft()
+        # "yes"'s share of the two, as a logistic of their difference (no overflow).
+        scores = [0.5 * (1.0 + math.tanh((y - n) / 2.0)) for y, n in logits]
+        with self.counters.lock:
+            self.counters.active -= 1
+        if not all(math.isfinite(x) for x in scores):
+            self._report(rerank.plan.rid, RuntimeError("the model's verdict logits are not finite numbers"))
+            return
         frame: EmbeddingsFrame = {
-            "id": plan.rid,
+            "id": rerank.plan.rid,
             "vectors": [],
             "scores": scores,
-            "prompt_tokens": sum(len(p) for p in plan.prompts),
+            "prompt_tokens": sum(len(p) for p in rerank.plan.prompts),
         }
         self.transport.send(frames.EMBEDDINGS, frames.json_payload(frame))
+        with self.counters.lock:
+            self.counters.completed += 1
+
+    def _cancel_rerank(self, rid: int) -> bool:
+        for rerank in self._reranks:
+            if rerank.plan.rid == rid:
+                self._reranks.remove(rerank)
+                rerank.passes.close()
+                with self.counters.lock:
+                    self.counters.active -= 1
+                    self.counters.cancelled += 1
+                return True
+        return False
 
     def _load(self, req: Load) -> None:
         t0 = time.perf_counter()
@@ -731,8 +785,9 @@ class Engine:
 
     def _cancel(self, rid: int) -> None:
         seq = self._by_rid.get(rid)
-        if seq is None:  # finished already, waiting for memory, or never admitted
-            self._cancel_waiting(rid)
+        if seq is None:  # a rerank, finished already, waiting for memory, or never admitted
+            if not self._cancel_rerank(rid):
+                self._cancel_waiting(rid)
             return
         self.backend.remove(seq.uid)
         self._finish(seq, "cancelled")

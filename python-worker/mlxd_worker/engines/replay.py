@@ -10,7 +10,7 @@ logits: a request for logprobs, an output format or a forced tool call is refuse
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, cast
+from typing import TYPE_CHECKING, cast
 
 from ..errors import RequestError
 from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
@@ -18,7 +18,7 @@ from ..lanes.drafting import DraftController
 from ..requests.constraint import SequenceConstraint
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
-from .backend import Detokenizer, ModelTimes, StepResult
+from .backend import Detokenizer, LogitPasses, ModelTimes, StepResult
 from .sizing import max_batch
 
 if TYPE_CHECKING:
@@ -166,9 +166,7 @@ class ReplayBackend:
     def close(self) -> None:
         pass
 
-    def last_logits(
-        self, prompts: list[list[int]], token_ids: list[int], between: Callable[[], None] | None = None
-    ) -> list[list[float]]:
+    def logit_passes(self, prompts: list[list[int]], token_ids: list[int]) -> LogitPasses:
         raise RequestError("the replay engine has no model to score with")
 
     def detokenizer(self) -> Detokenizer:
