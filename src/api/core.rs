@@ -200,13 +200,6 @@ pub async fn collect(mut started: Started) -> Result<Collected, Error> {
     Err(Error::Internal("generation ended without a result".into()))
 }
 
-/// What the embedding endpoints ask the core for.
-pub struct EmbedRequest {
-    pub target: Target,
-    pub embed: Embed,
-    pub keep_alive: Option<KeepAlive>,
-}
-
 /// One vector per input, in order, as the worker sent them (base64 of
 /// little-endian f32: OpenAI's `encoding_format: "base64"`).
 pub struct Embedded {
@@ -237,40 +230,47 @@ impl Embedded {
     }
 }
 
-/// Asks the model's worker for the vectors of `req.embed`'s inputs. A model that
-/// is not an embedding model is the client's mistake (400), said before any load.
-pub async fn embed(state: &AppState, req: EmbedRequest) -> Result<Embedded, Error> {
-    let preset = &req.target.preset;
+/// Asks the model's worker for the vectors (or a rerank's scores) of `embed`'s
+/// inputs; `keep_alive` as the request wrote it. A model that is not an embedding
+/// model is the client's mistake (400), said before any load.
+pub async fn embed(
+    state: &AppState,
+    target: Target,
+    embed: Embed,
+    keep_alive: &Option<serde_json::Value>,
+) -> Result<Embedded, Error> {
+    let keep_alive = super::request::keep_alive(keep_alive)?;
+    let preset = &target.preset;
     if preset.transport == TransportKind::Http {
         return Err(Error::invalid(
             format!(
                 "'{}' runs on the http transport, which serves only plain OpenAI generation",
-                req.target.requested
+                target.requested
             ),
             Some("model"),
         ));
     }
-    let chat_reranker = req.embed.query.is_some() && preset.rerank.is_some();
+    let chat_reranker = embed.query.is_some() && preset.rerank.is_some();
     if !chat_reranker
         && preset.worker_engine(state.supervisor.models_dir()) != EngineKind::Embedding
     {
-        let what = if req.embed.query.is_some() {
+        let what = if embed.query.is_some() {
             "a rerank or embedding model"
         } else {
             "an embedding model"
         };
         return Err(Error::invalid(
             format!(
-                "'{}' is not {what} (its config is not an encoder such as BERT, and its \
-                 preset has no [rerank])",
-                req.target.requested
+                "'{}' is not {what} (neither its files nor its preset make it an \
+                 embedding model, and its preset has no [rerank])",
+                target.requested
             ),
             Some("model"),
         ));
     }
     let began = std::time::Instant::now();
     let mut timer = RequestTimer::start(&preset.name);
-    let mut stream = match state.supervisor.embed(preset, req.embed, req.keep_alive) {
+    let mut stream = match state.supervisor.embed(preset, embed, keep_alive) {
         Ok(stream) => stream,
         Err(e) => {
             timer.finish(Outcome::of(&e));

@@ -727,25 +727,6 @@ const EMBEDDINGS_FIELDS: &[(&str, FieldRule)] = &[
     ("options", FieldRule::OnlyNeutral(embed_options)),
 ];
 
-/// Runs an Embed on the request's model.
-async fn embed_vectors(
-    state: &AppState,
-    target: Target,
-    embed: worker_protocol::frame::Embed,
-    keep_alive: &Option<Value>,
-) -> Result<core::Embedded, Error> {
-    let keep_alive = request::keep_alive(keep_alive)?;
-    core::embed(
-        state,
-        core::EmbedRequest {
-            target,
-            embed,
-            keep_alive,
-        },
-    )
-    .await
-}
-
 pub async fn embed(State(state): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
     let (target, req): (Target, EmbedRequest) =
         request::parse_checked(&state, &body, &[EMBED_FIELDS])?;
@@ -756,7 +737,7 @@ pub async fn embed(State(state): State<AppState>, body: Bytes) -> Result<Respons
     // Ollama cuts inputs to the model's context unless told not to.
     let truncate = req.truncate.unwrap_or(true);
     let embed = request::embed_frame(req.input, truncate, req.dimensions, "input")?;
-    let out = embed_vectors(&state, target, embed, &req.keep_alive).await?;
+    let out = core::embed(&state, target, embed, &req.keep_alive).await?;
     // A typed struct, not a `json!` tree: f32s written in their shortest form.
     #[derive(serde::Serialize)]
     struct Embedded {
@@ -786,7 +767,7 @@ pub async fn embeddings(
         return Ok(axum::Json(json!({"embedding": []})).into_response());
     }
     let embed = request::embed_frame(request::EmbedInput::Text(req.prompt), true, None, "prompt")?;
-    let out = embed_vectors(&state, target, embed, &req.keep_alive).await?;
+    let out = core::embed(&state, target, embed, &req.keep_alive).await?;
     #[derive(serde::Serialize)]
     struct Embedding {
         embedding: Vec<f32>,

@@ -856,16 +856,7 @@ pub async fn embeddings(State(state): State<AppState>, body: Bytes) -> Result<Re
     }
     // OpenAI refuses an input longer than the model's limit rather than cut it.
     let embed = request::embed_frame(req.input, false, req.dimensions, "input")?;
-    let keep_alive = request::keep_alive(&req.keep_alive)?;
-    let out = core::embed(
-        &state,
-        core::EmbedRequest {
-            target,
-            embed,
-            keep_alive,
-        },
-    )
-    .await?;
+    let out = core::embed(&state, target, embed, &req.keep_alive).await?;
     let vectors: Vec<Vector> = if as_base64 {
         out.vectors.iter().cloned().map(Vector::Base64).collect()
     } else {

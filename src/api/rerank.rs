@@ -68,16 +68,7 @@ pub async fn rerank(State(state): State<AppState>, body: Bytes) -> Result<Respon
     let mut embed =
         request::embed_frame(request::EmbedInput::Texts(texts), true, None, "documents")?;
     embed.query = Some(req.query);
-    let keep_alive = request::keep_alive(&req.keep_alive)?;
-    let out = core::embed(
-        &state,
-        core::EmbedRequest {
-            target,
-            embed,
-            keep_alive,
-        },
-    )
-    .await?;
+    let out = core::embed(&state, target, embed, &req.keep_alive).await?;
     if out.scores.len() != req.documents.len() {
         return Err(Error::Internal(format!(
             "the worker scored {} of {} documents",

@@ -165,6 +165,14 @@ enum Asked {
 }
 
 impl Asked {
+    /// The frame that asks the worker for it.
+    fn frame(&self) -> Frame {
+        match self {
+            Asked::Generate(gen) => Frame::Generate(gen.clone()),
+            Asked::Embed(embed) => Frame::Embed(embed.clone()),
+        }
+    }
+
     /// The job that asks for it again, answering on `tx`.
     fn job(self, tx: mpsc::UnboundedSender<GenEvent>) -> Job {
         match self {
@@ -435,29 +443,9 @@ impl Slot {
                 self.machine.keep_alive = k;
             }
             self.last_used = Some((Instant::now(), std::time::SystemTime::now()));
-            match p.job {
-                Job::Generate { gen, tx } => {
-                    inc.shared.open_route(p.id, tx);
-                    inc.send(Frame::Generate(gen.clone()));
-                    self.sent.insert(
-                        p.id,
-                        Sent {
-                            asked: Asked::Generate(gen),
-                            retries: p.retries,
-                        },
-                    );
-                }
-                Job::Embed { embed, tx } => {
-                    inc.shared.open_route(p.id, tx);
-                    inc.send(Frame::Embed(embed.clone()));
-                    self.sent.insert(
-                        p.id,
-                        Sent {
-                            asked: Asked::Embed(embed),
-                            retries: p.retries,
-                        },
-                    );
-                }
+            let (asked, tx) = match p.job {
+                Job::Generate { gen, tx } => (Asked::Generate(gen), tx),
+                Job::Embed { embed, tx } => (Asked::Embed(embed), tx),
                 Job::Lease { reply } => {
                     let Some(port) = inc.hello().and_then(|h| h.http_port) else {
                         let _ = reply.send(Err(Error::WorkerUnavailable {
@@ -474,8 +462,18 @@ impl Slot {
                         incarnation: inc.n,
                         slot: self.me.clone(),
                     }));
+                    continue;
                 }
-            }
+            };
+            inc.shared.open_route(p.id, tx);
+            inc.send(asked.frame());
+            self.sent.insert(
+                p.id,
+                Sent {
+                    asked,
+                    retries: p.retries,
+                },
+            );
         }
     }
 

@@ -28,7 +28,7 @@ from ..io.protocol import Embed, EmbeddingsFrame, Load, ModelFacts, Ready, Stats
 from ..io.transport import Transport
 from ..models import embedder
 from .backend import ModelTimes
-from .engine import IDLE_BEAT_S, Counters, report_error
+from .engine import IDLE_BEAT_S, Counters, report_error, run_load, send_scores
 
 log = logging.getLogger("mlxd_worker")
 
@@ -203,11 +203,7 @@ class EmbeddingEngine:
                 self.counters.active += 1
             return
         if kind == frames.LOAD:
-            try:
-                self._load(frames.decode_load(item))
-            except Exception as e:
-                self._report(None, e)
-                raise
+            run_load(self.transport, self._load, item)
         elif kind == frames.CANCEL:
             job = self._jobs.pop(frames.decode_cancel(item), None)
             if job is not None:
@@ -302,11 +298,16 @@ class EmbeddingEngine:
             pending = [(job, i) for job, i in pending if job.rid in self._jobs]
 
     def _answer(self, job: Job) -> None:
-        """The request's vectors, in frames of at most MAX_ANSWER_FRAME_BYTES; or
-        its inputs' relevance scores."""
-        if job.mode != "embed":
-            self._answer_scores(job)
-            return
+        if job.mode == "embed":
+            self._send_vectors(job)
+        else:
+            self._send_scores(job)
+        with self.counters.lock:
+            self.counters.active -= 1
+            self.counters.completed += 1
+
+    def _send_vectors(self, job: Job) -> None:
+        """The request's vectors, in frames of at most MAX_ANSWER_FRAME_BYTES."""
         out: list[str] = []
         size = 0
         for vector in job.vectors:
@@ -323,27 +324,16 @@ class EmbeddingEngine:
             size += len(encoded) + 3
         last: EmbeddingsFrame = {"id": job.rid, "vectors": out, "prompt_tokens": sum(len(r) for r in job.rows)}
         self.transport.send(frames.EMBEDDINGS, frames.json_payload(last))
-        with self.counters.lock:
-            self.counters.active -= 1
-            self.counters.completed += 1
 
-    def _answer_scores(self, job: Job) -> None:
+    def _send_scores(self, job: Job) -> None:
+        """Each input's relevance: a cross-encoder's, or its cosine with the query (row 0)."""
         results = [v for v in job.vectors if v is not None]
         if job.mode == "pairs":
             scores = [float(v) for v in results]
-        else:  # cosine of each input with the query (row 0)
+        else:
             unit = [v / max(float(np.linalg.norm(v)), 1e-12) for v in results]
             scores = [float(unit[0] @ d) for d in unit[1:]]
-        frame: EmbeddingsFrame = {
-            "id": job.rid,
-            "vectors": [],
-            "scores": scores,
-            "prompt_tokens": sum(len(r) for r in job.rows),
-        }
-        self.transport.send(frames.EMBEDDINGS, frames.json_payload(frame))
-        with self.counters.lock:
-            self.counters.active -= 1
-            self.counters.completed += 1
+        send_scores(self.transport, job.rid, scores, sum(len(r) for r in job.rows))
 
     def _report(self, rid: int | None, e: Exception) -> None:
         report_error(self.transport, rid, e)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Callable, Union
 
 from ..errors import ContextOverflow, RequestError  # the client's fault: _report sends its code
 from ..faults import GARBAGE_KIND, Faults
@@ -217,6 +217,22 @@ def report_error(transport: Transport, rid: int | None, e: Exception) -> None:
     code = e.code if isinstance(e, RequestError) else "worker"
     error: ErrorFrame = {"id": rid, "message": str(e), "code": code}
     transport.send(frames.ERROR, frames.json_payload(error))
+
+
+def run_load(transport: Transport, load: Callable[[Load], None], payload: bytes) -> None:
+    """Runs a Load frame: a failure is reported (the daemon says why the model did
+    not load) and raised (the engine cannot serve; the worker exits)."""
+    try:
+        load(frames.decode_load(payload))
+    except Exception as e:
+        report_error(transport, None, e)
+        raise
+
+
+def send_scores(transport: Transport, rid: int, scores: list[float], prompt_tokens: int) -> None:
+    """A rerank's answer: each document's relevance, in order."""
+    frame: EmbeddingsFrame = {"id": rid, "vectors": [], "scores": scores, "prompt_tokens": prompt_tokens}
+    transport.send(frames.EMBEDDINGS, frames.json_payload(frame))
 
 
 class Engine:
@@ -451,11 +467,7 @@ class Engine:
             log.info("cleared MLX's cache (%d MiB) at the daemon's request", before >> 20)
             return
         if kind == frames.LOAD:
-            try:
-                self._load(frames.decode_load(item))
-            except Exception as e:
-                self._report(None, e)
-                raise
+            run_load(self.transport, self._load, item)
 
     def _report(self, rid: int | None, e: Exception) -> None:
         report_error(self.transport, rid, e)
@@ -496,13 +508,7 @@ class Engine:
         if not all(math.isfinite(x) for x in scores):
             self._report(rerank.plan.rid, RuntimeError("the model's verdict logits are not finite numbers"))
             return
-        frame: EmbeddingsFrame = {
-            "id": rerank.plan.rid,
-            "vectors": [],
-            "scores": scores,
-            "prompt_tokens": sum(len(p) for p in rerank.plan.prompts),
-        }
-        self.transport.send(frames.EMBEDDINGS, frames.json_payload(frame))
+        send_scores(self.transport, rerank.plan.rid, scores, sum(len(p) for p in rerank.plan.prompts))
         with self.counters.lock:
             self.counters.completed += 1
 
