@@ -30,8 +30,8 @@ pub const ENCODER_TYPES: &[&str] = &["bert", "roberta", "xlm-roberta", "modernbe
 
 /// Whether the model in `dir` is an embedding model by its own files: an encoder
 /// (its config.json's `model_type`), or a decoder whose sentence-transformers
-/// `modules.json` has a Pooling module (Qwen3-Embedding). The worker decides the
-/// same (python-worker/mlxd_worker/models/embedder.py `serves_embeddings`).
+/// `modules.json` has a Pooling module (Qwen3-Embedding). The daemon decides; the
+/// worker runs the engine it is started with.
 pub fn serves_embeddings(dir: &Path) -> bool {
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name))
@@ -51,6 +51,15 @@ pub fn serves_embeddings(dir: &Path) -> bool {
                     .is_some_and(|t| t.ends_with(".Pooling"))
             })
         })
+}
+
+/// Whether the model in `dir` is a vision-language model: its config.json
+/// describes a vision tower (`vision_config`, as mlx-vlm reads it).
+pub fn has_vision_tower(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .is_some_and(|config| config.get("vision_config").is_some_and(Value::is_object))
 }
 
 fn is_encoder(config: &Value) -> bool {

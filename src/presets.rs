@@ -56,6 +56,9 @@ pub enum EngineKind {
     /// [`crate::model_files::serves_embeddings`]); written, it makes any decoder an
     /// embedding model pooled at its last token.
     Embedding,
+    /// Chat with images (mlx-vlm). Chosen by the model's config (a vision tower) for
+    /// a preset that leaves `engine` at "mlx"; writing it only states the fact.
+    Vision,
 }
 
 impl EngineKind {
@@ -64,6 +67,7 @@ impl EngineKind {
             EngineKind::Mlx => "mlx",
             EngineKind::Replay => "replay",
             EngineKind::Embedding => "embedding",
+            EngineKind::Vision => "vision",
         }
     }
 }
@@ -713,7 +717,13 @@ impl Preset {
         match self.prompt_cache_bytes.as_deref() {
             Some(s) => cache_bytes(s).unwrap_or(0),
             None if self.engine == EngineKind::Replay => 0,
-            None if self.worker_engine(models_dir) == EngineKind::Embedding => 0,
+            None if matches!(
+                self.worker_engine(models_dir),
+                EngineKind::Embedding | EngineKind::Vision
+            ) =>
+            {
+                0
+            }
             // Room for four long conversations (or a quarter of the need, if
             // more): the worker gives it back when a request needs the memory.
             None => {
@@ -798,20 +808,17 @@ impl Preset {
     }
 
     /// The engine the worker runs: the preset's, except that a model whose files say
-    /// it is an embedding model is served by the embedding engine.
+    /// it is an embedding model is served by the embedding engine (unless its preset
+    /// has `[rerank]`: that makes it a chat model that reranks by its verdict), and
+    /// one with a vision tower by the vision engine.
     pub fn worker_engine(&self, models_dir: &Path) -> EngineKind {
         match self.engine {
-            EngineKind::Mlx => {
-                let embeds = self
-                    .model_path(models_dir)
-                    .ok()
-                    .is_some_and(|dir| crate::model_files::serves_embeddings(&dir));
-                if embeds {
-                    EngineKind::Embedding
-                } else {
-                    EngineKind::Mlx
-                }
-            }
+            EngineKind::Mlx if self.rerank.is_some() => EngineKind::Mlx,
+            EngineKind::Mlx => match self.model_path(models_dir) {
+                Ok(dir) if crate::model_files::serves_embeddings(&dir) => EngineKind::Embedding,
+                Ok(dir) if crate::model_files::has_vision_tower(&dir) => EngineKind::Vision,
+                _ => EngineKind::Mlx,
+            },
             other => other,
         }
     }
@@ -1069,6 +1076,9 @@ mod tests {
             r#"[{"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#;
         std::fs::write(dir.join("modules.json"), modules).unwrap();
         assert_eq!(plain.worker_engine(&dir), EngineKind::Embedding);
+        // A preset's [rerank] keeps it a chat model that judges by its verdict.
+        let judge = preset("[rerank]\nmethod = \"yes_no\"");
+        assert_eq!(judge.worker_engine(&dir), EngineKind::Mlx);
         let estimate = plain.estimate(&dir, None);
         assert_eq!(
             (estimate.kv_bytes_per_token, estimate.reserve_tokens),

@@ -10,6 +10,6 @@ for _ in $(seq 240); do
   sleep 0.5
 done
 [ -n "$worker" ] || { echo "profile.sh: no worker or no warm-up; see $OUT/prof-bench.txt" >&2; kill $bench; exit 1; }
-/tmp/site/bin/py-spy record -p "$worker" -r 250 -f raw -o $OUT/spy.txt -d 12 --nonblocking > $OUT/spy.log 2>&1
+/tmp/spy/bin/py-spy record -p "$worker" -r 250 -f raw -o $OUT/spy.txt -d 12 --nonblocking > $OUT/spy.log 2>&1
 wait $bench
 python3 benches/gpu/spytop.py $OUT/spy.txt > $OUT/spy-top.txt

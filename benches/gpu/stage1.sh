@@ -1,7 +1,9 @@
 # On the lent GPU machine, call 1 (carry .gpu/a): the wheels but the CUDA one's
 # second half; the first half waits in /tmp for call 2.
 set -e
-mkdir -p /tmp/g && cp .gpu/a/cuda.part.aa .gpu/a/cuda.name /tmp/g/ && cp -r .gpu/a/tok /tmp/g/tok
+mkdir -p /tmp/g && cp .gpu/a/cuda.part.aa .gpu/a/cuda.name .gpu/a/mlx-*.whl /tmp/g/ && cp -r .gpu/a/tok /tmp/g/tok
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .gpu/a/mlx-*.whl .gpu/a/mlx_lm-*.whl .gpu/a/llguidance-*.whl .gpu/a/mlxd_protocol-*.whl .gpu/a/py_spy-*.whl
+  .gpu/a/mlx-*.whl .gpu/a/mlx_lm-*.whl .gpu/a/llguidance-*.whl .gpu/a/mlxd_protocol-*.whl
+# py-spy apart: stage 2 reinstalls mlx, whose scripts replace /tmp/site/bin.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/spy .gpu/a/py_spy-*.whl
 echo stage1 ok

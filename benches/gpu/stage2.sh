@@ -3,7 +3,10 @@
 set -e
 wheel=/tmp/g/$(cat /tmp/g/cuda.name)
 cat /tmp/g/cuda.part.aa .gpu/b/cuda.part.ab > "$wheel"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
+# With mlx's own wheel in the same call: pip --target --upgrade replaces a top-level
+# folder both wheels write (mlx/) rather than merging a second call's into it.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  /tmp/g/mlx-*.whl "$wheel"
 cp .gpu/b/mlxd /tmp/g/mlxd && chmod +x /tmp/g/mlxd
 source benches/gpu/env.sh
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.__version__)"

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", choices=["shm", "stdio", "http"], default="stdio")
     ap.add_argument("--segment", help="shared-memory segment name (shm transport)")
     ap.add_argument("--generation", type=int, help="the incarnation the segment must belong to")
-    ap.add_argument("--engine", choices=["mlx", "replay", "embedding"], default="mlx")
+    ap.add_argument("--engine", choices=["mlx", "replay", "embedding", "vision"], default="mlx")
     ap.add_argument("--model", help="the model's name (so that ps and logs tell whose worker this is)")
     args = ap.parse_args(argv)
     logging.basicConfig(

@@ -138,10 +138,10 @@ def write_tiny_cross_encoder(out: Path, tokenizer_from: Path, seed: int = 0) -> 
 MODERNBERT_LOCAL = 8
 
 
-def write_tiny_modernbert(out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
+def write_tiny_modernbert(out: Path, tokenizer_from: Path, seed: int = 0, dtype: type = np.float32) -> Path:
     """A random ModernBERT saved as a masked-LM checkpoint ("model." keys and a head
-    the embedder ignores), with sentence-transformers files for mean pooling and
-    normalization, and the given model's (BERT) tokenizer."""
+    the embedder ignores; weights of `dtype`), with sentence-transformers files for
+    mean pooling and normalization, and the given model's (BERT) tokenizer."""
     from safetensors.numpy import save_file
 
     hidden, inner, layers, vocab = 64, 96, 3, 30522
@@ -166,7 +166,7 @@ def write_tiny_modernbert(out: Path, tokenizer_from: Path, seed: int = 0) -> Pat
         w[p + "mlp.Wi.weight"] = rand(2 * inner, hidden)
         w[p + "mlp.Wo.weight"] = rand(hidden, inner)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(w, str(out / "model.safetensors"))
+    save_file({k: v.astype(dtype) for k, v in w.items()}, str(out / "model.safetensors"))
     config = {
         "architectures": ["ModernBertForMaskedLM"],
         "model_type": "modernbert",

@@ -74,8 +74,9 @@ def test_a_cancelled_rerank_stops_between_passes(engine: Engine) -> None:
     engine._drain_inbox(block=False)
     engine._rerank_pass()
     assert engine.counters.active == 1
+    passes = engine._reranks[0].passes
     engine.submit(frames.CANCEL, frames.encode_cancel(3))
     engine._drain_inbox(block=False)
-    assert not engine._reranks
+    assert not engine._reranks and passes.gi_frame is None  # closed: its cache is freed
     assert (engine.counters.active, engine.counters.cancelled) == (0, 1)
     assert not frames_of(engine, frames.EMBEDDINGS, 3) and not frames_of(engine, frames.ERROR, 3)

@@ -64,6 +64,7 @@ def test_a_chat_checkpoint_named_as_embedder_pools_its_last_token(tmp_path: Path
         ({"config": {"use_bidirectional_attention": True}}, "bidirectional"),
         ({"config": {"model_type": "no_such_family"}}, "no_such_family"),
         ({"module": "sentence_transformers.models.Dense"}, "'Dense' is not implemented"),
+        ({"pooling": {"pooling_mode_mean_tokens": True, "include_prompt": False}}, "without the prompt"),
     ],
 )
 def test_what_it_cannot_serve_fails_the_load_with_the_reason(
@@ -79,12 +80,24 @@ def test_what_it_cannot_serve_fails_the_load_with_the_reason(
         modules = json.loads((directory / "modules.json").read_text())
         modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": change["module"]})
         (directory / "modules.json").write_text(json.dumps(modules))
+    if "pooling" in change:
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(change["pooling"]))
     with pytest.raises(UnservableModel, match=reason):
         embedder.load(directory)
 
 
-def test_the_files_say_whether_a_decoder_is_an_embedder(model_dir: Path, tmp_path: Path) -> None:
-    config = json.loads((model_dir / "config.json").read_text())
-    assert embedder.serves_embeddings(model_dir, config)
-    assert not embedder.serves_embeddings(tmp_path, config)  # no modules.json: a chat model
-    assert embedder.serves_embeddings(tmp_path, {"model_type": "bert"})
+def test_an_end_token_the_tokenizer_config_asks_for_is_pooled_at(model_dir: Path, tmp_path: Path) -> None:
+    """`add_eos_token` (gte-Qwen2: its tokenizer's own code adds it): each text ends
+    with the end token, the token the vector is read at, even for token-id inputs."""
+    import shutil
+
+    directory = Path(shutil.copytree(model_dir, tmp_path / "m"))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": True}))
+    model = embedder.load(directory)
+    eos = model.tokenizer.eos_token_id
+    row = model.tokenize(TEXTS[0])
+    bare = list(model.tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"])
+    assert row[-1] == eos and row[:-1][-len(bare) :] == bare
+    assert model.with_special_tokens(bare)[-1] == eos
+    assert float(np.array(model.embed([row]))[0] @ decoder_embedder.vector(directory, row)) >= 0.9999

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import bert_reference
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -128,3 +129,37 @@ def test_a_modernbert_equals_numpy_of_its_weights(tmp_path: Path) -> None:
         want = bert_reference.modernbert_vector(directory, row)
         assert float(vector @ want) >= 0.9999
         assert np.allclose(vector, want, atol=1e-4)
+
+
+def test_a_modernbert_in_float16_with_long_padding_is_not_nan(tmp_path: Path) -> None:
+    """A short row batched with one longer than twice the window: its padded
+    positions past the window see only themselves, not nothing (a NaN that the
+    next layer would carry into the real tokens)."""
+    directory = bert_reference.write_tiny_modernbert(tmp_path / "half", MODEL, dtype=np.float16)
+    model = embedder.load(directory)
+    short, long = model.tokenize("Stocks fell."), model.tokenize(SENTENCES[4] + " " + SENTENCES[2])
+    assert len(long) - len(short) > 2 * bert_reference.MODERNBERT_LOCAL
+    got = np.array(model.embed([short, long]).astype(mx.float32))
+    assert np.isfinite(got).all()
+    for row, vector in zip([short, long], got):
+        assert float(vector @ bert_reference.modernbert_vector(directory, row)) >= 0.999
+
+
+def test_a_modernbert_config_as_transformers_5_writes_it(tmp_path: Path) -> None:
+    """layer_types and rope_parameters instead of global_attn_every_n_layers and the
+    thetas: the same model, the same vectors."""
+    directory = bert_reference.write_tiny_modernbert(tmp_path / "modernbert", MODEL)
+    row = embedder.load(directory).tokenize(SENTENCES[4])
+    want = bert_reference.modernbert_vector(directory, row)  # read from the older keys
+    config = json.loads((directory / "config.json").read_text())
+    every = config.pop("global_attn_every_n_layers")
+    config["layer_types"] = [
+        "sliding_attention" if i % every else "full_attention" for i in range(config["num_hidden_layers"])
+    ]
+    config["rope_parameters"] = {
+        "full_attention": {"rope_type": "default", "rope_theta": config.pop("global_rope_theta")},
+        "sliding_attention": {"rope_type": "default", "rope_theta": config.pop("local_rope_theta")},
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    vector = np.array(embedder.load(directory).embed([row]))[0]
+    assert float(vector @ want) >= 0.9999

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from recorder import Recorder
 
-from mlxd_worker.engines.engine import GATHER_S, Engine
+from mlxd_worker.engines.engine import GATHER_GAP_S, GATHER_S, Engine
 from mlxd_worker.engines.replay import ReplayBackend
 from mlxd_worker.io import frames
 
@@ -66,3 +66,22 @@ def test_a_lone_request_does_not_wait(engine: Engine) -> None:
     assert time.perf_counter() - started < GATHER_S / 2
     assert len(engine._by_uid) == 1
     assert first_step_batch(engine) == 1
+
+
+def test_a_burst_with_gaps_between_its_frames_still_starts_together(engine: Engine) -> None:
+    """Once two have come, a third that reaches the worker a moment later (the reader
+    idle in between, waiting for its frame) joins the first step too."""
+    engine.submit(frames.GENERATE, generate(1))
+    engine.submit(frames.GENERATE, generate(2))
+
+    def reader() -> None:
+        time.sleep(GATHER_GAP_S / 2)
+        engine.submit(frames.GENERATE, generate(3))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    engine._drain_inbox(block=True)
+    engine._gather()
+    thread.join()
+    assert len(engine._by_uid) == 3
+    assert first_step_batch(engine) == 4  # the bucket of 3 and 4

@@ -14,6 +14,7 @@ use worker_protocol::frame::{
 
 use super::core;
 use super::error::{AnthropicError, Dialect};
+use super::images::{Images, Turn};
 use super::request::{self, FieldRule, Target};
 use super::AppState;
 use crate::error::Error;
@@ -48,6 +49,17 @@ struct Block {
     // thinking (an assistant turn's, sent back)
     #[serde(default)]
     thinking: Option<String>,
+    // image
+    #[serde(default)]
+    source: Option<ImageSource>,
+}
+
+/// An image block's source: the file in base64, or a URL.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ImageSource {
+    Base64 { data: String },
+    Url { url: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,6 +262,7 @@ fn text_of(content: Content, field: &str) -> Result<String, Error> {
 fn chat_messages(
     system: Option<Content>,
     messages: Vec<InMessage>,
+    images: &mut Images,
 ) -> Result<Vec<ChatMessage>, Error> {
     if messages.is_empty() {
         return Err(Error::invalid(
@@ -303,12 +316,27 @@ fn chat_messages(
             }
             Content::Blocks(b) => b,
         };
-        let mut text = String::new();
+        let mut turn = Turn::default();
         let mut calls = Vec::new();
         let mut thought = String::new();
         for b in blocks {
             match b.kind.as_str() {
-                "text" => text.push_str(b.text.as_deref().unwrap_or_default()),
+                "text" => turn.push_text(b.text.as_deref().unwrap_or_default()),
+                "image" if m.role == "user" => {
+                    let image = match b.source {
+                        Some(ImageSource::Base64 { data }) => {
+                            images.add_base64(&data, "messages")?
+                        }
+                        Some(ImageSource::Url { url }) => images.add_url(&url, "messages")?,
+                        None => {
+                            return Err(Error::invalid(
+                                "an image block needs its source",
+                                Some("messages"),
+                            ))
+                        }
+                    };
+                    turn.push_image(image);
+                }
                 "thinking" if m.role == "assistant" => {
                     thought.push_str(b.thinking.as_deref().unwrap_or_default())
                 }
@@ -337,12 +365,14 @@ fn chat_messages(
                 other => return Err(unsupported_block(other)),
             }
         }
-        if !text.is_empty() || !calls.is_empty() {
+        let (text, parts) = turn.finish();
+        if !text.is_empty() || !calls.is_empty() || !parts.is_empty() {
             out.push(ChatMessage {
                 role: m.role,
                 content: text,
                 tool_calls: calls,
                 reasoning: Some(thought).filter(|t| !t.is_empty()),
+                parts,
                 ..Default::default()
             });
         }
@@ -414,7 +444,9 @@ fn generate(req: MessagesRequest) -> Result<(Generate, bool), Error> {
         seed: None,
     }
     .to_generate()?;
-    gen.messages = Some(chat_messages(req.system, req.messages)?);
+    let mut images = Images::default();
+    gen.messages = Some(chat_messages(req.system, req.messages, &mut images)?);
+    gen.images = images.files;
     gen.tools = tools(req.tools)?;
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;
     let (config_format, effort) = match req.output_config {
@@ -700,8 +732,11 @@ pub async fn count_tokens(
     let req: CountRequest = request::from_object(map)?;
     let target = Target::resolve(&state, &req.model)?;
     let tools = tools(req.tools)?;
+    let mut images = Images::default();
+    let messages = chat_messages(req.system, req.messages, &mut images)?;
     let gen = Generate {
-        messages: Some(chat_messages(req.system, req.messages)?),
+        messages: Some(messages),
+        images: images.files,
         tool_choice: tool_choice(req.tool_choice, &tools)?,
         reasoning: thinking(req.thinking, None, None)?,
         tools,
@@ -780,8 +815,11 @@ mod tests {
                 other => panic!("{field}: {other:?}"),
             }
         }
+        // Images are a user's: in an assistant turn the block is refused by name.
         let mut image = base.clone();
-        image["messages"] = json!([{"role": "user", "content": [{"type": "image", "source": {}}]}]);
+        let source = json!({"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="});
+        image["messages"] =
+            json!([{"role": "assistant", "content": [{"type": "image", "source": source}]}]);
         assert!(matches!(parse(image), Err(e) if e.to_string().contains("'image'")));
         let mut no_max = base;
         no_max.as_object_mut().unwrap().remove("max_tokens");

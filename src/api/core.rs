@@ -76,12 +76,20 @@ async fn first_event(
     state: &AppState,
     req: CoreRequest,
 ) -> Result<(GenStream, VecDeque<GenEvent>), Error> {
-    if req
+    let engine = req
         .target
         .preset
-        .worker_engine(state.supervisor.models_dir())
-        == EngineKind::Embedding
-    {
+        .worker_engine(state.supervisor.models_dir());
+    if !req.gen.images.is_empty() && engine != EngineKind::Vision {
+        return Err(Error::invalid(
+            format!(
+                "'{}' takes no images (its config has no vision tower)",
+                req.target.requested
+            ),
+            Some("messages"),
+        ));
+    }
+    if engine == EngineKind::Embedding {
         return Err(Error::invalid(
             format!(
                 "'{}' is an embedding model: it answers /v1/embeddings and /api/embed, not \

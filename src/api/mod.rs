@@ -18,6 +18,7 @@ pub mod error;
 pub mod guard;
 #[cfg(feature = "bench-http")]
 mod http_proxy;
+pub mod images;
 pub mod ollama;
 pub mod openai;
 pub mod request;

@@ -15,6 +15,7 @@ use worker_protocol::frame::{
 
 use super::core;
 use super::error::{Dialect, OllamaError};
+use super::images::{Images, Turn};
 use super::request::{self, FieldRule, Target};
 use super::AppState;
 use crate::error::Error;
@@ -273,17 +274,25 @@ impl Common {
     }
 }
 
-fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
+/// Ollama's messages as the core's: a message's `images` (base64) come before its
+/// text, where Ollama puts them.
+fn chat_messages(messages: Vec<InMessage>, images: &mut Images) -> Result<Vec<ChatMessage>, Error> {
     messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            if m.images.as_ref().is_some_and(|v| !v.is_empty()) {
-                return Err(Error::invalid(
-                    "images are not supported (the model has no vision input)",
-                    Some("messages"),
-                ));
+            let mut turn = Turn::default();
+            for image in m.images.unwrap_or_default() {
+                let Value::String(data) = image else {
+                    return Err(Error::invalid(
+                        "an image is a base64 string",
+                        Some("messages"),
+                    ));
+                };
+                turn.push_image(images.add_base64(&data, "messages")?);
             }
+            turn.push_text(m.content.as_deref().unwrap_or_default());
+            let (content, parts) = turn.finish();
             if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
                 return Err(Error::invalid(
                     format!("unknown role '{}'", m.role),
@@ -304,10 +313,11 @@ fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
                 .collect();
             Ok(ChatMessage {
                 role: m.role,
-                content: m.content.unwrap_or_default(),
+                content,
                 tool_calls,
                 name: m.tool_name,
                 reasoning: m.thinking.filter(|t| !t.is_empty()),
+                parts,
                 ..Default::default()
             })
         })
@@ -351,7 +361,9 @@ fn parse_chat(
         return Ok((req.common, None));
     }
     let mut gen = req.common.generate(preset_max)?;
-    gen.messages = Some(chat_messages(req.messages)?);
+    let mut images = Images::default();
+    gen.messages = Some(chat_messages(req.messages, &mut images)?);
+    gen.images = images.files;
     gen.tools = tools(req.tools)?;
     gen.tool_choice = request::tool_choice(req.tool_choice, &gen.tools)?;
     request::forced_call_wins(&mut gen);

@@ -7,11 +7,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use worker_protocol::frame::{
-    ChatMessage, Done, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame,
+    ChatMessage, ContentPart as WireContentPart, Done, Generate, MessageToolCall, OutputFormat,
+    TokenLogprob, Tool, ToolCallFrame,
 };
 
 use super::core;
 use super::error::{ApiError, Dialect};
+use super::images::{Images, Turn};
 use super::request::{self, FieldRule, Target};
 use super::{unix_now, AppState};
 use crate::error::Error;
@@ -39,6 +41,16 @@ struct ContentPart {
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    #[serde(default)]
+    image_url: Option<ImageUrl>,
+}
+
+/// `{"url": "data:...", "detail": "auto"}`, or the URL alone as some clients send it.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ImageUrl {
+    Object { url: String },
+    Url(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,17 +285,24 @@ impl Sampling {
     }
 }
 
-/// A message's content as text; other part types are refused by name.
-fn content_text(content: Option<Content>) -> Result<String, Error> {
+/// A message's content: its text, and its parts in order when it has images
+/// (`image_url` parts, added to `images`); other part types are refused by name.
+fn content_turn(
+    content: Option<Content>,
+    images: &mut Images,
+) -> Result<(String, Vec<WireContentPart>), Error> {
+    let mut turn = Turn::default();
     match content {
-        None => Ok(String::new()),
-        Some(Content::Text(t)) => Ok(t),
+        None => {}
+        Some(Content::Text(t)) => turn.push_text(&t),
         Some(Content::Parts(parts)) => {
-            let mut text = String::new();
             for p in parts {
-                match (p.kind.as_str(), p.text) {
-                    ("text", Some(t)) => text.push_str(&t),
-                    (kind, _) => {
+                match (p.kind.as_str(), p.text, p.image_url) {
+                    ("text", Some(t), _) => turn.push_text(&t),
+                    ("image_url", _, Some(ImageUrl::Object { url } | ImageUrl::Url(url))) => {
+                        turn.push_image(images.add_url(&url, "messages")?)
+                    }
+                    (kind, _, _) => {
                         return Err(Error::invalid(
                             format!("content part type '{kind}' is not supported"),
                             Some("messages"),
@@ -291,12 +310,12 @@ fn content_text(content: Option<Content>) -> Result<String, Error> {
                     }
                 }
             }
-            Ok(text)
         }
     }
+    Ok(turn.finish())
 }
 
-fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
+fn chat_messages(messages: Vec<InMessage>, images: &mut Images) -> Result<Vec<ChatMessage>, Error> {
     if messages.is_empty() {
         return Err(Error::invalid(
             "messages must not be empty",
@@ -343,13 +362,15 @@ fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
                     })
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
+            let (content, parts) = content_turn(m.content, images)?;
             Ok(ChatMessage {
                 role,
-                content: content_text(m.content)?,
+                content,
                 tool_calls,
                 tool_call_id: m.tool_call_id,
                 name: m.name,
                 reasoning: m.reasoning_content.filter(|r| !r.is_empty()),
+                parts,
             })
         })
         .collect()
@@ -745,7 +766,9 @@ fn chat_generate(
     request::check_fields(&map, &[SHARED_FIELDS, CHAT_FIELDS])?;
     let req: ChatRequest = request::from_object(map)?;
     let mut gen = req.sampling.to_generate(preset_max)?;
-    gen.messages = Some(chat_messages(req.messages)?);
+    let mut images = Images::default();
+    gen.messages = Some(chat_messages(req.messages, &mut images)?);
+    gen.images = images.files;
     gen.tools = tools(req.tools)?;
     gen.tool_choice = request::tool_choice(req.tool_choice, &gen.tools)?;
     gen.format = output_format(req.response_format)?.map(Box::new);

@@ -9,11 +9,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use worker_protocol::frame::{
-    ChatMessage, Done, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame, ToolChoice,
+    ChatMessage, ContentPart as WireContentPart, Done, MessageToolCall, OutputFormat, TokenLogprob,
+    Tool, ToolCallFrame, ToolChoice,
 };
 
 use super::core;
 use super::error::ApiError;
+use super::images::{Images, Turn};
 use super::request::{self, FieldRule, Target};
 use super::{unix_now, AppState};
 use crate::error::Error;
@@ -180,16 +182,29 @@ struct ResponsesRequest {
     include: Option<Vec<String>>,
 }
 
-/// Text of a message item's content: a string, or input_text/output_text parts.
-fn content_text(content: &Value) -> Result<String, Error> {
+/// A message item's content: its text, and its parts in order when it has
+/// `input_image`s (their `image_url` a data: URL, added to `images`).
+fn content_turn(
+    content: &Value,
+    images: &mut Images,
+) -> Result<(String, Vec<WireContentPart>), Error> {
+    let mut turn = Turn::default();
     match content {
-        Value::String(s) => Ok(s.clone()),
+        Value::String(s) => turn.push_text(s),
         Value::Array(parts) => {
-            let mut text = String::new();
             for p in parts {
                 match p["type"].as_str() {
                     Some("input_text" | "output_text" | "text") => {
-                        text.push_str(p["text"].as_str().unwrap_or_default())
+                        turn.push_text(p["text"].as_str().unwrap_or_default())
+                    }
+                    Some("input_image") => {
+                        let Some(url) = p["image_url"].as_str() else {
+                            return Err(Error::invalid(
+                                "an input_image needs its image_url (file_id is not served)",
+                                Some("input"),
+                            ));
+                        };
+                        turn.push_image(images.add_url(url, "input")?);
                     }
                     other => {
                         return Err(Error::invalid(
@@ -199,13 +214,27 @@ fn content_text(content: &Value) -> Result<String, Error> {
                     }
                 }
             }
-            Ok(text)
         }
-        _ => Err(Error::invalid(
-            "a message's content must be text or parts",
-            Some("input"),
-        )),
+        _ => {
+            return Err(Error::invalid(
+                "a message's content must be text or parts",
+                Some("input"),
+            ))
+        }
     }
+    Ok(turn.finish())
+}
+
+/// Text of a content value that takes no images (a tool's output).
+fn content_text(content: &Value) -> Result<String, Error> {
+    let (text, parts) = content_turn(content, &mut Images::default())?;
+    if !parts.is_empty() {
+        return Err(Error::invalid(
+            "a tool output's images are not served",
+            Some("input"),
+        ));
+    }
+    Ok(text)
 }
 
 fn str_field(item: &Value, key: &str) -> Result<String, Error> {
@@ -220,7 +249,11 @@ fn str_field(item: &Value, key: &str) -> Result<String, Error> {
     })
 }
 
-fn messages(instructions: Option<String>, input: Input) -> Result<Vec<ChatMessage>, Error> {
+fn messages(
+    instructions: Option<String>,
+    input: Input,
+    images: &mut Images,
+) -> Result<Vec<ChatMessage>, Error> {
     let mut out = Vec::new();
     if let Some(text) = instructions.filter(|t| !t.is_empty()) {
         out.push(ChatMessage {
@@ -256,9 +289,11 @@ fn messages(instructions: Option<String>, input: Input) -> Result<Vec<ChatMessag
                         ))
                     }
                 };
+                let (content, parts) = content_turn(&item["content"], images)?;
                 out.push(ChatMessage {
                     role: role.into(),
-                    content: content_text(&item["content"])?,
+                    content,
+                    parts,
                     ..Default::default()
                 });
             }
@@ -531,7 +566,9 @@ fn parse(map: serde_json::Map<String, Value>, preset_max: u32) -> Result<Parsed,
         seed: None,
     }
     .to_generate()?;
-    gen.messages = Some(messages(req.instructions, req.input)?);
+    let mut images = Images::default();
+    gen.messages = Some(messages(req.instructions, req.input, &mut images)?);
+    gen.images = images.files;
     let offered = tools(req.tools)?;
     gen.tools = offered.tools;
     gen.tool_choice = tool_choice(req.tool_choice, &gen.tools)?;

@@ -170,7 +170,7 @@ pub struct Shared {
 
 /// A frame for the writer task, or the end of the worker's stdin (its lifeline).
 enum Outgoing {
-    Frame(Frame),
+    Frame(Box<Frame>),
     Close,
 }
 
@@ -468,7 +468,7 @@ impl Incarnation {
 
     /// Queues a frame for the worker (in order; never blocks).
     pub fn send(&self, frame: Frame) {
-        let _ = self.writer.send(Outgoing::Frame(frame));
+        let _ = self.writer.send(Outgoing::Frame(Box::new(frame)));
     }
 
     /// Shutdown frame, then EOF on stdin: the worker exits by itself.

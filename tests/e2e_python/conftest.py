@@ -16,6 +16,7 @@ import anthropic
 import httpx
 import ollama
 import pytest
+import vision_model
 from agent_model import CLAUDE_CODE_CALL, CODEX_CALL, agent_dir
 from families import (
     DISK,
@@ -144,6 +145,10 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A tiny random cross-encoder (test_embeddings' rerank).
     reranker = bert_reference.write_tiny_cross_encoder(at / "tiny-reranker", models_dir() / "all-minilm-l6-v2")
     (presets / "tiny-reranker.toml").write_text(f'model = "{reranker}"\nkeep_alive = "30s"\n')
+    # A tiny vision-language model (test_vision): served by the vision engine
+    # because its config has a vision tower.
+    vlm = vision_model.build(ROOT / "target" / "families" / "qwen2_vl", models_dir() / "smollm2-135m")
+    (presets / "tiny-vlm.toml").write_text(f'model = "{vlm}"\nkeep_alive = "60s"\n')
     # A decoder embedding model, known as one by its sentence-transformers files.
     qwen3_embedding = decoder_embedder.write(at / "tiny-qwen3-embedding", models_dir() / "smollm2-135m")
     (presets / "tiny-qwen3-embedding.toml").write_text(f'model = "{qwen3_embedding}"\nkeep_alive = "30s"\n')

@@ -223,8 +223,9 @@ def test_openai_unsupported_fields_are_400_naming_the_field(oai: OpenAI, extra: 
     assert body["type"] == "invalid_request_error" and body["message"]
 
 
-def test_openai_image_part_is_400(oai: OpenAI) -> None:
-    with pytest.raises(BadRequestError, match="image_url"):
+def test_openai_image_part_without_an_image_is_400(oai: OpenAI) -> None:
+    """(Images themselves: test_vision.py.)"""
+    with pytest.raises(BadRequestError, match="base64"):
         oai.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}],

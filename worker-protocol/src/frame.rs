@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
 /// refuses a worker that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
@@ -451,6 +451,23 @@ pub struct ChatMessage {
     /// that keep the thinking of the current tool-call round render it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<String>,
+    /// A turn with images: its text and images in the order the client wrote them
+    /// (`content` then holds its text alone, for what reads text only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<ContentPart>,
+}
+
+/// A piece of a turn with images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ContentPart {
+    Text {
+        text: String,
+    },
+    /// The request's `images[image]`.
+    Image {
+        image: u32,
+    },
 }
 
 /// A tool call already in the history (the model made it on an earlier turn).
@@ -516,6 +533,10 @@ pub struct Generate {
     /// ... or a raw prompt (completions API).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    /// The images the messages' parts refer to: each file's bytes (PNG, JPEG,
+    /// WebP or GIF) in base64, as the client sent them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
     pub max_tokens: u32,
     /// Sampling; absent: the model's own default (its generation_config.json),
     /// else greedy (temperature 0) and top_p 1.
@@ -1270,6 +1291,24 @@ mod tests {
             max_tokens: 16,
             stop: vec!["\n".into()],
             seed: Some(3),
+            ..Default::default()
+        }));
+        roundtrip(Frame::Generate(Generate {
+            id: 9,
+            messages: Some(vec![ChatMessage {
+                role: "user".into(),
+                content: "left right".into(),
+                parts: vec![
+                    ContentPart::Image { image: 1 },
+                    ContentPart::Text {
+                        text: "left right".into(),
+                    },
+                    ContentPart::Image { image: 0 },
+                ],
+                ..Default::default()
+            }]),
+            images: vec!["R0lGODlh".into(), "iVBORw0KGgo=".into()],
+            max_tokens: 4,
             ..Default::default()
         }));
         roundtrip(Frame::Generate(Generate {

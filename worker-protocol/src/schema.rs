@@ -176,8 +176,15 @@ pub fn examples() -> Vec<Frame> {
                 tool_call_id: Some("call_0".into()),
                 name: Some("get_weather".into()),
                 reasoning: Some("the user wants the weather".into()),
+                parts: vec![
+                    ContentPart::Text {
+                        text: "what is this?".into(),
+                    },
+                    ContentPart::Image { image: 0 },
+                ],
             }]),
             prompt: Some("raw prompt".into()),
+            images: vec!["iVBORw0KGgo=".into()],
             max_tokens: 64,
             temperature: Some(0.5),
             top_p: Some(0.9),

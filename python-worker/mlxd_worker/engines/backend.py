@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, cast
 from ..cache.kv_cache import KvOptions
 from ..cache.layers import held, kinds, rewind_problem
 from ..cache.prefix_cache import PrefixCache
+from ..errors import RequestError
 from ..io.protocol import (
     DraftCounts,
     FeatureLimit,
@@ -33,6 +34,7 @@ from ..mlx_types import CacheLayer, Model, PromptCache
 from ..requests.constraint import LaneProcessor, SequenceConstraint, TokenConsumer
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
+from ..requests.vision import VisionInput, VisionPrompts
 from . import sizing
 
 if TYPE_CHECKING:
@@ -81,6 +83,8 @@ class Backend(Protocol):
     times: ModelTimes
     # Sequences decoding at once (Load's max_batch, or sized to the device).
     max_batch: int
+    # A vision-language model's image-aware prompt rendering; None: no images taken.
+    prompts: VisionPrompts | None
 
     def load(self, model_path: str, options: LoadOptions) -> None: ...
     def insert(
@@ -93,6 +97,7 @@ class Backend(Protocol):
         logprobs: bool = False,
         budget: ReasoningBudget | None = None,
         boundaries: list[int] | None = None,
+        vision: VisionInput | None = None,
     ) -> int: ...
     def remove(self, uid: int) -> None: ...
     def step(self) -> list[StepResult]: ...
@@ -197,6 +202,7 @@ class MlxBackend:
         self._draft: Model | None = None
         self._gen = cast("BatchGenerator", None)
         self.max_batch = 16
+        self.prompts: VisionPrompts | None = None  # a text model takes no images
         self._prefill_step = 2048
         self._next_uid = 0
         self._solo: tuple[int, Lane] | None = None
@@ -393,7 +399,10 @@ class MlxBackend:
         logprobs: bool = False,
         budget: ReasoningBudget | None = None,
         boundaries: list[int] | None = None,
+        vision: VisionInput | None = None,
     ) -> int:
+        if vision is not None:  # the planner takes no images without prompts: never
+            raise RequestError("this model takes no images")
         uid = self._next_uid
         self._next_uid += 1
         if constraint is not None or budget is not None or logprobs:
@@ -779,6 +788,7 @@ class MlxBackend:
             last = self._model(mx.array(prompts[i][-1:])[None], cache=cache)[0, -1]
             out[i] = cast("list[float]", last[picks].astype(mx.float32).tolist())
             self.times.prefill += time.perf_counter() - started
+            yield
         return [out[i] for i in range(len(prompts))]
 
     def speculative_status(self) -> SpecStatus | None:

@@ -18,6 +18,7 @@ from ..lanes.drafting import DraftController
 from ..requests.constraint import SequenceConstraint
 from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
+from ..requests.vision import VisionInput, VisionPrompts
 from .backend import Detokenizer, LogitPasses, ModelTimes, StepResult
 from .sizing import max_batch
 
@@ -61,6 +62,7 @@ class ReplayBackend:
         self.eos: frozenset[int] = frozenset()
         self.times = ModelTimes()  # no model: the engine's time is all its own
         self.max_batch = 16
+        self.prompts: VisionPrompts | None = None  # replays text: no images
         self.context_length: int | None = None
         self.sampling = SamplingDefaults()
         self.drafting: DraftController | None = None  # no draft model here
@@ -101,6 +103,7 @@ class ReplayBackend:
         logprobs: bool = False,
         budget: ReasoningBudget | None = None,
         boundaries: list[int] | None = None,
+        vision: VisionInput | None = None,
     ) -> int:
         # The replay text has no thinking section: a budget has nothing to end;
         # and no prefix cache to keep snapshots in.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TypedDict, Union
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 # StepStats.batch_size_steps: the buckets' upper bounds (and one past them).
 BATCH_SIZE_BOUNDS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -126,6 +126,18 @@ class OutputFormatJsonSchema(_OutputFormatJsonSchemaRequired, total=False):
     strict: bool
 
 
+class ContentPartText(TypedDict):
+    text: str
+    type: Literal["text"]
+
+
+class ContentPartImage(TypedDict):
+    """The request's `images[image]`."""
+
+    image: int
+    type: Literal["image"]
+
+
 class MessageToolCall(TypedDict):
     """A tool call already in the history (the model made it on an earlier turn)."""
 
@@ -145,6 +157,9 @@ class ChatMessage(_ChatMessageRequired, total=False):
     """One turn of a conversation, in the dialect-neutral form every API maps onto."""
 
     name: Optional[str]
+    #: A turn with images: its text and images in the order the client wrote them
+    #: (`content` then holds its text alone, for what reads text only).
+    parts: list[ContentPart]
     #: An assistant turn's reasoning, as the client sent it back (chat templates
     #: that keep the thinking of the current tool-call round render it).
     reasoning: Optional[str]
@@ -199,6 +214,9 @@ class Generate(_GenerateRequired, total=False):
     #: answers Done with finish_reason "counted" and generates nothing.
     count_only: bool
     format: Optional[OutputFormat]
+    #: The images the messages' parts refer to: each file's bytes (PNG, JPEG,
+    #: WebP or GIF) in base64, as the client sent them.
+    images: list[str]
     #: Send Logprobs frames for this request, with this many alternatives per
     #: token (0..=20).
     logprobs: Optional[int]
@@ -636,6 +654,9 @@ class ToolCallFrame(TypedDict):
 
 # An output format enforced during decoding (llguidance).
 OutputFormat = Union[OutputFormatJsonObject, OutputFormatJsonSchema]
+
+# A piece of a turn with images.
+ContentPart = Union[ContentPartText, ContentPartImage]
 
 # Whether and which tool the model must call. `Required` and `Function` are
 # enforced with constrained decoding.

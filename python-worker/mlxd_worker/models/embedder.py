@@ -20,6 +20,7 @@ document prompts before a rerank's query and documents.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, cast
@@ -31,6 +32,8 @@ from . import encoder, modernbert
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("mlxd_worker")
 
 # A decoder's longest input: one pass's activations are what the daemon charges an
 # embedding slot for (src/presets.rs ENCODER_BATCH_TOKENS), and a decoder's context
@@ -84,6 +87,8 @@ class Pooling:
                         f"{config_file}: exactly one pooling mode is supported, found {modes or 'none'}"
                     )
                 mode = modes[0]
+                if config.get("include_prompt") is False and mode not in ("cls", "lasttoken"):
+                    raise UnservableModel(f"{config_file}: pooling without the prompt's tokens is not implemented")
         return cls(mode, normalize)
 
     def __call__(self, states: mx.array, attention: mx.array) -> mx.array:
@@ -99,8 +104,7 @@ class Pooling:
             last = attention.astype(mx.int32).sum(axis=1) - 1
             pooled = mx.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
         else:
-            # where, not a product: a padded row's states may be NaN (a row of
-            # masked keys), and NaN·0 is NaN.
+            # where, not a product: nothing a padded position holds reaches the sum.
             summed = mx.where(weights > 0, states, 0.0).sum(axis=1)
             pooled = summed / (counts if self.mode == "mean" else mx.sqrt(counts))
         if self.normalize:
@@ -126,6 +130,9 @@ class EmbeddingModel:
     # config_sentence_transformers.json's prompts by name, and the one every text gets.
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str = ""
+    # An end token the tokenizer does not add itself but the model was trained to
+    # pool at (`add_eos_token` of a tokenizer whose custom code adds it).
+    eos_after: int | None = None
     _frame: tuple[list[int], list[int]] | None = None
 
     def prompted(self, text: str, role: str | None = None) -> str:
@@ -136,13 +143,14 @@ class EmbeddingModel:
 
     def tokenize(self, text: str) -> list[int]:
         """The input's ids with the model's special tokens ([CLS] … [SEP]), untruncated."""
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return ids if self.eos_after is None else [*ids, self.eos_after]
 
     def _framing(self) -> tuple[list[int], list[int]]:
-        """The special tokens the tokenizer puts before and after a text ([CLS], [SEP])."""
+        """The special tokens the model's inputs have before and after a text ([CLS], [SEP])."""
         if self._frame is None:
             bare = list(self.tokenizer("mlxd", add_special_tokens=False)["input_ids"])
-            framed = list(self.tokenizer("mlxd", add_special_tokens=True)["input_ids"])
+            framed = self.tokenize("mlxd")
             at = next(i for i in range(len(framed) - len(bare) + 1) if framed[i : i + len(bare)] == bare)
             self._frame = (framed[:at], framed[at + len(bare) :])
         return self._frame
@@ -191,19 +199,6 @@ class EmbeddingModel:
         return vectors
 
 
-def serves_embeddings(model_dir: Path, config: dict[str, Any]) -> bool:
-    """Whether a model directory is an embedding model by its own files: an encoder,
-    or a decoder with a sentence-transformers Pooling module (src/model_files.rs
-    `serves_embeddings` decides the same for the daemon)."""
-    if encoder.is_encoder(config):
-        return True
-    try:
-        modules = json.loads((model_dir / "modules.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(str(m.get("type", "")).endswith(".Pooling") for m in modules if isinstance(m, dict))
-
-
 def load(model_dir: str | Path) -> EmbeddingModel:
     """Loads an embedding model's directory (config.json, *.safetensors, tokenizer
     files, optional sentence-transformers files); UnservableModel says what is wrong."""
@@ -235,20 +230,37 @@ def load(model_dir: str | Path) -> EmbeddingModel:
         limit = min(limit, int(json.loads(st_config.read_text()).get("max_seq_length") or limit))
     pooling = Pooling() if head is not None else Pooling.from_dir(path, default_pooling)
     prompts, default_prompt = _prompts(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return EmbeddingModel(
-        backbone,
-        AutoTokenizer.from_pretrained(str(path), local_files_only=True),
-        pooling,
-        limit,
-        int(raw["hidden_size"]),
-        int(raw["vocab_size"]),
-        str(raw.get("model_type", "")),
-        pad,
-        path.name,
-        head,
-        prompts,
-        default_prompt,
+        backbone=backbone,
+        tokenizer=tokenizer,
+        pooling=pooling,
+        max_tokens=limit,
+        dims=int(raw["hidden_size"]),
+        vocab_size=int(raw["vocab_size"]),
+        family=str(raw.get("model_type", "")),
+        pad_id=pad,
+        name=path.name,
+        head=head,
+        prompts=prompts,
+        default_prompt=default_prompt,
+        eos_after=_eos_after(path, tokenizer) if pooling.mode == "lasttoken" else None,
     )
+
+
+def _eos_after(path: Path, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The end token to put after each text when the tokenizer's config asks for it
+    (`add_eos_token`: gte-Qwen2's tokenizer adds it in code mlxd does not run) and
+    the tokenizer, loaded without that code, does not add it."""
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    eos = tokenizer.eos_token_id
+    if not config.get("add_eos_token") or not isinstance(eos, int):
+        return None
+    ids = list(tokenizer("mlxd", add_special_tokens=True)["input_ids"])
+    return None if ids and ids[-1] == eos else eos
 
 
 def _prompts(path: Path) -> tuple[dict[str, str], str]:
@@ -266,10 +278,17 @@ def _decoder(path: Path, config: dict[str, Any]) -> Backbone:
     without the "model." prefix and no `lm_head` even where the config says the
     head is untied (Qwen3-Embedding-8B)."""
     from mlx.nn.layers.base import Module
+
+    # mlx-lm's own family lookup (private, but load_model's documented hook takes a
+    # function of its shape; scripts/setup pins mlx-lm).
     from mlx_lm.utils import _get_classes, load_model
 
     if config.get("use_bidirectional_attention"):
         raise UnservableModel(f"{path}: a decoder run with bidirectional attention (EmbeddingGemma) is not served")
+    if config.get("is_causal") is False:
+        # gte-Qwen2's config says so, yet its own code (and sentence-transformers
+        # before transformers 5) ran it causally: mlx-lm's causal mask is its reference.
+        log.warning("%s: config.json's is_causal = false is ignored: the decoder runs causally", path)
 
     def headless(config: dict[str, Any]) -> tuple[type[Module], Any]:
         model_class, args_class = _get_classes(config)
@@ -290,7 +309,7 @@ def _decoder(path: Path, config: dict[str, Any]) -> Backbone:
 
     try:
         model, _ = load_model(path, strict=True, get_model_classes=headless)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise UnservableModel(f"{path}: {e}") from None
     inner = getattr(model, "model", None)
     if not callable(inner):

@@ -43,7 +43,8 @@ class ModernBertConfig:
     attention_bias: bool
     mlp_bias: bool
     hidden_activation: str
-    global_every: int
+    # Per layer: whether it attends to the whole input (else to its window).
+    global_layers: tuple[bool, ...]
     local_attention: int
     global_rope_theta: float
     local_rope_theta: float
@@ -54,13 +55,31 @@ class ModernBertConfig:
         act = str(c.get("hidden_activation", "gelu"))
         if act not in ACTIVATIONS:
             raise UnservableModel(f"hidden_activation {act!r} is not supported ({', '.join(sorted(ACTIVATIONS))})")
-        if c.get("layer_types") is not None or c.get("rope_parameters") is not None or c.get("rope_scaling"):
-            raise UnservableModel("layer_types, rope_parameters and rope_scaling are not supported in a ModernBERT")
+        if c.get("rope_scaling"):
+            raise UnservableModel("rope_scaling is not supported in a ModernBERT")
         try:
+            layers = int(c["num_hidden_layers"])
+            # Transformers 5 writes layer_types and rope_parameters; older configs
+            # global_attn_every_n_layers and the two thetas.
+            kinds = c.get("layer_types") or [
+                "sliding_attention" if i % int(c.get("global_attn_every_n_layers", 3)) else "full_attention"
+                for i in range(layers)
+            ]
+            if len(kinds) != layers or set(kinds) - {"full_attention", "sliding_attention"}:
+                raise UnservableModel(f"layer_types {kinds} is not one of full/sliding_attention per layer")
+            rope = c.get("rope_parameters") or {}
+            for kind in ("full_attention", "sliding_attention"):
+                rope_type = (rope.get(kind) or {}).get("rope_type", "default")
+                if rope_type != "default":
+                    raise UnservableModel(f"rope_type {rope_type!r} ({kind}) is not supported in a ModernBERT")
+
+            def theta(kind: str, legacy: str, default: float) -> float:
+                return float((rope.get(kind) or {}).get("rope_theta") or c.get(legacy) or default)
+
             return cls(
                 vocab_size=int(c["vocab_size"]),
                 hidden_size=int(c["hidden_size"]),
-                num_hidden_layers=int(c["num_hidden_layers"]),
+                num_hidden_layers=layers,
                 num_attention_heads=int(c["num_attention_heads"]),
                 intermediate_size=int(c["intermediate_size"]),
                 max_position_embeddings=int(c.get("max_position_embeddings", 8192)),
@@ -69,17 +88,17 @@ class ModernBertConfig:
                 attention_bias=bool(c.get("attention_bias", False)),
                 mlp_bias=bool(c.get("mlp_bias", False)),
                 hidden_activation=act,
-                global_every=int(c.get("global_attn_every_n_layers", 3)),
+                global_layers=tuple(k == "full_attention" for k in kinds),
                 local_attention=int(c.get("local_attention", 128)),
-                global_rope_theta=float(c.get("global_rope_theta", 160000.0)),
-                local_rope_theta=float(c.get("local_rope_theta", 10000.0)),
+                global_rope_theta=theta("full_attention", "global_rope_theta", 160000.0),
+                local_rope_theta=theta("sliding_attention", "local_rope_theta", 10000.0),
                 pad_token_id=int(c.get("pad_token_id") or 0),
             )
         except KeyError as e:
             raise UnservableModel(f"config.json lacks {e.args[0]!r}") from None
 
     def is_global(self, layer: int) -> bool:
-        return layer % self.global_every == 0
+        return self.global_layers[layer]
 
 
 class _Embeddings(Module):
@@ -159,9 +178,14 @@ class ModernBert(Module):
         x = self.embeddings(ids)
         keys = attention[:, None, None, :] > 0
         positions = mx.arange(ids.shape[1])
-        near = mx.abs(positions[:, None] - positions[None, :]) <= self.config.local_attention // 2
-        full_mask = mx.where(keys, 0.0, -1e9).astype(x.dtype)
-        local_mask = mx.where(keys & near[None, None], 0.0, -1e9).astype(x.dtype)
+        distance = mx.abs(positions[:, None] - positions[None, :])
+        # Every position sees itself: a padded one past its window's real tokens would
+        # otherwise see nothing, a softmax of nothing is NaN (-1e9 is -inf in
+        # float16), and the next layer's attention would carry it into real rows.
+        itself = (distance == 0)[None, None]
+        local = keys & (distance <= self.config.local_attention // 2)[None, None]
+        full_mask = mx.where(keys | itself, 0.0, -1e9).astype(x.dtype)
+        local_mask = mx.where(local | itself, 0.0, -1e9).astype(x.dtype)
         for layer in self.layers:
             x = layer(x, full_mask if layer.is_global else local_mask)
         out: mx.array = self.final_norm(x)

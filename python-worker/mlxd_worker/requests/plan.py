@@ -14,6 +14,7 @@ from .logprobs import MAX_TOP
 from .reasoning import ReasoningBudget, ReasoningFormat, ReasoningText, ReasoningTracker
 from .tool_stream import ToolCallExtractor
 from .tools import ToolFormat, chat_messages, read_calls, tool_choice, tool_format
+from .vision import VisionInput, VisionPrompts
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -25,6 +26,7 @@ class Prompt(TypedDict, total=False):
     reads (a Generate is one), which warm-up fills without the rest."""
 
     messages: Optional[list[ChatMessage]]
+    images: list[str]
     prompt: Optional[str]
     tools: list[Tool]
     tool_choice: ToolChoice
@@ -63,6 +65,8 @@ class RequestPlan:
     reasoning: ReasoningPlan | None = None
     # Prompt lengths worth a prefix-cache snapshot (Planner.boundaries).
     boundaries: list[int] = field(default_factory=list)
+    # The images, as the vision model's processor made them (requests/vision.py).
+    vision: VisionInput | None = None
 
     def tool_extractor(self) -> ToolCallExtractor | None:
         fmt, tools = self.tool_format, self.tools
@@ -80,8 +84,11 @@ class Planner:
         eos: frozenset[int],
         reasoning: ReasoningFormat | None,
         boundaries: bool = False,
+        vision: VisionPrompts | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        # A vision-language model's image-aware rendering; None: no images taken.
+        self.vision = vision
         self.eos = eos
         # The model's thinking format, when its thinking is told apart.
         self.reasoning = reasoning
@@ -96,12 +103,20 @@ class Planner:
         choice = tool_choice(req.get("tool_choice"), tools)
         return self._prompt_ids(req, [] if choice.mode == "none" else tools, constrained=False)[0]
 
-    def _prompt_ids(self, req: Prompt, tools: list[Tool], constrained: bool) -> tuple[list[int], list[int]]:
-        """The prompt's tokens, and its turn boundaries when the planner looks for them."""
+    def _prompt_ids(
+        self, req: Prompt, tools: list[Tool], constrained: bool
+    ) -> tuple[list[int], list[int], VisionInput | None]:
+        """The prompt's tokens, its turn boundaries when the planner looks for them,
+        and its images' arrays when it has images."""
         tok = self.tokenizer
         chat = req.get("messages")
         cuts: list[int] = []
         if chat is not None:
+            order: list[int] | None = None
+            if any(m.get("parts") for m in chat):
+                if self.vision is None:
+                    raise RequestError("this model takes no images (its config has no vision tower)")
+                chat, order = self.vision.with_markers(chat)
             messages, extra = chat_messages(chat, tools, self.tool_format)
             kwargs: dict[str, object] = dict(extra)
             asked = req.get("reasoning") or {}
@@ -114,6 +129,9 @@ class Planner:
                 kwargs["enable_thinking"] = enabled
             if asked.get("effort"):
                 kwargs["reasoning_effort"] = asked.get("effort")
+            if order is not None and self.vision is not None:
+                ids, vision = self.vision.render(list(messages), list(req.get("images") or []), order, kwargs)
+                return ids, [], vision
             try:
                 ids = template_ids(
                     tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
@@ -138,7 +156,7 @@ class Planner:
             ids = list(tok.encode(req.get("prompt") or ""))
         if not ids:  # an empty completion prompt: start from BOS
             ids = [tok.bos_token_id if tok.bos_token_id is not None else min(self.eos)]
-        return ids, cuts
+        return ids, cuts, None
 
     def _boundaries(self, messages: list[Any], kwargs: dict[str, object], ids: list[int]) -> list[int]:
         """Where a later request is likely to part from this prompt: after the
@@ -162,8 +180,8 @@ class Planner:
         choice = tool_choice(req.get("tool_choice"), tools)
         offered = [] if choice.mode == "none" else tools
         fmt = req.get("format")
-        ids, cuts = self._prompt_ids(req, offered, constrained=choice.forced or bool(fmt))
-        plan = RequestPlan(ids, offered, self.tool_format, boundaries=cuts)
+        ids, cuts, vision = self._prompt_ids(req, offered, constrained=choice.forced or bool(fmt))
+        plan = RequestPlan(ids, offered, self.tool_format, boundaries=cuts, vision=vision)
         tool_fmt = self.tool_format
         grammar = None
         if choice.forced:

@@ -1,0 +1,233 @@
+"""The backend of a worker serving a vision-language model (`--engine vision`):
+mlx-vlm's model and its continuous batch (mlx-vlm's BatchGenerator) behind the
+engine's Backend protocol, so scheduling, streaming, stops, tools and cancellation
+are the text engine's own.
+
+mlx-vlm has its own model classes, caches and batch (it does not use mlx-lm's):
+every row enters the batch as its input embeddings, which this backend computes at
+insert with the model's `get_input_embeddings` (the vision tower over the request's
+pixel arrays, merged into the token embeddings; text-only rows are embedded the same
+way) together with what the family needs beside them (Qwen2-VL's 3-D rotary
+positions). The images were decoded and preprocessed on the reader thread
+(requests/vision.py).
+
+mlx-vlm's batch samples every row with one sampler (greedy here); a row that asks
+for sampling draws its token with its own sampler in a logits processor and leaves
+only that token for the greedy pick, so each request keeps its temperature, top_p
+and seed. Not served yet for these models: drafting, the prefix cache, logprobs,
+constrained decoding and thinking budgets (each refused with the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, cast
+
+from ..errors import RequestError
+from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
+from ..lanes.drafting import DraftController
+from ..requests.constraint import SequenceConstraint
+from ..requests.reasoning import ReasoningBudget
+from ..requests.sampling import Sampler, SamplingDefaults
+from ..requests.vision import VisionInput, VisionPrompts
+from . import sizing
+from .backend import Detokenizer, LogitPasses, ModelTimes, StepResult
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+log = logging.getLogger("mlxd_worker")
+
+
+def _sampling_processor(sampler: Sampler) -> Callable[[mx.array, mx.array], mx.array]:
+    """A row's own sampling inside a greedy batch: its draw is the only token left."""
+    import mlx.core as mx
+
+    def pick(tokens: mx.array, logits: mx.array) -> mx.array:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        keep = mx.arange(logits.shape[-1]) == token.reshape(-1, 1)
+        return mx.where(keep, logits, -mx.inf)
+
+    return pick
+
+
+class VisionBackend:
+    def __init__(self) -> None:
+        self.tokenizer = cast("TokenizerWrapper", None)
+        self.eos: frozenset[int] = frozenset()
+        self.context_length: int | None = None
+        self.sampling = SamplingDefaults()
+        self.drafting: DraftController | None = None
+        self.step_logprobs: dict[int, list[mx.array]] = {}
+        self.snapshots = False
+        self.times = ModelTimes()
+        self.max_batch = 16
+        self.prompts: VisionPrompts | None = None
+        self._model: Any = None
+        self._processor: Any = None
+        self._gen: Any = None
+        self._family = ""
+        self._prefill_step = 2048
+        # Ours -> the batch's uids, and back.
+        self._batch_uid: dict[int, int] = {}
+        self._our_uid: dict[int, int] = {}
+        self._next_uid = 0
+
+    def load(self, model_path: str, options: LoadOptions) -> None:
+        # Model files come from the directory alone: mlx-vlm's loaders fall back to
+        # the Hugging Face hub for a missing file, which a worker never reaches.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from mlx_lm.utils import load_tokenizer
+        from mlx_vlm.utils import load
+
+        path = Path(model_path).resolve()
+        try:
+            self._model, self._processor = load(str(path))
+        except FileNotFoundError as e:
+            raise RuntimeError(f"{path}: a file the model needs is missing ({e})") from None
+        config = self._model.config
+        self._family = str(getattr(config, "model_type", ""))
+        eos = getattr(config, "eos_token_id", None)
+        self.tokenizer = load_tokenizer(path, eos_token_ids=eos if isinstance(eos, list) else None)
+        self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
+        self.context_length = options.get("context_length")
+        self.sampling = SamplingDefaults.of_model(model_path)
+        self.max_batch = sizing.max_batch(options, sizing.on_gpu())
+        self._prefill_step = options.get("prefill_step", 2048)
+        self.prompts = VisionPrompts(self._processor)
+        self._gen = self._new_generator()
+
+    def _new_generator(self) -> Any:
+        from mlx_vlm.generate.ar import BatchGenerator
+
+        return BatchGenerator(
+            self._model.language_model,
+            self._processor,
+            stop_tokens=set(self.eos),
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(self.max_batch, 8),
+            prefill_step_size=self._prefill_step,
+            compute_logprobs=False,
+        )
+
+    def insert(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        sampler: Sampler | None,
+        speculative: bool | None = None,
+        constraint: SequenceConstraint | None = None,
+        logprobs: bool = False,
+        budget: ReasoningBudget | None = None,
+        boundaries: list[int] | None = None,
+        vision: VisionInput | None = None,
+    ) -> int:
+        import mlx.core as mx
+
+        if constraint is not None:
+            raise RequestError("structured output and forced tool calls are not served for vision models yet")
+        if logprobs:
+            raise RequestError("logprobs are not served for vision models yet")
+        if budget is not None:
+            raise RequestError("a thinking budget is not served for vision models yet")
+        tokens = mx.array([ids])
+        arrays = {} if vision is None else {k: mx.array(v) for k, v in vision.arrays.items()}
+        pixels = arrays.pop("pixel_values", None)
+        features = self._model.get_input_embeddings(tokens, pixels, mask=mx.ones_like(tokens), **arrays)
+        kwargs = {
+            name: value
+            for name, value in vars(features).items()
+            if value is not None and name not in ("attention_mask_4d",)
+        }
+        processors = None if sampler is None else [[_sampling_processor(sampler)]]
+        (batch_uid,) = self._gen.insert([ids], max_tokens, prompt_kwargs=[kwargs], logits_processors=processors)
+        uid = self._next_uid
+        self._next_uid += 1
+        self._batch_uid[uid] = batch_uid
+        self._our_uid[batch_uid] = uid
+        return uid
+
+    def remove(self, uid: int) -> None:
+        batch_uid = self._batch_uid.pop(uid, None)
+        if batch_uid is not None:
+            self._our_uid.pop(batch_uid, None)
+            self._gen.remove(batch_uid)
+
+    def step(self) -> list[StepResult]:
+        started = time.perf_counter()
+        prompt_progress, responses = self._gen.next()
+        elapsed = time.perf_counter() - started
+        if responses:
+            self.times.decode += elapsed
+        else:
+            self.times.prefill += elapsed
+        out: list[StepResult] = []
+        for r in responses:
+            uid = self._our_uid.get(r.uid)
+            if uid is None:
+                continue
+            finish = r.finish_reason
+            out.append((uid, int(r.token), None if finish is None else ("length" if finish == "length" else "stop")))
+            if finish is not None:
+                self._our_uid.pop(r.uid, None)
+                self._batch_uid.pop(uid, None)
+        return out
+
+    def detokenizer(self) -> Detokenizer:
+        detok: Detokenizer = self.tokenizer.detokenizer
+        return detok
+
+    def logit_passes(self, prompts: list[list[int]], token_ids: list[int]) -> LogitPasses:
+        raise RequestError("reranking by a vision model is not served")
+
+    def take_counts(self, uid: int) -> DraftCounts | None:
+        return None
+
+    def speculative_status(self) -> SpecStatus | None:
+        return None
+
+    def model_facts(self) -> ModelFacts:
+        return {
+            "family": self._family,
+            "cache_kinds": [],
+            "limits": [
+                {"feature": "prefix_cache", "reason": "not served for vision models yet"},
+                {"feature": "speculative", "reason": "not served for vision models yet"},
+            ],
+        }
+
+    def cached_tokens(self, uid: int) -> int:
+        return 0
+
+    def start_prompt_cache(self) -> None:
+        pass
+
+    def prompt_cache_stats(self) -> PromptCacheStats | None:
+        return None
+
+    def weights_bytes(self) -> int:
+        from mlx.utils import tree_flatten
+
+        leaves = cast("list[tuple[str, mx.array]]", tree_flatten(self._model.parameters()))
+        return sum(int(array.nbytes) for _, array in leaves)
+
+    def prompt_cache_bytes(self) -> int:
+        return 0
+
+    def shrink_prompt_cache(self, target_bytes: int) -> int:
+        return 0
+
+    def drop_all(self) -> None:
+        self._gen.close()
+        self._batch_uid.clear()
+        self._our_uid.clear()
+        self._gen = self._new_generator()
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()

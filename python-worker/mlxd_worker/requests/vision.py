@@ -1,0 +1,132 @@
+"""Images in a chat request, planned on the reader thread like the rest of a prompt:
+decoded (with limits: a hostile file is the client's error, never the worker's
+crash), placed in the conversation where the client put them, and turned into the
+model's inputs by its own processor (mlx-vlm's), which expands each image into the
+model's image tokens and computes the pixel arrays. The engine thread only runs the
+vision tower and the language model (engines/vision.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import secrets
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import RequestError
+from ..io.protocol import ChatMessage
+
+# Pixels one image may have once decoded (a decompression bomb is refused before
+# its pixels are allocated: Pillow checks the header's size against this).
+MAX_IMAGE_PIXELS = 40_000_000
+# Formats the worker decodes (what every dialect's clients send); GIF: its first frame.
+FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF"})
+
+
+@dataclass
+class VisionInput:
+    """A request's images as the model's processor made them, numpy arrays keyed by
+    the names the model's `get_input_embeddings` takes (pixel_values,
+    image_grid_thw, ...)."""
+
+    arrays: dict[str, np.ndarray]
+
+
+def decode_image(data: str, index: int) -> Any:
+    """An image from its base64 file bytes, as an RGB PIL image; RequestError says
+    what is wrong with it."""
+    from PIL import Image
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise RequestError(f"image {index} is not valid base64") from None
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            # Past MAX_IMAGE_PIXELS Pillow warns (and past twice that raises): both refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if image.format not in FORMATS:
+                raise RequestError(
+                    f"image {index} is {image.format or 'in an unknown format'}; send {', '.join(sorted(FORMATS))}"
+                )
+            image.seek(0)  # an animation's first frame
+            image.load()
+    except RequestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(f"image {index} has more than {MAX_IMAGE_PIXELS:,} pixels") from None
+    except Exception as e:  # truncated, corrupt, not an image at all
+        raise RequestError(f"image {index} could not be decoded: {e}") from None
+    return image.convert("RGB")
+
+
+class VisionPrompts:
+    """A vision-language model's prompts: chats whose user turns hold images among
+    their text, rendered by the model's processor (its chat template with image
+    parts in order; its image tokens expanded to each image's size)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        # Stands for an image inside a message's text while the messages go through
+        # the tool-format rewriting (which only joins strings); random, so that no
+        # client text can forge one.
+        self._marker = f"<mlxd-image-{secrets.token_hex(8)}>"
+
+    def with_markers(self, messages: list[ChatMessage]) -> tuple[list[ChatMessage], list[int]]:
+        """Each message with parts as one text, an image marker where each image
+        was; and the images' indices (into the request's images) in that order."""
+        out: list[ChatMessage] = []
+        order: list[int] = []
+        for m in messages:
+            parts = m.get("parts") or []
+            if not parts:
+                out.append(m)
+                continue
+            pieces: list[str] = []
+            for part in parts:
+                if part.get("type") == "image":
+                    order.append(int(part["image"]))  # type: ignore[typeddict-item]
+                    pieces.append(self._marker)
+                else:
+                    pieces.append(str(part.get("text") or ""))
+            out.append({**m, "content": "".join(pieces), "parts": []})
+        return out, order
+
+    def as_parts(self, messages: list[Any]) -> list[Any]:
+        """The template's messages with each marked text split into text and image
+        parts, as chat templates of vision models take them."""
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if not isinstance(content, str) or self._marker not in content:
+                out.append(m)
+                continue
+            parts: list[dict[str, str]] = []
+            for piece in re.split(f"({re.escape(self._marker)})", content):
+                if piece == self._marker:
+                    parts.append({"type": "image"})
+                elif piece:
+                    parts.append({"type": "text", "text": piece})
+            out.append({**m, "content": parts})
+        return out
+
+    def render(
+        self, messages: list[Any], images: list[str], order: list[int], kwargs: dict[str, object]
+    ) -> tuple[list[int], VisionInput]:
+        """The prompt's tokens (image tokens expanded) and its images' arrays."""
+        if any(not 0 <= i < len(images) for i in order):
+            raise RequestError(f"a message refers to an image past the {len(images)} sent")
+        decoded = [decode_image(images[i], n) for n, i in enumerate(order)]
+        text = self.processor.apply_chat_template(
+            self.as_parts(messages), add_generation_prompt=True, tokenize=False, **kwargs
+        )
+        out = self.processor(text=[text], images=decoded, padding=False, return_tensors="np")
+        ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
+        arrays = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        return ids, VisionInput(arrays)

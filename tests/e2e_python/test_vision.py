@@ -1,0 +1,199 @@
+"""Images in chat through the daemon: a tiny random Qwen2-VL (vision_model.py) served
+by the vision engine (mlx-vlm), its greedy answers equal to mlx-vlm's own generate
+for the same images and prompt, images kept where the client put them among the
+text, several requests in one batch, and hostile images refused with a clear error
+while the daemon keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import anthropic
+import ollama
+import openai
+import pytest
+import tomllib
+from openai import OpenAI
+from vision_model import data_url, native, picture
+
+MODEL = "tiny-vlm"
+TOKENS = 8
+IMAGE = {"type": "image"}
+
+
+def text(t: str) -> dict[str, str]:
+    return {"type": "text", "text": t}
+
+
+def model_dir(session_presets: Path) -> Path:
+    return Path(tomllib.loads((session_presets / f"{MODEL}.toml").read_text())["model"])
+
+
+def ask(oai: OpenAI, content: list[dict], max_tokens: int = TOKENS) -> str:
+    resp = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0
+    )
+    return resp.choices[0].message.content or ""
+
+
+def image_part(data: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(data)}}
+
+
+def test_an_image_answer_equals_mlx_vlms_own(oai: OpenAI, session_presets: Path) -> None:
+    image = picture(1)
+    got = ask(oai, [image_part(image), {"type": "text", "text": "What is in this picture?"}])
+    want = native(
+        model_dir(session_presets),
+        [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}],
+        [image],
+        TOKENS,
+    )
+    assert got == want and got
+
+
+def test_every_dialects_image_form_reaches_the_model(
+    oai: OpenAI, claude: anthropic.Anthropic, olla: ollama.Client
+) -> None:
+    """Anthropic image blocks, Responses input_image parts and Ollama's images give
+    the answer the OpenAI form gives for the same image and question."""
+    image = picture(7)
+    b64 = base64.b64encode(image).decode()
+    question = "What is in this picture?"
+    want = ask(oai, [image_part(image), text(question)])
+    message = claude.messages.create(
+        model=MODEL,
+        max_tokens=TOKENS,  # no temperature: the model's default, greedy (no generation_config.json)
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+    )
+    assert "".join(b.text for b in message.content if b.type == "text") == want
+    response = oai.responses.create(
+        model=MODEL,
+        max_output_tokens=TOKENS,
+        temperature=0,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": data_url(image), "detail": "auto"},
+                    {"type": "input_text", "text": question},
+                ],
+            }
+        ],
+    )
+    assert response.output_text == want
+    chat = olla.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": question, "images": [b64]}],
+        options={"temperature": 0, "num_predict": TOKENS},
+    )
+    assert chat.message.content == want
+
+
+def test_images_reach_the_model_where_the_client_put_them(oai: OpenAI, session_presets: Path) -> None:
+    """Two images around the text, in both orders; and two different pictures give
+    two different answers."""
+    a, b = picture(2), picture(3, (64, 96))
+    directory = model_dir(session_presets)
+    first = ask(oai, [image_part(a), {"type": "text", "text": "left or right?"}, image_part(b)])
+    swapped = ask(oai, [image_part(b), {"type": "text", "text": "left or right?"}, image_part(a)])
+    text_first = ask(oai, [{"type": "text", "text": "left or right?"}, image_part(a), image_part(b)])
+    assert first == native(
+        directory, [{"type": "image"}, {"type": "text", "text": "left or right?"}, {"type": "image"}], [a, b], TOKENS
+    )
+    assert swapped == native(
+        directory, [{"type": "image"}, {"type": "text", "text": "left or right?"}, {"type": "image"}], [b, a], TOKENS
+    )
+    assert text_first == native(
+        directory, [{"type": "text", "text": "left or right?"}, {"type": "image"}, {"type": "image"}], [a, b], TOKENS
+    )
+    assert len({first, swapped, text_first}) == 3
+
+
+def test_requests_in_one_batch_answer_as_alone(oai: OpenAI) -> None:
+    images = [picture(10 + i, (56 + 14 * i, 70)) for i in range(4)]
+    alone = [ask(oai, [image_part(img), {"type": "text", "text": "Describe it."}]) for img in images]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(
+            pool.map(lambda img: ask(oai, [image_part(img), {"type": "text", "text": "Describe it."}]), images)
+        )
+    assert together == alone
+    assert len(set(alone)) > 1
+    # Text alone works as for any model.
+    assert ask(oai, "Hello there")  # type: ignore[arg-type]
+
+
+def _bomb() -> bytes:
+    """A valid PNG header claiming 100,000 × 100,000 pixels (a few hundred bytes)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "url, needle",
+    [
+        (data_url(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"), "SVG"),
+        (data_url(picture(4)[:200]), "could not be decoded"),
+        (data_url(_bomb()), "pixels"),
+        ("http://127.0.0.1:9/picture.png", "only data: URLs"),
+        ("data:image/png;base64,@@@", "base64"),
+    ],
+)
+def test_a_hostile_image_gets_a_clear_error_and_the_daemon_keeps_serving(oai: OpenAI, url: str, needle: str) -> None:
+    with pytest.raises(openai.BadRequestError, match=needle):
+        ask(oai, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}])
+    assert ask(oai, [image_part(picture(5)), {"type": "text", "text": "and this?"}], max_tokens=2)
+
+
+def test_an_image_to_a_text_model_is_refused_before_loading(oai: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="takes no images"):
+        oai.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": [image_part(picture(6)), {"type": "text", "text": "hi"}]}],
+            max_tokens=2,
+        )
+
+
+def test_serving_imports_none_of_mlx_vlms_heavy_dependencies(session_presets: Path) -> None:
+    """mlx-vlm is installed without its declared dependencies (scripts/setup): loading
+    and running a model imports none of them."""
+    script = f"""
+import sys
+from mlxd_worker.engines.vision import VisionBackend
+backend = VisionBackend()
+backend.load({str(model_dir(session_presets))!r}, {{}})
+uid = backend.insert([1, 2, 3], 2, None)
+while not any(f for _, _, f in backend.step()):
+    pass
+heavy = {{"cv2", "datasets", "mlx_audio", "miniaudio", "fastapi", "uvicorn", "torch", "torchvision"}}
+print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
+"""
+    worker = Path(__file__).resolve().parents[2] / "python-worker"
+    env = {**os.environ, "PYTHONPATH": str(worker)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
