@@ -2,7 +2,7 @@
 //! `config.json`, read in one place for the model lists (Ollama's and OpenAI's),
 //! the memory estimate and the worker's context limit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -51,15 +51,6 @@ pub fn serves_embeddings(dir: &Path) -> bool {
                     .is_some_and(|t| t.ends_with(".Pooling"))
             })
         })
-}
-
-/// Whether the model in `dir` is a vision-language model: its config.json
-/// describes a vision tower (`vision_config`, as mlx-vlm reads it).
-pub fn has_vision_tower(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .is_some_and(|config| config.get("vision_config").is_some_and(Value::is_object))
 }
 
 fn is_encoder(config: &Value) -> bool {
@@ -127,18 +118,23 @@ impl ModelFiles {
     }
 }
 
-/// The activations' dtype as the weights decide it, from the safetensors header
-/// of the model's first weights file.
-fn weights_float_dtype(dir: &Path) -> Option<&'static str> {
-    use std::io::Read;
+/// The model's weights files, in name order.
+fn weights_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
-        .ok()?
+        .into_iter()
+        .flatten()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
-    let mut file = std::fs::File::open(files.first()?).ok()?;
+    files
+}
+
+/// A safetensors file's header: each tensor's name, dtype and shape.
+fn safetensors_header(path: &Path) -> Option<serde_json::Map<String, Value>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).ok()?;
     let len = u64::from_le_bytes(len);
@@ -148,7 +144,47 @@ fn weights_float_dtype(dir: &Path) -> Option<&'static str> {
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header).ok()?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header).ok()?;
+    serde_json::from_slice(&header).ok()
+}
+
+/// Names that only a vision tower's tensors have (mlx-vlm's `vision_tower`,
+/// Hugging Face's `visual` and `vision_model`).
+const VISION_TENSORS: &[&str] = &["vision_tower", "visual.", "vision_model", "vision_encoder"];
+
+/// Whether the model in `dir` is a vision-language model: its config.json
+/// describes a vision tower (`vision_config`, as mlx-vlm reads it) and its weights
+/// hold one (mlx-lm's text-only conversions of such models keep the config but
+/// drop the tower: those stay text models).
+pub fn has_vision_tower(dir: &Path) -> bool {
+    let configured = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .is_some_and(|config| config.get("vision_config").is_some_and(Value::is_object));
+    if !configured {
+        return false;
+    }
+    let vision = |name: &String| VISION_TENSORS.iter().any(|part| name.contains(part));
+    // A sharded checkpoint's index names every tensor; else each file's header.
+    let index = std::fs::read_to_string(dir.join("model.safetensors.index.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok());
+    if let Some(map) = index
+        .as_ref()
+        .and_then(|i| i.get("weight_map"))
+        .and_then(Value::as_object)
+    {
+        return map.keys().any(vision);
+    }
+    weights_files(dir)
+        .iter()
+        .filter_map(|f| safetensors_header(f))
+        .any(|header| header.keys().any(vision))
+}
+
+/// The activations' dtype as the weights decide it, from the safetensors header
+/// of the model's first weights file.
+fn weights_float_dtype(dir: &Path) -> Option<&'static str> {
+    let header = safetensors_header(weights_files(dir).first()?)?;
     let float = |v: &Value| match v.get("dtype").and_then(Value::as_str) {
         Some("F32") => Some("float32"),
         Some("BF16") => Some("bfloat16"),

@@ -1093,6 +1093,31 @@ mod tests {
     }
 
     #[test]
+    fn a_vision_model_is_known_by_its_tower_not_only_its_config() {
+        let dir = std::env::temp_dir().join(format!("mlxd-vision-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = r#"{"model_type": "qwen2_vl", "vision_config": {"depth": 2}}"#;
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        // A one-tensor safetensors file: header length, header, data.
+        let weights = |name: &str| {
+            let header = format!(
+                r#"{{"{name}": {{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}}}"#
+            );
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(header.as_bytes());
+            bytes.extend([0u8; 4]);
+            std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        };
+        let preset = Preset::parse(&format!("model = {:?}", dir.to_str().unwrap()), "x").unwrap();
+        // mlx-lm's text-only conversion: the config kept, the tower dropped.
+        weights("language_model.model.embed_tokens.weight");
+        assert_eq!(preset.worker_engine(&dir), EngineKind::Mlx);
+        weights("vision_tower.patch_embed.proj.weight");
+        assert_eq!(preset.worker_engine(&dir), EngineKind::Vision);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_rerank_table_reaches_the_worker_and_bad_ones_are_refused() {
         let p = Preset::parse("model = \"m\"\n[rerank]\nmethod = \"yes_no\"", "x").unwrap();
         assert_eq!(

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from recorder import Recorder
 
-from mlxd_worker.engines.engine import GATHER_GAP_S, GATHER_S, Engine
+from mlxd_worker.engines import engine as engine_module
+from mlxd_worker.engines.engine import GATHER_S, Engine
 from mlxd_worker.engines.replay import ReplayBackend
 from mlxd_worker.io import frames
 
@@ -68,14 +69,19 @@ def test_a_lone_request_does_not_wait(engine: Engine) -> None:
     assert first_step_batch(engine) == 1
 
 
-def test_a_burst_with_gaps_between_its_frames_still_starts_together(engine: Engine) -> None:
+def test_a_burst_with_gaps_between_its_frames_still_starts_together(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once two have come, a third that reaches the worker a moment later (the reader
-    idle in between, waiting for its frame) joins the first step too."""
+    idle in between, waiting for its frame) joins the first step too. (The windows
+    are widened so that a loaded machine's scheduling cannot close them.)"""
+    monkeypatch.setattr(engine_module, "GATHER_S", 2.0)
+    monkeypatch.setattr(engine_module, "GATHER_GAP_S", 1.0)
     engine.submit(frames.GENERATE, generate(1))
     engine.submit(frames.GENERATE, generate(2))
 
     def reader() -> None:
-        time.sleep(GATHER_GAP_S / 2)
+        time.sleep(0.1)
         engine.submit(frames.GENERATE, generate(3))
 
     thread = threading.Thread(target=reader)

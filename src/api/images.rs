@@ -45,10 +45,14 @@ impl Turn {
         self.parts.push(ContentPart::Image { image });
     }
 
-    /// The text, and the parts when there were images (a text-only turn has none).
+    /// The text and no parts for a text-only turn; no text and the parts (which
+    /// hold it) for a turn with images, so that the frame carries its text once.
     pub fn finish(self) -> (String, Vec<ContentPart>) {
-        let parts = if self.images { self.parts } else { Vec::new() };
-        (self.text, parts)
+        if self.images {
+            (String::new(), self.parts)
+        } else {
+            (self.text, Vec::new())
+        }
     }
 }
 
@@ -161,7 +165,7 @@ mod tests {
         turn.push_text("right");
         turn.push_image(0);
         let (text, parts) = turn.finish();
-        assert_eq!(text, "left right");
+        assert_eq!(text, "");
         assert_eq!(parts.len(), 3);
         assert!(matches!(&parts[1], ContentPart::Text { text } if text == "left right"));
         let mut plain = Turn::default();

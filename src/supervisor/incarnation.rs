@@ -395,6 +395,7 @@ impl Incarnation {
 
         let (writer, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
         let model = preset.name.clone();
+        let (sh, tx) = (shared.clone(), reports.clone());
         // One writer keeps frames in order (a Generate before its Cancel) and keeps
         // a full request ring from ever blocking the slot.
         tokio::spawn(async move {
@@ -403,6 +404,22 @@ impl Incarnation {
                     Outgoing::Frame(frame) => {
                         if let Err(e) = outbound.send(&frame).await {
                             tracing::warn!(%model, incarnation = n, "sending {:?}: {e}", frame.kind());
+                            // A request the ring cannot carry fails at once (a worker
+                            // that dies fails its requests its own way).
+                            let id = match &*frame {
+                                Frame::Generate(g) => Some(g.id),
+                                Frame::Embed(e) => Some(e.id),
+                                _ => None,
+                            };
+                            if let (Some(id), TransportError::Protocol(why)) = (id, &e) {
+                                let e = Error::invalid(
+                                    format!(
+                                        "the request is too large to hand to the worker ({why})"
+                                    ),
+                                    None,
+                                );
+                                sh.finish(id, GenEvent::Error(e), n, &tx);
+                            }
                         }
                     }
                     Outgoing::Close => outbound.close().await,

@@ -138,6 +138,42 @@ def test_requests_in_one_batch_answer_as_alone(oai: OpenAI) -> None:
     assert ask(oai, "Hello there")  # type: ignore[arg-type]
 
 
+def test_a_seeded_sample_is_the_same_alone_or_in_a_batch(oai: OpenAI) -> None:
+    """Each row samples with its own sampler inside mlx-vlm's greedy batch."""
+
+    def sample(seed: int) -> str:
+        resp = oai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [image_part(picture(20)), text("Tell me.")]}],
+            max_tokens=TOKENS,
+            temperature=0.9,
+            seed=seed,
+        )
+        return resp.choices[0].message.content or ""
+
+    alone = sample(7)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(sample, [7, 8, 9]))
+    assert together[0] == alone
+    assert len(set(together)) > 1  # other seeds draw other tokens
+    assert alone != ask(oai, [image_part(picture(20)), text("Tell me.")])  # not the greedy answer
+
+
+def test_images_are_counted_and_a_bad_one_in_a_count_is_an_error(claude: anthropic.Anthropic) -> None:
+    b64 = base64.b64encode(picture(21)).decode()
+    question = {"type": "text", "text": "What is in this picture?"}
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}
+    with_image = claude.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": [image, question]}])
+    text_only = claude.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": [question]}])
+    # 100 × 80 pixels: 4 × 3 merged patches of 28 pixels, and the two markers around them.
+    assert with_image.input_tokens - text_only.input_tokens >= 12
+    truncated = base64.b64encode(picture(21)[:200]).decode()
+    broken = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": truncated}}
+    with pytest.raises(anthropic.BadRequestError, match="could not be decoded"):
+        claude.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": [broken, question]}])
+    assert claude.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": [question]}])
+
+
 def _bomb() -> bytes:
     """A valid PNG header claiming 100,000 × 100,000 pixels (a few hundred bytes)."""
 

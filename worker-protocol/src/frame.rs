@@ -452,7 +452,7 @@ pub struct ChatMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<String>,
     /// A turn with images: its text and images in the order the client wrote them
-    /// (`content` then holds its text alone, for what reads text only).
+    /// (`content` is then empty: the parts hold the text).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<ContentPart>,
 }

@@ -306,7 +306,10 @@ class Engine:
         try:
             req = frames.decode_generate(payload)
             if req.get("count_only"):
-                self._count(req)
+                try:
+                    self._count(req)
+                except Exception as e:  # an image it cannot take, like a Generate's
+                    self._report(req.get("id"), e)
                 return
             try:
                 planned = Planned(req, self._plan(req))

@@ -14,8 +14,9 @@ positions). The images were decoded and preprocessed on the reader thread
 mlx-vlm's batch samples every row with one sampler (greedy here); a row that asks
 for sampling draws its token with its own sampler in a logits processor and leaves
 only that token for the greedy pick, so each request keeps its temperature, top_p
-and seed. Not served yet for these models: drafting, the prefix cache, logprobs,
-constrained decoding and thinking budgets (each refused with the reason).
+and seed. Not served yet for these models: logprobs, constrained decoding and
+thinking budgets (refused with the reason), drafting and the prefix cache (Ready's
+model facts say so; a request's `speculative` is ignored).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import RequestError
 from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
@@ -43,17 +44,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("mlxd_worker")
 
 
-def _sampling_processor(sampler: Sampler) -> Callable[[mx.array, mx.array], mx.array]:
-    """A row's own sampling inside a greedy batch: its draw is the only token left."""
-    import mlx.core as mx
+class RowSampler:
+    """A row's own sampling inside a greedy batch: its draw is the only token left.
+    mlx-vlm calls `process_last_token` in decode steps (no token history rebuilt
+    per step) and the processor itself for the token that ends the prefill."""
 
-    def pick(tokens: mx.array, logits: mx.array) -> mx.array:
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+
+    def process_last_token(self, token: int, logits: mx.array) -> mx.array:
+        return self(None, logits)
+
+    def __call__(self, tokens: mx.array | None, logits: mx.array) -> mx.array:
+        import mlx.core as mx
+
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
+        token = self.sampler(logprobs)
         keep = mx.arange(logits.shape[-1]) == token.reshape(-1, 1)
         return mx.where(keep, logits, -mx.inf)
-
-    return pick
 
 
 class VisionBackend:
@@ -94,12 +102,16 @@ class VisionBackend:
         self._family = str(getattr(config, "model_type", ""))
         eos = getattr(config, "eos_token_id", None)
         self.tokenizer = load_tokenizer(path, eos_token_ids=eos if isinstance(eos, list) else None)
-        self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
+        # Every id mlx-vlm's batch stops on (its stopping criteria join the config's
+        # and the tokenizer's), so that none is ever sent as text.
+        stops = getattr(self._processor.tokenizer, "stopping_criteria", None)
+        extra = getattr(stops, "eos_token_ids", None) or []
+        self.eos = frozenset(int(t) for t in [*self.tokenizer.eos_token_ids, *extra])
         self.context_length = options.get("context_length")
         self.sampling = SamplingDefaults.of_model(model_path)
         self.max_batch = sizing.max_batch(options, sizing.on_gpu())
         self._prefill_step = options.get("prefill_step", 2048)
-        self.prompts = VisionPrompts(self._processor)
+        self.prompts = VisionPrompts(self._processor, self._family)
         self._gen = self._new_generator()
 
     def _new_generator(self) -> Any:
@@ -144,7 +156,7 @@ class VisionBackend:
             for name, value in vars(features).items()
             if value is not None and name not in ("attention_mask_4d",)
         }
-        processors = None if sampler is None else [[_sampling_processor(sampler)]]
+        processors = None if sampler is None else [[RowSampler(sampler)]]
         (batch_uid,) = self._gen.insert([ids], max_tokens, prompt_kwargs=[kwargs], logits_processors=processors)
         uid = self._next_uid
         self._next_uid += 1
@@ -159,6 +171,10 @@ class VisionBackend:
             self._gen.remove(batch_uid)
 
     def step(self) -> list[StepResult]:
+        # mlx-vlm admits waiting prompts only when prefill_batch_size rows are free:
+        # asked for as many as are free, a new request joins as soon as one is.
+        free = self.max_batch - len(self._gen._generation_batch)
+        self._gen.prefill_batch_size = max(1, min(8, free))
         started = time.perf_counter()
         prompt_progress, responses = self._gen.next()
         elapsed = time.perf_counter() - started

@@ -158,7 +158,7 @@ class ChatMessage(_ChatMessageRequired, total=False):
 
     name: Optional[str]
     #: A turn with images: its text and images in the order the client wrote them
-    #: (`content` then holds its text alone, for what reads text only).
+    #: (`content` is then empty: the parts hold the text).
     parts: list[ContentPart]
     #: An assistant turn's reasoning, as the client sent it back (chat templates
     #: that keep the thinking of the current tool-call round render it).

@@ -130,7 +130,16 @@ class Planner:
             if asked.get("effort"):
                 kwargs["reasoning_effort"] = asked.get("effort")
             if order is not None and self.vision is not None:
-                ids, vision = self.vision.render(list(messages), list(req.get("images") or []), order, kwargs)
+                images = list(req.get("images") or [])
+                try:
+                    ids, vision = self.vision.render(list(messages), images, order, kwargs)
+                except RequestError:
+                    raise
+                except Exception:  # a system turn mid-conversation, as below
+                    moved = _system_turns_as_user(list(messages))
+                    if moved is None:
+                        raise
+                    ids, vision = self.vision.render(moved, images, order, kwargs)
                 return ids, [], vision
             try:
                 ids = template_ids(

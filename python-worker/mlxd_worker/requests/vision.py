@@ -21,8 +21,10 @@ from ..errors import RequestError
 from ..io.protocol import ChatMessage
 
 # Pixels one image may have once decoded (a decompression bomb is refused before
-# its pixels are allocated: Pillow checks the header's size against this).
+# its pixels are allocated: Pillow checks the header's size against this), and all
+# of a request's images together (checked on the headers, before any is decoded).
 MAX_IMAGE_PIXELS = 40_000_000
+MAX_REQUEST_PIXELS = 80_000_000
 # Formats the worker decodes (what every dialect's clients send); GIF: its first frame.
 FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF"})
 
@@ -36,9 +38,9 @@ class VisionInput:
     arrays: dict[str, np.ndarray]
 
 
-def decode_image(data: str, index: int) -> Any:
-    """An image from its base64 file bytes, as an RGB PIL image; RequestError says
-    what is wrong with it."""
+def open_image(data: str, index: int) -> Any:
+    """An image from its base64 file bytes, opened (its header read, its pixels not
+    yet decoded); RequestError says what is wrong with it."""
     from PIL import Image
 
     try:
@@ -51,19 +53,29 @@ def decode_image(data: str, index: int) -> Any:
             # Past MAX_IMAGE_PIXELS Pillow warns (and past twice that raises): both refused.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw))
-            if image.format not in FORMATS:
-                raise RequestError(
-                    f"image {index} is {image.format or 'in an unknown format'}; send {', '.join(sorted(FORMATS))}"
-                )
-            image.seek(0)  # an animation's first frame
-            image.load()
-    except RequestError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(f"image {index} has more than {MAX_IMAGE_PIXELS:,} pixels") from None
-    except Exception as e:  # truncated, corrupt, not an image at all
+    except Exception as e:  # not an image at all
         raise RequestError(f"image {index} could not be decoded: {e}") from None
-    return image.convert("RGB")
+    if image.format not in FORMATS:
+        raise RequestError(
+            f"image {index} is {image.format or 'in an unknown format'}; send {', '.join(sorted(FORMATS))}"
+        )
+    return image
+
+
+def decode_image(image: Any, index: int) -> Any:
+    """An opened image's pixels, upright (its EXIF orientation applied, as cameras
+    mean it), in RGB."""
+    from PIL import ImageOps
+
+    try:
+        image.seek(0)  # an animation's first frame
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+    except Exception as e:  # truncated, corrupt
+        raise RequestError(f"image {index} could not be decoded: {e}") from None
+    return (upright if upright is not None else image).convert("RGB")
 
 
 class VisionPrompts:
@@ -71,8 +83,11 @@ class VisionPrompts:
     their text, rendered by the model's processor (its chat template with image
     parts in order; its image tokens expanded to each image's size)."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, family: str) -> None:
+        from mlx_vlm.utils import should_add_special_tokens
+
         self.processor = processor
+        self.add_special_tokens = bool(should_add_special_tokens(family, processor))
         # Stands for an image inside a message's text while the messages go through
         # the tool-format rewriting (which only joins strings); random, so that no
         # client text can forge one.
@@ -122,11 +137,25 @@ class VisionPrompts:
         """The prompt's tokens (image tokens expanded) and its images' arrays."""
         if any(not 0 <= i < len(images) for i in order):
             raise RequestError(f"a message refers to an image past the {len(images)} sent")
-        decoded = [decode_image(images[i], n) for n, i in enumerate(order)]
+        opened = [open_image(images[i], n) for n, i in enumerate(order)]
+        pixels = sum(image.width * image.height for image in opened)
+        if pixels > MAX_REQUEST_PIXELS:
+            raise RequestError(f"the request's images have {pixels:,} pixels, more than {MAX_REQUEST_PIXELS:,}")
+        decoded = [decode_image(image, n) for n, image in enumerate(opened)]
         text = self.processor.apply_chat_template(
             self.as_parts(messages), add_generation_prompt=True, tokenize=False, **kwargs
         )
-        out = self.processor(text=[text], images=decoded, padding=False, return_tensors="np")
+        try:
+            out = self.processor(
+                text=[text],
+                images=decoded,
+                padding=False,
+                return_tensors="np",
+                # Templates that write the BOS themselves (Gemma's) must not get another.
+                add_special_tokens=self.add_special_tokens,
+            )
+        except Exception as e:  # an image the processor cannot take (an extreme aspect ratio)
+            raise RequestError(f"the model's processor refused the request's images: {e}") from None
         ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
         arrays = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")}
         return ids, VisionInput(arrays)
