@@ -1,7 +1,7 @@
-# A py-spy profile of the worker's engine thread at c=64 ($OUT/spy-top.txt).
+# A py-spy profile of the worker's engine thread at c=$LEVEL (default 64; $OUT/spy-top.txt).
 source benches/gpu/env.sh
 python3 benches/serving.py --model synthetic-${SHAPE:-1b} --models-dir /tmp/models --mlxd /tmp/g/mlxd \
-  --sides mlxd-shm --concurrency 64 --max-tokens 128 --runs 5 --skip-single > $OUT/prof-bench.txt 2>&1 &
+  --sides mlxd-shm --concurrency ${LEVEL:-64} --max-tokens 128 --runs 5 --skip-single > $OUT/prof-bench.txt 2>&1 &
 bench=$!
 worker=""
 for _ in $(seq 240); do
