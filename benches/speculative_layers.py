@@ -18,7 +18,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx_lm.generate import generation_stream, speculative_generate_step
 
-from mlxd_worker.engines.backend import MlxBackend
+from mlxd_worker.engines.backend import MlxBackend, RowOptions
 from mlxd_worker.engines.engine import Engine
 from mlxd_worker.io import frames
 from mlxd_worker.lanes.speculative import SpeculativeSequence
@@ -65,7 +65,7 @@ def main() -> None:
         return rate(stamps)
 
     def in_backend() -> float:
-        uid = backend.insert(ids, tokens, None, True)
+        uid = backend.insert(ids, tokens, None, RowOptions(speculative=True))
         stamps: list[float] = []
         done = False
         while not done:

@@ -26,8 +26,8 @@ pub struct Images {
 /// One turn's pieces while a dialect reads them.
 #[derive(Default)]
 pub struct Turn {
-    pub text: String,
-    pub parts: Vec<ContentPart>,
+    text: String,
+    parts: Vec<ContentPart>,
     images: bool,
 }
 

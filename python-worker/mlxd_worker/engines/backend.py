@@ -58,6 +58,24 @@ class ModelTimes:
     decode: float = 0.0
 
 
+@dataclass(frozen=True)
+class RowOptions:
+    """What a sequence asks of the backend beyond its prompt and sampler; each
+    backend refuses what it cannot serve."""
+
+    # None: the draft policy decides; constrained, logprobs and budget rows never draft.
+    speculative: bool | None = None
+    constraint: SequenceConstraint | None = None
+    logprobs: bool = False
+    budget: ReasoningBudget | None = None
+    # Prompt positions at turn boundaries, for the prefix cache's snapshots.
+    boundaries: list[int] | None = None
+    vision: VisionInput | None = None
+
+
+NO_OPTIONS = RowOptions()
+
+
 class Detokenizer(Protocol):
     def add_token(self, token: int) -> None: ...
     def finalize(self) -> None: ...
@@ -92,12 +110,7 @@ class Backend(Protocol):
         ids: list[int],
         max_tokens: int,
         sampler: Sampler | None,
-        speculative: bool | None = None,
-        constraint: SequenceConstraint | None = None,
-        logprobs: bool = False,
-        budget: ReasoningBudget | None = None,
-        boundaries: list[int] | None = None,
-        vision: VisionInput | None = None,
+        row: RowOptions = NO_OPTIONS,
     ) -> int: ...
     def remove(self, uid: int) -> None: ...
     def step(self) -> list[StepResult]: ...
@@ -394,17 +407,13 @@ class MlxBackend:
         ids: list[int],
         max_tokens: int,
         sampler: Sampler | None,
-        speculative: bool | None = None,
-        constraint: SequenceConstraint | None = None,
-        logprobs: bool = False,
-        budget: ReasoningBudget | None = None,
-        boundaries: list[int] | None = None,
-        vision: VisionInput | None = None,
+        row: RowOptions = NO_OPTIONS,
     ) -> int:
-        if vision is not None:  # the planner takes no images without prompts: never
+        if row.vision is not None:  # the planner takes no images without prompts: never
             raise RequestError("this model takes no images")
         uid = self._next_uid
         self._next_uid += 1
+        constraint, budget, logprobs, speculative = row.constraint, row.budget, row.logprobs, row.speculative
         if constraint is not None or budget is not None or logprobs:
             # Drafted tokens would bypass the mask and carry no logprobs of their own.
             speculative = False
@@ -417,8 +426,8 @@ class MlxBackend:
         if self.prefix is not None:
             found = self.prefix.take(track.history)
             track.prefix, track.cached = found.cache, found.cached
-            if self.snapshots and boundaries:
-                track.boundaries = [b for b in boundaries if track.cached < b < len(ids)]
+            if self.snapshots and row.boundaries:
+                track.boundaries = [b for b in row.boundaries if track.cached < b < len(ids)]
         self._tracks[uid] = track
         if self._solo is None and not self._batch_uid:
             self._solo = (uid, self._lone_lane(track))

@@ -51,7 +51,7 @@ from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
 from ..requests.tools import ToolCall, new_call_id
 from ..stats import footprint_bytes
-from .backend import Backend, Detokenizer, LogitPasses, MlxBackend, ModelTimes
+from .backend import Backend, Detokenizer, LogitPasses, MlxBackend, ModelTimes, RowOptions
 from .kv_budget import KvBudget, KvShape, mib
 
 log = logging.getLogger("mlxd_worker")
@@ -636,11 +636,12 @@ class Engine:
         # Eight drafted tokens: a first round that accepts all three drafts leaves the
         # draft a two-token input, so the second round compiles that shape too.
         for speculative, n in ((False, 4), (True, 8)):
-            self._run_to_end({self.backend.insert(ids, n, None, speculative)})
+            self._run_to_end({self.backend.insert(ids, n, None, RowOptions(speculative=speculative))})
         if drafting.mode == "auto":
             story = self._prompt_ids({"messages": [{"role": "user", "content": "Tell me a story about a robot."}]})
             for speculative in (False, True):
-                self._run_to_end({self.backend.insert(story, CALIBRATION_TOKENS, None, speculative)})
+                row = RowOptions(speculative=speculative)
+                self._run_to_end({self.backend.insert(story, CALIBRATION_TOKENS, None, row)})
             log.info("draft policy after calibration: %s", drafting.reason)
         drafting.start_counting()
 
@@ -775,17 +776,15 @@ class Engine:
         )
         # The backend never drafts constrained or logprobs sequences, whatever this says.
         speculative = req.get("speculative")
-        uid = self.backend.insert(
-            ids,
-            max_tokens,
-            sampler,
-            None if speculative is None else bool(speculative),
+        row = RowOptions(
+            speculative=None if speculative is None else bool(speculative),
             constraint=plan.constraint,
             logprobs=plan.top_logprobs is not None,
             budget=None if plan.reasoning is None else plan.reasoning.budget(),
             boundaries=plan.boundaries,
             vision=plan.vision,
         )
+        uid = self.backend.insert(ids, max_tokens, sampler, row)
         # The prompt's size before its prefill (Anthropic's message_start says it).
         admitted: AdmittedFrame = {
             "id": rid,

@@ -15,11 +15,9 @@ from typing import TYPE_CHECKING, cast
 from ..errors import RequestError
 from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
 from ..lanes.drafting import DraftController
-from ..requests.constraint import SequenceConstraint
-from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
-from ..requests.vision import VisionInput, VisionPrompts
-from .backend import Detokenizer, LogitPasses, ModelTimes, StepResult
+from ..requests.vision import VisionPrompts
+from .backend import NO_OPTIONS, Detokenizer, LogitPasses, ModelTimes, RowOptions, StepResult
 from .sizing import max_batch
 
 if TYPE_CHECKING:
@@ -98,17 +96,12 @@ class ReplayBackend:
         ids: list[int],
         max_tokens: int,
         sampler: Sampler | None,
-        speculative: bool | None = None,
-        constraint: SequenceConstraint | None = None,
-        logprobs: bool = False,
-        budget: ReasoningBudget | None = None,
-        boundaries: list[int] | None = None,
-        vision: VisionInput | None = None,
+        row: RowOptions = NO_OPTIONS,
     ) -> int:
         # The replay text has no thinking section: a budget has nothing to end;
         # and no prefix cache to keep snapshots in.
-        if constraint is not None or logprobs:
-            what = "logprobs" if logprobs else "constrained decoding (an output format or a forced tool call)"
+        if row.constraint is not None or row.logprobs:
+            what = "logprobs" if row.logprobs else "constrained decoding (an output format or a forced tool call)"
             raise RequestError(f"the replay engine has no model, so no {what}")
         uid = self._next_uid
         self._next_uid += 1

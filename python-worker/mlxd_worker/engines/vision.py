@@ -30,12 +30,10 @@ from typing import TYPE_CHECKING, Any, cast
 from ..errors import RequestError
 from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
 from ..lanes.drafting import DraftController
-from ..requests.constraint import SequenceConstraint
-from ..requests.reasoning import ReasoningBudget
 from ..requests.sampling import Sampler, SamplingDefaults
-from ..requests.vision import VisionInput, VisionPrompts
+from ..requests.vision import VisionPrompts
 from . import sizing
-from .backend import Detokenizer, LogitPasses, ModelTimes, StepResult
+from .backend import NO_OPTIONS, Detokenizer, LogitPasses, ModelTimes, RowOptions, StepResult
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -132,23 +130,18 @@ class VisionBackend:
         ids: list[int],
         max_tokens: int,
         sampler: Sampler | None,
-        speculative: bool | None = None,
-        constraint: SequenceConstraint | None = None,
-        logprobs: bool = False,
-        budget: ReasoningBudget | None = None,
-        boundaries: list[int] | None = None,
-        vision: VisionInput | None = None,
+        row: RowOptions = NO_OPTIONS,
     ) -> int:
         import mlx.core as mx
 
-        if constraint is not None:
+        if row.constraint is not None:
             raise RequestError("structured output and forced tool calls are not served for vision models yet")
-        if logprobs:
+        if row.logprobs:
             raise RequestError("logprobs are not served for vision models yet")
-        if budget is not None:
+        if row.budget is not None:
             raise RequestError("a thinking budget is not served for vision models yet")
         tokens = mx.array([ids])
-        arrays = {} if vision is None else {k: mx.array(v) for k, v in vision.arrays.items()}
+        arrays = {} if row.vision is None else {k: mx.array(v) for k, v in row.vision.arrays.items()}
         pixels = arrays.pop("pixel_values", None)
         features = self._model.get_input_embeddings(tokens, pixels, mask=mx.ones_like(tokens), **arrays)
         kwargs = {

@@ -14,6 +14,8 @@ to float rounding).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, cast
@@ -58,10 +60,8 @@ class EncoderConfig:
             )
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise UnservableModel(f"position_embedding_type {config['position_embedding_type']!r} is not supported")
-        act = str(config.get("hidden_act", "gelu"))
-        if act not in ACTIVATIONS:
-            raise UnservableModel(f"hidden_act {act!r} is not supported ({', '.join(sorted(ACTIVATIONS))})")
-        try:
+        act = activation(config, "hidden_act")
+        with required_fields():
             return cls(
                 model_type=model_type,
                 vocab_size=int(config["vocab_size"]),
@@ -75,8 +75,6 @@ class EncoderConfig:
                 hidden_act=act,
                 pad_token_id=int(config.get("pad_token_id") or 0),
             )
-        except KeyError as e:
-            raise UnservableModel(f"config.json lacks {e.args[0]!r}") from None
 
     @property
     def position_offset(self) -> int:
@@ -270,41 +268,63 @@ def load(path: Path, raw: dict[str, Any]) -> tuple[Encoder, CrossEncoderHead | N
         labels = int(raw.get("num_labels") or len(raw.get("id2label") or {}) or 1)
         if labels != 1:
             raise UnservableModel(f"{path}: a classifier with {labels} labels is not a reranker (one relevance logit)")
+    weights = read_weights(path)
+    encoder = Encoder(config)
+    # Checkpoints carry extras the encoder does not use: the pooler, a MLM head,
+    # position_ids buffers; a "bert." prefix when saved from a task model.
+    fill(encoder, weights, path, ("bert.", "roberta."))
+    head = None
+    if classifier:
+        head = CrossEncoderHead(config)
+        fill(head, weights, path, ("bert.",))
+    return encoder, head
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """Every float tensor of the checkpoint's safetensors files. Integer buffers
+    (position_ids) are not weights; floats stay as stored."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UnservableModel(f"{path}: no .safetensors weights")
     weights: dict[str, mx.array] = {}
     for f in files:
-        weights.update(cast_weights(cast("dict[str, mx.array]", mx.load(str(f)))))
-    encoder = Encoder(config)
-    wanted = {name for name, _ in flat_names(encoder)}
-    # Checkpoints carry extras the encoder does not use: the pooler, a MLM head,
-    # position_ids buffers; a "bert." prefix when saved from a task model.
+        loaded = cast("dict[str, mx.array]", mx.load(str(f)))
+        weights.update((k, v) for k, v in loaded.items() if mx.issubdtype(v.dtype, mx.floating))
+    return weights
+
+
+def fill(module: Module, weights: dict[str, mx.array], path: Path, prefixes: tuple[str, ...]) -> None:
+    """Load the module's parameters from the weights named like them once the
+    prefixes are removed (in order); one the weights lack fails the load."""
+    wanted = {name for name, _ in flat_names(module)}
     kept = {}
     for name, value in weights.items():
-        name = name.removeprefix("bert.").removeprefix("roberta.")
+        for prefix in prefixes:
+            name = name.removeprefix(prefix)
         if name in wanted:
             kept[name] = value
     missing = wanted - kept.keys()
     if missing:
         raise UnservableModel(f"{path}: the weights lack {', '.join(sorted(missing)[:3])}")
-    encoder.load_weights(list(kept.items()))
-    mx.eval(encoder.parameters())
-    head = None
-    if classifier:
-        head = CrossEncoderHead(config)
-        wanted_head = {name for name, _ in flat_names(head)}
-        found = {n.removeprefix("bert."): v for n, v in weights.items() if n.removeprefix("bert.") in wanted_head}
-        if wanted_head - found.keys():
-            raise UnservableModel(f"{path}: the weights lack {', '.join(sorted(wanted_head - found.keys())[:3])}")
-        head.load_weights(list(found.items()))
-        mx.eval(head.parameters())
-    return encoder, head
+    module.load_weights(list(kept.items()))
+    mx.eval(module.parameters())
 
 
-def cast_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Integer buffers (position_ids) are not weights; floats stay as stored."""
-    return {k: v for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
+def activation(config: dict[str, Any], key: str) -> str:
+    """The config's activation, when mlxd has it."""
+    act = str(config.get(key, "gelu"))
+    if act not in ACTIVATIONS:
+        raise UnservableModel(f"{key} {act!r} is not supported ({', '.join(sorted(ACTIVATIONS))})")
+    return act
+
+
+@contextmanager
+def required_fields() -> Iterator[None]:
+    """A field the config cannot do without, missing: the load fails naming it."""
+    try:
+        yield
+    except KeyError as e:
+        raise UnservableModel(f"config.json lacks {e.args[0]!r}") from None
 
 
 def flat_names(module: Module) -> list[tuple[str, Any]]:

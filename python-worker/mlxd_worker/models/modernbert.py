@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
 
@@ -27,7 +27,7 @@ from mlx.nn.layers.linear import Linear
 from mlx.nn.layers.normalization import LayerNorm
 
 from ..errors import UnservableModel
-from .encoder import ACTIVATIONS, cast_weights, flat_names
+from .encoder import ACTIVATIONS, activation, fill, read_weights, required_fields
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,10 @@ class ModernBertConfig:
 
     @classmethod
     def from_dict(cls, c: dict[str, Any]) -> ModernBertConfig:
-        act = str(c.get("hidden_activation", "gelu"))
-        if act not in ACTIVATIONS:
-            raise UnservableModel(f"hidden_activation {act!r} is not supported ({', '.join(sorted(ACTIVATIONS))})")
+        act = activation(c, "hidden_activation")
         if c.get("rope_scaling"):
             raise UnservableModel("rope_scaling is not supported in a ModernBERT")
-        try:
+        with required_fields():
             layers = int(c["num_hidden_layers"])
             # Transformers 5 writes layer_types and rope_parameters; older configs
             # global_attn_every_n_layers and the two thetas.
@@ -94,8 +92,6 @@ class ModernBertConfig:
                 local_rope_theta=theta("sliding_attention", "local_rope_theta", 10000.0),
                 pad_token_id=int(c.get("pad_token_id") or 0),
             )
-        except KeyError as e:
-            raise UnservableModel(f"config.json lacks {e.args[0]!r}") from None
 
     def is_global(self, layer: int) -> bool:
         return self.global_layers[layer]
@@ -195,20 +191,6 @@ class ModernBert(Module):
 def load(path: Path, raw: dict[str, Any]) -> ModernBert:
     """The ModernBERT of a directory whose config.json is `raw`."""
     config = ModernBertConfig.from_dict(raw)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UnservableModel(f"{path}: no .safetensors weights")
     model = ModernBert(config)
-    wanted = {name for name, _ in flat_names(model)}
-    kept: dict[str, mx.array] = {}
-    for f in files:
-        for name, value in cast_weights(cast("dict[str, mx.array]", mx.load(str(f)))).items():
-            name = name.removeprefix("model.")
-            if name in wanted:
-                kept[name] = value
-    missing = wanted - kept.keys()
-    if missing:
-        raise UnservableModel(f"{path}: the weights lack {', '.join(sorted(missing)[:3])}")
-    model.load_weights(list(kept.items()))
-    mx.eval(model.parameters())
+    fill(model, read_weights(path), path, ("model.",))
     return model
