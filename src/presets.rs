@@ -717,13 +717,7 @@ impl Preset {
         match self.prompt_cache_bytes.as_deref() {
             Some(s) => cache_bytes(s).unwrap_or(0),
             None if self.engine == EngineKind::Replay => 0,
-            None if matches!(
-                self.worker_engine(models_dir),
-                EngineKind::Embedding | EngineKind::Vision
-            ) =>
-            {
-                0
-            }
+            None if self.worker_engine(models_dir) == EngineKind::Embedding => 0,
             // Room for four long conversations (or a quarter of the need, if
             // more): the worker gives it back when a request needs the memory.
             None => {

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import ollama
@@ -138,6 +139,39 @@ def test_requests_in_one_batch_answer_as_alone(oai: OpenAI) -> None:
     assert ask(oai, "Hello there")  # type: ignore[arg-type]
 
 
+def cached_tokens(resp: Any) -> int:
+    details = resp.usage.prompt_tokens_details
+    return (details.cached_tokens or 0) if details is not None else 0
+
+
+def test_a_new_question_about_the_same_image_reuses_its_prefix(oai: OpenAI, session_presets: Path) -> None:
+    """The image's prefix (vision features and KV) is reused by a re-ask with a new
+    question, whose answer stays mlx-vlm's own cold answer; the same tokens with
+    another image's pixels reuse nothing."""
+    image, other = picture(11, size=(300, 200)), picture(12, size=(300, 200))
+    lead = "Please look at this picture and tell me: "
+
+    def create(data: bytes, question: str) -> Any:
+        return oai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [image_part(data), text(lead + question)]}],
+            max_tokens=TOKENS,
+            temperature=0,
+        )
+
+    first = create(image, "what is it?")
+    again = create(image, "which colours are in it?")
+    elsewhere = create(other, "which colours are in it?")
+    assert cached_tokens(first) == 0
+    # The shared part covers the image's tokens (16 here) and the question's lead.
+    assert cached_tokens(again) >= 16, again.usage
+    assert cached_tokens(elsewhere) == 0, elsewhere.usage
+    want = native(model_dir(session_presets), [IMAGE, text(lead + "which colours are in it?")], [image], TOKENS)
+    # mlx-lm's streaming detokenizer (mlxd's, as mlx_lm.server's) drops the answer's
+    # leading space; mlx-vlm's generate keeps it.
+    assert again.choices[0].message.content == want.removeprefix(" ")
+
+
 def test_a_seeded_sample_is_the_same_alone_or_in_a_batch(oai: OpenAI) -> None:
     """Each row samples with its own sampler inside mlx-vlm's greedy batch."""
 
@@ -221,7 +255,7 @@ def test_serving_imports_none_of_mlx_vlms_heavy_dependencies(session_presets: Pa
 import sys
 from mlxd_worker.engines.vision import VisionBackend
 backend = VisionBackend()
-backend.load({str(model_dir(session_presets))!r}, {{}})
+backend.load({str(model_dir(session_presets))!r}, {{"prompt_cache_bytes": 1 << 26}})
 uid = backend.insert([1, 2, 3], 2, None)
 while not any(f for _, _, f in backend.step()):
     pass

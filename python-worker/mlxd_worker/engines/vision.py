@@ -11,12 +11,21 @@ way) together with what the family needs beside them (Qwen2-VL's 3-D rotary
 positions). The images were decoded and preprocessed on the reader thread
 (requests/vision.py).
 
+Prefix reuse: an agent re-sending the same screenshot with a new question reuses
+both the image's vision features (the tower's output, memoized by the images'
+content hash, computed on the reader thread) and the prompt's KV (mlx-vlm's prefix
+cache, salted with the same hash so that the same tokens with other pixels never
+match). mlx-vlm 0.7.10 pages a dense model's KV in blocks and never reuses a block
+that holds image tokens; its snapshot mode keeps whole prompts and cuts a snapshot
+back to where a new prompt parts from it, which is what reuse across questions
+needs: this backend runs every model in snapshot mode.
+
 mlx-vlm's batch samples every row with one sampler (greedy here); a row that asks
 for sampling draws its token with its own sampler in a logits processor and leaves
 only that token for the greedy pick, so each request keeps its temperature, top_p
 and seed. Not served yet for these models: logprobs, constrained decoding and
-thinking budgets (refused with the reason), drafting and the prefix cache (Ready's
-model facts say so; a request's `speculative` is ignored).
+thinking budgets (refused with the reason) and drafting (Ready's model facts say
+so; a request's `speculative` is ignored).
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from ..errors import RequestError
 from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
@@ -40,6 +50,100 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger("mlxd_worker")
+
+# Whole-prompt snapshots the prefix cache keeps (least recently used first out),
+# within the preset's prompt_cache_bytes.
+SNAPSHOTS = 8
+# Image sets whose vision features are kept.
+FEATURE_SETS = 8
+
+
+class FeatureMemo:
+    """The vision tower's outputs for the last few image sets, by content key. The
+    backend sets `key` around its `get_input_embeddings` call; the tower's call
+    (wrapped by `memoize_tower`) returns the kept output for that key or keeps the
+    new one."""
+
+    def __init__(self, size: int = FEATURE_SETS) -> None:
+        self.key: int | None = None
+        self.hits = 0
+        self._size = size
+        self._kept: OrderedDict[int, Any] = OrderedDict()
+
+    def run(self, compute: Callable[[], Any]) -> Any:
+        key = self.key
+        if key is None:
+            return compute()
+        kept = self._kept.get(key)
+        if kept is not None:
+            self._kept.move_to_end(key)
+            self.hits += 1
+            return kept
+        out = compute()
+        self._kept[key] = out
+        while len(self._kept) > self._size:
+            self._kept.popitem(last=False)
+        return out
+
+    def nbytes(self) -> int:
+        from mlx.utils import tree_flatten
+
+        leaves = cast("list[tuple[str, Any]]", tree_flatten(list(self._kept.values())))
+        return sum(int(getattr(leaf, "nbytes", 0)) for _, leaf in leaves)
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+def memoize_tower(model: Any) -> FeatureMemo | None:
+    """Route the model's vision tower through a memo; None for a family whose tower
+    has another name (its features are then computed every time)."""
+    from mlx.nn.layers.base import Module
+
+    tower = next(
+        (
+            t
+            for name in ("vision_tower", "vision_model", "visual")
+            if isinstance(t := getattr(model, name, None), Module)
+        ),
+        None,
+    )
+    if tower is None:
+        return None
+    memo = FeatureMemo()
+    base = type(tower)
+
+    def memoized_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return memo.run(lambda: base.__call__(self, *args, **kwargs))
+
+    # A subclass of the tower's own class, set on this instance: every attribute
+    # the family's code reads from its tower (patch_embed, dtypes) stays where it was.
+    tower.__class__ = type(f"Memoized{base.__name__}", (base,), {"__call__": memoized_call})
+    return memo
+
+
+def snapshot_mode(generator: Any, cached: dict[int, int]) -> None:
+    """Put mlx-vlm's prefix cache in snapshot mode (see the module's note) and
+    record, by the batch's uid, how many prompt tokens each lookup reused. Reaches
+    into mlx-vlm 0.7.10's coordinator: tests/e2e_python/test_vision.py checks a
+    re-ask reuses the image's prefix, so an upgrade that moves it fails there."""
+    from mlx_vlm.apc_adapters import PrefixCachePlan
+
+    class SnapshotPlan(PrefixCachePlan):
+        @property
+        def strategy(self) -> str | None:
+            return "checkpoint" if self.restorable else None
+
+    generator.apc.plan.__class__ = SnapshotPlan
+    generator.apc_mode = generator.apc.legacy_mode
+    pick = generator._apc_pick_for
+
+    def recorded(sequence: tuple[Any, ...]) -> Any:
+        hit = pick(sequence)
+        cached[int(sequence[0])] = int(hit["prefix_len"]) if hit else 0
+        return hit
+
+    generator._apc_pick_for = recorded
 
 
 class RowSampler:
@@ -79,6 +183,15 @@ class VisionBackend:
         self._gen: Any = None
         self._family = ""
         self._prefill_step = 2048
+        self._cache_bytes = 0
+        self._disk_asked = False
+        self._apc: Any = None
+        self._features: FeatureMemo | None = None
+        # Prompt tokens each row's prefix-cache lookup reused, by the batch's uid.
+        self._reused: dict[int, int] = {}
+        self._cached: dict[int, int] = {}  # by our uid, once the row was prefilled
+        self._lookups = {"hit": 0, "miss": 0}
+        self._cached_total = 0
         # Ours -> the batch's uids, and back.
         self._batch_uid: dict[int, int] = {}
         self._our_uid: dict[int, int] = {}
@@ -110,12 +223,22 @@ class VisionBackend:
         self.max_batch = sizing.max_batch(options, sizing.on_gpu())
         self._prefill_step = options.get("prefill_step", 2048)
         self.prompts = VisionPrompts(self._processor, self._family)
+        self._cache_bytes = options.get("prompt_cache_bytes", 0)
+        self._disk_asked = self._cache_bytes > 0 and bool(options.get("prompt_cache_dir"))
+        if self._cache_bytes > 0:
+            from mlx_vlm.apc import APCManager
+
+            self._apc = APCManager(
+                disk=None,
+                overrides={"memory_max_gb": self._cache_bytes / 2**30, "checkpoint_entries": SNAPSHOTS},
+            )
+            self._features = memoize_tower(self._model)
         self._gen = self._new_generator()
 
     def _new_generator(self) -> Any:
         from mlx_vlm.generate.ar import BatchGenerator
 
-        return BatchGenerator(
+        gen = BatchGenerator(
             self._model.language_model,
             self._processor,
             stop_tokens=set(self.eos),
@@ -123,7 +246,11 @@ class VisionBackend:
             prefill_batch_size=min(self.max_batch, 8),
             prefill_step_size=self._prefill_step,
             compute_logprobs=False,
+            apc_manager=self._apc,
         )
+        if gen.apc is not None:
+            snapshot_mode(gen, self._reused)
+        return gen
 
     def insert(
         self,
@@ -143,12 +270,23 @@ class VisionBackend:
         tokens = mx.array([ids])
         arrays = {} if row.vision is None else {k: mx.array(v) for k, v in row.vision.arrays.items()}
         pixels = arrays.pop("pixel_values", None)
-        features = self._model.get_input_embeddings(tokens, pixels, mask=mx.ones_like(tokens), **arrays)
-        kwargs = {
+        key = 0 if row.vision is None else row.vision.key
+        if self._features is not None:
+            self._features.key = key or None
+        try:
+            features = self._model.get_input_embeddings(tokens, pixels, mask=mx.ones_like(tokens), **arrays)
+        finally:
+            if self._features is not None:
+                self._features.key = None
+        kwargs: dict[str, Any] = {
             name: value
             for name, value in vars(features).items()
             if value is not None and name not in ("attention_mask_4d",)
         }
+        if self._apc is not None:
+            # The prefix cache's salt: the images' content (0: none). Without it
+            # mlx-vlm would hash the whole embedding, which differs with any text.
+            kwargs["_apc_semantic_hash"] = key
         processors = None if sampler is None else [[RowSampler(sampler)]]
         (batch_uid,) = self._gen.insert([ids], max_tokens, prompt_kwargs=[kwargs], logits_processors=processors)
         uid = self._next_uid
@@ -159,8 +297,10 @@ class VisionBackend:
 
     def remove(self, uid: int) -> None:
         batch_uid = self._batch_uid.pop(uid, None)
+        self._cached.pop(uid, None)
         if batch_uid is not None:
             self._our_uid.pop(batch_uid, None)
+            self._reused.pop(batch_uid, None)
             self._gen.remove(batch_uid)
 
     def step(self) -> list[StepResult]:
@@ -171,6 +311,8 @@ class VisionBackend:
         started = time.perf_counter()
         prompt_progress, responses = self._gen.next()
         elapsed = time.perf_counter() - started
+        if self._reused:
+            self._count_lookups()
         if responses:
             self.times.decode += elapsed
         else:
@@ -187,6 +329,15 @@ class VisionBackend:
                 self._batch_uid.pop(uid, None)
         return out
 
+    def _count_lookups(self) -> None:
+        for batch_uid, reused in self._reused.items():
+            self._lookups["hit" if reused else "miss"] += 1
+            self._cached_total += reused
+            uid = self._our_uid.get(batch_uid)
+            if uid is not None:
+                self._cached[uid] = reused
+        self._reused.clear()
+
     def detokenizer(self) -> Detokenizer:
         detok: Detokenizer = self.tokenizer.detokenizer
         return detok
@@ -195,6 +346,7 @@ class VisionBackend:
         raise RequestError("reranking by a vision model is not served")
 
     def take_counts(self, uid: int) -> DraftCounts | None:
+        self._cached.pop(uid, None)  # the sequence ended
         return None
 
     def speculative_status(self) -> SpecStatus | None:
@@ -204,20 +356,39 @@ class VisionBackend:
         return {
             "family": self._family,
             "cache_kinds": [],
-            "limits": [
-                {"feature": "prefix_cache", "reason": "not served for vision models yet"},
-                {"feature": "speculative", "reason": "not served for vision models yet"},
-            ],
+            "limits": [{"feature": "speculative", "reason": "not served for vision models yet"}]
+            + (
+                [{"feature": "prefix_cache", "reason": "kept in memory only: no disk tier for vision models"}]
+                if self._disk_asked
+                else []
+            ),
         }
 
     def cached_tokens(self, uid: int) -> int:
-        return 0
+        # Known once the row's prefill looked it up (usage at its end says it).
+        return self._cached.get(uid, 0)
 
     def start_prompt_cache(self) -> None:
         pass
 
     def prompt_cache_stats(self) -> PromptCacheStats | None:
-        return None
+        if self._apc is None:
+            return None
+        return {
+            "bytes": self.prompt_cache_bytes(),
+            "cached_tokens_total": self._cached_total,
+            "entries": self._apc.stats.exact_stores - self._apc.stats.evictions,
+            "max_bytes": self._cache_bytes,
+            # mlx-vlm's lookup says whether it hit, not why it missed.
+            "lookups": {
+                "hit_continued": self._lookups["hit"],
+                "hit_diverged": 0,
+                "miss_cold": self._lookups["miss"],
+                "miss_diverged": 0,
+                "miss_evicted": 0,
+                "miss_too_short": 0,
+            },
+        }
 
     def weights_bytes(self) -> int:
         from mlx.utils import tree_flatten
@@ -226,10 +397,21 @@ class VisionBackend:
         return sum(int(array.nbytes) for _, array in leaves)
 
     def prompt_cache_bytes(self) -> int:
-        return 0
+        if self._apc is None:
+            return 0
+        features = 0 if self._features is None else self._features.nbytes()
+        return int(self._apc.resident_bytes()) + features
 
     def shrink_prompt_cache(self, target_bytes: int) -> int:
-        return 0
+        """mlx-vlm's cache evicts by its own budget, not to a size asked: past the
+        target, all of it goes."""
+        held = self.prompt_cache_bytes()
+        if held <= target_bytes:
+            return 0
+        self._apc.clear()
+        if self._features is not None:
+            self._features.clear()
+        return held
 
     def drop_all(self) -> None:
         self._gen.close()

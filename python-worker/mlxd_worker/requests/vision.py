@@ -8,6 +8,7 @@ vision tower and the language model (engines/vision.py)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 import secrets
@@ -36,6 +37,10 @@ class VisionInput:
     image_grid_thw, ...)."""
 
     arrays: dict[str, np.ndarray]
+    # A hash of the arrays' content (pixels and layout): the same images processed
+    # the same way have the same key. The prefix cache and the vision-feature memo
+    # are keyed by it.
+    key: int
 
 
 def open_image(data: str, index: int) -> Any:
@@ -158,4 +163,15 @@ class VisionPrompts:
             raise RequestError(f"the model's processor refused the request's images: {e}") from None
         ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
         arrays = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")}
-        return ids, VisionInput(arrays)
+        return ids, VisionInput(arrays, content_key(arrays))
+
+
+def content_key(arrays: dict[str, np.ndarray]) -> int:
+    """A 63-bit hash of the arrays' names, shapes, types and bytes (computed here,
+    on the reader thread, not on the engine's)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.data)
+    return int.from_bytes(digest.digest(), "little") >> 1
