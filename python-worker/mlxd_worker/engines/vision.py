@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from ..errors import RequestError
-from ..io.protocol import DraftCounts, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
+from ..io.protocol import DraftCounts, FeatureLimit, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
 from ..lanes.drafting import DraftController
 from ..requests.sampling import Sampler, SamplingDefaults
 from ..requests.vision import VisionPrompts
@@ -353,16 +353,10 @@ class VisionBackend:
         return None
 
     def model_facts(self) -> ModelFacts:
-        return {
-            "family": self._family,
-            "cache_kinds": [],
-            "limits": [{"feature": "speculative", "reason": "not served for vision models yet"}]
-            + (
-                [{"feature": "prefix_cache", "reason": "kept in memory only: no disk tier for vision models"}]
-                if self._disk_asked
-                else []
-            ),
-        }
+        limits: list[FeatureLimit] = [{"feature": "speculative", "reason": "not served for vision models yet"}]
+        if self._disk_asked:
+            limits.append({"feature": "prefix_cache", "reason": "kept in memory only: no disk tier for vision models"})
+        return {"family": self._family, "cache_kinds": [], "limits": limits}
 
     def cached_tokens(self, uid: int) -> int:
         # Known once the row's prefill looked it up (usage at its end says it).
