@@ -46,6 +46,13 @@ pub struct FileConfig {
     /// empty by default. "*", "null" and "file://" are refused.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// Hosts whose http(s) image URLs the daemon fetches for a request: names
+    /// ("images.example.com"), "*.example.com" for any subdomain, or addresses.
+    /// Empty by default: only inline (data:) images are taken. A name that
+    /// resolves to a loopback or private address is refused unless listed exactly
+    /// (not through a "*."). Env MLXD_ALLOWED_IMAGE_HOSTS (comma-separated) adds.
+    #[serde(default)]
+    pub allowed_image_hosts: Vec<String>,
     /// HTTP connections served at once (1024 by default); more are closed as they
     /// arrive. Env MLXD_MAX_CONNECTIONS overrides.
     pub max_connections: Option<usize>,
@@ -80,6 +87,8 @@ pub struct Config {
     pub allowed_hosts: Vec<String>,
     /// See `FileConfig::allowed_origins`.
     pub allowed_origins: Vec<String>,
+    /// See `FileConfig::allowed_image_hosts`.
+    pub allowed_image_hosts: Vec<String>,
     /// See `FileConfig::max_connections`.
     pub max_connections: usize,
     /// See `FileConfig::memory_cap`.
@@ -169,16 +178,20 @@ impl Config {
         };
         let memory_cap = limit("MLXD_MEMORY_CAP", file.memory_cap, "90%")?;
         let memory_shed = limit("MLXD_MEMORY_SHED", file.memory_shed, "95%")?;
-        let mut api_keys = file.api_keys;
-        if let Some(k) = env("MLXD_API_KEY") {
-            api_keys.extend(
-                k.to_string_lossy()
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|k| !k.is_empty())
-                    .map(str::to_owned),
-            );
-        }
+        // A comma-separated list in the environment, added to the file's.
+        let listed = |key: &str, mut list: Vec<String>| {
+            if let Some(v) = env(key) {
+                let v = v.to_string_lossy();
+                list.extend(
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+            list
+        };
+        let api_keys = listed("MLXD_API_KEY", file.api_keys);
         anyhow::ensure!(
             api_keys.iter().all(|k| k.len() >= 8),
             "API keys must be at least 8 characters"
@@ -190,6 +203,7 @@ impl Config {
                 "allowed_origins: {origin:?} is not allowed (name each origin, e.g. \"http://localhost:3000\")"
             );
         }
+        let allowed_image_hosts = listed("MLXD_ALLOWED_IMAGE_HOSTS", file.allowed_image_hosts);
         let max_connections = match env("MLXD_MAX_CONNECTIONS") {
             Some(v) => v
                 .to_str()
@@ -203,6 +217,7 @@ impl Config {
             api_keys,
             allowed_hosts: file.allowed_hosts,
             allowed_origins: file.allowed_origins,
+            allowed_image_hosts,
             memory_cap,
             memory_shed,
             kv_reserve: file.kv_reserve,

@@ -68,6 +68,9 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let max_connections = cfg.max_connections;
     let guard =
         crate::api::guard::Guard::new(ip, &cfg.allowed_hosts, &cfg.allowed_origins, &cfg.api_keys);
+    let image_urls = Arc::new(crate::api::image_urls::ImageFetcher::new(
+        &cfg.allowed_image_hosts,
+    ));
     let supervisor = Arc::new(Supervisor::new(cfg, presets, registry));
     let (host_flag, port_flag) = (opts.host_flag, opts.port_flag);
     supervisor.set_config_source(Box::new(move || {
@@ -108,6 +111,7 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let state = AppState {
         supervisor: supervisor.clone(),
         metrics: metrics.clone(),
+        image_urls,
         #[cfg(feature = "bench-http")]
         http: reqwest::Client::builder().no_proxy().build()?,
     };

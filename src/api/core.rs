@@ -74,7 +74,7 @@ pub async fn start(state: &AppState, req: CoreRequest) -> Result<Started, Error>
 /// request moves to the next one, or fails with a plain status).
 async fn first_event(
     state: &AppState,
-    req: CoreRequest,
+    mut req: CoreRequest,
 ) -> Result<(GenStream, VecDeque<GenEvent>), Error> {
     let engine = req
         .target
@@ -89,6 +89,10 @@ async fn first_event(
             Some("messages"),
         ));
     }
+    state
+        .image_urls
+        .fetch_all(&mut req.gen.images, "messages")
+        .await?;
     if engine == EngineKind::Embedding {
         return Err(Error::invalid(
             format!(

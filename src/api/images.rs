@@ -4,7 +4,8 @@
 //! anything is loaded: base64 that decodes, a size within the limit, and the file
 //! signature of a format the worker decodes (PNG, JPEG, WebP, GIF). The worker
 //! decodes the pixels (refusing a decompression bomb by its header) off the engine
-//! thread. URLs other than `data:` are refused until fetching is configured.
+//! thread. An http(s) URL stays in the request's images as the URL until core
+//! fetches it from an allowed host (src/api/image_urls.rs); other schemes are refused.
 
 use base64::Engine as _;
 use worker_protocol::frame::ContentPart;
@@ -19,7 +20,8 @@ pub const MAX_IMAGES: usize = 32;
 /// A turn's text and images as the client ordered them, and the request's images.
 #[derive(Default)]
 pub struct Images {
-    /// Every image of the request, base64, in the order first seen.
+    /// Every image of the request, base64, in the order first seen; an http(s) URL
+    /// where the image is still to be fetched (base64 never holds a ':').
     pub files: Vec<String>,
 }
 
@@ -57,15 +59,21 @@ impl Turn {
 }
 
 impl Images {
-    /// An image given as a URL (`data:image/png;base64,...`); `field` names where
-    /// it was in the request's errors.
+    /// An image given as a URL: `data:image/png;base64,...`, or an http(s) URL
+    /// fetched later if its host is allowed; `field` names where it was in the
+    /// request's errors.
     pub fn add_url(&mut self, url: &str, field: &str) -> Result<u32, Error> {
+        if super::image_urls::is_pending(url) {
+            self.room(field)?;
+            self.files.push(url.to_string());
+            return Ok((self.files.len() - 1) as u32);
+        }
         let Some(rest) = url.strip_prefix("data:") else {
             let shown: String = url.chars().take(60).collect();
             return Err(Error::invalid(
                 format!(
-                    "image URL {shown:?}: only data: URLs are taken (mlxd fetches no images); \
-                     send the image inline as data:image/png;base64,..."
+                    "image URL {shown:?}: only data: and http(s) URLs are taken; send the \
+                     image inline as data:image/png;base64,..."
                 ),
                 Some(field),
             ));
@@ -79,14 +87,19 @@ impl Images {
         self.add_base64(data, field)
     }
 
-    /// An image given as its file's bytes in base64.
-    pub fn add_base64(&mut self, data: &str, field: &str) -> Result<u32, Error> {
+    fn room(&self, field: &str) -> Result<(), Error> {
         if self.files.len() >= MAX_IMAGES {
             return Err(Error::invalid(
                 format!("a request takes at most {MAX_IMAGES} images"),
                 Some(field),
             ));
         }
+        Ok(())
+    }
+
+    /// An image given as its file's bytes in base64.
+    pub fn add_base64(&mut self, data: &str, field: &str) -> Result<u32, Error> {
+        self.room(field)?;
         let data = data.trim();
         if data.len() / 4 * 3 > MAX_IMAGE_BYTES + 3 {
             return Err(too_large(field));
@@ -96,21 +109,27 @@ impl Images {
             .map_err(|e| {
                 Error::invalid(format!("an image is not valid base64: {e}"), Some(field))
             })?;
-        if bytes.len() > MAX_IMAGE_BYTES {
-            return Err(too_large(field));
-        }
-        if let Some(what) = unsupported(&bytes) {
-            return Err(Error::invalid(
-                format!("an image is {what}; send PNG, JPEG, WebP or GIF"),
-                Some(field),
-            ));
-        }
+        check_file(&bytes, field)?;
         self.files.push(data.to_string());
         Ok((self.files.len() - 1) as u32)
     }
 }
 
-fn too_large(field: &str) -> Error {
+/// An image file's size and signature, checked before the worker sees it.
+pub fn check_file(bytes: &[u8], field: &str) -> Result<(), Error> {
+    if bytes.len() > MAX_IMAGE_BYTES {
+        return Err(too_large(field));
+    }
+    if let Some(what) = unsupported(bytes) {
+        return Err(Error::invalid(
+            format!("an image is {what}; send PNG, JPEG, WebP or GIF"),
+            Some(field),
+        ));
+    }
+    Ok(())
+}
+
+pub fn too_large(field: &str) -> Error {
     Error::invalid(
         format!("an image is larger than {} MiB", MAX_IMAGE_BYTES >> 20),
         Some(field),
@@ -148,13 +167,16 @@ mod tests {
         assert_eq!(images.add_url(&url, "messages").unwrap(), 0);
         assert_eq!(images.add_base64(PNG_1X1, "images").unwrap(), 1);
         let err = |r: Result<u32, Error>| r.unwrap_err().to_string();
-        assert!(err(images.add_url("http://127.0.0.1/x.png", "m")).contains("only data: URLs"));
+        assert!(
+            err(images.add_url("ftp://127.0.0.1/x.png", "m")).contains("only data: and http(s)")
+        );
         assert!(err(images.add_base64("!!!", "m")).contains("base64"));
         let svg = base64::engine::general_purpose::STANDARD.encode("<svg xmlns='x'/>");
         assert!(err(images.add_base64(&svg, "m")).contains("SVG"));
         let big = base64::engine::general_purpose::STANDARD.encode(vec![0u8; MAX_IMAGE_BYTES + 1]);
         assert!(err(images.add_base64(&big, "m")).contains("larger than"));
-        assert_eq!(images.files.len(), 2);
+        assert_eq!(images.add_url("https://example.com/x.png", "m").unwrap(), 2);
+        assert_eq!(images.files.len(), 3);
     }
 
     #[test]

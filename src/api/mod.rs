@@ -18,6 +18,7 @@ pub mod error;
 pub mod guard;
 #[cfg(feature = "bench-http")]
 mod http_proxy;
+pub mod image_urls;
 pub mod images;
 pub mod ollama;
 pub mod openai;
@@ -41,6 +42,8 @@ pub const MAX_BODY: usize = 8 << 20;
 pub struct AppState {
     pub supervisor: Arc<Supervisor>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Image URLs fetched for requests (from `allowed_image_hosts` only).
+    pub image_urls: Arc<image_urls::ImageFetcher>,
     /// For the `http` transport's proxy route to workers on loopback.
     #[cfg(feature = "bench-http")]
     pub http: reqwest::Client,

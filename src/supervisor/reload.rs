@@ -56,6 +56,10 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         old.allowed_origins != new.allowed_origins,
     );
     check(
+        "allowed_image_hosts",
+        old.allowed_image_hosts != new.allowed_image_hosts,
+    );
+    check(
         "max_connections",
         old.max_connections != new.max_connections,
     );

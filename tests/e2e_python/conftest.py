@@ -183,7 +183,8 @@ def daemon_url(session_presets: Path) -> Iterator[str]:
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env={**os.environ, "MLXD_LOG": "warn"},
+        # test_vision.py serves images on loopback: listed exactly, so allowed.
+        env={**os.environ, "MLXD_LOG": "warn", "MLXD_ALLOWED_IMAGE_HOSTS": "127.0.0.1"},
         text=True,
     )
     assert proc.stdout is not None

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import http.server
 import os
 import struct
 import subprocess
 import sys
+import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +232,8 @@ def _bomb() -> bytes:
         (data_url(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"), "SVG"),
         (data_url(picture(4)[:200]), "could not be decoded"),
         (data_url(_bomb()), "pixels"),
-        ("http://127.0.0.1:9/picture.png", "only data: URLs"),
+        ("http://localhost:9/picture.png", "not in allowed_image_hosts"),
+        ("file:///etc/passwd", "only data: and http"),
         ("data:image/png;base64,@@@", "base64"),
     ],
 )
@@ -237,6 +241,70 @@ def test_a_hostile_image_gets_a_clear_error_and_the_daemon_keeps_serving(oai: Op
     with pytest.raises(openai.BadRequestError, match=needle):
         ask(oai, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}])
     assert ask(oai, [image_part(picture(5)), {"type": "text", "text": "and this?"}], max_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    """An HTTP server on loopback (listed in the session daemon's
+    MLXD_ALLOWED_IMAGE_HOSTS) with a picture and the ways a fetch goes wrong."""
+    files = {
+        "/picture.png": (200, picture(8)),
+        "/drawing.svg": (200, b"<svg xmlns='http://www.w3.org/2000/svg'/>"),
+        "/huge.png": (200, picture(8) + b"\0" * (21 << 20)),
+        "/moved.png": (302, b""),
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = files.get(self.path, (404, b"no such file"))
+            self.send_response(status)
+            if status == 302:
+                self.send_header("Location", "/picture.png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_image_url_from_an_allowed_host_is_fetched(
+    oai: OpenAI, claude: anthropic.Anthropic, image_host: str
+) -> None:
+    """OpenAI image_url and Anthropic url sources from a listed host answer as the
+    same image inline does."""
+    question = "What is in this picture?"
+    want = ask(oai, [image_part(picture(8)), text(question)])
+    url = f"{image_host}/picture.png"
+    assert ask(oai, [{"type": "image_url", "image_url": {"url": url}}, text(question)]) == want
+    message = claude.messages.create(
+        model=MODEL,
+        max_tokens=TOKENS,
+        messages=[
+            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": url}}, text(question)]}
+        ],
+    )
+    assert message.content[0].text == want  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "path, needle",
+    [
+        ("/moved.png", "redirects are not followed"),
+        ("/missing.png", "answered 404"),
+        ("/huge.png", "larger than 20 MiB"),
+        ("/drawing.svg", "SVG"),
+    ],
+)
+def test_a_bad_image_url_gets_a_clear_error(oai: OpenAI, image_host: str, path: str, needle: str) -> None:
+    with pytest.raises(openai.BadRequestError, match=needle):
+        ask(oai, [{"type": "image_url", "image_url": {"url": image_host + path}}, text("hi")])
 
 
 def test_an_image_to_a_text_model_is_refused_before_loading(oai: OpenAI) -> None:
