@@ -149,6 +149,10 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # because its config has a vision tower.
     vlm = vision_model.build(ROOT / "target" / "families" / "qwen2_vl", models_dir() / "smollm2-135m")
     (presets / "tiny-vlm.toml").write_text(f'model = "{vlm}"\nkeep_alive = "60s"\n')
+    # The same as Gemma 3 (test_vision): a template that writes the BOS itself,
+    # sliding-window layers, a SigLIP tower.
+    gemma3_vlm = vision_model.build_gemma3(ROOT / "target" / "families" / "gemma3_vlm", models_dir() / "smollm2-135m")
+    (presets / "tiny-gemma3-vlm.toml").write_text(f'model = "{gemma3_vlm}"\nkeep_alive = "60s"\n')
     # A decoder embedding model, known as one by its sentence-transformers files.
     qwen3_embedding = decoder_embedder.write(at / "tiny-qwen3-embedding", models_dir() / "smollm2-135m")
     (presets / "tiny-qwen3-embedding.toml").write_text(f'model = "{qwen3_embedding}"\nkeep_alive = "30s"\n')

@@ -175,6 +175,69 @@ def test_a_new_question_about_the_same_image_reuses_its_prefix(oai: OpenAI, sess
     assert again.choices[0].message.content == want.removeprefix(" ")
 
 
+GEMMA3 = "tiny-gemma3-vlm"
+
+
+def gemma3_dir(session_presets: Path) -> Path:
+    return Path(tomllib.loads((session_presets / f"{GEMMA3}.toml").read_text())["model"])
+
+
+def with_images(content: list[dict[str, str]], images: list[bytes]) -> list[dict[str, Any]]:
+    """native()'s parts as OpenAI chat parts: each image part takes the next image."""
+    pictures = iter(images)
+    return [image_part(next(pictures)) if part["type"] == "image" else part for part in content]
+
+
+def gemma3_chat(oai: OpenAI, messages: list[Any]) -> Any:
+    return oai.chat.completions.create(model=GEMMA3, messages=messages, max_tokens=TOKENS, temperature=0)
+
+
+@pytest.mark.parametrize(
+    "content, images",
+    [
+        ([IMAGE, text("What is in this picture?")], [picture(1)]),
+        ([IMAGE, text("left or right?"), IMAGE], [picture(2), picture(3, (64, 96))]),
+        ([text("left or right?"), IMAGE, IMAGE], [picture(2), picture(3, (64, 96))]),
+    ],
+)
+def test_a_gemma3_answer_equals_mlx_vlms_own(
+    oai: OpenAI, session_presets: Path, content: list[dict[str, str]], images: list[bytes]
+) -> None:
+    """Gemma 3 (vision_model.build_gemma3): its template writes the BOS (one, not
+    the tokenizer's second), an image part becomes <start_of_image> expanded to the
+    image's soft tokens, and its sliding layers' 16-token window is shorter than
+    these prompts."""
+    resp = gemma3_chat(oai, [{"role": "user", "content": with_images(content, images)}])
+    got = resp.choices[0].message.content or ""
+    # mlx-lm's streaming detokenizer drops an answer's leading space; mlx-vlm's keeps it.
+    assert got and got == native(gemma3_dir(session_presets), content, images, TOKENS).removeprefix(" ")
+
+
+def test_a_gemma3_conversation_reuses_its_earlier_turns(oai: OpenAI, session_presets: Path) -> None:
+    """mlx-vlm cuts back only dense-KV snapshots, not Gemma 3's sliding-window ones:
+    a new question about the same image reuses no KV (its vision features only), but
+    the next turn of a conversation reuses the whole earlier prompt, and answers as
+    mlx-vlm does from scratch."""
+    image = picture(11, size=(300, 200))
+    turn = [IMAGE, text("Please look at this picture and tell me what it is.")]
+    first = gemma3_chat(oai, [{"role": "user", "content": with_images(turn, [image])}])
+    answer = first.choices[0].message.content or ""
+    second = gemma3_chat(
+        oai,
+        [
+            {"role": "user", "content": with_images(turn, [image])},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And its colours?"},
+        ],
+    )
+    assert cached_tokens(first) == 0
+    # The first prompt less its last token (mlx-vlm's guard): its image's tokens and more.
+    assert cached_tokens(second) >= 16, second.usage
+    history = [{"role": "user", "content": turn}, {"role": "assistant", "content": [text(answer)]}]
+    want = native(gemma3_dir(session_presets), [text("And its colours?")], [image], TOKENS, history)
+    assert second.choices[0].message.content == want.removeprefix(" ")
+
+
 def test_a_seeded_sample_is_the_same_alone_or_in_a_batch(oai: OpenAI) -> None:
     """Each row samples with its own sampler inside mlx-vlm's greedy batch."""
 

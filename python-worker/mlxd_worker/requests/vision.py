@@ -92,7 +92,14 @@ class VisionPrompts:
         from mlx_vlm.utils import should_add_special_tokens
 
         self.processor = processor
-        self.add_special_tokens = bool(should_add_special_tokens(family, processor))
+        # The chat template: the processor's, or its tokenizer's where the processor
+        # has none (mlx-vlm's Gemma 3 processor, among others, leaves it there), as
+        # mlx-vlm's own prompt rendering picks it.
+        self.template = processor if getattr(processor, "chat_template", None) is not None else processor.tokenizer
+        # Asked of the template's owner: a Gemma template writes the BOS, and the
+        # tokenizer would add another (mlx-vlm 0.7.10 asks the processor, whose
+        # template is None, and does add it).
+        self.add_special_tokens = bool(should_add_special_tokens(family, self.template))
         # Stands for an image inside a message's text while the messages go through
         # the tool-format rewriting (which only joins strings); random, so that no
         # client text can forge one.
@@ -147,7 +154,7 @@ class VisionPrompts:
         if pixels > MAX_REQUEST_PIXELS:
             raise RequestError(f"the request's images have {pixels:,} pixels, more than {MAX_REQUEST_PIXELS:,}")
         decoded = [decode_image(image, n) for n, image in enumerate(opened)]
-        text = self.processor.apply_chat_template(
+        text = self.template.apply_chat_template(
             self.as_parts(messages), add_generation_prompt=True, tokenize=False, **kwargs
         )
         try:
