@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use worker_protocol::frame::{
-    ChatMessage, Done, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool, ToolCallFrame,
+    ChatMessage, ContentPart, Done, Generate, MessageToolCall, OutputFormat, TokenLogprob, Tool,
+    ToolCallFrame,
 };
 
 use super::core;
@@ -111,7 +112,7 @@ const GENERATE_FIELDS: &[(&str, FieldRule)] = &[
         FieldRule::OnlyNeutral(|v| v.as_str() == Some("")),
     ),
     ("context", FieldRule::OnlyNeutral(request::is_empty)),
-    ("images", FieldRule::OnlyNeutral(request::is_empty)),
+    ("images", FieldRule::Served),
 ];
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +200,8 @@ struct GenerateRequest {
     system: Option<String>,
     #[serde(default)]
     raw: bool,
+    #[serde(default)]
+    images: Option<Vec<Value>>,
 }
 
 impl Common {
@@ -274,25 +277,33 @@ impl Common {
     }
 }
 
-/// Ollama's messages as the core's: a message's `images` (base64) come before its
-/// text, where Ollama puts them.
+/// A message's or a prompt's `images` (base64) and its text as the core's content
+/// and parts: the images first, where Ollama puts them.
+fn images_then_text(
+    given: Option<Vec<Value>>,
+    text: &str,
+    images: &mut Images,
+    field: &str,
+) -> Result<(String, Vec<ContentPart>), Error> {
+    let mut turn = Turn::default();
+    for image in given.unwrap_or_default() {
+        let Value::String(data) = image else {
+            return Err(Error::invalid("an image is a base64 string", Some(field)));
+        };
+        turn.push_image(images.add_base64(&data, field)?);
+    }
+    turn.push_text(text);
+    Ok(turn.finish())
+}
+
+/// Ollama's messages as the core's.
 fn chat_messages(messages: Vec<InMessage>, images: &mut Images) -> Result<Vec<ChatMessage>, Error> {
     messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let mut turn = Turn::default();
-            for image in m.images.unwrap_or_default() {
-                let Value::String(data) = image else {
-                    return Err(Error::invalid(
-                        "an image is a base64 string",
-                        Some("messages"),
-                    ));
-                };
-                turn.push_image(images.add_base64(&data, "messages")?);
-            }
-            turn.push_text(m.content.as_deref().unwrap_or_default());
-            let (content, parts) = turn.finish();
+            let text = m.content.as_deref().unwrap_or_default();
+            let (content, parts) = images_then_text(m.images, text, images, "messages")?;
             if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
                 return Err(Error::invalid(
                     format!("unknown role '{}'", m.role),
@@ -388,6 +399,12 @@ fn parse_generate(
                 Some("system"),
             ));
         }
+        if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
+            return Err(Error::invalid(
+                "images cannot be combined with raw (a raw prompt has no place for them)",
+                Some("images"),
+            ));
+        }
         gen.prompt = Some(prompt);
     } else {
         let mut messages = Vec::new();
@@ -398,12 +415,16 @@ fn parse_generate(
                 ..Default::default()
             });
         }
+        let mut images = Images::default();
+        let (content, parts) = images_then_text(req.images, &prompt, &mut images, "images")?;
         messages.push(ChatMessage {
             role: "user".into(),
-            content: prompt,
+            content,
+            parts,
             ..Default::default()
         });
         gen.messages = Some(messages);
+        gen.images = images.files;
     }
     Ok((req.common, Some(gen)))
 }

@@ -66,8 +66,9 @@ def test_an_image_answer_equals_mlx_vlms_own(oai: OpenAI, session_presets: Path)
 def test_every_dialects_image_form_reaches_the_model(
     oai: OpenAI, claude: anthropic.Anthropic, olla: ollama.Client
 ) -> None:
-    """Anthropic image blocks, Responses input_image parts and Ollama's images give
-    the answer the OpenAI form gives for the same image and question."""
+    """Anthropic image blocks, Responses input_image parts and Ollama's images (chat
+    and generate) give the answer the OpenAI form gives for the same image and
+    question."""
     image = picture(7)
     b64 = base64.b64encode(image).decode()
     question = "What is in this picture?"
@@ -107,6 +108,10 @@ def test_every_dialects_image_form_reaches_the_model(
         options={"temperature": 0, "num_predict": TOKENS},
     )
     assert chat.message.content == want
+    generated = olla.generate(
+        model=MODEL, prompt=question, images=[b64], options={"temperature": 0, "num_predict": TOKENS}
+    )
+    assert generated.response == want
 
 
 def test_images_reach_the_model_where_the_client_put_them(oai: OpenAI, session_presets: Path) -> None:

@@ -36,8 +36,18 @@ PREPROCESSOR = {
 }
 
 
-def build(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Writes the model to `out` once (config.json last: a directory that has it is complete)."""
+def build(
+    out: Path,
+    tokenizer_dir: Path,
+    seed: int = 0,
+    shape: dict[str, Any] | None = None,
+    max_pixels: int | None = None,
+    bfloat16: bool = False,
+) -> Path:
+    """Writes the model to `out` once (config.json last: a directory that has it is
+    complete). `shape` overrides config keys (benches/vision.py: a 2B shape, its
+    "vision_config" merged), `max_pixels` the largest image before downscaling;
+    `bfloat16` stores the weights so (the tests keep float32)."""
     if (out / "config.json").is_file():
         return out
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -52,7 +62,7 @@ def build(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     tok.save_pretrained(str(out))
     ids = {t: tok.convert_tokens_to_ids(t) for t in [*VISION_TOKENS, "<|im_end|>"]}
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    (out / "preprocessor_config.json").write_text(json.dumps({**PREPROCESSOR, "max_pixels": max_pixels or 12544}))
     config: dict[str, Any] = {
         "model_type": "qwen2_vl",
         "architectures": ["Qwen2VLForConditionalGeneration"],
@@ -85,13 +95,20 @@ def build(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
             "in_channels": 3,
         },
     }
+    for key, value in (shape or {}).items():
+        config[key] = {**config[key], **value} if key == "vision_config" else value
+    if bfloat16:
+        config["torch_dtype"] = "bfloat16"
     model_config = ModelConfig.from_dict(json.loads(json.dumps(config)))
     model_config.text_config = TextConfig.from_dict(model_config.text_config)
     model_config.vision_config = VisionConfig.from_dict(model_config.vision_config)
     mx.random.seed(seed)
     model = Model(model_config)
-    mx.eval(model.parameters())
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    weights = dict(tree_flatten(model.parameters()))
+    if bfloat16:
+        weights = {name: w.astype(mx.bfloat16) for name, w in weights.items()}
+    mx.eval(weights)
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
     (out / "config.json").write_text(json.dumps(config))
     return out
 
