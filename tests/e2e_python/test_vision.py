@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import http.server
+import json
 import os
 import struct
 import subprocess
@@ -145,6 +146,55 @@ def test_requests_in_one_batch_answer_as_alone(oai: OpenAI) -> None:
     assert len(set(alone)) > 1
     # Text alone works as for any model.
     assert ask(oai, "Hello there")  # type: ignore[arg-type]
+
+
+def test_output_formats_and_logprobs_work_with_images(oai: OpenAI) -> None:
+    """A JSON schema constrains an image request's answer (alone and beside a plain
+    one in the batch); logprobs come with each token, the greedy pick on top, and
+    leave the answer as it is without them."""
+    schema = {
+        "type": "object",
+        # Bounded: a random model would write digits to max_tokens.
+        "properties": {"label": {"enum": ["cat", "dog", "car"]}, "blurry": {"type": "boolean"}},
+        "required": ["label", "blurry"],
+        "additionalProperties": False,
+    }
+    content = [image_part(picture(21)), text("Label this picture as JSON.")]
+
+    def structured() -> Any:
+        return oai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=60,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "label", "schema": schema}},
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(ask, oai, [image_part(picture(22)), text("Describe it.")])
+        together = structured()
+        assert plain.result()
+    alone = structured()
+    for resp in (alone, together):
+        assert resp.choices[0].finish_reason == "stop", resp.choices[0]
+        answer = json.loads(resp.choices[0].message.content or "")
+        assert answer["label"] in ("cat", "dog", "car") and isinstance(answer["blurry"], bool), answer
+    assert alone.choices[0].message.content == together.choices[0].message.content
+
+    question = [image_part(picture(23)), text("What is in this picture?")]
+    resp = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=TOKENS,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    entries = resp.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert entries and len(entries) == resp.usage.completion_tokens  # type: ignore[union-attr]
+    for entry in entries:
+        assert entry.top_logprobs[0].token == entry.token and entry.logprob <= 0
+    assert resp.choices[0].message.content == ask(oai, question)
 
 
 def cached_tokens(resp: Any) -> int:

@@ -20,12 +20,11 @@ that holds image tokens; its snapshot mode keeps whole prompts and cuts a snapsh
 back to where a new prompt parts from it, which is what reuse across questions
 needs: this backend runs every model in snapshot mode.
 
-mlx-vlm's batch samples every row with one sampler (greedy here); a row that asks
-for sampling draws its token with its own sampler in a logits processor and leaves
-only that token for the greedy pick, so each request keeps its temperature, top_p
-and seed. Not served yet for these models: logprobs, constrained decoding and
-thinking budgets (refused with the reason) and drafting (Ready's model facts say
-so; a request's `speculative` is ignored).
+mlx-vlm's batch samples every row with one sampler (greedy here); each row's own
+wishes (an output format's or a thinking budget's mask, logprobs, its sampler) are
+one logits processor (RowProcessor). Not served for these models: drafting (Ready's
+model facts say so; a request's `speculative` is ignored); a format's forced tokens
+are fed one per step.
 """
 
 from __future__ import annotations
@@ -33,13 +32,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 from ..errors import RequestError
 from ..io.protocol import DraftCounts, FeatureLimit, LoadOptions, ModelFacts, PromptCacheStats, SpecStatus
 from ..lanes.drafting import DraftController
+from ..requests.constraint import LaneProcessor, mask_logits
 from ..requests.sampling import Sampler, SamplingDefaults
 from ..requests.vision import VisionPrompts
 from . import sizing
@@ -146,24 +147,53 @@ def snapshot_mode(generator: Any, cached: dict[int, int]) -> None:
     generator._apc_pick_for = recorded
 
 
-class RowSampler:
-    """A row's own sampling inside a greedy batch: its draw is the only token left.
-    mlx-vlm calls `process_last_token` in decode steps (no token history rebuilt
-    per step) and the processor itself for the token that ends the prefill."""
+class RowProcessor:
+    """What a row asks of its logits inside mlx-vlm's greedy batch, applied in
+    mlx-lm's order: its consumers' masks (an output format or forced call, a
+    thinking budget), its logprobs kept (after the masks), then its own sampler's
+    draw left as the only token for the batch's greedy pick, so each request keeps
+    its temperature, top_p and seed. mlx-vlm calls `process_last_token` in decode
+    steps (with the token fed last) and the processor itself for the token that
+    ends the prefill."""
 
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Sampler | None, lanes: list[LaneProcessor], logprobs: deque[mx.array] | None) -> None:
         self.sampler = sampler
+        self.lanes = lanes
+        self.logprobs = logprobs
 
     def process_last_token(self, token: int, logits: mx.array) -> mx.array:
-        return self(None, logits)
+        return self._apply(token, logits)
 
     def __call__(self, tokens: mx.array | None, logits: mx.array) -> mx.array:
+        # The prefill's end: no token was sampled yet (the lanes read none).
+        return self._apply(-1, logits)
+
+    def _apply(self, last: int, logits: mx.array) -> mx.array:
         import mlx.core as mx
 
+        for lane in self.lanes:
+            lane.advance(last)
+        if self.lanes:
+            logits = mask_logits([[lane.consumer for lane in self.lanes]], logits)
+        if self.logprobs is None and self.sampler is None:
+            return logits
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs.reshape(-1))
+        if self.sampler is None:
+            return logits
         token = self.sampler(logprobs)
         keep = mx.arange(logits.shape[-1]) == token.reshape(-1, 1)
         return mx.where(keep, logits, -mx.inf)
+
+
+@dataclass
+class Row:
+    """A sequence in the batch: its prompt and the tokens handed out (the lanes'
+    consumers read them), and its logprobs vectors not yet handed out, in order."""
+
+    history: list[int]
+    logprobs: deque[mx.array] | None = None
 
 
 class VisionBackend:
@@ -189,6 +219,7 @@ class VisionBackend:
         self._features: FeatureMemo | None = None
         # Prompt tokens each row's prefix-cache lookup reused, by the batch's uid.
         self._reused: dict[int, int] = {}
+        self._rows: dict[int, Row] = {}
         self._cached: dict[int, int] = {}  # by our uid, once the row was prefilled
         self._lookups = {"hit": 0, "miss": 0}
         self._cached_total = 0
@@ -261,12 +292,6 @@ class VisionBackend:
     ) -> int:
         import mlx.core as mx
 
-        if row.constraint is not None:
-            raise RequestError("structured output and forced tool calls are not served for vision models yet")
-        if row.logprobs:
-            raise RequestError("logprobs are not served for vision models yet")
-        if row.budget is not None:
-            raise RequestError("a thinking budget is not served for vision models yet")
         tokens = mx.array([ids])
         arrays = {} if row.vision is None else {k: mx.array(v) for k, v in row.vision.arrays.items()}
         pixels = arrays.pop("pixel_values", None)
@@ -287,17 +312,26 @@ class VisionBackend:
             # The prefix cache's salt: the images' content (0: none). Without it
             # mlx-vlm would hash the whole embedding, which differs with any text.
             kwargs["_apc_semantic_hash"] = key
-        processors = None if sampler is None else [[RowSampler(sampler)]]
+        track = Row(list(ids), deque() if row.logprobs else None)
+        lanes = []
+        for consumer in (row.constraint, row.budget):
+            if consumer is not None:
+                consumer.prompt_len = len(ids)
+                lanes.append(consumer.processor(track.history))
+        wanted = sampler is not None or lanes or track.logprobs is not None
+        processors = [[RowProcessor(sampler, lanes, track.logprobs)]] if wanted else None
         (batch_uid,) = self._gen.insert([ids], max_tokens, prompt_kwargs=[kwargs], logits_processors=processors)
         uid = self._next_uid
         self._next_uid += 1
         self._batch_uid[uid] = batch_uid
         self._our_uid[batch_uid] = uid
+        self._rows[uid] = track
         return uid
 
     def remove(self, uid: int) -> None:
         batch_uid = self._batch_uid.pop(uid, None)
         self._cached.pop(uid, None)
+        self._rows.pop(uid, None)
         if batch_uid is not None:
             self._our_uid.pop(batch_uid, None)
             self._reused.pop(batch_uid, None)
@@ -317,16 +351,23 @@ class VisionBackend:
             self.times.decode += elapsed
         else:
             self.times.prefill += elapsed
+        if self.step_logprobs:
+            self.step_logprobs = {}
         out: list[StepResult] = []
         for r in responses:
             uid = self._our_uid.get(r.uid)
             if uid is None:
                 continue
+            track = self._rows[uid]
+            track.history.append(int(r.token))
+            if track.logprobs:
+                self.step_logprobs[uid] = [track.logprobs.popleft()]
             finish = r.finish_reason
             out.append((uid, int(r.token), None if finish is None else ("length" if finish == "length" else "stop")))
             if finish is not None:
                 self._our_uid.pop(r.uid, None)
                 self._batch_uid.pop(uid, None)
+                self._rows.pop(uid, None)
         return out
 
     def _count_lookups(self) -> None:
@@ -411,6 +452,7 @@ class VisionBackend:
         self._gen.close()
         self._batch_uid.clear()
         self._our_uid.clear()
+        self._rows.clear()
         self._gen = self._new_generator()
 
     def close(self) -> None:
