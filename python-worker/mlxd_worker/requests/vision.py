@@ -154,8 +154,12 @@ class VisionPrompts:
         if pixels > MAX_REQUEST_PIXELS:
             raise RequestError(f"the request's images have {pixels:,} pixels, more than {MAX_REQUEST_PIXELS:,}")
         decoded = [decode_image(image, n) for n, image in enumerate(opened)]
+        # Only what the template reads: transformers' processors hand the rest to the
+        # processor's call (with a warning per request).
+        source = str(getattr(self.template, "chat_template", None) or "")
+        used = {k: v for k, v in kwargs.items() if k in source}
         text = self.template.apply_chat_template(
-            self.as_parts(messages), add_generation_prompt=True, tokenize=False, **kwargs
+            self.as_parts(messages), add_generation_prompt=True, tokenize=False, **used
         )
         try:
             out = self.processor(
