@@ -15,18 +15,22 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import ollama
 import openai
 import pytest
 import tomllib
 from openai import OpenAI
 from vision_model import data_url, native, picture
+
+from conftest import control
 
 MODEL = "tiny-vlm"
 TOKENS = 8
@@ -135,15 +139,33 @@ def test_images_reach_the_model_where_the_client_put_them(oai: OpenAI, session_p
     assert len({first, swapped, text_first}) == 3
 
 
-def test_requests_in_one_batch_answer_as_alone(oai: OpenAI) -> None:
+def batched_steps(daemon_url: str) -> float:
+    """The vision worker's steps that advanced more than one sequence (/metrics)."""
+    series = f'mlxd_worker_batch_size_bucket{{model="{MODEL}",le='
+    counts = {
+        line[len(series) :].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(f"{daemon_url}/metrics").text.splitlines()
+        if line.startswith(series)
+    }
+    return counts.get('"+Inf"', 0.0) - counts.get('"1"', 0.0)
+
+
+def test_requests_in_one_batch_answer_as_alone(oai: OpenAI, daemon_url: str) -> None:
+    """Four image requests at once share the batch's steps (the batch-size
+    histogram says so) and answer as each does alone."""
     images = [picture(10 + i, (56 + 14 * i, 70)) for i in range(4)]
     alone = [ask(oai, [image_part(img), {"type": "text", "text": "Describe it."}]) for img in images]
+    before = batched_steps(daemon_url)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         together = list(
             pool.map(lambda img: ask(oai, [image_part(img), {"type": "text", "text": "Describe it."}]), images)
         )
     assert together == alone
     assert len(set(alone)) > 1
+    deadline = time.monotonic() + 10  # the worker reports its steps every half second
+    while batched_steps(daemon_url) <= before:
+        assert time.monotonic() < deadline, "no step advanced two image requests"
+        time.sleep(0.2)
     # Text alone works as for any model.
     assert ask(oai, "Hello there")  # type: ignore[arg-type]
 
@@ -356,9 +378,14 @@ def _bomb() -> bytes:
     ],
 )
 def test_a_hostile_image_gets_a_clear_error_and_the_daemon_keeps_serving(oai: OpenAI, url: str, needle: str) -> None:
+    """Refused in the client's dialect; the same worker (no restart) serves the next."""
+    assert ask(oai, [image_part(picture(5)), {"type": "text", "text": "first"}], max_tokens=2)
+    (worker,) = [w for w in control().get("/admin/ps").json()["workers"] if w["model"] == MODEL]
     with pytest.raises(openai.BadRequestError, match=needle):
         ask(oai, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}])
     assert ask(oai, [image_part(picture(5)), {"type": "text", "text": "and this?"}], max_tokens=2)
+    (after,) = [w for w in control().get("/admin/ps").json()["workers"] if w["model"] == MODEL]
+    assert after["pid"] == worker["pid"]
 
 
 @pytest.fixture(scope="module")
