@@ -28,7 +28,7 @@ import openai
 import pytest
 import tomllib
 from openai import OpenAI
-from vision_model import data_url, native, picture
+from vision_model import data_url, native, picture, prompt_ids
 
 from conftest import control
 
@@ -229,12 +229,11 @@ def test_a_new_question_about_the_same_image_reuses_its_prefix(oai: OpenAI, sess
     question, whose answer stays mlx-vlm's own cold answer; the same tokens with
     another image's pixels reuse nothing."""
     image, other = picture(11, size=(300, 200)), picture(12, size=(300, 200))
-    lead = "Please look at this picture and tell me: "
 
     def create(data: bytes, question: str) -> Any:
         return oai.chat.completions.create(
             model=MODEL,
-            messages=[{"role": "user", "content": [image_part(data), text(lead + question)]}],
+            messages=[{"role": "user", "content": [image_part(data), text(question)]}],
             max_tokens=TOKENS,
             temperature=0,
         )
@@ -243,10 +242,13 @@ def test_a_new_question_about_the_same_image_reuses_its_prefix(oai: OpenAI, sess
     again = create(image, "which colours are in it?")
     elsewhere = create(other, "which colours are in it?")
     assert cached_tokens(first) == 0
-    # The shared part covers the image's tokens (16 here) and the question's lead.
-    assert cached_tokens(again) >= 16, again.usage
+    # Everything before the parting: the turn's start and the image's tokens.
+    questions = ("what is it?", "which colours are in it?")
+    ids = [prompt_ids(model_dir(session_presets), [IMAGE, text(q)], [image]) for q in questions]
+    parting = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert parting > 16 and cached_tokens(again) == parting, again.usage
     assert cached_tokens(elsewhere) == 0, elsewhere.usage
-    want = native(model_dir(session_presets), [IMAGE, text(lead + "which colours are in it?")], [image], TOKENS)
+    want = native(model_dir(session_presets), [IMAGE, text("which colours are in it?")], [image], TOKENS)
     # mlx-lm's streaming detokenizer (mlxd's, as mlx_lm.server's) drops the answer's
     # leading space; mlx-vlm's generate keeps it.
     assert again.choices[0].message.content == want.removeprefix(" ")

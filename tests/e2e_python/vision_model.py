@@ -264,6 +264,22 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
+def prompt_ids(model_dir: Path, content: list[dict[str, str]], images: list[bytes]) -> list[int]:
+    """One user turn's prompt tokens as the model's processor makes them (images
+    expanded to their tokens)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from mlx_vlm.utils import load
+    from PIL import Image
+
+    _, processor = load(str(model_dir.resolve()))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    out = processor(text=[text], images=pictures, padding=False, return_tensors="np")
+    return [int(t) for t in np.asarray(out["input_ids"])[0]]
+
+
 def native(
     model_dir: Path,
     content: list[dict[str, str]],

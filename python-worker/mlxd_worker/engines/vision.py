@@ -259,7 +259,12 @@ class VisionBackend:
         if self._cache_bytes > 0:
             from mlx_vlm.apc import APCManager
 
+            # Snapshot mode uses no block pool (one block), and a snapshot cut back
+            # to a block size of one token keeps everything before the parting: a
+            # new question right after the image still reuses the image.
             self._apc = APCManager(
+                num_blocks=1,
+                block_size=1,
                 disk=None,
                 overrides={"memory_max_gb": self._cache_bytes / 2**30, "checkpoint_entries": SNAPSHOTS},
             )
