@@ -364,7 +364,7 @@ pub struct ModelFacts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureLimit {
-    /// "speculative", "prefix_cache" or "kv_bits".
+    /// "speculative", "prefix_cache", "kv_bits" or "max_kv_size".
     pub feature: String,
     pub reason: String,
 }

@@ -215,6 +215,7 @@ class VisionBackend:
         self._prefill_step = 2048
         self._cache_bytes = 0
         self._disk_asked = False
+        self._kv_asked: list[str] = []
         self._apc: Any = None
         self._features: FeatureMemo | None = None
         # Prompt tokens each row's prefix-cache lookup reused, by the batch's uid.
@@ -256,6 +257,8 @@ class VisionBackend:
         self.prompts = VisionPrompts(self._processor, self._family)
         self._cache_bytes = options.get("prompt_cache_bytes", 0)
         self._disk_asked = self._cache_bytes > 0 and bool(options.get("prompt_cache_dir"))
+        # mlx-vlm's batch keeps its own KV: the preset's KV options do not reach it.
+        self._kv_asked = [k for k in ("kv_bits", "max_kv_size") if options.get(k) is not None]
         if self._cache_bytes > 0:
             from mlx_vlm.apc import APCManager
 
@@ -402,6 +405,8 @@ class VisionBackend:
         limits: list[FeatureLimit] = [{"feature": "speculative", "reason": "not served for vision models yet"}]
         if self._disk_asked:
             limits.append({"feature": "prefix_cache", "reason": "kept in memory only: no disk tier for vision models"})
+        for key in self._kv_asked:
+            limits.append({"feature": key, "reason": "not applied to vision models (mlx-vlm keeps its own KV cache)"})
         return {"family": self._family, "cache_kinds": [], "limits": limits}
 
     def cached_tokens(self, uid: int) -> int:

@@ -433,7 +433,7 @@ class MemoryLimitFrame(TypedDict):
 class FeatureLimit(TypedDict):
     """One feature off or limited for a model."""
 
-    #: "speculative", "prefix_cache" or "kv_bits".
+    #: "speculative", "prefix_cache", "kv_bits" or "max_kv_size".
     feature: str
     reason: str
 
