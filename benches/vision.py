@@ -28,8 +28,11 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e_python"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python-worker"))
 import vision_model  # noqa: E402
 from daemon import start_mlxd  # noqa: E402
+
+from mlxd_worker.requests.vision import template_owner  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {},
@@ -60,7 +63,7 @@ def native_run(model: Any, processor: Any, image: bytes, question: str, tokens: 
     from PIL import Image
 
     picture = Image.open(io.BytesIO(image)).convert("RGB")
-    prompt = processor.apply_chat_template(
+    prompt = template_owner(processor).apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True,
         tokenize=False,

@@ -204,6 +204,8 @@ impl Config {
             );
         }
         let allowed_image_hosts = listed("MLXD_ALLOWED_IMAGE_HOSTS", file.allowed_image_hosts);
+        crate::api::image_urls::validate(&allowed_image_hosts)
+            .map_err(|e| anyhow::anyhow!("allowed_image_hosts: {e}"))?;
         let max_connections = match env("MLXD_MAX_CONNECTIONS") {
             Some(v) => v
                 .to_str()

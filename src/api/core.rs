@@ -89,10 +89,6 @@ async fn first_event(
             Some("messages"),
         ));
     }
-    state
-        .image_urls
-        .fetch_all(&mut req.gen.images, "messages")
-        .await?;
     if engine == EngineKind::Embedding {
         return Err(Error::invalid(
             format!(
@@ -113,6 +109,11 @@ async fn first_event(
             Some("model"),
         ));
     }
+    // Last before the worker: a request refused anyway fetches nothing.
+    state
+        .image_urls
+        .fetch_all(&mut req.gen.images, "messages")
+        .await?;
     let mut stream = state
         .supervisor
         .generate(&req.target.preset, req.gen, req.keep_alive)?;

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from mlxd_worker.requests.vision import template_owner
+
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -272,7 +274,7 @@ def prompt_ids(model_dir: Path, content: list[dict[str, str]], images: list[byte
     from PIL import Image
 
     _, processor = load(str(model_dir.resolve()))
-    text = processor.apply_chat_template(
+    text = template_owner(processor).apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
     pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
@@ -296,9 +298,7 @@ def native(
     from PIL import Image
 
     model, processor = load(str(model_dir.resolve()))
-    # mlx-vlm's Gemma 3 processor keeps the chat template on its tokenizer.
-    template = processor if processor.chat_template is not None else processor.tokenizer
-    prompt = template.apply_chat_template(
+    prompt = template_owner(processor).apply_chat_template(
         [*(history or []), {"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
     # mlx-vlm 0.7.10's generate has the tokenizer add its special tokens to the

@@ -55,26 +55,35 @@ log = logging.getLogger("mlxd_worker")
 # Whole-prompt snapshots the prefix cache keeps (least recently used first out),
 # within the preset's prompt_cache_bytes.
 SNAPSHOTS = 8
-# Image sets whose vision features are kept.
+# Vision-tower outputs kept (one per image set; one per call for families that
+# call the tower more than once per prompt).
 FEATURE_SETS = 8
 
 
 class FeatureMemo:
     """The vision tower's outputs for the last few image sets, by content key. The
-    backend sets `key` around its `get_input_embeddings` call; the tower's call
-    (wrapped by `memoize_tower`) returns the kept output for that key or keeps the
-    new one."""
+    backend sets `key` (`start`) around its `get_input_embeddings` call; each tower
+    call in it (wrapped by `memoize_tower`) returns the kept output for that key and
+    call number, or keeps the new one. Families that call the tower more than once
+    per prompt (local and global views, images and videos) call it in the same
+    order for the same inputs, so the n-th call's output is the n-th's again."""
 
     def __init__(self, size: int = FEATURE_SETS) -> None:
         self.key: int | None = None
         self.hits = 0
+        self._calls = 0
         self._size = size
-        self._kept: OrderedDict[int, Any] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int], Any] = OrderedDict()
+
+    def start(self, key: int | None) -> None:
+        self.key = key
+        self._calls = 0
 
     def run(self, compute: Callable[[], Any]) -> Any:
-        key = self.key
-        if key is None:
+        if self.key is None:
             return compute()
+        key = (self.key, self._calls)
+        self._calls += 1
         kept = self._kept.get(key)
         if kept is not None:
             self._kept.move_to_end(key)
@@ -305,12 +314,12 @@ class VisionBackend:
         pixels = arrays.pop("pixel_values", None)
         key = 0 if row.vision is None else row.vision.key
         if self._features is not None:
-            self._features.key = key or None
+            self._features.start(key or None)
         try:
             features = self._model.get_input_embeddings(tokens, pixels, mask=mx.ones_like(tokens), **arrays)
         finally:
             if self._features is not None:
-                self._features.key = None
+                self._features.start(None)
         kwargs: dict[str, Any] = {
             name: value
             for name, value in vars(features).items()
@@ -321,7 +330,7 @@ class VisionBackend:
             # mlx-vlm would hash the whole embedding, which differs with any text.
             kwargs["_apc_semantic_hash"] = key
         track = Row(list(ids), deque() if row.logprobs else None)
-        lanes = []
+        lanes: list[LaneProcessor] = []
         for consumer in (row.constraint, row.budget):
             if consumer is not None:
                 consumer.prompt_len = len(ids)
@@ -338,8 +347,7 @@ class VisionBackend:
 
     def remove(self, uid: int) -> None:
         batch_uid = self._batch_uid.pop(uid, None)
-        self._cached.pop(uid, None)
-        self._rows.pop(uid, None)
+        self._rows.pop(uid, None)  # _cached stays: the engine reads it at the end
         if batch_uid is not None:
             self._our_uid.pop(batch_uid, None)
             self._reused.pop(batch_uid, None)
@@ -422,7 +430,7 @@ class VisionBackend:
         return {
             "bytes": self.prompt_cache_bytes(),
             "cached_tokens_total": self._cached_total,
-            "entries": self._apc.stats.exact_stores - self._apc.stats.evictions,
+            "entries": len(self._apc._exact_cache),
             "max_bytes": self._cache_bytes,
             # mlx-vlm's lookup says whether it hit, not why it missed.
             "lookups": {
@@ -463,6 +471,8 @@ class VisionBackend:
         self._batch_uid.clear()
         self._our_uid.clear()
         self._rows.clear()
+        # The next batch numbers its rows from 0 again.
+        self._reused.clear()
         self._gen = self._new_generator()
 
     def close(self) -> None:

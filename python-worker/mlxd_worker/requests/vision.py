@@ -83,6 +83,13 @@ def decode_image(image: Any, index: int) -> Any:
     return (upright if upright is not None else image).convert("RGB")
 
 
+def template_owner(processor: Any) -> Any:
+    """What renders the chat template: the processor, or its tokenizer where the
+    processor has none (mlx-vlm's Gemma 3 processor, among others, leaves it
+    there), as mlx-vlm's own prompt rendering picks it."""
+    return processor if getattr(processor, "chat_template", None) is not None else processor.tokenizer
+
+
 class VisionPrompts:
     """A vision-language model's prompts: chats whose user turns hold images among
     their text, rendered by the model's processor (its chat template with image
@@ -92,10 +99,7 @@ class VisionPrompts:
         from mlx_vlm.utils import should_add_special_tokens
 
         self.processor = processor
-        # The chat template: the processor's, or its tokenizer's where the processor
-        # has none (mlx-vlm's Gemma 3 processor, among others, leaves it there), as
-        # mlx-vlm's own prompt rendering picks it.
-        self.template = processor if getattr(processor, "chat_template", None) is not None else processor.tokenizer
+        self.template = template_owner(processor)
         # Asked of the template's owner: a Gemma template writes the BOS, and the
         # tokenizer would add another (mlx-vlm 0.7.10 asks the processor, whose
         # template is None, and does add it).
