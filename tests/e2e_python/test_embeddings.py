@@ -18,8 +18,9 @@ import ollama
 import openai
 import pytest
 import tomllib
-from conftest import control
 from openai import OpenAI
+
+from conftest import control
 
 MODEL = "all-minilm-l6-v2"
 EXAMPLE = "This is an example sentence"

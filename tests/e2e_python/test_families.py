@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import control
 from families import (
     DISK,
     DRAFT_POLICY,
@@ -31,6 +30,8 @@ from families import (
     greedy_text,
 )
 from families import tokenizer as family_tokenizer
+
+from conftest import control
 
 MLXD = Path(__file__).resolve().parents[2] / "target" / "release" / "mlxd"
 PROMPT = "The quick brown fox"

@@ -7,6 +7,7 @@ and the worker serves on."""
 from __future__ import annotations
 
 import httpx
+
 from conftest import control
 
 MODEL = "smollm2-135m-quick-hang"  # hang_timeout 2 s: less than the template takes

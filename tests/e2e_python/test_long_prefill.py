@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+
 from conftest import control
 
 MODEL = "smollm2-135m-slow-prefill"

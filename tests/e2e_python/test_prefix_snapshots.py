@@ -15,9 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import control
 from families import family_dir, greedy_text
 from families import tokenizer as family_tokenizer
+
+from conftest import control
 
 SYSTEM = (
     "You are a careful coding agent. You read files before you change them, you run the tests after every "

@@ -17,8 +17,9 @@ from pathlib import Path
 import anthropic
 import httpx
 import pytest
-from conftest import control, models_dir
 from openai import OpenAI
+
+from conftest import control, models_dir
 
 MODEL = "smollm2-135m"
 REFERENCE = "smollm2-135m-nocache"

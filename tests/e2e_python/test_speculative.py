@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import control, models_dir
 
 ON = "smollm2-135m-spec-on"

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import tomllib
+
 from conftest import ROOT, models_dir
 
 

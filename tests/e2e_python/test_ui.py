@@ -12,6 +12,7 @@ import threading
 from html.parser import HTMLParser
 
 import httpx
+
 from conftest import ROOT, control
 
 MODEL = "smollm2-135m"

@@ -37,9 +37,8 @@ class VisionInput:
     image_grid_thw, ...)."""
 
     arrays: dict[str, np.ndarray]
-    # A hash of the arrays' content (pixels and layout): the same images processed
-    # the same way have the same key. The prefix cache and the vision-feature memo
-    # are keyed by it.
+    # A hash of the images' decoded pixels: the same images have the same key. The
+    # prefix cache and the vision-feature memo are keyed by it.
     key: int
 
 
@@ -178,15 +177,15 @@ class VisionPrompts:
             raise RequestError(f"the model's processor refused the request's images: {e}") from None
         ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
         arrays = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")}
-        return ids, VisionInput(arrays, content_key(arrays))
+        return ids, VisionInput(arrays, content_key(decoded))
 
 
-def content_key(arrays: dict[str, np.ndarray]) -> int:
-    """A 63-bit hash of the arrays' names, shapes, types and bytes (computed here,
-    on the reader thread, not on the engine's)."""
+def content_key(images: list[Any]) -> int:
+    """A 63-bit hash of the decoded images' pixels, in order (computed here, on the
+    reader thread). One worker's processor turns the same pixels into the same
+    arrays, and the pixels are a fifth of the bytes of its float arrays."""
     digest = hashlib.blake2b(digest_size=8)
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(array.data)
+    for image in images:
+        digest.update(f"{image.mode}:{image.width}x{image.height};".encode())
+        digest.update(image.tobytes())
     return int.from_bytes(digest.digest(), "little") >> 1
