@@ -204,7 +204,7 @@ impl Config {
             );
         }
         let allowed_image_hosts = listed("MLXD_ALLOWED_IMAGE_HOSTS", file.allowed_image_hosts);
-        crate::api::image_urls::validate(&allowed_image_hosts)
+        validate_image_hosts(&allowed_image_hosts)
             .map_err(|e| anyhow::anyhow!("allowed_image_hosts: {e}"))?;
         let max_connections = match env("MLXD_MAX_CONNECTIONS") {
             Some(v) => v
@@ -262,8 +262,107 @@ pub fn is_model_dir(p: &Path) -> bool {
     p.join("config.json").is_file()
 }
 
+/// One entry of `allowed_image_hosts`: a host, and its port if the entry names one
+/// (else any).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageHostRule {
+    pub host: String,
+    /// "*.example.com": any subdomain, at public addresses only; else the host
+    /// exactly, trusted wherever it resolves.
+    pub subdomains: bool,
+    pub port: Option<u16>,
+}
+
+impl ImageHostRule {
+    /// "images.example.com", "*.example.com", "10.0.0.5", "[::1]", any with ":port".
+    pub fn parse(entry: &str) -> Result<ImageHostRule, String> {
+        let e = entry.trim().to_ascii_lowercase();
+        let bad = || format!("{entry:?} is not a host name, address or host:port");
+        let (subdomains, rest) = match e.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, e.as_str()),
+        };
+        if rest.is_empty() || rest.contains(['*', '/', '@', '?', '#']) {
+            return Err(bad());
+        }
+        // The URL parser checks the host (and normalizes an address) as it would
+        // in a request's URL.
+        let url = url::Url::parse(&format!("http://{rest}/")).map_err(|_| bad())?;
+        let host = url.host().map(|h| canonical_host(&h)).ok_or_else(bad)?;
+        if subdomains && !host.contains('.') {
+            // "*.com" would allow a whole top-level domain.
+            return Err(format!(
+                "{entry:?}: a \"*.\" entry needs a domain with a dot"
+            ));
+        }
+        Ok(ImageHostRule {
+            host,
+            subdomains,
+            port: url.port(),
+        })
+    }
+
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        let name = if self.subdomains {
+            host.strip_suffix(self.host.as_str())
+                .is_some_and(|p| p.ends_with('.'))
+        } else {
+            host == self.host
+        };
+        name && self.port.is_none_or(|p| p == port)
+    }
+}
+
+/// A URL host as rules hold it: lowercase, no trailing dot, an address in its
+/// canonical form (IPv6 without brackets).
+pub fn canonical_host(host: &url::Host<&str>) -> String {
+    match host {
+        url::Host::Domain(d) => d.trim_end_matches('.').to_ascii_lowercase(),
+        url::Host::Ipv4(a) => a.to_string(),
+        url::Host::Ipv6(a) => a.to_string(),
+    }
+}
+
+/// Checks `allowed_image_hosts` entries (a bad one fails the config's load).
+pub fn validate_image_hosts(allowed_hosts: &[String]) -> Result<(), String> {
+    allowed_hosts
+        .iter()
+        .try_for_each(|h| ImageHostRule::parse(h).map(drop))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn entries_parse_and_bad_ones_are_named() {
+        let rule = |e: &str| ImageHostRule::parse(e).unwrap();
+        assert_eq!(
+            rule("Images.Example.com."),
+            ImageHostRule {
+                host: "images.example.com".into(),
+                subdomains: false,
+                port: None
+            }
+        );
+        assert_eq!(rule("*.cdn.example.com:8443").port, Some(8443));
+        assert_eq!(rule("[::1]").host, "::1");
+        assert!(rule("*.example.com").allows("a.b.example.com", 443));
+        assert!(!rule("*.example.com").allows("example.com", 443));
+        assert!(!rule("*.example.com").allows("evilexample.com", 443));
+        assert!(!rule("host:8080").allows("host", 80));
+        for bad in [
+            "*",
+            "*.com",
+            "https://host",
+            "host/path",
+            "user@host",
+            "a*.b.com",
+            "",
+        ] {
+            assert!(ImageHostRule::parse(bad).is_err(), "{bad}");
+        }
+        assert!(validate_image_hosts(&["ok.example.com".into(), "https://x".into()]).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -21,6 +21,7 @@ use futures::StreamExt as _;
 use reqwest::Url;
 
 use super::images;
+use crate::config::{canonical_host, ImageHostRule};
 use crate::error::Error;
 
 /// One fetch: connect, headers and body (resolving has its own 5 s before it).
@@ -39,87 +40,20 @@ pub fn is_pending(image: &str) -> bool {
     image.starts_with("http://") || image.starts_with("https://")
 }
 
-/// One entry of `allowed_image_hosts`: a host, and its port if the entry names one
-/// (else any).
-#[derive(Debug, Clone, PartialEq)]
-struct Rule {
-    host: String,
-    /// "*.example.com": any subdomain, at public addresses only; else the host
-    /// exactly, trusted wherever it resolves.
-    subdomains: bool,
-    port: Option<u16>,
-}
-
-impl Rule {
-    /// "images.example.com", "*.example.com", "10.0.0.5", "[::1]", any with ":port".
-    fn parse(entry: &str) -> Result<Rule, String> {
-        let e = entry.trim().to_ascii_lowercase();
-        let bad = || format!("{entry:?} is not a host name, address or host:port");
-        let (subdomains, rest) = match e.strip_prefix("*.") {
-            Some(rest) => (true, rest),
-            None => (false, e.as_str()),
-        };
-        if rest.is_empty() || rest.contains(['*', '/', '@', '?', '#']) {
-            return Err(bad());
-        }
-        // The URL parser checks the host (and normalizes an address) as it would
-        // in a request's URL.
-        let url = Url::parse(&format!("http://{rest}/")).map_err(|_| bad())?;
-        let host = url.host().map(|h| canonical(&h)).ok_or_else(bad)?;
-        if subdomains && !host.contains('.') {
-            // "*.com" would allow a whole top-level domain.
-            return Err(format!(
-                "{entry:?}: a \"*.\" entry needs a domain with a dot"
-            ));
-        }
-        Ok(Rule {
-            host,
-            subdomains,
-            port: url.port(),
-        })
-    }
-
-    fn allows(&self, host: &str, port: u16) -> bool {
-        let name = if self.subdomains {
-            host.strip_suffix(self.host.as_str())
-                .is_some_and(|p| p.ends_with('.'))
-        } else {
-            host == self.host
-        };
-        name && self.port.is_none_or(|p| p == port)
-    }
-}
-
-/// A URL host as rules hold it: lowercase, no trailing dot, an address in its
-/// canonical form (IPv6 without brackets).
-fn canonical(host: &url::Host<&str>) -> String {
-    match host {
-        url::Host::Domain(d) => d.trim_end_matches('.').to_ascii_lowercase(),
-        url::Host::Ipv4(a) => a.to_string(),
-        url::Host::Ipv6(a) => a.to_string(),
-    }
-}
-
-/// Checks `allowed_image_hosts` entries (a bad one fails the config's load).
-pub fn validate(allowed_hosts: &[String]) -> Result<(), String> {
-    allowed_hosts
-        .iter()
-        .try_for_each(|h| Rule::parse(h).map(drop))
-}
-
 #[derive(Debug)]
 pub struct ImageFetcher {
-    rules: Vec<Rule>,
+    rules: Vec<ImageHostRule>,
     slots: tokio::sync::Semaphore,
 }
 
 impl ImageFetcher {
-    /// The fetcher of validated entries (see [`validate`]); an invalid one is skipped.
+    /// The fetcher of the config's entries (validated when it loaded: an invalid one
+    /// is skipped).
     pub fn new(allowed_hosts: &[String]) -> Self {
         ImageFetcher {
             rules: allowed_hosts
                 .iter()
-                .filter_map(|h| Rule::parse(h).ok())
+                .filter_map(|h| ImageHostRule::parse(h).ok())
                 .collect(),
             slots: tokio::sync::Semaphore::new(CONCURRENT_FETCHES),
         }
@@ -168,11 +102,11 @@ impl ImageFetcher {
         }
         let mut parsed = Url::parse(url).map_err(|e| fail(format!("not a valid URL ({e})")))?;
         let host = match parsed.host() {
-            Some(h) => canonical(&h),
+            Some(h) => canonical_host(&h),
             None => return Err(fail("it names no host".into())),
         };
         let port = parsed.port_or_known_default().unwrap_or(80);
-        let allowed: Vec<&Rule> = self
+        let allowed: Vec<&ImageHostRule> = self
             .rules
             .iter()
             .filter(|r| r.allows(&host, port))
@@ -360,37 +294,6 @@ mod tests {
         ] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
-    }
-
-    #[test]
-    fn entries_parse_and_bad_ones_are_named() {
-        let rule = |e: &str| Rule::parse(e).unwrap();
-        assert_eq!(
-            rule("Images.Example.com."),
-            Rule {
-                host: "images.example.com".into(),
-                subdomains: false,
-                port: None
-            }
-        );
-        assert_eq!(rule("*.cdn.example.com:8443").port, Some(8443));
-        assert_eq!(rule("[::1]").host, "::1");
-        assert!(rule("*.example.com").allows("a.b.example.com", 443));
-        assert!(!rule("*.example.com").allows("example.com", 443));
-        assert!(!rule("*.example.com").allows("evilexample.com", 443));
-        assert!(!rule("host:8080").allows("host", 80));
-        for bad in [
-            "*",
-            "*.com",
-            "https://host",
-            "host/path",
-            "user@host",
-            "a*.b.com",
-            "",
-        ] {
-            assert!(Rule::parse(bad).is_err(), "{bad}");
-        }
-        assert!(validate(&["ok.example.com".into(), "https://x".into()]).is_err());
     }
 
     #[test]
