@@ -267,6 +267,56 @@ async fn cross_origin_posts_are_refused_and_allowed_origins_get_cors() {
     assert!(bad.headers().get("access-control-allow-origin").is_none());
 }
 
+/// A body over the 8 MiB limit (a 50 MB inline image) is refused with a 413 in
+/// the route's dialect, whether the client announced its length or streamed it
+/// chunked, and the daemon goes on serving.
+#[tokio::test]
+async fn an_oversized_body_gets_a_413_in_the_clients_dialect() {
+    let huge = format!(
+        r#"{{"model": "smollm2-135m", "pad": "{}"}}"#,
+        "A".repeat(mlxd::api::MAX_BODY + 1)
+    );
+    for path in ["/v1/chat/completions", "/v1/messages", "/api/chat"] {
+        for chunked in [false, true] {
+            let body = if chunked {
+                let chunks: Vec<Result<Vec<u8>, std::io::Error>> = huge
+                    .as_bytes()
+                    .chunks(1 << 20)
+                    .map(|c| Ok(c.to_vec()))
+                    .collect();
+                reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+            } else {
+                reqwest::Body::from(huge.clone())
+            };
+            let resp = Client::new()
+                .post(format!("{}{path}", daemon().url))
+                .header("content-type", "application/json")
+                .bearer_auth(KEY)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+            let v: serde_json::Value = resp.json().await.unwrap();
+            let message = match path {
+                "/v1/messages" => {
+                    assert_eq!(v["type"], "error", "{v}");
+                    assert_eq!(v["error"]["type"], "request_too_large", "{v}");
+                    &v["error"]["message"]
+                }
+                "/api/chat" => &v["error"],
+                _ => {
+                    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+                    &v["error"]["message"]
+                }
+            };
+            assert!(message.as_str().unwrap().contains("8 MiB"), "{v}");
+        }
+    }
+    let ok = request("GET", "/healthz").send().await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+}
+
 #[test]
 fn binding_beyond_loopback_needs_a_key() {
     let out = common::mlxd()

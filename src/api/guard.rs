@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use super::error::Dialect;
+use super::MAX_BODY;
 
 /// The one route open without a key: liveness checks carry none.
 pub const PUBLIC_PATH: &str = "/healthz";
@@ -233,7 +234,25 @@ pub async fn check(State(guard): State<Arc<Guard>>, req: Request, next: Next) ->
         return resp;
     }
     let resp = next.run(req).await;
-    with_cors(resp, origin, false)
+    with_cors(body_limit_in_dialect(&path, resp), origin, false)
+}
+
+/// axum refuses a body over [`MAX_BODY`] with a plain-text 413 before any
+/// handler runs; clients parse errors in their own dialect's shape.
+fn body_limit_in_dialect(path: &str, resp: Response) -> Response {
+    if resp.status() != StatusCode::PAYLOAD_TOO_LARGE || is_json(resp.headers()) {
+        return resp;
+    }
+    let message = format!(
+        "the request body is over {} MiB, the most mlxd accepts (send large images by URL from allowed_image_hosts)",
+        MAX_BODY >> 20
+    );
+    deny(
+        path,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_too_large",
+        &message,
+    )
 }
 
 /// Allowed cross-origin callers get the CORS headers (checked above).

@@ -390,6 +390,24 @@ def test_a_hostile_image_gets_a_clear_error_and_the_daemon_keeps_serving(oai: Op
     assert after["pid"] == worker["pid"]
 
 
+def test_a_50_mb_image_gets_a_413_in_each_dialect(oai: OpenAI, claude: anthropic.Anthropic) -> None:
+    """Far over the 8 MiB body limit: refused before any parsing, in the client's
+    own error shape, and the same worker serves the next request."""
+    (worker,) = [w for w in control().get("/admin/ps").json()["workers"] if w["model"] == MODEL]
+    b64 = "A" * (50 << 20)
+    with pytest.raises(openai.APIStatusError, match="8 MiB") as refused:
+        ask(oai, [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}])
+    assert refused.value.status_code == 413
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}
+    with pytest.raises(anthropic.APIStatusError, match="8 MiB") as too_large:
+        claude.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [image]}])
+    assert too_large.value.status_code == 413
+    assert too_large.value.body["error"]["type"] == "request_too_large"  # type: ignore[index, call-overload]
+    assert ask(oai, [image_part(picture(5)), {"type": "text", "text": "and this?"}], max_tokens=2)
+    (after,) = [w for w in control().get("/admin/ps").json()["workers"] if w["model"] == MODEL]
+    assert after["pid"] == worker["pid"]
+
+
 @pytest.fixture(scope="module")
 def image_host() -> Iterator[str]:
     """An HTTP server on loopback (listed in the session daemon's
