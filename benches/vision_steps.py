@@ -9,7 +9,6 @@ benches/vision.py's mlxd side adds over mlx-vlm's own stream_generate.
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ def main() -> None:
     prompts = backend.prompts
     assert prompts is not None
     for run in range(args.runs + 1):
-        data = base64.b64encode(vision_model.picture(50 + run, (args.image_size, args.image_size))).decode()
+        data = vision_model.picture(50 + run, (args.image_size, args.image_size))
         t: list[tuple[str, float]] = [("start", time.perf_counter())]
         opened = vision.open_image(data, 0)
         t.append(("open", time.perf_counter()))

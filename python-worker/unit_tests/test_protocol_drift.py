@@ -82,8 +82,21 @@ def check(value: Any, tp: Any, at: str, seen: set[str]) -> None:
 
 
 def examples() -> list[tuple[str, int, dict[str, Any]]]:
+    """Each example's JSON (a Generate's image files, after it, are checked apart)."""
     names = {value: name for name, value in mlxd_protocol.frame_kinds()}
-    return [(names[kind], kind, json.loads(payload)) for kind, payload in mlxd_protocol.frame_examples()]
+    return [
+        (names[kind], kind, json.loads(payload.split(b"\0")[0])) for kind, payload in mlxd_protocol.frame_examples()
+    ]
+
+
+def test_a_generates_image_files_travel_as_bytes_after_its_json() -> None:
+    (payload,) = [p for kind, p in mlxd_protocol.frame_examples() if kind == frames.GENERATE]
+    req, images = frames.decode_generate(payload)
+    assert images == [b"\x89PNG\r\n\x1a\n"] and req["id"]
+    assert frames.decode_generate(frames.json_payload(req)) == (req, [])
+    assert mlxd_protocol.decode_strict(frames.GENERATE, payload) == payload
+    with pytest.raises(ValueError, match="truncated"):
+        frames.decode_generate(payload[:-1])
 
 
 def test_every_json_frame_kind_has_a_type_and_an_example() -> None:

@@ -16,7 +16,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use base64::Engine as _;
+use bytes::Bytes;
 use futures::StreamExt as _;
 use reqwest::Url;
 
@@ -35,9 +35,10 @@ pub const MAX_FETCHED_BYTES: usize = super::MAX_BODY / 4 * 3;
 /// Fetches in flight at once, daemon-wide.
 const CONCURRENT_FETCHES: usize = 8;
 
-/// Whether an image string of a request is a URL still to fetch (base64 has no ':').
-pub fn is_pending(image: &str) -> bool {
-    image.starts_with("http://") || image.starts_with("https://")
+/// Whether a request's image is a URL still to fetch (its text; no image file
+/// starts with "http": images.rs checked each file's signature).
+pub fn is_pending(image: &[u8]) -> bool {
+    image.starts_with(b"http://") || image.starts_with(b"https://")
 }
 
 #[derive(Debug)]
@@ -59,9 +60,9 @@ impl ImageFetcher {
         }
     }
 
-    /// Replaces every URL among the request's images by the fetched file's base64,
-    /// within the request's byte budget and deadline.
-    pub async fn fetch_all(&self, images: &mut [String], field: &str) -> Result<(), Error> {
+    /// Replaces every URL among the request's images by the fetched file, within
+    /// the request's byte budget and deadline.
+    pub async fn fetch_all(&self, images: &mut [Bytes], field: &str) -> Result<(), Error> {
         if !images.iter().any(|i| is_pending(i)) {
             return Ok(());
         }
@@ -73,9 +74,10 @@ impl ImageFetcher {
                     .acquire()
                     .await
                     .map_err(|e| Error::Internal(format!("image fetch slots: {e}")))?;
-                let body = self.fetch(image, field, budget).await?;
+                let url = String::from_utf8_lossy(image).into_owned();
+                let body = self.fetch(&url, field, budget).await?;
                 budget -= body.len();
-                *image = base64::engine::general_purpose::STANDARD.encode(&body);
+                *image = Bytes::from(body);
             }
             Ok(())
         };

@@ -1,13 +1,15 @@
 //! Images in requests, the same for every dialect: each dialect's image form (an
 //! OpenAI `image_url`, a Responses `input_image`, an Anthropic `image` block, an
-//! Ollama `images` entry) becomes the file's bytes in base64, checked here before
-//! anything is loaded: base64 that decodes, a size within the limit, and the file
-//! signature of a format the worker decodes (PNG, JPEG, WebP, GIF). The worker
-//! decodes the pixels (refusing a decompression bomb by its header) off the engine
-//! thread. An http(s) URL stays in the request's images as the URL until core
-//! fetches it from an allowed host (src/api/image_urls.rs); other schemes are refused.
+//! Ollama `images` entry) becomes the file's bytes, checked here before anything
+//! is loaded: base64 that decodes, a size within the limit, and the file signature
+//! of a format the worker decodes (PNG, JPEG, WebP, GIF). The worker gets the bytes
+//! (not base64) and decodes the pixels (refusing a decompression bomb by its
+//! header) off the engine thread. An http(s) URL stays in the request's images as
+//! the URL's text until core fetches it from an allowed host
+//! (src/api/image_urls.rs); other schemes are refused.
 
 use base64::Engine as _;
+use bytes::Bytes;
 use worker_protocol::frame::ContentPart;
 
 use crate::error::Error;
@@ -20,9 +22,10 @@ pub const MAX_IMAGES: usize = 32;
 /// A turn's text and images as the client ordered them, and the request's images.
 #[derive(Default)]
 pub struct Images {
-    /// Every image of the request, base64, in the order first seen; an http(s) URL
-    /// where the image is still to be fetched (base64 never holds a ':').
-    pub files: Vec<String>,
+    /// Every image of the request, the file's bytes, in the order first seen; an
+    /// http(s) URL's text where the image is still to be fetched (no image file
+    /// starts with "http": each was checked for its format's signature).
+    pub files: Vec<Bytes>,
 }
 
 /// One turn's pieces while a dialect reads them.
@@ -63,9 +66,9 @@ impl Images {
     /// fetched later if its host is allowed; `field` names where it was in the
     /// request's errors.
     pub fn add_url(&mut self, url: &str, field: &str) -> Result<u32, Error> {
-        if super::image_urls::is_pending(url) {
+        if super::image_urls::is_pending(url.as_bytes()) {
             self.room(field)?;
-            self.files.push(url.to_string());
+            self.files.push(Bytes::copy_from_slice(url.as_bytes()));
             return Ok((self.files.len() - 1) as u32);
         }
         let Some(rest) = url.strip_prefix("data:") else {
@@ -110,7 +113,7 @@ impl Images {
                 Error::invalid(format!("an image is not valid base64: {e}"), Some(field))
             })?;
         check_file(&bytes, field)?;
-        self.files.push(data.to_string());
+        self.files.push(Bytes::from(bytes));
         Ok((self.files.len() - 1) as u32)
     }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the Hello frame carries it and the daemon
 /// refuses a worker that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
@@ -534,9 +534,11 @@ pub struct Generate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
     /// The images the messages' parts refer to: each file's bytes (PNG, JPEG,
-    /// WebP or GIF) in base64, as the client sent them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub images: Vec<String>,
+    /// WebP or GIF). They travel after the frame's JSON, not in it (see
+    /// [`Frame::encode_payload`]): base64 in JSON cost the worker ~25 ms per
+    /// megapixel screenshot to parse and decode.
+    #[serde(skip)]
+    pub images: Vec<bytes::Bytes>,
     pub max_tokens: u32,
     /// Sampling; absent: the model's own default (its generation_config.json),
     /// else greedy (temperature 0) and top_p 1.
@@ -1003,7 +1005,10 @@ impl Frame {
             Frame::Hello(v) => json(out, v),
             Frame::Load(v) => json(out, v),
             Frame::Ready(v) => json(out, v),
-            Frame::Generate(v) => json(out, v),
+            Frame::Generate(v) => {
+                json(out, v);
+                encode_images(&v.images, out);
+            }
             Frame::Done(v) => json(out, v),
             Frame::Error(v) => json(out, v),
             Frame::Stats(v) => json(out, v),
@@ -1040,7 +1045,15 @@ impl Frame {
             Kind::Hello => Frame::Hello(json(kind, payload)?),
             Kind::Load => Frame::Load(json(kind, payload)?),
             Kind::Ready => Frame::Ready(json(kind, payload)?),
-            Kind::Generate => Frame::Generate(json(kind, payload)?),
+            Kind::Generate => {
+                // serde_json never writes a NUL byte: the first one ends the JSON.
+                let end = payload.iter().position(|&b| b == 0);
+                let mut gen: Generate = json(kind, &payload[..end.unwrap_or(payload.len())])?;
+                if let Some(end) = end {
+                    gen.images = decode_images(&payload[end + 1..])?;
+                }
+                Frame::Generate(gen)
+            }
             Kind::Done => Frame::Done(json(kind, payload)?),
             Kind::Error => Frame::Error(json(kind, payload)?),
             Kind::Stats => Frame::Stats(json(kind, payload)?),
@@ -1080,6 +1093,38 @@ mod erased {
             serde_json::to_writer(out, self).expect("plain structs always serialize");
         }
     }
+}
+
+/// A Generate's images after its JSON: a NUL byte (which JSON text never holds),
+/// then per image `[len u32][file bytes]`. Nothing at all when it has none.
+fn encode_images(images: &[bytes::Bytes], out: &mut Vec<u8>) {
+    if images.is_empty() {
+        return;
+    }
+    out.reserve(1 + images.iter().map(|i| 4 + i.len()).sum::<usize>());
+    out.push(0);
+    for image in images {
+        out.extend_from_slice(&(image.len() as u32).to_le_bytes());
+        out.extend_from_slice(image);
+    }
+}
+
+fn decode_images(mut rest: &[u8]) -> Result<Vec<bytes::Bytes>, FrameError> {
+    let truncated = || FrameError::Truncated {
+        kind: Kind::Generate,
+        detail: "image file",
+    };
+    let mut images = Vec::new();
+    while !rest.is_empty() {
+        let len = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("slice of 4")) as usize)
+            .ok_or_else(truncated)?;
+        let file = rest.get(4..4 + len).ok_or_else(truncated)?;
+        images.push(bytes::Bytes::copy_from_slice(file));
+        rest = &rest[4 + len..];
+    }
+    Ok(images)
 }
 
 /// Writes the 8-byte frame header.
@@ -1307,7 +1352,10 @@ mod tests {
                 ],
                 ..Default::default()
             }]),
-            images: vec!["R0lGODlh".into(), "iVBORw0KGgo=".into()],
+            images: vec![
+                bytes::Bytes::from_static(b"GIF89a\0\0"),
+                bytes::Bytes::from_static(b"\x89PNG"),
+            ],
             max_tokens: 4,
             ..Default::default()
         }));

@@ -184,7 +184,7 @@ pub fn examples() -> Vec<Frame> {
                 ],
             }]),
             prompt: Some("raw prompt".into()),
-            images: vec!["iVBORw0KGgo=".into()],
+            images: vec![bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\n")],
             max_tokens: 64,
             temperature: Some(0.5),
             top_p: Some(0.9),
@@ -335,7 +335,9 @@ mod tests {
             let name = frame.kind().name();
             let mut payload = Vec::new();
             frame.encode_payload(&mut payload);
-            let value: Value = serde_json::from_slice(&payload).unwrap();
+            // A Generate's images follow its JSON, after a NUL.
+            let json = payload.split(|&b| b == 0).next().unwrap();
+            let value: Value = serde_json::from_slice(json).unwrap();
             covers(&frames[name], &value, defs, name);
             assert_eq!(
                 decode_strict(frame.kind() as u16, &payload).unwrap(),

@@ -82,7 +82,7 @@ class EmbeddingEngine:
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
         if kind == frames.GENERATE:  # the daemon sends none; a clear answer if it did
-            rid = frames.decode_generate(payload).get("id")
+            rid = frames.decode_generate(payload)[0].get("id")
             self._report(rid, RequestError("this worker serves an embedding model: it generates no text"))
             return
         if kind != frames.EMBED:

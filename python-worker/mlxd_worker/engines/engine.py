@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import abc, deque
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
@@ -304,15 +304,15 @@ class Engine:
         # worker yet ends the gather.)
         self.planning = True
         try:
-            req = frames.decode_generate(payload)
+            req, images = frames.decode_generate(payload)
             if req.get("count_only"):
                 try:
-                    self._count(req)
+                    self._count(req, images)
                 except Exception as e:  # an image it cannot take, like a Generate's
                     self._report(req.get("id"), e)
                 return
             try:
-                planned = Planned(req, self._plan(req))
+                planned = Planned(req, self._plan(req, images))
             except Exception as e:
                 self._report(req.get("id"), e)
                 return
@@ -658,18 +658,18 @@ class Engine:
             raise RuntimeError("no model loaded yet")
         return self._planner
 
-    def _prompt_ids(self, req: Prompt) -> list[int]:
-        return self._loaded_planner().prompt_ids(req)
+    def _prompt_ids(self, req: Prompt, images: abc.Sequence[bytes] = ()) -> list[int]:
+        return self._loaded_planner().prompt_ids(req, images)
 
-    def _plan(self, req: Generate) -> RequestPlan:
-        return self._loaded_planner().plan(req)
+    def _plan(self, req: Generate, images: list[bytes]) -> RequestPlan:
+        return self._loaded_planner().plan(req, images)
 
-    def _count(self, req: Generate) -> None:
+    def _count(self, req: Generate, images: list[bytes]) -> None:
         """count_only: the prompt's tokens as a generation would see them, at once."""
         done: Done = {
             "id": int(req["id"]),
             "finish_reason": "counted",
-            "prompt_tokens": len(self._prompt_ids(req)),
+            "prompt_tokens": len(self._prompt_ids(req, images)),
             "completion_tokens": 0,
             "prompt_tps": 0.0,
             "generation_tps": 0.0,

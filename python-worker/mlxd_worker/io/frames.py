@@ -102,8 +102,22 @@ def decode_load(payload: bytes) -> Load:
     return cast(Load, json.loads(payload))
 
 
-def decode_generate(payload: bytes) -> Generate:
-    return cast(Generate, json.loads(payload))
+def decode_generate(payload: bytes) -> tuple[Generate, list[bytes]]:
+    """A Generate and its image files, which follow its JSON after a NUL byte (JSON
+    text holds none), each as ``[len u32][file bytes]``."""
+    end = payload.find(b"\0")
+    if end < 0:
+        return cast(Generate, json.loads(payload)), []
+    images: list[bytes] = []
+    view = memoryview(payload)
+    at = end + 1
+    while at < len(payload):
+        (size,) = struct.unpack_from("<I", payload, at)
+        if at + 4 + size > len(payload):
+            raise ValueError("a Generate frame's image file is truncated")
+        images.append(bytes(view[at + 4 : at + 4 + size]))
+        at += 4 + size
+    return cast(Generate, json.loads(payload[:end])), images
 
 
 def decode_embed(payload: bytes) -> Embed:

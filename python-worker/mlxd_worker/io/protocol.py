@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, TypedDict, Union
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 # StepStats.batch_size_steps: the buckets' upper bounds (and one past them).
 BATCH_SIZE_BOUNDS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -214,9 +214,6 @@ class Generate(_GenerateRequired, total=False):
     #: answers Done with finish_reason "counted" and generates nothing.
     count_only: bool
     format: Optional[OutputFormat]
-    #: The images the messages' parts refer to: each file's bytes (PNG, JPEG,
-    #: WebP or GIF) in base64, as the client sent them.
-    images: list[str]
     #: Send Logprobs frames for this request, with this many alternatives per
     #: token (0..=20).
     logprobs: Optional[int]

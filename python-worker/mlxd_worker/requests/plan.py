@@ -4,6 +4,7 @@ tool calls back, the constraint (a format or a forced call) and logprobs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, TypedDict
 
@@ -26,7 +27,6 @@ class Prompt(TypedDict, total=False):
     reads (a Generate is one), which warm-up fills without the rest."""
 
     messages: Optional[list[ChatMessage]]
-    images: list[str]
     prompt: Optional[str]
     tools: list[Tool]
     tool_choice: ToolChoice
@@ -97,17 +97,18 @@ class Planner:
         self.tool_format = tool_format(tokenizer)
         self.grammars = Grammars(tokenizer, eos)
 
-    def prompt_ids(self, req: Prompt) -> list[int]:
+    def prompt_ids(self, req: Prompt, images: Sequence[bytes] = ()) -> list[int]:
         """The prompt as it would be generated from (count_only counts this)."""
         tools = list(req.get("tools") or [])
         choice = tool_choice(req.get("tool_choice"), tools)
-        return self._prompt_ids(req, [] if choice.mode == "none" else tools, constrained=False)[0]
+        return self._prompt_ids(req, images, [] if choice.mode == "none" else tools, constrained=False)[0]
 
     def _prompt_ids(
-        self, req: Prompt, tools: list[Tool], constrained: bool
+        self, req: Prompt, images: Sequence[bytes], tools: list[Tool], constrained: bool
     ) -> tuple[list[int], list[int], VisionInput | None]:
         """The prompt's tokens, its turn boundaries when the planner looks for them,
-        and its images' arrays when it has images."""
+        and its images' arrays when it has images (`images`: the files the
+        messages' image parts refer to, by index)."""
         tok = self.tokenizer
         chat = req.get("messages")
         cuts: list[int] = []
@@ -130,7 +131,6 @@ class Planner:
             if asked.get("effort"):
                 kwargs["reasoning_effort"] = asked.get("effort")
             if order is not None and self.vision is not None:
-                images = list(req.get("images") or [])
                 try:
                     ids, vision = self.vision.render(list(messages), images, order, kwargs)
                 except RequestError:
@@ -184,12 +184,12 @@ class Planner:
         cuts.append(_common(template_ids(tok.apply_chat_template(messages, tokenize=True, **kwargs)), ids))
         return sorted({c for c in cuts if 1 < c < len(ids) - 1})
 
-    def plan(self, req: Generate) -> RequestPlan:
+    def plan(self, req: Generate, images: Sequence[bytes] = ()) -> RequestPlan:
         tools = list(req.get("tools") or [])
         choice = tool_choice(req.get("tool_choice"), tools)
         offered = [] if choice.mode == "none" else tools
         fmt = req.get("format")
-        ids, cuts, vision = self._prompt_ids(req, offered, constrained=choice.forced or bool(fmt))
+        ids, cuts, vision = self._prompt_ids(req, images, offered, constrained=choice.forced or bool(fmt))
         plan = RequestPlan(ids, offered, self.tool_format, boundaries=cuts, vision=vision)
         tool_fmt = self.tool_format
         grammar = None

@@ -7,12 +7,12 @@ vision tower and the language model (engines/vision.py)."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import re
 import secrets
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,15 +42,11 @@ class VisionInput:
     key: int
 
 
-def open_image(data: str, index: int) -> Any:
-    """An image from its base64 file bytes, opened (its header read, its pixels not
-    yet decoded); RequestError says what is wrong with it."""
+def open_image(raw: bytes, index: int) -> Any:
+    """An image from its file's bytes, opened (its header read, its pixels not yet
+    decoded); RequestError says what is wrong with it."""
     from PIL import Image
 
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except ValueError:
-        raise RequestError(f"image {index} is not valid base64") from None
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -149,7 +145,7 @@ class VisionPrompts:
         return out
 
     def render(
-        self, messages: list[Any], images: list[str], order: list[int], kwargs: dict[str, object]
+        self, messages: list[Any], images: Sequence[bytes], order: list[int], kwargs: dict[str, object]
     ) -> tuple[list[int], VisionInput]:
         """The prompt's tokens (image tokens expanded) and its images' arrays."""
         if any(not 0 <= i < len(images) for i in order):
