@@ -128,15 +128,18 @@ def memoize_tower(model: Any) -> FeatureMemo | None:
 
     # A subclass of the tower's own class, set on this instance: every attribute
     # the family's code reads from its tower (patch_embed, dtypes) stays where it was.
+    # (mlx-vlm's own `cached_image_features` argument takes features computed
+    # apart, which only families with an `encode_image(s)` method can compute:
+    # not Qwen2-VL nor Gemma 3.)
     tower.__class__ = type(f"Memoized{base.__name__}", (base,), {"__call__": memoized_call})
     return memo
 
 
-def snapshot_mode(generator: Any, cached: dict[int, int]) -> None:
-    """Put mlx-vlm's prefix cache in snapshot mode (see the module's note) and
-    record, by the batch's uid, how many prompt tokens each lookup reused. Reaches
-    into mlx-vlm 0.7.10's coordinator: tests/e2e_python/test_vision.py checks a
-    re-ask reuses the image's prefix, so an upgrade that moves it fails there."""
+def snapshot_mode(generator: Any, looked_up: Callable[[int, int], None]) -> None:
+    """Put mlx-vlm's prefix cache in snapshot mode (see the module's note) and call
+    `looked_up(batch uid, prompt tokens reused)` at each lookup. Reaches into
+    mlx-vlm 0.7.10's coordinator: tests/e2e_python/test_vision.py checks a re-ask
+    reuses the image's prefix, so an upgrade that moves it fails there."""
     from mlx_vlm.apc_adapters import PrefixCachePlan
 
     class SnapshotPlan(PrefixCachePlan):
@@ -150,7 +153,7 @@ def snapshot_mode(generator: Any, cached: dict[int, int]) -> None:
 
     def recorded(sequence: tuple[Any, ...]) -> Any:
         hit = pick(sequence)
-        cached[int(sequence[0])] = int(hit["prefix_len"]) if hit else 0
+        looked_up(int(sequence[0]), int(hit["prefix_len"]) if hit else 0)
         return hit
 
     generator._apc_pick_for = recorded
@@ -198,11 +201,14 @@ class RowProcessor:
 
 @dataclass
 class Row:
-    """A sequence in the batch: its prompt and the tokens handed out (the lanes'
-    consumers read them), and its logprobs vectors not yet handed out, in order."""
+    """A sequence: its uid in mlx-vlm's batch, its prompt and the tokens handed out
+    (the lanes' consumers read them), its logprobs vectors not yet handed out, in
+    order, and the prompt tokens its prefix-cache lookup reused."""
 
+    batch_uid: int
     history: list[int]
     logprobs: deque[mx.array] | None = None
+    cached: int = 0
 
 
 class VisionBackend:
@@ -227,15 +233,13 @@ class VisionBackend:
         self._kv_asked: list[str] = []
         self._apc: Any = None
         self._features: FeatureMemo | None = None
-        # Prompt tokens each row's prefix-cache lookup reused, by the batch's uid.
-        self._reused: dict[int, int] = {}
+        # By our uid, from insert until the engine takes its counts at its end
+        # (usage then reports what its lookup reused).
         self._rows: dict[int, Row] = {}
-        self._cached: dict[int, int] = {}  # by our uid, once the row was prefilled
+        # The batch's uid -> ours, while the batch holds the row.
+        self._in_batch: dict[int, int] = {}
         self._lookups = {"hit": 0, "miss": 0}
         self._cached_total = 0
-        # Ours -> the batch's uids, and back.
-        self._batch_uid: dict[int, int] = {}
-        self._our_uid: dict[int, int] = {}
         self._next_uid = 0
 
     def load(self, model_path: str, options: LoadOptions) -> None:
@@ -297,8 +301,15 @@ class VisionBackend:
             apc_manager=self._apc,
         )
         if gen.apc is not None:
-            snapshot_mode(gen, self._reused)
+            snapshot_mode(gen, self._looked_up)
         return gen
+
+    def _looked_up(self, batch_uid: int, reused: int) -> None:
+        self._lookups["hit" if reused else "miss"] += 1
+        self._cached_total += reused
+        uid = self._in_batch.get(batch_uid)
+        if uid is not None:
+            self._rows[uid].cached = reused
 
     def insert(
         self,
@@ -329,7 +340,7 @@ class VisionBackend:
             # The prefix cache's salt: the images' content (0: none). Without it
             # mlx-vlm would hash the whole embedding, which differs with any text.
             kwargs["_apc_semantic_hash"] = key
-        track = Row(list(ids), deque() if row.logprobs else None)
+        track = Row(-1, list(ids), deque() if row.logprobs else None)
         lanes: list[LaneProcessor] = []
         for consumer in (row.constraint, row.budget):
             if consumer is not None:
@@ -337,21 +348,17 @@ class VisionBackend:
                 lanes.append(consumer.processor(track.history))
         wanted = sampler is not None or lanes or track.logprobs is not None
         processors = [[RowProcessor(sampler, lanes, track.logprobs)]] if wanted else None
-        (batch_uid,) = self._gen.insert([ids], max_tokens, prompt_kwargs=[kwargs], logits_processors=processors)
+        (track.batch_uid,) = self._gen.insert([ids], max_tokens, prompt_kwargs=[kwargs], logits_processors=processors)
         uid = self._next_uid
         self._next_uid += 1
-        self._batch_uid[uid] = batch_uid
-        self._our_uid[batch_uid] = uid
+        self._in_batch[track.batch_uid] = uid
         self._rows[uid] = track
         return uid
 
     def remove(self, uid: int) -> None:
-        batch_uid = self._batch_uid.pop(uid, None)
-        self._rows.pop(uid, None)  # _cached stays: the engine reads it at the end
-        if batch_uid is not None:
-            self._our_uid.pop(batch_uid, None)
-            self._reused.pop(batch_uid, None)
-            self._gen.remove(batch_uid)
+        track = self._rows.get(uid)  # kept: the engine reads its counts at the end
+        if track is not None and self._in_batch.pop(track.batch_uid, None) is not None:
+            self._gen.remove(track.batch_uid)
 
     def step(self) -> list[StepResult]:
         # mlx-vlm admits waiting prompts only when prefill_batch_size rows are free:
@@ -361,8 +368,6 @@ class VisionBackend:
         started = time.perf_counter()
         prompt_progress, responses = self._gen.next()
         elapsed = time.perf_counter() - started
-        if self._reused:
-            self._count_lookups()
         if responses:
             self.times.decode += elapsed
         else:
@@ -371,7 +376,7 @@ class VisionBackend:
             self.step_logprobs = {}
         out: list[StepResult] = []
         for r in responses:
-            uid = self._our_uid.get(r.uid)
+            uid = self._in_batch.get(r.uid)
             if uid is None:
                 continue
             track = self._rows[uid]
@@ -381,19 +386,8 @@ class VisionBackend:
             finish = r.finish_reason
             out.append((uid, int(r.token), None if finish is None else ("length" if finish == "length" else "stop")))
             if finish is not None:
-                self._our_uid.pop(r.uid, None)
-                self._batch_uid.pop(uid, None)
-                self._rows.pop(uid, None)
+                del self._in_batch[r.uid]
         return out
-
-    def _count_lookups(self) -> None:
-        for batch_uid, reused in self._reused.items():
-            self._lookups["hit" if reused else "miss"] += 1
-            self._cached_total += reused
-            uid = self._our_uid.get(batch_uid)
-            if uid is not None:
-                self._cached[uid] = reused
-        self._reused.clear()
 
     def detokenizer(self) -> Detokenizer:
         detok: Detokenizer = self.tokenizer.detokenizer
@@ -403,7 +397,7 @@ class VisionBackend:
         raise RequestError("reranking by a vision model is not served")
 
     def take_counts(self, uid: int) -> DraftCounts | None:
-        self._cached.pop(uid, None)  # the sequence ended
+        self._rows.pop(uid, None)  # the sequence ended
         return None
 
     def speculative_status(self) -> SpecStatus | None:
@@ -419,7 +413,8 @@ class VisionBackend:
 
     def cached_tokens(self, uid: int) -> int:
         # Known once the row's prefill looked it up (usage at its end says it).
-        return self._cached.get(uid, 0)
+        track = self._rows.get(uid)
+        return 0 if track is None else track.cached
 
     def start_prompt_cache(self) -> None:
         pass
@@ -468,11 +463,9 @@ class VisionBackend:
 
     def drop_all(self) -> None:
         self._gen.close()
-        self._batch_uid.clear()
-        self._our_uid.clear()
-        self._rows.clear()
         # The next batch numbers its rows from 0 again.
-        self._reused.clear()
+        self._in_batch.clear()
+        self._rows.clear()
         self._gen = self._new_generator()
 
     def close(self) -> None:
