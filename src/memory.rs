@@ -97,7 +97,7 @@ impl Probe for OsProbe {
 pub const FOOTPRINT_SOURCE: &str = if cfg!(target_os = "macos") {
     "proc_pid_rusage ri_phys_footprint"
 } else {
-    "/proc/<pid>/smaps_rollup Pss"
+    "/proc/<pid>/status VmRSS less the shared pages of smaps_rollup (Rss - Pss, read every 30 s)"
 };
 
 /// Memory the MLX runtime, Python and the tokenizer take before any weight: the
