@@ -55,7 +55,7 @@ def main() -> None:
         while not any(u == uid for u, _, _ in backend.step()):
             steps += 1
         t.append((f"first token ({steps + 1} steps)", time.perf_counter()))
-        while backend._batch_uid:
+        while backend._in_batch:
             backend.step()
         if run:  # the first compiles
             parts = ", ".join(f"{name} {1000 * (b - a):.1f}" for (_, a), (name, b) in zip(t, t[1:]))
