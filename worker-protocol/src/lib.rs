@@ -17,14 +17,14 @@ pub mod fuzz;
 pub mod ring;
 pub mod schema;
 // Real shared memory; under loom the rings run on a heap model instead.
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 pub mod segment;
 pub mod stdio;
 
-#[cfg(all(feature = "python", not(loom)))]
+#[cfg(all(feature = "python", not(feature = "loom")))]
 pub mod python;
 
 pub use frame::{Frame, Kind, PROTOCOL_VERSION};
 pub use ring::{Consumer, Producer, Pushed, RingError};
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 pub use segment::{Direction, Segment, SegmentError};

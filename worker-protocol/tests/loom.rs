@@ -4,9 +4,9 @@
 //! outcomes ARM64 allows (x86 hides them) and fails on any byte read that is not
 //! ordered after its write, any overwrite of unread bytes, and any lost wake-up.
 //!
-//! Run: `RUSTFLAGS="--cfg loom" cargo test --release -p worker-protocol --test loom`
-//! (scripts/test does, with its own target directory).
-#![cfg(loom)]
+//! Run: `cargo test --release -p worker-protocol --features loom --test loom`
+//! (scripts/test does).
+#![cfg(feature = "loom")]
 
 use loom::sync::{Arc, Notify};
 use loom::thread;

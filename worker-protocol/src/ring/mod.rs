@@ -11,7 +11,7 @@
 
 pub(crate) mod raw;
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 pub use raw::model_ring;
 pub use raw::{Consumer, Producer};
 

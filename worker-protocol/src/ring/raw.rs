@@ -22,18 +22,18 @@
 //! consumer stores `head` with Release after it has finished reading, and the producer
 //! loads `head` with Acquire before overwriting that space.
 
-// Under `--cfg loom` (worker-protocol/tests/loom.rs) the same ring code runs on
+// With the `loom` feature (worker-protocol/tests/loom.rs) the same ring code runs on
 // loom's atomics and on a heap model of the segment whose data bytes are loom cells,
 // so the model checker sees every ordering the ring relies on.
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 use std::io;
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 use std::os::fd::{AsFd, OwnedFd};
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 use std::ptr::NonNull;
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"MLXDRING");
 /// Version of the segment layout described above.
 pub const LAYOUT_VERSION: u32 = 2;
 
-#[cfg_attr(loom, allow(dead_code))]
+#[cfg_attr(feature = "loom", allow(dead_code))]
 pub const HEADER_OFFSET: usize = 0;
 pub const CONTROL_OFFSETS: [usize; 2] = [128, 512];
 pub const DATA_OFFSET: usize = 1024;
@@ -81,9 +81,9 @@ pub struct RingControl {
     pub consumer_sleeping: Padded<AtomicU32>,
 }
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 const _: () = assert!(std::mem::size_of::<SegmentHeader>() <= CONTROL_OFFSETS[0]);
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 const _: () = assert!(std::mem::size_of::<RingControl>() == 384);
 const _: () = assert!(CONTROL_OFFSETS[0] + 384 <= CONTROL_OFFSETS[1]);
 const _: () = assert!(CONTROL_OFFSETS[1] + 384 <= DATA_OFFSET);
@@ -91,7 +91,7 @@ const _: () =
     assert!(CONTROL_OFFSETS[0].is_multiple_of(128) && CONTROL_OFFSETS[1].is_multiple_of(128));
 
 /// One `mmap` of a shared-memory segment, unmapped on drop.
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
@@ -100,13 +100,13 @@ pub struct Mapping {
 // SAFETY: the mapping is plain shared memory; all access to it goes through atomics
 // (control words) or through the SPSC ownership discipline documented at the top of
 // this module, never through unsynchronized aliasing Rust references.
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 unsafe impl Send for Mapping {}
 // SAFETY: as above; `&Mapping` only hands out atomics and the raw base pointer.
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 unsafe impl Sync for Mapping {}
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 impl Mapping {
     /// Maps `len` bytes of `fd` shared and read-write.
     pub fn map(fd: &OwnedFd, len: usize) -> io::Result<Mapping> {
@@ -160,7 +160,7 @@ impl Mapping {
     }
 }
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` came from a successful mmap and are unmapped once;
@@ -172,7 +172,7 @@ impl Drop for Mapping {
 /// The loom model of a segment: the same header and control blocks (on loom's
 /// atomics) and data areas made of loom cells, which report any read of a byte
 /// that is not ordered after its write.
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 #[allow(dead_code)] // the header is modelled for completeness; the rings never read it
 pub struct Mapping {
     header: SegmentHeader,
@@ -182,13 +182,13 @@ pub struct Mapping {
 
 // SAFETY: the data cells are only reached through RawData under the SPSC discipline,
 // and loom checks every access to them; everything else is atomics.
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 unsafe impl Sync for Mapping {}
 // SAFETY: as above.
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 unsafe impl Send for Mapping {}
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 impl Mapping {
     /// A model segment with `data_len` bytes of ring data after `DATA_OFFSET`.
     pub fn model(data_len: usize) -> Mapping {
@@ -230,7 +230,7 @@ impl Mapping {
 }
 
 /// A producer and a consumer over ring 0 of a fresh model segment (loom tests).
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 pub fn model_ring(cap: u64) -> (Producer, Consumer) {
     let map = Arc::new(Mapping::model(cap as usize));
     (
@@ -269,13 +269,13 @@ impl RawData {
     unsafe fn write(&self, pos: u64, src: &[u8]) {
         let off = (pos & (self.cap - 1)) as usize;
         debug_assert!(off + src.len() <= self.cap as usize);
-        #[cfg(not(loom))]
+        #[cfg(not(feature = "loom"))]
         // SAFETY: in bounds by the second condition; nobody reads these bytes until
         // `tail` is published past them (first condition), so there is no data race.
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(off), src.len())
         }
-        #[cfg(loom)]
+        #[cfg(feature = "loom")]
         for (i, byte) in src.iter().enumerate() {
             // SAFETY: in bounds as above; loom checks the access is race-free.
             unsafe { (*self.cell(off + i)).with_mut(|p| *p = *byte) }
@@ -290,12 +290,12 @@ impl RawData {
     unsafe fn fill(&self, pos: u64, len: usize, fill: impl FnOnce(&mut [u8])) {
         let off = (pos & (self.cap - 1)) as usize;
         debug_assert!(off + len <= self.cap as usize);
-        #[cfg(not(loom))]
+        #[cfg(not(feature = "loom"))]
         // SAFETY: in bounds by the caller's conditions; only the single producer
         // touches producer-owned bytes, and the consumer does not read them until
         // tail is published, after this borrow ends (when `fill` returns).
         fill(unsafe { std::slice::from_raw_parts_mut(self.base.add(off), len) });
-        #[cfg(loom)]
+        #[cfg(feature = "loom")]
         {
             let mut staged = vec![0u8; len];
             fill(&mut staged);
@@ -314,12 +314,12 @@ impl RawData {
     unsafe fn read_into(&self, pos: u64, dst: &mut [u8]) {
         let off = (pos & (self.cap - 1)) as usize;
         debug_assert!(off + dst.len() <= self.cap as usize);
-        #[cfg(not(loom))]
+        #[cfg(not(feature = "loom"))]
         // SAFETY: in bounds by the second condition; stable by the first.
         unsafe {
             std::ptr::copy_nonoverlapping(self.base.add(off), dst.as_mut_ptr(), dst.len())
         }
-        #[cfg(loom)]
+        #[cfg(feature = "loom")]
         for (i, byte) in dst.iter_mut().enumerate() {
             // SAFETY: in bounds as above; loom checks the access is race-free.
             *byte = unsafe { (*self.cell(off + i)).with(|p| *p) };
@@ -327,7 +327,7 @@ impl RawData {
     }
 
     /// The loom cell of data byte `off` (see `Mapping::data_ptr`).
-    #[cfg(loom)]
+    #[cfg(feature = "loom")]
     fn cell(&self, off: usize) -> *const loom::cell::UnsafeCell<u8> {
         (self.base as *const loom::cell::UnsafeCell<u8>).wrapping_add(off)
     }
