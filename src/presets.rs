@@ -191,6 +191,10 @@ pub struct Preset {
     /// A load that makes no progress this long (or takes twice this) fails.
     #[serde(default = "default_load_timeout")]
     pub load_timeout: String,
+    /// The wait before restarting a crashed worker; it doubles per crash in a row,
+    /// up to 30 s.
+    #[serde(default = "default_restart_backoff")]
+    pub restart_backoff: String,
     /// What the loaded model needs ("700MiB", "12GiB"); without it the daemon
     /// estimates: weights on disk + runtime + full-context KV cache for
     /// `max_concurrent` sequences (README, "Memory").
@@ -369,6 +373,10 @@ fn default_load_timeout() -> String {
     "300s".into()
 }
 
+fn default_restart_backoff() -> String {
+    "1s".into()
+}
+
 /// A positive duration written like "60s", "5m" or "1h30m".
 fn parse_timeout(what: &str, s: &str) -> anyhow::Result<std::time::Duration> {
     let d = humantime::parse_duration(s.trim())
@@ -502,6 +510,12 @@ impl Preset {
         KeepAlive::parse(&p.keep_alive).map_err(|e| anyhow::anyhow!(e))?;
         parse_timeout("hang_timeout", &p.hang_timeout)?;
         parse_timeout("load_timeout", &p.load_timeout)?;
+        let backoff = parse_timeout("restart_backoff", &p.restart_backoff)?;
+        anyhow::ensure!(
+            backoff <= Policy::default().backoff_max,
+            "restart_backoff {} is longer than the 30 s a backoff grows to",
+            p.restart_backoff
+        );
         if let Some(m) = &p.prompt_cache_bytes {
             cache_bytes(m).map_err(|e| anyhow::anyhow!("prompt_cache_bytes {e}"))?;
         }
@@ -752,6 +766,8 @@ impl Preset {
             keep_alive: KeepAlive::parse(&self.keep_alive).unwrap_or(defaults.keep_alive),
             hang_timeout: parse_timeout("", &self.hang_timeout).unwrap_or(defaults.hang_timeout),
             load_timeout: parse_timeout("", &self.load_timeout).unwrap_or(defaults.load_timeout),
+            backoff_first: parse_timeout("", &self.restart_backoff)
+                .unwrap_or(defaults.backoff_first),
             ..defaults
         }
     }
@@ -1208,18 +1224,21 @@ mod tests {
         );
         assert_eq!(policy.hang_timeout.as_secs(), 60);
         assert_eq!(policy.load_timeout.as_secs(), 300);
+        assert_eq!(policy.backoff_first.as_secs(), 1);
         let p = Preset::parse(
-            "model = \"m\"\nkeep_alive = \"-1\"\nhang_timeout = \"3s\"\n[faults]\nstep_delay_ms = 5",
+            "model = \"m\"\nkeep_alive = \"-1\"\nhang_timeout = \"3s\"\nrestart_backoff = \"250ms\"\n[faults]\nstep_delay_ms = 5",
             "x",
         )
         .unwrap();
         assert_eq!(p.policy().keep_alive, KeepAlive::Forever);
         assert_eq!(p.policy().hang_timeout.as_secs(), 3);
+        assert_eq!(p.policy().backoff_first.as_millis(), 250);
         assert_eq!(options_json(&p)["faults"]["step_delay_ms"], 5);
         for bad in [
             "keep_alive = \"soon\"",
             "hang_timeout = \"0s\"",
             "load_timeout = \"x\"",
+            "restart_backoff = \"1m\"",
         ] {
             assert!(
                 Preset::parse(&format!("model = \"m\"\n{bad}"), "x").is_err(),

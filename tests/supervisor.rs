@@ -361,10 +361,10 @@ async fn a_worker_killed_mid_prefill_moves_its_request() {
     let d = daemon();
     let model = "smollm2-135m-prefill-kill";
     let pid = pid_of(&start(d, model).await);
-    // ~2000 prompt tokens: 8 prefill steps of 256, each held 300 ms by the preset.
+    // ~330 prompt tokens: 10 prefill steps of 32, each held 300 ms by the preset.
     let body = json!({
         "model": model,
-        "messages": [{"role": "user", "content": "word ".repeat(2000) + "Say hi."}],
+        "messages": [{"role": "user", "content": "word ".repeat(300) + "Say hi."}],
         "max_tokens": 2,
         "temperature": 0,
     });
@@ -382,7 +382,7 @@ async fn a_worker_killed_mid_prefill_moves_its_request() {
     signal(pid, Signal::SIGKILL);
     let (status, v) = request.await.unwrap();
     assert_eq!(status, 200, "the request was lost: {v}");
-    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 2000, "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 300, "{v}");
     let row = d.ps_row(model).await.unwrap();
     assert_ne!(pid_of(&row), pid, "{row}");
 }

@@ -184,13 +184,13 @@ def test_a_worker_process_in_embedding_mode_answers_over_stdio() -> None:
     import subprocess
     import sys
 
-    worker_dir = Path(frames.__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(worker_dir)}
+    from worker_process import worker_env
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxd_worker", "--transport", "stdio", "--engine", "embedding"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=env,
+        env=worker_env(),
     )
     assert proc.stdin is not None and proc.stdout is not None
     out = proc.stdout

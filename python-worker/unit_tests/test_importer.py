@@ -198,11 +198,11 @@ def test_bits_requantizes_what_mx_load_reads(q4_dir: Path, tmp_path: Path) -> No
 
 @pytest.mark.skipif(os.environ.get("MLXD_SKIP_SLOW") == "1", reason="slow")
 def test_k_quant_import_generates_like_the_q4_1_import(q4_dir: Path, k_dir: Path) -> None:
-    """Greedy tokens for three chat prompts, the K-quant import against the Q4_1 one
+    """Greedy tokens for two chat prompts, the K-quant import against the Q4_1 one
     (the same weights quantized twice: the first tokens must agree)."""
     from mlx_lm import load, stream_generate
 
-    prompts = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea."]
+    prompts = ["What is the capital of France?", "Name three primary colors."]
     tokens: dict[str, list[list[int]]] = {}
     for label, path in (("q4_1", q4_dir), ("k", k_dir)):
         model, tok = load(str(path))
@@ -210,7 +210,7 @@ def test_k_quant_import_generates_like_the_q4_1_import(q4_dir: Path, k_dir: Path
             # A short system prompt: SmolLM2's default one triples the prefill, slow on a CPU.
             chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}]
             ids = tok.apply_chat_template(chat, add_generation_prompt=True)
-            out = [r.token for r in stream_generate(model, tok, ids, max_tokens=8)]
+            out = [r.token for r in stream_generate(model, tok, ids, max_tokens=4)]
             tokens.setdefault(label, []).append(out)
             print(f"{label:5} {p!r}: {out} {tok.decode(out)!r}")
     for a, b in zip(tokens["q4_1"], tokens["k"]):

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from worker_process import worker_env
 
 from mlxd_worker.io import frames
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("MLXD_MODELS_DIR", Path.home() / ".mlxd" / "models")) / "smollm2-135m"
 # Runs the worker with the extension made unimportable.
 WITHOUT_EXTENSION = (
@@ -45,7 +45,7 @@ def worker() -> subprocess.Popen:
         [sys.executable, "-c", WITHOUT_EXTENSION],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "python-worker")},
+        env=worker_env(),
     )
     yield proc
     proc.kill()
