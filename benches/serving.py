@@ -155,7 +155,7 @@ def start_mlxd(mlxd: str, model: str, models_dir: str, presets: Path, wide: int)
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "MLXD_LOG": "warn", "MLXD_MODELS_DIR": models_dir},
+        env={**os.environ, "MLXD_LOG": os.environ.get("MLXD_LOG", "warn"), "MLXD_MODELS_DIR": models_dir},
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()

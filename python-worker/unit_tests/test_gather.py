@@ -91,3 +91,19 @@ def test_a_burst_with_gaps_between_its_frames_still_starts_together(
     thread.join()
     assert len(engine._by_uid) == 3
     assert first_step_batch(engine) == 4  # the bucket of 3 and 4
+
+
+def test_the_debug_log_says_where_a_requests_first_token_waited(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the worker's log at DEBUG, each request's first token comes with its
+    timeline: planning, the wait for the engine, and the step that gave it."""
+    with caplog.at_level("DEBUG", logger="mlxd_worker"):
+        engine.submit(frames.GENERATE, generate(7))
+        engine._drain_inbox(block=True)
+        steps_before = engine.counters.steps
+        engine._step()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request 7:")]
+    assert f"(after step {steps_before})" in line and f"(step {steps_before + 1}, 1 tokens in it)" in line, line
+    for part in ("planned in ", "admitted ", "first token "):
+        assert part in line, line

@@ -31,9 +31,8 @@ from families import (
 )
 from families import tokenizer as family_tokenizer
 
-from conftest import control
+from conftest import MLXD, control
 
-MLXD = Path(__file__).resolve().parents[2] / "target" / "release" / "mlxd"
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 8
 

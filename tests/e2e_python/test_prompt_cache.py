@@ -23,6 +23,9 @@ from conftest import control, models_dir
 
 MODEL = "smollm2-135m"
 REFERENCE = "smollm2-135m-nocache"
+# The system prompt is ~280 tokens (a long entry: written through to disk at 256):
+# a hit reuses more than SHARED of them.
+SHARED = 240
 PARAGRAPH = (
     "The museum opens at nine and closes at six. Tickets are sold at the east entrance, "
     "guided tours start every hour, and the cafe on the second floor serves lunch until three. "
@@ -31,7 +34,7 @@ PARAGRAPH = (
 
 def system_prompt() -> str:
     # A fresh nonce first: no earlier test in the session shares this prefix.
-    return f"[{uuid.uuid4()}] You answer questions about the museum. " + PARAGRAPH * 8
+    return f"[{uuid.uuid4()}] You answer questions about the museum. " + PARAGRAPH * 6
 
 
 def ask(client: OpenAI, model: str, system: str, question: str, history: list | None = None):
@@ -51,7 +54,7 @@ def test_a_shared_prefix_is_not_prefilled_again_and_answers_the_same(oai: OpenAI
     second = ask(oai, MODEL, system, "Where are tickets sold?")
     # Everything but the new question came from the cache.
     assert second.usage is not None and first.usage is not None
-    assert 300 < cached(second) < second.usage.prompt_tokens
+    assert SHARED < cached(second) < second.usage.prompt_tokens
     assert second.usage.prompt_tokens - cached(second) < 40
     reference = ask(oai, REFERENCE, system, "Where are tickets sold?")
     assert cached(reference) == 0
@@ -73,7 +76,7 @@ def test_concurrent_requests_sharing_a_system_prompt_all_hit(oai: OpenAI, daemon
     questions = ["When does it close?", "How often are tours?", "Where is the cafe?"]
     with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
         answers = list(pool.map(lambda q: ask(oai, MODEL, system, q), questions))
-    assert all(cached(a) > 300 for a in answers), [cached(a) for a in answers]
+    assert all(cached(a) > SHARED for a in answers), [cached(a) for a in answers]
     for q, a in zip(questions, answers):
         assert a.choices[0].message.content == ask(oai, REFERENCE, system, q).choices[0].message.content
     metrics = httpx.get(f"{daemon_url}/metrics").text
@@ -96,7 +99,7 @@ def test_anthropic_reports_cache_reads(daemon_url: str) -> None:
         for q in ("When does it open?", "Where are tickets sold?")
     ]
     assert (usages[0].cache_read_input_tokens or 0) < 10
-    assert (usages[1].cache_read_input_tokens or 0) > 300
+    assert (usages[1].cache_read_input_tokens or 0) > SHARED
     assert usages[1].input_tokens < 40
 
 
@@ -119,7 +122,7 @@ def test_a_killed_worker_finds_its_prefix_cache_on_disk(oai: OpenAI, session_pre
     os.kill(worker["pid"], signal.SIGKILL)  # nothing in memory survives this
     time.sleep(0.5)
     second = ask(oai, model, system, "Where are tickets sold?")
-    assert cached(second) > 300, cached(second)
+    assert cached(second) > SHARED, cached(second)
     reference = ask(oai, REFERENCE, system, "Where are tickets sold?")
     assert second.choices[0].message.content == reference.choices[0].message.content
     restarted = next(w for w in control().get("/admin/ps").json()["workers"] if w["model"] == model)
@@ -205,4 +208,4 @@ def test_a_quantized_kv_model_serves_concurrent_requests(oai: OpenAI) -> None:
         assert a.choices[0].message.content
     # A later request finds the quantized prefix the batch left behind.
     again = ask(oai, model, system, "Is there a cafe?")
-    assert cached(again) > 300
+    assert cached(again) > SHARED

@@ -20,14 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import control, models_dir
+from conftest import MLXD, control, models_dir
 
 ON = "smollm2-135m-spec-on"
 AUTO = "smollm2-135m-spec"
 PLAIN = "smollm2-135m"
 PROMPTS = ["Monday, Tuesday, Wednesday,", "The capital of France is"]
 MAX_TOKENS = 12
-MLXD = Path(__file__).parents[2] / "target" / "release" / "mlxd"
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tomllib
 
-from conftest import ROOT, models_dir
+from conftest import MLXD, models_dir
 
 
 def test_tune_measures_the_sweep_and_writes_the_profile(tmp_path: Path) -> None:
@@ -19,7 +19,7 @@ def test_tune_measures_the_sweep_and_writes_the_profile(tmp_path: Path) -> None:
     env = {**os.environ, "MLXD_HOME": str(home), "MLXD_MODELS_DIR": str(models_dir()), "MLXD_LOG": "warn"}
     out = subprocess.run(
         [
-            str(ROOT / "target" / "release" / "mlxd"),
+            str(MLXD),
             "tune",
             "smollm2-135m",
             "--concurrency",
@@ -52,7 +52,5 @@ def test_tune_measures_the_sweep_and_writes_the_profile(tmp_path: Path) -> None:
     assert profile["prefill_step"] == 512
     assert profile.get("kv_bits") in (None, 8)
     # The preset loader reads the written file back (mlxd list parses every preset).
-    listed = subprocess.run(
-        [str(ROOT / "target" / "release" / "mlxd"), "list"], env=env, capture_output=True, text=True, timeout=60
-    )
+    listed = subprocess.run([str(MLXD), "list"], env=env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "smollm2-135m" in listed.stdout, listed.stderr

@@ -41,6 +41,7 @@ from ..io.protocol import (
     ToolCallFrame,
 )
 from ..io.transport import Transport
+from ..lanes.pacing import MIN_OBSERVED
 from ..requests.constraint import SequenceConstraint
 from ..requests.logprobs import TokenTexts, logprob_entry
 from ..requests.plan import Planner, Prompt, RequestPlan
@@ -51,6 +52,7 @@ from ..requests.stops import StopMatcher
 from ..requests.tool_stream import ToolCallExtractor
 from ..requests.tools import ToolCall, new_call_id
 from ..stats import footprint_bytes
+from . import sizing
 from .backend import Backend, Detokenizer, LogitPasses, MlxBackend, ModelTimes, RowOptions
 from .kv_budget import KvBudget, KvShape, mib
 
@@ -58,6 +60,10 @@ log = logging.getLogger("mlxd_worker")
 
 # Tokens each lone lane decodes when auto mode measures plain against drafted.
 CALIBRATION_TOKENS = 16
+# The warm-up prompt's length on the CPU (see Engine._warm_up): its prefill chunk
+# (all but the last token) is long enough for the pacer to measure, so a worker's
+# first long prompt is chunked by this machine's rate.
+CPU_WARM_UP_TOKENS = MIN_OBSERVED + 4
 # An idle engine still beats this often: while the reader thread plans a request
 # (a chat template over 100,000 messages takes seconds), the daemon already counts
 # it in flight and would take a silent worker for a hung one.
@@ -168,6 +174,19 @@ class Sequence:
     # thinking tokens counted.
     thinking: ReasoningText | None = None
     tracker: ReasoningTracker | None = None
+    # Its way to the first token, for the debug log (see Engine._log_first_token).
+    timeline: Timeline | None = None
+
+
+@dataclass
+class Timeline:
+    """When a request reached the worker, was planned and admitted (perf_counter
+    seconds), and the engine's step count at its admission."""
+
+    received: float
+    planned: float
+    admitted: float = 0.0
+    admitted_step: int = 0
 
 
 @dataclass
@@ -177,6 +196,7 @@ class Planned:
 
     req: Generate
     plan: RequestPlan
+    timeline: Timeline | None = None
 
 
 @dataclass
@@ -303,6 +323,7 @@ class Engine:
         # reader is not planning: a burst whose next frame has not reached the
         # worker yet ends the gather.)
         self.planning = True
+        received = time.perf_counter()
         try:
             req, images = frames.decode_generate(payload)
             if req.get("count_only"):
@@ -312,7 +333,7 @@ class Engine:
                     self._report(req.get("id"), e)
                 return
             try:
-                planned = Planned(req, self._plan(req, images))
+                planned = Planned(req, self._plan(req, images), Timeline(received, time.perf_counter()))
             except Exception as e:
                 self._report(req.get("id"), e)
                 return
@@ -624,6 +645,11 @@ class Engine:
         lanes run; in auto mode they run once more, measured, so the draft policy
         starts from this machine's own figures for both."""
         ids = self._prompt_ids({"messages": [{"role": "user", "content": "Hi"}]})
+        if not sizing.on_gpu():
+            # MLX's CPU kernels do not depend on the prompt's length: the template's
+            # last tokens compile what all of it would, at a fraction of its prefill
+            # (a 4-bit model prefills ~0.1 s per token on two cores).
+            ids = ids[-CPU_WARM_UP_TOKENS:]
         # The first one is the longer: with a draft it started drafting, so it
         # leaves the batch to draft again when the second ends.
         live = {self.backend.insert(ids, 8, None)}
@@ -807,11 +833,32 @@ class Engine:
         )
         if plan.reasoning is not None:
             seq.thinking, seq.tracker = plan.reasoning.text(), plan.reasoning.tracker()
+        if admission.planned.timeline is not None and log.isEnabledFor(logging.DEBUG):
+            seq.timeline = admission.planned.timeline
+            seq.timeline.admitted, seq.timeline.admitted_step = seq.started, self.counters.steps
         self._by_uid[uid] = seq
         self._by_rid[rid] = seq
         self.kv.reserve(rid, admission.tokens)
         with self.counters.lock:
             self.counters.active += 1
+
+    def _log_first_token(self, seq: Sequence, now: float, rows: int) -> None:
+        """Where a request's time to first token went inside the worker: planning
+        on the reader thread, waiting for the engine, and the steps until its first
+        token (a burst that joins the batch in waves shows here)."""
+        t = seq.timeline
+        assert t is not None
+        log.debug(
+            "request %d: planned in %.1f ms, admitted %.1f ms later (after step %d), first token"
+            " %.1f ms after that (step %d, %d tokens in it)",
+            seq.rid,
+            (t.planned - t.received) * 1000,
+            (t.admitted - t.planned) * 1000,
+            t.admitted_step,
+            (now - t.admitted) * 1000,
+            self.counters.steps + 1,
+            rows,
+        )
 
     def _cancel(self, rid: int) -> None:
         seq = self._by_rid.get(rid)
@@ -865,6 +912,8 @@ class Engine:
                 continue
             if not seq.first_token_at:
                 seq.first_token_at = now
+                if seq.timeline is not None:
+                    self._log_first_token(seq, now, len(results))
             seq.last_token_at = now
             if token in eos:
                 text = ""
