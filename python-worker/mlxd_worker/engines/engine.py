@@ -180,12 +180,11 @@ class Sequence:
 
 @dataclass
 class Timeline:
-    """When a request reached the worker, was planned and admitted (perf_counter
-    seconds), and the engine's step count at its admission."""
+    """When a request reached the worker and was planned (perf_counter seconds),
+    and the engine's step count at its admission (its time: Sequence.started)."""
 
     received: float
     planned: float
-    admitted: float = 0.0
     admitted_step: int = 0
 
 
@@ -835,7 +834,7 @@ class Engine:
             seq.thinking, seq.tracker = plan.reasoning.text(), plan.reasoning.tracker()
         if admission.planned.timeline is not None and log.isEnabledFor(logging.DEBUG):
             seq.timeline = admission.planned.timeline
-            seq.timeline.admitted, seq.timeline.admitted_step = seq.started, self.counters.steps
+            seq.timeline.admitted_step = self.counters.steps
         self._by_uid[uid] = seq
         self._by_rid[rid] = seq
         self.kv.reserve(rid, admission.tokens)
@@ -853,9 +852,9 @@ class Engine:
             " %.1f ms after that (step %d, %d tokens in it)",
             seq.rid,
             (t.planned - t.received) * 1000,
-            (t.admitted - t.planned) * 1000,
+            (seq.started - t.planned) * 1000,
             t.admitted_step,
-            (now - t.admitted) * 1000,
+            (now - seq.started) * 1000,
             self.counters.steps + 1,
             rows,
         )
