@@ -122,17 +122,23 @@ def run_http(client: httpx.Client, url: str, model: str, msgs: list[dict[str, st
     t0 = time.perf_counter()
     stamps: list[float] = []
     usage = None
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=900) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-            choices = chunk.get("choices") or []
-            if choices and choices[0].get("delta", {}).get("content"):
-                stamps.append(time.perf_counter())
+    try:
+        with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=900) as resp:
+            if resp.status_code != 200:
+                return {"t0": t0, "stamps": [], "tokens": 0, "error": f"{resp.status_code}: {resp.read()[:200]!r}"}
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("error"):
+                    return {"t0": t0, "stamps": stamps, "tokens": 0, "error": str(chunk["error"])[:200]}
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("delta", {}).get("content"):
+                    stamps.append(time.perf_counter())
+    except httpx.HTTPError as e:  # counted and reported, not fatal: errors under load are a figure
+        return {"t0": t0, "stamps": stamps, "tokens": 0, "error": repr(e)[:200]}
     return {"t0": t0, "stamps": stamps, "tokens": usage if usage is not None else len(stamps)}
 
 
@@ -200,11 +206,15 @@ def single_figures(r: dict[str, Any]) -> dict[str, float]:
 
 def batch_figures(results: list[dict[str, Any]]) -> dict[str, Any]:
     t0 = min(r["t0"] for r in results)
-    end = max(r["stamps"][-1] for r in results if r["stamps"])
+    end = max((r["stamps"][-1] for r in results if r["stamps"]), default=t0 + 1e-9)
+    errors = [r["error"] for r in results if r.get("error")]
+    for e in sorted(set(errors)):
+        print(f"  error x{errors.count(e)}: {e}", file=sys.stderr)
     return {
         "tps": sum(r["tokens"] for r in results) / (end - t0),
-        "ttfts_ms": [(r["stamps"][0] - r["t0"]) * 1000 for r in results if r["stamps"]],
+        "ttfts_ms": [(r["stamps"][0] - r["t0"]) * 1000 for r in results if r["stamps"] and not r.get("error")],
         "tokens": sum(r["tokens"] for r in results),
+        "errors": len(errors),
     }
 
 
@@ -307,9 +317,12 @@ def main() -> None:
             procs.append(proc)
             sides["mlx_lm.server"] = http_side(url, "default_model")
 
-        for name, (single, batch) in sides.items():  # warm-up: worker start, kernel compilation
+        # Warm-up: worker start, kernel compilation, and (HTTP sides) every pool thread's
+        # client and connection, which would otherwise be made during the first run of the
+        # widest level and spread its burst.
+        for name, (single, batch) in sides.items():
             single(messages(TOPICS[0]), 4)
-            batch([messages(t) for t in TOPICS[:4]], 4)
+            batch([messages(TOPICS[i % len(TOPICS)]) for i in range(max(levels))], 4)
             print(f"warmed up {name}", flush=True)
 
         report: dict[str, Any] = {}
@@ -417,14 +430,15 @@ def summarize_batch(label: str, got: dict[str, list[dict[str, Any]]]) -> dict[st
     native = got.get("native")
     base = statistics.median(r["tps"] for r in native) if native else None
     print(f"\n{label}: aggregate")
-    print(f"{'side':<14} {'tok/s':>10} {'min..max':>18} {'ratio':>7} {'TTFT p50 ms':>12} {'p95 ms':>9}")
+    print(f"{'side':<14} {'tok/s':>10} {'min..max':>18} {'ratio':>7} {'TTFT p50 ms':>12} {'p95 ms':>9} {'errors':>7}")
     out = {}
     for name, runs in got.items():
         tps, lo, hi = spread([r["tps"] for r in runs])
         ttfts = [t for r in runs for t in r["ttfts_ms"]]
         p50, p95 = percentile(ttfts, 0.5), percentile(ttfts, 0.95)
         ratio = tps / base if base else float("nan")
-        print(f"{name:<14} {tps:>10.2f} {lo:>8.2f}..{hi:<8.2f} {ratio:>7.3f} {p50:>12.1f} {p95:>9.1f}")
+        errors = sum(r.get("errors", 0) for r in runs)
+        print(f"{name:<14} {tps:>10.2f} {lo:>8.2f}..{hi:<8.2f} {ratio:>7.3f} {p50:>12.1f} {p95:>9.1f} {errors:>7}")
         out[name] = {
             "tps_median": tps,
             "tps_min": lo,
@@ -432,6 +446,7 @@ def summarize_batch(label: str, got: dict[str, list[dict[str, Any]]]) -> dict[st
             "ratio_to_native": ratio,
             "ttft_p50_ms": p50,
             "ttft_p95_ms": p95,
+            "errors": errors,
         }
     return out
 

@@ -1,6 +1,7 @@
 """A burst of requests reaching an idle engine starts in one step (engine.GATHER_S):
 the engine waits for the requests the reader thread is still planning; a lone
-request does not wait. The replay engine: no model, the scheduler as it is."""
+request does not wait, unless starting alone has been slow (GATHER_FRACTION). The
+replay engine: no model, the scheduler as it is."""
 
 from __future__ import annotations
 
@@ -91,6 +92,47 @@ def test_a_burst_with_gaps_between_its_frames_still_starts_together(
     thread.join()
     assert len(engine._by_uid) == 3
     assert first_step_batch(engine) == 4  # the bucket of 3 and 4
+
+
+def test_where_starting_alone_is_slow_a_lone_request_waits_for_company(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that wakes the engine alone waits for a second in proportion to
+    how long earlier lone starts took to their first token; the second then shares
+    its first step instead of waiting for that whole start. (The fraction and cap
+    are widened so that a loaded machine's scheduling cannot close the window.)"""
+    monkeypatch.setattr(engine_module, "GATHER_FRACTION", 1.0)
+    monkeypatch.setattr(engine_module, "GATHER_PATIENCE_S", 2.0)
+    monkeypatch.setattr(engine_module, "GATHER_PACE_MIN_TOKENS", 1)
+    monkeypatch.setattr(engine_module, "GATHER_S", 3.0)
+    fast_step = engine.backend.step
+
+    def slow_step() -> list:
+        time.sleep(0.5)
+        return fast_step()
+
+    # A lone start whose first token took 0.5 s sets the pace.
+    monkeypatch.setattr(engine.backend, "step", slow_step)
+    engine.submit(frames.GENERATE, generate(1))
+    engine._drain_inbox(block=True)
+    engine._gather()
+    while engine._by_uid:
+        engine._step()
+    monkeypatch.setattr(engine.backend, "step", fast_step)
+
+    engine.submit(frames.GENERATE, generate(2))
+
+    def reader() -> None:  # the second comes 0.1 s later, the reader idle till then
+        time.sleep(0.1)
+        engine.submit(frames.GENERATE, generate(3))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    engine._drain_inbox(block=True)
+    engine._gather()
+    thread.join()
+    assert len(engine._by_uid) == 2
+    assert first_step_batch(engine) == 2
 
 
 def test_the_debug_log_says_where_a_requests_first_token_waited(

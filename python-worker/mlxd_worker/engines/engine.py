@@ -84,6 +84,18 @@ GATHER_S = 0.05
 # ... and, between two frames of a burst (the reader is not planning while it waits
 # for the next), for the next one to arrive this soon after the last.
 GATHER_GAP_S = 0.004
+# A request that wakes an idle engine alone waits for company for this fraction of
+# what starting it alone is expected to take (its uncached prompt tokens at the pace
+# of earlier lone starts), at most GATHER_PATIENCE_S; between frames of a burst the
+# gap allowed is at least as long. A request that arrives just after a lone start
+# waits for that whole start (on this 2-core CPU ~0.4 s for a short prompt, where
+# the next frame of a burst comes 3 to 10 ms later); on a GPU a short prompt starts
+# in ~15 ms, and the wait is under a millisecond.
+GATHER_FRACTION = 0.05
+GATHER_PATIENCE_S = 0.02
+# Lone starts with fewer uncached tokens than this do not set the pace (a step's
+# fixed cost over a few tokens overstates the cost per token).
+GATHER_PACE_MIN_TOKENS = 16
 
 # How MLX words a failed allocation (Metal, CUDA, the C++ allocator): a step that
 # raises one of these fails its sequences, and the worker serves on.
@@ -176,6 +188,10 @@ class Sequence:
     tracker: ReasoningTracker | None = None
     # Its way to the first token, for the debug log (see Engine._log_first_token).
     timeline: Timeline | None = None
+    # Prompt tokens not taken from the prefix cache.
+    prefill_tokens: int = 0
+    # It woke the engine and started alone (its first token paces GATHER_FRACTION).
+    lone_start: bool = False
 
 
 @dataclass
@@ -298,6 +314,9 @@ class Engine:
         self.planning = False
         # When a blocking wait for the inbox last returned an item.
         self._woke_at = 0.0
+        # Seconds per uncached prompt token that the last request started alone
+        # took to its first token (0: none yet); see GATHER_FRACTION.
+        self._lone_start_pace = 0.0
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
@@ -445,24 +464,30 @@ class Engine:
         """The first request after idleness: while the reader thread is planning
         more (a burst), or, once two have come, while the next follows the last
         within GATHER_GAP_S, they are admitted before the first step, up to
-        GATHER_S. A lone request does not wait. Returns the seconds spent waiting.
+        GATHER_S. A lone request waits for a second only where starting alone is
+        slow (GATHER_FRACTION). Returns the seconds spent waiting.
         (On an H100, c=64 went from 0.77x to 0.94x of BatchGenerator given the
         whole burst: requests reaching the worker a few ms apart joined the batch
         in waves, and the first ones finished alone.)"""
         deadline = time.perf_counter() + GATHER_S
         waited = 0.0
         last = time.perf_counter()
+        patience = max((self._patience(seq) for seq in self._by_uid.values()), default=0.0)
+        gap = max(GATHER_GAP_S, patience)
 
-        def burst_goes_on() -> bool:
-            return self.planning or (len(self._by_uid) > 1 and time.perf_counter() - last < GATHER_GAP_S)
+        def window_left() -> float:
+            """How much longer the burst's next frame is waited for (the planning
+            flag is polled every 2 ms)."""
+            window = (gap if len(self._by_uid) > 1 else patience) - (time.perf_counter() - last)
+            return max(min(window, 0.002), 0.002 if self.planning else 0.0)
 
-        while self._running and burst_goes_on():
+        while self._running and (window := window_left()) > 0:
             left = deadline - time.perf_counter()
             if left <= 0:
                 break
             wait_started = time.perf_counter()
             try:
-                item = self.inbox.get(timeout=min(left, 0.002))
+                item = self.inbox.get(timeout=min(left, window))
             except queue.Empty:
                 continue
             finally:
@@ -473,7 +498,14 @@ class Engine:
                 break
             self._handle(*item)
             self._drain_inbox(block=False)
+        if len(self._by_uid) == 1:
+            (seq,) = self._by_uid.values()
+            seq.lone_start = True
         return waited
+
+    def _patience(self, seq: Sequence) -> float:
+        """How long a request that woke the engine alone waits for company."""
+        return min(GATHER_PATIENCE_S, GATHER_FRACTION * self._lone_start_pace * seq.prefill_tokens)
 
     def _handle(self, kind: int, item: bytes | Planned | RerankPlan) -> None:
         if isinstance(item, RerankPlan):
@@ -811,11 +843,8 @@ class Engine:
         )
         uid = self.backend.insert(ids, max_tokens, sampler, row)
         # The prompt's size before its prefill (Anthropic's message_start says it).
-        admitted: AdmittedFrame = {
-            "id": rid,
-            "prompt_tokens": len(ids),
-            "cached_tokens": self.backend.cached_tokens(uid),
-        }
+        cached = self.backend.cached_tokens(uid)
+        admitted: AdmittedFrame = {"id": rid, "prompt_tokens": len(ids), "cached_tokens": cached}
         self.transport.send(frames.ADMITTED, frames.json_payload(admitted))
         tools = plan.tool_extractor()
         seq = Sequence(
@@ -824,6 +853,7 @@ class Engine:
             detok=self.backend.detokenizer(),
             stops=StopMatcher(list(req.get("stop") or [])),
             prompt_tokens=len(ids),
+            prefill_tokens=len(ids) - cached,
             started=time.perf_counter(),
             extras=tools is not None or plan.constraint is not None or plan.top_logprobs is not None,
             tools=tools,
@@ -911,6 +941,8 @@ class Engine:
                 continue
             if not seq.first_token_at:
                 seq.first_token_at = now
+                if seq.lone_start and seq.prefill_tokens >= GATHER_PACE_MIN_TOKENS:
+                    self._lone_start_pace = (now - seq.started) / seq.prefill_tokens
                 if seq.timeline is not None:
                     self._log_first_token(seq, now, len(results))
             seq.last_token_at = now
