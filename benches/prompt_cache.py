@@ -1,5 +1,7 @@
 """The prefix cache: TTFT of a request whose ~500-token prefix is cold against one
-whose prefix an earlier request left in the cache, and an agent transcript of
+whose prefix an earlier request left in the cache; a short prompt's TTFT against
+that of a question after a cached ~4k-token prefix (an agent's system prompt and
+tools: the cache pays off when the second is close to the first); an agent transcript of
 several turns (each turn resends the conversation) with and without the cache,
 and the memory a cached token takes with full-precision and 8-bit KV.
 
@@ -7,8 +9,8 @@ Each run opens its prefix with a fresh nonce, so nothing from an earlier run
 helps. Runs against a real daemon with two presets of the same model: the cache
 on (default size) and off (`prompt_cache_bytes = "0"`). Medians with min..max.
 
-    scripts/bench prompt-cache [--runs 5] [--turns 10] [--model smollm2-135m]
-        [--models-dir DIR] [--mlxd PATH]
+    scripts/bench prompt-cache [--runs 5] [--turns 10] [--long-paragraphs 100]
+        [--model smollm2-135m] [--models-dir DIR] [--mlxd PATH]
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ PARAGRAPH = (
 )
 
 
-def prefix() -> str:
-    return f"[{uuid.uuid4()}] You answer questions about the museum. " + PARAGRAPH * 14
+def prefix(paragraphs: int = 14) -> str:
+    """A fresh system prompt (its nonce first): 14 paragraphs are ~580 tokens."""
+    return f"[{uuid.uuid4()}] You answer questions about the museum. " + PARAGRAPH * paragraphs
 
 
 def ttft(url: str, model: str, messages: list[dict[str, str]], max_tokens: int = 8) -> tuple[float, str, int]:
@@ -95,6 +98,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--long-paragraphs", type=int, default=100, help="the long prefix (100: ~4k tokens)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--models-dir", default=os.environ.get("MLXD_MODELS_DIR") or str(home / "models"))
     p.add_argument("--mlxd", default=str(ROOT / "target" / "release" / "mlxd"))
@@ -126,6 +130,19 @@ def main() -> None:
             print(f"TTFT, ~{prompt_tokens}-token shared prefix, {args.runs} runs")
             print(f"  cold    {summary(cold)}")
             print(f"  cached  {summary(hit)}   {statistics.median(cold) / statistics.median(hit):.1f}x faster")
+            short, long_hit, long_tokens = [], [], 0
+            for _ in range(args.runs):
+                question = {"role": "user", "content": f"[{uuid.uuid4()}] When does the museum open?"}
+                t, _, _ = ttft(url, "bench-cache", [question])
+                short.append(t)
+                system = {"role": "system", "content": prefix(args.long_paragraphs)}
+                ttft(url, "bench-cache", [system, {"role": "user", "content": "When does it open?"}], 1)
+                h, _, long_tokens = ttft(url, "bench-cache", [system, {"role": "user", "content": "Is there a cafe?"}])
+                long_hit.append(h)
+            print(f"TTFT, a short prompt against one after a cached ~{long_tokens}-token prefix, {args.runs} runs")
+            print(f"  short   {summary(short)}")
+            ratio = statistics.median(long_hit) / statistics.median(short)
+            print(f"  cached  {summary(long_hit)}   {ratio:.2f}x the short prompt's")
             print(f"agent transcript, {args.turns} turns (each resends the conversation): TTFT per turn")
             print(f"  {'turn':>4} {'no cache':>10} {'cache':>10} {'cached tokens':>14}")
             system = {"role": "system", "content": prefix()}

@@ -98,13 +98,14 @@ def test_where_starting_alone_is_slow_a_lone_request_waits_for_company(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A request that wakes the engine alone waits for a second in proportion to
-    how long earlier lone starts took to their first token; the second then shares
-    its first step instead of waiting for that whole start. (The fraction and cap
+    how long earlier lone starts took to their first token, and the burst's frames
+    are gathered past GATHER_S while its expected prefill is long; they then share
+    the first step instead of waiting for a whole lone start. (The fraction and caps
     are widened so that a loaded machine's scheduling cannot close the window.)"""
     monkeypatch.setattr(engine_module, "GATHER_FRACTION", 1.0)
     monkeypatch.setattr(engine_module, "GATHER_PATIENCE_S", 2.0)
+    monkeypatch.setattr(engine_module, "GATHER_MAX_S", 5.0)
     monkeypatch.setattr(engine_module, "GATHER_PACE_MIN_TOKENS", 1)
-    monkeypatch.setattr(engine_module, "GATHER_S", 3.0)
     fast_step = engine.backend.step
 
     def slow_step() -> list:
@@ -122,17 +123,19 @@ def test_where_starting_alone_is_slow_a_lone_request_waits_for_company(
 
     engine.submit(frames.GENERATE, generate(2))
 
-    def reader() -> None:  # the second comes 0.1 s later, the reader idle till then
-        time.sleep(0.1)
-        engine.submit(frames.GENERATE, generate(3))
+    def reader() -> None:  # three more, 0.1 s apart (GATHER_S is 0.05), the reader idle between
+        for rid in (3, 4, 5):
+            time.sleep(0.1)
+            engine.submit(frames.GENERATE, generate(rid))
 
     thread = threading.Thread(target=reader)
     thread.start()
     engine._drain_inbox(block=True)
     engine._gather()
     thread.join()
-    assert len(engine._by_uid) == 2
-    assert first_step_batch(engine) == 2
+    assert GATHER_S < 0.3
+    assert len(engine._by_uid) == 4
+    assert first_step_batch(engine) == 4
 
 
 def test_the_debug_log_says_where_a_requests_first_token_waited(

@@ -78,8 +78,9 @@ REASONING_FLAG = 1 << 31
 
 # An idle engine woken by a request while the reader thread is already planning
 # the next one (a burst: many clients at once) waits up to this long for the
-# rest, so that they prefill together in the batch's first steps instead of the
-# first running alone and the others joining it one step at a time.
+# rest (longer where the burst's prefill is slow: GATHER_FRACTION), so that they
+# prefill together in the batch's first steps instead of the first running alone
+# and the others joining it one step at a time.
 GATHER_S = 0.05
 # ... and, between two frames of a burst (the reader is not planning while it waits
 # for the next), for the next one to arrive this soon after the last.
@@ -87,12 +88,15 @@ GATHER_GAP_S = 0.004
 # A request that wakes an idle engine alone waits for company for this fraction of
 # what starting it alone is expected to take (its uncached prompt tokens at the pace
 # of earlier lone starts), at most GATHER_PATIENCE_S; between frames of a burst the
-# gap allowed is at least as long. A request that arrives just after a lone start
+# gap allowed is at least as long, and the whole gather may take this fraction of
+# the gathered prompts' expected prefill where that exceeds GATHER_S (never more
+# than GATHER_MAX_S). A request that arrives just after a lone start
 # waits for that whole start (on this 2-core CPU ~0.4 s for a short prompt, where
 # the next frame of a burst comes 3 to 10 ms later); on a GPU a short prompt starts
 # in ~15 ms, and the wait is under a millisecond.
 GATHER_FRACTION = 0.05
 GATHER_PATIENCE_S = 0.02
+GATHER_MAX_S = 0.5
 # Lone starts with fewer uncached tokens than this do not set the pace (a step's
 # fixed cost over a few tokens overstates the cost per token).
 GATHER_PACE_MIN_TOKENS = 16
@@ -465,13 +469,14 @@ class Engine:
         more (a burst), or, once two have come, while the next follows the last
         within GATHER_GAP_S, they are admitted before the first step, up to
         GATHER_S. A lone request waits for a second only where starting alone is
-        slow (GATHER_FRACTION). Returns the seconds spent waiting.
+        slow, and a slow burst start may gather for longer (GATHER_FRACTION).
+        Returns the seconds spent waiting.
         (On an H100, c=64 went from 0.77x to 0.94x of BatchGenerator given the
         whole burst: requests reaching the worker a few ms apart joined the batch
         in waves, and the first ones finished alone.)"""
-        deadline = time.perf_counter() + GATHER_S
+        began = time.perf_counter()
         waited = 0.0
-        last = time.perf_counter()
+        last = began
         patience = max((self._patience(seq) for seq in self._by_uid.values()), default=0.0)
         gap = max(GATHER_GAP_S, patience)
 
@@ -481,8 +486,12 @@ class Engine:
             window = (gap if len(self._by_uid) > 1 else patience) - (time.perf_counter() - last)
             return max(min(window, 0.002), 0.002 if self.planning else 0.0)
 
+        def bound() -> float:
+            burst = sum(seq.prefill_tokens for seq in self._by_uid.values())
+            return min(GATHER_MAX_S, max(GATHER_S, GATHER_FRACTION * self._lone_start_pace * burst))
+
         while self._running and (window := window_left()) > 0:
-            left = deadline - time.perf_counter()
+            left = began + bound() - time.perf_counter()
             if left <= 0:
                 break
             wait_started = time.perf_counter()
