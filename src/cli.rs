@@ -279,6 +279,35 @@ pub async fn ps(cfg: &Config) -> anyhow::Result<()> {
             println!("    {}", speculative_line(spec));
         }
     }
+    let peers: Vec<crate::peers::PeerInfo> =
+        serde_json::from_value(v["peers"].clone()).unwrap_or_default();
+    if !peers.is_empty() {
+        println!();
+        println!(
+            "{:<16} {:<13} {:<10} {:<28} MODELS",
+            "PEER", "STATE", "VERSION", "URL"
+        );
+        for p in peers {
+            println!(
+                "{:<16} {:<13} {:<10} {:<28} {}",
+                p.name,
+                p.state,
+                p.version.as_deref().unwrap_or("-"),
+                p.url,
+                if p.models.is_empty() {
+                    "-".into()
+                } else {
+                    p.models.join(", ")
+                }
+            );
+            if let Some(e) = &p.error {
+                let seen = p.last_seen_s.map_or("never answered".into(), |s| {
+                    format!("last answered {} ago", human_duration(s))
+                });
+                println!("    {e} ({seen})");
+            }
+        }
+    }
     Ok(())
 }
 

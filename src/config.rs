@@ -1,9 +1,12 @@
 //! Daemon configuration: `$MLXD_HOME/config.toml` (optional), then environment,
 //! then command-line flags. Every field's doc comment is the reference.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::peers::{PeerConfig, PeerFile};
 
 use crate::memory::{KvReserve, Limit};
 
@@ -66,6 +69,10 @@ pub struct FileConfig {
     /// tokens shared by its sequences (`65536`) or a size (`"8GiB"`). Default:
     /// 32,768 tokens, or the model's context if smaller.
     pub kv_reserve: Option<KvReserve>,
+    /// Other mlxd daemons (`[peers.NAME]`: `url`, and the peer's API key from
+    /// `key_env` or `key_file`): see peers.rs.
+    #[serde(default)]
+    pub peers: BTreeMap<String, PeerFile>,
 }
 
 /// The resolved configuration.
@@ -97,6 +104,8 @@ pub struct Config {
     pub memory_shed: Limit,
     /// See `FileConfig::kv_reserve`.
     pub kv_reserve: Option<KvReserve>,
+    /// See `FileConfig::peers`.
+    pub peers: Vec<PeerConfig>,
 }
 
 /// The source tree this binary was built from: shipped presets, the worker
@@ -127,9 +136,14 @@ impl Config {
         let home = home_dir();
         let path = home.join("config.toml");
         let file: FileConfig = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-            }
+            Ok(text) => toml::from_str(&text).map_err(|e| {
+                // Not toml's own rendering: it quotes the offending line, which may
+                // hold a secret (an API key written where it does not belong).
+                let line = e
+                    .span()
+                    .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
+                anyhow::anyhow!("{}: line {line}: {}", path.display(), e.message())
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileConfig::default(),
             Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
         };
@@ -214,7 +228,9 @@ impl Config {
             None => file.max_connections.unwrap_or(MAX_CONNECTIONS),
         };
         anyhow::ensure!(max_connections > 0, "max_connections must be positive");
+        let peers = PeerConfig::resolve_all(file.peers, &home)?;
         Ok(Config {
+            peers,
             max_connections,
             api_keys,
             allowed_hosts: file.allowed_hosts,

@@ -37,6 +37,7 @@ pub mod logs;
 pub mod memory;
 pub mod metrics;
 pub mod model_files;
+pub mod peers;
 pub mod presets;
 pub mod serve;
 pub mod service;

@@ -71,6 +71,8 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
     let image_urls = Arc::new(crate::api::image_urls::ImageFetcher::new(
         &cfg.allowed_image_hosts,
     ));
+    // Peers are read at start: a reload that changes them says a restart is needed.
+    let peers = crate::peers::Peers::new(&cfg.peers, |k| std::env::var_os(k))?;
     let supervisor = Arc::new(Supervisor::new(cfg, presets, registry));
     let (host_flag, port_flag) = (opts.host_flag, opts.port_flag);
     supervisor.set_config_source(Box::new(move || {
@@ -108,10 +110,12 @@ pub async fn serve(mut cfg: Config, opts: ServeOptions) -> anyhow::Result<()> {
             }
         });
     }
+    peers.spawn_watch()?;
     let state = AppState {
         supervisor: supervisor.clone(),
         metrics: metrics.clone(),
         image_urls,
+        peers,
         #[cfg(feature = "bench-http")]
         http: reqwest::Client::builder().no_proxy().build()?,
     };

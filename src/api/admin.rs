@@ -27,6 +27,7 @@ pub async fn ps(State(state): State<AppState>) -> axum::Json<Value> {
     axum::Json(json!({
         "workers": state.supervisor.ps().await,
         "segments": state.supervisor.live_segments(),
+        "peers": state.peers.snapshot(),
     }))
 }
 

@@ -44,6 +44,8 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Image URLs fetched for requests (from `allowed_image_hosts` only).
     pub image_urls: Arc<image_urls::ImageFetcher>,
+    /// Other mlxd daemons (config `[peers]`) and what was last heard from each.
+    pub peers: Arc<crate::peers::Peers>,
     /// For the `http` transport's proxy route to workers on loopback.
     #[cfg(feature = "bench-http")]
     pub http: reqwest::Client,

@@ -116,6 +116,7 @@ async fn snapshot(w: &mut Watch) -> Value {
     }
     json!({
         "models": rows,
+        "peers": w.state.peers.snapshot(),
         "memory": {
             "cap_bytes": memory.cap_bytes,
             "used_bytes": memory.used_bytes,

@@ -66,6 +66,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check("memory_cap", old.memory_cap != new.memory_cap);
     check("memory_shed", old.memory_shed != new.memory_shed);
     check("kv_reserve", old.kv_reserve != new.kv_reserve);
+    check("peers", old.peers != new.peers);
     out
 }
 

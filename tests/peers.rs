@@ -1,0 +1,168 @@
+//! Issue 33, peers: a daemon watches the other mlxd daemons its config names, over
+//! their authenticated HTTP API, and `mlxd ps`, `/admin/ps` and `/ui` say whether
+//! each answers, its version and its models. Two real daemons: the peer requires an
+//! API key; the watcher names it with the right key (from a file), with a wrong one
+//! (from the environment), and names a port where nothing listens.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{cli_ok, mlxd, spawn_daemon};
+use serde_json::Value;
+
+const PEER_KEY: &str = "peer-key-0123456789";
+
+fn private_home(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let home = std::env::temp_dir().join(format!("mlxd-peers-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    home
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+fn peer_row<'a>(peers: &'a Value, name: &str) -> &'a Value {
+    peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no peer {name} in {peers}"))
+}
+
+#[tokio::test]
+async fn a_daemon_shows_each_peer_it_names_as_up_refused_or_down() {
+    let peer_home = private_home("peer");
+    write_private(
+        &peer_home.join("config.toml"),
+        &format!("api_keys = [\"{PEER_KEY}\"]\n"),
+    );
+    let peer = spawn_daemon(&[("MLXD_HOME", peer_home.to_str().unwrap())]);
+
+    let home = private_home("head");
+    write_private(&home.join("studio.key"), &format!("{PEER_KEY}\n"));
+    write_private(
+        &home.join("config.toml"),
+        &format!(
+            "[peers.studio]\nurl = \"{url}\"\nkey_file = \"studio.key\"\n\
+             [peers.wrongkey]\nurl = \"{url}\"\nkey_env = \"MLXD_TEST_PEER_KEY\"\n\
+             [peers.gone]\nurl = \"http://127.0.0.1:9\"\nkey_env = \"MLXD_TEST_PEER_KEY\"\n",
+            url = peer.url
+        ),
+    );
+    let head = spawn_daemon(&[
+        ("MLXD_HOME", home.to_str().unwrap()),
+        ("MLXD_TEST_PEER_KEY", "not-the-peer-key"),
+    ]);
+
+    // The first look is taken at start; allow a few polls on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let peers = loop {
+        let (status, v) = head.admin("ps", None).await;
+        assert_eq!(status, 200, "{v}");
+        let settled = v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] != "unknown");
+        if settled || Instant::now() > deadline {
+            break v["peers"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(peers.as_array().unwrap().len(), 3, "{peers}");
+
+    let studio = peer_row(&peers, "studio");
+    assert_eq!(studio["state"], "up", "{studio}");
+    assert_eq!(studio["version"], env!("CARGO_PKG_VERSION"));
+    let models: Vec<&str> = studio["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(models.contains(&"smollm2-135m"), "{models:?}");
+    assert!(studio["error"].is_null());
+
+    let wrong = peer_row(&peers, "wrongkey");
+    assert_eq!(wrong["state"], "unauthorized", "{wrong}");
+    assert!(
+        wrong["error"].as_str().unwrap().contains("refused the key"),
+        "{wrong}"
+    );
+    assert!(wrong["models"].as_array().unwrap().is_empty());
+
+    let gone = peer_row(&peers, "gone");
+    assert_eq!(gone["state"], "down", "{gone}");
+    assert!(gone["last_seen_s"].is_null());
+
+    // `mlxd ps` says the same, and never prints a key.
+    let ps = cli_ok(head.port, &["ps"], &[("MLXD_HOME", Some(home.as_os_str()))]);
+    let line = ps
+        .lines()
+        .find(|l| l.starts_with("studio "))
+        .unwrap_or_else(|| panic!("{ps}"));
+    assert!(
+        line.contains(" up ") && line.contains("smollm2-135m"),
+        "{line}"
+    );
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("wrongkey ") && l.contains("unauthorized")),
+        "{ps}"
+    );
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("gone ") && l.contains("down")),
+        "{ps}"
+    );
+    assert!(
+        !ps.contains(PEER_KEY) && !ps.contains("not-the-peer-key"),
+        "{ps}"
+    );
+
+    // The status page's snapshot carries the peers too.
+    let mut events = reqwest::get(format!("{}/ui/events", head.url))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = events.chunk().await.unwrap().expect("a snapshot");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let data = text.lines().find_map(|l| l.strip_prefix("data:")).unwrap();
+    let snapshot: Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!(peer_row(&snapshot["peers"], "studio")["state"], "up");
+
+    head.shut_down();
+    peer.shut_down();
+    let _ = std::fs::remove_dir_all(home);
+    let _ = std::fs::remove_dir_all(peer_home);
+}
+
+#[test]
+fn a_peer_with_its_key_in_the_config_is_refused_at_start() {
+    let home = private_home("inline");
+    write_private(
+        &home.join("config.toml"),
+        "[peers.studio]\nurl = \"http://10.0.0.2:11411\"\nkey = \"peer-key-0123456789\"\n",
+    );
+    let out = mlxd()
+        .args(["serve", "--port", "0"])
+        .env("MLXD_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `key`"), "{stderr}");
+    assert!(!stderr.contains("peer-key-0123456789"), "{stderr}");
+    let _ = std::fs::remove_dir_all(home);
+}
