@@ -64,6 +64,8 @@ pub enum PeerConfigError {
     KeyEnv(String, String),
     #[error("peers.{0}: key_file {1}: {2}")]
     KeyFile(String, PathBuf, String),
+    #[error("peers: no HTTP client: {0}")]
+    Client(String),
 }
 
 impl PeerConfig {
@@ -156,6 +158,37 @@ struct Peer {
 /// The configured peers and what was last heard from each.
 pub struct Peers {
     peers: Vec<Peer>,
+    /// Forwarded requests (no overall timeout: a stream lasts as long as it lasts).
+    forward: reqwest::Client,
+}
+
+/// Where a request for a model this daemon does not serve goes.
+pub enum Route<'a> {
+    /// To this peer, which serves it and answers.
+    Peer(PeerHandle<'a>),
+    /// The peer that served it last is not up now: a 503 saying so.
+    Unavailable { peer: String, why: String },
+}
+
+/// A peer to forward to: its base URL and key.
+pub struct PeerHandle<'a> {
+    peer: &'a Resolved,
+    pub client: &'a reqwest::Client,
+}
+
+impl PeerHandle<'_> {
+    pub fn name(&self) -> &str {
+        &self.peer.config.name
+    }
+
+    /// `path` (with its query) under the peer's base URL.
+    pub fn url(&self, path_and_query: &str) -> String {
+        self.peer.config.endpoint(path_and_query)
+    }
+
+    pub fn key(&self) -> &str {
+        &self.peer.key
+    }
 }
 
 /// One poll's outcome for a peer.
@@ -187,7 +220,32 @@ impl Peers {
                 })
             })
             .collect::<Result<_, PeerConfigError>>()?;
-        Ok(Arc::new(Peers { peers }))
+        let forward = reqwest::Client::builder()
+            .connect_timeout(CALL_TIMEOUT)
+            .no_proxy()
+            .build()
+            .map_err(|e| PeerConfigError::Client(e.to_string()))?;
+        Ok(Arc::new(Peers { peers, forward }))
+    }
+
+    /// The peer that serves `model` (by its `/v1/models` when last heard), if any.
+    pub fn route(&self, model: &str) -> Option<Route<'_>> {
+        let peer = self.peers.iter().find(|p| {
+            let s = p.status.lock().expect("lock");
+            s.models.iter().any(|m| m == model)
+        })?;
+        let s = peer.status.lock().expect("lock");
+        Some(if s.state == Some("up") {
+            Route::Peer(PeerHandle {
+                peer: &peer.peer,
+                client: &self.forward,
+            })
+        } else {
+            Route::Unavailable {
+                peer: peer.peer.config.name.clone(),
+                why: s.error.clone().unwrap_or_else(|| "not up".into()),
+            }
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -255,6 +313,7 @@ impl Peer {
             Heard::Unauthorized(why) => {
                 s.state = Some("unauthorized");
                 s.error = Some(why);
+                s.models.clear(); // nothing it serves can be reached with this key
                 s.last_seen = Some(Instant::now());
             }
             Heard::Down(why) => {

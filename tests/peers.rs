@@ -141,6 +141,7 @@ async fn a_daemon_shows_each_peer_it_names_as_up_refused_or_down() {
     let data = text.lines().find_map(|l| l.strip_prefix("data:")).unwrap();
     let snapshot: Value = serde_json::from_str(data.trim()).unwrap();
     assert_eq!(peer_row(&snapshot["peers"], "studio")["state"], "up");
+    drop(events);
 
     head.shut_down();
     peer.shut_down();
@@ -165,4 +166,222 @@ fn a_peer_with_its_key_in_the_config_is_refused_at_start() {
     assert!(stderr.contains("unknown field `key`"), "{stderr}");
     assert!(!stderr.contains("peer-key-0123456789"), "{stderr}");
     let _ = std::fs::remove_dir_all(home);
+}
+
+/// Where the test model was imported (the test process's own home, or
+/// MLXD_MODELS_DIR): the peer daemons have homes of their own.
+fn models_dir() -> String {
+    std::env::var("MLXD_MODELS_DIR").unwrap_or_else(|_| {
+        mlxd::config::home_dir()
+            .join("models")
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+async fn post(url: &str, body: Value) -> (u16, Option<String>, String) {
+    let resp = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, retry, resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dialect() {
+    let peer_home = private_home("route-peer");
+    write_private(
+        &peer_home.join("config.toml"),
+        &format!("api_keys = [\"{PEER_KEY}\"]\n"),
+    );
+    std::fs::create_dir(peer_home.join("presets")).unwrap();
+    std::fs::set_permissions(
+        peer_home.join("presets"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    // The replay engine: a fixed text ("Call me Ishmael. ..."), token by token, at
+    // most 100 tokens a second (so a long stream is still running when its client
+    // leaves).
+    write_private(
+        &peer_home.join("presets/peer-only.toml"),
+        "model = \"smollm2-135m\"\nengine = \"replay\"\n[faults]\nstep_delay_ms = 10\n",
+    );
+    let models = models_dir();
+    let peer = spawn_daemon(&[
+        ("MLXD_HOME", peer_home.to_str().unwrap()),
+        ("MLXD_MODELS_DIR", &models),
+    ]);
+    let home = private_home("route-head");
+    write_private(
+        &home.join("config.toml"),
+        &format!(
+            "[peers.studio]\nurl = \"{}\"\nkey_env = \"MLXD_TEST_STUDIO_KEY\"\n",
+            peer.url
+        ),
+    );
+    let head = spawn_daemon(&[
+        ("MLXD_HOME", home.to_str().unwrap()),
+        ("MLXD_TEST_STUDIO_KEY", PEER_KEY),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = head.admin("ps", None).await;
+        let studio = peer_row(&v["peers"], "studio").clone();
+        if studio["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "peer-only")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peer's model never showed: {studio}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let user = serde_json::json!([{"role": "user", "content": "Who are you?"}]);
+
+    // OpenAI, whole and streamed.
+    let (status, _, text) = post(
+        &format!("{}/v1/chat/completions", head.url),
+        serde_json::json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Call me"),
+        "{v}"
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+    let (status, _, text) = post(
+        &format!("{}/v1/chat/completions", head.url),
+        serde_json::json!({"model": "peer-only", "messages": user, "max_tokens": 6, "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let pieces: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(pieces.starts_with("Call me"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // Ollama and Anthropic: the peer's own shapes come back.
+    let (status, _, text) = post(
+        &format!("{}/api/chat", head.url),
+        serde_json::json!({"model": "peer-only", "messages": user, "stream": false, "options": {"num_predict": 6}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Call me"),
+        "{v}"
+    );
+    let (status, _, text) = post(
+        &format!("{}/v1/messages", head.url),
+        serde_json::json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Call me"),
+        "{v}"
+    );
+
+    // A client that hangs up mid-stream ends the request on the peer too.
+    let mut stream = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", head.url))
+        .json(&serde_json::json!({"model": "peer-only", "messages": user,
+            "max_tokens": 100_000, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    stream.chunk().await.unwrap().expect("a first chunk");
+    let inflight = || async {
+        peer.ps_row("peer-only")
+            .await
+            .map_or(0, |r| r["inflight"].as_u64().unwrap())
+    };
+    assert_eq!(inflight().await, 1);
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while inflight().await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the peer still streams to a client that left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A model neither serves is still the head's own 404.
+    let (status, _, text) = post(
+        &format!("{}/v1/chat/completions", head.url),
+        serde_json::json!({"model": "nowhere", "messages": user}),
+    )
+    .await;
+    assert_eq!(status, 404, "{text}");
+
+    // The peer gone: a 503 in the client's dialect that names it, at once.
+    peer.shut_down();
+    let started = Instant::now();
+    let (status, retry, text) = post(
+        &format!("{}/v1/messages", head.url),
+        serde_json::json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
+    )
+    .await;
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "overloaded_error", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("peer 'studio'"),
+        "{v}"
+    );
+    let (status, _, text) = post(
+        &format!("{}/v1/chat/completions", head.url),
+        serde_json::json!({"model": "peer-only", "messages": user}),
+    )
+    .await;
+    assert_eq!(status, 503, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["code"], "peer_unavailable", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    head.shut_down();
+    let _ = std::fs::remove_dir_all(home);
+    let _ = std::fs::remove_dir_all(peer_home);
 }

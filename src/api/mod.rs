@@ -22,6 +22,7 @@ pub mod image_urls;
 pub mod images;
 pub mod ollama;
 pub mod openai;
+mod peer_route;
 pub mod request;
 pub mod rerank;
 pub mod responses;
@@ -147,7 +148,10 @@ pub fn router(state: AppState, guard: guard::Guard) -> Router {
     for (_, path) in ROUTES {
         router = router.route(path, handler(path));
     }
+    // Behind the guard: a forwarded request has passed this daemon's checks first.
+    let peers = axum::middleware::from_fn_with_state(state.clone(), peer_route::forward_to_peers);
     router
+        .layer(peers)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
