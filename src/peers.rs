@@ -228,6 +228,25 @@ impl Peers {
         Ok(Arc::new(Peers { peers, forward }))
     }
 
+    /// Models the peers listed when last heard that `local` does not serve, each
+    /// with the first peer that lists it: (model, peer, peer's URL).
+    pub fn remote_models(&self, local: impl Fn(&str) -> bool) -> Vec<(String, String, String)> {
+        let mut out: Vec<(String, String, String)> = Vec::new();
+        for p in &self.peers {
+            let s = p.status.lock().expect("lock");
+            for m in &s.models {
+                if !local(m) && !out.iter().any(|(seen, _, _)| seen == m) {
+                    out.push((
+                        m.clone(),
+                        p.peer.config.name.clone(),
+                        p.peer.config.url.to_string(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// The peer that serves `model` (by its `/v1/models` when last heard), if any.
     pub fn route(&self, model: &str) -> Option<Route<'_>> {
         let peer = self.peers.iter().find(|p| {
@@ -341,8 +360,11 @@ async fn ask(client: &reqwest::Client, peer: &Resolved) -> Heard {
     let Some(data) = models["data"].as_array() else {
         return Heard::Down("its /v1/models is not a model list: is it an mlxd daemon?".into());
     };
+    // Its own models only: those it lists from its peers (`mlxd.peer`) are theirs
+    // to answer (and two daemons that name each other would pass them back and forth).
     let models = data
         .iter()
+        .filter(|m| m["mlxd"]["peer"].is_null())
         .filter_map(|m| m["id"].as_str().map(str::to_owned))
         .collect();
     let version = match get(client, peer, "/api/version").await {

@@ -251,6 +251,24 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
     }
     let user = serde_json::json!([{"role": "user", "content": "Who are you?"}]);
 
+    // Listed with where it runs, in both model lists.
+    let listed = common::get_json(&format!("{}/v1/models", head.url)).await;
+    let entry = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "peer-only")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(entry["mlxd"]["peer"], "studio", "{entry}");
+    let tags = common::get_json(&format!("{}/api/tags", head.url)).await;
+    let tag = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "peer-only")
+        .unwrap_or_else(|| panic!("{tags}"));
+    assert_eq!(tag["remote_host"], format!("{}/", peer.url), "{tag}");
+
     // OpenAI, whole and streamed.
     let (status, _, text) = post(
         &format!("{}/v1/chat/completions", head.url),

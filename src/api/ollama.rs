@@ -662,9 +662,8 @@ fn digest(preset: &Preset) -> String {
 pub async fn tags(State(state): State<AppState>) -> axum::Json<Value> {
     let models_dir = state.supervisor.models_dir();
     let modified = now_rfc3339();
-    let models: Vec<Value> = state
-        .supervisor
-        .presets()
+    let presets = state.supervisor.presets();
+    let mut models: Vec<Value> = presets
         .iter()
         .map(|p| {
             let f = p.model_files(models_dir);
@@ -672,6 +671,12 @@ pub async fn tags(State(state): State<AppState>) -> axum::Json<Value> {
                    "digest": digest(p), "details": details(&f)})
         })
         .collect();
+    // Peers' models, served there (Ollama's own field for a model run elsewhere).
+    let remote = state.peers.remote_models(|m| presets.resolve(m).is_some());
+    models.extend(remote.into_iter().map(|(name, _, url)| {
+        json!({"name": name, "model": name, "modified_at": modified, "size": 0, "digest": "",
+               "remote_host": url, "details": {}})
+    }));
     axum::Json(json!({"models": models}))
 }
 

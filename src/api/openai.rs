@@ -941,7 +941,7 @@ struct EmbeddingUsage {
 pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
     let created = unix_now();
     let loaded = state.supervisor.ps().await;
-    let data: Vec<Value> = state
+    let mut data: Vec<Value> = state
         .supervisor
         .presets()
         .iter()
@@ -980,5 +980,12 @@ pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
             m
         })
         .collect();
+    // Peers' models, with where they run (requests for them are forwarded there).
+    let presets = state.supervisor.presets();
+    let remote = state.peers.remote_models(|m| presets.resolve(m).is_some());
+    data.extend(remote.into_iter().map(|(id, peer, url)| {
+        json!({"id": id, "object": "model", "created": created, "owned_by": "mlxd",
+               "mlxd": {"peer": peer, "peer_url": url}})
+    }));
     axum::Json(json!({"object": "list", "data": data}))
 }
