@@ -369,8 +369,26 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
     .await;
     assert_eq!(status, 404, "{text}");
 
+    // The peer killed mid-stream: the stream ends with the dialect's error event,
+    // not a clean end.
+    let mut stream = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", head.url))
+        .json(&serde_json::json!({"model": "peer-only", "messages": user,
+            "max_tokens": 100_000, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&stream.chunk().await.unwrap().unwrap()).into_owned();
+    peer.kill_hard();
+    while let Ok(Some(chunk)) = stream.chunk().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let last = text.trim_end().lines().last().unwrap();
+    assert!(last.starts_with("data: {\"error\""), "{last}");
+    assert!(last.contains("peer 'studio' stopped answering"), "{last}");
+    assert!(!text.contains("[DONE]"));
+
     // The peer gone: a 503 in the client's dialect that names it, at once.
-    peer.shut_down();
     let started = Instant::now();
     let (status, retry, text) = post(
         &format!("{}/v1/messages", head.url),

@@ -3,7 +3,9 @@
 //! (the peer's key instead), and the peer's answer streamed back unchanged, so every
 //! dialect, stream and error reaches the client in its own shape. A client that
 //! hangs up drops the forwarded connection, which cancels the request on the peer.
-//! A peer that does not answer is a 503 in the client's dialect, never a hang.
+//! A peer that does not answer is a 503 in the client's dialect, never a hang; one
+//! that stops answering mid-stream ends the stream with the dialect's error event,
+//! never a clean-looking end.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -12,8 +14,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use futures::StreamExt;
+use serde_json::json;
+
 use super::error::Dialect;
-use super::{AppState, MAX_BODY};
+use super::{core, AppState, MAX_BODY};
+use crate::error::Error;
 use crate::peers::{PeerHandle, Route};
 
 /// The one field a forwarding decision reads (the rest is skipped, not built).
@@ -64,6 +70,7 @@ pub async fn forward_to_peers(State(state): State<AppState>, req: Request, next:
                 .map_or(path.as_str(), |p| p.as_str());
             forward(
                 &peer,
+                &path,
                 path_and_query,
                 &parts.headers,
                 bytes,
@@ -87,6 +94,7 @@ pub async fn forward_to_peers(State(state): State<AppState>, req: Request, next:
 
 async fn forward(
     peer: &PeerHandle<'_>,
+    path: &str,
     path_and_query: &str,
     headers: &HeaderMap,
     body: axum::body::Bytes,
@@ -120,9 +128,56 @@ async fn forward(
             answer = answer.header(name, value);
         }
     }
+    let streaming = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.starts_with("text/event-stream") || t.starts_with("application/x-ndjson")
+        });
+    let (path, model, name) = (path.to_owned(), model.to_owned(), peer.name().to_owned());
+    // After a failed read: the dialect's error event (a stream), then the end.
+    let body = resp.bytes_stream().scan(false, move |failed, chunk| {
+        let item = match (chunk, *failed) {
+            (_, true) => None,
+            (Ok(bytes), false) => Some(Ok(bytes)),
+            (Err(e), false) => {
+                *failed = true;
+                tracing::warn!(peer = %name, %model, "a forwarded answer broke off: {e}");
+                let e = Error::WorkerFailed {
+                    model: model.clone(),
+                    reason: format!("peer '{name}' stopped answering: {e}"),
+                };
+                if streaming {
+                    Some(Ok(axum::body::Bytes::from(stream_error(&path, &e))))
+                } else {
+                    Some(Err(std::io::Error::other(e.to_string())))
+                }
+            }
+        };
+        std::future::ready(item)
+    });
     answer
-        .body(Body::from_stream(resp.bytes_stream()))
+        .body(Body::from_stream(body))
         .map_err(|e| e.to_string())
+}
+
+/// The dialect's in-stream error event for the route, as its own handlers write it.
+fn stream_error(path: &str, e: &Error) -> Vec<u8> {
+    let mut out = Vec::new();
+    if path.starts_with("/v1/responses") {
+        let body = json!({"type": "error", "code": e.code(), "message": e.to_string(), "param": e.param()});
+        core::sse_event(&mut out, "error", &body);
+    } else {
+        match Dialect::of_path(path) {
+            Dialect::Anthropic => {
+                core::sse_event(&mut out, "error", &Dialect::Anthropic.error_body(e))
+            }
+            Dialect::Ollama => core::ndjson(&mut out, &Dialect::Ollama.error_body(e)),
+            Dialect::OpenAi => core::sse_data(&mut out, &Dialect::OpenAi.error_body(e)),
+        }
+    }
+    out
 }
 
 fn unavailable(path: &str, model: &str, peer: &str, why: &str) -> Response {
