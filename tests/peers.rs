@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{cli_ok, mlxd, spawn_daemon};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const PEER_KEY: &str = "peer-key-0123456789";
 
@@ -179,6 +179,32 @@ fn models_dir() -> String {
     })
 }
 
+/// The replay text's opening, which a request to the peer's model answers with.
+fn starts_the_text(v: &Value) -> bool {
+    v.as_str().is_some_and(|t| t.starts_with("Call me"))
+}
+
+/// POST `body` to the route under `base`: a 200 and its JSON.
+async fn answered(base: &str, route: &str, body: Value) -> Value {
+    let (status, _, text) = post(&format!("{base}{route}"), body).await;
+    assert_eq!(status, 200, "{route}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A chat stream of the peer's model that runs for minutes unless stopped.
+async fn long_stream(base: &str, messages: &Value) -> reqwest::Response {
+    let body =
+        json!({"model": "peer-only", "messages": messages, "max_tokens": 100_000, "stream": true});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
 async fn post(url: &str, body: Value) -> (u16, Option<String>, String) {
     let resp = reqwest::Client::new()
         .post(url)
@@ -249,7 +275,7 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let user = serde_json::json!([{"role": "user", "content": "Who are you?"}]);
+    let user = json!([{"role": "user", "content": "Who are you?"}]);
 
     // Listed with where it runs, in both model lists.
     let listed = common::get_json(&format!("{}/v1/models", head.url)).await;
@@ -269,32 +295,28 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
         .unwrap_or_else(|| panic!("{tags}"));
     assert_eq!(tag["remote_host"], format!("{}/", peer.url), "{tag}");
 
-    // OpenAI, whole and streamed.
-    let (status, _, text) = post(
-        &format!("{}/v1/chat/completions", head.url),
-        serde_json::json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
+    // OpenAI, whole and streamed; Ollama and Anthropic: the peer's own shapes.
+    let base = head.url.as_str();
+    let v = answered(
+        base,
+        "/v1/chat/completions",
+        json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
     )
     .await;
-    assert_eq!(status, 200, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
     assert!(
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .starts_with("Call me"),
+        starts_the_text(&v["choices"][0]["message"]["content"]),
         "{v}"
     );
     assert_eq!(v["usage"]["completion_tokens"], 6);
     let (status, _, text) = post(
-        &format!("{}/v1/chat/completions", head.url),
-        serde_json::json!({"model": "peer-only", "messages": user, "max_tokens": 6, "stream": true}),
+        &format!("{base}/v1/chat/completions"),
+        json!({"model": "peer-only", "messages": user, "max_tokens": 6, "stream": true}),
     )
     .await;
     assert_eq!(status, 200, "{text}");
     let pieces: String = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .filter_map(|c| {
             c["choices"][0]["delta"]["content"]
@@ -302,48 +324,21 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
                 .map(str::to_owned)
         })
         .collect();
-    assert!(pieces.starts_with("Call me"), "{text}");
+    assert!(starts_the_text(&json!(pieces)), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-
-    // Ollama and Anthropic: the peer's own shapes come back.
-    let (status, _, text) = post(
-        &format!("{}/api/chat", head.url),
-        serde_json::json!({"model": "peer-only", "messages": user, "stream": false, "options": {"num_predict": 6}}),
+    let ollama = json!({"model": "peer-only", "messages": user, "stream": false, "options": {"num_predict": 6}});
+    let v = answered(base, "/api/chat", ollama).await;
+    assert!(starts_the_text(&v["message"]["content"]), "{v}");
+    let v = answered(
+        base,
+        "/v1/messages",
+        json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
     )
     .await;
-    assert_eq!(status, 200, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    assert!(
-        v["message"]["content"]
-            .as_str()
-            .unwrap()
-            .starts_with("Call me"),
-        "{v}"
-    );
-    let (status, _, text) = post(
-        &format!("{}/v1/messages", head.url),
-        serde_json::json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
-    )
-    .await;
-    assert_eq!(status, 200, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    assert!(
-        v["content"][0]["text"]
-            .as_str()
-            .unwrap()
-            .starts_with("Call me"),
-        "{v}"
-    );
+    assert!(starts_the_text(&v["content"][0]["text"]), "{v}");
 
     // A client that hangs up mid-stream ends the request on the peer too.
-    let mut stream = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", head.url))
-        .json(&serde_json::json!({"model": "peer-only", "messages": user,
-            "max_tokens": 100_000, "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), 200);
+    let mut stream = long_stream(base, &user).await;
     stream.chunk().await.unwrap().expect("a first chunk");
     let inflight = || async {
         peer.ps_row("peer-only")
@@ -364,20 +359,14 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
     // A model neither serves is still the head's own 404.
     let (status, _, text) = post(
         &format!("{}/v1/chat/completions", head.url),
-        serde_json::json!({"model": "nowhere", "messages": user}),
+        json!({"model": "nowhere", "messages": user}),
     )
     .await;
     assert_eq!(status, 404, "{text}");
 
     // The peer killed mid-stream: the stream ends with the dialect's error event,
     // not a clean end.
-    let mut stream = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", head.url))
-        .json(&serde_json::json!({"model": "peer-only", "messages": user,
-            "max_tokens": 100_000, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let mut stream = long_stream(base, &user).await;
     let mut text = String::from_utf8_lossy(&stream.chunk().await.unwrap().unwrap()).into_owned();
     peer.kill_hard();
     while let Ok(Some(chunk)) = stream.chunk().await {
@@ -392,7 +381,7 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
     let started = Instant::now();
     let (status, retry, text) = post(
         &format!("{}/v1/messages", head.url),
-        serde_json::json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
+        json!({"model": "peer-only", "messages": user, "max_tokens": 6}),
     )
     .await;
     assert_eq!(status, 503, "{text}");
@@ -409,7 +398,7 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
     );
     let (status, _, text) = post(
         &format!("{}/v1/chat/completions", head.url),
-        serde_json::json!({"model": "peer-only", "messages": user}),
+        json!({"model": "peer-only", "messages": user}),
     )
     .await;
     assert_eq!(status, 503, "{text}");
