@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// A peer that has not answered a call in this long is down (for that call).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Polls in a row a peer must miss before the requests forwarded to it are ended
+/// (one slow answer is not a lost peer; a stopped or unplugged one misses them all).
+pub const LOST_AFTER_MISSES: u32 = 2;
 
 /// A peer as `config.toml` names it. Its API key comes from an environment
 /// variable or a file, never from the config itself (which may be shared or
@@ -148,11 +151,16 @@ struct Status {
     models: Vec<String>,
     error: Option<String>,
     last_seen: Option<Instant>,
+    /// Polls missed in a row.
+    misses: u32,
 }
 
 struct Peer {
     peer: Resolved,
     status: Mutex<Status>,
+    /// Woken when the peer has missed LOST_AFTER_MISSES polls: the requests
+    /// forwarded to it end with an error instead of waiting on a silent peer.
+    lost: Arc<tokio::sync::Notify>,
 }
 
 /// The configured peers and what was last heard from each.
@@ -174,6 +182,9 @@ pub enum Route<'a> {
 pub struct PeerHandle<'a> {
     peer: &'a Resolved,
     pub client: &'a reqwest::Client,
+    /// Notified when the peer is lost (LOST_AFTER_MISSES): a forwarded request
+    /// waiting on it ends.
+    pub lost: Arc<tokio::sync::Notify>,
 }
 
 impl PeerHandle<'_> {
@@ -217,6 +228,7 @@ impl Peers {
                         config: config.clone(),
                     },
                     status: Mutex::new(Status::default()),
+                    lost: Arc::new(tokio::sync::Notify::new()),
                 })
             })
             .collect::<Result<_, PeerConfigError>>()?;
@@ -258,6 +270,7 @@ impl Peers {
             Route::Peer(PeerHandle {
                 peer: &peer.peer,
                 client: &self.forward,
+                lost: peer.lost.clone(),
             })
         } else {
             Route::Unavailable {
@@ -323,6 +336,7 @@ impl Peer {
         let was = s.state;
         match heard {
             Heard::Up { version, models } => {
+                s.misses = 0;
                 s.state = Some("up");
                 s.version = Some(version);
                 s.models = models;
@@ -330,6 +344,7 @@ impl Peer {
                 s.last_seen = Some(Instant::now());
             }
             Heard::Unauthorized(why) => {
+                s.misses = 0;
                 s.state = Some("unauthorized");
                 s.error = Some(why);
                 s.models.clear(); // nothing it serves can be reached with this key
@@ -338,6 +353,10 @@ impl Peer {
             Heard::Down(why) => {
                 s.state = Some("down");
                 s.error = Some(why);
+                s.misses += 1;
+                if s.misses == LOST_AFTER_MISSES {
+                    self.lost.notify_waiters();
+                }
             }
         }
         if was != s.state {

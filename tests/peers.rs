@@ -364,6 +364,34 @@ async fn a_request_for_a_peers_model_is_answered_by_the_peer_in_the_clients_dial
     .await;
     assert_eq!(status, 404, "{text}");
 
+    // The peer stopped (SIGSTOP: its socket accepts, nothing answers) mid-stream:
+    // once it has missed its health checks the stream ends with the dialect's error
+    // event instead of waiting on it.
+    let mut stream = long_stream(base, &user).await;
+    let mut text = String::from_utf8_lossy(&stream.chunk().await.unwrap().unwrap()).into_owned();
+    let pid = nix::unistd::Pid::from_raw(peer.pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(40), async {
+        while let Ok(Some(chunk)) = stream.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(rest.is_ok(), "the stream still waits on a stopped peer");
+    let last = text.trim_end().lines().last().unwrap();
+    assert!(last.contains("missed its health checks"), "{last}");
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(3),
+        "ended before any check could fail"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while peer_row(&head.admin("ps", None).await.1["peers"], "studio")["state"] != "up" {
+        assert!(Instant::now() < deadline, "the peer never came back up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // The peer killed mid-stream: the stream ends with the dialect's error event,
     // not a clean end.
     let mut stream = long_stream(base, &user).await;

@@ -107,21 +107,26 @@ async fn forward(
         }
     }
     tracing::debug!(peer = peer.name(), %model, path = path_and_query, "forwarded to a peer");
-    let resp = peer
+    // Created before the call, so that a loss while it waits is not missed.
+    let lost_before_answer = peer.lost.clone().notified_owned();
+    let lost_while_streaming = peer.lost.clone().notified_owned();
+    let send = peer
         .client
         .post(peer.url(path_and_query))
         .headers(out)
         .bearer_auth(peer.key())
         .body(body)
-        .send()
-        .await
-        .map_err(|e| {
+        .send();
+    let resp = tokio::select! {
+        sent = send => sent.map_err(|e| {
             if e.is_connect() {
                 "connection refused or no route".to_string()
             } else {
                 e.to_string()
             }
-        })?;
+        })?,
+        () = lost_before_answer => return Err(LOST.into()),
+    };
     let mut answer = Response::builder().status(resp.status().as_u16());
     for (name, value) in resp.headers() {
         if !HOP_HEADERS.contains(name) {
@@ -136,31 +141,54 @@ async fn forward(
             t.starts_with("text/event-stream") || t.starts_with("application/x-ndjson")
         });
     let (path, model, name) = (path.to_owned(), model.to_owned(), peer.name().to_owned());
-    // After a failed read: the dialect's error event (a stream), then the end.
-    let body = resp.bytes_stream().scan(false, move |failed, chunk| {
-        let item = match (chunk, *failed) {
-            (_, true) => None,
-            (Ok(bytes), false) => Some(Ok(bytes)),
-            (Err(e), false) => {
-                *failed = true;
-                tracing::warn!(peer = %name, %model, "a forwarded answer broke off: {e}");
-                let e = Error::WorkerFailed {
-                    model: model.clone(),
-                    reason: format!("peer '{name}' stopped answering: {e}"),
-                };
-                if streaming {
-                    Some(Ok(axum::body::Bytes::from(stream_error(&path, &e))))
-                } else {
-                    Some(Err(std::io::Error::other(e.to_string())))
-                }
-            }
-        };
-        std::future::ready(item)
+    // The peer's bytes, then an end mark; or the peer lost first.
+    let pieces = futures::stream::select(
+        resp.bytes_stream()
+            .map(Piece::Data)
+            .chain(futures::stream::once(std::future::ready(Piece::End))),
+        futures::stream::once(lost_while_streaming).map(|()| Piece::Lost),
+    )
+    .boxed();
+    // A failed read or a lost peer: the dialect's error event (a stream), then the
+    // end, without waiting on the peer again.
+    let body = futures::stream::unfold(Some(pieces), move |pieces| {
+        let (path, model, name) = (path.clone(), model.clone(), name.clone());
+        async move {
+            let mut pieces = pieces?;
+            let broke_off = match pieces.next().await? {
+                Piece::End => return None,
+                Piece::Data(Ok(bytes)) => return Some((Ok(bytes), Some(pieces))),
+                Piece::Data(Err(e)) => e.to_string(),
+                Piece::Lost => LOST.to_string(),
+            };
+            tracing::warn!(peer = %name, %model, "a forwarded answer broke off: {broke_off}");
+            let e = Error::WorkerFailed {
+                model,
+                reason: format!("peer '{name}' stopped answering: {broke_off}"),
+            };
+            let last = if streaming {
+                Ok(axum::body::Bytes::from(stream_error(&path, &e)))
+            } else {
+                Err(std::io::Error::other(e.to_string()))
+            };
+            Some((last, None))
+        }
     });
     answer
         .body(Body::from_stream(body))
         .map_err(|e| e.to_string())
 }
+
+/// What a forwarded answer is made of, as it arrives.
+enum Piece {
+    Data(Result<axum::body::Bytes, reqwest::Error>),
+    /// The peer's answer ended.
+    End,
+    /// The peer missed its polls (`peers::LOST_AFTER_MISSES`).
+    Lost,
+}
+
+const LOST: &str = "it missed its health checks (stopped, or unreachable)";
 
 /// The dialect's in-stream error event for the route, as its own handlers write it.
 fn stream_error(path: &str, e: &Error) -> Vec<u8> {
