@@ -12,9 +12,8 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-
 use futures::StreamExt;
+use serde::Deserialize;
 use serde_json::json;
 
 use super::error::Dialect;
@@ -42,7 +41,10 @@ const HOP_HEADERS: &[HeaderName] = &[
 ];
 
 pub async fn forward_to_peers(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state.peers.is_empty() || req.method() != Method::POST {
+    // Inference routes only: this daemon's admin routes act on this daemon (a key for
+    // it is not a key for its peers' control planes).
+    let admin = req.uri().path().starts_with("/admin/");
+    if state.peers.is_empty() || req.method() != Method::POST || admin {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
