@@ -30,6 +30,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod distributed;
 pub mod error;
 pub mod home;
 pub mod kv_shape;

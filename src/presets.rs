@@ -220,6 +220,9 @@ pub struct Preset {
     /// A chat model as reranker (`[rerank]`, README "Embeddings").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerank: Option<Rerank>,
+    /// One model over several ranks (`[distributed]`, README "Several Macs").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<crate::distributed::Distributed>,
     /// Test-only fault injection passed to the worker (see mlxd_worker/faults.py).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultOptions>,
@@ -502,6 +505,9 @@ impl Preset {
                 "[rerank] needs engine \"mlx\" (a chat model)"
             );
         }
+        if let Some(d) = &p.distributed {
+            p.validate_distributed(d)?;
+        }
         anyhow::ensure!(
             p.transport != TransportKind::Http || cfg!(feature = "bench-http"),
             "transport \"http\" exists only in benchmark builds (--features bench-http): it \
@@ -535,6 +541,37 @@ impl Preset {
                 .map_err(|e| anyhow::anyhow!("speculative.draft: {e}"))?;
         }
         p.validate_performance()
+    }
+
+    /// A `[distributed]` preset: the table itself, and what a group does not serve
+    /// yet (its ranks would diverge: each draws drafts, reads its own disk tier).
+    fn validate_distributed(&self, d: &crate::distributed::Distributed) -> anyhow::Result<()> {
+        d.validate()?;
+        if let Some(why) = d.unsupported() {
+            anyhow::bail!("{why}");
+        }
+        anyhow::ensure!(
+            matches!(self.engine, EngineKind::Mlx | EngineKind::Replay),
+            "a [distributed] preset needs engine \"mlx\""
+        );
+        anyhow::ensure!(
+            self.transport != TransportKind::Http,
+            "a [distributed] preset's rank 0 is reached over \"shm\" or \"stdio\""
+        );
+        for (what, set) in [
+            ("[speculative]", self.speculative.is_some()),
+            ("[rerank]", self.rerank.is_some()),
+            (
+                "performance.prompt_cache_dir",
+                self.performance.prompt_cache_dir.is_some(),
+            ),
+        ] {
+            anyhow::ensure!(
+                !set,
+                "a [distributed] preset does not take {what} yet: leave it out"
+            );
+        }
+        Ok(())
     }
 
     /// The `[performance]` keys that `validate` has not seen elsewhere.

@@ -19,7 +19,7 @@ from .engines.backend import CLOSE_TIMEOUT
 from .engines.engine import Engine, make_backend
 from .io import frames
 from .io.protocol import Hello, Stats
-from .io.transport import ShmTransport, StdioTransport, Transport
+from .io.transport import NullTransport, ShmTransport, StdioTransport, Transport
 from .stats import blas_library, discrete_gpu_memory, rss_bytes
 
 if TYPE_CHECKING:
@@ -59,12 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generation", type=int, help="the incarnation the segment must belong to")
     ap.add_argument("--engine", choices=["mlx", "replay", "embedding", "vision"], default="mlx")
     ap.add_argument("--model", help="the model's name (so that ps and logs tell whose worker this is)")
+    ap.add_argument(
+        "--parallel",
+        choices=["tensor", "pipeline"],
+        help="one rank of a distributed group (MLX_RANK, MLX_HOSTFILE in the environment)",
+    )
+    ap.add_argument("--follower", action="store_true", help="a rank other than 0: follows rank 0's engine")
     args = ap.parse_args(argv)
+    rank = f" rank {os.environ.get('MLX_RANK', '?')}" if args.parallel else ""
     logging.basicConfig(
         level=os.environ.get("MLXD_WORKER_LOG", "INFO"),
-        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
+        format=f"%(asctime)s worker[%(process)d]{rank} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if args.follower:
+        return _follow(args.engine, args.parallel or "tensor")
     out_fd = _private_stdout()
     transport: Transport
     if args.transport == "shm":
@@ -104,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     if device_memory is not None:
         hello["device_memory"] = device_memory
     transport.send(frames.HELLO, frames.json_payload(hello))
+    if args.parallel and isinstance(engine, Engine):
+        from .engines.lockstep import join_group
+
+        # Blocks until every rank has joined (the daemon's load timeout bounds it).
+        engine.lockstep = join_group(args.parallel)
+        log.info("rank 0 of %d joined its group", engine.lockstep.size)
     engine_thread = threading.Thread(target=engine.run, name="engine", daemon=True)
     engine_thread.start()
     threading.Thread(target=_stats_loop, args=(engine, transport), name="stats", daemon=True).start()
@@ -136,6 +151,28 @@ def main(argv: list[str] | None = None) -> int:
     engine.stop()
     engine_thread.join(timeout=CLOSE_TIMEOUT + 1.0)
     os._exit(0)
+
+
+def _follow(engine_kind: str, parallel: str) -> int:
+    """A rank other than 0: joins the group, then runs rank 0's engine step for
+    step until rank 0 stops (exit 0) or the engine fails (70). The daemon that
+    spawned it kills it with rank 0's process group; should that daemon die
+    first, it exits too (its parent changes)."""
+    from .engines.lockstep import join_group
+
+    engine = Engine(NullTransport(), make_backend(engine_kind))
+    engine.lockstep = join_group(parallel)
+    log.info("rank %d of %d joined its group", engine.lockstep.rank, engine.lockstep.size)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="lifeline", daemon=True).start()
+    engine.run()
+    os._exit(70 if engine.failed else 0)
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    log.error("the daemon that spawned this rank is gone: exiting")
+    os._exit(1)
 
 
 if __name__ == "__main__":

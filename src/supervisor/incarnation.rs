@@ -154,7 +154,10 @@ pub struct Shared {
     /// The daemon sent the kill (a stop, a hang, a cap): no evidence of anything.
     killed_by_daemon: AtomicBool,
     /// The process has been reaped: its pid may belong to someone else now.
-    exited: AtomicBool,
+    pub(super) exited: AtomicBool,
+    /// How other ranks of its distributed group died while it lived (group.rs):
+    /// the cause, where rank 0 then failed at its next collective.
+    pub(super) rank_deaths: Mutex<Vec<String>>,
     hello: Mutex<Option<Hello>>,
     /// What the worker found the model to be (its Ready frame).
     facts: Mutex<Option<ModelFacts>>,
@@ -185,6 +188,57 @@ pub struct Incarnation {
     heartbeat: Option<Heartbeat>,
 }
 
+/// The worker's stderr, whole, goes to its own file; the daemon's log gets its
+/// routine lines at debug level only (they are in that file), and the rest
+/// (warnings, errors, tracebacks) as before. (A distributed group's ranks share
+/// the file and the tail: their lines say which rank they are.)
+pub(super) fn pipe_stderr(stderr: tokio::process::ChildStderr, cfg: &Config, sh: Arc<Shared>) {
+    let mut log = match crate::logs::WorkerLog::open(&cfg.home, &sh.model) {
+        Ok(log) => Some(log),
+        Err(e) => {
+            tracing::warn!(model = %sh.model, "no worker log file: {e}");
+            None
+        }
+    };
+    tokio::spawn(async move {
+        // Bytes, not UTF-8 lines: one bad byte must not stop the reading (the
+        // worker would block on a full pipe), nor a line without an end grow
+        // without bound.
+        let mut reader = tokio::io::BufReader::new(stderr);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match (&mut reader)
+                .take(STDERR_LINE_MAX)
+                .read_until(b'\n', &mut raw)
+                .await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\n', '\r'])
+                .to_string();
+            if let Some(file) = &mut log {
+                if let Err(e) = file.write_line(&line) {
+                    tracing::warn!(model = %sh.model, "writing {}: {e}", file.path().display());
+                    log = None;
+                }
+            }
+            if is_routine(&line) {
+                tracing::debug!(target: "worker", model = %sh.model, "{line}");
+            } else {
+                tracing::info!(target: "worker", model = %sh.model, "{line}");
+            }
+            let mut tail = sh.stderr_tail.lock().expect("lock");
+            if tail.len() == STDERR_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    });
+}
+
 /// A slot's message from incarnation `n`.
 pub type ReportTx = mpsc::UnboundedSender<(u64, Report)>;
 
@@ -210,6 +264,12 @@ impl Incarnation {
                 preset.model
             ));
         }
+        // A distributed preset's ranks: planned (ports, hostfile) before anything
+        // is created, so that a refusal leaves nothing behind.
+        let group = match &preset.distributed {
+            Some(d) => Some(super::group::Group::plan(cfg, preset, d, n)?),
+            None => None,
+        };
         let draft_path = preset.draft_path(&cfg.models_dir);
         if let Some(draft) = &draft_path {
             if !is_model_dir(draft) {
@@ -264,6 +324,7 @@ impl Incarnation {
             memory_limit,
             footprint: Default::default(),
             exited: Default::default(),
+            rank_deaths: Mutex::new(Vec::new()),
             hello: Mutex::new(None),
             facts: Mutex::new(None),
             max_batch: Default::default(),
@@ -276,16 +337,21 @@ impl Incarnation {
             killed_by_daemon: AtomicBool::new(false),
         });
         let segment_name = shared.segment_name();
-        let mut child = spawn::command(
+        let mut cmd = spawn::command(
             cfg,
             &preset.name,
             transport,
             preset.worker_engine(&cfg.models_dir),
             segment_name.as_deref().map(|s| (s, n)),
-        )
-        .spawn()
-        .map_err(|e| {
+        );
+        if let Some(group) = &group {
+            group.join(&mut cmd, 0);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
             shared.unlink_segment();
+            if let Some(group) = &group {
+                group.remove_hostfile();
+            }
             format!("cannot start {}: {e}", cfg.python.display())
         })?;
         let pid = child.id().unwrap_or_default();
@@ -308,54 +374,10 @@ impl Incarnation {
         };
         tracing::info!(model = %preset.name, incarnation = n, pid, %transport, "worker spawned");
 
-        // The worker's stderr, whole, goes to its own file; the daemon's log gets
-        // its routine lines at debug level only (they are in that file), and the
-        // rest (warnings, errors, tracebacks) as before.
-        let mut log = match crate::logs::WorkerLog::open(&cfg.home, &preset.name) {
-            Ok(log) => Some(log),
-            Err(e) => {
-                tracing::warn!(model = %preset.name, "no worker log file: {e}");
-                None
-            }
-        };
-        let sh = shared.clone();
-        tokio::spawn(async move {
-            // Bytes, not UTF-8 lines: one bad byte must not stop the reading (the
-            // worker would block on a full pipe), nor a line without an end grow
-            // without bound.
-            let mut reader = tokio::io::BufReader::new(stderr);
-            let mut raw = Vec::new();
-            loop {
-                raw.clear();
-                match (&mut reader)
-                    .take(STDERR_LINE_MAX)
-                    .read_until(b'\n', &mut raw)
-                    .await
-                {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let line = String::from_utf8_lossy(&raw)
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string();
-                if let Some(file) = &mut log {
-                    if let Err(e) = file.write_line(&line) {
-                        tracing::warn!(model = %sh.model, "writing {}: {e}", file.path().display());
-                        log = None;
-                    }
-                }
-                if is_routine(&line) {
-                    tracing::debug!(target: "worker", model = %sh.model, "{line}");
-                } else {
-                    tracing::info!(target: "worker", model = %sh.model, "{line}");
-                }
-                let mut tail = sh.stderr_tail.lock().expect("lock");
-                if tail.len() == STDERR_TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-        });
+        pipe_stderr(stderr, cfg, shared.clone());
+        if let Some(group) = &group {
+            super::group::spawn_followers(cfg, preset, group, pid, n, &shared, &reports);
+        }
 
         let sh = shared.clone();
         let tx = reports.clone();
@@ -433,6 +455,13 @@ impl Incarnation {
         tokio::spawn(async move {
             let status = child.wait().await;
             sh.exited.store(true, Ordering::Release);
+            if let Some(group) = &group {
+                // Rank 0 is gone: the other ranks, in its process group (whose id
+                // stays theirs while they live), cannot step without it, and their
+                // parent, the daemon, lives on.
+                spawn::kill_group(pid, nix::sys::signal::Signal::SIGKILL);
+                group.remove_hostfile();
+            }
             let before = sh.oom_kills.load(Ordering::Relaxed);
             let memory = MemoryAtDeath {
                 footprint: sh.footprint.load(Ordering::Relaxed),
@@ -444,10 +473,16 @@ impl Incarnation {
             // Let the reader deliver what the worker published before it died.
             let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
             sh.unlink_segment();
-            let how = match status {
+            let mut how = match status {
                 Ok(s) => describe_exit(s, memory),
                 Err(e) => format!("could not be reaped: {e}"),
             };
+            let deaths = sh.rank_deaths.lock().expect("lock").join("; ");
+            if !deaths.is_empty() && !memory.killed_by_daemon {
+                // Rank 0 died of another rank's death (its collective failed)
+                // before the daemon acted on it: that death is the cause.
+                how = format!("{deaths}; rank 0 then {how}");
+            }
             let tail = sh.stderr_tail(5);
             let how = if tail.is_empty() {
                 how
@@ -551,6 +586,11 @@ impl Incarnation {
 }
 
 impl Shared {
+    /// The daemon sent the kill (a stop, a hang, a cap).
+    pub(super) fn killed_by_daemon(&self) -> bool {
+        self.killed_by_daemon.load(Ordering::Acquire)
+    }
+
     fn segment_name(&self) -> Option<String> {
         self.segment
             .lock()

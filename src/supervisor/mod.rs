@@ -8,6 +8,7 @@
 
 mod budget;
 mod exit;
+mod group;
 mod incarnation;
 mod registry;
 pub mod reload;

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+    from .lockstep import Lockstep
+
 log = logging.getLogger("mlxd_worker")
 
 # (uid, token, finish_reason): finish_reason is "stop" (EOS), "length" or None.
@@ -103,6 +105,8 @@ class Backend(Protocol):
     max_batch: int
     # A vision-language model's image-aware prompt rendering; None: no images taken.
     prompts: VisionPrompts | None
+    # The distributed group this rank belongs to, set before load (None: alone).
+    group: Lockstep | None
 
     def load(self, model_path: str, options: LoadOptions) -> None: ...
     def insert(
@@ -216,6 +220,7 @@ class MlxBackend:
         self._gen = cast("BatchGenerator", None)
         self.max_batch = 16
         self.prompts: VisionPrompts | None = None  # a text model takes no images
+        self.group: Lockstep | None = None
         self._prefill_step = 2048
         self._next_uid = 0
         self._solo: tuple[int, Lane] | None = None
@@ -238,7 +243,10 @@ class MlxBackend:
         self.times = ModelTimes()
 
     def load(self, model_path: str, options: LoadOptions) -> None:
-        self._model, self.tokenizer = _load(model_path)
+        if self.group is None:
+            self._model, self.tokenizer = _load(model_path)
+        else:
+            self._model, self.tokenizer = _sharded_load(model_path, self.group)
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         # The daemon reads it from config.json (one rule for what /v1/models says).
         self.context_length = options.get("context_length")
@@ -246,6 +254,8 @@ class MlxBackend:
         max_batch = sizing.max_batch(options, sizing.on_gpu())
         self._prefill_step = options.get("prefill_step", 2048)
         self._pacer = PrefillPacer(self._prefill_step)
+        if self.group is not None:
+            self._pacer.agree = self.group.agree  # the chunk follows rank 0's clock
         self._kv = KvOptions.from_options(options)
         self._kv.check(_config(model_path))
         self.max_batch = max_batch
@@ -849,6 +859,24 @@ class MlxBackend:
             "cache_kinds": kinds(cache),
             "limits": limits,
         }
+
+
+def _sharded_load(model_path: str, group: Lockstep) -> tuple[Model, TokenizerWrapper]:
+    """This rank's part of the model, split by mlx-lm's own shard() (refused, with
+    the reason, where it would split unevenly)."""
+    from mlx_lm.utils import sharded_load
+
+    from .lockstep import check_shardable
+
+    check_shardable(_config(model_path), group.parallel, group.size)
+    model, tokenizer = sharded_load(
+        model_path,
+        tensor_group=group.group,
+        tokenizer_config={"trust_remote_code": False},
+        trust_remote_code=False,
+    )
+    tokenizer.model_max_length = sys.maxsize  # as in _load
+    return cast(Model, model), tokenizer
 
 
 def _load(model_path: str) -> tuple[Model, TokenizerWrapper]:

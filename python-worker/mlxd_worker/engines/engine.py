@@ -55,6 +55,7 @@ from ..stats import footprint_bytes
 from . import sizing
 from .backend import Backend, Detokenizer, LogitPasses, MlxBackend, ModelTimes, RowOptions
 from .kv_budget import KvBudget, KvShape, mib
+from .lockstep import STOP, Lockstep
 
 log = logging.getLogger("mlxd_worker")
 
@@ -216,6 +217,8 @@ class Planned:
     req: Generate
     plan: RequestPlan
     timeline: Timeline | None = None
+    # The frame as it came (a distributed group's followers plan it themselves).
+    payload: bytes = b""
 
 
 @dataclass
@@ -239,6 +242,18 @@ class Rerank:
 
 # The inbox: (kind, payload) as the frame came, a planned Generate or rerank, or None to stop.
 InboxItem = Union[tuple[int, bytes], tuple[int, Planned], tuple[int, RerankPlan], None]
+
+
+def _raw_frame(item: InboxItem) -> tuple[int, bytes]:
+    """An inbox item as the frame it came in (lockstep.STOP for the inbox's end)."""
+    if item is None:
+        return (STOP, b"")
+    kind, body = item
+    if isinstance(body, Planned):
+        return (kind, body.payload)
+    if isinstance(body, RerankPlan):
+        raise RuntimeError("a distributed model does not rerank")  # refused at load
+    return (kind, body)
 
 
 def make_backend(engine: str) -> Backend:
@@ -321,6 +336,8 @@ class Engine:
         # Seconds per uncached prompt token that the last request started alone
         # took to its first token (0: none yet); see GATHER_FRACTION.
         self._lone_start_pace = 0.0
+        # This process's place in a distributed group (None: the model is all here).
+        self.lockstep: Lockstep | None = None
 
     # -- called from the reader thread -------------------------------------
     def submit(self, kind: int, payload: bytes) -> None:
@@ -355,7 +372,8 @@ class Engine:
                     self._report(req.get("id"), e)
                 return
             try:
-                planned = Planned(req, self._plan(req, images), Timeline(received, time.perf_counter()))
+                timeline = Timeline(received, time.perf_counter())
+                planned = Planned(req, self._plan(req, images), timeline, payload)
             except Exception as e:
                 self._report(req.get("id"), e)
                 return
@@ -404,8 +422,13 @@ class Engine:
                 self._beat()
                 started = time.perf_counter()
                 idle = not self._by_uid and not self.waiting_for_memory and not self._reranks
-                self._drain_inbox(block=idle)
-                if idle:  # waiting for work is not the engine's time; admitting it is
+                if self.lockstep is not None:
+                    started = self._take_in_lockstep(self.lockstep, idle, started)
+                    if not self._running:
+                        break
+                else:
+                    self._drain_inbox(block=idle)
+                if idle and self.lockstep is None:  # waiting for work is not the engine's time; admitting it is
                     started = self._woke_at
                     if self._by_uid:
                         started += self._gather()
@@ -432,12 +455,14 @@ class Engine:
         a decode step, or a failed load): the sequences that already streamed tokens
         get an Error frame with the cause, then the process exits non-zero. Sequences
         that produced nothing yet get no frame: the daemon hands them to the next
-        incarnation."""
+        incarnation. In a distributed group the daemon says why instead: an
+        exception here is most often a collective that failed because another rank
+        died, and the daemon knows which rank and how."""
         self.failed = True
         log.error("engine failed: %r; exiting", e, exc_info=e)
         try:
             self._flush()
-            for seq in list(self._by_rid.values()):
+            for seq in list(self._by_rid.values()) if self.lockstep is None else []:
                 if seq.first_token_at:
                     error: ErrorFrame = {
                         "id": seq.rid,
@@ -463,6 +488,49 @@ class Engine:
                 self._running = False
                 return
             self._handle(*item)
+
+    def _take_in_lockstep(self, lockstep: Lockstep, idle: bool, started: float) -> float:
+        """One iteration's frames in a distributed group: rank 0 takes them from its
+        inbox (an idle one waits at most IDLE_BEAT_S, so the group meets at least
+        that often) and shares them raw; every rank handles the same frames in the
+        same order. Returns when the engine's time for the iteration began."""
+        taken: list[InboxItem] = []
+        if lockstep.leader:
+            if idle:
+                self._flush()
+                try:
+                    taken.append(self.inbox.get(timeout=IDLE_BEAT_S))
+                    started = time.perf_counter()
+                except queue.Empty:
+                    pass
+                # A burst from idle: those the reader is planning now start together.
+                while self.planning and time.perf_counter() - started < GATHER_S:
+                    try:
+                        taken.append(self.inbox.get(timeout=0.002))
+                    except queue.Empty:
+                        continue
+            while True:
+                try:
+                    taken.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+        frames_in = lockstep.share_frames([_raw_frame(item) for item in taken])
+        for i, (kind, payload) in enumerate(frames_in):
+            if kind == STOP:
+                self._running = False
+                return started
+            item = taken[i] if lockstep.leader else self._follow(kind, payload)
+            if item is not None:
+                self._handle(*item)
+        return started
+
+    def _follow(self, kind: int, payload: bytes) -> InboxItem:
+        """A follower's inbox item for a frame rank 0 handled: a Generate planned
+        here as rank 0 planned it (the same tokenizer, template and grammar)."""
+        if kind != frames.GENERATE:
+            return (kind, payload)
+        req, images = frames.decode_generate(payload)
+        return (kind, Planned(req, self._plan(req, images), None, payload))
 
     def _gather(self) -> float:
         """The first request after idleness: while the reader thread is planning
@@ -612,7 +680,12 @@ class Engine:
         self.flush_policy = FlushPolicy.from_options(options)
         self.faults = Faults.from_options(options)
         limit = options.get("memory_limit")
-        self.kv = KvBudget(KvShape.from_options(options), int(limit) if limit else None)
+        # (What a group does not serve yet, the daemon refused with the preset.)
+        self.backend.group = self.lockstep
+        # A group's ranks admit alike only without a KV budget: each would measure
+        # its own memory (the daemon's budget still admitted the load).
+        kv_limit = int(limit) if limit and self.lockstep is None else None
+        self.kv = KvBudget(KvShape.from_options(options), kv_limit)
         if limit:
             # This worker's share of the daemon's budget: MLX frees its cache and
             # then fails an allocation past it instead of pushing the machine to swap.

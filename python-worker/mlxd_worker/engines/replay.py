@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import mlx.core as mx
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+    from .lockstep import Lockstep
+
 # Public-domain text (Moby-Dick, chapter 1), replayed in a loop.
 REPLAY_TEXT = (
     "Call me Ishmael. Some years ago—never mind how long precisely—having little or no money in my "
@@ -61,6 +63,8 @@ class ReplayBackend:
         self.times = ModelTimes()  # no model: the engine's time is all its own
         self.max_batch = 16
         self.prompts: VisionPrompts | None = None  # replays text: no images
+        # A group's ranks replay alike: no model to split.
+        self.group: Lockstep | None = None
         self.context_length: int | None = None
         self.sampling = SamplingDefaults()
         self.drafting: DraftController | None = None  # no draft model here

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     import mlx.core as mx
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+    from .lockstep import Lockstep
+
 log = logging.getLogger("mlxd_worker")
 
 # Whole-prompt snapshots the prefix cache keeps (least recently used first out),
@@ -223,6 +225,7 @@ class VisionBackend:
         self.times = ModelTimes()
         self.max_batch = 16
         self.prompts: VisionPrompts | None = None
+        self.group: Lockstep | None = None  # refused at load: vision runs on one host
         self._model: Any = None
         self._processor: Any = None
         self._gen: Any = None
@@ -243,6 +246,10 @@ class VisionBackend:
         self._next_uid = 0
 
     def load(self, model_path: str, options: LoadOptions) -> None:
+        if self.group is not None:
+            from ..errors import UnservableModel
+
+            raise UnservableModel("a vision model is served on one host: a distributed preset cannot take it")
         # Model files come from the directory alone: mlx-vlm's loaders fall back to
         # the Hugging Face hub for a missing file, which a worker never reaches.
         os.environ["HF_HUB_OFFLINE"] = "1"

@@ -29,6 +29,26 @@ class Transport(Protocol):
     def recv(self) -> tuple[int, int, bytes] | None: ...
 
 
+class NullTransport:
+    """A distributed group's follower: it runs rank 0's engine step for step, and
+    rank 0 alone answers the daemon, so what the follower would send goes nowhere."""
+
+    name = "none"
+    native = False
+
+    def send(self, kind: int, payload: bytes) -> None:
+        pass
+
+    def beat(self) -> None:
+        pass
+
+    def send_tokens(self, entries: TokenEntries) -> None:
+        pass
+
+    def recv(self) -> tuple[int, int, bytes] | None:
+        return None
+
+
 class _Rings(Protocol):
     """What the worker uses of mlxd_protocol.WorkerRings (worker-protocol/src/python.rs),
     which ships no type information."""

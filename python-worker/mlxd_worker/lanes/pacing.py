@@ -28,7 +28,7 @@ largest ladder step whose total over the rows fits.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # About this long per prefill step; the default hang_timeout is 60 s.
@@ -55,6 +55,9 @@ class PrefillPacer:
         self.rate: float | None = None
         # The most tokens one measured step prefilled.
         self.longest = 0
+        # Makes a chunk the same on every rank of a distributed group (rank 0's:
+        # the rate is each rank's own clock); alone, the chunk as chosen.
+        self.agree: Callable[[int], int] = int
 
     def chunk(self, rows: int = 1) -> int:
         """The next prefill chunk's length in tokens, for each of `rows` sequences
@@ -65,7 +68,7 @@ class PrefillPacer:
         step = self.max_chunk
         while step * rows > budget and step // 2 >= MIN_CHUNK:
             step //= 2
-        return step
+        return self.agree(step)
 
     def observe(self, tokens: int, seconds: float) -> None:
         """A step prefilling `tokens` (all rows together) took `seconds`
