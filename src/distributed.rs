@@ -46,7 +46,8 @@ pub enum Parallel {
     Tensor,
     /// Layers divided among the ranks (mlx-lm's `pipeline()`).
     Pipeline,
-    /// Tensor parallel (the only kind served for now).
+    /// Tensor parallel: every rank works on every token, where a pipeline's
+    /// stages take turns on each one.
     #[default]
     Auto,
 }
@@ -127,9 +128,6 @@ impl Distributed {
                  Thunderbolt bridge's addresses)"
                     .into(),
             );
-        }
-        if self.parallel == Parallel::Pipeline {
-            return Some("parallel = \"pipeline\" is not served yet: use \"tensor\"".into());
         }
         if let Some(peer) = self.hosts.iter().find(|h| *h != SELF_HOST) {
             return Some(format!(
@@ -319,7 +317,8 @@ mod tests {
         let jaccl = table("hosts = [\"self\", \"self\"]\nbackend = \"jaccl\"").unwrap();
         assert!(jaccl.unsupported().unwrap().contains("jaccl"));
         let pipeline = table("hosts = [\"self\", \"self\"]\nparallel = \"pipeline\"").unwrap();
-        assert!(pipeline.unsupported().unwrap().contains("pipeline"));
+        assert!(pipeline.unsupported().is_none());
+        assert_eq!(pipeline.parallel.resolved(), "pipeline");
         let peer = table("hosts = [\"self\", \"mac2\"]").unwrap();
         assert!(peer.unsupported().unwrap().contains("mac2"));
     }

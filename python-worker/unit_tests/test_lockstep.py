@@ -33,8 +33,9 @@ def test_uneven_splits_are_refused_with_the_reason() -> None:
         check_shardable(smollm2, "tensor", 2)
     # A vision-language model's text part is what is split.
     check_shardable({"text_config": {"num_attention_heads": 8}}, "tensor", 4)
-    with pytest.raises(UnservableModel, match="pipeline"):
-        check_shardable(smollm2, "pipeline", 3)
+    check_shardable({"num_hidden_layers": 2}, "pipeline", 2)
+    with pytest.raises(UnservableModel, match="at least 3 layers; the model has 2"):
+        check_shardable({"num_hidden_layers": 2}, "pipeline", 3)
 
 
 RANK = textwrap.dedent(

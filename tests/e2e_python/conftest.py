@@ -125,6 +125,11 @@ def session_presets(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (presets / f"family-{family}.toml").write_text(
                 f'model = "{family_dir(family)}"\nkeep_alive = "30s"\n[performance]\nmax_concurrent = 4\n'
             )
+        # Issue 33: DeepSeek-V3's layers split into a two-rank pipeline (test_distributed).
+        (presets / "family-deepseek_v3-pp2.toml").write_text(
+            f'model = "{family_dir("deepseek_v3")}"\nkeep_alive = "30s"\nmax_concurrent = 4\n'
+            '[distributed]\nhosts = ["self", "self"]\nparallel = "pipeline"\n'
+        )
         # A disagreeing draft (another family, the same tokenizer): self-drafting
         # accepts everything and would hide a rewind that keeps rejected tokens.
         drafted = [(f"family-{f}-drafted", f, "on") for f in DRAFTED]

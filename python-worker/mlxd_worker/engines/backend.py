@@ -264,6 +264,11 @@ class MlxBackend:
         if spec:
             self._load_draft(model_path, spec)
         self._prompt_cache_bytes = options.get("prompt_cache_bytes", 0)
+        if self.group is not None and self.group.parallel == "pipeline":
+            # A pipeline's ranks hold different layers, so their entries differ in
+            # size and each rank's limit would evict differently: their caches, and
+            # then their prefills, would part ways. Off until eviction is shared.
+            self._prompt_cache_bytes = 0
         # A cache that can be cut back serves any shared prefix of a stored
         # sequence; one that cannot (recurrent state, a sliding window) only the
         # prefixes stored as they were: those are kept at turn boundaries.
@@ -862,19 +867,38 @@ class MlxBackend:
 
 
 def _sharded_load(model_path: str, group: Lockstep) -> tuple[Model, TokenizerWrapper]:
-    """This rank's part of the model, split by mlx-lm's own shard() (refused, with
-    the reason, where it would split unevenly)."""
-    from mlx_lm.utils import sharded_load
+    """This rank's part of the model, split by mlx-lm's own shard() (tensor) or
+    pipeline() (layers), refused with the reason where it would not split."""
+    from pathlib import Path
 
+    import mlx.core as mx
+    from mlx_lm.utils import load_model, load_tokenizer, sharded_load
+
+    from ..errors import UnservableModel
     from .lockstep import check_shardable
 
-    check_shardable(_config(model_path), group.parallel, group.size)
-    model, tokenizer = sharded_load(
-        model_path,
-        tensor_group=group.group,
-        tokenizer_config={"trust_remote_code": False},
-        trust_remote_code=False,
-    )
+    config = _config(model_path)
+    check_shardable(config, group.parallel, group.size)
+    if group.parallel == "tensor":
+        model, tokenizer = sharded_load(
+            model_path,
+            tensor_group=group.group,
+            tokenizer_config={"trust_remote_code": False},
+            trust_remote_code=False,
+        )
+    else:
+        # sharded_load's pipeline path reads only the shard files a rank needs,
+        # from the checkpoint's index; a local model has them all: loaded lazily,
+        # a rank evaluates only its own layers' weights.
+        model, _ = load_model(Path(model_path), lazy=True)
+        pipeline = getattr(getattr(model, "model", None), "pipeline", None)
+        if pipeline is None:
+            raise UnservableModel(f"mlx-lm cannot split {config.get('model_type')} models into a pipeline")
+        pipeline(group.group)
+        mx.eval(model.parameters())
+        tokenizer = load_tokenizer(
+            Path(model_path), {"trust_remote_code": False}, eos_token_ids=config.get("eos_token_id")
+        )
     tokenizer.model_max_length = sys.maxsize  # as in _load
     return cast(Model, model), tokenizer
 

@@ -125,13 +125,16 @@ def join_group(parallel: str) -> Lockstep:
 def check_shardable(config: dict[str, object], parallel: str, size: int) -> None:
     """Refuses, with the reason, a model that `parallel` cannot split over `size`
     ranks: mlx-lm's shard() divides heads and projections by the group's size
-    without checking that they divide."""
+    without checking that they divide; a pipeline needs a layer per rank."""
     from ..errors import UnservableModel
 
-    if parallel != "tensor":
-        raise UnservableModel(f'parallel = {parallel!r} is not served yet: use parallel = "tensor"')
     text = config.get("text_config")
     cfg = text if isinstance(text, dict) else config
+    if parallel == "pipeline":
+        layers = cfg.get("num_hidden_layers")
+        if isinstance(layers, int) and layers < size:
+            raise UnservableModel(f"a pipeline over {size} ranks needs at least {size} layers; the model has {layers}")
+        return
     checks = {
         "attention heads": cfg.get("num_attention_heads"),
         "KV heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
