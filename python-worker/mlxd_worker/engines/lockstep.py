@@ -20,15 +20,21 @@ generators seeded alike). A follower's output frames go nowhere.
 
 The exchange is two all-sums of rank 0's bytes against the others' zeros (the
 length, then the bytes, only when there are any): the collectives the backend
-already has, with no second channel to secure or supervise.
+already has. Before it, rank 0 rings each follower over a plain TCP connection
+(`open_doorbells`), so that an idle follower sleeps in recv() instead of spinning
+in MLX's ring, which polls while it waits.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import socket
+
     import mlx.core as mx
 
 # A frame in a shared record: its kind and its payload's length, then the payload.
@@ -38,6 +44,8 @@ STOP = 0xFFFF
 # The seed every rank's sampler starts from: unseeded sampling draws from MLX's
 # global generator, which must yield the same numbers on every rank.
 SAMPLING_SEED = 0x6D6C7864
+# How long the followers' doorbell connections may take to form.
+DOORBELL_CONNECT_S = 60.0
 
 
 def encode_frames(items: list[tuple[int, bytes]]) -> bytes:
@@ -66,6 +74,9 @@ class Lockstep:
         self.size = group.size()
         self.parallel = parallel
         self.leader = self.rank == 0
+        # Rank 0's connections to each follower, or a follower's to rank 0 (see
+        # open_doorbells); none: the followers wait inside the collective.
+        self._bells: list[socket.socket] = []
 
     def _all_sum(self, values: mx.array) -> mx.array:
         import mlx.core as mx
@@ -78,11 +89,46 @@ class Lockstep:
         mx.eval(out)
         return out
 
+    def open_doorbells(self, leader_host: str) -> None:
+        """A plain TCP connection from rank 0 to each follower, over which rank 0
+        rings before each exchange. MLX's ring polls while it waits in a collective,
+        so a follower waiting for rank 0's next step would spin a core all the time
+        the model is idle (starving the machine's other models); blocked in recv()
+        instead, it sleeps until rank 0 has something to share. Rank 0 listens on
+        its own ring address, on a port the group agrees on."""
+        import socket
+
+        listener = socket.create_server((leader_host, 0)) if self.leader else None
+        port = self.agree(listener.getsockname()[1] if listener is not None else 0)
+        if listener is not None:
+            listener.settimeout(DOORBELL_CONNECT_S)
+            with listener:
+                for _ in range(self.size - 1):
+                    conn, _ = listener.accept()
+                    self._bells.append(conn)
+        else:
+            self._bells.append(socket.create_connection((leader_host, port), timeout=DOORBELL_CONNECT_S))
+        for bell in self._bells:
+            bell.settimeout(None)
+            bell.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _ring(self) -> None:
+        """Rank 0 rings every follower; a follower sleeps until rung. A closed
+        connection is a dead rank: the caller fails, and the group with it."""
+        if not self._bells:
+            return
+        if self.leader:
+            for bell in self._bells:
+                bell.sendall(b"\x01")
+        elif not self._bells[0].recv(1):
+            raise ConnectionError("rank 0 closed its doorbell: it is gone")
+
     def share(self, payload: bytes) -> bytes:
         """Rank 0's `payload` on every rank (the others pass b"")."""
         import mlx.core as mx
         import numpy as np
 
+        self._ring()
         mine = len(payload) if self.leader else 0
         n = _scalar(self._all_sum(mx.array([mine], dtype=mx.int32)))
         if n == 0:
@@ -119,7 +165,17 @@ def join_group(parallel: str) -> Lockstep:
 
     group = mx.distributed.init(strict=True, backend="ring")
     mx.random.seed(SAMPLING_SEED)
-    return Lockstep(group, parallel)
+    lockstep = Lockstep(group, parallel)
+    lockstep.open_doorbells(_leader_host(os.environ["MLX_HOSTFILE"]))
+    return lockstep
+
+
+def _leader_host(hostfile: str) -> str:
+    """Rank 0's address in the ring's hostfile (a list, by rank, of "ip:port")."""
+    with open(hostfile) as f:
+        address = str(json.load(f)[0][0])
+    host = address.rsplit(":", 1)[0]
+    return host.removeprefix("[").removesuffix("]")
 
 
 def check_shardable(config: dict[str, object], parallel: str, size: int) -> None:
