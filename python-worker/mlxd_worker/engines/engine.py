@@ -556,7 +556,7 @@ class Engine:
 
         def bound() -> float:
             burst = sum(seq.prefill_tokens for seq in self._by_uid.values())
-            return min(GATHER_MAX_S, max(GATHER_S, GATHER_FRACTION * self._lone_start_pace * burst))
+            return min(GATHER_MAX_S, max(GATHER_S, self._gather_share(burst)))
 
         while self._running and (window := window_left()) > 0:
             left = began + bound() - time.perf_counter()
@@ -582,7 +582,12 @@ class Engine:
 
     def _patience(self, seq: Sequence) -> float:
         """How long a request that woke the engine alone waits for company."""
-        return min(GATHER_PATIENCE_S, GATHER_FRACTION * self._lone_start_pace * seq.prefill_tokens)
+        return min(GATHER_PATIENCE_S, self._gather_share(seq.prefill_tokens))
+
+    def _gather_share(self, tokens: int) -> float:
+        """GATHER_FRACTION of what prefilling `tokens` uncached tokens is expected to
+        take, at the pace of the last lone start (0 before one was measured)."""
+        return GATHER_FRACTION * self._lone_start_pace * tokens
 
     def _handle(self, kind: int, item: bytes | Planned | RerankPlan) -> None:
         if isinstance(item, RerankPlan):
