@@ -3,7 +3,10 @@ port, gone when the benchmark's stdin closes."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -27,3 +30,13 @@ def start_mlxd(mlxd: str, home: Path, models_dir: str, presets: dict[str, str]) 
     assert line.startswith("mlxd listening on "), line
     url = line.removeprefix("mlxd listening on ")
     return proc, url, home / f"mlxd-{url.rsplit(':', 1)[1]}.sock"
+
+
+def admin(sock: Path, path: str, body: dict | None = None) -> dict:
+    """An admin call over the daemon's control socket: GET `path`, or POST `body`."""
+    conn = http.client.HTTPConnection("localhost")
+    conn.sock = socket.socket(socket.AF_UNIX)
+    conn.sock.connect(str(sock))
+    data = json.dumps(body).encode() if body is not None else None
+    conn.request("POST" if body is not None else "GET", path, data, {"content-type": "application/json"})
+    return dict(json.loads(conn.getresponse().read()))

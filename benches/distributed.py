@@ -14,7 +14,6 @@ by one mlxd.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import signal
@@ -30,20 +29,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import start_mlxd  # noqa: E402
+from daemon import admin, start_mlxd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE, GROUP = "single", "tp3"
 PROMPT = "Write a short story about a lighthouse keeper."
-
-
-def admin(sock: Path, path: str, body: dict | None = None) -> dict:
-    conn = http.client.HTTPConnection("localhost")
-    conn.sock = socket.socket(socket.AF_UNIX)
-    conn.sock.connect(str(sock))
-    data = json.dumps(body).encode() if body is not None else None
-    conn.request("POST" if body is not None else "GET", path, data, {"content-type": "application/json"})
-    return dict(json.loads(conn.getresponse().read()))
 
 
 def row(sock: Path, model: str) -> dict:

@@ -14,11 +14,9 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from daemon import admin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MLXD = ROOT / "target" / "release" / "mlxd"
@@ -92,15 +93,6 @@ def estimates() -> None:
                 f"{field(text, 'load needs')} | {'fits' if big == 0 else 'no'} | {'fits' if small == 0 else 'no'} | "
                 f"{field(text, 'working set')} |"
             )
-
-
-def admin(sock: Path, path: str, body: dict | None = None) -> dict:
-    conn = http.client.HTTPConnection("localhost")
-    conn.sock = socket.socket(socket.AF_UNIX)
-    conn.sock.connect(str(sock))
-    data = json.dumps(body).encode() if body is not None else None
-    conn.request("POST" if body is not None else "GET", path, data, {"content-type": "application/json"})
-    return json.loads(conn.getresponse().read())
 
 
 def measured() -> None:

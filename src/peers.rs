@@ -261,22 +261,25 @@ impl Peers {
 
     /// The peer that serves `model` (by its `/v1/models` when last heard), if any.
     pub fn route(&self, model: &str) -> Option<Route<'_>> {
-        let peer = self.peers.iter().find(|p| {
-            let s = p.status.lock().expect("lock");
-            s.models.iter().any(|m| m == model)
-        })?;
-        let s = peer.status.lock().expect("lock");
-        Some(if s.state == Some("up") {
-            Route::Peer(PeerHandle {
-                peer: &peer.peer,
-                client: &self.forward,
-                lost: peer.lost.clone(),
-            })
-        } else {
-            Route::Unavailable {
-                peer: peer.peer.config.name.clone(),
-                why: s.error.clone().unwrap_or_else(|| "not up".into()),
+        // One look at each peer's status: whether it lists the model and whether
+        // it is up are read together.
+        self.peers.iter().find_map(|peer| {
+            let s = peer.status.lock().expect("lock");
+            if !s.models.iter().any(|m| m == model) {
+                return None;
             }
+            Some(if s.state == Some("up") {
+                Route::Peer(PeerHandle {
+                    peer: &peer.peer,
+                    client: &self.forward,
+                    lost: peer.lost.clone(),
+                })
+            } else {
+                Route::Unavailable {
+                    peer: peer.peer.config.name.clone(),
+                    why: s.error.clone().unwrap_or_else(|| "not up".into()),
+                }
+            })
         })
     }
 

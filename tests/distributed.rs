@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{daemon, post_json, Daemon};
+use common::{daemon, post_json, workers_named, Daemon};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
@@ -31,7 +31,7 @@ fn ask(model: &str, prompt: &str) -> Value {
     json!({
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 8,
+        "max_tokens": 6,
         "temperature": 0,
     })
 }
@@ -45,23 +45,12 @@ async fn answer(d: &Daemon, body: Value) -> String {
         .to_string()
 }
 
-/// Live processes whose command line names `--model <model>`, and which of them
-/// follow (ranks 1..).
+/// The live ranks of `model`, and which of them follow (ranks 1..).
 fn ranks_of(model: &str) -> Vec<(u32, bool)> {
-    let needle = format!("--model\0{model}\0");
-    let mut out = vec![];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains(&needle) && !stat.contains(") Z ") && !stat.is_empty() {
-            out.push((pid, cmdline.contains("--follower")));
-        }
-    }
-    out
+    workers_named(model)
+        .into_iter()
+        .map(|p| (p.pid, p.cmdline.contains("--follower")))
+        .collect()
 }
 
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
@@ -93,36 +82,40 @@ async fn three_ranks_answer_as_one_process_does() {
     assert_eq!(ranks.len(), 3, "{ranks:?}");
     assert_eq!(ranks.iter().filter(|(_, f)| *f).count(), 2, "{ranks:?}");
 
-    // Together: the group batches them, as one process would.
-    let together = futures::future::join_all(PROMPTS.map(|p| answer(d, ask(model, p)))).await;
+    // Together, one of them streamed: the group batches them, as one process would,
+    // and the stream carries the same text delta by delta.
+    let mut streamed_body = ask(model, PROMPTS[0]);
+    streamed_body["stream"] = json!(true);
+    let streamed = async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", d.url))
+            .json(&streamed_body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let (together, text) = tokio::join!(
+        futures::future::join_all(PROMPTS.map(|p| answer(d, ask(model, p)))),
+        streamed
+    );
     assert_eq!(
         together, alone,
         "greedy answers of the group and of one process"
     );
-
-    // Streamed: the same text, delta by delta.
-    let mut body = ask(model, PROMPTS[0]);
-    body["stream"] = json!(true);
-    let text = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", d.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let mut streamed = String::new();
+    let mut deltas = String::new();
     for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
         if data == "[DONE]" {
             continue;
         }
         let v: Value = serde_json::from_str(data).unwrap();
         assert!(v.get("error").is_none(), "{v}");
-        streamed.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+        deltas.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
     }
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-    assert_eq!(streamed, alone[0]);
+    assert_eq!(deltas, alone[0]);
 
     // Stopping the preset stops every rank.
     let (status, v) = d.admin("stop", Some(json!({ "model": model }))).await;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{daemon, mlxd, post_json, Daemon};
+use common::{daemon, mlxd, post_json, workers_named, Daemon};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -62,26 +62,11 @@ fn alive(pid: u32) -> bool {
 
 /// Worker processes of `model` that are children of the daemon `daemon_pid`.
 fn workers_of(daemon_pid: u32, model: &str) -> Vec<u32> {
-    let needle = format!("--model\0{model}\0");
-    let mut out = vec![];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == Some(daemon_pid)
-            && String::from_utf8_lossy(&cmdline).contains(&needle)
-            && !stat.contains(") Z ")
-        {
-            out.push(pid);
-        }
-    }
-    out
+    workers_named(model)
+        .into_iter()
+        .filter(|p| p.ppid == daemon_pid)
+        .map(|p| p.pid)
+        .collect()
 }
 
 fn signal(pid: u32, sig: Signal) {

@@ -941,9 +941,9 @@ struct EmbeddingUsage {
 pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
     let created = unix_now();
     let loaded = state.supervisor.ps().await;
-    let mut data: Vec<Value> = state
-        .supervisor
-        .presets()
+    // One snapshot of the presets for the list and for telling peers' models apart.
+    let presets = state.supervisor.presets();
+    let mut data: Vec<Value> = presets
         .iter()
         .map(|p| {
             let mut m =
@@ -981,7 +981,6 @@ pub async fn models(State(state): State<AppState>) -> axum::Json<Value> {
         })
         .collect();
     // Peers' models, with where they run (requests for them are forwarded there).
-    let presets = state.supervisor.presets();
     let remote = state.peers.remote_models(|m| presets.resolve(m).is_some());
     data.extend(remote.into_iter().map(|(id, peer, url)| {
         json!({"id": id, "object": "model", "created": created, "owned_by": "mlxd",

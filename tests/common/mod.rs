@@ -241,3 +241,37 @@ pub async fn assert_503_in_every_dialect(base: &str, model: &str, code: &str, sa
         assert!(message.contains(says), "{path}: {message}");
     }
 }
+
+/// A live (not zombie) process: its pid, its parent, its command line (arguments
+/// separated by NUL).
+#[allow(dead_code)]
+pub struct Process {
+    pub pid: u32,
+    pub ppid: u32,
+    pub cmdline: String,
+}
+
+/// The live worker processes of `model` (their command line names `--model <model>`).
+#[allow(dead_code)]
+pub fn workers_named(model: &str) -> Vec<Process> {
+    let needle = format!("--model\0{model}\0");
+    let mut out = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+        if let Some(ppid) = ppid {
+            if cmdline.contains(&needle) && !stat.contains(") Z ") {
+                out.push(Process { pid, ppid, cmdline });
+            }
+        }
+    }
+    out
+}

@@ -112,15 +112,22 @@ def test_the_status_page_shows_the_model_and_changes_while_a_request_runs(daemon
     worker = threading.Thread(target=generate)
     worker.start()
     assert started.wait(120), "the request never streamed"
-    busy, _ = row(daemon_url)
+
+    def flowing(r: dict[str, str]) -> bool:
+        return r["inflight"] == "1" and r["tps"] != "–" and float(r["tps"]) > 0
+
+    # Mid-request: one in flight and tokens flowing; the page computed the rate. The
+    # page is read again while the request runs: on a loaded machine its three
+    # snapshots can all fall within one slow step, with no token between them.
+    readings = [row(daemon_url)[0]]
+    while worker.is_alive() and not flowing(readings[-1]):
+        readings.append(row(daemon_url)[0])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "ui-status.png"
     browse(f"{daemon_url}/ui?updates=3", f"--screenshot={shot}", "--window-size=1400,360")
     worker.join(300)
     assert done.get("tokens", 0) > 16, done
-    # Mid-request: one in flight and tokens flowing; the page computed the rate.
-    assert busy["inflight"] == "1", busy
-    assert float(busy["tps"]) > 0, busy
+    assert any(flowing(r) for r in readings), readings
     assert shot.stat().st_size > 1000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     after, _ = row(daemon_url)
     assert after["inflight"] == "0"
